@@ -1,0 +1,39 @@
+# Each target is one thing a person or CI runs. `make demo` and `make test` set up .venv themselves.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+# torch is pinned to the CPU build on this project's dev/CI machines; on GPU hosts use `pip install -e .`.
+TORCH   ?= torch==2.14.1
+PYTEST  := $(PY) -m pytest
+
+.PHONY: venv test test-quick test-gpu lint format schemas demo bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH) -e '.[dev,report]' 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -c "import unsloth_mgpu_cli, torch, pydantic, typer" && touch $(STAMP)
+
+venv: $(STAMP)
+
+test: venv           ## the whole suite: unit + integration (real Unsloth on CPU, gloo)
+	$(PYTEST) -q
+
+test-quick: venv     ## unit tests only (seconds)
+	$(PYTEST) -q -m "not integration and not slow and not gpu"
+
+test-gpu: venv       ## tests that need CUDA GPUs
+	$(PYTEST) -q -m gpu
+
+lint: venv
+	$(VENV)/bin/ruff check unsloth_mgpu_cli unsloth_multigpu tests
+	$(VENV)/bin/ruff format --check unsloth_mgpu_cli unsloth_multigpu tests
+
+format: venv
+	$(VENV)/bin/ruff format unsloth_mgpu_cli unsloth_multigpu tests
+	$(VENV)/bin/ruff check --fix unsloth_mgpu_cli unsloth_multigpu tests
+
+schemas: venv        ## regenerate schemas/recipe.schema.json from the pydantic recipe
+	$(VENV)/bin/mgpu schema --output schemas/recipe.schema.json
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

@@ -1,0 +1,136 @@
+"""The `mgpu` command line: parses arguments, calls one engine function, maps the outcome to an exit code.
+
+    mgpu validate recipes/quickstart.yaml training.learning_rate=1e-4
+    mgpu train recipes/quickstart.yaml
+
+Heavy imports (torch, transformers, unsloth) happen inside the commands that need them, so `--help`,
+`validate`, `schema` and `init` start fast and work without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import __version__
+from .errors import Interrupted, TrainingFailed, UserError
+
+app = typer.Typer(
+    name="mgpu",
+    help="Fine-tune LLMs with Unsloth on every GPU you have, from one YAML recipe.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+_state = {"debug": False}
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="Dotted KEY=VALUE overrides applied before validation, e.g. training.learning_rate=1e-4.",
+                   show_default=False),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mgpu (unsloth-mgpu) {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for every error.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    _state["debug"] = debug or os.environ.get("MGPU_DEBUG") == "1"
+
+
+def _fail(exc: BaseException) -> None:
+    """Print an error for people and exit with its code; --debug adds the traceback."""
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    if _state["debug"]:
+        console.print_exception()
+    if isinstance(exc, UserError):
+        console.print(f"[bold red]error:[/] {exc.render()}", markup=True, soft_wrap=True)
+        raise typer.Exit(2)
+    if isinstance(exc, TrainingFailed):
+        console.print(f"[bold red]training failed:[/] {exc}", soft_wrap=True)
+        if exc.details:
+            console.print(exc.details, markup=False, soft_wrap=True)
+        raise typer.Exit(1)
+    if isinstance(exc, Interrupted):
+        console.print(f"[yellow]interrupted:[/] {exc}", soft_wrap=True)
+        raise typer.Exit(130)
+    raise exc
+
+
+@app.command()
+def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Validate a recipe and print it resolved (base merged, overrides and interpolations applied)."""
+    from .recipe import load_recipe
+    from .render import print_recipe
+
+    try:
+        loaded = load_recipe(recipe, overrides or [])
+    except UserError as exc:
+        _fail(exc)
+    print_recipe(loaded)
+
+
+@app.command()
+def schema(
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Print (or write) the JSON Schema of a recipe, for editors and CI."""
+    import json
+
+    from .recipe import recipe_json_schema
+
+    text = json.dumps(recipe_json_schema(), indent=2) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            _fail(UserError(f"cannot write {output}: {exc}"))
+        typer.echo(f"wrote {output}")
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the starter recipe.")] = Path("recipe.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented starter recipe that trains the builtin tiny model on a bundled dataset."""
+    from .templates import write_starter
+
+    try:
+        written = write_starter(path, force=force)
+    except UserError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {written}\nnext: mgpu validate {path}  then  mgpu train {path}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Errors meant for people: each names where the problem is, what was expected and found, and a fix.
+
+`UserError` (bad recipe, arguments, data, missing files) maps to exit code 2 without a traceback;
+anything else is a bug or a fault and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Problem:
+    """One thing wrong with the user's input.
+
+    Attributes:
+        where: the dotted recipe key, `file:line`, or `argument --x`.
+        message: what is wrong (expected vs found).
+        hint: how to fix it, when there is something useful to say.
+    """
+
+    where: str
+    message: str
+    hint: str | None = None
+
+    def render(self) -> str:
+        text = f"{self.where}: {self.message}" if self.where else self.message
+        if self.hint:
+            text += f"\n    hint: {self.hint}"
+        return text
+
+
+class UserError(Exception):
+    """Bad input from the user; the CLI prints every problem and exits with code 2."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[Problem] | Problem | str, title: str = "invalid input"):
+        if isinstance(problems, str):
+            problems = [Problem("", problems)]
+        elif isinstance(problems, Problem):
+            problems = [problems]
+        self.problems = problems
+        self.title = title
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [f"{self.title} ({len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}):"]
+        lines += ["  - " + p.render().replace("\n", "\n  ") for p in self.problems]
+        return "\n".join(lines)
+
+
+class TrainingFailed(Exception):
+    """A worker failed during training (exit code 1); `details` names the rank and its error."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, details: str = ""):
+        self.details = details
+        super().__init__(message)
+
+
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C/SIGTERM after saving a checkpoint (exit code 130)."""
+
+    exit_code = 130

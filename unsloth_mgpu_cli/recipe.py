@@ -1,0 +1,568 @@
+"""The recipe: a pydantic model per YAML section, the single source of truth for keys, types and rules.
+
+Loading goes: YAML text (safe loader, line numbers kept) -> optional `base:` recipe merged under it ->
+command-line `key=value` overrides -> `${...}` interpolation (omegaconf) -> pydantic validation. Every
+problem found is reported at once, each with the dotted key and, where known, `file:line`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import Problem, UserError
+
+BUILTIN_MODELS = ("builtin:tiny-llama",)
+AUTO = "auto"
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=False)
+
+
+class ModelSection(_Section):
+    """Which model to fine-tune and how to load it."""
+
+    name: str = Field(
+        description="Hub id (e.g. meta-llama/Llama-3.1-8B), local folder, or builtin:tiny-llama "
+        "(a small random Llama built locally, for demos and tests).",
+        min_length=1,
+    )
+    max_seq_length: int = Field(2048, ge=16, le=1_048_576, description="Longest sequence in tokens.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Compute dtype; auto picks bfloat16 where the GPU supports it, float32 on CPU."
+    )
+    load_in_4bit: bool = Field(False, description="Quantise the frozen weights to 4-bit NF4 (QLoRA); CUDA only.")
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with a hub repository. Off unless you trust the repository."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+
+
+class LoraSection(_Section):
+    """LoRA adapter settings; omit the section (or `lora: null`) for full fine-tuning."""
+
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, le=4096, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        min_length=1,
+        description="Names of the linear layers that get adapters.",
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+
+
+class DatasetSection(_Section):
+    """Training data."""
+
+    path: str = Field(
+        description="Local .json/.jsonl/.csv/.parquet file (relative to the recipe) or a hub dataset id.", min_length=1
+    )
+    format: Literal["alpaca", "chat", "text"] = Field(
+        "alpaca", description="alpaca: instruction/input/output; chat: a messages list; text: raw text."
+    )
+    split: str = Field("train", description="Split to read from a hub dataset or a dataset folder.")
+    train_on_responses_only: bool | None = Field(
+        None, description="Compute the loss on responses only; default: true for alpaca and chat, false for text."
+    )
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many samples (after shuffling).")
+    too_long: Literal["truncate", "drop"] = Field(
+        "truncate", description="What to do with samples longer than model.max_seq_length; always reported."
+    )
+    shuffle: bool = Field(True, description="Shuffle the samples each epoch (seeded by training.seed).")
+
+
+class TrainingSection(_Section):
+    """The optimisation loop."""
+
+    epochs: int = Field(1, ge=1, le=1000, description="Passes over the data; training.max_steps overrides it.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    micro_batch_size: int | Literal["auto"] = Field(
+        2, description="Samples per GPU per forward pass; auto lets the config generator choose."
+    )
+    gradient_accumulation_steps: int | Literal["auto"] = Field(
+        1, description="Micro-batches per GPU accumulated into one optimizer step; auto lets the generator choose."
+    )
+    learning_rate: float = Field(2.0e-4, gt=0.0, le=1.0, description="Peak learning rate.")
+    optimizer: Literal["adamw", "adamw_8bit", "sgd"] = Field(
+        "adamw_8bit", description="adamw (torch), adamw_8bit (bitsandbytes; falls back to adamw on CPU), sgd."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="Decoupled weight decay.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0.0, description="Clip the synchronised global gradient norm to this; null disables."
+    )
+    seed: int = Field(42, ge=0, description="Seed for initialisation and data order.")
+
+    @field_validator("micro_batch_size", "gradient_accumulation_steps")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 65536:
+            raise ValueError(f"expected an integer from 1 to 65536 or 'auto', found {v}")
+        return v
+
+
+class DistributedSection(_Section):
+    """How many workers, where, and how their gradients are combined."""
+
+    num_gpus: int | Literal["auto"] = Field(
+        "auto", description="Worker processes, one per GPU; on device=cpu, CPU worker processes. auto: all GPUs."
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: cuda when a GPU is present, else cpu.")
+    aggregation: Literal["mean", "sum", "weighted", "median"] = Field(
+        "mean",
+        description="How rank gradients combine: mean, sum, weighted (by loss tokens: equals one big batch "
+        "exactly), median (coordinate-wise).",
+    )
+    verify_every: int = Field(
+        50, ge=0, description="Compare checksums of the trainable weights across ranks every N steps; 0 disables."
+    )
+    bucket_size_mb: float = Field(25.0, gt=0.0, le=4096.0, description="Gradient all-reduce bucket size (fp32 MB).")
+    timeout_seconds: int = Field(
+        1800, ge=10, description="A collective waiting longer than this is an error (hang watchdog)."
+    )
+    nnodes: int = Field(1, ge=1, description="Number of hosts; each runs the same mgpu train command.")
+    node_rank: int = Field(0, ge=0, description="This host's index among nnodes.")
+    rdzv_endpoint: str | None = Field(
+        None, description="HOST:PORT of the rendezvous (node 0) when nnodes > 1; single-node runs use loopback."
+    )
+    max_restarts: int = Field(0, ge=0, le=100, description="Restart all workers from the last checkpoint on failure.")
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _num_gpus(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 1024:
+            raise ValueError(f"expected a number of workers from 1 to 1024 or 'auto', found {v}")
+        return v
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_.\-\[\]:]+:\d{1,5}", v):
+            raise ValueError(f"expected HOST:PORT (e.g. 10.0.0.1:29400), found {v!r}")
+        return v
+
+
+class MemorySection(_Section):
+    """Memory limits and the trade-offs the config generator may make."""
+
+    max_memory_fraction: float = Field(
+        0.9, gt=0.0, le=1.0, description="Plan to use at most this share of each GPU's memory."
+    )
+    gradient_checkpointing: bool | Literal["auto", "unsloth"] = Field(
+        "auto",
+        description="Recompute activations: false (fastest), true, unsloth (offloaded, least memory), "
+        "auto (off when it fits).",
+    )
+
+
+class OutputSection(_Section):
+    """Where results go."""
+
+    dir: str = Field("outputs/run", min_length=1, description="Output folder (relative to the recipe file).")
+    save_steps: int = Field(100, ge=0, description="Checkpoint every N optimizer steps; 0: only at the end.")
+    save_total_limit: int = Field(2, ge=1, description="Keep the newest K checkpoints.")
+
+
+class LoggingSection(_Section):
+    """What is logged, and where."""
+
+    steps: int = Field(1, ge=1, description="Write a metrics line every N optimizer steps.")
+    progress: bool = Field(True, description="Show a live progress bar on rank 0.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Extra metric sinks."
+    )
+
+
+class Recipe(_Section):
+    """A complete training recipe."""
+
+    model: ModelSection
+    lora: LoraSection | None = Field(
+        default_factory=LoraSection, description="LoRA settings; null for full fine-tuning."
+    )
+    dataset: DatasetSection
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
+    memory: MemorySection = Field(default_factory=MemorySection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Recipe:
+        problems: list[tuple[str, str]] = []
+        if self.lora is None and self.model.load_in_4bit:
+            problems.append(
+                ("model.load_in_4bit", "4-bit weights cannot be fully fine-tuned; add a lora section "
+                 "(QLoRA) or set model.load_in_4bit: false")
+            )
+        if self.model.load_in_4bit and self.distributed.device == "cpu":
+            problems.append(("model.load_in_4bit", "4-bit loading needs CUDA (bitsandbytes); found device: cpu"))
+        t = self.training
+        if t.max_steps is not None and t.warmup_steps >= t.max_steps:
+            problems.append(
+                ("training.warmup_steps", f"expected fewer than training.max_steps ({t.max_steps}), "
+                 f"found {t.warmup_steps}")
+            )
+        d = self.distributed
+        if d.node_rank >= d.nnodes:
+            problems.append(("distributed.node_rank", f"expected 0..{d.nnodes - 1} (nnodes={d.nnodes}), "
+                             f"found {d.node_rank}"))
+        if d.nnodes > 1 and not d.rdzv_endpoint:
+            problems.append(("distributed.rdzv_endpoint", "several nodes need HOST:PORT of node 0's rendezvous"))
+        if self.output.save_steps and t.max_steps is not None and self.output.save_steps > t.max_steps:
+            pass  # only the final checkpoint will be written: fine, not an error
+        if problems:
+            raise ValueError("\n".join(f"@{k}@ {m}" for k, m in problems))
+        return self
+
+    # Derived values ---------------------------------------------------------------------------------
+    def global_batch_size(self, num_workers: int) -> int:
+        """Samples per optimizer step: micro_batch_size x workers x gradient_accumulation_steps."""
+        mb, ga = self.training.micro_batch_size, self.training.gradient_accumulation_steps
+        if mb == AUTO or ga == AUTO:
+            raise ValueError("resolve auto values first")
+        return int(mb) * num_workers * int(ga)
+
+    @property
+    def is_full_finetune(self) -> bool:
+        return self.lora is None
+
+    def train_on_responses_only(self) -> bool:
+        flag = self.dataset.train_on_responses_only
+        return flag if flag is not None else self.dataset.format in ("alpaca", "chat")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+class LoadedRecipe:
+    """A validated recipe plus where it came from (for messages and relative paths)."""
+
+    def __init__(self, recipe: Recipe, path: Path | None, data: dict[str, Any]):
+        self.recipe = recipe
+        self.path = path
+        self.data = data
+
+
+def _line_map(text: str, filename: str) -> dict[str, str]:
+    """Map dotted keys to 'file:line' using the YAML node tree."""
+    out: dict[str, str] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return out
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}.{k.value}" if prefix else str(k.value)
+                out[key] = f"{filename}:{k.start_mark.line + 1}"
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                key = f"{prefix}.{i}"
+                out[key] = f"{filename}:{v.start_mark.line + 1}"
+                walk(v, key)
+
+    walk(root, "")
+    return out
+
+
+def _read_yaml(path: Path, where: str) -> tuple[dict[str, Any], dict[str, str]]:
+    if not path.exists():
+        raise UserError(Problem(where, f"recipe file not found: {path}", "check the path (relative paths start "
+                                "from the current folder, or from the recipe that names them)"))
+    if path.is_dir():
+        raise UserError(Problem(where, f"expected a YAML file, found a folder: {path}"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(Problem(where, f"cannot read {path}: {exc}")) from exc
+    try:
+        data = yaml.safe_load(text)  # safe loader: no object construction from tags
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        loc = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise UserError(Problem(loc, f"YAML syntax error: {exc.problem or exc}",
+                                "check indentation, colons and quotes around this line"), "invalid recipe") from exc
+    except yaml.YAMLError as exc:
+        raise UserError(Problem(str(path), f"YAML error: {exc}"), "invalid recipe") from exc
+    if data is None:
+        raise UserError(Problem(str(path), "the recipe is empty", "run `mgpu init` for a starter recipe"),
+                        "invalid recipe")
+    if not isinstance(data, dict):
+        raise UserError(Problem(f"{path}:1", f"expected a mapping of sections (model:, dataset:, ...), "
+                                f"found {type(data).__name__}"), "invalid recipe")
+    return data, _line_map(text, str(path))
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, str]]:
+    """Read a recipe and, recursively, the `base:` recipes it extends."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise UserError(Problem("base", f"recipes extend each other in a loop: {chain}"), "invalid recipe")
+    data, lines = _read_yaml(path, "base" if seen else "recipe")
+    base_ref = data.pop("base", None)
+    if base_ref is None:
+        return data, lines
+    if not isinstance(base_ref, str):
+        raise UserError(Problem(lines.get("base", "base"), f"base: expected a path to a recipe, found {base_ref!r}"),
+                        "invalid recipe")
+    base_path = (path.parent / base_ref).expanduser()
+    if not base_path.exists():
+        raise UserError(Problem(lines.get("base", "base"), f"base recipe not found: {base_path}"), "invalid recipe")
+    base_data, base_lines = _load_tree(base_path, (*seen, path))
+    return _merge(base_data, data), {**base_lines, **lines}
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[Problem]]:
+    """Turn `a.b=value` strings into a nested dict; values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    problems: list[Problem] = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
+            problems.append(Problem(f"argument {item!r}", "expected KEY=VALUE with a dotted recipe key",
+                                    "e.g. training.learning_rate=1e-4"))
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                nxt = node[part] = {}
+            node = nxt
+        node[parts[-1]] = value
+    return out, problems
+
+
+def _resolve_interpolations(data: dict[str, Any], lines: dict[str, str]) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        conf = OmegaConf.create(data)
+        return OmegaConf.to_container(conf, resolve=True)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        where = lines.get(str(key), str(key) or "recipe")
+        msg = str(exc).splitlines()[0]
+        raise UserError(Problem(where if key else "recipe", f"interpolation failed for {key or 'a value'}: {msg}",
+                                "${other.key} must name an existing key; ${oc.env:VAR} reads an environment "
+                                "variable"), "invalid recipe") from exc
+
+
+def _section_fields(loc: tuple[Any, ...]) -> list[str]:
+    """Field names valid at the parent of `loc`, for did-you-mean suggestions."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc[:-1]:
+        if model is None or not isinstance(part, str):
+            return []
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = candidates[0] if candidates else None
+    return list(model.model_fields) if model else []
+
+
+def _fmt_found(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_UNION_TAG = re.compile(r"^(int|str|bool|float|none|list\[.*|literal\[.*|function-.*|[A-Z]\w*Section)$")
+
+
+def _problems_from_validation(exc: ValidationError, lines: dict[str, str]) -> list[Problem]:
+    """Turn pydantic errors into problems: one per key, with did-you-mean for unknown keys."""
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    problems: list[Problem] = []
+    for err in exc.errors(include_url=False):
+        # pydantic adds the branch of a union (`int`, `literal['auto']`) to the location; keep only real keys
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
+        dotted = ".".join(str(p) for p in loc)
+        if err["type"] == "value_error" and "@" in err["msg"]:
+            for key, message in re.findall(r"@([^@]+)@ ([^\n]*)", err["msg"]):
+                problems.append(Problem(_where(key, lines), message))
+        elif err["type"] == "extra_forbidden":
+            valid = _section_fields(loc)
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else (f"valid keys here: {', '.join(valid)}" if valid else None)
+            problems.append(Problem(_where(dotted, lines), f"unknown key '{loc[-1]}'", hint))
+        elif err["type"] == "missing":
+            problems.append(Problem(_where(dotted, lines), "required key is missing", _missing_hint(dotted)))
+        else:
+            by_key.setdefault(dotted, []).append(err)
+    for dotted, errs in by_key.items():
+        expected = []
+        for e in errs:
+            msg = e["msg"].replace("Value error, ", "")
+            msg = msg[0].lower() + msg[1:] if msg else msg
+            if msg not in expected:
+                expected.append(msg)
+        found = _fmt_found(errs[0].get("input"))
+        text = " or ".join(expected)
+        problems.append(Problem(_where(dotted, lines), text if "found" in text else f"{text}; found {found}"))
+    return problems
+
+
+def _where(dotted: str, lines: dict[str, str]) -> str:
+    parts = dotted.split(".")
+    while parts:
+        loc = lines.get(".".join(parts))
+        if loc:
+            return f"{dotted} ({loc})"
+        parts.pop()
+    return dotted
+
+
+def _missing_hint(dotted: str) -> str | None:
+    return {
+        "model": "add a model section with at least `name:`",
+        "model.name": "e.g. builtin:tiny-llama, a hub id, or a local folder",
+        "dataset": "add a dataset section with at least `path:`",
+        "dataset.path": "a local .json/.jsonl/.csv/.parquet file or a hub dataset id",
+    }.get(dotted)
+
+
+def _looks_like_local_path(value: str) -> bool:
+    return (
+        value.startswith((".", "/", "~"))
+        or Path(value).suffix.lower() in (".json", ".jsonl", ".csv", ".parquet", ".txt")
+        or value.count("/") >= 2
+    )
+
+
+def _check_paths(recipe: Recipe, base_dir: Path, lines: dict[str, str]) -> list[Problem]:
+    """Resolve relative paths against the recipe folder and check that local inputs exist."""
+    problems: list[Problem] = []
+    name = recipe.model.name
+    if name.startswith("builtin:"):
+        if name not in BUILTIN_MODELS:
+            close = difflib.get_close_matches(name, BUILTIN_MODELS, n=1)
+            problems.append(Problem(_where("model.name", lines), f"unknown builtin model {name!r}",
+                                    f"did you mean '{close[0]}'?" if close else f"available: {', '.join(BUILTIN_MODELS)}"))
+    elif _looks_like_local_path(name) or (base_dir / name).exists():
+        p = (base_dir / name).expanduser().resolve()
+        if not p.exists():
+            problems.append(Problem(_where("model.name", lines), f"model folder not found: {p}",
+                                    "give a local folder with config.json, a hub id, or builtin:tiny-llama"))
+        elif not (p / "config.json").exists():
+            problems.append(Problem(_where("model.name", lines), f"not a model folder (no config.json): {p}",
+                                    "point at the folder that holds config.json and the weights"))
+        else:
+            recipe.model.name = str(p)
+    dpath = recipe.dataset.path
+    if _looks_like_local_path(dpath) or (base_dir / dpath).exists():
+        p = (base_dir / dpath).expanduser().resolve()
+        if not p.exists():
+            problems.append(Problem(_where("dataset.path", lines), f"dataset file not found: {p}",
+                                    "relative paths are resolved against the recipe's folder"))
+        else:
+            recipe.dataset.path = str(p)
+    out = (base_dir / recipe.output.dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        problems.append(Problem(_where("output.dir", lines), f"expected a folder, found a file: {out}",
+                                "choose another output.dir or remove the file"))
+    recipe.output.dir = str(out)
+    return problems
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None,
+                data: dict[str, Any] | None = None, check_paths: bool = True) -> LoadedRecipe:
+    """Load, merge, override, interpolate and validate a recipe.
+
+    Args:
+        path: the YAML file (or None when `data` is given).
+        overrides: `dotted.key=value` strings applied before validation.
+        data: an already-parsed recipe mapping (used by the Python API).
+        check_paths: resolve relative paths and check that local files exist.
+
+    Returns:
+        The validated recipe with absolute paths.
+
+    Raises:
+        UserError: every problem found, each with its dotted key and file:line.
+    """
+    lines: dict[str, str] = {}
+    rpath = Path(path) if path is not None else None
+    if data is None:
+        assert rpath is not None
+        data, lines = _load_tree(rpath)
+    else:
+        data = dict(data)
+    over, problems = parse_overrides(list(overrides or []))
+    if problems:
+        raise UserError(problems, "invalid arguments")
+    for key in _flatten_keys(over):
+        lines[key] = "command line"
+    data = _merge(data, over)
+    data = _resolve_interpolations(data, lines)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(_problems_from_validation(exc, lines), "invalid recipe") from exc
+    if check_paths:
+        base_dir = rpath.resolve().parent if rpath is not None else Path.cwd()
+        problems = _check_paths(recipe, base_dir, lines)
+        if problems:
+            raise UserError(problems, "invalid recipe")
+    return LoadedRecipe(recipe, rpath, data)
+
+
+def _flatten_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        keys.append(key)
+        if isinstance(v, dict):
+            keys += _flatten_keys(v, key)
+    return keys
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """The JSON Schema of a recipe (what `mgpu schema` prints and `schemas/recipe.schema.json` holds)."""
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "unsloth-mgpu recipe"
+    schema.setdefault("properties", {})["base"] = {
+        "type": "string",
+        "description": "Path of a recipe this one extends (relative to this file); its keys are overridden here.",
+    }
+    return schema
+
+
+def to_yaml(recipe: Recipe) -> str:
+    """Serialise a recipe as YAML in section order."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, default_flow_style=None, width=100)

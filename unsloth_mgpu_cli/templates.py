@@ -1,0 +1,107 @@
+"""The starter recipe written by `mgpu init`, and the small generated dataset the quick start trains on.
+
+The dataset is generated (seeded) rather than downloaded, so the quick start needs no network. Its
+tasks (adding numbers, reversing words, upper-casing, counting letters) are easy enough that even the
+tiny random model's loss falls visibly within a few hundred steps.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from .errors import UserError
+
+QUICKSTART_DATA_NAME = "quickstart.jsonl"
+
+_WORDS = ("apple banana cherry grape lemon mango olive peach pear plum red green blue black white gold silver "
+          "cat dog fox owl bee ant cow hen pig yak sun moon star rain snow wind tree leaf rock sand").split()
+
+STARTER_RECIPE = """\
+# yaml-language-server: $schema=https://unsloth-mgpu.invalid/schemas/recipe.schema.json
+# A starter recipe: LoRA on the builtin tiny Llama (random weights, built locally) with a bundled dataset.
+# Runs anywhere, CPU included:   mgpu validate {name}   then   mgpu train {name}
+# Replace model.name with a hub id or local folder (e.g. unsloth/Llama-3.1-8B) for real work.
+
+model:
+  name: builtin:tiny-llama      # hub id, local folder, or builtin:tiny-llama
+  max_seq_length: 128
+  dtype: auto                   # auto | bfloat16 | float16 | float32
+  load_in_4bit: false           # true = QLoRA (CUDA only)
+
+lora:                           # remove this section (or `lora: null`) for full fine-tuning
+  r: 16
+  alpha: 16
+  dropout: 0.0
+  target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
+
+dataset:
+  path: data/{data}             # .json/.jsonl/.csv/.parquet (relative to this file) or a hub dataset id
+  format: alpaca                # alpaca | chat | text
+
+training:
+  epochs: 1
+  max_steps: 60                 # overrides epochs when set
+  micro_batch_size: 4           # per GPU (or CPU worker)
+  gradient_accumulation_steps: 1
+  learning_rate: 3.0e-3
+  optimizer: adamw              # adamw | adamw_8bit | sgd
+  lr_scheduler: cosine          # constant | linear | cosine
+  warmup_steps: 5
+  seed: 42
+
+distributed:
+  num_gpus: auto                # workers; auto = every visible GPU (1 worker on CPU)
+  device: auto                  # auto | cuda | cpu
+  aggregation: weighted         # mean | sum | weighted | median
+
+output:
+  dir: outputs/starter
+  save_steps: 50
+"""
+
+
+def generate_quickstart_rows(n: int = 512, seed: int = 0) -> list[dict[str, str]]:
+    """Deterministic alpaca rows for the quick start."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            rows.append({"instruction": "Add the two numbers.", "input": f"{a} + {b}", "output": str(a + b)})
+        elif kind == 1:
+            words = rng.sample(_WORDS, rng.randint(2, 5))
+            rows.append({"instruction": "Reverse the order of the words.", "input": " ".join(words),
+                         "output": " ".join(reversed(words))})
+        elif kind == 2:
+            word = rng.choice(_WORDS)
+            rows.append({"instruction": "Write the word in capital letters.", "input": word, "output": word.upper()})
+        else:
+            word = rng.choice(_WORDS)
+            rows.append({"instruction": "How many letters does the word have?", "input": word,
+                         "output": str(len(word))})
+    return rows
+
+
+def quickstart_jsonl() -> str:
+    return "".join(json.dumps(r) + "\n" for r in generate_quickstart_rows())
+
+
+def write_starter(path: Path, force: bool = False) -> Path:
+    """Write the starter recipe and its dataset (data/quickstart.jsonl beside it)."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise UserError(f"{path} exists; pass --force to overwrite it or choose another path")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UserError(f"{path.parent} is not a folder")
+    data = path.parent / "data" / QUICKSTART_DATA_NAME
+    try:
+        data.parent.mkdir(parents=True, exist_ok=True)
+        if not data.exists():
+            data.write_text(quickstart_jsonl(), encoding="utf-8")
+        path.write_text(STARTER_RECIPE.format(name=path.name, data=QUICKSTART_DATA_NAME), encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc}") from exc
+    return path
