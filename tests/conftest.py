@@ -1,0 +1,57 @@
+"""Shared test helpers: run the real `mgpu` in a subprocess, locate the repository and the shared data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+GSM8K = SHARED_DATA / "gsm8k_train_alpaca.json"
+
+
+def mgpu_env(**extra: str) -> dict[str, str]:
+    """Environment for subprocess runs: offline, quiet, the checkout first on the import path."""
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        UNSLOTH_DISABLE_STATISTICS="1",
+        PYTHONUNBUFFERED="1",
+        COLUMNS="120",
+    )
+    env.update(extra)
+    return env
+
+
+def run_mgpu(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict[str, str] | None = None,
+             **extra_env: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m unsloth_mgpu_cli ARGS` and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "unsloth_mgpu_cli", *args],
+        cwd=cwd or ROOT,
+        env=env or mgpu_env(**extra_env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def mgpu():
+    return run_mgpu
+
+
+def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    """Exit code 2, every needle in the message, and no Python traceback."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, f"expected exit 2, got {proc.returncode}\n{out}"
+    assert "Traceback" not in out, out
+    for needle in needles:
+        assert needle in out, f"{needle!r} not in output:\n{out}"
