@@ -52,6 +52,8 @@ def _main(
     ] = False,
 ) -> None:
     _state["debug"] = debug or os.environ.get("MGPU_DEBUG") == "1"
+    if _state["debug"]:
+        os.environ["MGPU_DEBUG"] = "1"  # workers and the launcher show everything too
 
 
 def _fail(exc: BaseException) -> None:
@@ -73,6 +75,38 @@ def _fail(exc: BaseException) -> None:
         console.print(f"[yellow]interrupted:[/] {exc}", soft_wrap=True)
         raise typer.Exit(130)
     raise exc
+
+
+@app.command()
+def train(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    resume: Annotated[
+        str | None, typer.Option("--resume", help="Continue a run: 'auto' (newest checkpoint) or a checkpoint folder.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what output.dir holds.")] = False,
+    nnodes: Annotated[int | None, typer.Option("--nnodes", min=1, help="Number of hosts (same command on each).")] = None,
+    node_rank: Annotated[int | None, typer.Option("--node-rank", min=0, help="This host's index.")] = None,
+    rdzv_endpoint: Annotated[
+        str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT of node 0's rendezvous (several hosts).")
+    ] = None,
+) -> None:
+    """Train: validate, fill `auto`s, tokenise once, start one worker per GPU, save the adapter."""
+    from .recipe import load_recipe
+
+    try:
+        loaded = load_recipe(recipe, overrides or [])
+        if resume is not None and overwrite:
+            raise UserError("--resume and --overwrite contradict each other; pass one of them")
+        from .engine import train as run_training
+
+        summary = run_training(loaded, overwrite=overwrite, resume=resume, nnodes=nnodes, node_rank=node_rank,
+                               rdzv_endpoint=rdzv_endpoint)
+    except (UserError, TrainingFailed, Interrupted) as exc:
+        _fail(exc)
+    from .render import print_summary
+
+    print_summary(summary)
 
 
 @app.command()

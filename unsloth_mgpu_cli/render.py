@@ -37,3 +37,20 @@ def print_recipe(loaded: LoadedRecipe) -> None:
         t.add_row("auto", ", ".join(autos) + " (filled at `mgpu train` from the detected hardware)")
     console.print(t)
     console.print("[green]valid[/]")
+
+
+def print_summary(summary: dict) -> None:
+    """The end-of-run table: time, tokens, throughput, memory per GPU, where the results are."""
+    if not summary:
+        return
+    t = Table(title="run summary", show_header=False, box=None, pad_edge=False)
+    t.add_row("steps", str(summary.get("steps")))
+    t.add_row("time", f"{summary.get('elapsed_s', 0):.1f} s (first step after {summary.get('first_step_s') or 0:.1f} s)")
+    t.add_row("tokens", f"{summary.get('tokens', 0):,} (non-padding, all workers)")
+    world = max(1, int(summary.get("world_size", 1)))
+    tps = float(summary.get("tokens_per_second", 0.0))
+    t.add_row("throughput", f"{tps:,.0f} tokens/s total, {tps / world:,.0f} per worker")
+    t.add_row("final loss", f"{summary.get('final_loss', float('nan')):.4f}")
+    t.add_row("peak memory", " / ".join(f"{m:.2f}" for m in summary.get("peak_memory_gb", [])) + " GB per worker")
+    t.add_row("output", str(summary.get("output_dir")))
+    console.print(t)

@@ -1,0 +1,42 @@
+"""The gradient aggregation strategies on known tensors across 3 real gloo ranks (launched like training)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unsloth_mgpu_cli import distributed as D
+
+pytestmark = pytest.mark.integration
+
+# ranks hold: r0 [1, 10, 7], r1 [2, 25, -3], r2 [3, 30, 100]
+EXPECTED = {
+    "mean": [2.0, 65.0 / 3, 104.0 / 3],
+    "sum": [6.0, 65.0, 104.0],
+    "median": [2.0, 25.0, 7.0],
+}
+
+
+@pytest.mark.parametrize("aggregation", sorted(EXPECTED))
+def test_aggregation_by_hand_on_three_gloo_ranks(aggregation):
+    from dist_workers import aggregate_known_tensors
+
+    results = D.launch(aggregate_known_tensors, (aggregation,), D.LaunchSpec(nproc_per_node=3, device_type="cpu"))
+    assert sorted(results) == [0, 1, 2]
+    for res in results.values():
+        assert res["grads"] == pytest.approx(EXPECTED[aggregation], rel=1e-6)
+
+
+def test_median_of_even_count_is_mean_of_middle_pair():
+    stacked = torch.tensor([[1.0, 4.0], [3.0, 2.0], [10.0, 0.0], [2.0, 8.0]])
+    assert D.reduce_median(stacked).tolist() == [2.5, 3.0]
+
+
+def test_checksum_sees_a_tiny_change_and_a_permutation():
+    a = [torch.arange(6, dtype=torch.float32).reshape(2, 3), torch.ones(4)]
+    b = [a[0].clone(), a[1].clone()]
+    assert D.parameters_checksum(a) == D.parameters_checksum(b)
+    b[0][0, 0] += 1e-3
+    assert D.parameters_checksum(a) != D.parameters_checksum(b)
+    c = [a[1].clone(), a[0].clone()]  # same values, swapped order
+    assert D.parameters_checksum(a)[1] != D.parameters_checksum(c)[1]

@@ -1,0 +1,58 @@
+"""Fault injection for tests of the failure paths (an edge, like a failing disk; never the math).
+
+`MGPU_INJECT_FAULT="kind:rank=R:step=S"` (several separated by ';') makes rank R misbehave at step S:
+  perturb   - add 1e-3 to one trainable weight before the optimizer step (replicas drift)
+  nan       - make the loss non-finite
+  raise     - raise RuntimeError("injected failure")
+  exit      - hard exit (os._exit(17)), like a crashed worker
+  sleep     - stop making progress for a long time (a hang)
+Unset in normal runs: then `maybe_inject` is a dictionary lookup and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+_PARSED: list[dict[str, Any]] | None = None
+
+
+def _faults() -> list[dict[str, Any]]:
+    global _PARSED
+    if _PARSED is None:
+        _PARSED = []
+        for spec in filter(None, os.environ.get("MGPU_INJECT_FAULT", "").split(";")):
+            kind, *opts = spec.split(":")
+            d: dict[str, Any] = {"kind": kind, "rank": 0, "step": 1}
+            for opt in opts:
+                k, _, v = opt.partition("=")
+                d[k] = int(v) if v.lstrip("-").isdigit() else v
+            _PARSED.append(d)
+    return _PARSED
+
+
+def maybe_inject(point: str, trainer: Any, **kw: Any) -> None:
+    """Apply any fault meant for this rank, step and point of the loop."""
+    faults = _faults()
+    if not faults:
+        return
+    # at "step_end" the step counter has already advanced; elsewhere the step in progress is step + 1
+    current = trainer.step if point == "step_end" else trainer.step + 1
+    for f in faults:
+        if f["rank"] != trainer.info.rank or current != f["step"]:
+            continue
+        kind = f["kind"]
+        if kind == "nan" and point == "loss":
+            kw["loss"].data.fill_(float("nan"))
+        elif kind == "perturb" and point == "before_optimizer_step":
+            import torch
+
+            with torch.no_grad():
+                trainer.params[0].view(-1)[0] += 1e-3
+        elif kind == "raise" and point == "before_optimizer_step":
+            raise RuntimeError(f"injected failure on rank {trainer.info.rank} at step {current}")
+        elif kind == "exit" and point == "before_optimizer_step":
+            os._exit(17)
+        elif kind == "sleep" and point == "before_optimizer_step":
+            time.sleep(float(f.get("seconds", 3600)))

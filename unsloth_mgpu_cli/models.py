@@ -1,0 +1,101 @@
+"""Model sources: `builtin:tiny-llama` (built locally, no hub) and locating local/hub models.
+
+The tiny Llama has random weights and a byte-level BPE tokenizer trained on the bundled quick-start
+data, so demos and tests run offline. It is built once in the parent process (transformers and
+tokenizers only, no Unsloth, no CUDA) and cached.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+TINY_LLAMA = "builtin:tiny-llama"
+_TINY_VERSION = "v1"
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Root of unsloth-mgpu's caches (`UNSLOTH_MGPU_CACHE`, default ~/.cache/unsloth-mgpu)."""
+    return Path(os.environ.get("UNSLOTH_MGPU_CACHE", Path.home() / ".cache" / "unsloth-mgpu")).expanduser()
+
+
+def _tokenizer_corpus() -> list[str]:
+    from .templates import generate_quickstart_rows
+
+    text = []
+    for row in generate_quickstart_rows(2048, seed=1):
+        text.append(f"### Instruction:\n{row['instruction']}\n\n### Input:\n{row['input']}\n\n### Response:\n{row['output']}")
+    text.append("Below is an instruction that describes a task. Write a response that appropriately completes the request.")
+    text.append(" ".join(str(i) for i in range(1000)))
+    return text
+
+
+def build_tiny_llama(dest: Path, hidden: int = 128, layers: int = 2, vocab: int = 1024, seed: int = 0) -> Path:
+    """Create a small random Llama and a BPE tokenizer in `dest` (safetensors, float32)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", padding_side="right", model_max_length=2048)
+    fast.chat_template = CHAT_TEMPLATE
+
+    config = LlamaConfig(
+        vocab_size=len(fast), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, bos_token_id=bos, eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id, torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dest, safe_serialization=True)
+    fast.save_pretrained(dest)
+    return dest
+
+
+def ensure_builtin_model(name: str) -> Path:
+    """Return the folder of a builtin model, building it atomically on first use."""
+    if name != TINY_LLAMA:
+        raise ValueError(f"unknown builtin model {name}")
+    dest = cache_dir() / "models" / f"tiny-llama-{_TINY_VERSION}"
+    if (dest / "config.json").exists() and (dest / "tokenizer.json").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=dest.parent))
+    try:
+        build_tiny_llama(tmp)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def resolve_model_path(name: str) -> str:
+    """A loadable model reference: the builtin's folder, a local folder, or the hub id unchanged."""
+    if name.startswith("builtin:"):
+        return str(ensure_builtin_model(name))
+    return name

@@ -1,0 +1,52 @@
+"""Rank 0's live progress display: step, loss, learning rate, tokens/s (all GPUs), ETA, memory per GPU.
+
+Other ranks get a display that does nothing (the null-logger pattern), so the loop has no rank checks.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+class ProgressDisplay:
+    def __init__(self, enabled: bool, total: int, start: int = 0):
+        self.enabled = enabled
+        self._progress: Any = None
+        self.total = total
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self.console = Console(file=sys.stdout, highlight=False)
+        self._progress = Progress(
+            TextColumn("[bold]train[/]"), BarColumn(bar_width=24), MofNCompleteColumn(),
+            TextColumn("loss [cyan]{task.fields[loss]}[/]"), TextColumn("lr {task.fields[lr]}"),
+            TextColumn("[green]{task.fields[tps]}[/] tok/s"), TextColumn("mem {task.fields[mem]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=self.console, refresh_per_second=4, transient=False,
+        )
+        self._task = self._progress.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-",
+                                             mem="-")
+        self._progress.start()
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, mem_gb: list[float]) -> None:
+        if self._progress is None:
+            return
+        self._progress.update(self._task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                              tps=f"{tokens_per_s:,.0f}", mem="/".join(f"{m:.1f}" for m in mem_gb) + " GB")
+        if not self.console.is_terminal:
+            # Non-interactive output (CI logs, pipes): one plain line per update instead of a live bar.
+            self.console.print(f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
+                               f"tokens/s {tokens_per_s:,.0f} mem {'/'.join(f'{m:.2f}' for m in mem_gb)} GB")
+
+    def log(self, message: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(f"[yellow]{message}[/]")
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
