@@ -215,7 +215,10 @@ def _launch(nproc: int, device: str, size_mb: float, iters: int, timeout: int) -
     )
     results = elastic_launch(config, _worker)(device, size_mb, iters, timeout)
     first = results[0]
-    pairs = {(p["a"], p["b"]): p for r in results.values() for p in r["pairs"]}
+    pairs: dict[tuple[int, int], dict[str, Any]] = {}
+    for rank in sorted(results):  # both ends time a pair; keep the lower rank's number, like rank 0's for the world
+        for p in results[rank]["pairs"]:
+            pairs.setdefault((p["a"], p["b"]), p)
     return {
         "ok": True,
         "device": device,
