@@ -194,6 +194,24 @@ def test_gpu_used_by_another_process_and_old_gpu_warn():
     assert g1.status == "warn" and "float16" in g1.hint
 
 
+def test_unknown_gpu_facts_are_left_out_not_printed_as_none():
+    gpu = DeviceManager(nvml=FakeNVML([h200(0)]), env={}).snapshot().devices[0]
+    gpu.utilization_pct, gpu.compute_capability = None, None
+    (check,) = check_gpus([gpu], None, None)
+    assert "None" not in check.value and "NVIDIA H200" in check.value
+
+
+def test_nvml_error_after_init_is_reported_as_no_gpu():
+    class Broken(FakeNVML):
+        NVMLError = RuntimeError
+
+        def nvmlDeviceGetCount(self):
+            raise RuntimeError("Driver/library version mismatch")
+
+    rep = run_checks(output_dir="outputs", env={}, nvml=Broken([h200(0)]))
+    assert by_name(rep.checks)["gpus"].status == "warn" and "mismatch" in rep.facts["nvml_error"]
+
+
 def test_pcie_without_p2p_warns():
     snap = DeviceManager(nvml=FakeNVML([h200(0), h200(1), h200(2)], p2p_pairs=[(0, 1)]), env={}).snapshot()
     links = by_name(check_links(snap.links))

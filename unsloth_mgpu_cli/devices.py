@@ -205,6 +205,8 @@ class DeviceManager:
             return GPUSnapshot(error=f"{type(exc).__name__}: {exc}")
         try:
             return self._read(nvml, with_links)
+        except getattr(nvml, "NVMLError", Exception) as exc:  # e.g. driver/library version mismatch after an update
+            return GPUSnapshot(error=f"{type(exc).__name__}: {exc}")
         finally:
             try:
                 nvml.nvmlShutdown()

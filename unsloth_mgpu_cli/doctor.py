@@ -186,8 +186,12 @@ def check_gpus(gpus: list[GPUInfo], nvml_error: str | None, driver: str | None) 
     checks = []
     for g in gpus:
         used_by_others = g.memory_total_gb - g.memory_free_gb
-        value = (f"{g.name}, {g.memory_free_gb:.1f}/{g.memory_total_gb:.1f} GiB free, cc {g.compute_capability}, "
-                 f"{'bf16' if g.bf16 else 'no bf16'}, util {g.utilization_pct}%, driver {driver}")  # fmt: skip
+        parts = [g.name, f"{g.memory_free_gb:.1f}/{g.memory_total_gb:.1f} GiB free"]
+        parts += [f"cc {g.compute_capability}"] if g.compute_capability else []
+        parts += ["bf16" if g.bf16 else "no bf16"]
+        parts += [f"util {g.utilization_pct}%"] if g.utilization_pct is not None else []
+        parts += [f"driver {driver}"] if driver else []
+        value = ", ".join(parts)
         problems = []
         if g.processes:
             pids = ", ".join(str(p["pid"]) for p in g.processes)
