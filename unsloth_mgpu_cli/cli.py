@@ -4,7 +4,7 @@
     mgpu train recipes/quickstart.yaml
 
 Heavy imports (torch, transformers, unsloth) happen inside the commands that need them, so `--help`,
-`validate`, `schema` and `init` start fast and work without a GPU.
+`validate`, `schema`, `init` and `doctor` start fast and work without a GPU.
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ _state = {"debug": False}
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 OverridesArg = Annotated[
     list[str] | None,
-    typer.Argument(help="Dotted KEY=VALUE overrides applied before validation, e.g. training.learning_rate=1e-4.",
-                   show_default=False),
+    typer.Argument(
+        help="Dotted KEY=VALUE overrides applied before validation, e.g. training.learning_rate=1e-4.",
+        show_default=False,
+    ),
 ]
 
 
@@ -155,6 +157,32 @@ def init(
     except UserError as exc:
         _fail(exc)
     typer.echo(f"wrote {written}\nnext: mgpu validate {path}  then  mgpu train {path}")
+
+
+@app.command()
+def doctor(
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")] = False,
+    probe: Annotated[
+        bool, typer.Option("--probe", help="Also start one worker per GPU and time an all-reduce (slower).")
+    ] = False,
+    output_dir: Annotated[
+        Path, typer.Option("--output-dir", help="Folder whose free disk space is checked for checkpoints.")
+    ] = Path("outputs"),
+    probe_timeout: Annotated[
+        float, typer.Option("--probe-timeout", help="Seconds before the probe is declared hung and killed.")
+    ] = 120.0,
+) -> None:
+    """Check that this machine is ready to train on several GPUs; exit 1 when a check fails."""
+    from .doctor import print_report, run_checks
+
+    report = run_checks(output_dir=output_dir, probe=probe, probe_timeout=probe_timeout)
+    if json_output:
+        import json
+
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    else:
+        print_report(report)
+    raise typer.Exit(report.exit_code)
 
 
 def main() -> None:

@@ -39,8 +39,13 @@ def _tokenizer_corpus() -> list[str]:
     return text
 
 
-def build_tiny_llama(dest: Path, hidden: int = 128, layers: int = 2, vocab: int = 1024, seed: int = 0) -> Path:
-    """Create a small random Llama and a BPE tokenizer in `dest` (safetensors, float32)."""
+def build_tiny_llama(dest: Path, hidden: int = 128, layers: int = 2, vocab: int = 1024, seed: int = 0,
+                     intermediate: int | None = None, heads: int = 4, kv_heads: int = 2,
+                     corpus: list[str] | None = None, dtype: str = "float32") -> Path:
+    """Create a random Llama and a byte-level BPE tokenizer in `dest` (safetensors).
+
+    The defaults give the builtin tiny model; the benchmarks use the same function with real sizes.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -51,7 +56,7 @@ def build_tiny_llama(dest: Path, hidden: int = 128, layers: int = 2, vocab: int 
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus or _tokenizer_corpus(), trainer=trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", bos)])
@@ -60,13 +65,13 @@ def build_tiny_llama(dest: Path, hidden: int = 128, layers: int = 2, vocab: int 
     fast.chat_template = CHAT_TEMPLATE
 
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, bos_token_id=bos, eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id, torch_dtype="float32",
+        vocab_size=len(fast), hidden_size=hidden, intermediate_size=intermediate or hidden * 2,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=bos,
+        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dest, safe_serialization=True)
     fast.save_pretrained(dest)

@@ -1,0 +1,47 @@
+"""Build Llama-shaped models with random weights locally (no hub) for GPU runs and benchmarks.
+
+    python benchmarks/make_model.py --size 1b --out /tmp/models/llama-1b --corpus ../shared/data/gsm8k_train_alpaca.json
+
+The tokenizer is a byte-level BPE trained on the given corpus (GSM8K: about 155 tokens per example).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+# (hidden, layers, intermediate, heads, kv_heads, vocab)
+SIZES = {
+    "tiny": (128, 2, 256, 4, 2, 1024),
+    "1b": (2048, 16, 8192, 32, 8, 32000),  # Llama-3.2-1B shape with a 32k vocabulary: about 1.0B parameters
+    "8b": (4096, 32, 14336, 32, 8, 32000),  # Llama-3.1-8B shape with a 32k vocabulary: about 7.2B parameters
+}
+
+
+def corpus_from(path: Path) -> list[str]:
+    rows = json.loads(path.read_text())
+    return [f"{r['instruction']}\n{r.get('input', '')}\n{r['output']}" for r in rows]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), default="1b")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--corpus", type=Path, required=True, help="alpaca JSON to train the tokenizer on")
+    args = ap.parse_args()
+    from unsloth_mgpu_cli.models import build_tiny_llama
+
+    if (args.out / "config.json").exists():
+        print(f"exists: {args.out}")
+        return
+    hidden, layers, inter, heads, kv, vocab = SIZES[args.size]
+    t = time.time()
+    build_tiny_llama(args.out, hidden=hidden, layers=layers, vocab=vocab, intermediate=inter, heads=heads,
+                     kv_heads=kv, corpus=corpus_from(args.corpus), dtype="bfloat16")
+    print(f"built {args.size} at {args.out} in {time.time() - t:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
