@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from unsloth_mgpu_cli.memory import GiB, Architecture, TrainingSetup, estimate  # noqa: E402
+from unsloth_mgpu_cli.memory import Architecture, GiB, TrainingSetup, estimate  # noqa: E402
 
 MODELS = {
     # Llama-shaped ~1B (1.1B parameters): hidden 2048, 16 layers, MLP 8192, 32 heads / 8 KV heads, 32k vocab.
@@ -362,9 +362,10 @@ def main() -> None:
 
     with ThreadPoolExecutor(max_workers=len(free)) as pool:
         records = list(pool.map(task, configs))
+    device_name = "CPU (tiny plumbing check)" if args.tiny else torch.cuda.get_device_name(0)
     header = (
         f"{len(configs)} configurations, {args.steps} AdamW steps each, random tokens, LoRA r=16 on all seven "
-        f"projections; torch {torch.__version__}; {'CPU (tiny plumbing check)' if args.tiny else torch.cuda.get_device_name(0)}; "
+        f"projections; torch {torch.__version__}; {device_name}; "
         f"total {time.time() - start:.0f} s. GB = GiB. Error = (predicted - measured) / measured."
     )
     write_report(records, out, header)
