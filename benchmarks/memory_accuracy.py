@@ -144,7 +144,7 @@ def worker(spec: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
         step_times.append(time.perf_counter() - t0)
-    result.update(loss=float(loss), step_seconds=step_times)
+    result.update(loss=float(loss.detach()), step_seconds=step_times)
     if cuda:
         result["max_allocated_gb"] = torch.cuda.max_memory_allocated() / GiB
         result["max_reserved_gb"] = torch.cuda.max_memory_reserved() / GiB
