@@ -185,6 +185,69 @@ def doctor(
     raise typer.Exit(report.exit_code)
 
 
+@app.command()
+def suggest(
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", help="Size (1B, 3B, 7B, 8B, 13B, 70B, 405B), hub id or local folder.", show_default=False
+        ),
+    ],
+    gpus: Annotated[int | None, typer.Option("--gpus", help="GPUs to train on (default: detected, else 1).")] = None,
+    gpu_memory: Annotated[
+        str | None, typer.Option("--gpu-memory", help="Memory per GPU, e.g. 80GB (default: the smallest detected GPU).")
+    ] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sample (model.max_seq_length).")] = 2048,
+    method: Annotated[
+        str | None,
+        typer.Option("--method", help="qlora | lora | full (default: lora if 16-bit weights fit, else qlora)."),
+    ] = None,
+    global_batch: Annotated[int, typer.Option("--global-batch", help="Target samples per optimizer step.")] = 32,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="adamw | adamw_8bit | sgd.")] = "adamw_8bit",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write a ready recipe here.")] = None,
+) -> None:
+    """Memory forecast and recommended settings (method, micro-batch, accumulation, checkpointing) per GPU."""
+    import json
+
+    from .configgen import check_suggest_args, recipe_yaml
+    from .configgen import plan as make_plan
+
+    try:
+        arch, num_gpus, mem = check_suggest_args(model, gpus, gpu_memory, seq_len, method, global_batch, optimizer)
+    except UserError as exc:
+        _fail(exc)
+    p = make_plan(
+        arch,
+        gpu_memory_bytes=mem,
+        num_gpus=num_gpus,
+        seq_len=seq_len,
+        method=method,  # type: ignore[arg-type]
+        global_batch=global_batch,
+        optimizer=optimizer,
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(p.to_dict(), indent=2) + "\n")
+    else:
+        from .render import print_plan
+
+        print_plan(p)
+    if not p.fits:
+        raise typer.Exit(2)
+    if output is not None:
+        from .memory import SIZE_HUB_IDS, find_config
+
+        config = find_config(model)
+        name = str(config.parent.resolve()) if config is not None and Path(model).exists() else model
+        name = SIZE_HUB_IDS.get(arch.name, name) if arch.name in SIZE_HUB_IDS and name == model else name
+        command = "mgpu suggest " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "mgpu suggest"
+        try:
+            output.write_text(recipe_yaml(p, name, command, output.name), encoding="utf-8")
+        except OSError as exc:
+            _fail(UserError(f"cannot write {output}: {exc}"))
+        (sys.stderr if as_json else sys.stdout).write(f"wrote {output}\n")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

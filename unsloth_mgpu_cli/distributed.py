@@ -241,6 +241,15 @@ def all_reduce_sum(values: Sequence[float], info: DistInfo) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_tensor(t: Any, info: DistInfo) -> Any:
+    """In-place SUM of a small device tensor over all ranks (no host sync)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and info.world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def all_gather_floats(values: Sequence[float], info: DistInfo) -> list[list[float]]:
     """Every rank's list of floats (same length on all ranks)."""
     import torch

@@ -70,30 +70,14 @@ def resolve_workers(recipe: Recipe, device: str, gpus: int) -> int:
     return int(n)
 
 
-def resolve_auto_values(recipe: Recipe, device: str, num_workers: int) -> list[str]:
-    """Fill `auto` training values; the optimal-config generator decides when it is available."""
-    notes: list[str] = []
-    try:
-        from .configgen import resolve_auto  # the generator (mgpu suggest) when installed
-    except ImportError:
-        resolve_auto = None
-    if resolve_auto is not None:
-        from .devices import gpu_memory_bytes
+def resolve_auto_values(recipe: Recipe, device: str, num_workers: int) -> tuple[Recipe, list[str]]:
+    """Fill `auto` training values with the optimal-config generator (the one behind `mgpu suggest`)."""
+    from .configgen import resolve_auto
+    from .devices import gpu_memory_bytes
 
-        mem = gpu_memory_bytes() if device == "cuda" else None
-        recipe, extra = resolve_auto(recipe, num_workers, mem)
-        notes += list(extra)
-    t = recipe.training
-    if t.micro_batch_size == AUTO:
-        t.micro_batch_size = 2
-        notes.append("training.micro_batch_size: auto -> 2")
-    if t.gradient_accumulation_steps == AUTO:
-        t.gradient_accumulation_steps = 1
-        notes.append("training.gradient_accumulation_steps: auto -> 1")
-    if recipe.memory.gradient_checkpointing == AUTO:
-        recipe.memory.gradient_checkpointing = False if device == "cpu" else "unsloth"
-        notes.append(f"memory.gradient_checkpointing: auto -> {recipe.memory.gradient_checkpointing}")
-    return notes
+    mem = gpu_memory_bytes() if device == "cuda" else None
+    recipe, notes = resolve_auto(recipe, num_workers, mem)
+    return recipe, list(notes)
 
 
 def prepare_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
@@ -139,7 +123,8 @@ def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = No
     device, gpus = detect_device(recipe)
     num_local = resolve_workers(recipe, device, gpus)
     num_workers = num_local * dist_cfg.nnodes
-    notes = resolve_auto_values(recipe, device, num_workers)
+    recipe, notes = resolve_auto_values(recipe, device, num_workers)
+    dist_cfg = recipe.distributed
     dist_cfg.num_gpus = num_local
     dist_cfg.device = device  # type: ignore[assignment]
     out = Path(recipe.output.dir)
@@ -324,9 +309,13 @@ class Trainer:
                     if n_mb > 0:
                         (loss * (n_mb / denom)).backward()
                         loss_sum += loss.detach().to(torch.float64) * n_mb
-                local_bad = float(not torch.isfinite(loss_sum).item() or not _grads_finite(self.params))
-                tot_loss, tot_tokens, bad_ranks = D.all_reduce_sum(
-                    [0.0 if local_bad else float(loss_sum), float(batches.loss_tokens[info.rank]), local_bad], info)
+                # One small collective and one host sync per step: loss, loss tokens, and whether any rank saw
+                # a non-finite value (checked on the device: no per-parameter sync).
+                bad = ~torch.isfinite(loss_sum) | ~_grads_finite(self.params)
+                stats = torch.stack([torch.where(bad, torch.zeros_like(loss_sum), loss_sum),
+                                     torch.tensor(float(batches.loss_tokens[info.rank]), dtype=torch.float64,
+                                                  device=device), bad.to(torch.float64)])
+                tot_loss, tot_tokens, bad_ranks = D.all_reduce_tensor(stats, info).tolist()
                 lr = self.scheduler.get_last_lr()[0]
                 if bad_ranks > 0:
                     # A non-finite loss/gradient on any rank: every rank skips this step together.
@@ -358,7 +347,7 @@ class Trainer:
                     tps = tokens_window / max(now - t_window, 1e-9)
                     mems = D.all_gather_floats([_peak_memory_gb(info)], info)
                     row = {"step": self.step, "epoch": batches.epoch, "loss": last_loss, "learning_rate": lr,
-                           "grad_norm": grad_norm, "tokens": step_tokens, "loss_tokens": int(tot_tokens),
+                           "grad_norm": float(grad_norm), "tokens": step_tokens, "loss_tokens": int(tot_tokens),
                            "tokens_per_second": tps, "elapsed_s": now - t_start,
                            "peak_memory_gb": [round(m[0], 3) for m in mems], "skipped_steps": skipped}
                     self.history.append(row)
@@ -399,25 +388,28 @@ class Trainer:
         D.barrier(self.info)
 
 
-def _grads_finite(params: list[Any]) -> bool:
+def _grads_finite(params: list[Any]) -> Any:
+    """A 0-d bool tensor on the device: every gradient is finite (no host sync)."""
     import torch
 
-    for p in params:
-        if p.grad is not None and not torch.isfinite(p.grad).all():
-            return False
-    return True
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.ones((), dtype=torch.bool, device=params[0].device)
+    norms = torch._foreach_norm(grads)  # one fused pass; inf/nan in any element makes its norm non-finite
+    return torch.isfinite(torch.stack(norms)).all()
 
 
-def _clip(params: list[Any], max_norm: float | None) -> float:
-    """Global gradient norm (grads are already synchronised, so every rank computes the same), clipped."""
+def _clip(params: list[Any], max_norm: float | None) -> Any:
+    """Global gradient norm as a device tensor (grads are synchronised, so every rank computes the same);
+    clips to `max_norm` when set."""
     import torch
 
     grads = [p for p in params if p.grad is not None]
     if not grads:
-        return 0.0
+        return torch.zeros(())
     if max_norm is None:
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in grads])))
-    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in grads])))
+    return torch.nn.utils.clip_grad_norm_(grads, max_norm)
 
 
 def _peak_memory_gb(info: Any) -> float:

@@ -54,3 +54,67 @@ def print_summary(summary: dict) -> None:
     t.add_row("peak memory", " / ".join(f"{m:.2f}" for m in summary.get("peak_memory_gb", [])) + " GB per worker")
     t.add_row("output", str(summary.get("output_dir")))
     console.print(t)
+
+
+def print_plan(plan) -> None:
+    """Print a `configgen.Plan`: the forecast's components, the chosen settings, what did not fit and why."""
+    from .memory import GiB
+
+    a = plan.architecture
+    console.print(f"[bold]{a.name or 'model'}[/]: {a.num_parameters() / 1e9:.2f}B parameters ({a.source})")
+    console.print(
+        f"{plan.num_gpus} GPU(s) x {plan.gpu_memory_bytes / GiB:.0f} GB, budget "
+        f"{plan.budget_bytes / GiB:.1f} GB each (max_memory_fraction {plan.memory_fraction:g}); "
+        f"sequence {plan.seq_len} tokens; optimizer {plan.optimizer}"
+    )
+    b = plan.breakdown
+    if b is not None:
+        title = "memory forecast per GPU" + ("" if plan.fits else " (smallest setting tried)")
+        t = Table(title=title, title_justify="left")
+        t.add_column("component")
+        t.add_column("GB", justify="right")
+        t.add_column("what")
+        for name, nbytes, what in b.rows():
+            t.add_row(name, f"{nbytes / GiB:.2f}", what)
+        t.add_row(
+            "[bold]peak[/]",
+            f"[bold]{b.peak / GiB:.2f}[/]",
+            f"torch allocated {b.allocated / GiB:.2f}, reserved {b.reserved / GiB:.2f}; peak during the {b.peak_phase}",
+        )
+        console.print(t)
+        for note in b.notes:
+            console.print(f"  note: {note}")
+    if plan.fits:
+        s = Table(title="recommended settings", title_justify="left", show_header=False)
+        s.add_row("method", f"{plan.method} (load_in_4bit: {str(plan.load_in_4bit).lower()})")
+        s.add_row("micro_batch_size", str(plan.micro_batch_size))
+        s.add_row("gradient_accumulation_steps", str(plan.gradient_accumulation_steps))
+        s.add_row("gradient_checkpointing", str(plan.gradient_checkpointing).lower())
+        s.add_row(
+            "global batch",
+            f"{plan.global_batch_size} = {plan.micro_batch_size} x {plan.num_gpus} x "
+            f"{plan.gradient_accumulation_steps}",
+        )
+        s.add_row("predicted peak", f"{plan.predicted_peak_gb:.1f} GB per GPU")
+        console.print(s)
+        for why in plan.reasons:
+            console.print(f"  why: {why}")
+    else:
+        console.print(
+            f"[bold red]does not fit[/]: {plan.method} needs more than {plan.budget_bytes / GiB:.1f} GB per GPU"
+        )
+        for sug in plan.suggestions:
+            console.print(f"  - {sug}")
+    if plan.rejected:
+        r = Table(title="did not fit", title_justify="left")
+        for col in ("method", "checkpointing", "micro-batch", "peak GB", "why"):
+            r.add_column(col)
+        for alt in plan.rejected:
+            r.add_row(
+                alt["method"],
+                str(alt["gradient_checkpointing"]).lower(),
+                str(alt["micro_batch_size"]),
+                f"{alt['predicted_peak_gb']:.1f}",
+                alt["why"],
+            )
+        console.print(r)

@@ -1,0 +1,372 @@
+"""`mgpu suggest`, the memory forecast and the optimal-config generator (CPU only, no torch needed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, assert_user_error, mgpu_env, run_mgpu
+
+from unsloth_mgpu_cli.configgen import ConfigManager, plan, resolve_auto
+from unsloth_mgpu_cli.memory import (
+    NF4_BYTES_PER_PARAM,
+    SIZE_TABLE,
+    Architecture,
+    GiB,
+    TrainingSetup,
+    estimate,
+    resolve_architecture,
+)
+from unsloth_mgpu_cli.recipe import Recipe
+
+# Llama-shaped 852M (hidden 2048, 16 layers, MLP 5632, 32/8 heads, 32k vocab): findings.md, 2 x H200.
+ARCH_852M = Architecture(2048, 16, 32, 8, 5632, 32000, False, name="852M")
+ARCH_8B_32K = Architecture(4096, 32, 32, 8, 14336, 32000, False, name="8B-32k")
+H200 = 139 * GiB
+
+
+# --- the forecast ----------------------------------------------------------------------------------------
+
+
+def test_parameter_counts_match_the_real_models():
+    assert SIZE_TABLE["8B"].num_parameters() == pytest.approx(8.03e9, rel=0.01)
+    assert SIZE_TABLE["70B"].num_parameters() == pytest.approx(70.55e9, rel=0.01)
+    assert SIZE_TABLE["1B"].num_parameters() == pytest.approx(1.236e9, rel=0.01)
+    assert ARCH_852M.num_parameters() == pytest.approx(852e6, rel=0.01)
+    assert ARCH_8B_32K.num_parameters() == pytest.approx(7.24e9, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("ckpt", "measured_gb"),
+    [("unsloth", 2.6), (True, 3.3), (False, 14.7)],
+)
+def test_calibration_852m_matches_findings(ckpt, measured_gb):
+    """findings.md: 852M, 4-bit, seq 2048, micro-batch 8, r=16 on all seven projections, 2 GPUs."""
+    b = estimate(
+        ARCH_852M,
+        TrainingSetup(
+            method="qlora",
+            seq_len=2048,
+            micro_batch_size=8,
+            gradient_checkpointing=ckpt,
+            optimizer="adamw",
+            num_gpus=2,
+            gpu_memory_bytes=H200,
+        ),
+    )
+    assert b.allocated / GiB == pytest.approx(measured_gb, rel=0.15)
+
+
+def test_calibration_8b_padding_free_matches_findings():
+    """findings.md: Llama-3.1-8B dims with 32k vocab, 4-bit, mb 8 of ~155 tokens, adamw_8bit: 4.8 GB."""
+    b = estimate(
+        ARCH_8B_32K,
+        TrainingSetup(
+            method="qlora",
+            seq_len=2048,
+            micro_batch_size=8,
+            tokens_per_sample=155,
+            gradient_checkpointing="unsloth",
+            optimizer="adamw_8bit",
+            num_gpus=2,
+            gpu_memory_bytes=H200,
+        ),
+    )
+    assert b.allocated / GiB == pytest.approx(4.8, rel=0.15)
+
+
+def test_components_order_checkpointing_and_methods():
+    kw = dict(seq_len=2048, micro_batch_size=4, gpu_memory_bytes=80 * GiB)
+    off, on, offl = (
+        estimate(SIZE_TABLE["8B"], TrainingSetup(gradient_checkpointing=c, **kw)) for c in (False, True, "unsloth")
+    )
+    assert off.activations_kept > on.activations_kept > offl.activations_kept
+    assert offl.host_offload > 0 and on.host_offload == 0
+    q, lo, full = (estimate(SIZE_TABLE["8B"], TrainingSetup(method=m, **kw)) for m in ("qlora", "lora", "full"))
+    a = SIZE_TABLE["8B"]
+    # 4-bit linears with their constants; embeddings, lm_head and norms stay 16-bit.
+    assert q.weights == int(a.linear_params() * NF4_BYTES_PER_PARAM) + 2 * (a.embedding_params() + a.norm_params())
+    assert lo.weights == 2 * a.num_parameters() and 0.51 < NF4_BYTES_PER_PARAM < 0.52
+    assert full.optimizer_states > 10 * lo.optimizer_states and full.num_trainable == full.num_params
+    assert sum(nbytes for _, nbytes, _ in q.rows()) >= q.peak  # the table shows every component
+    one, two = (estimate(SIZE_TABLE["8B"], TrainingSetup(num_gpus=n, **kw)) for n in (1, 2))
+    assert one.allreduce_buffer == 0 < two.allreduce_buffer
+    a8, a, s = (estimate(SIZE_TABLE["8B"], TrainingSetup(optimizer=o, **kw)) for o in ("adamw_8bit", "adamw", "sgd"))
+    assert s.optimizer_states == 0 < a8.optimizer_states < a.optimizer_states
+
+
+def test_loss_is_chunked_not_full_fp32_logits():
+    setup = TrainingSetup(seq_len=4096, micro_batch_size=16, gradient_checkpointing="unsloth", gpu_memory_bytes=H200)
+    b = estimate(SIZE_TABLE["8B"], setup)
+    full_fp32_logits = setup.tokens * SIZE_TABLE["8B"].vocab_size * 4
+    assert b.loss_chunks > 1 and b.loss_chunk < full_fp32_logits / 4
+
+
+# --- architecture from config.json -------------------------------------------------------------------------
+
+
+def _write_config(folder, **extra):
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": 1024,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        "intermediate_size": 4096,
+        "vocab_size": 50000,
+        **extra,
+    }
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_architecture_from_local_config_tied_and_untied(tmp_path):
+    tied = resolve_architecture(str(_write_config(tmp_path / "tied", tie_word_embeddings=True)))
+    untied = resolve_architecture(str(_write_config(tmp_path / "untied", tie_word_embeddings=False)))
+    assert (tied.hidden_size, tied.num_layers, tied.num_kv_heads, tied.vocab_size) == (1024, 8, 4, 50000)
+    assert tied.tie_word_embeddings and not untied.tie_word_embeddings
+    assert untied.num_parameters() - tied.num_parameters() == 50000 * 1024
+
+
+def test_architecture_moe_counts_experts(tmp_path):
+    dense = resolve_architecture(str(_write_config(tmp_path / "dense")))
+    moe = resolve_architecture(str(_write_config(tmp_path / "moe", num_local_experts=8, num_experts_per_tok=2)))
+    assert moe.num_experts == 8 and moe.experts_per_token == 2
+    mlp = 3 * 1024 * 4096 * 8
+    assert moe.linear_params() - dense.linear_params() == mlp * 7 + 1024 * 8 * 8  # 7 more experts + routers
+    kw = dict(seq_len=512, micro_batch_size=2, gradient_checkpointing=False)
+    assert estimate(moe, TrainingSetup(**kw)).activations_kept > estimate(dense, TrainingSetup(**kw)).activations_kept
+
+
+def test_architecture_from_hf_cache(tmp_path, monkeypatch):
+    snap = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / "abc123"
+    _write_config(snap, hidden_size=512)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_architecture("acme/tiny").hidden_size == 512
+    # Not cached, but the size is in the name: the typical architecture of that size.
+    assert resolve_architecture("acme/Something-8B-Instruct").hidden_size == 4096
+
+
+# --- the generator -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ckpt", [False, True, "unsloth"])
+@pytest.mark.parametrize("size", ["1B", "8B"])
+def test_more_memory_never_a_smaller_micro_batch(size, ckpt):
+    last = 0
+    for gb in (12, 16, 24, 32, 40, 48, 64, 80, 96, 141):
+        p = plan(SIZE_TABLE[size], gpu_memory_bytes=gb * GiB, method="qlora", gradient_checkpointing=ckpt)
+        mb = p.micro_batch_size if p.fits else 0
+        assert mb >= last, f"{size} {ckpt}: {gb} GB gave micro-batch {mb} < {last}"
+        last = mb
+    assert last > 1  # the sweep must actually exercise growth
+
+
+@pytest.mark.parametrize("ckpt", [False, "unsloth"])
+def test_longer_sequences_never_a_larger_micro_batch(ckpt):
+    last = 10**9
+    for seq in (256, 512, 1024, 2048, 4096, 8192, 16384):
+        p = plan(
+            SIZE_TABLE["8B"],
+            gpu_memory_bytes=80 * GiB,
+            method="qlora",
+            seq_len=seq,
+            gradient_checkpointing=ckpt,
+            global_batch=256,
+        )
+        mb = p.micro_batch_size if p.fits else 0
+        assert mb <= last, f"seq {seq} gave micro-batch {mb} > {last}"
+        last = mb
+    assert last < 64
+
+
+def test_checkpointing_only_turns_off_as_memory_grows():
+    seen_off = False
+    for gb in (16, 24, 32, 48, 80, 141):
+        p = plan(SIZE_TABLE["8B"], gpu_memory_bytes=gb * GiB, method="qlora")
+        assert p.fits
+        if seen_off:
+            assert p.gradient_checkpointing is False
+        seen_off |= p.gradient_checkpointing is False
+    assert seen_off
+
+
+def test_1b_on_80gb_fits_without_checkpointing():
+    p = plan(SIZE_TABLE["1B"], gpu_memory_bytes=80 * GiB)
+    assert p.fits and p.method == "lora" and p.gradient_checkpointing is False and p.micro_batch_size >= 8
+    assert p.breakdown.peak <= 0.9 * 80 * GiB
+    assert p.micro_batch_size * p.gradient_accumulation_steps * p.num_gpus == 32
+
+
+def test_8b_qlora_on_24gb_fits():
+    p = plan(SIZE_TABLE["8B"], gpu_memory_bytes=24 * GiB, method="qlora")
+    assert p.fits and p.load_in_4bit and p.predicted_peak_gb <= 0.9 * 24
+
+
+def test_70b_lora_on_24gb_does_not_fit_and_says_what_would():
+    p = plan(SIZE_TABLE["70B"], gpu_memory_bytes=24 * GiB, method="lora")
+    assert not p.fits
+    text = " ".join(p.suggestions)
+    assert "qlora" in text and "4-bit" in text and "per GPU" in text and "full replica" in text
+
+
+def test_70b_qlora_on_80gb_fits_and_on_16gb_does_not():
+    assert plan(SIZE_TABLE["70B"], gpu_memory_bytes=80 * GiB, method="qlora").fits
+    small = plan(SIZE_TABLE["70B"], gpu_memory_bytes=16 * GiB, method="qlora")
+    assert not small.fits and small.suggestions
+
+
+def test_default_method_falls_back_to_qlora():
+    p = plan(SIZE_TABLE["70B"], gpu_memory_bytes=80 * GiB)
+    assert p.fits and p.method == "qlora"
+    assert any(r["method"] == "lora" for r in p.rejected)
+
+
+def test_get_optimal_config_is_enable_multi_gpu_shaped():
+    cfg = ConfigManager().get_optimal_config(model_size="7B", available_memory="32GB", num_gpus=2)
+    assert cfg["num_gpus"] == 2 and cfg["gradient_aggregation"] == "mean" and cfg["max_seq_length"] == 2048
+    assert cfg["batch_size_per_gpu"] >= 1 and cfg["predicted_peak_gb"] <= 0.9 * 32
+    assert cfg["batch_size_per_gpu"] * 2 * cfg["gradient_accumulation_steps"] == 32
+
+
+# --- resolve_auto ----------------------------------------------------------------------------------------
+
+
+def _auto_recipe(**model):
+    return Recipe.model_validate(
+        {
+            "model": {"name": "unsloth/Meta-Llama-3.1-8B", "max_seq_length": 2048, **model},
+            "dataset": {"path": "yahma/alpaca-cleaned"},
+            "training": {"micro_batch_size": "auto", "gradient_accumulation_steps": "auto"},
+            "memory": {"gradient_checkpointing": "auto"},
+        }
+    )
+
+
+def test_resolve_auto_fills_every_auto_on_gpu():
+    recipe = _auto_recipe(load_in_4bit=True)
+    resolved, notes = resolve_auto(recipe, num_gpus=2, gpu_memory_bytes=24 * GiB)
+    t = resolved.training
+    assert isinstance(t.micro_batch_size, int) and isinstance(t.gradient_accumulation_steps, int)
+    assert resolved.memory.gradient_checkpointing in (False, True, "unsloth")
+    assert resolved.distributed.num_gpus == "auto"  # the launcher's to fill
+    assert recipe.training.micro_batch_size == "auto"  # the input is not modified
+    assert notes and any("predicted peak" in n for n in notes)
+
+
+def test_resolve_auto_on_cpu_is_conservative_and_says_so():
+    resolved, notes = resolve_auto(_auto_recipe(), num_gpus=1, gpu_memory_bytes=None)
+    assert (resolved.training.micro_batch_size, resolved.training.gradient_accumulation_steps) == (2, 1)
+    assert resolved.memory.gradient_checkpointing is False
+    assert any("no GPU" in n for n in notes)
+
+
+def test_resolve_auto_keeps_fixed_values():
+    recipe = _auto_recipe(load_in_4bit=True)
+    recipe.training.micro_batch_size = 2
+    resolved, _ = resolve_auto(recipe, num_gpus=1, gpu_memory_bytes=80 * GiB)
+    assert resolved.training.micro_batch_size == 2 and resolved.training.gradient_accumulation_steps == 16
+
+
+# --- the command line ------------------------------------------------------------------------------------
+
+
+def test_suggest_json_has_contract_keys():
+    proc = run_mgpu("suggest", "--model", "8B", "--gpus", "2", "--gpu-memory", "80GB", "--json", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    for key in (
+        "fits",
+        "method",
+        "load_in_4bit",
+        "micro_batch_size",
+        "gradient_accumulation_steps",
+        "gradient_checkpointing",
+        "predicted_peak_gb",
+        "breakdown",
+        "reasons",
+        "rejected",
+    ):
+        assert key in doc
+    assert doc["fits"] is True and doc["num_gpus"] == 2 and doc["predicted_peak_gb"] <= 72
+
+
+def test_suggest_table_and_not_fitting_exits_2():
+    proc = run_mgpu("suggest", "--model", "70B", "--gpu-memory", "24GB", "--method", "lora", timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "does not fit" in proc.stdout and "qlora" in proc.stdout
+    ok = run_mgpu("suggest", "--model", "1B", "--gpu-memory", "80GB", timeout=60)
+    assert ok.returncode == 0 and "activations kept" in ok.stdout and "micro_batch_size" in ok.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--model", "8B", "--gpu-memory", "lots"], "--gpu-memory"),
+        (["--model", "9Q", "--gpu-memory", "80GB"], "--model"),
+        (["--model", "8B", "--gpu-memory", "80GB", "--gpus", "0"], "--gpus"),
+        (["--model", "8B", "--gpu-memory", "80GB", "--method", "dora"], "--method"),
+        (["--model", "8B", "--gpu-memory", "80GB", "--optimizer", "lion"], "--optimizer"),
+        (["--model", "8B", "--gpu-memory", "80GB", "--seq-len", "0"], "--seq-len"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_flag(args, flag):
+    assert_user_error(run_mgpu("suggest", *args, timeout=60), flag)
+
+
+def test_no_gpu_and_no_gpu_memory_exits_2():
+    # This machine has no NVIDIA driver; NVML detection finds nothing.
+    proc = run_mgpu("suggest", "--model", "8B", timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("a GPU was detected")
+    assert_user_error(proc, "--gpu-memory")
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora", "full"])
+def test_output_recipes_validate(tmp_path, method):
+    out = tmp_path / f"8B_{method}.yaml"
+    proc = run_mgpu(
+        "suggest",
+        "--model",
+        "8B",
+        "--gpu-memory",
+        "141GB",
+        "--gpus",
+        "2",
+        "--method",
+        method,
+        "--output",
+        str(out),
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = out.read_text()
+    assert text.startswith("# yaml-language-server: $schema=")
+    check = run_mgpu("validate", str(out), timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_output_recipe_from_local_folder_validates(tmp_path):
+    folder = _write_config(tmp_path / "mymodel")
+    out = tmp_path / "r.yaml"
+    proc = run_mgpu("suggest", "--model", str(folder), "--gpu-memory", "24GB", "--output", str(out), timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert str(folder) in out.read_text()
+    assert run_mgpu("validate", str(out), timeout=120).returncode == 0
+
+
+def test_suggest_does_not_import_torch_or_unsloth():
+    code = (
+        "import sys; from typer.testing import CliRunner; from unsloth_mgpu_cli.cli import app;"
+        "r = CliRunner().invoke(app, ['suggest', '--model', '8B', '--gpu-memory', '80GB', '--json']);"
+        "assert r.exit_code == 0, r.output;"
+        "print(sorted(m for m in ('torch', 'unsloth', 'transformers') if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=mgpu_env(), capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

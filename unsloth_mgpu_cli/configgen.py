@@ -1,0 +1,715 @@
+"""The optimal-config generator: settings that fit one GPU's memory and train fastest, with the reasons.
+
+    mgpu suggest --model 8B --gpus 2 --gpu-memory 80GB
+
+Policy, in order (each choice is recorded in `Plan.reasons`):
+1. Method, when not given: LoRA on 16-bit weights when they fit, else QLoRA (4-bit). Full fine-tuning is
+   never chosen for you: it produces a different artefact (a whole model instead of an adapter).
+2. No gradient checkpointing when it fits with a micro-batch of at least `MIN_TOKENS_WITHOUT_CHECKPOINTING`
+   tokens (or the whole per-GPU share of the global batch): measured +39% tokens/s on H200
+   (docs/findings.md). Otherwise Unsloth's offloaded checkpointing, which was as fast as `True` there and
+   needs less GPU memory.
+3. The largest power-of-two micro-batch (up to `MAX_MICRO_BATCH` and the per-GPU share of the global
+   batch) whose predicted peak is within `max_memory_fraction` of the GPU.
+4. Gradient accumulation to reach the target global batch: global = micro x GPUs x accumulation.
+
+Data parallelism puts a full replica on every GPU, so more GPUs never make a model fit; the answers
+say so rather than suggest it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .errors import Problem, UserError
+from .memory import (
+    DEFAULT_TARGET_MODULES,
+    Architecture,
+    Checkpointing,
+    GiB,
+    MemoryBreakdown,
+    Method,
+    TrainingSetup,
+    estimate,
+    parse_memory,
+    resolve_architecture,
+)
+
+DEFAULT_GLOBAL_BATCH = 32
+MAX_MICRO_BATCH = 64
+DEFAULT_MEMORY_FRACTION = 0.9
+#: Assumption, not a measurement: from about 2k tokens per forward the matmuls of a >=1B model fill a
+#: data-centre GPU, so a bigger micro-batch gains less than recomputation (about +1/3 compute) costs.
+MIN_TOKENS_WITHOUT_CHECKPOINTING = 2048
+#: Stand-in for builtin:tiny-llama (a small random Llama built by the engine); generous on purpose.
+BUILTIN_ARCHITECTURES = {
+    "builtin:tiny-llama": Architecture(
+        256, 4, 8, 8, 1024, 32000, False, name="builtin:tiny-llama", source="builtin tiny model (upper bound)"
+    ),
+}
+
+
+@dataclass
+class Plan:
+    """The generator's answer for one model on one kind of GPU.
+
+    Attributes:
+        fits: a setting was found whose predicted peak is within the memory budget.
+        method: qlora, lora or full.
+        micro_batch_size, gradient_accumulation_steps, gradient_checkpointing: the chosen settings.
+        global_batch_size: micro x gpus x accumulation (may exceed the target when it does not divide).
+        breakdown: the forecast of the chosen setting (or of the smallest one tried when nothing fits).
+        reasons: why each choice was made, in order.
+        rejected: alternatives that were predicted not to fit (method, checkpointing, micro-batch, GB).
+        suggestions: what would fit, when nothing does.
+    """
+
+    fits: bool
+    architecture: Architecture
+    method: Method
+    num_gpus: int
+    gpu_memory_bytes: int
+    memory_fraction: float
+    seq_len: int
+    optimizer: str
+    target_global_batch: int
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: Checkpointing = "unsloth"
+    breakdown: MemoryBreakdown | None = None
+    reasons: list[str] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def load_in_4bit(self) -> bool:
+        return self.method == "qlora"
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.num_gpus * self.gradient_accumulation_steps
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.gpu_memory_bytes * self.memory_fraction)
+
+    @property
+    def predicted_peak_gb(self) -> float:
+        return round(self.breakdown.peak_gb, 2) if self.breakdown else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `mgpu suggest --json` document (contract keys first)."""
+        a = self.architecture
+        return {
+            "fits": self.fits,
+            "method": self.method,
+            "load_in_4bit": self.load_in_4bit,
+            "micro_batch_size": self.micro_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "predicted_peak_gb": self.predicted_peak_gb,
+            "global_batch_size": self.global_batch_size,
+            "target_global_batch": self.target_global_batch,
+            "num_gpus": self.num_gpus,
+            "gpu_memory_gb": round(self.gpu_memory_bytes / GiB, 2),
+            "memory_budget_gb": round(self.budget_bytes / GiB, 2),
+            "max_memory_fraction": self.memory_fraction,
+            "seq_len": self.seq_len,
+            "optimizer": self.optimizer,
+            "model": {
+                "name": a.name,
+                "source": a.source,
+                "parameters": a.num_parameters(),
+                "hidden_size": a.hidden_size,
+                "num_layers": a.num_layers,
+                "num_heads": a.num_heads,
+                "num_kv_heads": a.num_kv_heads,
+                "intermediate_size": a.intermediate_size,
+                "vocab_size": a.vocab_size,
+                "tie_word_embeddings": a.tie_word_embeddings,
+                "num_experts": a.num_experts,
+                "experts_per_token": a.experts_per_token,
+            },
+            "breakdown": self.breakdown.to_dict() if self.breakdown else None,
+            "reasons": list(self.reasons),
+            "rejected": list(self.rejected),
+            "suggestions": list(self.suggestions),
+        }
+
+
+def _powers_of_two(cap: int) -> list[int]:
+    out, mb = [], 1
+    while mb <= cap:
+        out.append(mb)
+        mb *= 2
+    return out
+
+
+def _largest_fitting(
+    arch: Architecture, base: TrainingSetup, ckpt: Checkpointing, sizes: list[int], budget: int
+) -> tuple[int | None, MemoryBreakdown, int | None, MemoryBreakdown | None]:
+    """Largest micro-batch in `sizes` that fits (peak grows with the micro-batch, so stop at the first miss).
+
+    Returns:
+        (fitting micro-batch or None, its breakdown (or mb=1's), first size that missed, its breakdown).
+    """
+    best, best_b = None, estimate(arch, replace(base, micro_batch_size=sizes[0], gradient_checkpointing=ckpt))
+    for mb in sizes:
+        b = estimate(arch, replace(base, micro_batch_size=mb, gradient_checkpointing=ckpt))
+        if b.peak > budget:
+            return best, best_b, mb, b
+        best, best_b = mb, b
+    return best, best_b, None, None
+
+
+def _ckpt_label(ckpt: Checkpointing) -> str:
+    return {False: "no checkpointing", True: "checkpointing", "unsloth": "unsloth (offloaded) checkpointing"}[ckpt]
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / GiB:.1f} GB"
+
+
+def _plan_method(
+    arch: Architecture,
+    base: TrainingSetup,
+    plan: Plan,
+    sizes: list[int],
+    forced_ckpt: Checkpointing | None,
+    fixed_micro: int | None,
+) -> bool:
+    """Fill `plan` for `base.method`; False when even the smallest setting does not fit."""
+    budget = plan.budget_bytes
+    if fixed_micro is not None:
+        sizes = [fixed_micro]
+    per_sample = base.tokens_per_sample or base.seq_len
+    modes: list[Checkpointing] = [forced_ckpt] if forced_ckpt is not None else [False, "unsloth"]
+    for ckpt in modes:
+        mb, b, miss, miss_b = _largest_fitting(arch, base, ckpt, sizes, budget)
+        if miss is not None and miss_b is not None:
+            plan.rejected.append(
+                {
+                    "method": base.method,
+                    "gradient_checkpointing": ckpt,
+                    "micro_batch_size": miss,
+                    "predicted_peak_gb": round(miss_b.peak_gb, 2),
+                    "why": f"{_gb(miss_b.peak)} > budget {_gb(budget)}",
+                }
+            )
+        if mb is None:
+            continue
+        enough = mb * per_sample >= MIN_TOKENS_WITHOUT_CHECKPOINTING or mb == sizes[-1]
+        if ckpt is False and forced_ckpt is None and not enough:
+            plan.reasons.append(
+                f"without checkpointing only micro-batch {mb} ({mb * per_sample:,.0f} tokens) fits; "
+                f"checkpointing allows larger micro-batches"
+            )
+            continue
+        plan.micro_batch_size, plan.gradient_checkpointing, plan.breakdown = mb, ckpt, b
+        if ckpt is False and forced_ckpt is None:
+            plan.reasons.append("no gradient checkpointing: it fits, and it was +39% tokens/s on H200 (findings.md)")
+        elif forced_ckpt is None:
+            if not plan.reasons or not plan.reasons[-1].startswith("without checkpointing"):
+                plan.reasons.append("no checkpointing does not fit even at micro-batch 1")
+            plan.reasons.append(
+                "unsloth checkpointing (layer inputs offloaded to CPU RAM): as fast as `true` on "
+                "H200 (findings.md) and it needs less GPU memory"
+            )
+        else:
+            plan.reasons.append(f"gradient checkpointing {ckpt!r} as the recipe sets it")
+        capped = "the per-GPU share of the global batch" if mb == sizes[-1] and miss is None else "the memory budget"
+        plan.reasons.append(
+            f"micro-batch {mb}: the largest power of two within {capped} "
+            f"(predicted peak {_gb(b.peak)} of {_gb(budget)} = {plan.memory_fraction:.0%} of "
+            f"{_gb(plan.gpu_memory_bytes)})"
+        )
+        return True
+    plan.breakdown = estimate(
+        arch,
+        replace(
+            base,
+            micro_batch_size=sizes[0],
+            gradient_checkpointing=forced_ckpt if forced_ckpt is not None else "unsloth",
+        ),
+    )
+    return False
+
+
+def plan(
+    arch: Architecture,
+    *,
+    gpu_memory_bytes: int,
+    num_gpus: int = 1,
+    seq_len: int = 2048,
+    method: Method | None = None,
+    global_batch: int = DEFAULT_GLOBAL_BATCH,
+    optimizer: str = "adamw_8bit",
+    lora_r: int = 16,
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES,
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION,
+    max_micro_batch: int = MAX_MICRO_BATCH,
+    tokens_per_sample: float | None = None,
+    gradient_checkpointing: Checkpointing | None = None,
+    micro_batch_size: int | None = None,
+) -> Plan:
+    """Choose method, checkpointing, micro-batch and accumulation for `num_gpus` GPUs of one size.
+
+    Args:
+        arch: the model.
+        gpu_memory_bytes: memory of one GPU (the smallest, when they differ).
+        num_gpus: data-parallel replicas.
+        seq_len: tokens per sample (worst case).
+        method: qlora | lora | full; None lets the generator choose (lora if 16-bit fits, else qlora).
+        global_batch: target samples per optimizer step.
+        optimizer: adamw | adamw_8bit | sgd.
+        lora_r: LoRA rank; target_modules: the adapted projections.
+        memory_fraction: plan to use at most this share of each GPU.
+        max_micro_batch: upper bound for the micro-batch.
+        tokens_per_sample: mean tokens per sample for padding-free batches; None: seq_len.
+        gradient_checkpointing: fixed mode (a recipe that sets it); None lets the generator choose.
+        micro_batch_size: fixed micro-batch (a recipe that sets it); None lets the generator choose.
+
+    Returns:
+        A Plan; `fits` is False with `suggestions` when nothing fits.
+    """
+    if num_gpus < 1 or seq_len < 1 or global_batch < 1:
+        raise ValueError("num_gpus, seq_len and global_batch must be positive")
+    result = Plan(
+        fits=False,
+        architecture=arch,
+        method=method or "lora",
+        num_gpus=num_gpus,
+        gpu_memory_bytes=gpu_memory_bytes,
+        memory_fraction=memory_fraction,
+        seq_len=seq_len,
+        optimizer=optimizer,
+        target_global_batch=global_batch,
+    )
+    share = math.ceil(global_batch / num_gpus)
+    sizes = [s for s in _powers_of_two(min(max_micro_batch, share))] or [1]
+    base = TrainingSetup(
+        seq_len=seq_len,
+        optimizer=optimizer,
+        lora_r=lora_r,
+        target_modules=tuple(target_modules),
+        num_gpus=num_gpus,
+        gpu_memory_bytes=gpu_memory_bytes,
+        tokens_per_sample=tokens_per_sample,
+    )
+    candidates: list[Method] = [method] if method else ["lora", "qlora"]
+    for m in candidates:
+        result.method = m
+        if _plan_method(arch, replace(base, method=m), result, sizes, gradient_checkpointing, micro_batch_size):
+            result.fits = True
+            if method is None:
+                result.reasons.insert(
+                    0,
+                    "lora on 16-bit weights: they fit (full fine-tuning only on request)"
+                    if m == "lora"
+                    else "qlora (4-bit weights): 16-bit LoRA does not fit even at micro-batch 1",
+                )
+            else:
+                result.reasons.insert(0, f"{m} as requested")
+            break
+    if result.fits:
+        result.gradient_accumulation_steps = max(1, math.ceil(global_batch / (result.micro_batch_size * num_gpus)))
+        g = result.global_batch_size
+        note = "" if g == global_batch else f" (the target {global_batch} does not divide evenly; rounded up)"
+        result.reasons.append(
+            f"gradient accumulation {result.gradient_accumulation_steps}: global batch {g} = "
+            f"{result.micro_batch_size} x {num_gpus} GPU(s) x {result.gradient_accumulation_steps}"
+            f"{note}"
+        )
+    else:
+        result.suggestions = _suggestions(arch, base, result)
+    return result
+
+
+def _suggestions(arch: Architecture, base: TrainingSetup, result: Plan) -> list[str]:
+    """What would fit when nothing does: 4-bit, fewer tokens, a bigger GPU (never merely more GPUs)."""
+    out: list[str] = []
+    budget, frac = result.budget_bytes, result.memory_fraction
+    smallest = replace(base, method=result.method, micro_batch_size=1, gradient_checkpointing="unsloth")
+    need = estimate(arch, smallest).peak
+    out.append(
+        f"{result.method} needs about {_gb(need)} per GPU at micro-batch 1 with offloaded checkpointing: "
+        f"a GPU with at least {_gb(need / frac)} (at max_memory_fraction {frac:g}), or raise "
+        f"--gpu-memory/max_memory_fraction if the GPU really has more free"
+    )
+    if result.method != "qlora":
+        q = estimate(arch, replace(smallest, method="qlora", gpu_memory_bytes=base.gpu_memory_bytes))
+        fits = "fits" if q.peak <= budget else "does not fit either"
+        out.append(f"4-bit (--method qlora) needs about {_gb(q.peak)} per GPU: {fits} here")
+    static = estimate(arch, replace(smallest, seq_len=1)).peak
+    if static > budget:
+        out.append(
+            f"weights, adapters and optimizer state alone (with CUDA context and allocator overhead) "
+            f"take {_gb(static)} > budget {_gb(budget)}: shorter sequences cannot help"
+        )
+    else:
+        seq = base.seq_len // 2
+        while seq >= 64:
+            if estimate(arch, replace(smallest, seq_len=seq)).peak <= budget:
+                out.append(f"--seq-len {seq} (or shorter) fits with {result.method} at micro-batch 1")
+                break
+            seq //= 2
+    out.append(
+        "more GPUs do not lower per-GPU memory: with data parallelism every GPU holds a full replica "
+        "(mgpu does not shard models across GPUs)"
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Filling `auto` in a recipe
+# --------------------------------------------------------------------------------------------------------
+
+
+def _architecture_for_recipe(name: str) -> tuple[Architecture | None, str | None]:
+    if name in BUILTIN_ARCHITECTURES:
+        return BUILTIN_ARCHITECTURES[name], None
+    try:
+        return resolve_architecture(name, where="model.name"), None
+    except UserError as exc:
+        return None, exc.problems[0].render()
+
+
+def resolve_auto(
+    recipe: Any, num_gpus: int, gpu_memory_bytes: int | None, global_batch: int = DEFAULT_GLOBAL_BATCH
+) -> tuple[Any, list[str]]:
+    """Fill training.micro_batch_size, training.gradient_accumulation_steps and memory.gradient_checkpointing.
+
+    `distributed.num_gpus` is the launcher's to fill. Values the recipe sets are kept and planned around.
+
+    Args:
+        recipe: a validated `Recipe` (not modified; a copy is returned).
+        num_gpus: workers that will train.
+        gpu_memory_bytes: memory of one GPU (the smallest); None on CPU.
+        global_batch: target samples per optimizer step when accumulation is auto.
+
+    Returns:
+        (the recipe with no `auto` left in those three keys, notes saying what was chosen and why).
+    """
+    r = recipe.model_copy(deep=True)
+    t, mem = r.training, r.memory
+    mb_auto, ga_auto, ck_auto = (
+        t.micro_batch_size == "auto",
+        t.gradient_accumulation_steps == "auto",
+        (mem.gradient_checkpointing == "auto"),
+    )
+    notes: list[str] = []
+    if not (mb_auto or ga_auto or ck_auto):
+        return r, notes
+    if gpu_memory_bytes is None:
+        # CPU training is for demos and tests: small batches keep each step short, and there is no GPU memory
+        # to save, so recomputation would only cost time.
+        if mb_auto:
+            t.micro_batch_size = 2
+        if ga_auto:
+            t.gradient_accumulation_steps = 1
+        if ck_auto:
+            mem.gradient_checkpointing = False
+        notes.append(
+            "no GPU: conservative CPU values (micro_batch_size 2, gradient_accumulation_steps 1, "
+            "gradient_checkpointing false) where the recipe said auto"
+        )
+        return r, notes
+
+    method: Method = "full" if r.lora is None else ("qlora" if r.model.load_in_4bit else "lora")
+    arch, why_not = _architecture_for_recipe(r.model.name)
+    fixed_mb = None if mb_auto else int(t.micro_batch_size)
+    fixed_ck = None if ck_auto else mem.gradient_checkpointing
+    if arch is None:
+        # Unknown architecture (a hub id not downloaded yet): be safe rather than fast.
+        if mb_auto:
+            t.micro_batch_size = 1
+        if ck_auto:
+            mem.gradient_checkpointing = "unsloth"
+        if ga_auto:
+            t.gradient_accumulation_steps = max(1, math.ceil(global_batch / (int(t.micro_batch_size) * num_gpus)))
+        notes.append(
+            f"architecture unknown ({why_not}); chose safe values: micro_batch_size "
+            f"{t.micro_batch_size}, gradient_checkpointing {mem.gradient_checkpointing}"
+        )
+        return r, notes
+    lora = r.lora
+    p = plan(
+        arch,
+        gpu_memory_bytes=gpu_memory_bytes,
+        num_gpus=num_gpus,
+        seq_len=r.model.max_seq_length,
+        method=method,
+        global_batch=global_batch,
+        optimizer=t.optimizer,
+        lora_r=lora.r if lora else 16,
+        target_modules=tuple(lora.target_modules) if lora else DEFAULT_TARGET_MODULES,
+        memory_fraction=mem.max_memory_fraction,
+        gradient_checkpointing=fixed_ck,
+        micro_batch_size=fixed_mb,
+    )
+    if not p.fits:
+        # Train anyway with the least memory we can offer, and say plainly that it may not fit.
+        if mb_auto:
+            t.micro_batch_size = 1
+        if ck_auto:
+            mem.gradient_checkpointing = "unsloth"
+        if ga_auto:
+            t.gradient_accumulation_steps = max(1, math.ceil(global_batch / (int(t.micro_batch_size) * num_gpus)))
+        notes.append(
+            f"predicted not to fit: {p.predicted_peak_gb:.1f} GB per GPU > budget "
+            f"{p.budget_bytes / GiB:.1f} GB; using the smallest settings. " + "; ".join(p.suggestions)
+        )
+        return r, notes
+    if mb_auto:
+        t.micro_batch_size = p.micro_batch_size
+    if ck_auto:
+        mem.gradient_checkpointing = p.gradient_checkpointing
+    if ga_auto:
+        t.gradient_accumulation_steps = max(1, math.ceil(global_batch / (int(t.micro_batch_size) * num_gpus)))
+    notes.extend(p.reasons)
+    notes.append(f"predicted peak {p.predicted_peak_gb:.1f} GB per GPU ({arch.source})")
+    return r, notes
+
+
+# --------------------------------------------------------------------------------------------------------
+# Seed-compatible Python API
+# --------------------------------------------------------------------------------------------------------
+
+
+def detect_gpu_memory() -> tuple[int, int | None]:
+    """(number of NVIDIA GPUs, memory of the smallest in bytes) via NVML; (0, None) without a driver.
+
+    NVML reads the driver directly: no CUDA context is created and torch is not imported.
+    """
+    try:
+        import pynvml  # nvidia-ml-py; imported here so machines without it still run the rest
+    except ImportError:
+        return 0, None
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # NVMLError_LibraryNotFound / DriverNotLoaded: no NVIDIA driver on this machine
+        return 0, None
+    try:
+        n = pynvml.nvmlDeviceGetCount()
+        sizes = [pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).total for i in range(n)]
+        return n, (min(sizes) if sizes else None)
+    except Exception:
+        return 0, None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+class ConfigManager:
+    """Optimal configurations for the Python API, shaped for `enable_multi_gpu(**config)`."""
+
+    def __init__(self) -> None:
+        self.last_plan: Plan | None = None
+
+    def get_optimal_config(
+        self,
+        model_size: str = "7B",
+        available_memory: str | int | float | None = None,
+        num_gpus: int | None = None,
+        seq_len: int = 2048,
+        method: Method | None = None,
+        global_batch: int = DEFAULT_GLOBAL_BATCH,
+        optimizer: str = "adamw_8bit",
+        memory_fraction: float = DEFAULT_MEMORY_FRACTION,
+    ) -> dict[str, Any]:
+        """Settings for `model_size` (a size like "7B", a hub id or a folder) on GPUs of `available_memory`.
+
+        Args:
+            model_size: what `mgpu suggest --model` accepts.
+            available_memory: memory per GPU ("32GB", 24, bytes as int > 2**20); None: detect via NVML.
+            num_gpus: GPUs to use; None: the detected count (1 when none is detected).
+            seq_len, method, global_batch, optimizer, memory_fraction: as for `plan`.
+
+        Returns:
+            num_gpus, batch_size_per_gpu, gradient_accumulation_steps, gradient_aggregation, load_in_4bit,
+            gradient_checkpointing, max_seq_length and predicted_peak_gb. The full Plan is in `last_plan`.
+
+        Raises:
+            UserError: bad arguments, no GPU memory given or detected, or nothing fits (with suggestions).
+        """
+        detected, detected_mem = detect_gpu_memory() if available_memory is None or num_gpus is None else (0, None)
+        if available_memory is None:
+            if detected_mem is None:
+                raise UserError(
+                    Problem(
+                        "available_memory",
+                        "no NVIDIA GPU detected",
+                        'pass the memory per GPU, e.g. available_memory="80GB"',
+                    )
+                )
+            mem = detected_mem
+        elif isinstance(available_memory, int) and available_memory > 2**20:
+            mem = available_memory
+        else:
+            mem = parse_memory(available_memory, where="available_memory")
+        gpus = num_gpus if num_gpus is not None else max(detected, 1)
+        if gpus < 1:
+            raise UserError(Problem("num_gpus", f"expected at least 1, found {gpus}"))
+        arch = resolve_architecture(str(model_size), where="model_size")
+        p = plan(
+            arch,
+            gpu_memory_bytes=mem,
+            num_gpus=gpus,
+            seq_len=seq_len,
+            method=method,
+            global_batch=global_batch,
+            optimizer=optimizer,
+            memory_fraction=memory_fraction,
+        )
+        self.last_plan = p
+        if not p.fits:
+            raise UserError(
+                [
+                    Problem("model_size", f"{model_size} does not fit in {mem / GiB:.0f} GB per GPU", s)
+                    for s in p.suggestions[:1]
+                ]
+                or [Problem("model_size", "does not fit")]
+            )
+        return {
+            "num_gpus": gpus,
+            "batch_size_per_gpu": p.micro_batch_size,
+            "gradient_accumulation_steps": p.gradient_accumulation_steps,
+            "gradient_aggregation": "mean",
+            "load_in_4bit": p.load_in_4bit,
+            "gradient_checkpointing": p.gradient_checkpointing,
+            "max_seq_length": seq_len,
+            "predicted_peak_gb": p.predicted_peak_gb,
+        }
+
+
+# --------------------------------------------------------------------------------------------------------
+# A recipe from a plan (`mgpu suggest --output`)
+# --------------------------------------------------------------------------------------------------------
+
+#: A hub dataset id so the written recipe validates as is; replace it with your data.
+PLACEHOLDER_DATASET = "yahma/alpaca-cleaned"
+
+
+def recipe_yaml(p: Plan, model_name: str, command: str, filename: str = "recipe.yaml") -> str:
+    """A complete, commented recipe for `p` that `mgpu validate` accepts."""
+    import yaml
+
+    def scalar(v: Any) -> str:
+        return yaml.safe_dump(v).split("\n...")[0].strip()
+
+    a = p.architecture
+    ckpt = p.gradient_checkpointing
+    lora = (
+        "lora:                           # remove this section (or `lora: null`) for full fine-tuning\n"
+        "  r: 16\n  alpha: 16\n  dropout: 0.0\n"
+        "  target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]\n"
+        if p.method != "full"
+        else "lora: null                      # full fine-tuning\n"
+    )
+    return f"""\
+# yaml-language-server: $schema=https://unsloth-mgpu.invalid/schemas/recipe.schema.json
+# {p.method} of {model_name} ({a.num_parameters() / 1e9:.2f}B parameters; {a.source}).
+# Sized for {p.num_gpus} GPU(s) with {p.gpu_memory_bytes / GiB:.0f} GB each: \
+predicted peak {p.predicted_peak_gb:.1f} GB per GPU
+# at max_seq_length {p.seq_len} (every sample at full length). Written by: {command}
+# dataset.path is a placeholder hub dataset so the recipe validates: change it to your data.
+#   mgpu validate {filename}   then   mgpu train {filename}
+
+model:
+  name: {scalar(model_name)}
+  max_seq_length: {p.seq_len}
+  dtype: auto
+  load_in_4bit: {scalar(p.load_in_4bit)}
+
+{lora}
+dataset:
+  path: {PLACEHOLDER_DATASET}     # placeholder: your .json/.jsonl/.csv/.parquet file or hub dataset id
+  format: alpaca                  # alpaca | chat | text
+
+training:
+  epochs: 1
+  micro_batch_size: {p.micro_batch_size}             # per GPU
+  gradient_accumulation_steps: {p.gradient_accumulation_steps}  # global batch = {p.micro_batch_size} x \
+{p.num_gpus} GPU(s) x {p.gradient_accumulation_steps} = {p.global_batch_size}
+  learning_rate: 2.0e-4
+  optimizer: {p.optimizer}
+  lr_scheduler: cosine
+  warmup_steps: 10
+
+distributed:
+  num_gpus: {p.num_gpus}
+  aggregation: mean
+
+memory:
+  max_memory_fraction: {p.memory_fraction:g}
+  gradient_checkpointing: {scalar(ckpt)}   # false | true | unsloth | auto
+
+output:
+  dir: outputs/{_slug(model_name)}-{p.method}
+  save_steps: 100
+"""
+
+
+def _slug(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name.rstrip("/").split("/")[-1]).strip("-").lower() or "model"
+
+
+def check_suggest_args(
+    model: str,
+    gpus: int | None,
+    gpu_memory: str | None,
+    seq_len: int,
+    method: str | None,
+    global_batch: int,
+    optimizer: str,
+) -> tuple[Architecture, int, int]:
+    """Check `mgpu suggest` arguments all at once; detect GPUs when their count or memory is not given.
+
+    Returns:
+        (architecture, number of GPUs, memory per GPU in bytes).
+
+    Raises:
+        UserError: every bad argument, each naming its flag.
+    """
+    problems: list[Problem] = []
+    arch = mem = None
+    try:
+        arch = resolve_architecture(model)
+    except UserError as exc:
+        problems += exc.problems
+    if gpus is not None and not 1 <= gpus <= 1024:
+        problems.append(Problem("argument --gpus", f"expected a number of GPUs from 1 to 1024, found {gpus}"))
+    if not 16 <= seq_len <= 1_048_576:
+        problems.append(Problem("argument --seq-len", f"expected 16 to 1048576 tokens, found {seq_len}"))
+    if method is not None and method not in ("qlora", "lora", "full"):
+        problems.append(Problem("argument --method", f"expected qlora, lora or full, found {method!r}"))
+    if global_batch < 1:
+        problems.append(Problem("argument --global-batch", f"expected at least 1 sample, found {global_batch}"))
+    if optimizer not in ("adamw", "adamw_8bit", "sgd"):
+        problems.append(Problem("argument --optimizer", f"expected adamw, adamw_8bit or sgd, found {optimizer!r}"))
+    detected, detected_mem = (0, None) if gpu_memory is not None and gpus is not None else detect_gpu_memory()
+    if gpu_memory is not None:
+        try:
+            mem = parse_memory(gpu_memory)
+        except UserError as exc:
+            problems += exc.problems
+    elif detected_mem is None:
+        problems.append(
+            Problem(
+                "argument --gpu-memory",
+                "no NVIDIA GPU detected (NVML), so the memory per GPU is unknown",
+                "pass it, e.g. --gpu-memory 80GB (and --gpus N)",
+            )
+        )
+    else:
+        mem = detected_mem
+    if problems:
+        raise UserError(problems, "invalid arguments")
+    assert arch is not None and mem is not None
+    return arch, gpus if gpus is not None else max(detected, 1), mem
