@@ -32,6 +32,9 @@ format: venv
 	$(VENV)/bin/ruff format unsloth_mgpu_cli unsloth_multigpu tests
 	$(VENV)/bin/ruff check --fix unsloth_mgpu_cli unsloth_multigpu tests
 
+demo: venv           ## train the quick-start recipe (tiny model, bundled data; CPU or GPUs) and show the result
+	$(VENV)/bin/mgpu train recipes/quickstart.yaml --overwrite
+
 schemas: venv        ## regenerate schemas/recipe.schema.json from the pydantic recipe
 	$(VENV)/bin/mgpu schema --output schemas/recipe.schema.json
 

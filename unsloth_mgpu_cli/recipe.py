@@ -187,16 +187,18 @@ class LoggingSection(_Section):
 class Recipe(_Section):
     """A complete training recipe."""
 
-    model: ModelSection
+    model: ModelSection = Field(description="Which model to fine-tune and how to load it.")
     lora: LoraSection | None = Field(
         default_factory=LoraSection, description="LoRA settings; null for full fine-tuning."
     )
-    dataset: DatasetSection
-    training: TrainingSection = Field(default_factory=TrainingSection)
-    distributed: DistributedSection = Field(default_factory=DistributedSection)
-    memory: MemorySection = Field(default_factory=MemorySection)
-    output: OutputSection = Field(default_factory=OutputSection)
-    logging: LoggingSection = Field(default_factory=LoggingSection)
+    dataset: DatasetSection = Field(description="Training data.")
+    training: TrainingSection = Field(default_factory=TrainingSection, description="The optimisation loop.")
+    distributed: DistributedSection = Field(
+        default_factory=DistributedSection, description="Workers, devices and gradient aggregation."
+    )
+    memory: MemorySection = Field(default_factory=MemorySection, description="Memory limits and trade-offs.")
+    output: OutputSection = Field(default_factory=OutputSection, description="Where results go.")
+    logging: LoggingSection = Field(default_factory=LoggingSection, description="What is logged, and where.")
 
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:
@@ -427,7 +429,7 @@ def _problems_from_validation(exc: ValidationError, lines: dict[str, str]) -> li
     for dotted, errs in by_key.items():
         expected = []
         for e in errs:
-            msg = e["msg"].replace("Value error, ", "")
+            msg = e["msg"].replace("Value error, ", "").replace("Input should be ", "expected ")
             msg = msg[0].lower() + msg[1:] if msg else msg
             if msg not in expected:
                 expected.append(msg)
@@ -554,6 +556,11 @@ def _flatten_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
 def recipe_json_schema() -> dict[str, Any]:
     """The JSON Schema of a recipe (what `mgpu schema` prints and `schemas/recipe.schema.json` holds)."""
     schema = Recipe.model_json_schema()
+    # pydantic leaves a section's description out next to its $ref; editors show it, so put it back
+    for name, field in Recipe.model_fields.items():
+        prop = schema["properties"][name]
+        if "description" not in prop and field.description:
+            prop["description"] = field.description
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "unsloth-mgpu recipe"
     schema.setdefault("properties", {})["base"] = {

@@ -1,0 +1,229 @@
+"""The recipe: loading, overrides, base recipes, interpolation, the schema, and errors for people."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, assert_user_error, mgpu_env, run_mgpu
+
+from unsloth_mgpu_cli.errors import UserError
+from unsloth_mgpu_cli.recipe import load_recipe, recipe_json_schema
+from unsloth_mgpu_cli.templates import quickstart_jsonl
+
+GOOD = """\
+model:
+  name: builtin:tiny-llama
+  max_seq_length: 128
+dataset:
+  path: data.jsonl
+training:
+  max_steps: 10
+output:
+  dir: out
+"""
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "data.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    return tmp_path
+
+
+def write(workdir: Path, text: str, name: str = "r.yaml") -> Path:
+    p = workdir / name
+    p.write_text(text)
+    return p
+
+
+# -- every shipped recipe validates; the schema is fresh ----------------------------------------------
+
+
+SHIPPED = sorted(ROOT.glob("recipes/**/*.yaml")) + sorted(ROOT.glob("benchmarks/recipes/*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_recipe_validates(recipe: Path):
+    loaded = load_recipe(recipe)
+    assert loaded.recipe.model.name
+    text = recipe.read_text()
+    assert text.startswith("# yaml-language-server: $schema="), "recipes open with the schema line"
+    assert "mgpu train" in text.split("model:")[0], "the header names the exact command"
+
+
+def test_at_least_the_promised_model_families_ship():
+    names = {p.relative_to(ROOT / "recipes").as_posix() for p in SHIPPED if "benchmarks" not in str(p)}
+    for fam, size in (("llama3_1", "8B"), ("qwen2_5", "7B"), ("mistral", "7B"), ("gemma2", "9B")):
+        assert {f"{fam}/{size}_qlora.yaml", f"{fam}/{size}_lora.yaml"} <= names
+
+
+def test_committed_schema_is_fresh():
+    committed = json.loads((ROOT / "schemas" / "recipe.schema.json").read_text())
+    assert committed == recipe_json_schema(), "run `make schemas` and commit schemas/recipe.schema.json"
+
+
+def test_schema_command_prints_the_committed_schema():
+    proc = run_mgpu("schema")
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout) == json.loads((ROOT / "schemas" / "recipe.schema.json").read_text())
+
+
+def test_every_field_has_a_description():
+    def walk(node, path):
+        if isinstance(node, dict):
+            if "properties" in node:
+                for k, v in node["properties"].items():
+                    assert v.get("description"), f"{path}.{k} has no description"
+            for k, v in node.items():
+                walk(v, f"{path}.{k}")
+
+    walk(recipe_json_schema(), "")
+
+
+def test_quickstart_data_matches_its_generator():
+    assert (ROOT / "recipes" / "data" / "quickstart.jsonl").read_text() == quickstart_jsonl()
+
+
+# -- loading features -----------------------------------------------------------------------------------
+
+
+def test_overrides_apply_before_validation_and_paths_resolve_against_the_recipe(workdir):
+    r = load_recipe(write(workdir, GOOD), ["training.learning_rate=1e-4", "lora.target_modules=[q_proj,v_proj]",
+                                           "distributed.num_gpus=3"]).recipe
+    assert r.training.learning_rate == 1e-4
+    assert r.lora.target_modules == ["q_proj", "v_proj"]
+    assert r.distributed.num_gpus == 3
+    assert r.dataset.path == str(workdir / "data.jsonl")
+    assert r.output.dir == str(workdir / "out")
+
+
+def test_base_recipe_is_extended_and_overridden(workdir):
+    write(workdir, GOOD + "lora:\n  r: 8\n  alpha: 32\n", "base.yaml")
+    child = write(workdir, "base: base.yaml\nlora:\n  r: 4\ntraining:\n  learning_rate: 0.001\n")
+    r = load_recipe(child).recipe
+    assert (r.lora.r, r.lora.alpha) == (4, 32)
+    assert r.training.learning_rate == 0.001 and r.training.max_steps == 10
+
+
+def test_interpolation_resolves(workdir):
+    p = write(workdir, GOOD.replace("max_steps: 10", "max_steps: 10\n  warmup_steps: ${training.max_steps}")
+              .replace("warmup_steps: ${training.max_steps}", "warmup_steps: 2\n  seed: ${training.max_steps}"))
+    assert load_recipe(p).recipe.training.seed == 10
+
+
+def test_all_problems_are_reported_at_once(workdir):
+    p = write(workdir, GOOD.replace("max_seq_length: 128", "max_seq_length: 4\n  dtyp: float32")
+              .replace("max_steps: 10", "max_steps: 10\n  learning_rate: -1"))
+    with pytest.raises(UserError) as info:
+        load_recipe(p)
+    text = info.value.render()
+    assert "model.max_seq_length" in text and "model.dtyp" in text and "training.learning_rate" in text
+    assert len(info.value.problems) == 3
+
+
+# -- bad recipes: exit 2, the key or file:line named, no traceback ---------------------------------------
+
+BAD = {
+    "unknown key with suggestion": (GOOD.replace("max_steps: 10", "max_step: 10"),
+                                    ["training.max_step", "did you mean 'max_steps'"]),
+    "unknown section": (GOOD + "trainer:\n  x: 1\n", ["trainer", "unknown key"]),
+    "wrong type": (GOOD.replace("max_steps: 10", "max_steps: ten"), ["training.max_steps", "'ten'"]),
+    "out of range": (GOOD.replace("max_seq_length: 128", "max_seq_length: 0"), ["model.max_seq_length", "r.yaml:3"]),
+    "negative learning rate": (GOOD + "  learning_rate: -0.1\n" if False else
+                               GOOD.replace("max_steps: 10", "max_steps: 10\n  learning_rate: -0.1"),
+                               ["training.learning_rate", "expected greater than 0"]),
+    "bad enum": (GOOD.replace("max_steps: 10", "max_steps: 10\n  optimizer: adam9"), ["training.optimizer", "adam9"]),
+    "bad dtype": (GOOD.replace("max_seq_length: 128", "max_seq_length: 128\n  dtype: fp8"), ["model.dtype", "fp8"]),
+    "bad micro batch": (GOOD.replace("max_steps: 10", "max_steps: 10\n  micro_batch_size: 0"),
+                        ["training.micro_batch_size", "'auto'"]),
+    "bad aggregation": (GOOD + "distributed:\n  aggregation: avg\n", ["distributed.aggregation", "avg"]),
+    "4-bit full fine-tune": (GOOD.replace("max_seq_length: 128", "max_seq_length: 128\n  load_in_4bit: true")
+                             + "lora: null\n", ["model.load_in_4bit", "fully fine-tuned"]),
+    "4-bit on cpu": (GOOD.replace("max_seq_length: 128", "max_seq_length: 128\n  load_in_4bit: true")
+                     + "distributed:\n  device: cpu\n", ["model.load_in_4bit", "CUDA"]),
+    "warmup beyond max_steps": (GOOD.replace("max_steps: 10", "max_steps: 10\n  warmup_steps: 10"),
+                                ["training.warmup_steps", "fewer than training.max_steps"]),
+    "node rank outside nnodes": (GOOD + "distributed:\n  nnodes: 2\n  node_rank: 2\n  rdzv_endpoint: h:1\n",
+                                 ["distributed.node_rank"]),
+    "several nodes without endpoint": (GOOD + "distributed:\n  nnodes: 2\n", ["distributed.rdzv_endpoint"]),
+    "malformed endpoint": (GOOD + "distributed:\n  rdzv_endpoint: nohostport\n", ["distributed.rdzv_endpoint"]),
+    "lora rank zero": (GOOD + "lora:\n  r: 0\n", ["lora.r"]),
+    "dropout of one": (GOOD + "lora:\n  dropout: 1.0\n", ["lora.dropout"]),
+    "missing model": ("dataset:\n  path: data.jsonl\n", ["model", "required"]),
+    "missing dataset path": (GOOD.replace("  path: data.jsonl\n", "  format: alpaca\n"), ["dataset.path", "required"]),
+    "missing dataset file": (GOOD.replace("data.jsonl", "nope.jsonl"), ["dataset.path", "not found"]),
+    "model folder missing": (GOOD.replace("builtin:tiny-llama", "./no-model"), ["model.name", "not found"]),
+    "unknown builtin": (GOOD.replace("builtin:tiny-llama", "builtin:tiny-lama"), ["model.name", "tiny-llama"]),
+    "yaml syntax error": (GOOD.replace("max_steps: 10", "max_steps: [10"), ["r.yaml:", "YAML syntax error"]),
+    "not a mapping": ("- just\n- a list\n", ["expected a mapping"]),
+    "empty recipe": ("", ["empty"]),
+    "python object tag": ("!!python/object/apply:os.system ['echo hacked']\n", ["YAML"]),
+    "missing base": ("base: nowhere.yaml\n" + GOOD, ["base recipe not found"]),
+    "bad interpolation": (GOOD.replace("max_steps: 10", "max_steps: ${training.nope}"), ["interpolation"]),
+    "output dir is a file": (GOOD.replace("dir: out", "dir: data.jsonl"), ["output.dir", "found a file"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_recipe_is_rejected_for_people(case, workdir):
+    text, needles = BAD[case]
+    recipe = write(workdir, text)
+    assert_user_error(run_mgpu("validate", str(recipe), cwd=workdir), *needles)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["notakey"], "expected KEY=VALUE"),
+    (["training.nope=1"], "training.nope"),
+    (["training.max_steps=x"], "training.max_steps"),
+])
+def test_bad_override_is_rejected(args, needle, workdir):
+    assert_user_error(run_mgpu("validate", str(write(workdir, GOOD)), *args), needle, "command line"
+                      if "=" in args[0] and needle != "expected KEY=VALUE" else needle)
+
+
+def test_missing_recipe_file(workdir):
+    assert_user_error(run_mgpu("validate", str(workdir / "nope.yaml")), "recipe file not found")
+
+
+# -- the CLI starts fast and light ----------------------------------------------------------------------
+
+
+def test_help_does_not_import_torch_or_unsloth():
+    code = ("import sys; from unsloth_mgpu_cli.cli import app; from typer.testing import CliRunner; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('torch', 'unsloth', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=mgpu_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_help_answers_in_under_a_second():
+    import time
+
+    t = time.perf_counter()
+    proc = run_mgpu("--help")
+    assert proc.returncode == 0 and "train" in proc.stdout
+    assert time.perf_counter() - t < 1.5  # includes interpreter start; the import itself is ~0.15 s
+
+
+def test_validate_does_not_import_torch(workdir):
+    code = ("import sys; from unsloth_mgpu_cli.cli import app; from typer.testing import CliRunner; "
+            f"r = CliRunner().invoke(app, ['validate', {str(write(workdir, GOOD))!r}]); "
+            "assert r.exit_code == 0, r.output; print('torch' in sys.modules, 'unsloth' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=mgpu_env())
+    assert proc.stdout.strip() == "False False", proc.stderr
+
+
+def test_version():
+    proc = run_mgpu("--version")
+    assert proc.returncode == 0 and "0.1.0" in proc.stdout
+
+
+def test_init_writes_a_valid_starter_and_refuses_to_overwrite(tmp_path):
+    assert run_mgpu("init", "starter.yaml", cwd=tmp_path).returncode == 0
+    assert load_recipe(tmp_path / "starter.yaml").recipe.model.name == "builtin:tiny-llama"
+    assert (tmp_path / "data" / "quickstart.jsonl").exists()
+    assert_user_error(run_mgpu("init", "starter.yaml", cwd=tmp_path), "--force")
