@@ -200,9 +200,9 @@ def setup_worker(timeout_seconds: int = 1800) -> DistInfo:
     import torch
     import torch.distributed as dist
 
-    if device_type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, info.local_world_size)))
-    else:
+    # Workers x threads <= cores: oversubscribed intra-op threads slow every rank (and a step waits for the slowest).
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, info.local_world_size)))
+    if device_type == "cuda":
         torch.cuda.set_device(0)
     if not dist.is_initialized():
         kwargs: dict[str, Any] = {"backend": info.backend, "timeout": timedelta(seconds=timeout_seconds)}

@@ -301,7 +301,7 @@ class Trainer:
                 denom = self.sync.local_loss_denominator(batches.loss_tokens[info.rank], batches.global_loss_tokens)
                 loss_sum = torch.zeros((), dtype=torch.float64, device=device)
                 for mb in mine:
-                    batch = {k: v.to(device, non_blocking=True) for k, v in self.data.collate(mb).items()}
+                    batch = {k: _to_device(v, device) for k, v in self.data.collate(mb).items()}
                     n_mb = int(sum(int(self.data.loss_counts[i]) for i in mb))
                     out = self.model(**batch)
                     loss = out.loss
@@ -386,6 +386,13 @@ class Trainer:
                 self.model.save_pretrained(str(tmp), safe_serialization=True)
                 self.tokenizer.save_pretrained(str(tmp))
         D.barrier(self.info)
+
+
+def _to_device(t: Any, device: Any) -> Any:
+    """Host-to-GPU copy from pinned memory, so it does not block the CPU; a no-op on CPU."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
 
 
 def _grads_finite(params: list[Any]) -> Any:
