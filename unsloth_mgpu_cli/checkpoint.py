@@ -67,6 +67,29 @@ def find_resume_checkpoint(out: Path, resume: str) -> Path | None:
     return path
 
 
+def verify_safe_to_load(ckpt: Path) -> None:
+    """Open every pickled file of a checkpoint with `weights_only=True` in the parent, before any worker starts.
+
+    A file that needs arbitrary code to unpickle (a tampered or foreign checkpoint) is refused without running
+    that code, as a UserError naming the file.
+    """
+    import pickle
+
+    import torch
+
+    for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+        f = Path(ckpt) / name
+        if not f.exists():
+            continue
+        try:
+            torch.load(f, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(Problem(f"--resume ({f})", f"refused to load: not a plain tensor file ({first})",
+                                    "checkpoints are loaded with weights_only=True; only resume from checkpoints "
+                                    "this tool wrote"), "unsafe checkpoint") from None
+
+
 def run_identity(recipe: Any, data_fingerprint: str, global_batch: int) -> dict[str, Any]:
     """What must not change between a run and its resumption."""
     return {"model": recipe.model.name, "lora": recipe.lora.model_dump(mode="json") if recipe.lora else None,

@@ -61,20 +61,22 @@ def _main(
 def _fail(exc: BaseException) -> None:
     """Print an error for people and exit with its code; --debug adds the traceback."""
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console(stderr=True, highlight=False)
     if _state["debug"]:
         console.print_exception()
+    # Messages quote paths and upstream errors (gloo: "[/path/unbound_buffer.cc:129] Timed out"): never markup.
     if isinstance(exc, UserError):
-        console.print(f"[bold red]error:[/] {exc.render()}", markup=True, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(exc.render())}", markup=True, soft_wrap=True)
         raise typer.Exit(2)
     if isinstance(exc, TrainingFailed):
-        console.print(f"[bold red]training failed:[/] {exc}", soft_wrap=True)
+        console.print(f"[bold red]training failed:[/] {escape(str(exc))}", soft_wrap=True)
         if exc.details:
             console.print(exc.details, markup=False, soft_wrap=True)
         raise typer.Exit(1)
     if isinstance(exc, Interrupted):
-        console.print(f"[yellow]interrupted:[/] {exc}", soft_wrap=True)
+        console.print(f"[yellow]interrupted:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(130)
     raise exc
 

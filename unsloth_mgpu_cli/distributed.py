@@ -10,6 +10,7 @@ groups of one).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -87,16 +88,10 @@ class LaunchSpec:
     run_id: str | None = None
 
 
-def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> dict[int, Any]:
-    """Start `entry(*args)` in `nproc_per_node` fresh processes per node; return rank -> return value.
-
-    Uses `torch.distributed.launcher.api.elastic_launch` with the c10d rendezvous, as `torchrun` does.
-    Single-node runs rendezvous on loopback. When a worker fails the agent stops the others; the
-    failing rank and its error are raised as `TrainingFailed`.
-    """
+def build_launch_config(spec: LaunchSpec) -> Any:
+    """The elastic agent's `LaunchConfig` for `spec`: single-node runs rendezvous on loopback only."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import LaunchConfig
 
     if spec.nnodes == 1:
         endpoint = f"127.0.0.1:{free_port()}"
@@ -122,6 +117,20 @@ def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> 
         logs_specs=logs,
         local_addr=local_addr,
     )
+    return config
+
+
+def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> dict[int, Any]:
+    """Start `entry(*args)` in `nproc_per_node` fresh processes per node; return rank -> return value.
+
+    Uses `torch.distributed.launcher.api.elastic_launch` with the c10d rendezvous, as `torchrun` does.
+    Single-node runs rendezvous on loopback. When a worker fails the agent stops the others; the
+    failing rank and its error are raised as `TrainingFailed`.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    config = build_launch_config(spec)
     # On CPU, workers x threads <= cores.
     if spec.device_type == "cpu":
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.nproc_per_node)))
@@ -132,10 +141,63 @@ def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> 
     try:
         return elastic_launch(config, entry)(*args)
     except ChildFailedError as exc:
-        raise TrainingFailed(*_describe_failure(exc, spec.log_dir)) from None
+        raise TrainingFailed(*_describe_failure(exc, spec.log_dir, spec.nproc_per_node, spec.node_rank)) from None
 
 
-def _describe_failure(exc: Any, log_dir: Path | None) -> tuple[str, str]:
+def check_rendezvous_port(endpoint: str, where: str = "distributed.rdzv_endpoint") -> None:
+    """Node 0 hosts the rendezvous on `endpoint`: fail early, for people, when its port is taken.
+
+    Raises:
+        UserError: the port is in use on this host. A host that is not this machine's is left alone.
+    """
+    from .errors import Problem, UserError
+
+    host, _, port = endpoint.rpartition(":")
+    host = host.strip("[]")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, int(port)))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(Problem(where, f"port {port} on {host} is already in use; node 0 hosts the rendezvous "
+                                    "there", "choose a free port (e.g. --rdzv-endpoint HOST:29400) or stop the "
+                                    "program holding it (`ss -ltnp`)"), "invalid arguments") from None
+        # EADDRNOTAVAIL / name errors: not an address of this machine; the rendezvous reports its own problems
+
+
+# ------------------------------------------------------------------------------------------------------
+# Hang watchdog: collectives time out after distributed.timeout_seconds (gloo and NCCL raise)
+# ------------------------------------------------------------------------------------------------------
+
+SETUP_TIMEOUT_S = 1800  # model loading may differ by minutes between ranks; the loop's watchdog starts after
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective waited longer than distributed.timeout_seconds: another rank hung or died."""
+
+
+def set_collective_timeout(seconds: int) -> None:
+    """Use `seconds` as the timeout of every later collective of the default process group."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.set_timeout(timedelta(seconds=seconds))
+
+
+def is_collective_timeout(exc: BaseException) -> bool:
+    """A process-group timeout (gloo: "Timed out waiting", NCCL watchdog: "Watchdog caught collective")."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("Timed out" in text or "timed out" in text or "Watchdog" in text)
+
+
+def describe_timeout(info: DistInfo, seconds: int, step: int) -> str:
+    """One line for people: which rank noticed, where, the setting, and what to do."""
+    return (f"hang watchdog: rank {info.rank} waited more than {seconds} s for the other ranks at step {step} "
+            f"(distributed.timeout_seconds={seconds}); a rank stopped making progress. If steps are legitimately "
+            "that slow, raise distributed.timeout_seconds")
+
+
+def _describe_failure(exc: Any, log_dir: Path | None, nproc: int = 0, node_rank: int = 0) -> tuple[str, str]:
     """Turn the elastic agent's failure report into 'rank N failed: <its error>' plus details."""
     failures = sorted(exc.failures.items(), key=lambda kv: kv[1].timestamp)
     if not failures:
@@ -156,6 +218,12 @@ def _describe_failure(exc: Any, log_dir: Path | None) -> tuple[str, str]:
     else:
         reason = f"exited with code {first.exitcode} without a Python error (crashed or os._exit)"
     details = []
+    if "hang watchdog" in reason and nproc:
+        # Ranks that reported the timeout were waiting; those of this node that did not were the hung ones.
+        local = range(node_rank * nproc, (node_rank + 1) * nproc)
+        hung = [r for r in local if r not in exc.failures]
+        if hung:
+            reason += f"; rank(s) {', '.join(map(str, hung))} did not reach the collective (hung)"
     others = [f"rank {r}: {'exit code ' + str(f.exitcode) if f.exitcode >= 0 else f.signal_name()}"
               for r, f in failures[1:]]
     if others:

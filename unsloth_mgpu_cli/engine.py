@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,35 +81,96 @@ def resolve_auto_values(recipe: Recipe, device: str, num_workers: int) -> tuple[
     return recipe, list(notes)
 
 
-def prepare_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to mix runs: a non-empty output folder needs --resume or --overwrite."""
+def check_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
+    """Everything about output.dir that can be refused before training, without changing anything on disk.
+
+    A non-empty folder needs --resume or --overwrite; the folder (or, when it does not exist yet, its nearest
+    existing parent) must accept a new file. Checked by writing, since permissions lie for root.
+    """
     if out.exists() and not out.is_dir():
         raise UserError(Problem("output.dir", f"expected a folder, found a file: {out}"), "invalid recipe")
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
         raise UserError(Problem("output.dir", f"{out} already holds a run",
                                 "pass --resume auto to continue it, --overwrite to replace it, or "
                                 "choose another output.dir"), "invalid arguments")
+    parent = next((a for a in (out, *out.parents) if a.exists()), Path("/"))
+    try:
+        if not parent.is_dir():
+            raise NotADirectoryError(f"{parent} is a file")
+        with tempfile.TemporaryDirectory(prefix=".mgpu-write-test-", dir=parent) as probe:
+            (Path(probe) / "probe").write_text("ok")
+    except OSError as exc:
+        raise UserError(Problem("output.dir", f"cannot write to {out}: {exc.strerror or exc}",
+                                "choose a writable folder"), "invalid recipe") from exc
+
+
+def check_free_space(out: Path, recipe: Recipe, model_path: str) -> str | None:
+    """Refuse a disk that cannot hold the adapter and the kept checkpoints; returns a warning when it is tight.
+
+    The estimate counts the trainable weights (fp32) for the adapter and, per checkpoint, the weights and two
+    AdamW moments, for `save_total_limit + 1` checkpoints (one more exists while a new one is written).
+    """
+    from .memory import architecture_from_config, find_config, lora_params
+
+    config = find_config(model_path)
+    if config is None:
+        return None
+    try:
+        arch = architecture_from_config(json.loads(config.read_text()), model_path)
+    except Exception:  # an unusual config: the estimate is a courtesy, never a reason to refuse
+        return None
+    trainable = (lora_params(arch, recipe.lora.r, recipe.lora.target_modules) if recipe.lora is not None
+                 else arch.num_parameters)
+    keep = recipe.output.save_total_limit + 1 if recipe.output.save_steps else 1
+    need = trainable * 4 + keep * trainable * 12
+    parent = next((a for a in (out, *out.parents) if a.exists()), Path("/"))
+    free = shutil.disk_usage(parent).free
+    gb = 2**30
+    if free < need:
+        raise UserError(Problem("output.dir", f"{parent} has {free / gb:.2f} GB free; this run writes about "
+                                f"{need / gb:.2f} GB (adapter + {keep} checkpoint(s))",
+                                "free some space, choose another output.dir, or lower output.save_total_limit"),
+                        "not enough disk space")
+    if free < 2 * need:
+        return f"output.dir has {free / gb:.2f} GB free, close to the {need / gb:.2f} GB this run writes"
+    return None
+
+
+def make_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
+    """Create output.dir; with --overwrite (and no --resume) empty it first. Runs after every check passed."""
     if overwrite and out.exists() and not resume:
         for child in out.iterdir():
             if child.is_dir():
                 shutil.rmtree(child)
             else:
                 child.unlink()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(Problem("output.dir", f"cannot write to {out}: {exc.strerror or exc}",
-                                "choose a writable folder"), "invalid recipe") from exc
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def prepare_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
+    """Check, then create output.dir (both steps of `train`, for callers that need no data in between)."""
+    check_output_dir(out, overwrite, resume)
+    make_output_dir(out, overwrite, resume)
+
+
+def check_batch_fits(recipe: Recipe, samples: int, num_workers: int) -> None:
+    """One optimizer step must find its global batch in the data (checked in the parent, before launching)."""
+    need = recipe.global_batch_size(num_workers)
+    if need > samples:
+        raise UserError(Problem("training.micro_batch_size", f"one optimizer step needs {need} samples "
+                                f"(micro_batch_size x {num_workers} workers x gradient_accumulation_steps) but the "
+                                f"dataset has {samples}", "lower the batch settings or add data"), "invalid recipe")
 
 
 def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = None,
           nnodes: int | None = None, node_rank: int | None = None, rdzv_endpoint: str | None = None) -> dict[str, Any]:
-    """Run `mgpu train`: returns rank 0's summary. Raises UserError / TrainingFailed / Interrupted."""
+    """Run `mgpu train`: returns rank 0's summary. Raises UserError / TrainingFailed / Interrupted.
+
+    Every check that can refuse the run (recipe, devices, ports, output folder, disk space, checkpoint, data)
+    happens before anything is written, so a refused run leaves output.dir as it was.
+    """
     from . import data as data_mod
-    from .distributed import LaunchSpec, launch
+    from .distributed import LaunchSpec, check_rendezvous_port, launch
     from .models import resolve_model_path
     from .render import console
 
@@ -120,6 +182,12 @@ def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = No
         dist_cfg.node_rank = node_rank
     if rdzv_endpoint is not None:
         dist_cfg.rdzv_endpoint = rdzv_endpoint
+    if dist_cfg.nnodes > 1 and not dist_cfg.rdzv_endpoint:
+        raise UserError(Problem("--rdzv-endpoint", f"--nnodes {dist_cfg.nnodes} needs HOST:PORT of node 0's "
+                                "rendezvous", "e.g. --rdzv-endpoint 10.0.0.1:29400"), "invalid arguments")
+    if dist_cfg.node_rank >= dist_cfg.nnodes:
+        raise UserError(Problem("--node-rank", f"expected 0..{dist_cfg.nnodes - 1}, found {dist_cfg.node_rank}"),
+                        "invalid arguments")
     device, gpus = detect_device(recipe)
     num_local = resolve_workers(recipe, device, gpus)
     num_workers = num_local * dist_cfg.nnodes
@@ -129,15 +197,27 @@ def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = No
     dist_cfg.device = device  # type: ignore[assignment]
     out = Path(recipe.output.dir)
     is_main_node = dist_cfg.node_rank == 0
+    if dist_cfg.nnodes > 1 and is_main_node and dist_cfg.rdzv_endpoint:
+        check_rendezvous_port(dist_cfg.rdzv_endpoint)
     resume_from = None
     if is_main_node:
-        from .checkpoint import find_resume_checkpoint
+        from .checkpoint import find_resume_checkpoint, verify_safe_to_load
 
         resume_from = find_resume_checkpoint(out, resume) if resume else None
-        prepare_output_dir(out, overwrite, resume is not None)
+        if resume_from is not None:
+            verify_safe_to_load(resume_from)
+        check_output_dir(out, overwrite, resume is not None)
     model_path = resolve_model_path(recipe.model.name)
     data_dir, summary, hit = data_mod.prepare(recipe, model_path)
+    check_batch_fits(recipe, summary.samples, num_workers)
+    disk_note = check_free_space(out, recipe, model_path) if is_main_node else None
+    from .checkpoint import check_resume_compatible, run_identity
+
+    identity = run_identity(recipe, Path(data_dir).name, recipe.global_batch_size(num_workers))
+    if resume_from is not None:
+        check_resume_compatible(resume_from, identity)
     if is_main_node:
+        make_output_dir(out, overwrite, resume is not None)
         console.print(f"[bold]data[/]: {summary.samples} samples, {summary.tokens} tokens "
                       f"({summary.loss_tokens} trained on), longest {summary.longest}"
                       + (f", [yellow]{summary.truncated} truncated[/]" if summary.truncated else "")
@@ -145,16 +225,14 @@ def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = No
                       + (" [dim](cached)[/]" if hit else ""))
         for note in notes:
             console.print(f"[dim]auto: {note}[/]")
+        if disk_note:
+            console.print(f"[yellow]warning:[/] {disk_note}")
         (out / "recipe.resolved.yaml").write_text(
             "# Every value of this run, `auto`s filled in (written by mgpu train).\n" + to_yaml(recipe))
         console.print(f"[bold]launching[/] {num_local} worker(s) on {device}"
                       + (f" x {dist_cfg.nnodes} nodes" if dist_cfg.nnodes > 1 else "")
                       + f"; global batch {recipe.global_batch_size(num_workers)} samples/step")
-    from .checkpoint import check_resume_compatible, run_identity
-
-    identity = run_identity(recipe, Path(data_dir).name, recipe.global_batch_size(num_workers))
     if resume_from is not None:
-        check_resume_compatible(resume_from, identity)
         console.print(f"[bold]resuming[/] from {resume_from}")
     elif resume and is_main_node:
         console.print("[dim]--resume auto: no checkpoint yet, starting from step 0[/]")
@@ -183,10 +261,14 @@ def worker_entry(plan: RunPlan) -> dict[str, Any]:
 def _worker_main(plan: RunPlan) -> dict[str, Any]:
     from . import distributed as D
 
-    info = D.setup_worker(plan.recipe.distributed.timeout_seconds)
+    timeout = plan.recipe.distributed.timeout_seconds
+    # Loading the model takes minutes on some ranks and seconds on others: setup waits at least
+    # SETUP_TIMEOUT_S; the training loop then uses the recipe's (possibly short) hang watchdog.
+    info = D.setup_worker(max(timeout, D.SETUP_TIMEOUT_S))
     try:
         trainer = Trainer(plan, info)
         trainer.setup()
+        D.set_collective_timeout(timeout)
         return trainer.fit()
     finally:
         D.teardown()
@@ -202,6 +284,7 @@ class Trainer:
         self.out = Path(plan.output_dir)
         self.step = 0
         self.metrics_file = None
+        self.split = 1  # pieces each micro-batch is cut into after an out-of-memory error (1: uncut)
 
     # -- setup -----------------------------------------------------------------------------------------
     def _dtype(self) -> Any:
@@ -230,15 +313,7 @@ class Trainer:
         from unsloth import FastLanguageModel  # heavy: 7-30 s
 
         self.dtype = self._dtype()
-        kwargs: dict[str, Any] = dict(
-            model_name=self.plan.model_path, max_seq_length=r.model.max_seq_length, dtype=self.dtype,
-            load_in_4bit=r.model.load_in_4bit, full_finetuning=r.lora is None,
-            trust_remote_code=r.model.trust_remote_code,
-        )
-        if r.model.revision:
-            kwargs["revision"] = r.model.revision
-        if self.info.device_type == "cuda":
-            kwargs["device_map"] = {"": 0}
+        kwargs = model_load_kwargs(r, self.plan.model_path, self.dtype, self.info.device_type)
         model, tokenizer = FastLanguageModel.from_pretrained(**kwargs)
         gc = r.memory.gradient_checkpointing
         if r.lora is not None:
@@ -293,39 +368,45 @@ class Trainer:
         tokens_total = 0
         first_step_s = None
         skipped = 0
+        bad_since = 0  # first step of the current run of skipped (non-finite) steps; 0: none
         last_loss = float("nan")
         try:
             while self.step < self.total_steps:
                 batches = self.planner.batches(self.step)
                 mine = batches.per_rank[info.rank]
                 denom = self.sync.local_loss_denominator(batches.loss_tokens[info.rank], batches.global_loss_tokens)
-                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                for mb in mine:
-                    batch = {k: _to_device(v, device) for k, v in self.data.collate(mb).items()}
-                    n_mb = int(sum(int(self.data.loss_counts[i]) for i in mb))
-                    out = self.model(**batch)
-                    loss = out.loss
-                    maybe_inject("loss", self, loss=loss)
-                    if n_mb > 0:
-                        (loss * (n_mb / denom)).backward()
-                        loss_sum += loss.detach().to(torch.float64) * n_mb
+                loss_sum, oom = self._accumulate(mine, denom)
                 # One small collective and one host sync per step: loss, loss tokens, and whether any rank saw
-                # a non-finite value (checked on the device: no per-parameter sync).
+                # a non-finite value or ran out of memory (checked on the device: no per-parameter sync).
                 bad = ~torch.isfinite(loss_sum) | ~_grads_finite(self.params)
                 stats = torch.stack([torch.where(bad, torch.zeros_like(loss_sum), loss_sum),
                                      torch.tensor(float(batches.loss_tokens[info.rank]), dtype=torch.float64,
-                                                  device=device), bad.to(torch.float64)])
-                tot_loss, tot_tokens, bad_ranks = D.all_reduce_tensor(stats, info).tolist()
+                                                  device=device), bad.to(torch.float64),
+                                     torch.tensor(float(oom), dtype=torch.float64, device=device)])
+                tot_loss, tot_tokens, bad_ranks, oom_ranks = D.all_reduce_tensor(stats, info).tolist()
+                if oom_ranks > 0:  # every rank saw the sum: all redo this step with smaller pieces together
+                    self._after_oom(int(oom_ranks), progress)
+                    continue
                 lr = self.scheduler.get_last_lr()[0]
                 if bad_ranks > 0:
                     # A non-finite loss/gradient on any rank: every rank skips this step together.
                     self.optimizer.zero_grad(set_to_none=True)
                     skipped += 1
+                    bad_since = bad_since or self.step + 1
                     grad_norm = float("nan")
                     if info.is_main:
                         progress.log(f"step {self.step + 1}: non-finite loss or gradient on {int(bad_ranks)} "
                                      "rank(s); step skipped on all ranks")
+                    if self.step + 2 - bad_since >= r.training.max_skipped_steps:
+                        raise NonFiniteLossError(
+                            f"{self.step + 2 - bad_since} optimizer steps in a row had a non-finite loss or "
+                            f"gradient, starting at step {bad_since} (training.max_skipped_steps="
+                            f"{r.training.max_skipped_steps}); stopped with the weights of step {bad_since - 1}. "
+                            "Hint: lower training.learning_rate, set training.max_grad_norm, use model.dtype "
+                            "bfloat16 instead of float16, or inspect the samples of that step"
+                        )
                 else:
+                    bad_since = 0
                     self.sync.synchronize()
                     grad_norm = _clip(self.params, r.training.max_grad_norm)
                     maybe_inject("before_optimizer_step", self)
@@ -370,10 +451,72 @@ class Trainer:
             if info.is_main:
                 (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             return summary
+        except Exception as exc:
+            if D.is_collective_timeout(exc):
+                raise D.CollectiveTimeout(D.describe_timeout(info, r.distributed.timeout_seconds, self.step + 1)) \
+                    from exc
+            raise
         finally:
             progress.close()
             if metrics is not None:
                 metrics.close()
+
+    # -- out-of-memory recovery (issue #10) -------------------------------------------------------------
+    def _accumulate(self, micro_batches: list[list[int]], denom: int) -> tuple[Any, bool]:
+        """Forward/backward of this rank's micro-batches, each cut into `self.split` pieces.
+
+        Each piece's token-mean loss is scaled by (its loss tokens / denom), so the accumulated gradient
+        is the same sum of per-token losses however a micro-batch is cut. Returns (loss sum, out of memory).
+        """
+        import torch
+
+        from .faults import maybe_inject
+
+        device = self.info.device
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        try:
+            for mb in micro_batches:
+                for piece in _pieces(mb, self.split):
+                    batch = {k: _to_device(v, device) for k, v in self.data.collate(piece).items()}
+                    n = int(sum(int(self.data.loss_counts[i]) for i in piece))
+                    maybe_inject("forward", self, samples=len(piece))
+                    loss = self.model(**batch).loss
+                    maybe_inject("loss", self, loss=loss)
+                    if n > 0:
+                        (loss * (n / denom)).backward()
+                        loss_sum += loss.detach().to(torch.float64) * n
+        except torch.OutOfMemoryError:
+            return loss_sum, True  # the frames holding the activations are gone once we are out of here
+        return loss_sum, False
+
+    def _after_oom(self, oom_ranks: int, progress: Any) -> None:
+        """Drop this step's partial gradients, free the cache, and halve the pieces; stop at 1 sample."""
+        import torch
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.info.device_type == "cuda":
+            torch.cuda.empty_cache()
+        mb = int(self.recipe.training.micro_batch_size)
+        piece = -(-mb // self.split)
+        ga = int(self.recipe.training.gradient_accumulation_steps)
+        if piece <= 1:
+            from .checkpoint import save_checkpoint
+
+            if self.step > 0:
+                save_checkpoint(self)
+            where = f"; checkpoint saved at step {self.step} (resume with --resume auto)" if self.step > 0 else ""
+            raise OutOfMemoryStop(
+                f"out of memory at step {self.step + 1} on {oom_ranks} rank(s) even with micro-batches of 1 "
+                f"sample{where}. Hint: lower model.max_seq_length, set memory.gradient_checkpointing: unsloth, "
+                f"or use model.load_in_4bit: true (QLoRA)"
+            )
+        self.split *= 2
+        piece = -(-mb // self.split)
+        if self.info.is_main:
+            progress.log(f"step {self.step + 1}: out of memory on {oom_ranks} rank(s) with micro-batches of "
+                         f"{-(-mb // (self.split // 2))} samples; retrying the step in pieces of {piece} "
+                         f"(same gradients). To avoid it: training.micro_batch_size={piece} "
+                         f"training.gradient_accumulation_steps={ga * (-(-mb // piece))}")
 
     def save_final(self) -> None:
         """Rank 0 writes adapter/ (LoRA) or model/ (full); the others wait."""
@@ -393,6 +536,34 @@ def _to_device(t: Any, device: Any) -> Any:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row were skipped for non-finite losses or gradients."""
+
+
+class OutOfMemoryStop(RuntimeError):
+    """Out of memory even after splitting micro-batches down to one sample."""
+
+
+def _pieces(micro_batch: list[int], split: int) -> list[list[int]]:
+    """Cut a micro-batch into at most `split` consecutive pieces of (nearly) equal size."""
+    size = -(-len(micro_batch) // split)
+    return [micro_batch[i:i + size] for i in range(0, len(micro_batch), size)]
+
+
+def model_load_kwargs(recipe: Recipe, model_path: str, dtype: Any, device_type: str) -> dict[str, Any]:
+    """Arguments of `FastLanguageModel.from_pretrained`; remote code runs only when the recipe asks for it."""
+    kwargs: dict[str, Any] = dict(
+        model_name=model_path, max_seq_length=recipe.model.max_seq_length, dtype=dtype,
+        load_in_4bit=recipe.model.load_in_4bit, full_finetuning=recipe.lora is None,
+        trust_remote_code=recipe.model.trust_remote_code is True,
+    )
+    if recipe.model.revision:
+        kwargs["revision"] = recipe.model.revision
+    if device_type == "cuda":
+        kwargs["device_map"] = {"": 0}
+    return kwargs
 
 
 def _grads_finite(params: list[Any]) -> Any:

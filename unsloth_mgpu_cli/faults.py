@@ -1,17 +1,22 @@
 """Fault injection for tests of the failure paths (an edge, like a failing disk; never the math).
 
-`MGPU_INJECT_FAULT="kind:rank=R:step=S"` (several separated by ';') makes rank R misbehave at step S:
+`MGPU_INJECT_FAULT="kind:rank=R:step=S[:until=T][:opt=V]"` (several separated by ';') makes rank R misbehave
+at step S (through step T when `until` is given):
   perturb   - add 1e-3 to one trainable weight before the optimizer step (replicas drift)
   nan       - make the loss non-finite
   raise     - raise RuntimeError("injected failure")
   exit      - hard exit (os._exit(17)), like a crashed worker
-  sleep     - stop making progress for a long time (a hang)
+  sigkill   - the worker kills itself with SIGKILL mid-step (OOM killer, `kill -9`)
+  sleep     - stop making progress for `seconds` (default 3600): a hang
+  oom       - raise torch.OutOfMemoryError at the forward of any micro-batch of more than `above`
+              samples (default 1), as CUDA does when activations do not fit
 Unset in normal runs: then `maybe_inject` is a dictionary lookup and nothing else.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Any
 
@@ -40,7 +45,7 @@ def maybe_inject(point: str, trainer: Any, **kw: Any) -> None:
     # at "step_end" the step counter has already advanced; elsewhere the step in progress is step + 1
     current = trainer.step if point == "step_end" else trainer.step + 1
     for f in faults:
-        if f["rank"] != trainer.info.rank or current != f["step"]:
+        if f["rank"] != trainer.info.rank or not f["step"] <= current <= f.get("until", f["step"]):
             continue
         kind = f["kind"]
         if kind == "nan" and point == "loss":
@@ -54,5 +59,14 @@ def maybe_inject(point: str, trainer: Any, **kw: Any) -> None:
             raise RuntimeError(f"injected failure on rank {trainer.info.rank} at step {current}")
         elif kind == "exit" and point == "before_optimizer_step":
             os._exit(17)
+        elif kind == "sigkill" and point == "loss":
+            os.kill(os.getpid(), signal.SIGKILL)
         elif kind == "sleep" and point == "before_optimizer_step":
             time.sleep(float(f.get("seconds", 3600)))
+        elif kind == "oom" and point == "forward" and kw["samples"] > int(f.get("above", 1)):
+            import torch
+
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory (injected on rank {trainer.info.rank} at step {current}, "
+                f"micro-batch of {kw['samples']} samples)"
+            )

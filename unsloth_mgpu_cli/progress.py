@@ -45,6 +45,8 @@ class ProgressDisplay:
     def log(self, message: str) -> None:
         if self._progress is not None:
             self._progress.console.print(f"[yellow]{message}[/]")
+        elif self.enabled is False:  # warnings (skipped steps, OOM retries) are shown without a progress bar too
+            print(message, flush=True)
 
     def close(self) -> None:
         if self._progress is not None:

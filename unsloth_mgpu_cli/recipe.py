@@ -103,6 +103,10 @@ class TrainingSection(_Section):
         1.0, gt=0.0, description="Clip the synchronised global gradient norm to this; null disables."
     )
     seed: int = Field(42, ge=0, description="Seed for initialisation and data order.")
+    max_skipped_steps: int = Field(
+        10, ge=1, description="Stop when this many optimizer steps in a row are skipped for a non-finite loss or "
+        "gradient (they are skipped on all ranks together)."
+    )
 
     @field_validator("micro_batch_size", "gradient_accumulation_steps")
     @classmethod
@@ -497,6 +501,11 @@ def _check_paths(recipe: Recipe, base_dir: Path, lines: dict[str, str]) -> list[
     if out.exists() and not out.is_dir():
         problems.append(Problem(_where("output.dir", lines), f"expected a folder, found a file: {out}",
                                 "choose another output.dir or remove the file"))
+    else:
+        parent = next((a for a in out.parents if a.exists()), None)
+        if parent is not None and not parent.is_dir():
+            problems.append(Problem(_where("output.dir", lines), f"cannot create {out}: {parent} is a file",
+                                    "choose an output.dir whose parents are folders"))
     recipe.output.dir = str(out)
     return problems
 
