@@ -5,7 +5,8 @@
         optimizer.pt            optimizer state (identical on every rank under data parallelism)
         scheduler.pt            learning-rate scheduler state
         rng.pt                  torch RNG states of every rank
-        state.json              step, and what must match to resume (model, data, global batch)
+        state.json              step, run totals (tokens, time, last metrics), and what must match to resume
+                                (model, data, global batch, seed); written last
 
 Everything is loaded with `torch.load(..., weights_only=True)`: no code runs from a checkpoint.
 """
@@ -90,25 +91,97 @@ def verify_safe_to_load(ckpt: Path) -> None:
                                     "this tool wrote"), "unsafe checkpoint") from None
 
 
+# What must not change between a run and its resumption, with the recipe keys a person would edit.
+_IDENTITY_LABELS = {
+    "model": ("model", "model.name"),
+    "lora": ("LoRA settings", "lora"),
+    "dataset": ("training data", "dataset.path / dataset.format"),
+    "data": ("tokenised data", "dataset.* or model.max_seq_length (or the data file's contents)"),
+    "eval_ratio": ("eval hold-out", "dataset.eval_ratio"),
+    "global_batch": ("global batch (samples per optimizer step)",
+                     "training.micro_batch_size x workers x training.gradient_accumulation_steps"),
+    "seed": ("seed", "training.seed"),
+}
+
+
 def run_identity(recipe: Any, data_fingerprint: str, global_batch: int) -> dict[str, Any]:
-    """What must not change between a run and its resumption."""
+    """What must not change between a run and its resumption (the data order depends on all of it)."""
+    ds = recipe.dataset
     return {"model": recipe.model.name, "lora": recipe.lora.model_dump(mode="json") if recipe.lora else None,
-            "data": data_fingerprint, "global_batch": global_batch, "seed": recipe.training.seed}
+            "dataset": f"{ds.path} ({ds.format})", "data": data_fingerprint, "eval_ratio": ds.eval_ratio,
+            "global_batch": global_batch, "seed": recipe.training.seed}
 
 
 def check_resume_compatible(ckpt: Path, identity: dict[str, Any]) -> None:
-    state = json.loads((ckpt / "state.json").read_text())
+    """Raise a UserError naming every setting that differs from the checkpoint's run (exit 2)."""
+    state = read_state(ckpt)
     saved = state.get("identity", {})
-    changed = [f"{k}: checkpoint has {saved.get(k)!r}, recipe now gives {v!r}" for k, v in identity.items()
-               if saved.get(k) != v]
-    if changed:
-        raise UserError([Problem("--resume", f"cannot resume {ckpt.name}: {c}") for c in changed]
-                        + [Problem("", "", "restore the original settings, or start anew with --overwrite")],
+    problems = []
+    for key, now in identity.items():
+        if key not in saved or saved[key] == now:
+            continue  # keys added by newer versions are not a reason to refuse an older checkpoint
+        label, keys = _IDENTITY_LABELS.get(key, (key, key))
+        problems.append(Problem(f"--resume {ckpt.name}", f"{label} changed: the checkpoint was trained with "
+                                f"{saved[key]!r}, the recipe now gives {now!r}", f"set {keys} back"))
+    if problems:
+        raise UserError(problems + [Problem("", "resuming would not continue the same run",
+                                            "restore the original settings, or start anew with --overwrite")],
                         "incompatible checkpoint")
 
 
+def read_state(ckpt: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(ckpt) / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(Problem("--resume", f"cannot read {Path(ckpt) / 'state.json'}: {exc}",
+                                "choose another checkpoint folder"), "invalid checkpoint") from exc
+
+
+def clean_stale(out: Path) -> None:
+    """Remove half-written checkpoint folders left by a run that was killed while saving."""
+    folder = Path(out) / "checkpoints"
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.is_dir() and p.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def truncate_metrics(out: Path, step: int) -> int:
+    """Drop metrics.jsonl rows past `step` (logged after the checkpoint we resume from); return rows dropped.
+
+    Rewritten through a temporary file and a rename, so a crash here cannot lose the rows kept.
+    """
+    path = Path(out) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            dropped += 1  # a line torn by a kill mid-write
+            continue
+        if row_step <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, I/O error); the previous one is untouched."""
+
+
 def save_checkpoint(trainer: Any) -> Path | None:
-    """Save the trainer's state at its current step (rank 0 writes; every rank contributes its RNG)."""
+    """Save the trainer's state at its current step (rank 0 writes; every rank contributes its RNG).
+
+    Raises:
+        CheckpointWriteError: on rank 0 when writing fails; the message says which checkpoint is still usable.
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -122,16 +195,25 @@ def save_checkpoint(trainer: Any) -> Path | None:
     path = None
     if info.is_main:
         dest = trainer.out / "checkpoints" / f"{STEP_PREFIX}{trainer.step}"
-        with atomic_dir(dest) as tmp:
-            tensors = {n: p.detach().to("cpu").contiguous() for n, p in zip(trainer.param_names, trainer.params,
-                                                                            strict=True)}
-            save_file(tensors, str(tmp / "trainable.safetensors"))
-            torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save({f"rank{r}": s for r, s in enumerate(rngs)}, tmp / "rng.pt")
-            state = {"step": trainer.step, "world_size": info.world_size, "identity": trainer.plan.identity,
-                     "history": trainer.history}
-            (tmp / "state.json").write_text(json.dumps(state))
+        previous = [p for p in list_checkpoints(trainer.out) if p != dest]
+        try:
+            with atomic_dir(dest) as tmp:
+                tensors = {n: p.detach().to("cpu").contiguous()
+                           for n, p in zip(trainer.param_names, trainer.params, strict=True)}
+                save_file(tensors, str(tmp / "trainable.safetensors"))
+                torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
+                torch.save({f"rank{r}": s for r, s in enumerate(rngs)}, tmp / "rng.pt")
+                state = {"step": trainer.step, "world_size": info.world_size, "identity": trainer.plan.identity,
+                         "run_state": dict(getattr(trainer, "run_state", {}))}
+                # state.json last: list_checkpoints only counts folders that have it
+                (tmp / "state.json").write_text(json.dumps(state))
+        except OSError as exc:
+            usable = (f"the previous checkpoint {previous[-1]} is intact: resume from it with "
+                      "`mgpu train RECIPE --resume auto` once there is room" if previous
+                      else "no earlier checkpoint exists")
+            raise CheckpointWriteError(f"could not write checkpoint {dest.name} ({exc.strerror or exc}); "
+                                       f"nothing half-written was kept; {usable}") from exc
         _prune(trainer.out, trainer.recipe.output.save_total_limit)
         path = dest
     D.barrier(info)
@@ -153,12 +235,12 @@ def _prune(out: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, trainer: Any) -> int:
-    """Restore weights, optimizer, scheduler and this rank's RNG; return the step to continue from."""
+def load_checkpoint(path: Path, trainer: Any) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and this rank's RNG; return the checkpoint's state.json."""
     import torch
     from safetensors.torch import load_file
 
-    state = json.loads((path / "state.json").read_text())
+    state = read_state(path)
     tensors = load_file(str(path / "trainable.safetensors"))
     missing = [n for n in trainer.param_names if n not in tensors]
     if missing:
@@ -171,9 +253,9 @@ def load_checkpoint(path: Path, trainer: Any) -> int:
     trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rngs = torch.load(path / "rng.pt", weights_only=True)
     mine = rngs.get(f"rank{trainer.info.rank}")
+    # RNG streams are per rank: with another world size there is no matching stream to continue.
     if mine is not None and state.get("world_size") == trainer.info.world_size:
         torch.set_rng_state(mine["cpu"])
         if "cuda" in mine and trainer.info.device_type == "cuda":
             torch.cuda.set_rng_state(mine["cuda"])
-    trainer.history = list(state.get("history", []))
-    return int(state["step"])
+    return state

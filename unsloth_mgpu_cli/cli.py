@@ -2,6 +2,8 @@
 
     mgpu validate recipes/quickstart.yaml training.learning_rate=1e-4
     mgpu train recipes/quickstart.yaml
+    mgpu export outputs/quickstart --merged
+    mgpu report outputs/quickstart
 
 Heavy imports (torch, transformers, unsloth) happen inside the commands that need them, so `--help`,
 `validate`, `schema`, `init` and `doctor` start fast and work without a GPU.
@@ -114,13 +116,55 @@ def train(
 
 
 @app.command()
+def export(
+    output_dir: Annotated[Path, typer.Argument(help="output.dir of a finished LoRA run.", show_default=False)],
+    merged: Annotated[
+        bool, typer.Option("--merged", help="Merge the adapter into the base weights (the one export there is).")
+    ] = False,
+    dtype: Annotated[str, typer.Option("--dtype", help="bfloat16 | float16 | float32.")] = "bfloat16",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Where to write (default OUTPUT_DIR/merged).")
+    ] = None,
+) -> None:
+    """Merge the trained adapter into its base model and save a plain HF model (loads with transformers alone)."""
+    from .export import check_export_args, export_merged
+
+    try:
+        if not merged:
+            raise UserError("pass --merged: the export writes the base model with the adapter merged into it")
+        check_export_args(output_dir, dtype)
+        dest = export_merged(output_dir, output, dtype)
+    except UserError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {dest} ({dtype}); load it with AutoModelForCausalLM.from_pretrained('{dest}')")
+
+
+@app.command()
+def report(
+    output_dir: Annotated[Path, typer.Argument(help="output.dir of a run (finished or not).", show_default=False)],
+    png: Annotated[
+        Path | None, typer.Option("--png", help="Where to write the plots (default OUTPUT_DIR/report.png).")
+    ] = None,
+) -> None:
+    """Summarise a run: time, tokens, tokens/s per GPU and total, peak memory, eval loss; plot the metrics."""
+    from .report import report as make_report
+
+    try:
+        make_report(output_dir, png)
+    except UserError as exc:
+        _fail(exc)
+
+
+@app.command()
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Validate a recipe and print it resolved (base merged, overrides and interpolations applied)."""
     from .recipe import load_recipe
     from .render import print_recipe
+    from .sinks import check_sinks_available
 
     try:
         loaded = load_recipe(recipe, overrides or [])
+        check_sinks_available(loaded.recipe)
     except UserError as exc:
         _fail(exc)
     print_recipe(loaded)

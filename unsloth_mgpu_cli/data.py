@@ -134,7 +134,9 @@ def _fingerprint(recipe: Recipe, model_path: str) -> str:
         if f.exists():
             h.update(f.read_bytes())
     h.update(model_path.encode())
-    h.update(json.dumps([recipe.dataset.model_dump(mode="json"), recipe.model.max_seq_length,
+    # The eval keys do not change how the training file is tokenised: leave them out, so one cache serves both.
+    h.update(json.dumps([recipe.dataset.model_dump(mode="json", exclude={"eval_path", "eval_ratio"}),
+                         recipe.model.max_seq_length,
                          recipe.train_on_responses_only()], sort_keys=True).encode())
     return h.hexdigest()[:20]
 
@@ -260,6 +262,60 @@ class TokenizedData:
             labels[row, :n] = torch.from_numpy(np.asarray(y, dtype=np.int64))
             mask[row, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation split (additive: the training cache and the planner are untouched)
+# ----------------------------------------------------------------------------------------------------
+
+
+def prepare_eval(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary, bool] | None:
+    """Tokenise `dataset.eval_path` into its own cache (same rules as the training file); None without one."""
+    if recipe.dataset.eval_path is None:
+        return None
+    eval_recipe = recipe.model_copy(deep=True)
+    eval_recipe.dataset.path = recipe.dataset.eval_path
+    eval_recipe.dataset.eval_path = None
+    try:
+        return prepare(eval_recipe, model_path)
+    except UserError as exc:
+        # the problems name dataset.path; the user wrote dataset.eval_path
+        for p in exc.problems:
+            p.where = p.where.replace("dataset.path", "dataset.eval_path")
+        raise UserError(exc.problems, exc.title) from None
+
+
+def split_eval_indices(num_samples: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, eval indices) of a tokenised cache: a seeded, sorted hold-out of `ratio` of the samples."""
+    n_eval = max(1, int(round(num_samples * ratio)))
+    if n_eval >= num_samples:
+        raise UserError(Problem("dataset.eval_ratio", f"holding out {n_eval} of {num_samples} samples leaves none "
+                                "to train on", "lower dataset.eval_ratio or add data"), "invalid recipe")
+    # A stream of its own ([seed, 1]), so the hold-out does not depend on the planner's epoch permutations.
+    perm = np.random.default_rng([seed, 1]).permutation(num_samples)
+    return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
+
+
+class SubsetData:
+    """A `TokenizedData` restricted to some of its samples, renumbered 0..len-1 (the training part of a split)."""
+
+    def __init__(self, base: TokenizedData, indices: np.ndarray):
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.loss_counts = base.loss_counts[self.indices]
+        self.pad_token_id = base.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def lengths(self) -> np.ndarray:
+        return self.base.lengths()[self.indices]
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.base.sample(int(self.indices[i]))
+
+    def collate(self, indices: list[int]) -> dict[str, Any]:
+        return self.base.collate([int(self.indices[i]) for i in indices])
 
 
 # ----------------------------------------------------------------------------------------------------

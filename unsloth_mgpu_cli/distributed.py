@@ -86,6 +86,7 @@ class LaunchSpec:
     max_restarts: int = 0
     log_dir: Path | None = None
     run_id: str | None = None
+    stop_file: Path | None = None  # set: the first Ctrl-C/SIGTERM asks workers to checkpoint and stop (see launch)
 
 
 def build_launch_config(spec: LaunchSpec) -> Any:
@@ -138,10 +139,97 @@ def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> 
     if os.environ.get("MGPU_DEBUG") != "1":
         # The agent logs every worker traceback at ERROR; we report the failing rank ourselves.
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    if spec.stop_file is not None:
+        # The agent turns SIGINT/SIGTERM into killing the workers at once (SignalException -> _shutdown), which
+        # would lose everything since the last checkpoint. We take those two signals ourselves instead.
+        config.signals_to_handle = "SIGHUP,SIGQUIT"
+    with _graceful_stop(spec.stop_file):
+        try:
+            return elastic_launch(config, entry)(*args)
+        except ChildFailedError as exc:
+            raise TrainingFailed(*_describe_failure(exc, spec.log_dir, spec.nproc_per_node, spec.node_rank)) from None
+
+
+@contextlib.contextmanager
+def _graceful_stop(stop_file: Path | None) -> Any:
+    """Parent side of a graceful stop while the agent runs the workers.
+
+    First SIGINT/SIGTERM: create `stop_file` (workers also catch the signal themselves when it reaches the whole
+    process group, as Ctrl-C and SLURM do; the file covers a signal sent to this process alone, e.g. `docker stop`)
+    and keep supervising while they finish the step and write a checkpoint. A second one: hand it to the agent,
+    which stops the workers (SIGTERM, then SIGKILL) and raises; no process is left behind either way.
+    """
+    import signal
+    import sys
+    import threading
+
+    if stop_file is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    stop_file = Path(stop_file)
+    with contextlib.suppress(OSError):
+        stop_file.unlink()
+    received: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            with contextlib.suppress(OSError):
+                stop_file.write_text(signal.Signals(signum).name)
+            sys.stderr.write(f"\n{signal.Signals(signum).name}: finishing the current step and saving a checkpoint "
+                             "(press Ctrl-C again to stop at once, losing the steps since the last checkpoint)\n")
+            return
+        raise SignalException(f"second {signal.Signals(signum).name}", sigval=signal.Signals(signum))
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return elastic_launch(config, entry)(*args)
-    except ChildFailedError as exc:
-        raise TrainingFailed(*_describe_failure(exc, spec.log_dir, spec.nproc_per_node, spec.node_rank)) from None
+        yield
+    except TrainingFailed as exc:
+        if not received:
+            raise
+        from .errors import Interrupted
+
+        # a worker given a second Ctrl-C raises KeyboardInterrupt before the agent hears of our second signal
+        raise Interrupted(f"stopped at once on a second signal ({exc}); --resume auto continues from the newest "
+                          "checkpoint") from None
+    except SignalException as exc:
+        from .errors import Interrupted
+
+        raise Interrupted(f"stopped at once on a second {exc.sigval.name}; the workers were ended without a new "
+                          "checkpoint; --resume auto continues from the newest one") from None
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        with contextlib.suppress(OSError):
+            stop_file.unlink()
+
+
+class StopSignal:
+    """Worker side of a graceful stop: remembers SIGINT/SIGTERM (or the parent's stop file) until a step boundary.
+
+    A second signal raises KeyboardInterrupt, so a worker that cannot reach a step boundary can still be stopped.
+    """
+
+    def __init__(self, stop_file: str | None = None):
+        import signal
+        import threading
+
+        self.stop_file = Path(stop_file) if stop_file else None
+        self.count = 0
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        if self.count > 1:
+            raise KeyboardInterrupt
+
+    def requested(self, check_file: bool = False) -> bool:
+        """A signal arrived, or (when `check_file`, on one rank only: it is a file-system call) the stop file exists."""
+        return self.count > 0 or (check_file and self.stop_file is not None and self.stop_file.exists())
 
 
 def check_rendezvous_port(endpoint: str, where: str = "distributed.rdzv_endpoint") -> None:

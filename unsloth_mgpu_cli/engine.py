@@ -37,6 +37,12 @@ class RunPlan:
     resume_from: str | None = None
     identity: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    eval_data_dir: str | None = None  # a separate eval cache (dataset.eval_path); eval_ratio splits data_dir
+    stop_file: str | None = None  # the parent creates it on Ctrl-C/SIGTERM: stop at the next step boundary
+
+
+# Written by the parent when it is asked to stop; rank 0 looks for it at every step boundary.
+STOP_FILE = ".stop-requested"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -170,11 +176,22 @@ def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = No
     happens before anything is written, so a refused run leaves output.dir as it was.
     """
     from . import data as data_mod
+    from .checkpoint import (
+        check_resume_compatible,
+        clean_stale,
+        find_resume_checkpoint,
+        run_identity,
+        truncate_metrics,
+        verify_safe_to_load,
+    )
     from .distributed import LaunchSpec, check_rendezvous_port, launch
+    from .errors import Interrupted
     from .models import resolve_model_path
     from .render import console
+    from .sinks import check_sinks_available
 
     recipe = loaded.recipe.model_copy(deep=True)
+    check_sinks_available(recipe)
     dist_cfg = recipe.distributed
     if nnodes is not None:
         dist_cfg.nnodes = nnodes
@@ -201,8 +218,6 @@ def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = No
         check_rendezvous_port(dist_cfg.rdzv_endpoint)
     resume_from = None
     if is_main_node:
-        from .checkpoint import find_resume_checkpoint, verify_safe_to_load
-
         resume_from = find_resume_checkpoint(out, resume) if resume else None
         if resume_from is not None:
             verify_safe_to_load(resume_from)
@@ -211,10 +226,10 @@ def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = No
     data_dir, summary, hit = data_mod.prepare(recipe, model_path)
     check_batch_fits(recipe, summary.samples, num_workers)
     disk_note = check_free_space(out, recipe, model_path) if is_main_node else None
-    from .checkpoint import check_resume_compatible, run_identity
-
+    eval_prepared = data_mod.prepare_eval(recipe, model_path)
     identity = run_identity(recipe, Path(data_dir).name, recipe.global_batch_size(num_workers))
     if resume_from is not None:
+        # before anything in output.dir changes: a refused resume leaves the run as it was
         check_resume_compatible(resume_from, identity)
     if is_main_node:
         make_output_dir(out, overwrite, resume is not None)
@@ -223,27 +238,43 @@ def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = No
                       + (f", [yellow]{summary.truncated} truncated[/]" if summary.truncated else "")
                       + (f", [yellow]{summary.dropped} dropped (too long)[/]" if summary.dropped else "")
                       + (" [dim](cached)[/]" if hit else ""))
+        if eval_prepared is not None:
+            console.print(f"[bold]eval data[/]: {eval_prepared[1].samples} samples from {recipe.dataset.eval_path}")
+        elif recipe.dataset.eval_ratio:
+            console.print(f"[bold]eval data[/]: {recipe.dataset.eval_ratio:.0%} of the samples held out")
         for note in notes:
             console.print(f"[dim]auto: {note}[/]")
         if disk_note:
             console.print(f"[yellow]warning:[/] {disk_note}")
+        clean_stale(out)
+        if resume is not None:
+            # rows logged after the checkpoint will be logged again: no duplicate steps in metrics.jsonl
+            start = int(json.loads((resume_from / "state.json").read_text())["step"]) if resume_from else 0
+            truncate_metrics(out, start)
         (out / "recipe.resolved.yaml").write_text(
             "# Every value of this run, `auto`s filled in (written by mgpu train).\n" + to_yaml(recipe))
         console.print(f"[bold]launching[/] {num_local} worker(s) on {device}"
                       + (f" x {dist_cfg.nnodes} nodes" if dist_cfg.nnodes > 1 else "")
                       + f"; global batch {recipe.global_batch_size(num_workers)} samples/step")
-    if resume_from is not None:
-        console.print(f"[bold]resuming[/] from {resume_from}")
-    elif resume and is_main_node:
-        console.print("[dim]--resume auto: no checkpoint yet, starting from step 0[/]")
+        if resume_from is not None:
+            console.print(f"[bold]resuming[/] from {resume_from}")
+        elif resume:
+            console.print("[dim]--resume auto: no checkpoint yet, starting from step 0[/]")
     plan = RunPlan(recipe=recipe, model_path=model_path, data_dir=str(data_dir), num_workers=num_workers,
                    device_type=device, output_dir=str(out), resume_from=str(resume_from) if resume_from else None,
-                   identity=identity, notes=notes)
+                   identity=identity, notes=notes,
+                   eval_data_dir=str(eval_prepared[0]) if eval_prepared is not None else None,
+                   stop_file=str(out / STOP_FILE))
     spec = LaunchSpec(nproc_per_node=num_local, device_type=device, nnodes=dist_cfg.nnodes,
                       node_rank=dist_cfg.node_rank, rdzv_endpoint=dist_cfg.rdzv_endpoint,
-                      max_restarts=dist_cfg.max_restarts, log_dir=out / "logs")
+                      max_restarts=dist_cfg.max_restarts, log_dir=out / "logs",
+                      stop_file=out / STOP_FILE if is_main_node else None)
     results = launch(worker_entry, (plan,), spec)
-    return results.get(0) or next(iter(results.values()), {}) or {}
+    result = results.get(0) or next(iter(results.values()), {}) or {}
+    if result.get("interrupted"):
+        raise Interrupted(f"stopped after step {result.get('steps')}; checkpoint saved in {result.get('checkpoint')}. "
+                          f"Continue with: mgpu train {loaded.path or 'RECIPE'} --resume auto")
+    return result
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -261,12 +292,14 @@ def worker_entry(plan: RunPlan) -> dict[str, Any]:
 def _worker_main(plan: RunPlan) -> dict[str, Any]:
     from . import distributed as D
 
+    # First, so a Ctrl-C during the slow imports is remembered rather than killing the worker mid-way.
+    stop = D.StopSignal(plan.stop_file)
     timeout = plan.recipe.distributed.timeout_seconds
     # Loading the model takes minutes on some ranks and seconds on others: setup waits at least
     # SETUP_TIMEOUT_S; the training loop then uses the recipe's (possibly short) hang watchdog.
     info = D.setup_worker(max(timeout, D.SETUP_TIMEOUT_S))
     try:
-        trainer = Trainer(plan, info)
+        trainer = Trainer(plan, info, stop)
         trainer.setup()
         D.set_collective_timeout(timeout)
         return trainer.fit()
@@ -277,8 +310,9 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
 class Trainer:
     """One rank's view of a run: model, optimizer, scheduler, data plan and the loop."""
 
-    def __init__(self, plan: RunPlan, info: Any):
+    def __init__(self, plan: RunPlan, info: Any, stop: Any = None):
         self.plan = plan
+        self.stop = stop
         self.recipe = plan.recipe
         self.info = info
         self.out = Path(plan.output_dir)
@@ -301,7 +335,7 @@ class Trainer:
         import torch
 
         from . import distributed as D
-        from .data import StepPlanner, TokenizedData
+        from .data import StepPlanner, SubsetData, TokenizedData, split_eval_indices
         from .faults import maybe_inject
 
         os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
@@ -333,6 +367,12 @@ class Trainer:
         maybe_inject("after_setup", self)
 
         self.data = TokenizedData(Path(self.plan.data_dir))
+        self.eval_data = None
+        if self.plan.eval_data_dir:
+            self.eval_data = TokenizedData(Path(self.plan.eval_data_dir))
+        elif r.dataset.eval_ratio:
+            train_idx, eval_idx = split_eval_indices(len(self.data), r.dataset.eval_ratio, r.training.seed)
+            self.data, self.eval_data = SubsetData(self.data, train_idx), SubsetData(self.data, eval_idx)
         self.lengths = self.data.lengths()
         self.planner = StepPlanner(len(self.data), self.data.loss_counts, int(r.training.micro_batch_size),
                                    int(r.training.gradient_accumulation_steps), self.plan.num_workers,
@@ -342,11 +382,15 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, r, self.total_steps)
         self.sync = D.GradientSynchronizer(self.params, self.info, r.distributed.aggregation,
                                            r.distributed.bucket_size_mb)
-        self.history: list[dict[str, Any]] = []
+        # Totals over the whole run, carried through checkpoints so a resumed run reports the whole run.
+        self.run_state: dict[str, Any] = {"tokens": 0, "elapsed_s": 0.0, "skipped_steps": 0,
+                                          "best_eval_loss": None, "last_metrics": None}
         if self.plan.resume_from:
             from .checkpoint import load_checkpoint
 
-            self.step = load_checkpoint(Path(self.plan.resume_from), self)
+            state = load_checkpoint(Path(self.plan.resume_from), self)
+            self.step = int(state["step"])
+            self.run_state.update(state.get("run_state", {}))
 
     # -- the loop --------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -356,34 +400,43 @@ class Trainer:
         from .checkpoint import save_checkpoint
         from .faults import maybe_inject
         from .progress import ProgressDisplay
+        from .sinks import MetricSinks
 
         r, info = self.recipe, self.info
         self.model.train()
         device = info.device
         progress = ProgressDisplay(info.is_main and r.logging.progress, self.total_steps, self.step)
         metrics = (self.out / "metrics.jsonl").open("a", encoding="utf-8") if info.is_main else None
+        sinks = MetricSinks(r, self.out, start_step=self.step) if info.is_main else None
+        rs = self.run_state
+        elapsed_before = float(rs["elapsed_s"])  # time spent before a resume
         t_start = time.perf_counter()
         t_window = t_start
         tokens_window = 0
-        tokens_total = 0
+        tokens_session = 0
         first_step_s = None
-        skipped = 0
         bad_since = 0  # first step of the current run of skipped (non-finite) steps; 0: none
         last_loss = float("nan")
+        saved_step = self.step if self.plan.resume_from else -1
+        interrupted = False
+        eval_every = r.training.eval_steps
         try:
             while self.step < self.total_steps:
                 batches = self.planner.batches(self.step)
                 mine = batches.per_rank[info.rank]
                 denom = self.sync.local_loss_denominator(batches.loss_tokens[info.rank], batches.global_loss_tokens)
                 loss_sum, oom = self._accumulate(mine, denom)
-                # One small collective and one host sync per step: loss, loss tokens, and whether any rank saw
-                # a non-finite value or ran out of memory (checked on the device: no per-parameter sync).
+                # One small collective and one host sync per step: loss, loss tokens, whether any rank saw a
+                # non-finite value (checked on the device: no per-parameter sync), and whether any rank was asked
+                # to stop (so every rank stops after the same step), or ran out of memory.
                 bad = ~torch.isfinite(loss_sum) | ~_grads_finite(self.params)
+                stop_flag = 1.0 if self.stop is not None and self.stop.requested(info.is_main) else 0.0
                 stats = torch.stack([torch.where(bad, torch.zeros_like(loss_sum), loss_sum),
                                      torch.tensor(float(batches.loss_tokens[info.rank]), dtype=torch.float64,
                                                   device=device), bad.to(torch.float64),
+                                     torch.tensor(stop_flag, dtype=torch.float64, device=device),
                                      torch.tensor(float(oom), dtype=torch.float64, device=device)])
-                tot_loss, tot_tokens, bad_ranks, oom_ranks = D.all_reduce_tensor(stats, info).tolist()
+                tot_loss, tot_tokens, bad_ranks, stop_ranks, oom_ranks = D.all_reduce_tensor(stats, info).tolist()
                 if oom_ranks > 0:  # every rank saw the sum: all redo this step with smaller pieces together
                     self._after_oom(int(oom_ranks), progress)
                     continue
@@ -391,7 +444,7 @@ class Trainer:
                 if bad_ranks > 0:
                     # A non-finite loss/gradient on any rank: every rank skips this step together.
                     self.optimizer.zero_grad(set_to_none=True)
-                    skipped += 1
+                    rs["skipped_steps"] += 1
                     bad_since = bad_since or self.step + 1
                     grad_norm = float("nan")
                     if info.is_main:
@@ -416,39 +469,69 @@ class Trainer:
                 self.step += 1
                 step_tokens = int(sum(int(self.lengths[i]) for rk in batches.per_rank for mb in rk for i in mb))
                 tokens_window += step_tokens
-                tokens_total += step_tokens
+                tokens_session += step_tokens
+                rs["tokens"] += step_tokens
                 last_loss = tot_loss / max(1.0, tot_tokens) if bad_ranks == 0 else float("nan")
                 if first_step_s is None:
                     first_step_s = time.perf_counter() - t_start
                 verify = r.distributed.verify_every
-                if verify and (self.step % verify == 0 or self.step == self.total_steps):
+                last = self.step == self.total_steps
+                if verify and (self.step % verify == 0 or last):
                     D.check_consistency(self.params, info, self.step)
-                if self.step % r.logging.steps == 0 or self.step == self.total_steps:
+                evaluated = None
+                if self.eval_data is not None and (last or (eval_every and self.step % eval_every == 0)):
+                    t_eval = time.perf_counter()
+                    evaluated = self.evaluate()
+                    t_window += time.perf_counter() - t_eval  # tokens/s measures training, not evaluation
+                    progress.eval(self.step, *evaluated)
+                if self.step % r.logging.steps == 0 or last or evaluated is not None:
                     now = time.perf_counter()
                     tps = tokens_window / max(now - t_window, 1e-9)
                     mems = D.all_gather_floats([_peak_memory_gb(info)], info)
                     row = {"step": self.step, "epoch": batches.epoch, "loss": last_loss, "learning_rate": lr,
                            "grad_norm": float(grad_norm), "tokens": step_tokens, "loss_tokens": int(tot_tokens),
-                           "tokens_per_second": tps, "elapsed_s": now - t_start,
-                           "peak_memory_gb": [round(m[0], 3) for m in mems], "skipped_steps": skipped}
-                    self.history.append(row)
+                           "tokens_per_second": tps, "elapsed_s": elapsed_before + now - t_start,
+                           "peak_memory_gb": [round(m[0], 3) for m in mems], "skipped_steps": rs["skipped_steps"]}
+                    if evaluated is not None:
+                        row["eval_loss"], row["eval_perplexity"] = evaluated
+                        best = rs["best_eval_loss"]
+                        rs["best_eval_loss"] = evaluated[0] if best is None else min(best, evaluated[0])
+                    rs["last_metrics"] = row
                     if metrics is not None:
                         metrics.write(json.dumps(row) + "\n")
                         metrics.flush()
+                    if sinks is not None:
+                        sinks.write(row)
                     progress.update(self.step, last_loss, lr, tps, [m[0] for m in mems])
                     t_window, tokens_window = now, 0
-                if r.output.save_steps and self.step % r.output.save_steps == 0 and self.step < self.total_steps:
+                rs["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+                interrupted = stop_ranks > 0 and not last
+                save_every = r.output.save_steps
+                if interrupted or (save_every and self.step % save_every == 0) or last:
                     save_checkpoint(self)
+                    saved_step = self.step
+                if interrupted:
+                    if info.is_main:
+                        progress.log(f"stop requested: checkpoint of step {self.step} saved; exiting")
+                    break
                 maybe_inject("step_end", self)
+            if saved_step != self.step:  # e.g. resumed from the final checkpoint: nothing ran, nothing to save
+                save_checkpoint(self)
             elapsed = time.perf_counter() - t_start
             mems = D.all_gather_floats([_peak_memory_gb(info)], info)
-            self.save_final()
-            summary = {"steps": self.step, "elapsed_s": elapsed, "tokens": tokens_total,
-                       "tokens_per_second": tokens_total / max(elapsed, 1e-9), "final_loss": last_loss,
+            if not interrupted:
+                self.save_final()
+            summary = {"steps": self.step, "elapsed_s": elapsed, "tokens": tokens_session,
+                       "tokens_per_second": tokens_session / max(elapsed, 1e-9), "final_loss": last_loss,
                        "first_step_s": first_step_s, "peak_memory_gb": [m[0] for m in mems],
-                       "skipped_steps": skipped, "world_size": info.world_size,
-                       "output_dir": str(self.out)}
-            if info.is_main:
+                       "skipped_steps": rs["skipped_steps"], "world_size": info.world_size,
+                       "output_dir": str(self.out), "run_tokens": rs["tokens"], "run_elapsed_s": rs["elapsed_s"],
+                       "best_eval_loss": rs["best_eval_loss"],
+                       "resumed_from_step": int(self.plan.resume_from.rsplit("-", 1)[-1])
+                       if self.plan.resume_from else None}
+            if interrupted:
+                summary.update(interrupted=True, checkpoint=str(self.out / "checkpoints" / f"step-{self.step}"))
+            elif info.is_main:
                 (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             return summary
         except Exception as exc:
@@ -460,6 +543,35 @@ class Trainer:
             progress.close()
             if metrics is not None:
                 metrics.close()
+            if sinks is not None:
+                sinks.close()
+
+    def evaluate(self) -> tuple[float, float]:
+        """(eval loss, perplexity): token-weighted mean over the whole eval split, samples sharded over ranks."""
+        import torch
+
+        from . import distributed as D
+
+        data, info = self.eval_data, self.info
+        mine = list(range(info.rank, len(data), info.world_size))
+        mb_size = int(self.recipe.training.micro_batch_size)
+        sums = torch.zeros(2, dtype=torch.float64, device=info.device)
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for j in range(0, len(mine), mb_size):
+                    mb = mine[j:j + mb_size]
+                    n_mb = int(sum(int(data.loss_counts[i]) for i in mb))
+                    if n_mb == 0:
+                        continue  # the model's mean over zero tokens is NaN
+                    batch = {k: v.to(info.device) for k, v in data.collate(mb).items()}
+                    sums[0] += self.model(**batch).loss.detach().to(torch.float64) * n_mb
+                    sums[1] += n_mb
+        finally:
+            self.model.train()
+        loss_sum, tokens = D.all_reduce_tensor(sums, info).tolist()
+        loss = loss_sum / max(tokens, 1.0)
+        return loss, math.exp(min(loss, 700.0))
 
     # -- out-of-memory recovery (issue #10) -------------------------------------------------------------
     def _accumulate(self, micro_batches: list[list[int]], denom: int) -> tuple[Any, bool]:

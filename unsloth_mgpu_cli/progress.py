@@ -1,4 +1,4 @@
-"""Rank 0's live progress display: step, loss, learning rate, tokens/s (all GPUs), ETA, memory per GPU.
+"""Rank 0's live progress display: step, loss, learning rate, tokens/s (all GPUs), ETA, memory per GPU, eval loss.
 
 Other ranks get a display that does nothing (the null-logger pattern), so the loop has no rank checks.
 """
@@ -41,6 +41,12 @@ class ProgressDisplay:
             # Non-interactive output (CI logs, pipes): one plain line per update instead of a live bar.
             self.console.print(f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
                                f"tokens/s {tokens_per_s:,.0f} mem {'/'.join(f'{m:.2f}' for m in mem_gb)} GB")
+
+    def eval(self, step: int, loss: float, perplexity: float) -> None:
+        """One line per evaluation (printed above the live bar)."""
+        if self._progress is not None:
+            self._progress.console.print(f"[bold]eval[/] step {step}: loss [cyan]{loss:.4f}[/], "
+                                         f"perplexity {perplexity:,.2f}")
 
     def log(self, message: str) -> None:
         if self._progress is not None:

@@ -77,6 +77,18 @@ class DatasetSection(_Section):
         "truncate", description="What to do with samples longer than model.max_seq_length; always reported."
     )
     shuffle: bool = Field(True, description="Shuffle the samples each epoch (seeded by training.seed).")
+    eval_path: str | None = Field(
+        None,
+        description="Evaluation file in the same format as dataset.path (relative to the recipe); "
+        "exclusive with dataset.eval_ratio.",
+    )
+    eval_ratio: float | None = Field(
+        None,
+        gt=0.0,
+        le=0.5,
+        description="Hold out this share of the samples for evaluation (chosen by training.seed, never trained on); "
+        "exclusive with dataset.eval_path.",
+    )
 
 
 class TrainingSection(_Section):
@@ -106,6 +118,11 @@ class TrainingSection(_Section):
     max_skipped_steps: int = Field(
         10, ge=1, description="Stop when this many optimizer steps in a row are skipped for a non-finite loss or "
         "gradient (they are skipped on all ranks together)."
+    )
+    eval_steps: int = Field(
+        0,
+        ge=0,
+        description="Evaluate every N optimizer steps and at the end (needs an eval split); 0: only at the end.",
     )
 
     @field_validator("micro_batch_size", "gradient_accumulation_steps")
@@ -184,8 +201,11 @@ class LoggingSection(_Section):
     steps: int = Field(1, ge=1, description="Write a metrics line every N optimizer steps.")
     progress: bool = Field(True, description="Show a live progress bar on rank 0.")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
-        default_factory=list, description="Extra metric sinks."
+        default_factory=list,
+        description="Extra metric sinks, written by rank 0: tensorboard (<output.dir>/tensorboard) and wandb "
+        "(offline unless WANDB_MODE says otherwise; needs `pip install wandb`).",
     )
+    wandb_project: str = Field("unsloth-mgpu", min_length=1, description="Weights & Biases project name.")
 
 
 class Recipe(_Section):
@@ -226,6 +246,12 @@ class Recipe(_Section):
                              f"found {d.node_rank}"))
         if d.nnodes > 1 and not d.rdzv_endpoint:
             problems.append(("distributed.rdzv_endpoint", "several nodes need HOST:PORT of node 0's rendezvous"))
+        ds = self.dataset
+        if ds.eval_path is not None and ds.eval_ratio is not None:
+            problems.append(("dataset.eval_ratio", "give either dataset.eval_path or dataset.eval_ratio, not both"))
+        if t.eval_steps and ds.eval_path is None and ds.eval_ratio is None:
+            problems.append(("training.eval_steps", f"evaluation every {t.eval_steps} steps needs an eval split; "
+                             "set dataset.eval_path or dataset.eval_ratio (or training.eval_steps: 0)"))
         if self.output.save_steps and t.max_steps is not None and self.output.save_steps > t.max_steps:
             pass  # only the final checkpoint will be written: fine, not an error
         if problems:
@@ -497,6 +523,14 @@ def _check_paths(recipe: Recipe, base_dir: Path, lines: dict[str, str]) -> list[
                                     "relative paths are resolved against the recipe's folder"))
         else:
             recipe.dataset.path = str(p)
+    epath = recipe.dataset.eval_path
+    if epath is not None and (_looks_like_local_path(epath) or (base_dir / epath).exists()):
+        p = (base_dir / epath).expanduser().resolve()
+        if not p.exists():
+            problems.append(Problem(_where("dataset.eval_path", lines), f"eval file not found: {p}",
+                                    "relative paths are resolved against the recipe's folder"))
+        else:
+            recipe.dataset.eval_path = str(p)
     out = (base_dir / recipe.output.dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         problems.append(Problem(_where("output.dir", lines), f"expected a folder, found a file: {out}",

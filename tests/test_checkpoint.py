@@ -1,0 +1,197 @@
+"""Checkpoint files, resume checks, eval split, sinks and report in-process (fast; no workers, no Unsloth)."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from unsloth_mgpu_cli import checkpoint as C
+from unsloth_mgpu_cli.distributed import DistInfo
+from unsloth_mgpu_cli.errors import UserError
+
+
+def make_trainer(out: Path, seed: int = 0) -> SimpleNamespace:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    return SimpleNamespace(
+        info=DistInfo(),
+        out=out,
+        step=0,
+        params=params,
+        param_names=["weight", "bias"],
+        optimizer=opt,
+        scheduler=sched,
+        recipe=SimpleNamespace(output=SimpleNamespace(save_total_limit=2)),
+        plan=SimpleNamespace(identity={"global_batch": 8}),
+        run_state={"tokens": 0},
+    )
+
+
+def train_step(t: SimpleNamespace) -> None:
+    loss = (t.params[0].sum() + t.params[1].sum()) ** 2
+    loss.backward()
+    t.optimizer.step()
+    t.scheduler.step()
+    t.optimizer.zero_grad()
+    t.step += 1
+    t.run_state["tokens"] += 10
+
+
+def test_disk_full_mid_save_keeps_the_previous_checkpoint_usable(tmp_path, monkeypatch):
+    t = make_trainer(tmp_path)
+    train_step(t)
+    train_step(t)
+    C.save_checkpoint(t)
+    saved_weights = [p.detach().clone() for p in t.params]
+    train_step(t)
+    real_save = torch.save
+
+    def disk_full(obj, f, *a, **k):  # the file-write edge: some bytes land, then the disk is full
+        Path(f).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(C.CheckpointWriteError) as exc:
+        C.save_checkpoint(t)
+    monkeypatch.setattr(torch, "save", real_save)
+    msg = str(exc.value)
+    assert "step-3" in msg and "No space left on device" in msg and "step-2 is intact" in msg
+    assert "--resume auto" in msg
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-2"]  # no half-written step-3, no temp folder
+    assert C.find_resume_checkpoint(tmp_path, "auto") == folder / "step-2"
+    fresh = make_trainer(tmp_path, seed=1)
+    state = C.load_checkpoint(folder / "step-2", fresh)
+    assert state["step"] == 2 and state["run_state"] == {"tokens": 20}
+    assert all(torch.equal(a, b) for a, b in zip(fresh.params, saved_weights, strict=True))
+
+
+def test_resumed_state_continues_bit_for_bit(tmp_path):
+    a = make_trainer(tmp_path)
+    for _ in range(3):
+        train_step(a)
+    C.save_checkpoint(a)
+    for _ in range(2):
+        train_step(a)
+    b = make_trainer(tmp_path, seed=5)  # other initial weights: the checkpoint must overwrite everything
+    b.step = C.load_checkpoint(tmp_path / "checkpoints" / "step-3", b)["step"]
+    for _ in range(2):
+        train_step(b)
+    assert all(torch.equal(x, y) for x, y in zip(a.params, b.params, strict=True))
+    assert a.scheduler.get_last_lr() == b.scheduler.get_last_lr()
+
+
+def test_keeps_the_newest_k_and_ignores_half_written_folders(tmp_path):
+    t = make_trainer(tmp_path)
+    for _ in range(3):
+        train_step(t)
+        C.save_checkpoint(t)
+    (tmp_path / "checkpoints" / ".tmp-step-4-abc").mkdir()
+    (tmp_path / "checkpoints" / "step-9").mkdir()  # no state.json: never completed
+    assert [p.name for p in C.list_checkpoints(tmp_path)] == ["step-2", "step-3"]
+    C.clean_stale(tmp_path)
+    assert not (tmp_path / "checkpoints" / ".tmp-step-4-abc").exists()
+
+
+def test_truncate_metrics_drops_rows_past_the_checkpoint_and_torn_lines(tmp_path):
+    rows = [json.dumps({"step": s, "loss": 1.0}) for s in range(1, 8)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 8, "lo')
+    assert C.truncate_metrics(tmp_path, 5) == 3
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert C.truncate_metrics(tmp_path, 5) == 0
+
+
+def test_resume_check_names_what_changed(tmp_path):
+    ckpt = tmp_path / "step-5"
+    ckpt.mkdir()
+    saved = {"model": "m", "data": "abc", "global_batch": 8, "seed": 42}
+    (ckpt / "state.json").write_text(json.dumps({"step": 5, "identity": saved}))
+    C.check_resume_compatible(ckpt, dict(saved))  # unchanged: fine
+    with pytest.raises(UserError) as exc:
+        C.check_resume_compatible(ckpt, {**saved, "global_batch": 16, "seed": 7})
+    text = exc.value.render()
+    assert "global batch" in text and "trained with 8" in text and "now gives 16" in text
+    assert "training.seed" in text and "model" not in text.split("problems):")[1].split("seed")[0]
+
+
+def test_eval_split_is_seeded_disjoint_and_complete():
+    from unsloth_mgpu_cli.data import split_eval_indices
+
+    train, held = split_eval_indices(100, 0.1, seed=3)
+    assert len(held) == 10 and len(train) == 90
+    assert sorted(np.concatenate([train, held]).tolist()) == list(range(100))
+    again = split_eval_indices(100, 0.1, seed=3)
+    assert np.array_equal(again[1], held) and not np.array_equal(split_eval_indices(100, 0.1, seed=4)[1], held)
+    with pytest.raises(UserError, match="dataset.eval_ratio"):
+        split_eval_indices(1, 0.5, seed=0)
+
+
+def test_recipe_eval_keys_are_checked():
+    from unsloth_mgpu_cli.recipe import load_recipe
+
+    base = {"model": {"name": "builtin:tiny-llama"}, "dataset": {"path": "x.jsonl"}}
+    with pytest.raises(UserError) as exc:
+        load_recipe(None, ["dataset.eval_ratio=0.1", "dataset.eval_path=e.jsonl"], data=base, check_paths=False)
+    assert "dataset.eval_ratio" in exc.value.render()
+    with pytest.raises(UserError) as exc:
+        load_recipe(None, ["training.eval_steps=10"], data=base, check_paths=False)
+    assert "training.eval_steps" in exc.value.render()
+    ok = load_recipe(None, ["training.eval_steps=10", "dataset.eval_ratio=0.1"], data=base, check_paths=False)
+    assert ok.recipe.training.eval_steps == 10
+
+
+def test_missing_wandb_is_a_user_error_with_the_pip_hint(monkeypatch):
+    from unsloth_mgpu_cli import sinks
+    from unsloth_mgpu_cli.recipe import load_recipe
+
+    real = sinks.importlib.util.find_spec
+    monkeypatch.setattr(sinks.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
+    loaded = load_recipe(
+        None,
+        ["logging.report_to=[tensorboard, wandb]"],
+        check_paths=False,
+        data={"model": {"name": "builtin:tiny-llama"}, "dataset": {"path": "x.jsonl"}},
+    )
+    with pytest.raises(UserError) as exc:
+        sinks.check_sinks_available(loaded.recipe)
+    text = exc.value.render()
+    assert "logging.report_to.1" in text and "pip install" in text and "tensorboard" not in text.split("wandb")[0]
+
+
+def test_report_summarises_the_whole_run(tmp_path):
+    from unsloth_mgpu_cli.report import summarize, write_plots
+
+    rows = [
+        {
+            "step": s,
+            "loss": 3.0 - s / 10,
+            "learning_rate": 1e-3,
+            "tokens": 100,
+            "tokens_per_second": 50.0,
+            "elapsed_s": 2.0 * s,
+            "peak_memory_gb": [1.0 + s / 10, 2.0],
+        }
+        for s in range(1, 5)
+    ]
+    rows[1]["eval_loss"], rows[3]["eval_loss"] = 2.5, 2.7
+    s = summarize(tmp_path, rows)
+    assert s["tokens"] == 400 and s["elapsed_s"] == 8.0 and s["tokens_per_second"] == 50.0
+    assert s["tokens_per_second_per_gpu"] == 25.0 and s["peak_memory_gb"] == [1.4, 2.0]
+    assert (s["final_eval_loss"], s["best_eval_loss"], s["best_eval_step"]) == (2.7, 2.5, 2)
+    assert write_plots(rows, tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_and_export_refuse_a_folder_without_a_run(tmp_path):
+    from conftest import assert_user_error, run_mgpu
+
+    assert_user_error(run_mgpu("report", str(tmp_path), timeout=120), "no metrics.jsonl")
+    assert_user_error(run_mgpu("export", str(tmp_path), "--merged", timeout=120), "no adapter", "--resume auto")

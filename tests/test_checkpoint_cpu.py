@@ -1,0 +1,221 @@
+"""Checkpoints, exact resume, Ctrl-C, eval, export and report: the real `mgpu` on CPU with 2 gloo workers.
+
+One uninterrupted 10-step run is the reference; a run SIGKILLed after step 6 and resumed from its step-5
+checkpoint, and a run stopped by Ctrl-C and resumed, must both end with exactly the reference's adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, assert_user_error, mgpu_env, run_mgpu
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.integration
+
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+RUN = [
+    "training.max_steps=10",
+    "training.warmup_steps=1",
+    "output.save_steps=5",
+    "output.save_total_limit=3",
+    "distributed.num_gpus=2",
+    "dataset.eval_ratio=0.05",
+    "training.eval_steps=5",
+    "logging.progress=false",
+]
+
+
+def start(out: Path, *extra: str, **env: str) -> subprocess.Popen[str]:
+    """`mgpu train` in its own session, so the test can signal the whole process tree like a terminal does."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "unsloth_mgpu_cli", "train", str(QUICKSTART), *RUN, f"output.dir={out}", *extra],
+        cwd=ROOT,
+        env=mgpu_env(**env),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def wait_for_step(proc: subprocess.Popen[str], out: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"run ended early:\n{proc.stdout.read()[-3000:]}"
+        if step in steps_logged(out):
+            return
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"step {step} not logged within {timeout} s")
+
+
+def steps_logged(out: Path) -> list[int]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def group_is_gone(pgid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def resume(out: Path, *extra: str):
+    return run_mgpu("train", str(QUICKSTART), *RUN, f"output.dir={out}", *extra, "--resume", "auto", timeout=400)
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ckpt")
+    ref = run_mgpu(
+        "train", str(QUICKSTART), *RUN, f"output.dir={base / 'ref'}", "logging.report_to=[tensorboard]", timeout=400
+    )
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+
+    # SIGKILL of the whole tree after step 6 (rank 0 stalls in step 7 so the kill lands there), then resume
+    killed = start(base / "killed", MGPU_INJECT_FAULT="sleep:rank=0:step=7:seconds=600")
+    wait_for_step(killed, base / "killed", 6)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait(30)
+    assert group_is_gone(killed.pid)
+    killed_ckpts = sorted(p.name for p in (base / "killed" / "checkpoints").iterdir())
+    killed_steps = steps_logged(base / "killed")
+    resumed = resume(base / "killed")
+
+    # Ctrl-C (SIGINT to the process group) while rank 0 is inside step 3
+    ctrl_c = start(base / "ctrlc", MGPU_INJECT_FAULT="sleep:rank=0:step=3:seconds=4")
+    wait_for_step(ctrl_c, base / "ctrlc", 2)
+    os.killpg(ctrl_c.pid, signal.SIGINT)
+    ctrl_c_out, _ = ctrl_c.communicate(timeout=300)
+    ctrl_c_ckpts = sorted(p.name for p in (base / "ctrlc" / "checkpoints").iterdir())
+    ctrl_c_gone = group_is_gone(ctrl_c.pid)
+    ctrl_c_resumed = resume(base / "ctrlc")
+    return {
+        "base": base,
+        "killed_ckpts": killed_ckpts,
+        "killed_steps": killed_steps,
+        "resumed": resumed,
+        "ctrl_c_rc": ctrl_c.returncode,
+        "ctrl_c_out": ctrl_c_out,
+        "ctrl_c_ckpts": ctrl_c_ckpts,
+        "ctrl_c_gone": ctrl_c_gone,
+        "ctrl_c_resumed": ctrl_c_resumed,
+    }
+
+
+def test_killed_run_resumed_from_step_5_equals_the_uninterrupted_run(runs):
+    base = runs["base"]
+    assert runs["killed_ckpts"] == ["step-5"] and 6 in runs["killed_steps"] and 7 not in runs["killed_steps"]
+    assert runs["resumed"].returncode == 0, runs["resumed"].stdout[-3000:] + runs["resumed"].stderr[-3000:]
+    assert "resuming" in runs["resumed"].stdout and "step-5" in runs["resumed"].stdout
+    ref, got = adapter(base / "ref"), adapter(base / "killed")
+    assert ref.keys() == got.keys()
+    assert all(float(v.abs().max()) > 1e-4 for k, v in ref.items() if "lora_B" in k)  # it trained
+    assert all(torch.equal(ref[k], got[k]) for k in ref), {k: float((ref[k] - got[k]).abs().max()) for k in ref}
+    # step 6 was logged before the kill and again after the resume: exactly once in the file, same values
+    rows = [json.loads(line) for line in (base / "killed" / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(line) for line in (base / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+    assert [r.get("eval_loss") for r in rows] == [r.get("eval_loss") for r in ref_rows]
+    # run totals survive the resume: the tokens of all 10 steps, not just the 5 after it
+    summary = json.loads((base / "killed" / "summary.json").read_text())
+    assert summary["run_tokens"] == json.loads((base / "ref" / "summary.json").read_text())["run_tokens"]
+
+
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes(runs):
+    out = runs["base"] / "ctrlc"
+    assert runs["ctrl_c_rc"] == 130, runs["ctrl_c_out"][-3000:]
+    assert "--resume auto" in runs["ctrl_c_out"] and "Traceback" not in runs["ctrl_c_out"]
+    stopped = [int(n.split("-")[1]) for n in runs["ctrl_c_ckpts"]]
+    assert len(stopped) == 1 and 3 <= stopped[0] < 10, runs["ctrl_c_ckpts"]  # at a step boundary, not step 5's
+    assert runs["ctrl_c_gone"], "processes of the interrupted run were left behind"
+    assert runs["ctrl_c_resumed"].returncode == 0, runs["ctrl_c_resumed"].stderr[-3000:]
+    ref = adapter(runs["base"] / "ref")
+    assert all(torch.equal(ref[k], v) for k, v in adapter(out).items())
+    assert steps_logged(out) == list(range(1, 11))
+
+
+def test_resume_refuses_a_changed_global_batch_and_changes_nothing(runs):
+    out = runs["base"] / "ref"
+    before = {p.name: p.read_bytes() for p in (out / "recipe.resolved.yaml", out / "metrics.jsonl")}
+    proc = resume(out, "training.micro_batch_size=2")
+    assert_user_error(
+        proc, "global batch", "checkpoint was trained with 8", "now gives 4", "training.micro_batch_size", "--overwrite"
+    )
+    assert {p.name: p.read_bytes() for p in (out / "recipe.resolved.yaml", out / "metrics.jsonl")} == before
+
+
+def test_eval_loss_is_logged_every_eval_steps_and_at_the_end(runs):
+    rows = [json.loads(line) for line in (runs["base"] / "ref" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if "eval_loss" in r}
+    assert sorted(evals) == [5, 10]
+    for r in evals.values():
+        assert 0 < r["eval_loss"] < 20
+        assert r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"]), rel=1e-9)
+    assert evals[10]["eval_loss"] < evals[5]["eval_loss"]  # it learns something the held-out rows share
+
+
+def test_tensorboard_gets_the_same_scalars(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(runs["base"] / "ref" / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 11))
+    assert [e.step for e in acc.Scalars("eval/loss")] == [5, 10]
+
+
+def test_report_prints_the_table_and_writes_the_png(runs):
+    out = runs["base"] / "ref"
+    proc = run_mgpu("report", str(out), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for needle in ("tokens/s", "per GPU", "peak memory", "best eval loss", "report.png"):
+        assert needle in proc.stdout, proc.stdout
+    png = (out / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_merged_export_gives_the_logits_of_base_plus_adapter(runs):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = runs["base"] / "ref"
+    proc = run_mgpu("export", str(out), "--merged", "--dtype", "float32", "--output", str(out / "merged32"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged32"), dtype=torch.float32)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"], dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 13, 21, 34, 55]])
+    with torch.no_grad():
+        plain = base(ids).logits.clone()
+        want = PeftModel.from_pretrained(base, str(out / "adapter"))(ids).logits
+        got = merged(ids).logits
+    assert float((want - plain).abs().max()) > 1e-3  # the adapter matters, so the comparison means something
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), float((got - want).abs().max())
+    # the default 16-bit export
+    proc = run_mgpu("export", str(out), "--merged")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "merged" / "config.json").read_text()).get("dtype") == "bfloat16"
+    assert (out / "merged" / "model.safetensors").exists() and (out / "merged" / "tokenizer.json").exists()
