@@ -20,7 +20,8 @@ examples per step; its loss is therefore read at the step where it has consumed 
 Per run: effective tokens/s (real, non-padding tokens, all GPUs, over the steps after --warmup), time to first
 optimizer step from the launch of the command, torch peak memory per GPU, loss around the same number of examples.
 Writes OUT/bench.json, OUT/BENCHMARKS.table.md (printed last) and OUT/logs/<run>.log. A failed run is recorded
-with the tail of its log; runs that would start after --budget-s are skipped.
+with the tail of its log. --budget-s bounds the whole call: each run's timeout is cut to what is left of it, and a
+run with less than --min-run-s left is skipped (recorded as such), so the call ends within the budget.
 """
 
 from __future__ import annotations
@@ -322,6 +323,11 @@ def run_process(cmd: list[str], env: dict[str, str], log: Path, timeout: float) 
     return rc, time.time() - t0
 
 
+def lr_warmup(a: argparse.Namespace) -> int:
+    """Learning-rate warm-up steps, the same for every run (fewer than the run's steps, as the recipe requires)."""
+    return max(0, min(a.lr_warmup_steps, a.steps - 1))
+
+
 def _fresh(folder: Path) -> Path:
     if folder.exists():
         shutil.rmtree(folder)
@@ -337,7 +343,7 @@ def _tail(log: Path, n: int = 15) -> str:
     return "\n".join(lines[-n:])
 
 
-def run_ours(spec: RunSpec, a: argparse.Namespace, model: str, work: Path, log: Path) -> dict[str, Any]:
+def run_ours(spec: RunSpec, a: argparse.Namespace, model: str, work: Path, log: Path, timeout: float) -> dict[str, Any]:
     micro, accum = split_batch(a.global_batch, spec.gpus, a.micro_batch)
     out_dir = _fresh(work / spec.name)
     cmd = [
@@ -353,6 +359,7 @@ def run_ours(spec: RunSpec, a: argparse.Namespace, model: str, work: Path, log: 
         f"training.micro_batch_size={micro}",
         f"training.gradient_accumulation_steps={accum}",
         f"training.learning_rate={a.lr}",
+        f"training.warmup_steps={lr_warmup(a)}",
         f"model.max_seq_length={a.seq_len}",
         f"memory.gradient_checkpointing={a.gradient_checkpointing}",
         f"output.dir={out_dir / 'run'}",
@@ -363,7 +370,7 @@ def run_ours(spec: RunSpec, a: argparse.Namespace, model: str, work: Path, log: 
     if a.cpu_smoke:
         cmd += ["distributed.device=cpu", "model.dtype=float32", "model.load_in_4bit=false", "training.optimizer=adamw"]
     launch = time.time()
-    rc, wall = run_process(cmd, _env(spec.gpus, a.cpu_smoke, launch, out_dir), log, a.timeout)
+    rc, wall = run_process(cmd, _env(spec.gpus, a.cpu_smoke, launch, out_dir), log, timeout)
     rec: dict[str, Any] = {
         "micro_batch": micro,
         "grad_accum": accum,
@@ -374,7 +381,7 @@ def run_ours(spec: RunSpec, a: argparse.Namespace, model: str, work: Path, log: 
     }
     summary_f, metrics_f = out_dir / "run" / "summary.json", out_dir / "run" / "metrics.jsonl"
     if rc != 0 or not summary_f.exists() or not metrics_f.exists():
-        rec.update(status="timeout" if rc is None else "failed", error=_tail(log))
+        rec.update(status=f"timeout ({timeout:.0f} s)" if rc is None else "failed", error=_tail(log))
         return rec
     summary = json.loads(summary_f.read_text())
     metrics = [json.loads(ln) for ln in metrics_f.read_text().splitlines() if ln.strip()]
@@ -394,7 +401,7 @@ def run_ours(spec: RunSpec, a: argparse.Namespace, model: str, work: Path, log: 
     return rec
 
 
-def run_trl(spec: RunSpec, a: argparse.Namespace, model: str, work: Path, log: Path) -> dict[str, Any]:
+def run_trl(spec: RunSpec, a: argparse.Namespace, model: str, work: Path, log: Path, timeout: float) -> dict[str, Any]:
     micro, accum = split_batch(a.global_batch, spec.gpus, a.micro_batch)
     out_dir = _fresh(work / spec.name)
     script = [
@@ -415,6 +422,8 @@ def run_trl(spec: RunSpec, a: argparse.Namespace, model: str, work: Path, log: P
         str(a.steps),
         "--lr",
         str(a.lr),
+        "--warmup-steps",
+        str(lr_warmup(a)),
         "--seq-len",
         str(a.seq_len),
         "--gradient-checkpointing",
@@ -430,7 +439,7 @@ def run_trl(spec: RunSpec, a: argparse.Namespace, model: str, work: Path, log: P
     env = _env(spec.gpus, a.cpu_smoke, launch, out_dir)
     if a.cpu_smoke:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // spec.gpus))
-    rc, wall = run_process(cmd, env, log, a.timeout)
+    rc, wall = run_process(cmd, env, log, timeout)
     rec: dict[str, Any] = {
         "micro_batch": micro,
         "grad_accum": accum,
@@ -440,7 +449,7 @@ def run_trl(spec: RunSpec, a: argparse.Namespace, model: str, work: Path, log: P
     }
     ranks = [json.loads(f.read_text()) for f in sorted(out_dir.glob("rank*.json"))]
     if rc != 0 or len(ranks) != spec.gpus or any(r.get("error") for r in ranks):
-        rec.update(status="timeout" if rc is None else "failed", error=_tail(log))
+        rec.update(status=f"timeout ({timeout:.0f} s)" if rc is None else "failed", error=_tail(log))
         return rec
     main = min(ranks, key=lambda r: r["rank"])
     rec.update(
@@ -458,7 +467,7 @@ def run_trl(spec: RunSpec, a: argparse.Namespace, model: str, work: Path, log: P
     return rec
 
 
-def build_model(a: argparse.Namespace, size: str, log: Path) -> tuple[str | None, float, str | None]:
+def build_model(a: argparse.Namespace, size: str, log: Path, timeout: float) -> tuple[str | None, float, str | None]:
     if a.cpu_smoke:
         from unsloth_mgpu_cli.models import ensure_builtin_model
 
@@ -475,7 +484,7 @@ def build_model(a: argparse.Namespace, size: str, log: Path) -> tuple[str | None
         "--corpus",
         str(a.data),
     ]
-    rc, wall = run_process(cmd, _env(1, False, time.time()), log, a.build_timeout)
+    rc, wall = run_process(cmd, _env(1, False, time.time()), log, timeout)
     if rc != 0 or not (dest / "config.json").exists():
         return None, wall, _tail(log)
     return str(dest), wall, None
@@ -523,12 +532,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--global-batch", type=int, default=16, help="samples per optimizer step, the same for every run")
     ap.add_argument("--micro-batch", type=int, default=8, help="largest micro-batch per GPU; the rest is accumulation")
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lr-warmup-steps", type=int, default=5, help="linear learning-rate warm-up, then cosine")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--gradient-checkpointing", default="false", choices=["false", "true", "unsloth"])
     ap.add_argument("--loss-window", type=int, default=5, help="loss = mean over the last N global batches of examples")
     ap.add_argument("--timeout", type=float, default=150, help="seconds per run")
     ap.add_argument("--build-timeout", type=float, default=420, help="seconds per model build")
-    ap.add_argument("--budget-s", type=float, default=500, help="skip runs that would start after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=510, help="seconds for the whole call, model builds included")
+    ap.add_argument("--min-run-s", type=float, default=75, help="skip a run when less than this is left of the budget")
     ap.add_argument(
         "--cpu-smoke",
         action="store_true",
@@ -562,7 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     models: dict[str, dict[str, Any]] = {}
     for size in a.sizes_list:
-        path, secs, err = build_model(a, size, out / "logs" / f"build-{size}.log")
+        timeout = min(a.build_timeout, a.budget_s - (time.time() - start))
+        path, secs, err = build_model(a, size, out / "logs" / f"build-{size}.log", timeout)
         models[size] = {"path": path, "build_s": round(secs, 1), "error": err}
         print(f"model {size}: {path or 'FAILED'} ({secs:.0f} s)", flush=True)
     for spec in plan_runs(a.systems, a.gpus_list, a.sizes_list):
@@ -577,11 +589,12 @@ def main(argv: list[str] | None = None) -> int:
         model = models[spec.size]["path"]
         if model is None:
             rec.update(status="skipped", error=f"model {spec.size} was not built")
-        elif time.time() - start > a.budget_s:
-            rec.update(status="skipped", error=f"past the {a.budget_s:.0f} s budget")
+        elif a.budget_s - (time.time() - start) < a.min_run_s:
+            rec.update(status="skipped", error=f"less than {a.min_run_s:.0f} s left of the {a.budget_s:.0f} s budget")
         else:
             runner = run_ours if spec.system == "ours" else run_trl
-            rec.update(runner(spec, a, model, work, out / "logs" / f"{spec.name}.log"))
+            timeout = min(a.timeout, a.budget_s - (time.time() - start))
+            rec.update(runner(spec, a, model, work, out / "logs" / f"{spec.name}.log", timeout))
             summarise(rec, a)
         results.append(rec)
         tps = rec.get("tokens_per_second")
