@@ -114,26 +114,27 @@ def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = No
 
     recipe = loaded.recipe.model_copy(deep=True)
     dist_cfg = recipe.distributed
-    if nnodes is not None:
-        dist_cfg.nnodes = nnodes
-    if node_rank is not None:
-        dist_cfg.node_rank = node_rank
-    if rdzv_endpoint is not None:
-        dist_cfg.rdzv_endpoint = rdzv_endpoint
+    # -- nodes (multinode, #9): flags > recipe > torchrun / SLURM environment; see distributed.resolve_nodes --
+    from .distributed import resolve_nodes, run_in_place
+
+    nodes = resolve_nodes(os.environ, {"nnodes": nnodes, "node_rank": node_rank, "rdzv_endpoint": rdzv_endpoint},
+                          recipe.distributed)
+    dist_cfg.nnodes, dist_cfg.node_rank, dist_cfg.rdzv_endpoint = nodes.nnodes, nodes.node_rank, nodes.rdzv_endpoint
     device, gpus = detect_device(recipe)
-    num_local = resolve_workers(recipe, device, gpus)
+    num_local = nodes.local_world_size if nodes.under_torchrun else resolve_workers(recipe, device, gpus)
+    # -- end nodes --
     num_workers = num_local * dist_cfg.nnodes
     recipe, notes = resolve_auto_values(recipe, device, num_workers)
     dist_cfg = recipe.distributed
     dist_cfg.num_gpus = num_local
     dist_cfg.device = device  # type: ignore[assignment]
     out = Path(recipe.output.dir)
-    is_main_node = dist_cfg.node_rank == 0
-    resume_from = None
-    if is_main_node:
-        from .checkpoint import find_resume_checkpoint
+    is_main_node = nodes.rank == 0 if nodes.under_torchrun else dist_cfg.node_rank == 0
+    from .checkpoint import find_resume_checkpoint
 
-        resume_from = find_resume_checkpoint(out, resume) if resume else None
+    # Every node looks (read-only; output.dir is shared): the workers check that they all agree.
+    resume_from = find_resume_checkpoint(out, resume) if resume else None
+    if is_main_node:
         prepare_output_dir(out, overwrite, resume is not None)
     model_path = resolve_model_path(recipe.model.name)
     data_dir, summary, hit = data_mod.prepare(recipe, model_path)
@@ -147,6 +148,9 @@ def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = No
             console.print(f"[dim]auto: {note}[/]")
         (out / "recipe.resolved.yaml").write_text(
             "# Every value of this run, `auto`s filled in (written by mgpu train).\n" + to_yaml(recipe))
+        if dist_cfg.nnodes > 1 or nodes.under_torchrun:
+            console.print(f"[bold]nodes[/]: {nodes.describe()}" + (" [dim](started by torchrun)[/]"
+                                                                   if nodes.under_torchrun else ""))
         console.print(f"[bold]launching[/] {num_local} worker(s) on {device}"
                       + (f" x {dist_cfg.nnodes} nodes" if dist_cfg.nnodes > 1 else "")
                       + f"; global batch {recipe.global_batch_size(num_workers)} samples/step")
@@ -164,7 +168,8 @@ def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = No
     spec = LaunchSpec(nproc_per_node=num_local, device_type=device, nnodes=dist_cfg.nnodes,
                       node_rank=dist_cfg.node_rank, rdzv_endpoint=dist_cfg.rdzv_endpoint,
                       max_restarts=dist_cfg.max_restarts, log_dir=out / "logs")
-    results = launch(worker_entry, (plan,), spec)
+    results = run_in_place(worker_entry, (plan,), nodes, device) if nodes.under_torchrun else launch(
+        worker_entry, (plan,), spec)
     return results.get(0) or next(iter(results.values()), {}) or {}
 
 
@@ -185,6 +190,8 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
 
     info = D.setup_worker(plan.recipe.distributed.timeout_seconds)
     try:
+        # Under torchrun every rank ran the parent's preparation; rank 0's (output.dir) must finish first.
+        D.barrier(info)
         trainer = Trainer(plan, info)
         trainer.setup()
         return trainer.fit()
@@ -268,10 +275,12 @@ class Trainer:
         self.sync = D.GradientSynchronizer(self.params, self.info, r.distributed.aggregation,
                                            r.distributed.bucket_size_mb)
         self.history: list[dict[str, Any]] = []
-        if self.plan.resume_from:
-            from .checkpoint import load_checkpoint
+        # Resume: the checkpoint chosen at launch, or after an elastic restart the newest one (multinode, #9).
+        from .checkpoint import load_checkpoint, resume_point
 
-            self.step = load_checkpoint(Path(self.plan.resume_from), self)
+        start = resume_point(self.out, self.plan.resume_from, self.info)
+        if start is not None:
+            self.step = load_checkpoint(start, self)
 
     # -- the loop --------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:

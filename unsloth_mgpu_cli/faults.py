@@ -6,6 +6,8 @@
   raise     - raise RuntimeError("injected failure")
   exit      - hard exit (os._exit(17)), like a crashed worker
   sleep     - stop making progress for a long time (a hang)
+An `attempt=A` option limits a fault to one attempt of an elastic run (0: before any restart), so that
+`exit:rank=1:step=4:attempt=0` crashes once and lets the restarted workers finish.
 Unset in normal runs: then `maybe_inject` is a dictionary lookup and nothing else.
 """
 
@@ -41,6 +43,8 @@ def maybe_inject(point: str, trainer: Any, **kw: Any) -> None:
     current = trainer.step if point == "step_end" else trainer.step + 1
     for f in faults:
         if f["rank"] != trainer.info.rank or current != f["step"]:
+            continue
+        if "attempt" in f and f["attempt"] != getattr(trainer.info, "restart_count", 0):
             continue
         kind = f["kind"]
         if kind == "nan" and point == "loss":
