@@ -69,7 +69,10 @@ def _fail(exc: BaseException) -> None:
         console.print(f"[bold red]error:[/] {exc.render()}", markup=True, soft_wrap=True)
         raise typer.Exit(2)
     if isinstance(exc, TrainingFailed):
-        console.print(f"[bold red]training failed:[/] {exc}", soft_wrap=True)
+        from rich.markup import escape
+
+        # escape: worker messages can hold brackets (gloo's "[/path/pair.cc:152]") that rich reads as markup
+        console.print(f"[bold red]training failed:[/] {escape(str(exc))}", soft_wrap=True)
         if exc.details:
             console.print(exc.details, markup=False, soft_wrap=True)
         raise typer.Exit(1)
