@@ -466,6 +466,22 @@ def setup_worker(timeout_seconds: int = 1800) -> DistInfo:
         kwargs: dict[str, Any] = {"backend": info.backend, "timeout": timedelta(seconds=timeout_seconds)}
         if device_type == "cuda":
             kwargs["device_id"] = torch.device("cuda", 0)
+        if info.restart_count > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # After an elastic restart the agent's store still holds the dead attempt's gloo/NCCL addresses under
+            # the same keys; a new rank could read a stale one ("connectFullMesh ... Connection refused").
+            # A prefix per attempt keeps the attempts apart.
+            base = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                info.world_size,
+                is_master=False,
+                timeout=timedelta(seconds=timeout_seconds),
+            )
+            kwargs.update(
+                store=dist.PrefixStore(f"mgpu/attempt_{info.restart_count}", base),
+                rank=info.rank,
+                world_size=info.world_size,
+            )
         dist.init_process_group(**kwargs)
     return info
 
