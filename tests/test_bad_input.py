@@ -228,7 +228,7 @@ CASES = [
         "node-rank-arg",
         "train",
         with_args("--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:29999"),
-        ["--node-rank", "expected 0..1, found 2"],
+        ["--node-rank", "expected 0..1", "found 2"],
     ),
     ("nnodes-arg-no-endpoint", "train", with_args("--nnodes", "2"), ["--rdzv-endpoint", "HOST:PORT"]),
     ("rdzv-port-in-use", "train", _busy_port, ["distributed.rdzv_endpoint", "already in use"]),

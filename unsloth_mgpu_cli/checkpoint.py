@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,6 +103,33 @@ _IDENTITY_LABELS = {
                      "training.micro_batch_size x workers x training.gradient_accumulation_steps"),
     "seed": ("seed", "training.seed"),
 }
+
+
+def resume_point(out: Path, resume_from: str | None, info: Any) -> Path | None:
+    """The checkpoint a worker starts from.
+
+    On the first attempt: the one the parent chose at launch (`--resume`), if any. After an elastic restart
+    (`distributed.max_restarts`; `info.restart_count > 0`) that choice is stale: the newest complete
+    checkpoint in `out/checkpoints` (falling back to the launch choice). Every rank decides, and all must
+    agree with rank 0, so all nodes continue from the same step.
+
+    Raises:
+        RuntimeError: this rank's choice differs from rank 0's (output.dir not shared between nodes).
+    """
+    from . import distributed as D
+
+    mine = resume_from
+    if info.restart_count > 0:
+        found = list_checkpoints(out)
+        mine = str(found[-1]) if found else resume_from
+        if info.is_main:
+            print(f"restart {info.restart_count}: " + (f"resuming from {mine}" if mine else "no checkpoint yet, "
+                  "starting from step 0"), file=sys.stderr, flush=True)
+    chosen = D.broadcast_object(mine, info)
+    if chosen != mine:
+        raise RuntimeError(f"rank {info.rank} would start from {mine or 'step 0'} but rank 0 from "
+                           f"{chosen or 'step 0'}: output.dir must be one folder all nodes reach (shared filesystem)")
+    return Path(chosen) if chosen else None
 
 
 def run_identity(recipe: Any, data_fingerprint: str, global_batch: int) -> dict[str, Any]:

@@ -14,15 +14,19 @@ import errno
 import logging
 import math
 import os
+import re
+import shutil
 import socket
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .errors import TrainingFailed
+from .errors import Problem, TrainingFailed, UserError
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class DistInfo:
     local_world_size: int = 1
     node_rank: int = 0
     device_type: str = "cpu"  # "cuda" or "cpu"
+    restart_count: int = 0  # how often the elastic agent restarted the workers (0: first attempt)
 
     @property
     def is_main(self) -> bool:
@@ -61,6 +66,7 @@ def get_dist_info(device_type: str = "cpu") -> DistInfo:
         local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
         node_rank=int(env.get("GROUP_RANK", env.get("NODE_RANK", 0))),
         device_type=device_type,
+        restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
     )
 
 
@@ -69,6 +75,248 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+# ------------------------------------------------------------------------------------------------------
+# Nodes: where nnodes / node_rank / the rendezvous endpoint come from (flags, recipe, torchrun, SLURM)
+# ------------------------------------------------------------------------------------------------------
+
+DEFAULT_RDZV_PORT = 29400  # torchrun's default c10d rendezvous port
+
+
+@dataclass(frozen=True)
+class NodeSetup:
+    """How this host takes part in a run, and where each value came from.
+
+    Attributes:
+        nnodes: number of hosts.
+        node_rank: this host's index among them.
+        rdzv_endpoint: HOST:PORT of the rendezvous (None on one host: loopback is used).
+        sources: for each of the three values, what set it: a flag (`--nnodes`), a recipe key
+            (`distributed.nnodes`), an environment variable (`SLURM_NODEID`) or `default`.
+        under_torchrun: this process is already a worker started by torchrun (or another elastic agent):
+            train in place instead of launching workers.
+        rank: global rank given by torchrun (under_torchrun only).
+        local_world_size: workers on this host given by torchrun (under_torchrun only).
+        world_size: workers in all given by torchrun (under_torchrun only).
+    """
+
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+    under_torchrun: bool = False
+    rank: int = 0
+    local_world_size: int = 1
+    world_size: int = 1
+
+    def describe(self) -> str:
+        """One line for the console, e.g. `node 1 of 2, rendezvous gpu01:29400 (from SLURM_JOB_NODELIST)`."""
+        text = f"node {self.node_rank} of {self.nnodes}"
+        if self.rdzv_endpoint:
+            text += f", rendezvous {self.rdzv_endpoint}"
+        origins = sorted({v for v in self.sources.values() if v != "default"})
+        return text + (f" (from {', '.join(origins)})" if origins else "")
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand SLURM's compact host list, e.g. `gpu[01-03,07],login1` -> gpu01 gpu02 gpu03 gpu07 login1.
+
+    A fallback for `scontrol show hostnames` (zero padding kept; several bracket groups multiply out).
+    """
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist.strip()):
+        hosts.extend(_expand_one(item))
+    return hosts
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        depth += ch == "["
+        depth -= ch == "]"
+        cur += ch
+    parts.append(cur)
+    return [p for p in (x.strip() for x in parts) if p]
+
+
+def _expand_one(item: str) -> list[str]:
+    m = re.search(r"\[([^\]]*)\]", item)
+    if not m:
+        return [item]
+    head, tail = item[: m.start()], item[m.end() :]
+    out: list[str] = []
+    for rng in m.group(1).split(","):
+        lo, _, hi = rng.strip().partition("-")
+        if hi and lo.isdigit() and hi.isdigit():
+            numbers = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+        else:
+            numbers = [lo]
+        for n in numbers:
+            out.extend(_expand_one(head + n + tail))
+    return out
+
+
+def first_slurm_host(nodelist: str, scontrol: str | None = None) -> str:
+    """The first host of a SLURM node list: `scontrol show hostnames` when available, else our parser."""
+    scontrol = scontrol if scontrol is not None else shutil.which("scontrol")
+    if scontrol:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            proc = subprocess.run(
+                [scontrol, "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10, check=True
+            )
+            lines = proc.stdout.split()
+            if lines:
+                return lines[0]
+    hosts = expand_nodelist(nodelist)
+    if not hosts:
+        raise UserError(Problem("SLURM_JOB_NODELIST", f"cannot read a host from {nodelist!r}"), "invalid environment")
+    return hosts[0]
+
+
+def check_endpoint(endpoint: str, where: str) -> list[Problem]:
+    """Problems with a HOST:PORT string ([v6::addr]:PORT accepted), naming `where`."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not re.fullmatch(r"[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:.]+\]", host):
+        return [Problem(where, f"expected HOST:PORT (e.g. 10.0.0.1:29400), found {endpoint!r}")]
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return [Problem(where, f"expected a port from 1 to 65535 after the host, found {endpoint!r}")]
+    return []
+
+
+def resolve_nodes(
+    env: dict[str, str] | os._Environ[str],
+    flags: dict[str, Any] | None = None,
+    recipe: Any = None,
+    scontrol: str | None = None,
+) -> NodeSetup:
+    """Decide nnodes / node_rank / rdzv_endpoint for this host, and record where each came from.
+
+    Precedence: command-line flag > recipe key (only when the recipe sets it) > torchrun's environment >
+    SLURM's (`srun mgpu train ...`) > MASTER_ADDR/MASTER_PORT (endpoint only) > default (one node).
+
+    Args:
+        env: the environment to read (os.environ, or a dict in tests).
+        flags: `{"nnodes", "node_rank", "rdzv_endpoint"}` from the command line (None: not given).
+        recipe: the recipe's `distributed` section (its explicitly set fields count).
+        scontrol: path of `scontrol` (default: looked up on PATH); "" disables it.
+
+    Raises:
+        UserError: node_rank outside 0..nnodes-1, no or a malformed endpoint for several nodes, flags
+            given to a process torchrun already started, or an srun with several tasks per node; each
+            problem names the flag, key or variable that set the value.
+    """
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    flag_names = {"nnodes": "--nnodes", "node_rank": "--node-rank", "rdzv_endpoint": "--rdzv-endpoint"}
+    for key, flag in flag_names.items():
+        if key in flags:
+            values[key], sources[key] = flags[key], flag
+    if recipe is not None:
+        for key in flag_names:
+            if key not in values and key in getattr(recipe, "model_fields_set", set()):
+                values[key], sources[key] = getattr(recipe, key), f"distributed.{key}"
+
+    if env.get("TORCHELASTIC_RUN_ID") and "RANK" in env:
+        # Already a worker of torchrun (or another elastic agent): it did the rendezvous; train in place.
+        given = [flag_names[k] for k in flags]
+        if given:
+            raise UserError(
+                Problem(
+                    ", ".join(given),
+                    "this process was started by torchrun, which already placed it (RANK/WORLD_SIZE are set)",
+                    "drop these flags, or run mgpu train without torchrun",
+                ),
+                "invalid arguments",
+            )
+        local_ws = int(env.get("LOCAL_WORLD_SIZE", 1))
+        world = int(env.get("WORLD_SIZE", 1))
+        master = (
+            f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}" if env.get("MASTER_ADDR") and env.get("MASTER_PORT") else None
+        )
+        return NodeSetup(
+            nnodes=max(1, world // max(1, local_ws)),
+            node_rank=int(env.get("GROUP_RANK", 0)),
+            rdzv_endpoint=master,
+            sources={
+                "nnodes": "WORLD_SIZE/LOCAL_WORLD_SIZE",
+                "node_rank": "GROUP_RANK",
+                "rdzv_endpoint": "MASTER_ADDR/MASTER_PORT",
+            },
+            under_torchrun=True,
+            rank=int(env["RANK"]),
+            local_world_size=local_ws,
+            world_size=world,
+        )
+
+    problems: list[Problem] = []
+    slurm_nodes = env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES")
+    if slurm_nodes and "SLURM_NODEID" in env:
+        if "nnodes" not in values:
+            values["nnodes"], sources["nnodes"] = int(slurm_nodes), "SLURM_NNODES"
+        if "node_rank" not in values:
+            values["node_rank"], sources["node_rank"] = int(env["SLURM_NODEID"]), "SLURM_NODEID"
+        tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
+        if tasks and tasks.isdigit() and int(tasks) > int(slurm_nodes) and sources["nnodes"] == "SLURM_NNODES":
+            problems.append(
+                Problem(
+                    "SLURM_NTASKS",
+                    f"{tasks} tasks on {slurm_nodes} nodes; mgpu starts the workers of a node itself",
+                    "run srun with --ntasks-per-node=1",
+                )
+            )
+        if "rdzv_endpoint" not in values and values["nnodes"] > 1:
+            if env.get("MASTER_ADDR"):
+                values["rdzv_endpoint"] = f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT') or DEFAULT_RDZV_PORT}"
+                sources["rdzv_endpoint"] = "MASTER_ADDR/MASTER_PORT"
+            elif env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST"):
+                nodelist = env.get("SLURM_JOB_NODELIST") or env["SLURM_NODELIST"]
+                host = first_slurm_host(nodelist, scontrol)
+                values["rdzv_endpoint"] = f"{host}:{env.get('MASTER_PORT') or DEFAULT_RDZV_PORT}"
+                sources["rdzv_endpoint"] = "SLURM_JOB_NODELIST"
+    if "rdzv_endpoint" not in values and env.get("MASTER_ADDR") and values.get("nnodes", 1) > 1:
+        values["rdzv_endpoint"] = f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT') or DEFAULT_RDZV_PORT}"
+        sources["rdzv_endpoint"] = "MASTER_ADDR/MASTER_PORT"
+    for key, default in (("nnodes", 1), ("node_rank", 0), ("rdzv_endpoint", None)):
+        if key not in values:
+            values[key], sources[key] = default, "default"
+
+    nnodes, node_rank, endpoint = int(values["nnodes"]), int(values["node_rank"]), values["rdzv_endpoint"]
+    if nnodes < 1:
+        problems.append(Problem(sources["nnodes"], f"expected at least 1 node, found {nnodes}"))
+    elif not 0 <= node_rank < nnodes:
+        problems.append(
+            Problem(
+                sources["node_rank"],
+                f"expected 0..{nnodes - 1} (nnodes={nnodes} from {sources['nnodes']}), found {node_rank}",
+            )
+        )
+    if nnodes > 1 and not endpoint:
+        problems.append(
+            Problem(
+                "--rdzv-endpoint",
+                f"{nnodes} nodes need HOST:PORT of node 0's rendezvous",
+                "pass --rdzv-endpoint HOST:PORT (the same on every node), or set distributed.rdzv_endpoint",
+            )
+        )
+    elif endpoint:
+        problems += check_endpoint(str(endpoint), sources["rdzv_endpoint"])
+    if problems:
+        raise UserError(problems, "invalid multi-node arguments")
+    return NodeSetup(
+        nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=endpoint if nnodes > 1 else None, sources=sources
+    )
+
+
+def run_in_place(entry: Callable[..., Any], args: Sequence[Any], setup: NodeSetup, device_type: str) -> dict[int, Any]:
+    """Under torchrun: this process is already one worker; run `entry(*args)` here (no second launch)."""
+    os.environ["MGPU_DEVICE_TYPE"] = device_type
+    return {setup.rank: entry(*args)}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -98,16 +346,25 @@ def build_launch_config(spec: LaunchSpec) -> Any:
         endpoint = f"127.0.0.1:{free_port()}"
         local_addr = "127.0.0.1"
     else:
+        # Node 0 hosts the c10d store on the endpoint (is_host below); the others connect to it. The rendezvous
+        # numbers the nodes itself (sorted by host name), so global rank 0 may sit on any node: output.dir
+        # must be a folder every node reaches. A loopback endpoint means "all nodes on this host" (tests).
         endpoint = spec.rdzv_endpoint or ""
-        local_addr = None
+        host = endpoint.rpartition(":")[0].strip("[]")
+        local_addr = "127.0.0.1" if host in ("localhost", "::1") or host.startswith("127.") else None
+    log_dir = spec.log_dir
+    if spec.node_rank > 0 and log_dir is not None:
+        # Only node 0 touches output.dir before the run; the other nodes keep their worker logs locally.
+        log_dir = Path(tempfile.mkdtemp(prefix=f"mgpu-node{spec.node_rank}-logs-"))
     # Workers other than local rank 0 write their stdout/stderr to files: one readable console.
     redirects = {i: Std.ALL for i in range(1, spec.nproc_per_node)}
-    logs = DefaultLogsSpecs(log_dir=str(spec.log_dir) if spec.log_dir else None, redirects=redirects, tee=Std.NONE)
+    logs = DefaultLogsSpecs(log_dir=str(log_dir) if log_dir else None, redirects=redirects, tee=Std.NONE)
     config = LaunchConfig(
         min_nodes=spec.nnodes,
         max_nodes=spec.nnodes,
         nproc_per_node=spec.nproc_per_node,
-        run_id=spec.run_id or uuid.uuid4().hex[:12],
+        # Every node must name the same run to meet at the rendezvous; the endpoint already isolates runs.
+        run_id=spec.run_id or (uuid.uuid4().hex[:12] if spec.nnodes == 1 else "mgpu"),
         role="mgpu",
         rdzv_endpoint=endpoint,
         rdzv_backend="c10d",
@@ -364,6 +621,22 @@ def setup_worker(timeout_seconds: int = 1800) -> DistInfo:
         kwargs: dict[str, Any] = {"backend": info.backend, "timeout": timedelta(seconds=timeout_seconds)}
         if device_type == "cuda":
             kwargs["device_id"] = torch.device("cuda", 0)
+        if info.restart_count > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # After an elastic restart the agent's store still holds the dead attempt's gloo/NCCL addresses under
+            # the same keys; a new rank could read a stale one ("connectFullMesh ... Connection refused").
+            # A prefix per attempt keeps the attempts apart.
+            base = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                info.world_size,
+                is_master=False,
+                timeout=timedelta(seconds=timeout_seconds),
+            )
+            kwargs.update(
+                store=dist.PrefixStore(f"mgpu/attempt_{info.restart_count}", base),
+                rank=info.rank,
+                world_size=info.world_size,
+            )
         dist.init_process_group(**kwargs)
     return info
 
@@ -443,7 +716,7 @@ def broadcast_parameters(params: Sequence[Any], info: DistInfo, src: int = 0) ->
             offset = 0
             for p in bucket:
                 n = p.numel()
-                p.copy_(flat[offset:offset + n].view_as(p))
+                p.copy_(flat[offset : offset + n].view_as(p))
                 offset += n
 
 
@@ -505,7 +778,7 @@ class GradientSynchronizer:
             offset = 0
             for p in bucket:
                 n = p.numel()
-                chunk = flat[offset:offset + n].view_as(p).to(p.dtype)
+                chunk = flat[offset : offset + n].view_as(p).to(p.dtype)
                 if p.grad is None:
                     p.grad = chunk.clone()
                 else:

@@ -193,34 +193,29 @@ def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = No
     recipe = loaded.recipe.model_copy(deep=True)
     check_sinks_available(recipe)
     dist_cfg = recipe.distributed
-    if nnodes is not None:
-        dist_cfg.nnodes = nnodes
-    if node_rank is not None:
-        dist_cfg.node_rank = node_rank
-    if rdzv_endpoint is not None:
-        dist_cfg.rdzv_endpoint = rdzv_endpoint
-    if dist_cfg.nnodes > 1 and not dist_cfg.rdzv_endpoint:
-        raise UserError(Problem("--rdzv-endpoint", f"--nnodes {dist_cfg.nnodes} needs HOST:PORT of node 0's "
-                                "rendezvous", "e.g. --rdzv-endpoint 10.0.0.1:29400"), "invalid arguments")
-    if dist_cfg.node_rank >= dist_cfg.nnodes:
-        raise UserError(Problem("--node-rank", f"expected 0..{dist_cfg.nnodes - 1}, found {dist_cfg.node_rank}"),
-                        "invalid arguments")
+    # -- nodes (multinode, #9): flags > recipe > torchrun / SLURM environment; see distributed.resolve_nodes --
+    from .distributed import resolve_nodes, run_in_place
+
+    nodes = resolve_nodes(os.environ, {"nnodes": nnodes, "node_rank": node_rank, "rdzv_endpoint": rdzv_endpoint},
+                          recipe.distributed)
+    dist_cfg.nnodes, dist_cfg.node_rank, dist_cfg.rdzv_endpoint = nodes.nnodes, nodes.node_rank, nodes.rdzv_endpoint
     device, gpus = detect_device(recipe)
-    num_local = resolve_workers(recipe, device, gpus)
+    num_local = nodes.local_world_size if nodes.under_torchrun else resolve_workers(recipe, device, gpus)
+    # -- end nodes --
     num_workers = num_local * dist_cfg.nnodes
     recipe, notes = resolve_auto_values(recipe, device, num_workers)
     dist_cfg = recipe.distributed
     dist_cfg.num_gpus = num_local
     dist_cfg.device = device  # type: ignore[assignment]
     out = Path(recipe.output.dir)
-    is_main_node = dist_cfg.node_rank == 0
-    if dist_cfg.nnodes > 1 and is_main_node and dist_cfg.rdzv_endpoint:
+    is_main_node = nodes.rank == 0 if nodes.under_torchrun else dist_cfg.node_rank == 0
+    if dist_cfg.nnodes > 1 and is_main_node and dist_cfg.rdzv_endpoint and not nodes.under_torchrun:
         check_rendezvous_port(dist_cfg.rdzv_endpoint)
-    resume_from = None
+    # Every node looks (read-only; output.dir is shared): the workers check that they all agree.
+    resume_from = find_resume_checkpoint(out, resume) if resume else None
+    if resume_from is not None:
+        verify_safe_to_load(resume_from)
     if is_main_node:
-        resume_from = find_resume_checkpoint(out, resume) if resume else None
-        if resume_from is not None:
-            verify_safe_to_load(resume_from)
         check_output_dir(out, overwrite, resume is not None)
     model_path = resolve_model_path(recipe.model.name)
     data_dir, summary, hit = data_mod.prepare(recipe, model_path)
@@ -253,6 +248,9 @@ def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = No
             truncate_metrics(out, start)
         (out / "recipe.resolved.yaml").write_text(
             "# Every value of this run, `auto`s filled in (written by mgpu train).\n" + to_yaml(recipe))
+        if dist_cfg.nnodes > 1 or nodes.under_torchrun:
+            console.print(f"[bold]nodes[/]: {nodes.describe()}" + (" [dim](started by torchrun)[/]"
+                                                                   if nodes.under_torchrun else ""))
         console.print(f"[bold]launching[/] {num_local} worker(s) on {device}"
                       + (f" x {dist_cfg.nnodes} nodes" if dist_cfg.nnodes > 1 else "")
                       + f"; global batch {recipe.global_batch_size(num_workers)} samples/step")
@@ -269,7 +267,10 @@ def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = No
                       node_rank=dist_cfg.node_rank, rdzv_endpoint=dist_cfg.rdzv_endpoint,
                       max_restarts=dist_cfg.max_restarts, log_dir=out / "logs",
                       stop_file=out / STOP_FILE if is_main_node else None)
-    results = launch(worker_entry, (plan,), spec)
+    if nodes.under_torchrun:
+        results = run_in_place(worker_entry, (plan,), nodes, device)
+    else:
+        results = launch(worker_entry, (plan,), spec)
     result = results.get(0) or next(iter(results.values()), {}) or {}
     if result.get("interrupted"):
         raise Interrupted(f"stopped after step {result.get('steps')}; checkpoint saved in {result.get('checkpoint')}. "
@@ -299,6 +300,8 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
     # SETUP_TIMEOUT_S; the training loop then uses the recipe's (possibly short) hang watchdog.
     info = D.setup_worker(max(timeout, D.SETUP_TIMEOUT_S))
     try:
+        # Under torchrun every rank ran the parent's preparation; rank 0's (output.dir) must finish first.
+        D.barrier(info)
         trainer = Trainer(plan, info, stop)
         trainer.setup()
         D.set_collective_timeout(timeout)
@@ -385,12 +388,16 @@ class Trainer:
         # Totals over the whole run, carried through checkpoints so a resumed run reports the whole run.
         self.run_state: dict[str, Any] = {"tokens": 0, "elapsed_s": 0.0, "skipped_steps": 0,
                                           "best_eval_loss": None, "last_metrics": None}
-        if self.plan.resume_from:
-            from .checkpoint import load_checkpoint
+        # Resume: the checkpoint chosen at launch, or after an elastic restart the newest one (multinode, #9).
+        from .checkpoint import load_checkpoint, resume_point, truncate_metrics
 
-            state = load_checkpoint(Path(self.plan.resume_from), self)
+        start = resume_point(self.out, self.plan.resume_from, self.info)
+        if start is not None:
+            state = load_checkpoint(start, self)
             self.step = int(state["step"])
             self.run_state.update(state.get("run_state", {}))
+            if self.info.restart_count > 0 and self.info.is_main:
+                truncate_metrics(self.out, self.step)  # rows after the checkpoint are logged again
 
     # -- the loop --------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:

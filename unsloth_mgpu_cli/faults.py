@@ -10,6 +10,8 @@ at step S (through step T when `until` is given):
   sleep     - stop making progress for `seconds` (default 3600): a hang
   oom       - raise torch.OutOfMemoryError at the forward of any micro-batch of more than `above`
               samples (default 1), as CUDA does when activations do not fit
+An `attempt=A` option limits a fault to one attempt of an elastic run (0: before any restart), so that
+`exit:rank=1:step=4:attempt=0` crashes once and lets the restarted workers finish.
 Unset in normal runs: then `maybe_inject` is a dictionary lookup and nothing else.
 """
 
@@ -46,6 +48,8 @@ def maybe_inject(point: str, trainer: Any, **kw: Any) -> None:
     current = trainer.step if point == "step_end" else trainer.step + 1
     for f in faults:
         if f["rank"] != trainer.info.rank or not f["step"] <= current <= f.get("until", f["step"]):
+            continue
+        if "attempt" in f and f["attempt"] != getattr(trainer.info, "restart_count", 0):
             continue
         kind = f["kind"]
         if kind == "nan" and point == "loss":

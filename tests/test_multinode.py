@@ -1,0 +1,283 @@
+"""Several nodes: where nnodes/node_rank/endpoint come from (flags, recipe, torchrun, SLURM), bad arguments,
+two "nodes" on localhost against one node, and an elastic restart that resumes from the last checkpoint.
+
+    PYTHONPATH=. python -m pytest -q -x tests/test_multinode.py
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, assert_user_error, mgpu_env, run_mgpu
+
+from unsloth_mgpu_cli import distributed as D
+from unsloth_mgpu_cli.errors import UserError
+from unsloth_mgpu_cli.recipe import DistributedSection
+
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+SBATCH = ROOT / "examples" / "slurm" / "train.sbatch"
+
+# ------------------------------------------------------------------------------------------------------
+# Environment detection, on fake environments (no scontrol: the nodelist parser is used)
+# ------------------------------------------------------------------------------------------------------
+
+SLURM = {"SLURM_NNODES": "4", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu[07-09,11]", "SLURM_NTASKS": "4"}
+
+
+def resolve(env, flags=None, recipe=None):
+    return D.resolve_nodes(env, flags or {}, recipe, scontrol="")
+
+
+def test_no_environment_means_one_node_on_loopback():
+    setup = resolve({})
+    assert (setup.nnodes, setup.node_rank, setup.rdzv_endpoint, setup.under_torchrun) == (1, 0, None, False)
+    assert set(setup.sources.values()) == {"default"}
+
+
+def test_srun_environment_gives_nodes_rank_and_first_host_of_the_nodelist():
+    setup = resolve(SLURM)
+    assert (setup.nnodes, setup.node_rank, setup.rdzv_endpoint) == (4, 2, "gpu07:29400")
+    assert setup.sources == {
+        "nnodes": "SLURM_NNODES",
+        "node_rank": "SLURM_NODEID",
+        "rdzv_endpoint": "SLURM_JOB_NODELIST",
+    }
+    assert "SLURM_NODEID" in setup.describe()
+
+
+def test_master_addr_and_port_win_over_the_nodelist():
+    setup = resolve({**SLURM, "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29555"})
+    assert setup.rdzv_endpoint == "10.1.2.3:29555"
+    assert setup.sources["rdzv_endpoint"] == "MASTER_ADDR/MASTER_PORT"
+    # MASTER_PORT alone changes the port on the first host of the nodelist
+    assert resolve({**SLURM, "MASTER_PORT": "30000"}).rdzv_endpoint == "gpu07:30000"
+
+
+def test_scontrol_is_asked_first_when_present(tmp_path):
+    fake = tmp_path / "scontrol"
+    fake.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames n[1-2]" ] && printf "head-a\\nhead-b\\n"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = {"SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "n[1-2]"}
+    assert D.resolve_nodes(env, {}, None, scontrol=str(fake)).rdzv_endpoint == "head-a:29400"
+    assert D.resolve_nodes(env, {}, None, scontrol="").rdzv_endpoint == "n1:29400"
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "hosts"),
+    [
+        ("gpu[01-04]", ["gpu01", "gpu02", "gpu03", "gpu04"]),
+        ("gpu[01-02,10],login7", ["gpu01", "gpu02", "gpu10", "login7"]),
+        ("node5", ["node5"]),
+        ("a[1-2]-b[08-09]", ["a1-b08", "a1-b09", "a2-b08", "a2-b09"]),
+        ("x[9-11]", ["x9", "x10", "x11"]),
+    ],
+)
+def test_compact_nodelist_expands(nodelist, hosts):
+    assert D.expand_nodelist(nodelist) == hosts
+
+
+def test_flags_beat_the_recipe_which_beats_slurm():
+    recipe = DistributedSection(nnodes=3, rdzv_endpoint="head:1234")
+    setup = resolve(SLURM, {"node_rank": 1, "nnodes": None}, recipe)
+    assert (setup.nnodes, setup.node_rank, setup.rdzv_endpoint) == (3, 1, "head:1234")
+    assert setup.sources == {
+        "nnodes": "distributed.nnodes",
+        "node_rank": "--node-rank",
+        "rdzv_endpoint": "distributed.rdzv_endpoint",
+    }
+    # recipe defaults (not written by the user) do not hide the environment
+    assert resolve(SLURM, {}, DistributedSection()).nnodes == 4
+
+
+def test_under_torchrun_the_process_is_a_worker_already():
+    env = {
+        "TORCHELASTIC_RUN_ID": "abc",
+        "RANK": "5",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "8",
+        "LOCAL_WORLD_SIZE": "4",
+        "GROUP_RANK": "1",
+        "MASTER_ADDR": "h0",
+        "MASTER_PORT": "29500",
+        **SLURM,
+    }
+    setup = resolve(env)
+    assert setup.under_torchrun
+    assert (setup.nnodes, setup.node_rank, setup.rank, setup.local_world_size, setup.world_size) == (2, 1, 5, 4, 8)
+    with pytest.raises(UserError) as err:
+        resolve(env, {"nnodes": 2})
+    assert "--nnodes" in str(err.value) and "torchrun" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "flags", "where"),
+    [
+        ({}, {"nnodes": 2, "node_rank": 2, "rdzv_endpoint": "h:1"}, "--node-rank"),
+        ({}, {"nnodes": 2, "node_rank": 1}, "--rdzv-endpoint"),
+        ({}, {"nnodes": 2, "rdzv_endpoint": "no-port"}, "--rdzv-endpoint"),
+        ({}, {"nnodes": 2, "rdzv_endpoint": "host:99999"}, "--rdzv-endpoint"),
+        ({**SLURM, "SLURM_NODEID": "4"}, {}, "SLURM_NODEID"),
+        ({**SLURM, "SLURM_NTASKS": "32"}, {}, "SLURM_NTASKS"),
+    ],
+)
+def test_bad_node_arguments_name_their_source(env, flags, where):
+    with pytest.raises(UserError) as err:
+        resolve(env, flags)
+    assert any(p.where == where for p in err.value.problems), err.value.render()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:29400"], "--node-rank"),
+        (["--nnodes", "2", "--node-rank", "1"], "--rdzv-endpoint"),
+        (["--nnodes", "2", "--rdzv-endpoint", "127.0.0.1"], "--rdzv-endpoint"),
+        (["distributed.nnodes=2", "distributed.node_rank=0"], "distributed.rdzv_endpoint"),
+    ],
+)
+def test_cli_rejects_bad_node_arguments_with_exit_2(tmp_path, args, needle):
+    proc = run_mgpu("train", str(QUICKSTART), f"output.dir={tmp_path / 'out'}", *args, timeout=120)
+    assert_user_error(proc, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sbatch_example_is_a_valid_script_using_srun_one_task_per_node():
+    text = SBATCH.read_text()
+    assert "--ntasks-per-node=1" in text and "srun" in text and "mgpu train" in text
+    assert subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True).returncode == 0
+
+
+# ------------------------------------------------------------------------------------------------------
+# End to end on CPU (gloo): two "nodes" on localhost, and an elastic restart
+# ------------------------------------------------------------------------------------------------------
+
+BASE = [
+    "training.max_steps=5",
+    "training.warmup_steps=1",
+    "training.learning_rate=5e-3",
+    "output.save_steps=0",
+    "distributed.aggregation=weighted",
+    "distributed.verify_every=1",
+    "logging.progress=false",
+    "training.micro_batch_size=2",
+]
+
+
+def _train_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "unsloth_mgpu_cli", "train", str(QUICKSTART), *BASE, f"output.dir={out}", *extra]
+
+
+def _check(proc, expect=0):
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == expect, out[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three runs of 5 steps with the same global batch (4 samples): one node x 2 workers; 2 nodes x 1 worker;
+    one node x 2 workers whose rank 1 crashes at step 4 of the first attempt, with max_restarts=1."""
+    base = tmp_path_factory.mktemp("multinode")
+    env = mgpu_env()
+    logs = {}
+    # two nodes, started concurrently, sharing one output folder (only global rank 0 writes)
+    port = D.free_port()
+    nodes = [
+        subprocess.Popen(
+            _train_cmd(
+                base / "nodes",
+                "distributed.num_gpus=1",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(r),
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+            ),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    for r, p in enumerate(nodes):
+        stdout, stderr = p.communicate(timeout=400)
+        logs[f"node{r}"] = _check(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    logs["one"] = _check(
+        subprocess.run(
+            _train_cmd(base / "one", "distributed.num_gpus=2"),
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+    )
+    restart_env = {**env, "MGPU_INJECT_FAULT": "exit:rank=1:step=4:attempt=0"}
+    logs["restart"] = _check(
+        subprocess.run(
+            _train_cmd(base / "restart", "distributed.num_gpus=2", "distributed.max_restarts=1", "output.save_steps=2"),
+            cwd=ROOT,
+            env=restart_env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+    )
+    return base, logs
+
+
+def _adapter(out: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def _max_rel_diff(a, b) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in a)
+
+
+@pytest.mark.integration
+def test_two_nodes_train_the_same_adapter_as_one_node_with_two_workers(runs):
+    base, logs = runs
+    nodes, one = _adapter(base / "nodes"), _adapter(base / "one")
+    assert all(float(v.abs().max()) > 1e-4 for k, v in one.items() if "lora_B" in k)  # it trained
+    assert _max_rel_diff(nodes, one) < 1e-6
+    summary = json.loads((base / "nodes" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert "node 0 of 2" in logs["node0"] and "--nnodes" in logs["node0"]
+    # same global loss at every step: the shards of the two nodes together are the one node's global batch
+    rows = [json.loads(x) for x in (base / "nodes" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (base / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [round(r["loss"], 5) for r in rows] == [round(r["loss"], 5) for r in ref]
+
+
+@pytest.mark.integration
+def test_only_node_0_prepares_the_output_folder(runs):
+    base, logs = runs
+    resolved = (base / "nodes" / "recipe.resolved.yaml").read_text()
+    assert "nnodes: 2" in resolved and "node_rank: 0" in resolved  # node 1 would have written node_rank: 1
+    assert "launching" in logs["node0"] and "launching" not in logs["node1"]
+    # each elastic agent makes one log folder under its log_dir: node 1 keeps its own out of output.dir
+    assert len([p for p in (base / "nodes" / "logs").iterdir() if p.name.startswith("mgpu")]) == 1
+
+
+@pytest.mark.integration
+def test_restarted_workers_resume_from_the_last_checkpoint_and_match_an_undisturbed_run(runs):
+    base, logs = runs
+    out = logs["restart"]
+    assert "resuming from" in out and "step-2" in out, out[-3000:]
+    rows = [json.loads(x) for x in (base / "restart" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    # attempt 0 logged steps 1..3 then died in step 4; attempt 1 went on from the step-2 checkpoint, not from 0
+    assert steps.count(1) == 1 and steps[-3:] == [3, 4, 5], steps
+    assert _max_rel_diff(_adapter(base / "restart"), _adapter(base / "one")) < 1e-6
