@@ -138,11 +138,8 @@ def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = No
     model_path = resolve_model_path(recipe.model.name)
     data_dir, summary, hit = data_mod.prepare(recipe, model_path)
     if is_main_node:
-        console.print(f"[bold]data[/]: {summary.samples} samples, {summary.tokens} tokens "
-                      f"({summary.loss_tokens} trained on), longest {summary.longest}"
-                      + (f", [yellow]{summary.truncated} truncated[/]" if summary.truncated else "")
-                      + (f", [yellow]{summary.dropped} dropped (too long)[/]" if summary.dropped else "")
-                      + (" [dim](cached)[/]" if hit else ""))
+        console.print(f"[bold]data[/]: {summary.describe(recipe.model.max_seq_length)}"
+                      + (" [dim](cached)[/]" if hit else "") + f"; batching {recipe.dataset.batching}")
         for note in notes:
             console.print(f"[dim]auto: {note}[/]")
         (out / "recipe.resolved.yaml").write_text(
@@ -261,7 +258,9 @@ class Trainer:
         self.lengths = self.data.lengths()
         self.planner = StepPlanner(len(self.data), self.data.loss_counts, int(r.training.micro_batch_size),
                                    int(r.training.gradient_accumulation_steps), self.plan.num_workers,
-                                   r.training.seed, r.dataset.shuffle)
+                                   r.training.seed, r.dataset.shuffle, lengths=self.lengths,
+                                   batching=r.dataset.batching)
+        self.packed = r.dataset.batching == "packed"
         self.total_steps = self.planner.total_steps(r.training.epochs, r.training.max_steps)
         self.optimizer = build_optimizer(self.params, r, self.info.device_type)
         self.scheduler = build_scheduler(self.optimizer, r, self.total_steps)
@@ -301,7 +300,7 @@ class Trainer:
                 denom = self.sync.local_loss_denominator(batches.loss_tokens[info.rank], batches.global_loss_tokens)
                 loss_sum = torch.zeros((), dtype=torch.float64, device=device)
                 for mb in mine:
-                    batch = {k: v.to(device, non_blocking=True) for k, v in self.data.collate(mb).items()}
+                    batch = {k: v.to(device, non_blocking=True) for k, v in self.data.collate(mb, self.packed).items()}
                     n_mb = int(sum(int(self.data.loss_counts[i]) for i in mb))
                     out = self.model(**batch)
                     loss = out.loss
@@ -333,7 +332,7 @@ class Trainer:
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                step_tokens = int(sum(int(self.lengths[i]) for rk in batches.per_rank for mb in rk for i in mb))
+                step_tokens = int(sum(batches.rank_tokens))
                 tokens_window += step_tokens
                 tokens_total += step_tokens
                 last_loss = tot_loss / max(1.0, tot_tokens) if bad_ranks == 0 else float("nan")
@@ -348,6 +347,7 @@ class Trainer:
                     mems = D.all_gather_floats([_peak_memory_gb(info)], info)
                     row = {"step": self.step, "epoch": batches.epoch, "loss": last_loss, "learning_rate": lr,
                            "grad_norm": float(grad_norm), "tokens": step_tokens, "loss_tokens": int(tot_tokens),
+                           "compute_tokens": int(sum(batches.compute_tokens)),
                            "tokens_per_second": tps, "elapsed_s": now - t_start,
                            "peak_memory_gb": [round(m[0], 3) for m in mems], "skipped_steps": skipped}
                     self.history.append(row)
