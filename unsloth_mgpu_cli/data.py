@@ -305,6 +305,8 @@ def _text(value: Any, name: str) -> str:
         raise _RowError(f"{name} is empty")
     if not isinstance(value, (str, int, float)):
         raise _RowError(f"{name}: expected text, found {type(value).__name__}")
+    if not str(value).strip():
+        raise _RowError(f"{name} is empty")
     return str(value)
 
 
@@ -349,8 +351,6 @@ def encode_row(row: dict[str, Any], tokenizer: Any, enc: Encoding) -> tuple[list
         return p_ids + r_ids, ([IGNORE_INDEX] * len(p_ids) if enc.responses_only else list(p_ids)) + r_ids
     if enc.format == "text":
         text = _text(row.get("text"), "text")
-        if not text.strip():
-            raise _RowError("text is empty")
         ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [eos]
         return ids, list(ids)
     # chat: render the whole conversation once, then find each assistant turn's characters by rendering the
@@ -802,7 +802,8 @@ class StepPlanner:
         epoch, within = divmod(step, self.steps_per_epoch)
         return self._perm(epoch)[within * self.global_batch : (within + 1) * self.global_batch]
 
-    def _assign_balanced(self, idx: np.ndarray) -> list[list[list[int]]]:
+    def _assign_packed(self, idx: np.ndarray) -> list[list[list[int]]]:
+        """Longest first to the rank with the fewest tokens (a packed row costs its real tokens)."""
         lens = self.lengths
         order = sorted((int(i) for i in idx), key=lambda i: (-int(lens[i]), i))
         members: list[list[int]] = [[] for _ in range(self.world)]
@@ -823,6 +824,50 @@ class StepPlanner:
             per_rank.append([m[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)])
         return per_rank
 
+    def _assign_balanced(self, idx: np.ndarray) -> list[list[list[int]]]:
+        """Padded micro-batches of similar-length samples with about equal padded cost, spread over ranks.
+
+        A padded micro-batch costs (samples x its longest sample). The step's samples, sorted by length, are cut
+        into world x grad_accum contiguous groups minimising the largest cost (binary search on the cost with a
+        greedy fill), so long samples share a micro-batch with few others and short ones with many; the groups
+        then go, costliest first, to the rank with the least cost so far that still needs a micro-batch.
+        """
+        lens = self.lengths
+        order = sorted((int(i) for i in idx), key=lambda i: (-int(lens[i]), i))
+        sl = [int(lens[i]) for i in order]
+        bins = self.world * self.ga
+
+        def fill(cap: int) -> list[int] | None:
+            starts, k = [], 0
+            while k < len(sl):
+                starts.append(k)
+                if len(starts) > bins:
+                    return None
+                k += max(1, cap // sl[k])  # everything after k is no longer than sl[k]
+            return starts
+
+        lo, hi = sl[0], sl[0] * len(sl)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fill(mid) is None:
+                lo = mid + 1
+            else:
+                hi = mid
+        starts = fill(lo) or [0]
+        groups = [order[a:b] for a, b in zip(starts, [*starts[1:], len(order)], strict=True)]
+        while len(groups) < bins:  # fewer groups than micro-batches: halve the group holding the most samples
+            g = max(range(len(groups)), key=lambda j: (len(groups[j]), -j))
+            half = len(groups[g]) // 2
+            groups[g : g + 1] = [groups[g][:half], groups[g][half:]]
+        cost = [len(g) * int(lens[g[0]]) for g in groups]
+        per_rank: list[list[list[int]]] = [[] for _ in range(self.world)]
+        load = [0] * self.world
+        for j in sorted(range(bins), key=lambda j: (-cost[j], j)):
+            r = min((k for k in range(self.world) if len(per_rank[k]) < self.ga), key=lambda k: (load[k], k))
+            per_rank[r].append(groups[j])
+            load[r] += cost[j]
+        return per_rank
+
     def batches(self, step: int) -> StepBatches:
         epoch = step // self.steps_per_epoch
         idx = self.step_samples(step)
@@ -832,8 +877,10 @@ class StepPlanner:
             for r in range(self.world):
                 mine = [int(i) for i in idx[r * per : (r + 1) * per]]
                 per_rank.append([mine[j * self.mb : (j + 1) * self.mb] for j in range(self.ga)])
-        else:
+        elif self.batching == "balanced":
             per_rank = self._assign_balanced(idx)
+        else:
+            per_rank = self._assign_packed(idx)
         lens = self.lengths
         counts, tokens, compute = [], [], []
         for rank in per_rank:
@@ -853,3 +900,104 @@ class StepPlanner:
         while True:
             yield self.batches(step)
             step += 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# `mgpu prepare`: statistics, one rendered example, and what each batching mode would cost
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchingEstimate:
+    """How one batching mode would lay out the first steps (computed from lengths only, no model)."""
+
+    mode: str
+    padding_efficiency: float  # real tokens / tokens the model processes (padding included)
+    rank_imbalance: float  # mean over steps of (slowest rank's processed tokens / mean rank's) - 1
+    max_micro_batch_tokens: int  # largest micro-batch in processed tokens (a memory proxy)
+
+
+@dataclass
+class DataReport:
+    """What `mgpu prepare` shows: the summary, where the cache is, one example, batching estimates."""
+
+    summary: PrepareSummary
+    cache: Path
+    cache_hit: bool
+    max_seq_length: int
+    example_index: int
+    example: list[tuple[str, bool]]  # (text, trained on) runs of the example's tokens
+    workers: int
+    estimates: list[BatchingEstimate]
+
+
+def estimate_batching(
+    data: TokenizedData, micro_batch_size: int, grad_accum: int, workers: int, seed: int, max_steps: int = 200
+) -> list[BatchingEstimate]:
+    """Padding efficiency and rank imbalance of each batching mode over the first `max_steps` steps."""
+    lengths = data.lengths()
+    out = []
+    for mode in ("padded", "balanced", "packed"):
+        planner = StepPlanner(
+            len(data), data.loss_counts, micro_batch_size, grad_accum, workers, seed, lengths=lengths, batching=mode
+        )
+        real = computed = 0
+        imbalance, biggest = [], 0
+        for step in range(min(max_steps, planner.steps_per_epoch)):
+            b = planner.batches(step)
+            real += sum(b.rank_tokens)
+            computed += sum(b.compute_tokens)
+            imbalance.append(max(b.compute_tokens) / max(1e-9, float(np.mean(b.compute_tokens))) - 1.0)
+            for rank in b.per_rank:
+                for mb in rank:
+                    n = int(lengths[mb].sum()) if mode == "packed" else len(mb) * int(lengths[mb].max())
+                    biggest = max(biggest, n)
+        out.append(BatchingEstimate(mode, real / max(1, computed), float(np.mean(imbalance)), biggest))
+    return out
+
+
+def example_runs(data: TokenizedData, index: int, tokenizer: Any) -> list[tuple[str, bool]]:
+    """The sample's text cut into runs that are / are not trained on (a token is trained on when it is a
+    label, i.e. the model learns to predict it)."""
+    ids, labels = data.sample(index)
+    runs: list[tuple[list[int], bool]] = []
+    for t, (tok, lab) in enumerate(zip(ids, labels, strict=True)):
+        trained = bool(lab != IGNORE_INDEX) and t > 0  # the first token is never predicted
+        if runs and runs[-1][1] == trained:
+            runs[-1][0].append(int(tok))
+        else:
+            runs.append(([int(tok)], trained))
+    return [(tokenizer.decode(r, skip_special_tokens=False), trained) for r, trained in runs]
+
+
+def report(recipe: Recipe) -> DataReport:
+    """Run `mgpu prepare`: tokenise (or find the cache) and describe the result.
+
+    Raises:
+        UserError: as `prepare`.
+    """
+    from .models import resolve_model_path
+
+    model_path = resolve_model_path(recipe.model.name)
+    folder, summary, hit = prepare(recipe, model_path)
+    data = TokenizedData(folder)
+    # the first sample that has something to train on shows the masking best
+    index = int(np.argmax(data.loss_counts > 0))
+    tokenizer = _load_tokenizer(model_path, recipe.model.trust_remote_code)
+    t = recipe.training
+    workers = recipe.distributed.num_gpus if isinstance(recipe.distributed.num_gpus, int) else 1
+    mb = t.micro_batch_size if isinstance(t.micro_batch_size, int) else 8
+    ga = t.gradient_accumulation_steps if isinstance(t.gradient_accumulation_steps, int) else 1
+    estimates = []
+    if mb * ga * workers <= len(data):
+        estimates = estimate_batching(data, mb, ga, workers, t.seed)
+    return DataReport(
+        summary,
+        folder,
+        hit,
+        recipe.model.max_seq_length,
+        index,
+        example_runs(data, index, tokenizer),
+        workers,
+        estimates,
+    )

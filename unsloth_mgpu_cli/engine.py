@@ -302,7 +302,8 @@ class Trainer:
                 for mb in mine:
                     batch = {k: v.to(device, non_blocking=True) for k, v in self.data.collate(mb, self.packed).items()}
                     n_mb = int(sum(int(self.data.loss_counts[i]) for i in mb))
-                    out = self.model(**batch)
+                    # no KV cache in training: with one, transformers ignores packed position_ids (leaks)
+                    out = self.model(**batch, use_cache=False)
                     loss = out.loss
                     maybe_inject("loss", self, loss=loss)
                     if n_mb > 0:
