@@ -4,6 +4,7 @@
     mgpu train recipes/quickstart.yaml
     mgpu export outputs/quickstart --merged
     mgpu report outputs/quickstart
+    mgpu prepare recipes/quickstart.yaml dataset.batching=packed
 
 Heavy imports (torch, transformers, unsloth) happen inside the commands that need them, so `--help`,
 `validate`, `schema`, `init` and `doctor` start fast and work without a GPU.
@@ -168,6 +169,23 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     except UserError as exc:
         _fail(exc)
     print_recipe(loaded)
+
+
+@app.command()
+def prepare(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Tokenise the dataset once (cached for `mgpu train`) and print statistics and a rendered example."""
+    from .recipe import load_recipe
+
+    try:
+        loaded = load_recipe(recipe, overrides or [])
+        from .data import report
+
+        rep = report(loaded.recipe)
+    except UserError as exc:
+        _fail(exc)
+    from .render import print_data_report
+
+    print_data_report(rep)
 
 
 @app.command()

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from .errors import Problem, UserError
 from .recipe import DatasetSection, Recipe
 
 IGNORE_INDEX = -100
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{input_clause}. "
@@ -48,58 +48,221 @@ def render_alpaca(row: dict[str, Any]) -> tuple[str, str]:
 # Reading
 # ----------------------------------------------------------------------------------------------------
 
-_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 _REQUIRED = {"alpaca": ("instruction", "output"), "text": ("text",), "chat": ("messages",)}
+# Roles a chat message may have; ShareGPT's names are accepted as aliases.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+_ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
+
+# Templates for tokenizers without one (dataset.chat_template: NAME). Each renders a prefix of the
+# conversation as a prefix of the full text, which the response-only masking relies on.
+NAMED_CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+        "'<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    "zephyr": (
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
+}
 
 
-def _check_json_lines(path: Path) -> None:
-    """Name the file:line of a malformed JSON line (datasets' own error does not)."""
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(Problem(f"{path}:{lineno}", f"malformed JSON line: {exc.msg} at column {exc.colno}",
-                                            "each line of a .jsonl file must be one JSON object"), "invalid data") from exc
+@dataclass
+class _Source:
+    """Where a run of rows came from, so a bad row can be named by file:line (or file: row N)."""
+
+    name: str
+    start: int  # index of its first row among all rows
+    lines: list[int] | None = None  # 1-based line of each row, for line-oriented files
+    first_row: int = 1  # what to call the first row (2 for a CSV: line 1 is the header)
 
 
-def load_rows(ds: DatasetSection) -> list[dict[str, Any]]:
-    """Read every row of a local file (or cached hub dataset) as dicts, checking the format's columns."""
+@dataclass
+class Rows:
+    """Every row of the dataset as dicts, plus where each came from."""
+
+    rows: list[dict[str, Any]]
+    sources: list[_Source]
+    index: np.ndarray | None = None  # original row of each kept row (dataset.max_samples)
+
+    def where(self, i: int) -> str:
+        """file:line (or `file: row N`) of row i."""
+        if self.index is not None:
+            i = int(self.index[i])
+        src = self.sources[0]
+        for s in self.sources:
+            if s.start <= i:
+                src = s
+        local = i - src.start
+        if src.lines is not None and local < len(src.lines):
+            return f"{src.name}:{src.lines[local]}"
+        return f"{src.name}: row {local + src.first_row}"
+
+
+def _data_error(where: str, message: str, hint: str | None = None) -> UserError:
+    return UserError(Problem(where, message, hint), "invalid data")
+
+
+def _read_json(path: Path) -> tuple[list[Any], list[int] | None]:
+    """A JSON array, or JSON Lines (one object per line; a malformed line is named by file:line)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise _data_error(f"{path}:{exc.lineno}", f"malformed JSON: {exc.msg} at column {exc.colno}") from exc
+        return data, None
+    rows, lines = [], []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise _data_error(
+                f"{path}:{lineno}",
+                f"malformed JSON line: {exc.msg} at column {exc.colno}",
+                "each line of a JSON Lines file must be one JSON object",
+            ) from exc
+        lines.append(lineno)
+    return rows, lines
+
+
+def _read_file(path: Path) -> tuple[list[dict[str, Any]], _Source]:
+    suffix = path.suffix.lower()
+    if path.stat().st_size == 0:
+        raise _data_error(f"dataset.path ({path})", "the dataset file is empty")
+    first_row = 1
+    if suffix in (".json", ".jsonl"):
+        rows, lines = _read_json(path)
+    else:
+        lines = None
+        try:
+            if suffix == ".csv":
+                import pyarrow.csv as pacsv
+
+                table = pacsv.read_csv(path)
+                first_row = 2  # CSV row N is line N+1 when no field spans lines
+            else:
+                import pyarrow.parquet as pq
+
+                table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types; all mean "cannot parse this file"
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise _data_error(str(path), f"cannot read the {suffix[1:]} file: {msg}") from exc
+        rows = table.to_pylist()
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            where = f"{path}:{lines[i]}" if lines else f"{path}: row {i + first_row}"
+            raise _data_error(where, f"expected an object with named fields, found {type(row).__name__}")
+    return rows, _Source(str(path), 0, lines, first_row)
+
+
+def _hub_rows(ds: DatasetSection) -> tuple[list[dict[str, Any]], _Source]:
     import datasets
 
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
-    path = Path(ds.path)
-    where = f"dataset.path ({path})"
     try:
-        if path.exists():
-            kind = _LOADERS.get(path.suffix.lower())
-            if kind is None:
-                raise UserError(Problem(where, f"unsupported file type {path.suffix!r}; expected .json, .jsonl, "
-                                        ".csv or .parquet"), "invalid data")
-            if path.stat().st_size == 0:
-                raise UserError(Problem(where, "the dataset file is empty"), "invalid data")
-            if path.suffix.lower() == ".jsonl":
-                _check_json_lines(path)
-            table = datasets.load_dataset(kind, data_files=str(path), split="train")
-        else:
-            table = datasets.load_dataset(ds.path, split=ds.split)
-    except UserError:
-        raise
-    except FileNotFoundError as exc:
-        raise UserError(Problem(where, f"dataset not found: {exc}", "offline runs need the dataset in the local "
-                                "HF cache, or give a local file"), "invalid data") from exc
-    except Exception as exc:  # datasets wraps parser errors in many types; all mean "cannot read this file"
+        table = datasets.load_dataset(ds.path, split=ds.split)
+    except Exception as exc:  # offline misses, unknown ids and bad splits arrive as many exception types
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(Problem(where, f"cannot read the dataset: {msg}"), "invalid data") from exc
-    if len(table) == 0:
-        raise UserError(Problem(where, "the dataset has no rows"), "invalid data")
-    missing = [c for c in _REQUIRED[ds.format] if c not in table.column_names]
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        hint = (
+            "the hub is offline (HF_HUB_OFFLINE=1): download it once with network access, or give a local file"
+            if offline
+            else "check the dataset id and dataset.split, or give a local .json/.jsonl/.csv/.parquet file"
+        )
+        raise _data_error(f"dataset.path ({ds.path})", f"cannot load the hub dataset: {msg}", hint) from exc
+    return table.to_list(), _Source(f"{ds.path} [{ds.split}]", 0)
+
+
+def _apply_columns(rows: list[dict[str, Any]], ds: DatasetSection) -> None:
+    """Rename the user's columns to the format's names in place (role/content inside chat messages)."""
+    top = {k: v for k, v in ds.columns.items() if k not in ("role", "content") or ds.format != "chat"}
+    inner = {k: v for k, v in ds.columns.items() if k in ("role", "content") and ds.format == "chat"}
+    if not top and not inner:
+        return
+    for row in rows:
+        for name, source in top.items():
+            if source in row:
+                row[name] = row.pop(source)
+        msgs = row.get("messages")
+        if inner and isinstance(msgs, list):
+            for m in msgs:
+                if isinstance(m, dict):
+                    for name, source in inner.items():
+                        if source in m:
+                            m[name] = m.pop(source)
+
+
+def load_rows(ds: DatasetSection, seed: int = 0) -> Rows:
+    """Read every row of a local file, a folder of files, or a cached hub dataset.
+
+    Columns named in `dataset.columns` are renamed first; a format's required column missing from the
+    data is reported once, naming the columns that were found.
+
+    Raises:
+        UserError: unreadable or malformed files (file:line), an empty dataset, missing columns.
+    """
+    path = Path(ds.path)
+    if path.is_dir():
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in _SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not files:
+            raise _data_error(f"dataset.path ({path})", "the folder holds no .json, .jsonl, .csv or .parquet file")
+        # A folder with split-named files (train.jsonl, test.jsonl) is read by dataset.split.
+        split_files = [p for p in files if p.stem == ds.split]
+        files = split_files or files
+    elif path.exists():
+        if path.suffix.lower() not in _SUFFIXES:
+            raise _data_error(
+                f"dataset.path ({path})",
+                f"unsupported file type {path.suffix!r}; expected .json, "
+                ".jsonl, .csv or .parquet (or a folder of them)",
+            )
+        files = [path]
+    else:
+        files = []
+    rows: list[dict[str, Any]] = []
+    sources: list[_Source] = []
+    if files:
+        for f in files:
+            part, src = _read_file(f)
+            src.start = len(rows)
+            rows.extend(part)
+            sources.append(src)
+    else:
+        rows, src = _hub_rows(ds)
+        sources.append(src)
+    if not rows:
+        raise _data_error(f"dataset.path ({path})", "the dataset has no rows")
+    _apply_columns(rows, ds)
+    found = sorted({k for r in rows[:1000] for k in r})
+    missing = [c for c in _REQUIRED[ds.format] if not any(c in r for r in rows[:1000])]
     if missing:
-        raise UserError(Problem(where, f"format {ds.format} needs column(s) {missing}; found {table.column_names}",
-                                "set dataset.format to match the data"), "invalid data")
-    return table.to_list()
+        mapped = ", ".join(f"{c}: <your column>" for c in missing)
+        raise _data_error(
+            sources[0].name,
+            f"format {ds.format} needs column(s) {missing}; found {found}",
+            f"set dataset.format to match the data, or map columns with dataset.columns: {{{mapped}}}",
+        )
+    if ds.max_samples is not None and ds.max_samples < len(rows):
+        keep = np.sort(np.random.default_rng([seed, 1]).choice(len(rows), ds.max_samples, replace=False))
+        # `index` keeps the original row numbers, so errors still name the right line
+        return Rows([rows[i] for i in keep], sources, keep)
+    return Rows(rows, sources)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -107,81 +270,289 @@ def load_rows(ds: DatasetSection) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------------
 
 
+class _RowError(Exception):
+    """A problem with one row; the parent turns it into a Problem naming file:line."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How rows become tokens and labels (picklable, for tokenizer worker processes)."""
+
+    format: str
+    responses_only: bool
+    max_seq_length: int
+    too_long: str
+    chat_template: str | None = None
+
+
+def encoding_of(recipe: Recipe) -> Encoding:
+    tpl = recipe.dataset.chat_template
+    return Encoding(
+        recipe.dataset.format,
+        recipe.train_on_responses_only(),
+        recipe.model.max_seq_length,
+        recipe.dataset.too_long,
+        NAMED_CHAT_TEMPLATES.get(tpl, tpl) if tpl else None,
+    )
+
+
+def _text(value: Any, name: str) -> str:
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN (CSV gaps)
+        raise _RowError(f"{name} is empty")
+    if not isinstance(value, (str, int, float)):
+        raise _RowError(f"{name}: expected text, found {type(value).__name__}")
+    if not str(value).strip():
+        raise _RowError(f"{name} is empty")
+    return str(value)
+
+
+def _chat_messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    msgs = row.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise _RowError(f"messages: expected a non-empty list of {{role, content}} objects, found {msgs!r:.60}")
+    out = []
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise _RowError(
+                f"messages[{j}]: expected an object with role and content, found {m!r:.60}",
+                "map other key names with dataset.columns: {role: from, content: value}",
+            )
+        role = _ROLE_ALIASES.get(str(m["role"]), str(m["role"]))
+        if role not in CHAT_ROLES:
+            raise _RowError(f"messages[{j}].role: expected one of {', '.join(CHAT_ROLES)}, found {m['role']!r}")
+        content = m["content"]
+        if not isinstance(content, str):
+            raise _RowError(f"messages[{j}].content: expected text, found {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _render_chat(tokenizer: Any, msgs: list[dict[str, str]], template: str | None, gen: bool) -> str:
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=template)
+
+
+def encode_row(row: dict[str, Any], tokenizer: Any, enc: Encoding) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one row (IGNORE_INDEX where no loss is taken), before the length policy."""
+    eos = tokenizer.eos_token_id
+    if enc.format == "alpaca":
+        prompt, response = render_alpaca(
+            {
+                "instruction": _text(row.get("instruction"), "instruction"),
+                "input": row.get("input") if isinstance(row.get("input"), str) else "",
+                "output": _text(row.get("output"), "output"),
+            }
+        )
+        p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
+        return p_ids + r_ids, ([IGNORE_INDEX] * len(p_ids) if enc.responses_only else list(p_ids)) + r_ids
+    if enc.format == "text":
+        text = _text(row.get("text"), "text")
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [eos]
+        return ids, list(ids)
+    # chat: render the whole conversation once, then find each assistant turn's characters by rendering the
+    # conversation up to it; tokens whose characters fall in an assistant turn are trained on. Character
+    # offsets (not per-turn tokenisation) keep the ids exactly those of the full text, merges included.
+    msgs = _chat_messages(row)
+    full = _render_chat(tokenizer, msgs, enc.chat_template, False)
+    spans = []
+    if enc.responses_only:
+        for j, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            a = _render_chat(tokenizer, msgs[:j], enc.chat_template, True) if j else ""
+            b = _render_chat(tokenizer, msgs[: j + 1], enc.chat_template, False)
+            if not (full.startswith(a) and full.startswith(b)):
+                raise _RowError(
+                    "the chat template does not render a conversation's beginning as a prefix of the "
+                    "whole, so assistant turns cannot be located",
+                    "set dataset.train_on_responses_only: false, or choose dataset.chat_template",
+                )
+            spans.append((len(a), len(b)))
+    bos = tokenizer.bos_token
+    add_special = not (bos and full.startswith(bos))  # templates that write the BOS themselves
+    out = tokenizer(full, add_special_tokens=add_special, return_offsets_mapping=True)
+    ids = list(out["input_ids"])
+    if not enc.responses_only:
+        return ids, list(ids)
+    labels = [IGNORE_INDEX] * len(ids)
+    for t, (s, e) in enumerate(out["offset_mapping"]):
+        if e > s and any(a <= s < b for a, b in spans):
+            labels[t] = ids[t]
+    return ids, labels
+
+
+_WORKER_TOKENIZER: Any = None
+
+
+def _load_tokenizer(model_path: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+
+
+def _init_worker(model_path: str, trust_remote_code: bool) -> None:
+    global _WORKER_TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER_TOKENIZER = _load_tokenizer(model_path, trust_remote_code)
+
+
+def _encode_chunk(rows: list[dict[str, Any]], start: int, enc: Encoding, tokenizer: Any = None) -> list[Any]:
+    """[(row index, ids, labels) | (row index, _RowError)] for a chunk of rows."""
+    tok = tokenizer if tokenizer is not None else _WORKER_TOKENIZER
+    out: list[Any] = []
+    for k, row in enumerate(rows):
+        try:
+            ids, labels = encode_row(row, tok, enc)
+            out.append((start + k, np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)))
+        except _RowError as exc:
+            out.append((start + k, exc))
+    return out
+
+
 @dataclass
 class PrepareSummary:
+    """What tokenisation produced; printed by `mgpu train` and `mgpu prepare`, stored in the cache."""
+
     samples: int
     tokens: int
     loss_tokens: int
     truncated: int
     dropped: int
     longest: int
+    rows: int = 0
+    longest_before: int = 0  # longest sample before the length policy
+    tokens_cut: int = 0  # tokens removed by truncation (or in dropped samples)
+    no_loss: int = 0  # samples with nothing to train on (e.g. a conversation without an assistant turn)
+    percentiles: dict[str, int] = field(default_factory=dict)  # p50, p90, p99 of sample lengths
+
+    @property
+    def masked_share(self) -> float:
+        """Share of tokens that take no loss (prompts, user turns)."""
+        return 1.0 - self.loss_tokens / max(1, self.tokens)
+
+    def describe(self, max_seq_length: int) -> str:
+        """One line for people (rich markup)."""
+        text = f"{self.samples} samples, {self.tokens} tokens ({self.loss_tokens} trained on), longest {self.longest}"
+        if self.truncated:
+            text += (
+                f", [yellow]{self.truncated} truncated to {max_seq_length} tokens (longest was "
+                f"{self.longest_before}; {self.tokens_cut} tokens cut)[/]"
+            )
+        if self.dropped:
+            text += (
+                f", [yellow]{self.dropped} dropped as longer than {max_seq_length} tokens (longest "
+                f"{self.longest_before})[/]"
+            )
+        if self.no_loss:
+            text += f", [yellow]{self.no_loss} with nothing to train on[/]"
+        return text
 
 
 def _fingerprint(recipe: Recipe, model_path: str) -> str:
+    """Cache key: the data's bytes, the tokenizer, and every setting that changes tokens or labels.
+
+    Batching, shuffling and process counts are left out: they change no token, so they reuse the cache.
+    """
     h = hashlib.sha256()
     h.update(_CACHE_VERSION.encode())
     p = Path(recipe.dataset.path)
-    if p.exists():
-        st = p.stat()
-        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-        with p.open("rb") as fh:
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else ([p] if p.exists() else [])
+    for f in files:
+        h.update(f"{f.resolve()}|{f.stat().st_size}".encode())
+        with f.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
-    else:
-        h.update(recipe.dataset.path.encode())
-    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+    if not files:
+        h.update(recipe.dataset.path.encode())  # a hub id: keyed by name and split
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja"):
         f = Path(model_path) / name
         if f.exists():
             h.update(f.read_bytes())
     h.update(model_path.encode())
-    # The eval keys do not change how the training file is tokenised: leave them out, so one cache serves both.
-    h.update(json.dumps([recipe.dataset.model_dump(mode="json", exclude={"eval_path", "eval_ratio"}),
-                         recipe.model.max_seq_length,
-                         recipe.train_on_responses_only()], sort_keys=True).encode())
+    d = recipe.dataset
+    keys = {
+        "format": d.format,
+        "split": d.split,
+        "columns": d.columns,
+        "chat_template": d.chat_template,
+        "too_long": d.too_long,
+        "max_samples": d.max_samples,
+        "seed": recipe.training.seed if d.max_samples else None,
+        "responses_only": recipe.train_on_responses_only(),
+        "max_seq_length": recipe.model.max_seq_length,
+    }
+    h.update(json.dumps(keys, sort_keys=True).encode())
     return h.hexdigest()[:20]
 
 
-def _tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, recipe: Recipe) -> tuple[list[np.ndarray],
-                                                                                          list[np.ndarray], int, int]:
-    fmt = recipe.dataset.format
-    responses_only = recipe.train_on_responses_only()
-    max_len = recipe.model.max_seq_length
-    eos = tokenizer.eos_token_id
-    ids_out, labels_out = [], []
-    truncated = dropped = 0
-    for i, row in enumerate(rows):
-        if fmt == "alpaca":
-            if row.get("instruction") is None or row.get("output") is None:
-                raise UserError(Problem(f"{recipe.dataset.path}: row {i + 1}", "instruction and output must not be "
-                                        "empty"), "invalid data")
-            prompt, response = render_alpaca(row)
-            p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
-            ids = p_ids + r_ids
-            labels = ([IGNORE_INDEX] * len(p_ids) if responses_only else list(p_ids)) + r_ids
-        elif fmt == "text":
-            text = row.get("text")
-            if not isinstance(text, str) or not text:
-                raise UserError(Problem(f"{recipe.dataset.path}: row {i + 1}", "text must be a non-empty string"),
-                                "invalid data")
-            ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [eos]
-            labels = list(ids)
-        else:
-            raise UserError(Problem("dataset.format", f"format {fmt!r} arrives with the data pipeline; use alpaca or "
-                                    "text for now"), "invalid recipe")
-        if len(ids) > max_len:
-            if recipe.dataset.too_long == "drop":
-                dropped += 1
-                continue
-            truncated += 1
-            ids, labels = ids[:max_len], labels[:max_len]
-        ids_out.append(np.asarray(ids, dtype=np.int32))
-        labels_out.append(np.asarray(labels, dtype=np.int32))
-    return ids_out, labels_out, truncated, dropped
+def _num_proc(recipe: Recipe, rows: int) -> int:
+    n = recipe.dataset.num_proc
+    if n == "auto":
+        # Process start-up and a tokenizer load per process cost ~1 s: only worth it for large data.
+        return 1 if rows < 20_000 else max(1, min(8, os.cpu_count() or 1))
+    return max(1, min(int(n), rows // 100 or 1))
+
+
+def _encode_all(rows: Rows, recipe: Recipe, model_path: str, tokenizer: Any) -> list[Any]:
+    enc = encoding_of(recipe)
+    procs = _num_proc(recipe, len(rows.rows))
+    if procs == 1:
+        return _encode_chunk(rows.rows, 0, enc, tokenizer)
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    size = -(-len(rows.rows) // (procs * 4))
+    # fork: the parent holds no CUDA context or threads of ours, and the rows need not be pickled twice
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(
+        procs, mp_context=ctx, initializer=_init_worker, initargs=(model_path, recipe.model.trust_remote_code)
+    ) as pool:
+        futures = [pool.submit(_encode_chunk, rows.rows[i : i + size], i, enc) for i in range(0, len(rows.rows), size)]
+        return [item for fut in futures for item in fut.result()]
+
+
+def _check_chat_template(tokenizer: Any, recipe: Recipe) -> None:
+    if recipe.dataset.format != "chat":
+        return
+    tpl = recipe.dataset.chat_template
+    if tpl is None and not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            Problem(
+                "dataset.chat_template",
+                "the tokenizer has no chat template",
+                f"name one ({', '.join(NAMED_CHAT_TEMPLATES)}) or give a Jinja template",
+            ),
+            "invalid recipe",
+        )
+    if tpl is not None and tpl not in NAMED_CHAT_TEMPLATES and "{" not in tpl:
+        raise UserError(
+            Problem(
+                "dataset.chat_template",
+                f"unknown template name {tpl!r}",
+                f"expected one of {', '.join(NAMED_CHAT_TEMPLATES)}, or a Jinja template",
+            ),
+            "invalid recipe",
+        )
 
 
 def prepare(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary, bool]:
-    """Tokenise the dataset once and cache it; returns (cache folder, summary, cache_hit)."""
+    """Tokenise the dataset once and cache it (tokenizer only: no Unsloth, no GPU).
+
+    Args:
+        recipe: the validated recipe (dataset and model.max_seq_length are read).
+        model_path: the folder or hub id whose tokenizer is used.
+
+    Returns:
+        (cache folder, summary, cache_hit). On a hit nothing is read but the cache's meta.json; the
+        tokenizer is not even loaded.
+
+    Raises:
+        UserError: unreadable data, bad rows (every bad row named, up to 20), nothing left to train on.
+    """
     from .models import cache_dir
 
     fp = _fingerprint(recipe, model_path)
@@ -189,32 +560,83 @@ def prepare(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary, bool
     if (dest / "meta.json").exists():
         meta = json.loads((dest / "meta.json").read_text())
         return dest, PrepareSummary(**meta["summary"]), True
-    rows = load_rows(recipe.dataset)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=recipe.model.trust_remote_code)
-    ids, labels, truncated, dropped = _tokenize_rows(rows, tokenizer, recipe)
-    if not ids:
-        raise UserError(Problem("dataset.path", f"no samples left after dropping {dropped} longer than "
-                                f"model.max_seq_length={recipe.model.max_seq_length}",
-                                "raise model.max_seq_length or set dataset.too_long: truncate"), "invalid data")
-    lengths = np.asarray([len(x) for x in ids], dtype=np.int64)
+    rows = load_rows(recipe.dataset, recipe.training.seed)
+    tokenizer = _load_tokenizer(model_path, recipe.model.trust_remote_code)
+    _check_chat_template(tokenizer, recipe)
+    encoded = _encode_all(rows, recipe, model_path, tokenizer)
+    errors = [(i, item[0]) for i, *item in encoded if isinstance(item[0], _RowError)]
+    if errors:
+        problems = [Problem(rows.where(i), e.message, e.hint) for i, e in errors[:20]]
+        if len(errors) > 20:
+            problems.append(Problem("", f"... and {len(errors) - 20} more bad rows"))
+        raise UserError(problems, "invalid data")
+    max_len = recipe.model.max_seq_length
+    ids_out, labels_out = [], []
+    truncated = dropped = cut = longest_before = 0
+    for _, ids, labels in encoded:
+        longest_before = max(longest_before, len(ids))
+        if len(ids) > max_len:
+            cut += len(ids) - (0 if recipe.dataset.too_long == "drop" else max_len)
+            if recipe.dataset.too_long == "drop":
+                dropped += 1
+                continue
+            truncated += 1
+            ids, labels = ids[:max_len], labels[:max_len]
+        ids_out.append(ids)
+        labels_out.append(labels)
+    if not ids_out:
+        raise UserError(
+            Problem(
+                "dataset.path",
+                f"no samples left after dropping {dropped} longer than model.max_seq_length={max_len}",
+                "raise model.max_seq_length or set dataset.too_long: truncate",
+            ),
+            "invalid data",
+        )
+    lengths = np.asarray([len(x) for x in ids_out], dtype=np.int64)
     # loss tokens after the model's one-token shift: labels[1:] that are not ignored
-    loss_counts = np.asarray([int((lab[1:] != IGNORE_INDEX).sum()) for lab in labels], dtype=np.int64)
-    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    loss_counts = np.asarray([int((lab[1:] != IGNORE_INDEX).sum()) for lab in labels_out], dtype=np.int64)
+    offsets = np.zeros(len(ids_out) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    summary = PrepareSummary(samples=len(ids), tokens=int(lengths.sum()), loss_tokens=int(loss_counts.sum()),
-                             truncated=truncated, dropped=dropped, longest=int(lengths.max()))
+    pct = {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)}
+    summary = PrepareSummary(
+        samples=len(ids_out),
+        tokens=int(lengths.sum()),
+        loss_tokens=int(loss_counts.sum()),
+        truncated=truncated,
+        dropped=dropped,
+        longest=int(lengths.max()),
+        rows=len(rows.rows),
+        longest_before=longest_before,
+        tokens_cut=cut,
+        no_loss=int((loss_counts == 0).sum()),
+        percentiles=pct,
+    )
+    if summary.loss_tokens == 0:
+        raise UserError(
+            Problem(
+                "dataset",
+                "no sample has a token to train on",
+                "check dataset.format and dataset.train_on_responses_only",
+            ),
+            "invalid data",
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{fp}-", dir=dest.parent))
     try:
-        np.save(tmp / "input_ids.npy", np.concatenate(ids))
-        np.save(tmp / "labels.npy", np.concatenate(labels))
+        np.save(tmp / "input_ids.npy", np.concatenate(ids_out))
+        np.save(tmp / "labels.npy", np.concatenate(labels_out))
         np.save(tmp / "offsets.npy", offsets)
         np.save(tmp / "loss_counts.npy", loss_counts)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        meta = {"summary": summary.__dict__, "pad_token_id": int(pad), "fingerprint": fp}
-        (tmp / "meta.json").write_text(json.dumps(meta))
+        meta = {
+            "summary": asdict(summary),
+            "pad_token_id": int(pad),
+            "fingerprint": fp,
+            "format": recipe.dataset.format,
+            "source": recipe.dataset.path,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))  # written last: its presence marks a complete cache
         try:
             os.replace(tmp, dest)
         except OSError:
@@ -247,10 +669,26 @@ class TokenizedData:
         a, b = self.offsets[i], self.offsets[i + 1]
         return self.input_ids[a:b], self.labels[a:b]
 
-    def collate(self, indices: list[int]) -> dict[str, Any]:
-        """Right-padded tensors for one micro-batch (padding is masked out of attention and loss)."""
+    def collate(self, indices: list[int], packed: bool = False) -> dict[str, Any]:
+        """Tensors for one micro-batch.
+
+        Padded (default): one right-padded row per sample; padding is masked out of attention and loss.
+        Packed: one row holding every sample back to back, `position_ids` restarting at 0 at each sample and
+        no attention mask. Unsloth and transformers read restarting positions as sample boundaries and attend
+        within each sample only (Unsloth: variable-length kernels or one SDPA call per sample; never an L x L
+        mask). The first token of each sample takes no loss, so no sample learns to predict the next one's
+        start and the loss-token count equals the padded one (`loss_counts` already starts after the shift).
+        """
         import torch
 
+        if packed:
+            parts = [self.sample(i) for i in indices]
+            ids = torch.from_numpy(np.concatenate([np.asarray(x, dtype=np.int64) for x, _ in parts]))
+            labels = torch.from_numpy(np.concatenate([np.asarray(y, dtype=np.int64) for _, y in parts]))
+            starts = np.cumsum([0] + [len(x) for x, _ in parts[:-1]])
+            labels[torch.from_numpy(starts)] = IGNORE_INDEX
+            pos = torch.from_numpy(np.concatenate([np.arange(len(x), dtype=np.int64) for x, _ in parts]))
+            return {"input_ids": ids[None], "labels": labels[None], "position_ids": pos[None]}
         longest = max(int(self.offsets[i + 1] - self.offsets[i]) for i in indices)
         ids = torch.full((len(indices), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(indices), longest), IGNORE_INDEX, dtype=torch.long)
@@ -314,8 +752,8 @@ class SubsetData:
     def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         return self.base.sample(int(self.indices[i]))
 
-    def collate(self, indices: list[int]) -> dict[str, Any]:
-        return self.base.collate([int(self.indices[i]) for i in indices])
+    def collate(self, indices: list[int], packed: bool = False) -> dict[str, Any]:
+        return self.base.collate([int(self.indices[i]) for i in indices], packed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -331,27 +769,73 @@ class StepBatches:
     epoch: int
     per_rank: list[list[list[int]]]  # [rank][micro_batch] -> sample indices
     loss_tokens: list[int]  # per rank
+    rank_tokens: list[int] = field(default_factory=list)  # non-padding tokens per rank
+    compute_tokens: list[int] = field(default_factory=list)  # tokens the model processes per rank, padding included
 
     @property
     def global_loss_tokens(self) -> int:
         return int(sum(self.loss_tokens))
 
 
-class StepPlanner:
-    """Deterministic step -> samples plan. Samples of a step depend on seed and global batch only."""
+def split_contiguous(lengths: list[int], parts: int) -> list[int]:
+    """Cut points splitting `lengths` (in order) into `parts` non-empty runs of about equal token sums."""
+    total, cuts, acc = sum(lengths), [], 0
+    for k, n in enumerate(lengths):
+        remaining = len(lengths) - k
+        opened = len(cuts) + 1
+        if k > 0 and opened < parts and (remaining == parts - opened or acc >= total * opened / parts):
+            cuts.append(k)
+        acc += n
+    return cuts
 
-    def __init__(self, num_samples: int, loss_counts: np.ndarray, micro_batch_size: int, grad_accum: int,
-                 world_size: int, seed: int, shuffle: bool = True):
+
+class StepPlanner:
+    """Deterministic step -> samples plan. Samples of a step depend on seed and global batch only.
+
+    Which rank and micro-batch a sample goes to depends on `batching`:
+
+    - padded: the step's samples in shuffled order, `micro_batch_size` per micro-batch (the classic split).
+    - balanced / packed: the step's samples sorted by length, each given to the rank with the fewest tokens so
+      far (longest-processing-time first), so ranks finish together; each rank's samples, still sorted, are cut
+      into `gradient_accumulation_steps` runs of about equal tokens, so a micro-batch holds samples of similar
+      length (little padding) and may hold more short samples than `micro_batch_size`. Every rank keeps
+      exactly `gradient_accumulation_steps` non-empty micro-batches (the engine's loop and collectives stay in
+      step); ranks may hold different sample counts. With `distributed.aggregation: weighted` the update equals
+      one worker's on the same samples for any assignment.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        loss_counts: np.ndarray,
+        micro_batch_size: int,
+        grad_accum: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool = True,
+        lengths: np.ndarray | None = None,
+        batching: str = "padded",
+    ):
         self.n = num_samples
         self.loss_counts = loss_counts
+        self.lengths = lengths if lengths is not None else np.ones(num_samples, dtype=np.int64)
         self.mb, self.ga, self.world = micro_batch_size, grad_accum, world_size
         self.global_batch = micro_batch_size * grad_accum * world_size
         self.seed, self.shuffle = seed, shuffle
+        if batching not in ("padded", "balanced", "packed"):
+            raise ValueError(f"unknown batching {batching!r}")
+        self.batching = batching
         if self.global_batch > num_samples:
-            raise UserError(Problem("training.micro_batch_size", f"one optimizer step needs {self.global_batch} "
-                                    f"samples (micro_batch_size x workers x gradient_accumulation_steps) but the "
-                                    f"dataset has {num_samples}", "lower the batch settings or add data"),
-                            "invalid recipe")
+            raise UserError(
+                Problem(
+                    "training.micro_batch_size",
+                    f"one optimizer step needs {self.global_batch} "
+                    f"samples (micro_batch_size x workers x gradient_accumulation_steps) but the "
+                    f"dataset has {num_samples}",
+                    "lower the batch settings or add data",
+                ),
+                "invalid recipe",
+            )
         self.steps_per_epoch = num_samples // self.global_batch
         self._perm_cache: dict[int, np.ndarray] = {}
 
@@ -367,20 +851,207 @@ class StepPlanner:
     def total_steps(self, epochs: int, max_steps: int | None) -> int:
         return max_steps if max_steps is not None else epochs * self.steps_per_epoch
 
-    def batches(self, step: int) -> StepBatches:
+    def step_samples(self, step: int) -> np.ndarray:
+        """The samples of optimizer step `step` (independent of the number of workers)."""
         epoch, within = divmod(step, self.steps_per_epoch)
-        idx = self._perm(epoch)[within * self.global_batch:(within + 1) * self.global_batch]
-        per_rank: list[list[list[int]]] = []
-        counts: list[int] = []
-        per = self.mb * self.ga
+        return self._perm(epoch)[within * self.global_batch : (within + 1) * self.global_batch]
+
+    def _assign_packed(self, idx: np.ndarray) -> list[list[list[int]]]:
+        """Longest first to the rank with the fewest tokens (a packed row costs its real tokens)."""
+        lens = self.lengths
+        order = sorted((int(i) for i in idx), key=lambda i: (-int(lens[i]), i))
+        members: list[list[int]] = [[] for _ in range(self.world)]
+        load = [0] * self.world
+        for i in order:
+            r = min(range(self.world), key=lambda k: (load[k], len(members[k]), k))
+            members[r].append(i)
+            load[r] += int(lens[i])
+        # A rank needs a sample per micro-batch: take the shortest samples of the rank holding the most.
         for r in range(self.world):
-            mine = [int(i) for i in idx[r * per:(r + 1) * per]]
-            per_rank.append([mine[j * self.mb:(j + 1) * self.mb] for j in range(self.ga)])
-            counts.append(int(self.loss_counts[mine].sum()))
-        return StepBatches(step=step, epoch=epoch, per_rank=per_rank, loss_tokens=counts)
+            while len(members[r]) < self.ga:
+                donor = max(range(self.world), key=lambda k: (len(members[k]), -k))
+                members[r].append(members[donor].pop())
+            members[r].sort(key=lambda i: (-int(lens[i]), i))
+        per_rank = []
+        for m in members:
+            cuts = [0, *split_contiguous([int(lens[i]) for i in m], self.ga), len(m)]
+            per_rank.append([m[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)])
+        return per_rank
+
+    def _assign_balanced(self, idx: np.ndarray) -> list[list[list[int]]]:
+        """Padded micro-batches of similar-length samples with about equal padded cost, spread over ranks.
+
+        A padded micro-batch costs (samples x its longest sample). The step's samples, sorted by length, are cut
+        into world x grad_accum contiguous groups minimising the largest cost (binary search on the cost with a
+        greedy fill), so long samples share a micro-batch with few others and short ones with many; the groups
+        then go, costliest first, to the rank with the least cost so far that still needs a micro-batch.
+        """
+        lens = self.lengths
+        order = sorted((int(i) for i in idx), key=lambda i: (-int(lens[i]), i))
+        sl = [int(lens[i]) for i in order]
+        bins = self.world * self.ga
+
+        def fill(cap: int) -> list[int] | None:
+            starts, k = [], 0
+            while k < len(sl):
+                starts.append(k)
+                if len(starts) > bins:
+                    return None
+                k += max(1, cap // sl[k])  # everything after k is no longer than sl[k]
+            return starts
+
+        lo, hi = sl[0], sl[0] * len(sl)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fill(mid) is None:
+                lo = mid + 1
+            else:
+                hi = mid
+        starts = fill(lo) or [0]
+        groups = [order[a:b] for a, b in zip(starts, [*starts[1:], len(order)], strict=True)]
+        while len(groups) < bins:  # fewer groups than micro-batches: halve the group holding the most samples
+            g = max(range(len(groups)), key=lambda j: (len(groups[j]), -j))
+            half = len(groups[g]) // 2
+            groups[g : g + 1] = [groups[g][:half], groups[g][half:]]
+        cost = [len(g) * int(lens[g[0]]) for g in groups]
+        per_rank: list[list[list[int]]] = [[] for _ in range(self.world)]
+        load = [0] * self.world
+        for j in sorted(range(bins), key=lambda j: (-cost[j], j)):
+            r = min((k for k in range(self.world) if len(per_rank[k]) < self.ga), key=lambda k: (load[k], k))
+            per_rank[r].append(groups[j])
+            load[r] += cost[j]
+        return per_rank
+
+    def batches(self, step: int) -> StepBatches:
+        epoch = step // self.steps_per_epoch
+        idx = self.step_samples(step)
+        if self.batching == "padded":
+            per = self.mb * self.ga
+            per_rank = []
+            for r in range(self.world):
+                mine = [int(i) for i in idx[r * per : (r + 1) * per]]
+                per_rank.append([mine[j * self.mb : (j + 1) * self.mb] for j in range(self.ga)])
+        elif self.batching == "balanced":
+            per_rank = self._assign_balanced(idx)
+        else:
+            per_rank = self._assign_packed(idx)
+        lens = self.lengths
+        counts, tokens, compute = [], [], []
+        for rank in per_rank:
+            flat = [i for mb in rank for i in mb]
+            counts.append(int(self.loss_counts[flat].sum()))
+            tokens.append(int(lens[flat].sum()))
+            if self.batching == "packed":
+                compute.append(tokens[-1])
+            else:
+                compute.append(int(sum(len(mb) * int(lens[mb].max()) for mb in rank)))
+        return StepBatches(
+            step=step, epoch=epoch, per_rank=per_rank, loss_tokens=counts, rank_tokens=tokens, compute_tokens=compute
+        )
 
     def __iter__(self) -> Iterator[StepBatches]:  # pragma: no cover - convenience
         step = 0
         while True:
             yield self.batches(step)
             step += 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# `mgpu prepare`: statistics, one rendered example, and what each batching mode would cost
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchingEstimate:
+    """How one batching mode would lay out the first steps (computed from lengths only, no model)."""
+
+    mode: str
+    padding_efficiency: float  # real tokens / tokens the model processes (padding included)
+    rank_imbalance: float  # mean over steps of (slowest rank's processed tokens / mean rank's) - 1
+    max_micro_batch_tokens: int  # largest micro-batch in processed tokens (a memory proxy)
+
+
+@dataclass
+class DataReport:
+    """What `mgpu prepare` shows: the summary, where the cache is, one example, batching estimates."""
+
+    summary: PrepareSummary
+    cache: Path
+    cache_hit: bool
+    max_seq_length: int
+    example_index: int
+    example: list[tuple[str, bool]]  # (text, trained on) runs of the example's tokens
+    workers: int
+    estimates: list[BatchingEstimate]
+
+
+def estimate_batching(
+    data: TokenizedData, micro_batch_size: int, grad_accum: int, workers: int, seed: int, max_steps: int = 200
+) -> list[BatchingEstimate]:
+    """Padding efficiency and rank imbalance of each batching mode over the first `max_steps` steps."""
+    lengths = data.lengths()
+    out = []
+    for mode in ("padded", "balanced", "packed"):
+        planner = StepPlanner(
+            len(data), data.loss_counts, micro_batch_size, grad_accum, workers, seed, lengths=lengths, batching=mode
+        )
+        real = computed = 0
+        imbalance, biggest = [], 0
+        for step in range(min(max_steps, planner.steps_per_epoch)):
+            b = planner.batches(step)
+            real += sum(b.rank_tokens)
+            computed += sum(b.compute_tokens)
+            imbalance.append(max(b.compute_tokens) / max(1e-9, float(np.mean(b.compute_tokens))) - 1.0)
+            for rank in b.per_rank:
+                for mb in rank:
+                    n = int(lengths[mb].sum()) if mode == "packed" else len(mb) * int(lengths[mb].max())
+                    biggest = max(biggest, n)
+        out.append(BatchingEstimate(mode, real / max(1, computed), float(np.mean(imbalance)), biggest))
+    return out
+
+
+def example_runs(data: TokenizedData, index: int, tokenizer: Any) -> list[tuple[str, bool]]:
+    """The sample's text cut into runs that are / are not trained on (a token is trained on when it is a
+    label, i.e. the model learns to predict it)."""
+    ids, labels = data.sample(index)
+    runs: list[tuple[list[int], bool]] = []
+    for t, (tok, lab) in enumerate(zip(ids, labels, strict=True)):
+        trained = bool(lab != IGNORE_INDEX) and t > 0  # the first token is never predicted
+        if runs and runs[-1][1] == trained:
+            runs[-1][0].append(int(tok))
+        else:
+            runs.append(([int(tok)], trained))
+    return [(tokenizer.decode(r, skip_special_tokens=False), trained) for r, trained in runs]
+
+
+def report(recipe: Recipe) -> DataReport:
+    """Run `mgpu prepare`: tokenise (or find the cache) and describe the result.
+
+    Raises:
+        UserError: as `prepare`.
+    """
+    from .models import resolve_model_path
+
+    model_path = resolve_model_path(recipe.model.name)
+    folder, summary, hit = prepare(recipe, model_path)
+    data = TokenizedData(folder)
+    # the first sample that has something to train on shows the masking best
+    index = int(np.argmax(data.loss_counts > 0))
+    tokenizer = _load_tokenizer(model_path, recipe.model.trust_remote_code)
+    t = recipe.training
+    workers = recipe.distributed.num_gpus if isinstance(recipe.distributed.num_gpus, int) else 1
+    mb = t.micro_batch_size if isinstance(t.micro_batch_size, int) else 8
+    ga = t.gradient_accumulation_steps if isinstance(t.gradient_accumulation_steps, int) else 1
+    estimates = []
+    if mb * ga * workers <= len(data):
+        estimates = estimate_batching(data, mb, ga, workers, t.seed)
+    return DataReport(
+        summary,
+        folder,
+        hit,
+        recipe.model.max_seq_length,
+        index,
+        example_runs(data, index, tokenizer),
+        workers,
+        estimates,
+    )

@@ -228,11 +228,8 @@ def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = No
         check_resume_compatible(resume_from, identity)
     if is_main_node:
         make_output_dir(out, overwrite, resume is not None)
-        console.print(f"[bold]data[/]: {summary.samples} samples, {summary.tokens} tokens "
-                      f"({summary.loss_tokens} trained on), longest {summary.longest}"
-                      + (f", [yellow]{summary.truncated} truncated[/]" if summary.truncated else "")
-                      + (f", [yellow]{summary.dropped} dropped (too long)[/]" if summary.dropped else "")
-                      + (" [dim](cached)[/]" if hit else ""))
+        console.print(f"[bold]data[/]: {summary.describe(recipe.model.max_seq_length)}"
+                      + (" [dim](cached)[/]" if hit else "") + f"; batching {recipe.dataset.batching}")
         if eval_prepared is not None:
             console.print(f"[bold]eval data[/]: {eval_prepared[1].samples} samples from {recipe.dataset.eval_path}")
         elif recipe.dataset.eval_ratio:
@@ -379,7 +376,9 @@ class Trainer:
         self.lengths = self.data.lengths()
         self.planner = StepPlanner(len(self.data), self.data.loss_counts, int(r.training.micro_batch_size),
                                    int(r.training.gradient_accumulation_steps), self.plan.num_workers,
-                                   r.training.seed, r.dataset.shuffle)
+                                   r.training.seed, r.dataset.shuffle, lengths=self.lengths,
+                                   batching=r.dataset.batching)
+        self.packed = r.dataset.batching == "packed"
         self.total_steps = self.planner.total_steps(r.training.epochs, r.training.max_steps)
         self.optimizer = build_optimizer(self.params, r, self.info.device_type)
         self.scheduler = build_scheduler(self.optimizer, r, self.total_steps)
@@ -474,7 +473,7 @@ class Trainer:
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                step_tokens = int(sum(int(self.lengths[i]) for rk in batches.per_rank for mb in rk for i in mb))
+                step_tokens = int(sum(batches.rank_tokens))
                 tokens_window += step_tokens
                 tokens_session += step_tokens
                 rs["tokens"] += step_tokens
@@ -497,6 +496,7 @@ class Trainer:
                     mems = D.all_gather_floats([_peak_memory_gb(info)], info)
                     row = {"step": self.step, "epoch": batches.epoch, "loss": last_loss, "learning_rate": lr,
                            "grad_norm": float(grad_norm), "tokens": step_tokens, "loss_tokens": int(tot_tokens),
+                           "compute_tokens": int(sum(batches.compute_tokens)),
                            "tokens_per_second": tps, "elapsed_s": elapsed_before + now - t_start,
                            "peak_memory_gb": [round(m[0], 3) for m in mems], "skipped_steps": rs["skipped_steps"]}
                     if evaluated is not None:
@@ -572,7 +572,7 @@ class Trainer:
                     if n_mb == 0:
                         continue  # the model's mean over zero tokens is NaN
                     batch = {k: v.to(info.device) for k, v in data.collate(mb).items()}
-                    sums[0] += self.model(**batch).loss.detach().to(torch.float64) * n_mb
+                    sums[0] += self.model(**batch, use_cache=False).loss.detach().to(torch.float64) * n_mb
                     sums[1] += n_mb
         finally:
             self.model.train()
@@ -596,10 +596,11 @@ class Trainer:
         try:
             for mb in micro_batches:
                 for piece in _pieces(mb, self.split):
-                    batch = {k: _to_device(v, device) for k, v in self.data.collate(piece).items()}
+                    batch = {k: _to_device(v, device) for k, v in self.data.collate(piece, self.packed).items()}
                     n = int(sum(int(self.data.loss_counts[i]) for i in piece))
                     maybe_inject("forward", self, samples=len(piece))
-                    loss = self.model(**batch).loss
+                    # no KV cache in training: with one, transformers ignores packed position_ids (leaks)
+                    loss = self.model(**batch, use_cache=False).loss
                     maybe_inject("loss", self, loss=loss)
                     if n > 0:
                         (loss * (n / denom)).backward()

@@ -19,6 +19,9 @@ from .errors import Problem, UserError
 
 BUILTIN_MODELS = ("builtin:tiny-llama",)
 AUTO = "auto"
+# Names a dataset.columns mapping may rename, per format (the target is the column in the user's data).
+FORMAT_COLUMNS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages", "role", "content"),
+                  "text": ("text",)}
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -89,6 +92,41 @@ class DatasetSection(_Section):
         description="Hold out this share of the samples for evaluation (chosen by training.seed, never trained on); "
         "exclusive with dataset.eval_path.",
     )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename source columns to the format's names, e.g. {instruction: question, output: answer}; "
+        "alpaca: instruction/input/output, chat: messages/role/content, text: text.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="chat format: a named template (chatml, llama3, zephyr) or a Jinja template; default: the "
+        "tokenizer's own.",
+    )
+    batching: Literal["padded", "balanced", "packed"] = Field(
+        "balanced",
+        description="How a step's samples go to ranks and micro-batches: padded (in order, padded per micro-batch), "
+        "balanced (sorted by length, tokens balanced across ranks), packed (balanced, each micro-batch one "
+        "sequence without padding; attention never crosses samples).",
+    )
+    num_proc: int | Literal["auto"] = Field(
+        "auto", description="Tokenizer processes in the parent; auto: one for small data, up to 8 for large."
+    )
+
+    @field_validator("num_proc")
+    @classmethod
+    def _num_proc(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 256:
+            raise ValueError(f"expected 1 to 256 processes or 'auto', found {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _columns_known(self) -> DatasetSection:
+        valid = FORMAT_COLUMNS[self.format]
+        bad = [k for k in self.columns if k not in valid]
+        if bad:
+            raise ValueError("\n".join(f"@dataset.columns.{k}@ unknown column name for format {self.format}; "
+                                       f"expected one of {', '.join(valid)}" for k in bad))
+        return self
 
 
 class TrainingSection(_Section):

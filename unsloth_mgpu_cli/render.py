@@ -118,3 +118,44 @@ def print_plan(plan) -> None:
                 alt["why"],
             )
         console.print(r)
+
+
+def print_data_report(rep) -> None:
+    """`mgpu prepare`: statistics, the cache, one example with its masked part marked, batching estimates."""
+    from rich.text import Text
+
+    s = rep.summary
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_row("samples", f"{s.samples} (of {s.rows} rows)")
+    t.add_row("tokens", f"{s.tokens}, trained on {s.loss_tokens}; masked share {s.masked_share:.1%}")
+    pct = ", ".join(f"{k} {v}" for k, v in s.percentiles.items())
+    t.add_row("length", f"mean {s.tokens / max(1, s.samples):.0f}, {pct}, longest {s.longest}")
+    policy = "none longer than max_seq_length"
+    if s.truncated:
+        policy = (f"[yellow]{s.truncated} truncated to {rep.max_seq_length} (longest was {s.longest_before}; "
+                  f"{s.tokens_cut} tokens cut)[/]")
+    elif s.dropped:
+        policy = f"[yellow]{s.dropped} dropped as longer than {rep.max_seq_length} (longest {s.longest_before})[/]"
+    t.add_row("too long", policy)
+    if s.no_loss:
+        t.add_row("no loss", f"[yellow]{s.no_loss} samples with nothing to train on[/]")
+    t.add_row("cache", f"{rep.cache} " + ("[dim](hit: not re-tokenised)[/]" if rep.cache_hit else "(written)"))
+    console.print(Panel(t, title="data", expand=False))
+    example = Text()
+    for text, trained in rep.example:
+        example.append(text, style="bold green" if trained else "dim strike")
+    console.print(Panel(example, title=f"sample {rep.example_index}: [bold green]trained on[/], "
+                        "[dim strike]masked[/] (no loss)", expand=False))
+    masked = "".join(text for text, trained in rep.example if not trained)
+    trained = "".join(text for text, trained in rep.example if trained)
+    console.print(f"[dim]masked:[/] {masked!r}", soft_wrap=True)
+    console.print(f"[dim]trained on:[/] {trained!r}", soft_wrap=True)
+    if rep.estimates:
+        bt = Table(title=f"batching for {rep.workers} worker(s) (dataset.batching)", title_justify="left")
+        bt.add_column("mode")
+        bt.add_column("real tokens / processed", justify="right")
+        bt.add_column("slowest rank vs mean", justify="right")
+        bt.add_column("largest micro-batch (tokens)", justify="right")
+        for e in rep.estimates:
+            bt.add_row(e.mode, f"{e.padding_efficiency:.1%}", f"+{e.rank_imbalance:.1%}", str(e.max_micro_batch_tokens))
+        console.print(bt)

@@ -1,0 +1,369 @@
+"""Data pipeline without a model run: formats, masking token by token, errors, length policy, the cache,
+sharding (per-step sample sets, token balance on GSM8K), and packing (attention never crosses samples,
+checked against the same samples run one by one with plain transformers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import GSM8K, ROOT, assert_user_error, run_mgpu
+
+from unsloth_mgpu_cli import data as D
+from unsloth_mgpu_cli.errors import UserError
+from unsloth_mgpu_cli.models import ensure_builtin_model
+from unsloth_mgpu_cli.recipe import Recipe
+
+QUICKSTART_DATA = ROOT / "recipes" / "data" / "quickstart.jsonl"
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2+3?"},
+    {"role": "assistant", "content": "5"},
+    {"role": "user", "content": "And 4+4?"},
+    {"role": "assistant", "content": "eight"},
+]
+
+
+@pytest.fixture(scope="module")
+def model_path() -> str:
+    return str(ensure_builtin_model("builtin:tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path, monkeypatch):
+    """A fresh data cache per test (the model was located before, in the default cache)."""
+    monkeypatch.setenv("UNSLOTH_MGPU_CACHE", str(tmp_path / "cache"))
+
+
+def recipe(path: Path | str, max_seq_length: int = 128, **dataset) -> Recipe:
+    return Recipe.model_validate(
+        {
+            "model": {"name": "builtin:tiny-llama", "max_seq_length": max_seq_length},
+            "dataset": {"path": str(path), **dataset},
+        }
+    )
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def prepared(r: Recipe, model_path: str) -> tuple[D.TokenizedData, D.PrepareSummary]:
+    folder, summary, _ = D.prepare(r, model_path)
+    return D.TokenizedData(folder), summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# Formats and masking
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_alpaca_masks_the_prompt_token_by_token(tmp_path, model_path, tokenizer):
+    row = {"instruction": "Add the two numbers.", "input": "2 + 3", "output": "5"}
+    data, summary = prepared(recipe(write_jsonl(tmp_path / "a.jsonl", [row])), model_path)
+    ids, labels = (np.asarray(a) for a in data.sample(0))
+    prompt, response = D.render_alpaca(row)
+    p_ids = tokenizer(prompt)["input_ids"]
+    r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert ids.tolist() == p_ids + r_ids
+    assert labels.tolist() == [-100] * len(p_ids) + r_ids
+    assert data.loss_counts.tolist() == [len(r_ids)] == [summary.loss_tokens]
+
+
+def test_chat_trains_on_assistant_turns_only_token_by_token(tmp_path, model_path, tokenizer):
+    data, _ = prepared(recipe(write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}]), format="chat"), model_path)
+    ids, labels = (np.asarray(a).tolist() for a in data.sample(0))
+    full = tokenizer.apply_chat_template(CHAT, tokenize=False)
+    assert ids == tokenizer(full)["input_ids"]  # the ids are those of the whole rendered text
+    trained = [i for i, lab in zip(ids, labels, strict=True) if lab != -100]
+    # exactly the two assistant contents with what the template closes them with (eos + newline)
+    expected = tokenizer("5</s>\n", add_special_tokens=False)["input_ids"]
+    expected += tokenizer("eight</s>\n", add_special_tokens=False)["input_ids"]
+    assert trained == expected
+    for i, lab in zip(ids, labels, strict=True):  # a label is the token itself or ignored, never another
+        assert lab in (-100, i)
+    assert tokenizer.decode([i for i, lab in zip(ids, labels, strict=True) if lab == -100]).count("What is 2+3?") == 1
+
+
+def test_everything_is_trained_on_when_asked_and_for_text(tmp_path, model_path):
+    f = write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}])
+    data, _ = prepared(recipe(f, format="chat", train_on_responses_only=False), model_path)
+    ids, labels = data.sample(0)
+    assert np.array_equal(ids, labels) and data.loss_counts[0] == len(ids) - 1
+    t = write_jsonl(tmp_path / "t.jsonl", [{"text": "hello world, plain text"}])
+    data, _ = prepared(recipe(t, format="text"), model_path)
+    ids, labels = data.sample(0)
+    assert np.array_equal(ids, labels) and data.loss_counts[0] == len(ids) - 1
+
+
+def test_columns_are_mapped_and_sharegpt_roles_accepted(tmp_path, model_path):
+    plain = prepared(recipe(write_jsonl(tmp_path / "a.jsonl", [{"messages": CHAT}]), format="chat"), model_path)[0]
+    share = [
+        {"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+        for m in CHAT
+    ]
+    f = write_jsonl(tmp_path / "b.jsonl", [{"conversations": share}])
+    r = recipe(f, format="chat", columns={"messages": "conversations", "role": "from", "content": "value"})
+    mapped = prepared(r, model_path)[0]
+    assert np.array_equal(mapped.input_ids, plain.input_ids) and np.array_equal(mapped.labels, plain.labels)
+
+
+def test_csv_parquet_and_a_folder_give_the_same_tokens_as_jsonl(tmp_path, model_path):
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in QUICKSTART_DATA.read_text().splitlines()[:20]]
+    ref = prepared(recipe(write_jsonl(tmp_path / "q.jsonl", rows), format="alpaca"), model_path)[0]
+    table = pa.Table.from_pylist(rows)
+    pacsv.write_csv(table, tmp_path / "q.csv")
+    pq.write_table(table, tmp_path / "q.parquet")
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", rows[:7])
+    pq.write_table(pa.Table.from_pylist(rows[7:]), folder / "b.parquet")
+    for source in (tmp_path / "q.csv", tmp_path / "q.parquet", folder):
+        got = prepared(recipe(source), model_path)[0]
+        assert np.array_equal(got.input_ids, ref.input_ids), source
+        assert np.array_equal(got.labels, ref.labels), source
+
+
+def test_named_chat_template_and_a_missing_one(tmp_path, model_path, tokenizer):
+    f = write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}])
+    data, _ = prepared(recipe(f, 256, format="chat", chat_template="chatml"), model_path)
+    ids, labels = data.sample(0)
+    trained = tokenizer.decode([int(i) for i, lab in zip(ids, labels, strict=True) if lab != -100])
+    assert trained == "5<|im_end|>\neight<|im_end|>\n"
+    with pytest.raises(UserError) as exc:
+        D.prepare(recipe(f, format="chat", chat_template="vicuna"), model_path)
+    assert "dataset.chat_template" in str(exc.value) and "chatml" in str(exc.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad data, length policy, cache
+# ---------------------------------------------------------------------------------------------------
+
+
+def user_error(r: Recipe, model_path: str) -> str:
+    with pytest.raises(UserError) as exc:
+        D.prepare(r, model_path)
+    return str(exc.value)
+
+
+def test_bad_data_is_named_by_file_and_line(tmp_path, model_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": \n')
+    assert f"{bad}:3" in user_error(recipe(bad), model_path)
+    cols = write_jsonl(tmp_path / "cols.jsonl", [{"q": "a", "a": "b"}])
+    msg = user_error(recipe(cols), model_path)
+    assert "instruction" in msg and "'q'" in msg and "dataset.columns" in msg
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert "empty" in user_error(recipe(empty), model_path)
+    chats = [{"messages": CHAT}, {"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}]
+    role = write_jsonl(tmp_path / "role.jsonl", chats)
+    msg = user_error(recipe(role, format="chat"), model_path)
+    assert f"{role}:2" in msg and "messages[1].role" in msg and "'bot'" in msg
+    csv = tmp_path / "gap.csv"
+    csv.write_text("instruction,output\nfine,ok\nmissing answer,\n")
+    assert f"{csv}: row 3" in user_error(recipe(csv), model_path) and not list((tmp_path / "cache").rglob("*.npy"))
+
+
+def test_an_uncached_hub_dataset_is_a_clear_error(model_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    msg = user_error(recipe("nobody-here/no-such-dataset-xyz"), model_path)
+    assert "dataset.path (nobody-here/no-such-dataset-xyz)" in msg and "offline" in msg
+
+
+def test_too_long_samples_are_truncated_or_dropped_and_reported(tmp_path, model_path, tokenizer):
+    rows = [{"text": "word " * n} for n in (5, 200, 300)]
+    full = [len(tokenizer(r["text"])["input_ids"]) + 1 for r in rows]  # + eos
+    f = write_jsonl(tmp_path / "t.jsonl", rows)
+    data, s = prepared(recipe(f, max_seq_length=64, format="text"), model_path)
+    assert (s.samples, s.truncated, s.dropped, s.longest, s.longest_before) == (3, 2, 0, 64, full[2])
+    assert s.tokens_cut == (full[1] - 64) + (full[2] - 64)
+    assert data.lengths().tolist() == [full[0], 64, 64]
+    assert f"2 truncated to 64 tokens (longest was {full[2]}" in s.describe(64)
+    data, s = prepared(recipe(f, max_seq_length=64, format="text", too_long="drop"), model_path)
+    assert (s.samples, s.truncated, s.dropped) == (1, 0, 2) and "2 dropped as longer than 64" in s.describe(64)
+    assert data.lengths().tolist() == [full[0]]
+
+
+def test_second_prepare_hits_the_cache_without_loading_the_tokenizer(tmp_path, model_path, monkeypatch):
+    r = recipe(QUICKSTART_DATA)
+    first, s1, hit1 = D.prepare(r, model_path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the tokenizer was loaded on a cache hit")
+
+    monkeypatch.setattr(D, "_load_tokenizer", refuse)
+    second, s2, hit2 = D.prepare(
+        r.model_copy(update={"dataset": r.dataset.model_copy(update={"batching": "packed"})}), model_path
+    )
+    assert (hit1, hit2) == (False, True) and first == second and s1 == s2
+    # a setting that changes tokens is a different cache
+    with pytest.raises(AssertionError, match="tokenizer was loaded"):
+        D.prepare(recipe(QUICKSTART_DATA, max_seq_length=64), model_path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sharding
+# ---------------------------------------------------------------------------------------------------
+
+
+def planners(lengths: np.ndarray, mb: int, ga: int, world: int, mode: str) -> D.StepPlanner:
+    return D.StepPlanner(len(lengths), lengths // 2, mb, ga, world, seed=3, lengths=lengths, batching=mode)
+
+
+@pytest.mark.parametrize("mode", ["padded", "balanced", "packed"])
+def test_step_sample_sets_do_not_depend_on_the_number_of_workers(mode):
+    lengths = np.random.default_rng(0).integers(5, 500, size=997)
+    ref = planners(lengths, 16, 2, 1, "padded")  # 32 samples per step, as every layout below
+    for world, mb in ((1, 16), (2, 8), (4, 4), (8, 2)):
+        p = planners(lengths, mb, 2, world, mode)
+        for step in (0, 1, 30, ref.steps_per_epoch + 2):  # the last one in the second epoch
+            b = p.batches(step)
+            got = sorted(i for rank in b.per_rank for m in rank for i in m)
+            assert got == sorted(int(i) for rank in ref.batches(step).per_rank for m in rank for i in m)
+            assert all(len(rank) == 2 and all(m for m in rank) for rank in b.per_rank)  # ga non-empty each
+            assert b.loss_tokens == [int((lengths[[i for m in r for i in m]] // 2).sum()) for r in b.per_rank]
+
+
+@pytest.fixture(scope="module")
+def gsm8k_lengths(model_path, tmp_path_factory):
+    if not GSM8K.exists():
+        pytest.skip(f"{GSM8K} not present")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UNSLOTH_MGPU_CACHE", str(tmp_path_factory.mktemp("gsm8k-cache")))
+        data, _ = prepared(recipe(GSM8K, max_seq_length=512), model_path)
+        return np.asarray(data.lengths())
+
+
+def test_packed_shards_balance_tokens_within_ten_percent_on_gsm8k(gsm8k_lengths):
+    for world in (2, 4, 8):
+        p = planners(gsm8k_lengths, 8, 1, world, "packed")
+        padded = planners(gsm8k_lengths, 8, 1, world, "padded")
+        worst = worst_padded = 0.0
+        for step in range(150):
+            t = np.asarray(p.batches(step).rank_tokens, dtype=float)
+            worst = max(worst, float(np.abs(t / t.mean() - 1).max()))
+            t = np.asarray(padded.batches(step).rank_tokens, dtype=float)
+            worst_padded = max(worst_padded, float(np.abs(t / t.mean() - 1).max()))
+        assert worst < 0.10, (world, worst)
+        assert worst_padded > 0.15  # control: the plain split is far off, so the bound above means something
+
+
+def test_balanced_batching_cuts_padding_and_never_exceeds_the_padded_micro_batch(gsm8k_lengths):
+    for mb, ga, world in ((8, 1, 2), (4, 2, 2), (8, 4, 4)):
+        eff = {}
+        for mode in ("padded", "balanced"):
+            p = planners(gsm8k_lengths, mb, ga, world, mode)
+            real = work = slowest = 0
+            for step in range(100):
+                b = p.batches(step)
+                real += sum(b.rank_tokens)
+                work += sum(b.compute_tokens)
+                slowest += max(b.compute_tokens) * world
+                for rank in b.per_rank:
+                    for m in rank:  # memory: no padded micro-batch larger than the plain split's worst case
+                        assert len(m) * gsm8k_lengths[m].max() <= mb * 512
+            eff[mode] = (real / work, real / slowest)
+        assert eff["balanced"][0] > eff["padded"][0] + 0.1, eff  # less padding
+        assert eff["balanced"][1] > eff["padded"][1] + 0.05, eff  # and more real tokens per unit of step time
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packing
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_packed_collate_restarts_positions_and_masks_boundaries(tmp_path, model_path):
+    rows = [json.loads(line) for line in QUICKSTART_DATA.read_text().splitlines()[:4]]
+    data, _ = prepared(recipe(write_jsonl(tmp_path / "q.jsonl", rows), train_on_responses_only=False), model_path)
+    batch = data.collate([2, 0, 3], packed=True)
+    lens = [int(data.lengths()[i]) for i in (2, 0, 3)]
+    assert batch["input_ids"].shape == (1, sum(lens)) and "attention_mask" not in batch
+    assert batch["position_ids"][0].tolist() == [p for n in lens for p in range(n)]
+    starts = np.cumsum([0] + lens[:-1])
+    assert all(int(batch["labels"][0, s]) == -100 for s in starts)  # no sample predicts the next one's start
+    assert int((batch["labels"][0, 1:] != -100).sum()) == int(data.loss_counts[[2, 0, 3]].sum())
+
+
+def test_packed_loss_equals_samples_run_one_by_one(tmp_path, model_path):
+    """Plain transformers (SDPA): a packed row gives the one-by-one loss; naive concatenation does not."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    rows = [json.loads(line) for line in QUICKSTART_DATA.read_text().splitlines()[:5]]
+    data, _ = prepared(recipe(write_jsonl(tmp_path / "q.jsonl", rows)), model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    idx = [0, 1, 2, 3, 4]
+
+    def loss_sum(batch) -> float:
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        with torch.no_grad():
+            return float(model(**batch, use_cache=False).loss) * n  # a KV cache turns packed detection off
+
+    one_by_one = sum(loss_sum(data.collate([i])) for i in idx)
+    padded = loss_sum(data.collate(idx))
+    packed_batch = data.collate(idx, packed=True)
+    packed = loss_sum(packed_batch)
+    naive = loss_sum({k: v for k, v in packed_batch.items() if k != "position_ids"})
+    assert abs(padded - one_by_one) < 1e-5 * one_by_one
+    assert abs(packed - one_by_one) < 2e-6 * one_by_one
+    assert abs(naive - one_by_one) > 1e-4 * one_by_one  # control: attention across samples changes the loss
+
+
+# ---------------------------------------------------------------------------------------------------
+# `mgpu prepare`
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_mgpu_prepare_prints_statistics_and_a_masked_example(tmp_path, monkeypatch):
+    monkeypatch.delenv("UNSLOTH_MGPU_CACHE")  # the subprocess finds the tiny model in the default cache
+    # a copy of the data: a fresh cache entry, while the tiny model stays in the default cache
+    copy = tmp_path / "quickstart.jsonl"
+    copy.write_bytes(QUICKSTART_DATA.read_bytes())
+    args = ("prepare", str(ROOT / "recipes" / "quickstart.yaml"), "model.max_seq_length=96", f"dataset.path={copy}")
+    proc = run_mgpu(*args, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    for needle in (
+        "512 (of 512 rows)",
+        "masked share",
+        "p50",
+        "p90",
+        "p99",
+        "truncated to 96",
+        "masked:",
+        "trained on:",
+        "(written)",
+        "padded",
+        "balanced",
+        "packed",
+    ):
+        assert needle in out, (needle, out)
+    masked = next(line for line in out.splitlines() if line.startswith("masked:"))
+    trained = next(line for line in out.splitlines() if line.startswith("trained on:"))
+    assert "### Instruction" in masked and "### Response" in masked and "###" not in trained
+    again = run_mgpu(*args)
+    assert again.returncode == 0 and "hit: not re-tokenised" in again.stdout
+
+
+def test_mgpu_prepare_bad_data_exits_2_without_traceback(tmp_path, monkeypatch):
+    monkeypatch.delenv("UNSLOTH_MGPU_CACHE")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": oops}\n')
+    proc = run_mgpu("prepare", str(ROOT / "recipes" / "quickstart.yaml"), f"dataset.path={bad}")
+    assert_user_error(proc, f"{bad}:2", "malformed JSON")
