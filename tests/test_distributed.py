@@ -17,14 +17,38 @@ EXPECTED = {
 }
 
 
+@pytest.mark.parametrize("views", [False, True], ids=["copied", "bucket-views"])
 @pytest.mark.parametrize("aggregation", sorted(EXPECTED))
-def test_aggregation_by_hand_on_three_gloo_ranks(aggregation):
+def test_aggregation_by_hand_on_three_gloo_ranks(aggregation, views):
     from dist_workers import aggregate_known_tensors
 
-    results = D.launch(aggregate_known_tensors, (aggregation,), D.LaunchSpec(nproc_per_node=3, device_type="cpu"))
+    results = D.launch(aggregate_known_tensors, (aggregation, views), D.LaunchSpec(nproc_per_node=3,
+                                                                                     device_type="cpu"))
     assert sorted(results) == [0, 1, 2]
     for res in results.values():
         assert res["grads"] == pytest.approx(EXPECTED[aggregation], rel=1e-6)
+        if views:
+            assert res["zeroed"] == [0.0, 0.0, 0.0]
+
+
+def test_clipping_on_bucket_views_matches_torch():
+    import torch
+
+    info = D.DistInfo()
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    ref = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    sync = D.GradientSynchronizer(params, info, "mean", bucket_size_mb=1, grad_views=True)
+    grads = [torch.tensor([3.0, -4.0, 12.0]), torch.tensor([[1.0, 2.0], [2.0, 4.0]])]
+    for p, q, g in zip(params, ref, grads, strict=True):
+        p.grad.copy_(g)
+        q.grad = g.clone()
+    norm = sync.clip_grad_norm(1.0)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    assert float(norm) == pytest.approx(float(ref_norm))
+    for p, q in zip(params, ref, strict=True):
+        assert torch.allclose(p.grad, q.grad)
+    params[0].grad[0] = float("nan")
+    assert not bool(sync.grads_finite())
 
 
 def test_median_of_even_count_is_mean_of_middle_pair():

@@ -745,11 +745,49 @@ class GradientSynchronizer:
       - ``median``: per-rank token-mean losses, coordinate-wise median over ranks (all-gather).
     """
 
-    def __init__(self, params: Sequence[Any], info: DistInfo, aggregation: str, bucket_size_mb: float = 25.0):
+    def __init__(self, params: Sequence[Any], info: DistInfo, aggregation: str, bucket_size_mb: float = 25.0,
+                 grad_views: bool = False):
         self.params = [p for p in params if p.requires_grad]
         self.info = info
         self.aggregation = aggregation
         self.buckets = _buckets(self.params, bucket_size_mb * 2**20)
+        self.flats: list[Any] = []
+        if grad_views:
+            self._install_views()
+
+    def _install_views(self) -> None:
+        """Make every fp32 gradient a view into one flat fp32 buffer per bucket (DDP's gradient_as_bucket_view).
+
+        Backward then accumulates straight into the buffers that are all-reduced: no gather/scatter copies, and
+        zeroing, the finiteness check and clipping are one kernel per bucket instead of one per parameter. The
+        owner must zero gradients with `zero_grad()`, never `optimizer.zero_grad(set_to_none=True)`, which would
+        drop the views. Buckets holding a non-fp32 parameter keep the copy path.
+        """
+        import torch
+
+        for bucket in self.buckets:
+            if any(p.dtype != torch.float32 for p in bucket):
+                self.flats.append(None)
+                continue
+            flat = torch.zeros(sum(p.numel() for p in bucket), dtype=torch.float32, device=bucket[0].device)
+            offset = 0
+            for p in bucket:
+                n = p.numel()
+                p.grad = flat[offset:offset + n].view_as(p)
+                offset += n
+            self.flats.append(flat)
+
+    @property
+    def uses_views(self) -> bool:
+        return bool(self.flats) and all(f is not None for f in self.flats)
+
+    def zero_grad(self, optimizer: Any) -> None:
+        """Zero the gradients (the flat buffers when views are installed)."""
+        if self.uses_views:
+            for flat in self.flats:
+                flat.zero_()
+        else:
+            optimizer.zero_grad(set_to_none=True)
 
     def local_loss_denominator(self, local_tokens: int, global_tokens: int) -> int:
         """Tokens each rank divides its summed token losses by, for this aggregation."""
@@ -761,20 +799,24 @@ class GradientSynchronizer:
 
         world = self.info.world_size
         if not dist.is_initialized() or world == 1:
-            if self.aggregation == "mean" or self.aggregation == "median":
-                return  # the mean/median of one rank is itself
-            return
-        for bucket in self.buckets:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
-            flat = torch.cat([g.detach().reshape(-1).to(torch.float32) for g in grads])
+            return  # the mean, sum or median of one rank is itself
+        for i, bucket in enumerate(self.buckets):
+            view = self.flats[i] if i < len(self.flats) else None
+            if view is not None:
+                flat = view
+            else:
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
+                flat = torch.cat([g.detach().reshape(-1).to(torch.float32) for g in grads])
             if self.aggregation == "median":
                 gathered = [torch.empty_like(flat) for _ in range(world)]
                 dist.all_gather(gathered, flat)
-                flat = reduce_median(torch.stack(gathered))
+                flat.copy_(reduce_median(torch.stack(gathered)))
             else:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
                 if self.aggregation == "mean":
                     flat.div_(world)
+            if view is not None:
+                continue  # the gradients are views of `flat`: already in place
             offset = 0
             for p in bucket:
                 n = p.numel()
@@ -784,6 +826,36 @@ class GradientSynchronizer:
                 else:
                     p.grad.copy_(chunk)
                 offset += n
+
+    def grads_finite(self) -> Any:
+        """A 0-d bool device tensor: every gradient is finite (no host sync)."""
+        import torch
+
+        if self.uses_views:
+            return torch.stack([torch.isfinite(f).all() for f in self.flats]).all()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.ones((), dtype=torch.bool, device=self.params[0].device)
+        return torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+
+    def clip_grad_norm(self, max_norm: float | None) -> Any:
+        """Global gradient norm as a device tensor (synchronised grads: the same on every rank); clips to
+        `max_norm` when set."""
+        import torch
+
+        if not self.uses_views:
+            grads = [p for p in self.params if p.grad is not None]
+            if not grads:
+                return torch.zeros(())
+            if max_norm is None:
+                return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in grads])))
+            return torch.nn.utils.clip_grad_norm_(grads, max_norm)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(f) for f in self.flats]))
+        if max_norm is not None:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for f in self.flats:
+                f.mul_(coef)
+        return norm
 
 
 def reduce_median(stacked: Any) -> Any:

@@ -383,7 +383,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.params, r, self.info.device_type)
         self.scheduler = build_scheduler(self.optimizer, r, self.total_steps)
         self.sync = D.GradientSynchronizer(self.params, self.info, r.distributed.aggregation,
-                                           r.distributed.bucket_size_mb)
+                                           r.distributed.bucket_size_mb, grad_views=True)
         # Totals over the whole run, carried through checkpoints so a resumed run reports the whole run.
         self.run_state: dict[str, Any] = {"tokens": 0, "elapsed_s": 0.0, "skipped_steps": 0,
                                           "best_eval_loss": None, "last_metrics": None}
@@ -435,7 +435,7 @@ class Trainer:
                 # One small collective and one host sync per step: loss, loss tokens, whether any rank saw a
                 # non-finite value (checked on the device: no per-parameter sync), and whether any rank was asked
                 # to stop (so every rank stops after the same step), or ran out of memory.
-                bad = ~torch.isfinite(loss_sum) | ~_grads_finite(self.params)
+                bad = ~torch.isfinite(loss_sum) | ~self.sync.grads_finite()
                 stop_flag = 1.0 if self.stop is not None and self.stop.requested(info.is_main) else 0.0
                 stats = torch.stack([torch.where(bad, torch.zeros_like(loss_sum), loss_sum),
                                      torch.tensor(float(batches.loss_tokens[info.rank]), dtype=torch.float64,
@@ -449,7 +449,7 @@ class Trainer:
                 lr = self.scheduler.get_last_lr()[0]
                 if bad_ranks > 0:
                     # A non-finite loss/gradient on any rank: every rank skips this step together.
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.sync.zero_grad(self.optimizer)
                     rs["skipped_steps"] += 1
                     bad_since = bad_since or self.step + 1
                     grad_norm = float("nan")
@@ -467,11 +467,11 @@ class Trainer:
                 else:
                     bad_since = 0
                     self.sync.synchronize()
-                    grad_norm = _clip(self.params, r.training.max_grad_norm)
+                    grad_norm = self.sync.clip_grad_norm(r.training.max_grad_norm)
                     maybe_inject("before_optimizer_step", self)
                     self.optimizer.step()
                     self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.sync.zero_grad(self.optimizer)
                 self.step += 1
                 step_tokens = int(sum(batches.rank_tokens))
                 tokens_window += step_tokens
@@ -613,7 +613,7 @@ class Trainer:
         """Drop this step's partial gradients, free the cache, and halve the pieces; stop at 1 sample."""
         import torch
 
-        self.optimizer.zero_grad(set_to_none=True)
+        self.sync.zero_grad(self.optimizer)
         if self.info.device_type == "cuda":
             torch.cuda.empty_cache()
         mb = int(self.recipe.training.micro_batch_size)
@@ -684,30 +684,6 @@ def model_load_kwargs(recipe: Recipe, model_path: str, dtype: Any, device_type: 
     if device_type == "cuda":
         kwargs["device_map"] = {"": 0}
     return kwargs
-
-
-def _grads_finite(params: list[Any]) -> Any:
-    """A 0-d bool tensor on the device: every gradient is finite (no host sync)."""
-    import torch
-
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.ones((), dtype=torch.bool, device=params[0].device)
-    norms = torch._foreach_norm(grads)  # one fused pass; inf/nan in any element makes its norm non-finite
-    return torch.isfinite(torch.stack(norms)).all()
-
-
-def _clip(params: list[Any], max_norm: float | None) -> Any:
-    """Global gradient norm as a device tensor (grads are synchronised, so every rank computes the same);
-    clips to `max_norm` when set."""
-    import torch
-
-    grads = [p for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    if max_norm is None:
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in grads])))
-    return torch.nn.utils.clip_grad_norm_(grads, max_norm)
 
 
 def _peak_memory_gb(info: Any) -> float:
