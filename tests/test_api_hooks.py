@@ -24,10 +24,10 @@ STEPS, BS = 4, 2
 
 def run_script(out: Path, ngpu: int, bs: int, seed: int = 3) -> None:
     out.mkdir(parents=True)
-    env = mgpu_env(HOOK_NGPU=str(ngpu), HOOK_BS=str(bs), HOOK_SEED=str(seed), HOOK_DUMP=str(out),
-                   MGPU_LOG_DIR=str(out / "logs"))
-    proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=out, env=env, capture_output=True, text=True,
-                          timeout=500)
+    env = mgpu_env(
+        HOOK_NGPU=str(ngpu), HOOK_BS=str(bs), HOOK_SEED=str(seed), HOOK_DUMP=str(out), MGPU_LOG_DIR=str(out / "logs")
+    )
+    proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=out, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -57,8 +57,8 @@ def test_both_ranks_end_with_identical_weights_after_seeing_different_samples(ru
     # together they saw exactly what the one-worker run saw, step by step
     _, ref = rank(runs / "one", 0)
     for s in range(STEPS):
-        step = seen0[s * BS:(s + 1) * BS] + seen1[s * BS:(s + 1) * BS]
-        assert sorted(step) == sorted(ref["sample_indices"][s * 2 * BS:(s + 1) * 2 * BS])
+        step = seen0[s * BS : (s + 1) * BS] + seen1[s * BS : (s + 1) * BS]
+        assert sorted(step) == sorted(ref["sample_indices"][s * 2 * BS : (s + 1) * 2 * BS])
     assert r0["optimizer_steps"] == r1["optimizer_steps"] == STEPS
     assert r0["consistency_checks"] >= STEPS + 1  # start, every step (verify_every=1), end
 

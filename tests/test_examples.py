@@ -15,19 +15,27 @@ EXAMPLES = ROOT / "examples"
 
 
 def run_example(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], cwd=cwd, env=mgpu_env(),
-                          capture_output=True, text=True, timeout=500)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        cwd=cwd,
+        env=mgpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
     return proc
 
 
 def test_every_example_is_covered():
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(
-        ["quick_start.py", "direct_trainer_usage.py", "advanced_config.py", "verify_installation.py"])
+        ["quick_start.py", "direct_trainer_usage.py", "advanced_config.py", "verify_installation.py"]
+    )
 
 
 def test_quick_start_trains_on_two_workers_and_rank0_saves_the_adapter(tmp_path):
-    proc = run_example("quick_start.py", "--num-gpus", "2", "--steps", "2", "--output", str(tmp_path / "out"),
-                       cwd=tmp_path)
+    proc = run_example(
+        "quick_start.py", "--num-gpus", "2", "--steps", "2", "--output", str(tmp_path / "out"), cwd=tmp_path
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "done: 2 steps on 2 worker(s)" in out and "tokens/s" in out
