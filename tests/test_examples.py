@@ -42,19 +42,13 @@ def test_quick_start_trains_on_two_workers_and_rank0_saves_the_adapter(tmp_path)
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
 
 
-def _checksum(proc: subprocess.CompletedProcess[str]) -> float:
+def test_direct_trainer_trains_on_two_workers(tmp_path):
+    # Its 1-vs-N equality is checked fast in test_api.py (tiny transformers model); here: the example runs.
+    proc = run_example("direct_trainer_usage.py", "--num-gpus", "2", cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    m = re.search(r"trainable weights checksum: ([0-9.]+)", out)
-    assert m, out[-2000:]
-    return float(m.group(1))
-
-
-def test_direct_trainer_gives_the_same_weights_on_two_workers_and_one(tmp_path):
-    two = run_example("direct_trainer_usage.py", "--num-gpus", "2", cwd=tmp_path)
-    assert "4 steps" in two.stdout and "on 2 worker(s)" in two.stdout, two.stdout[-2000:]
-    one = run_example("direct_trainer_usage.py", "--num-gpus", "1", cwd=tmp_path)
-    assert _checksum(two) == pytest.approx(_checksum(one), rel=1e-5)
+    assert re.search(r"epoch: loss [0-9.]+, 4 steps, [0-9]+ tokens on 2 worker\(s\)", out), out[-2000:]
+    assert re.search(r"trainable weights checksum: [0-9.]+", out)
 
 
 def test_advanced_config_feeds_the_optimal_config_to_enable_multi_gpu(tmp_path):
