@@ -1,0 +1,73 @@
+"""Worker functions for the Python API tests (importable by processes the elastic launcher spawns)."""
+
+from __future__ import annotations
+
+import os
+
+
+def tiny_causal_lm(seed: int = 0):
+    """A 2-layer random Llama from transformers (no Unsloth: these tests check our math, fast)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(cfg).float()
+    for name, p in model.named_parameters():  # train a few tensors only, like an adapter
+        p.requires_grad = "q_proj" in name or "lm_head" in name
+    return model
+
+
+def variable_length_batches(num_batches: int = 4, rows: int = 5, seed: int = 1):
+    """Global batches with rows of different lengths (uneven token counts per rank), right-padded."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(num_batches):
+        lengths = torch.randint(3, 17, (rows,), generator=g)
+        ids = torch.randint(1, 64, (rows, int(lengths.max())), generator=g)
+        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+        out.append({"input_ids": ids * mask, "attention_mask": mask})
+    return out
+
+
+def direct_trainer_run(aggregation: str, num_gpus: int | None) -> dict:
+    """Train the tiny model with MultiGPUTrainer over the same global batches; return the trainable weights."""
+    os.environ["MGPU_DEVICE_TYPE"] = "cpu"
+    from unsloth_mgpu_cli import distributed as D
+    from unsloth_mgpu_cli import hooks
+    from unsloth_mgpu_cli.direct import MultiGPUTrainer
+
+    launched = "RANK" in os.environ
+    if launched:  # what enable_multi_gpu does in a worker, without importing Unsloth
+        hooks._STATE.info = D.setup_worker(timeout_seconds=120)
+    try:
+        model = tiny_causal_lm()
+        trainer = MultiGPUTrainer(
+            model=model,
+            num_gpus=num_gpus,
+            optimizer_config={"class": "adamw", "kwargs": {"lr": 1e-2}},
+            aggregation_method=aggregation,
+            max_grad_norm=1.0,
+            verify_every=1,
+        )
+        trainer.setup()
+        stats = trainer.train_epoch(variable_length_batches())
+        return {
+            "rank": trainer.rank,
+            "stats": stats,
+            "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+        }
+    finally:
+        if launched:
+            hooks._STATE.info = None
+            D.teardown()

@@ -1,0 +1,164 @@
+"""The Python API: cheap imports, argument checks, the shard sampler, MemoryManager, and MultiGPUTrainer's
+distributed math against a single-process reference (2 real gloo ranks, a tiny transformers model)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import weakref
+
+import pytest
+import torch
+from conftest import ROOT, mgpu_env
+from fake_nvml import FakeNVML, h200
+
+import unsloth_mgpu_cli
+import unsloth_multigpu
+from unsloth_mgpu_cli import distributed as D
+from unsloth_mgpu_cli.hooks import AggregationMethod, GlobalBatchShardSampler, enable_multi_gpu
+from unsloth_mgpu_cli.memory_manager import MemoryManager, OutOfMemoryRisk
+
+API = [
+    "enable_multi_gpu",
+    "disable_multi_gpu",
+    "MultiGPUTrainer",
+    "AggregationMethod",
+    "ConfigManager",
+    "DeviceManager",
+    "MemoryManager",
+]
+
+
+def test_both_packages_expose_the_api_and_importing_them_stays_cheap():
+    code = (
+        "import sys, unsloth_multigpu, unsloth_mgpu_cli; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules); "
+        f"names = {API!r}; "
+        "assert all(getattr(unsloth_multigpu, n) is getattr(unsloth_mgpu_cli, n) for n in names); "
+        "assert 'torch' not in sys.modules and 'unsloth' not in sys.modules"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=mgpu_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert unsloth_multigpu.ConfigManager is unsloth_mgpu_cli.configgen.ConfigManager
+    with pytest.raises(AttributeError):
+        unsloth_multigpu.no_such_name  # noqa: B018
+
+
+def test_bad_arguments_are_refused_before_anything_launches():
+    with pytest.raises(ValueError, match="mean"):
+        enable_multi_gpu(num_gpus=2, gradient_aggregation="avg")
+    with pytest.raises(ValueError, match="num_gpus"):
+        enable_multi_gpu(num_gpus=0)
+    with pytest.raises(ValueError, match="device"):
+        enable_multi_gpu(device="tpu")
+    assert AggregationMethod.parse("WEIGHTED") is AggregationMethod.WEIGHTED
+
+
+class _Base:
+    """A base sampler whose order depends on torch's global RNG, like RandomSampler."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n).tolist())
+
+
+@pytest.mark.parametrize("n", [16, 19, 17])  # whole blocks; a tail split unevenly; a tail of 1 < world (dropped)
+def test_shard_sampler_splits_every_global_batch_between_ranks(n):
+    world, bs = 2, 4
+    one = list(GlobalBatchShardSampler(_Base(n), 0, 1, bs * world, seed=5))
+    torch.manual_seed(123)  # a different global RNG state must not change the order
+    ranks = [list(GlobalBatchShardSampler(_Base(n), r, world, bs, seed=5)) for r in range(world)]
+    assert sorted(one) == list(range(n))
+    assert len({len(ranks[0]) // bs + (len(ranks[0]) % bs > 0), len(ranks[1]) // bs + (len(ranks[1]) % bs > 0)}) == 1
+    for b in range(n // (bs * world)):  # global batch b of N ranks == batch b of one rank with N x the batch
+        assert sorted(ranks[0][b * bs : (b + 1) * bs] + ranks[1][b * bs : (b + 1) * bs]) == sorted(
+            one[b * bs * world : (b + 1) * bs * world]
+        )
+    assert not set(ranks[0]) & set(ranks[1])
+    tail = n % (bs * world)
+    expected = n if tail >= world else n - tail
+    assert len(ranks[0]) + len(ranks[1]) == expected
+    assert [len(GlobalBatchShardSampler(_Base(n), r, world, bs)) for r in range(world)] == [len(x) for x in ranks]
+
+
+def test_shard_sampler_reshuffles_per_epoch():
+    s = GlobalBatchShardSampler(_Base(32), 0, 2, 4, seed=1)
+    s.set_epoch(0)
+    first = list(s)
+    s.set_epoch(1)
+    assert list(s) != first
+    s.set_epoch(0)
+    assert list(s) == first
+
+
+def test_memory_preflight_refuses_what_cannot_fit_and_passes_what_can():
+    mm = MemoryManager(memory_fraction=0.9)
+    with pytest.raises(OutOfMemoryRisk, match="70B"):
+        mm.check_fits("70B", seq_len=4096, micro_batch_size=8, method="full", available_bytes=80 * 2**30)
+    b = mm.check_fits("1B", seq_len=512, micro_batch_size=1, method="qlora", available_bytes=80 * 2**30)
+    assert 0 < b.peak < 0.9 * 80 * 2**30
+    # the boundary is the forecast itself: just below its peak / fraction fails, just above passes
+    need = mm.forecast("8B", seq_len=2048, micro_batch_size=2).peak
+    with pytest.raises(OutOfMemoryRisk):
+        mm.check_fits("8B", seq_len=2048, micro_batch_size=2, available_bytes=int(need / 0.9) - 2**20)
+    mm.check_fits("8B", seq_len=2048, micro_batch_size=2, available_bytes=int(need / 0.9) + 2**20)
+
+
+def test_memory_usage_reads_nvml_gpus_and_falls_back_to_host_ram():
+    nvml = FakeNVML([h200(0), h200(1, free_gib=100.0)])
+    usage = MemoryManager(nvml=nvml).get_memory_usage()
+    assert [u["device"] for u in usage] == ["cuda:0", "cuda:1"] and {u["source"] for u in usage} == {"nvml"}
+    assert usage[1]["free_bytes"] == 100 * 2**30 and usage[0]["total_bytes"] > usage[0]["free_bytes"] > 0
+    host = MemoryManager(nvml=FakeNVML([], fail_init=True)).get_memory_usage()
+    assert host[0]["source"] == "psutil" and host[0]["used_bytes"] > 0 and host[0]["total_bytes"] > 0
+
+
+def test_cleanup_collects_garbage_and_phases_are_recorded():
+    class Node:
+        pass
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # a reference cycle: only the garbage collector frees it
+    ref = weakref.ref(a)
+    del a, b
+    mm = MemoryManager()
+    with mm.phase("load"):
+        pass
+    assert ref() is None
+    assert mm.history[0]["phase"] == "load" and mm.history[0]["collected"] >= 2 and mm.history[0]["rss_bytes"] > 0
+
+
+def test_direct_trainer_needs_the_workers_for_more_than_one_gpu():
+    from api_workers import tiny_causal_lm
+
+    from unsloth_mgpu_cli.direct import MultiGPUTrainer
+
+    with pytest.raises(RuntimeError, match="enable_multi_gpu"):
+        MultiGPUTrainer(model=tiny_causal_lm(), num_gpus=2).setup()
+    with pytest.raises(RuntimeError, match="setup"):
+        MultiGPUTrainer(model=tiny_causal_lm()).train_epoch([])
+
+
+def _rel(a, b):
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in b)
+
+
+@pytest.mark.integration
+def test_direct_trainer_on_two_ranks_equals_one_process_over_the_same_batches():
+    from api_workers import direct_trainer_run
+
+    ref = direct_trainer_run("weighted", None)
+    two = D.launch(direct_trainer_run, ("weighted", 2), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
+    mean = D.launch(direct_trainer_run, ("mean", 2), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
+    assert _rel(two[0]["weights"], two[1]["weights"]) == 0.0  # replicas identical
+    assert _rel(two[0]["weights"], ref["weights"]) < 1e-5
+    assert two[0]["stats"]["steps"] == ref["stats"]["steps"] == 4
+    assert two[0]["stats"]["tokens"] == ref["stats"]["tokens"]
+    assert two[0]["stats"]["loss"] == pytest.approx(ref["stats"]["loss"], rel=1e-5)
+    # control: mean weights each rank equally although their token counts differ, so it is not the reference
+    assert _rel(mean[0]["weights"], ref["weights"]) > 1e-3

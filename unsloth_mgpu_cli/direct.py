@@ -1,0 +1,234 @@
+"""Direct mode: a small data-parallel trainer for your own model and your own data loader.
+
+    import unsloth_multigpu
+    unsloth_multigpu.enable_multi_gpu(num_gpus=2)      # re-launches this script: one worker per GPU
+    model = ...                                         # built in every worker (e.g. FastLanguageModel)
+    trainer = unsloth_multigpu.MultiGPUTrainer(model=model, num_gpus=2,
+        optimizer_config={"class": torch.optim.AdamW, "kwargs": {"lr": 2e-4}},
+        aggregation_method=unsloth_multigpu.AggregationMethod.WEIGHTED)
+    trainer.setup()
+    stats = trainer.train_epoch(dataloader)             # {"loss", "steps", "tokens", "time_s", ...}
+
+How the model reaches the workers: it does not travel. `MultiGPUTrainer` runs inside the workers that
+`enable_multi_gpu` started (or `torchrun`), and each worker builds its own replica by running the same
+script; `setup()` then copies rank 0's trainable weights to every rank and checks they agree. Without
+`enable_multi_gpu` it trains in this process (world size 1), so the same script serves 1 and N GPUs.
+
+Every rank iterates the same data loader; each batch it yields is one *global* batch, of which rank r
+trains rows [r-th slice] (uneven slices when the rows do not divide evenly). The samples of a step
+therefore do not depend on the number of GPUs, and with `WEIGHTED` aggregation N workers compute exactly
+the update of one process over the whole batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from .hooks import AggregationMethod
+
+IGNORE_INDEX = -100
+
+
+class MultiGPUTrainer:
+    """Data-parallel training of `model` with gradients combined by `distributed.GradientSynchronizer`.
+
+    Args:
+        model: a torch module returning an object with `.loss` when called with `labels` (Hugging Face
+            causal LMs, Unsloth/PEFT models). Only parameters with `requires_grad` are trained.
+        num_gpus: expected world size; None: whatever this process was launched with (1 without a launch).
+        optimizer_config: {"class": optimizer class or torch.optim name, "kwargs": {...}}; default AdamW(lr=2e-4).
+        aggregation_method: MEAN, SUM, WEIGHTED or MEDIAN (`AggregationMethod` or its string).
+        max_grad_norm: clip the synchronised gradient to this norm (None: no clipping).
+        verify_every: compare the ranks' trainable weights every N steps (0: only in setup and at epoch end).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        num_gpus: int | None = None,
+        optimizer_config: dict[str, Any] | None = None,
+        aggregation_method: AggregationMethod | str = AggregationMethod.MEAN,
+        max_grad_norm: float | None = 1.0,
+        verify_every: int = 50,
+    ):
+        self.model = model
+        self.num_gpus = num_gpus
+        self.optimizer_config = dict(optimizer_config or {})
+        self.aggregation = AggregationMethod.parse(aggregation_method).value
+        self.max_grad_norm = max_grad_norm
+        self.verify_every = int(verify_every)
+        self.info: Any = None
+        self.optimizer: Any = None
+        self.params: list[Any] = []
+        self.sync: Any = None
+        self.global_step = 0
+
+    @property
+    def rank(self) -> int:
+        return self.info.rank if self.info is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.info.world_size if self.info is not None else 1
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+    def setup(self) -> None:
+        """Place the model on this worker's device, start from rank 0's weights, build the optimizer.
+
+        Raises:
+            RuntimeError: `num_gpus` > 1 but this process is not a worker (call `enable_multi_gpu` first).
+            ValueError: `num_gpus` differs from the launched world size, or a bad optimizer config.
+        """
+        import torch
+
+        from . import distributed as D
+        from .hooks import dist_info
+
+        info = dist_info()
+        if info is None:
+            if self.num_gpus not in (None, 1):
+                raise RuntimeError(
+                    f"MultiGPUTrainer(num_gpus={self.num_gpus}) trains inside the workers that "
+                    f"enable_multi_gpu(num_gpus={self.num_gpus}) starts: call enable_multi_gpu at the "
+                    "top of this script (it re-launches the script once per GPU)"
+                )
+            info = D.DistInfo(device_type="cuda" if torch.cuda.is_available() else "cpu")
+        elif self.num_gpus is not None and self.num_gpus != info.world_size:
+            raise ValueError(f"num_gpus={self.num_gpus} but {info.world_size} worker(s) were launched")
+        self.info = info
+        first = next(iter(self.model.parameters()), None)
+        if first is not None and first.device.type != info.device_type:
+            self.model.to(info.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
+        D.broadcast_parameters(self.params, info)
+        D.check_consistency(self.params, info, step=0)
+        self.optimizer = _build_optimizer(self.params, self.optimizer_config)
+        self.sync = D.GradientSynchronizer(self.params, info, self.aggregation)
+
+    def _shard(self, rows: int) -> slice:
+        base, extra = divmod(rows, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (1 if self.rank < extra else 0))
+
+    def train_epoch(self, dataloader: Iterable[dict[str, Any]]) -> dict[str, Any]:
+        """One pass over `dataloader`; every batch it yields is one global batch (one optimizer step).
+
+        Batches are dicts with `input_ids` and optionally `attention_mask` and `labels` (default: the
+        input ids, padding masked with -100).
+
+        Returns:
+            loss (token-weighted mean over the epoch and all ranks), last_loss, steps, samples, tokens
+            (non-padding, all ranks), time_s, tokens_per_second, world_size, aggregation.
+
+        Raises:
+            RuntimeError: `setup()` was not called, or the ranks iterate different batches.
+            ValueError: a batch has fewer rows than there are ranks.
+        """
+        import torch
+
+        from . import distributed as D
+
+        if self.optimizer is None:
+            raise RuntimeError("call setup() before train_epoch()")
+        info = self.info
+        self.model.train()
+        t0 = time.perf_counter()
+        steps = samples = 0
+        loss_tok_sum = loss_tokens = tokens = 0.0
+        last_loss = float("nan")
+        for batch in dataloader:
+            ids = batch["input_ids"]
+            mask = batch.get("attention_mask")
+            labels = batch.get("labels")
+            if labels is None:
+                labels = ids.masked_fill(mask == 0, IGNORE_INDEX) if mask is not None else ids
+            rows = int(ids.shape[0])
+            if rows < self.world_size:
+                raise ValueError(
+                    f"a batch of {rows} rows cannot be shared by {self.world_size} ranks: every rank "
+                    "needs at least one row (raise the batch size)"
+                )
+            # Loss tokens after the causal shift: the global count is known to every rank without a collective.
+            global_items = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            part = self._shard(rows)
+            local = {"input_ids": ids[part], "labels": labels[part]}
+            if mask is not None:
+                local["attention_mask"] = mask[part]
+            local = {k: v.to(info.device, non_blocking=True) for k, v in local.items()}
+            local_items = int((local["labels"][:, 1:] != IGNORE_INDEX).sum())
+            local_tokens = int(local["attention_mask"].sum()) if mask is not None else int(local["input_ids"].numel())
+            loss_value = 0.0
+            if local_items > 0:
+                loss = self.model(**local).loss
+                scale = local_items / max(1, global_items) if self.aggregation == "weighted" else 1.0
+                (loss * scale).backward()
+                loss_value = float(loss.detach())
+            # One small collective per step: losses and counts, plus a fingerprint of the global batch that
+            # catches ranks iterating different data (a shuffled loader seeded differently per rank).
+            fingerprint = float(ids.to(torch.float64).sum()) + rows * 1e-3
+            gathered = D.all_gather_floats([loss_value * local_items, local_items, local_tokens, fingerprint], info)
+            if len({g[3] for g in gathered}) != 1:
+                raise RuntimeError(
+                    "ranks iterate different batches: give every rank the same data loader order "
+                    "(same seed, or shuffle=False); each rank takes its own slice of every batch"
+                )
+            self.sync.synchronize()
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.global_step += 1
+            steps += 1
+            samples += rows
+            step_loss_tok = sum(g[0] for g in gathered)
+            step_items = sum(g[1] for g in gathered)
+            loss_tok_sum += step_loss_tok
+            loss_tokens += step_items
+            tokens += sum(g[2] for g in gathered)
+            last_loss = step_loss_tok / max(1.0, step_items)
+            if self.verify_every and self.global_step % self.verify_every == 0:
+                D.check_consistency(self.params, info, self.global_step)
+        D.check_consistency(self.params, info, self.global_step)
+        elapsed = time.perf_counter() - t0
+        return {
+            "loss": loss_tok_sum / max(1.0, loss_tokens),
+            "last_loss": last_loss,
+            "steps": steps,
+            "samples": samples,
+            "tokens": int(tokens),
+            "time_s": elapsed,
+            "tokens_per_second": tokens / max(elapsed, 1e-9),
+            "world_size": self.world_size,
+            "aggregation": self.aggregation,
+        }
+
+    def save(self, path: str) -> None:
+        """Rank 0 writes `model.save_pretrained(path)`; every rank waits for it."""
+        from . import distributed as D
+
+        if self.is_main_process:
+            self.model.save_pretrained(path)
+        D.barrier(self.info)
+
+
+def _build_optimizer(params: list[Any], config: dict[str, Any]) -> Any:
+    import torch
+
+    unknown = set(config) - {"class", "kwargs"}
+    if unknown:
+        raise ValueError(f"optimizer_config takes 'class' and 'kwargs', not {sorted(unknown)}")
+    cls = config.get("class", torch.optim.AdamW)
+    if isinstance(cls, str):
+        names = {n.lower(): n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)}
+        if cls.lower() not in names:
+            raise ValueError(f"optimizer_config['class']={cls!r} is not a torch.optim optimizer")
+        cls = getattr(torch.optim, names[cls.lower()])
+    kwargs = dict(config.get("kwargs") or {"lr": 2e-4})
+    return cls(params, **kwargs)

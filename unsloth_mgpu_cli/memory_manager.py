@@ -1,0 +1,245 @@
+"""Memory management for the Python API: live use per device, an OOM pre-flight check, and clean-up.
+
+    mm = unsloth_multigpu.MemoryManager()
+    mm.check_fits("8B", seq_len=2048, micro_batch_size=4, method="qlora")   # raises before loading if too big
+    with mm.phase("train"):
+        trainer.train()
+    print(mm.get_memory_usage(), mm.history)
+
+Live readings come from the best source this process may use: torch's allocator in a worker that owns a
+GPU (no new CUDA context is created when torch has not initialised CUDA), NVML otherwise (the launching
+process never touches CUDA), and the process RSS / system RAM on CPU. The pre-flight check compares the
+forecast behind `mgpu suggest` (`memory.estimate`) with the memory actually free now.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from .errors import Problem, UserError
+from .memory import GiB, Method, TrainingSetup, estimate, resolve_architecture
+
+
+class OutOfMemoryRisk(UserError):
+    """The forecast peak does not fit in the memory that is free on some device."""
+
+
+class MemoryManager:
+    """Monitor memory, refuse set-ups that would run out of it, and release cached memory between phases.
+
+    Args:
+        memory_fraction: share of the free memory a forecast may use in `check_fits` (headroom for
+            fragmentation and other processes).
+        nvml: NVML module to use (tests pass a fake); `pynvml` by default.
+    """
+
+    def __init__(self, memory_fraction: float = 0.9, nvml: Any = None):
+        if not 0 < memory_fraction <= 1:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+        self.memory_fraction = memory_fraction
+        self._nvml = nvml
+        self.history: list[dict[str, Any]] = []
+
+    # -- live readings ---------------------------------------------------------------------------------
+    def get_memory_usage(self) -> list[dict[str, Any]]:
+        """One entry per device this process can see: device, source, used/free/total bytes (+ torch peaks).
+
+        Sources: "torch" (a process that has initialised CUDA: allocated, reserved and peak allocated of
+        its own GPU), "nvml" (every visible GPU, whole-device use), "psutil" (no GPU: this process's RSS
+        and the host's RAM).
+        """
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            out = []
+            for i in range(torch.cuda.device_count()):
+                free, total = torch.cuda.mem_get_info(i)
+                out.append(
+                    {
+                        "device": f"cuda:{i}",
+                        "source": "torch",
+                        "used_bytes": total - free,
+                        "free_bytes": free,
+                        "total_bytes": total,
+                        "allocated_bytes": torch.cuda.memory_allocated(i),
+                        "reserved_bytes": torch.cuda.memory_reserved(i),
+                        "peak_allocated_bytes": torch.cuda.max_memory_allocated(i),
+                    }
+                )
+            return out
+        gpus = self._nvml_usage()
+        if gpus:
+            return gpus
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return [
+            {
+                "device": "cpu",
+                "source": "psutil",
+                "used_bytes": psutil.Process().memory_info().rss,
+                "free_bytes": vm.available,
+                "total_bytes": vm.total,
+            }
+        ]
+
+    def _nvml_usage(self) -> list[dict[str, Any]]:
+        from .devices import load_nvml, visible_physical_indices
+
+        try:
+            nvml = self._nvml or load_nvml()
+            nvml.nvmlInit()
+        except Exception:  # no NVIDIA driver / library on this machine
+            return []
+        try:
+            import os
+
+            n = nvml.nvmlDeviceGetCount()
+            handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(n)]
+            uuids = []
+            for h in handles:
+                try:
+                    u = nvml.nvmlDeviceGetUUID(h)
+                    uuids.append(u.decode() if isinstance(u, bytes) else str(u))
+                except Exception:
+                    uuids.append("")
+            out = []
+            for cuda_index, phys in enumerate(
+                visible_physical_indices(os.environ.get("CUDA_VISIBLE_DEVICES"), n, uuids)
+            ):
+                info = nvml.nvmlDeviceGetMemoryInfo(handles[phys])
+                out.append(
+                    {
+                        "device": f"cuda:{cuda_index}",
+                        "source": "nvml",
+                        "used_bytes": int(info.total) - int(info.free),
+                        "free_bytes": int(info.free),
+                        "total_bytes": int(info.total),
+                    }
+                )
+            return out
+        except Exception:
+            return []
+        finally:
+            with contextlib.suppress(Exception):
+                nvml.nvmlShutdown()
+
+    # -- pre-flight ------------------------------------------------------------------------------------
+    def forecast(
+        self,
+        model: str,
+        seq_len: int = 2048,
+        micro_batch_size: int = 1,
+        method: Method = "qlora",
+        gradient_checkpointing: Any = "unsloth",
+        optimizer: str = "adamw_8bit",
+        lora_r: int = 16,
+        num_gpus: int = 1,
+    ) -> Any:
+        """The per-GPU peak forecast (`memory.MemoryBreakdown`) for `model` (a size like "8B", a folder or hub id)."""
+        arch = resolve_architecture(str(model), where="model")
+        setup = TrainingSetup(
+            method=method,
+            seq_len=seq_len,
+            micro_batch_size=micro_batch_size,
+            gradient_checkpointing=gradient_checkpointing,
+            optimizer=optimizer,
+            lora_r=lora_r,
+            num_gpus=num_gpus,
+        )
+        return estimate(arch, setup)
+
+    def check_fits(
+        self,
+        model: str,
+        seq_len: int = 2048,
+        micro_batch_size: int = 1,
+        method: Method = "qlora",
+        gradient_checkpointing: Any = "unsloth",
+        optimizer: str = "adamw_8bit",
+        lora_r: int = 16,
+        num_gpus: int = 1,
+        available_bytes: int | None = None,
+    ) -> Any:
+        """Refuse, before anything is loaded, a set-up whose forecast peak exceeds the free memory.
+
+        Args:
+            available_bytes: memory to compare against; None: the least free memory over the devices
+                `get_memory_usage` reports (GPU when there is one, host RAM otherwise).
+
+        Returns:
+            The `MemoryBreakdown` when it fits.
+
+        Raises:
+            OutOfMemoryRisk: it does not fit; the message gives forecast, budget and what to change.
+        """
+        breakdown = self.forecast(
+            model, seq_len, micro_batch_size, method, gradient_checkpointing, optimizer, lora_r, num_gpus
+        )
+        if available_bytes is None:
+            available_bytes = min(d["free_bytes"] for d in self.get_memory_usage())
+        budget = int(available_bytes * self.memory_fraction)
+        if breakdown.peak > budget:
+            hint = (
+                "lower micro_batch_size or seq_len"
+                + (", use method='qlora'" if method != "qlora" else "")
+                + (", turn gradient checkpointing on ('unsloth')" if gradient_checkpointing is False else "")
+                + "; `mgpu suggest` finds settings that fit"
+            )
+            raise OutOfMemoryRisk(
+                Problem(
+                    "memory",
+                    f"{model} ({method}, seq_len {seq_len}, micro-batch "
+                    f"{micro_batch_size}) needs about {breakdown.peak / GiB:.1f} GB per GPU; "
+                    f"{budget / GiB:.1f} GB usable ({self.memory_fraction:.0%} of "
+                    f"{available_bytes / GiB:.1f} GB free)",
+                    hint,
+                ),
+                "would run out of memory",
+            )
+        return breakdown
+
+    # -- clean-up --------------------------------------------------------------------------------------
+    def cleanup(self) -> dict[str, Any]:
+        """Collect Python garbage and return the CUDA caching allocator's unused blocks to the driver.
+
+        Returns:
+            collected (objects freed by gc) and released_bytes (reserved CUDA memory given back; 0 on CPU).
+        """
+        collected = gc.collect()
+        released = 0
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            before = torch.cuda.memory_reserved()
+            torch.cuda.empty_cache()
+            released = before - torch.cuda.memory_reserved()
+        return {"collected": collected, "released_bytes": released}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Record the memory of a phase (load, train, evaluate...) and clean up when it ends.
+
+        Appends {phase, seconds, peak_allocated_bytes (CUDA) or rss_bytes (CPU), collected, released_bytes}
+        to `history`.
+        """
+        torch = sys.modules.get("torch")
+        cuda = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            row: dict[str, Any] = {"phase": name, "seconds": time.perf_counter() - t0}
+            if cuda:
+                row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            else:
+                import psutil
+
+                row["rss_bytes"] = psutil.Process().memory_info().rss
+            row.update(self.cleanup())
+            self.history.append(row)
