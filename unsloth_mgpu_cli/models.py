@@ -71,7 +71,12 @@ def build_tiny_llama(dest: Path, hidden: int = 128, layers: int = 2, vocab: int 
         eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # build in the target dtype: an fp32 8B would need 32 GB first
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dest, safe_serialization=True)
     fast.save_pretrained(dest)
