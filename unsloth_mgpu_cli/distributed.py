@@ -525,8 +525,18 @@ def set_collective_timeout(seconds: int) -> None:
     """Use `seconds` as the timeout of every later collective of the default process group."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.set_timeout(timedelta(seconds=seconds))
+    if not dist.is_initialized():
+        return
+    td = timedelta(seconds=seconds)
+    if hasattr(dist, "set_timeout"):  # torch >= 2.12
+        dist.set_timeout(td)
+        return
+    # Older torch (the GPU image has 2.11): set it on the default group's backends; where a backend cannot, its
+    # collectives keep the (longer) setup timeout, so a hang is still caught, only later.
+    group = dist.distributed_c10d._get_default_group()
+    for device in ("cuda", "cpu"):
+        with contextlib.suppress(Exception):
+            group._get_backend(__import__("torch").device(device))._set_default_timeout(td)
 
 
 def is_collective_timeout(exc: BaseException) -> bool:
