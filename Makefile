@@ -25,12 +25,12 @@ test-gpu: venv       ## tests that need CUDA GPUs
 	$(PYTEST) -q -m gpu
 
 lint: venv
-	$(VENV)/bin/ruff check unsloth_mgpu_cli unsloth_multigpu tests
-	$(VENV)/bin/ruff format --check unsloth_mgpu_cli unsloth_multigpu tests
+	$(VENV)/bin/ruff check unsloth_mgpu_cli unsloth_multigpu tests benchmarks examples
+	$(VENV)/bin/ruff format --check unsloth_mgpu_cli unsloth_multigpu tests benchmarks examples
 
 format: venv
-	$(VENV)/bin/ruff format unsloth_mgpu_cli unsloth_multigpu tests
-	$(VENV)/bin/ruff check --fix unsloth_mgpu_cli unsloth_multigpu tests
+	$(VENV)/bin/ruff format unsloth_mgpu_cli unsloth_multigpu tests benchmarks examples
+	$(VENV)/bin/ruff check --fix unsloth_mgpu_cli unsloth_multigpu tests benchmarks examples
 
 demo: venv           ## train the quick-start recipe (tiny model, bundled data; CPU or GPUs) and show the result
 	$(VENV)/bin/mgpu train recipes/quickstart.yaml --overwrite

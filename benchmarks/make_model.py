@@ -38,8 +38,17 @@ def main() -> None:
         return
     hidden, layers, inter, heads, kv, vocab = SIZES[args.size]
     t = time.time()
-    build_tiny_llama(args.out, hidden=hidden, layers=layers, vocab=vocab, intermediate=inter, heads=heads,
-                     kv_heads=kv, corpus=corpus_from(args.corpus), dtype="bfloat16")
+    build_tiny_llama(
+        args.out,
+        hidden=hidden,
+        layers=layers,
+        vocab=vocab,
+        intermediate=inter,
+        heads=heads,
+        kv_heads=kv,
+        corpus=corpus_from(args.corpus),
+        dtype="bfloat16",
+    )
     print(f"built {args.size} at {args.out} in {time.time() - t:.0f} s")
 
 

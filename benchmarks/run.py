@@ -42,8 +42,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "benchmarks" / "recipes" / "gsm8k_qlora.yaml"
 SYSTEMS = ("ours", "ours-pack", "trl-pf", "trl-pack")
-LABELS = {"ours": "mgpu train (dataset.batching: balanced)", "ours-pack": "mgpu train (dataset.batching: packed)",
-          "trl-pf": "TRL + Unsloth, padding-free", "trl-pack": "TRL + Unsloth, packing=True"}
+LABELS = {
+    "ours": "mgpu train (dataset.batching: balanced)",
+    "ours-pack": "mgpu train (dataset.batching: packed)",
+    "trl-pf": "TRL + Unsloth, padding-free",
+    "trl-pack": "TRL + Unsloth, packing=True",
+}
 OURS_BATCHING = {"ours": "balanced", "ours-pack": "packed"}
 NOT_MEASURED = "not yet measured"
 
@@ -204,8 +208,11 @@ def derive(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             item["peak_memory_ratio"] = max(r["peak_memory_gb"]) / max(one["peak_memory_gb"])
         out.append(item)
     for size, n in sorted({(k[1], k[2]) for k in ok}):
-        mine = [ok[k] for k in ok if k[0].startswith("ours") and k[1] == size and k[2] == n
-                and ok[k].get("tokens_per_second")]
+        mine = [
+            ok[k]
+            for k in ok
+            if k[0].startswith("ours") and k[1] == size and k[2] == n and ok[k].get("tokens_per_second")
+        ]
         ours = max(mine, key=lambda r: r["tokens_per_second"]) if mine else None
         trls = [
             ok[k]

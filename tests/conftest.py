@@ -30,8 +30,9 @@ def mgpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_mgpu(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict[str, str] | None = None,
-             **extra_env: str) -> subprocess.CompletedProcess[str]:
+def run_mgpu(
+    *args: str, cwd: Path | None = None, timeout: float = 600, env: dict[str, str] | None = None, **extra_env: str
+) -> subprocess.CompletedProcess[str]:
     """Run `python -m unsloth_mgpu_cli ARGS` and capture its output."""
     return subprocess.run(
         [sys.executable, "-m", "unsloth_mgpu_cli", *args],

@@ -22,8 +22,7 @@ EXPECTED = {
 def test_aggregation_by_hand_on_three_gloo_ranks(aggregation, views):
     from dist_workers import aggregate_known_tensors
 
-    results = D.launch(aggregate_known_tensors, (aggregation, views), D.LaunchSpec(nproc_per_node=3,
-                                                                                     device_type="cpu"))
+    results = D.launch(aggregate_known_tensors, (aggregation, views), D.LaunchSpec(nproc_per_node=3, device_type="cpu"))
     assert sorted(results) == [0, 1, 2]
     for res in results.values():
         assert res["grads"] == pytest.approx(EXPECTED[aggregation], rel=1e-6)

@@ -16,8 +16,15 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.integration
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
-BASE = ["training.max_steps=5", "training.warmup_steps=1", "training.learning_rate=5e-3", "output.save_steps=0",
-        "distributed.aggregation=weighted", "distributed.verify_every=1", "logging.progress=false"]
+BASE = [
+    "training.max_steps=5",
+    "training.warmup_steps=1",
+    "training.learning_rate=5e-3",
+    "output.save_steps=0",
+    "distributed.aggregation=weighted",
+    "distributed.verify_every=1",
+    "logging.progress=false",
+]
 
 
 def train(out: Path, *overrides: str, expect: int = 0, **env: str):
@@ -87,8 +94,13 @@ def test_adapter_loads_with_peft_and_changes_the_model(runs):
 
 
 def test_drifting_replicas_are_caught(tmp_path):
-    proc = train(tmp_path / "drift", "distributed.num_gpus=2", "training.micro_batch_size=2",
-                 expect=1, MGPU_INJECT_FAULT="perturb:rank=1:step=2")
+    proc = train(
+        tmp_path / "drift",
+        "distributed.num_gpus=2",
+        "training.micro_batch_size=2",
+        expect=1,
+        MGPU_INJECT_FAULT="perturb:rank=1:step=2",
+    )
     err = proc.stdout + proc.stderr
     assert "differ across ranks at step 2" in err
     assert "rank" in err and "failed" in err

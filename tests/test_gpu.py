@@ -1,6 +1,6 @@
 """GPU tier: the same correctness claims on real GPUs with NCCL. Skipped without 2 GPUs.
 
-    python -m pytest -m gpu      (or `make test-gpu`)
+python -m pytest -m gpu      (or `make test-gpu`)
 """
 
 from __future__ import annotations
@@ -16,9 +16,18 @@ from unsloth_mgpu_cli.devices import count_gpus
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(count_gpus() < 2, reason="needs 2 GPUs")]
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
-BASE = ["training.max_steps=8", "training.warmup_steps=1", "training.learning_rate=5e-3", "output.save_steps=0",
-        "distributed.aggregation=weighted", "distributed.verify_every=1", "logging.progress=false",
-        "distributed.device=cuda", "model.dtype=bfloat16", "memory.gradient_checkpointing=false"]
+BASE = [
+    "training.max_steps=8",
+    "training.warmup_steps=1",
+    "training.learning_rate=5e-3",
+    "output.save_steps=0",
+    "distributed.aggregation=weighted",
+    "distributed.verify_every=1",
+    "logging.progress=false",
+    "distributed.device=cuda",
+    "model.dtype=bfloat16",
+    "memory.gradient_checkpointing=false",
+]
 
 
 def _train(out, *overrides):

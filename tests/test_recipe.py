@@ -91,8 +91,10 @@ def test_quickstart_data_matches_its_generator():
 
 
 def test_overrides_apply_before_validation_and_paths_resolve_against_the_recipe(workdir):
-    r = load_recipe(write(workdir, GOOD), ["training.learning_rate=1e-4", "lora.target_modules=[q_proj,v_proj]",
-                                           "distributed.num_gpus=3"]).recipe
+    r = load_recipe(
+        write(workdir, GOOD),
+        ["training.learning_rate=1e-4", "lora.target_modules=[q_proj,v_proj]", "distributed.num_gpus=3"],
+    ).recipe
     assert r.training.learning_rate == 1e-4
     assert r.lora.target_modules == ["q_proj", "v_proj"]
     assert r.distributed.num_gpus == 3
@@ -109,14 +111,22 @@ def test_base_recipe_is_extended_and_overridden(workdir):
 
 
 def test_interpolation_resolves(workdir):
-    p = write(workdir, GOOD.replace("max_steps: 10", "max_steps: 10\n  warmup_steps: ${training.max_steps}")
-              .replace("warmup_steps: ${training.max_steps}", "warmup_steps: 2\n  seed: ${training.max_steps}"))
+    p = write(
+        workdir,
+        GOOD.replace("max_steps: 10", "max_steps: 10\n  warmup_steps: ${training.max_steps}").replace(
+            "warmup_steps: ${training.max_steps}", "warmup_steps: 2\n  seed: ${training.max_steps}"
+        ),
+    )
     assert load_recipe(p).recipe.training.seed == 10
 
 
 def test_all_problems_are_reported_at_once(workdir):
-    p = write(workdir, GOOD.replace("max_seq_length: 128", "max_seq_length: 4\n  dtyp: float32")
-              .replace("max_steps: 10", "max_steps: 10\n  learning_rate: -1"))
+    p = write(
+        workdir,
+        GOOD.replace("max_seq_length: 128", "max_seq_length: 4\n  dtyp: float32").replace(
+            "max_steps: 10", "max_steps: 10\n  learning_rate: -1"
+        ),
+    )
     with pytest.raises(UserError) as info:
         load_recipe(p)
     text = info.value.render()
@@ -127,27 +137,43 @@ def test_all_problems_are_reported_at_once(workdir):
 # -- bad recipes: exit 2, the key or file:line named, no traceback ---------------------------------------
 
 BAD = {
-    "unknown key with suggestion": (GOOD.replace("max_steps: 10", "max_step: 10"),
-                                    ["training.max_step", "did you mean 'max_steps'"]),
+    "unknown key with suggestion": (
+        GOOD.replace("max_steps: 10", "max_step: 10"),
+        ["training.max_step", "did you mean 'max_steps'"],
+    ),
     "unknown section": (GOOD + "trainer:\n  x: 1\n", ["trainer", "unknown key"]),
     "wrong type": (GOOD.replace("max_steps: 10", "max_steps: ten"), ["training.max_steps", "'ten'"]),
     "out of range": (GOOD.replace("max_seq_length: 128", "max_seq_length: 0"), ["model.max_seq_length", "r.yaml:3"]),
-    "negative learning rate": (GOOD + "  learning_rate: -0.1\n" if False else
-                               GOOD.replace("max_steps: 10", "max_steps: 10\n  learning_rate: -0.1"),
-                               ["training.learning_rate", "expected greater than 0"]),
+    "negative learning rate": (
+        GOOD + "  learning_rate: -0.1\n"
+        if False
+        else GOOD.replace("max_steps: 10", "max_steps: 10\n  learning_rate: -0.1"),
+        ["training.learning_rate", "expected greater than 0"],
+    ),
     "bad enum": (GOOD.replace("max_steps: 10", "max_steps: 10\n  optimizer: adam9"), ["training.optimizer", "adam9"]),
     "bad dtype": (GOOD.replace("max_seq_length: 128", "max_seq_length: 128\n  dtype: fp8"), ["model.dtype", "fp8"]),
-    "bad micro batch": (GOOD.replace("max_steps: 10", "max_steps: 10\n  micro_batch_size: 0"),
-                        ["training.micro_batch_size", "'auto'"]),
+    "bad micro batch": (
+        GOOD.replace("max_steps: 10", "max_steps: 10\n  micro_batch_size: 0"),
+        ["training.micro_batch_size", "'auto'"],
+    ),
     "bad aggregation": (GOOD + "distributed:\n  aggregation: avg\n", ["distributed.aggregation", "avg"]),
-    "4-bit full fine-tune": (GOOD.replace("max_seq_length: 128", "max_seq_length: 128\n  load_in_4bit: true")
-                             + "lora: null\n", ["model.load_in_4bit", "fully fine-tuned"]),
-    "4-bit on cpu": (GOOD.replace("max_seq_length: 128", "max_seq_length: 128\n  load_in_4bit: true")
-                     + "distributed:\n  device: cpu\n", ["model.load_in_4bit", "CUDA"]),
-    "warmup beyond max_steps": (GOOD.replace("max_steps: 10", "max_steps: 10\n  warmup_steps: 10"),
-                                ["training.warmup_steps", "fewer than training.max_steps"]),
-    "node rank outside nnodes": (GOOD + "distributed:\n  nnodes: 2\n  node_rank: 2\n  rdzv_endpoint: h:1\n",
-                                 ["distributed.node_rank"]),
+    "4-bit full fine-tune": (
+        GOOD.replace("max_seq_length: 128", "max_seq_length: 128\n  load_in_4bit: true") + "lora: null\n",
+        ["model.load_in_4bit", "fully fine-tuned"],
+    ),
+    "4-bit on cpu": (
+        GOOD.replace("max_seq_length: 128", "max_seq_length: 128\n  load_in_4bit: true")
+        + "distributed:\n  device: cpu\n",
+        ["model.load_in_4bit", "CUDA"],
+    ),
+    "warmup beyond max_steps": (
+        GOOD.replace("max_steps: 10", "max_steps: 10\n  warmup_steps: 10"),
+        ["training.warmup_steps", "fewer than training.max_steps"],
+    ),
+    "node rank outside nnodes": (
+        GOOD + "distributed:\n  nnodes: 2\n  node_rank: 2\n  rdzv_endpoint: h:1\n",
+        ["distributed.node_rank"],
+    ),
     "several nodes without endpoint": (GOOD + "distributed:\n  nnodes: 2\n", ["distributed.rdzv_endpoint"]),
     "malformed endpoint": (GOOD + "distributed:\n  rdzv_endpoint: nohostport\n", ["distributed.rdzv_endpoint"]),
     "lora rank zero": (GOOD + "lora:\n  r: 0\n", ["lora.r"]),
@@ -174,14 +200,20 @@ def test_bad_recipe_is_rejected_for_people(case, workdir):
     assert_user_error(run_mgpu("validate", str(recipe), cwd=workdir), *needles)
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["notakey"], "expected KEY=VALUE"),
-    (["training.nope=1"], "training.nope"),
-    (["training.max_steps=x"], "training.max_steps"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["notakey"], "expected KEY=VALUE"),
+        (["training.nope=1"], "training.nope"),
+        (["training.max_steps=x"], "training.max_steps"),
+    ],
+)
 def test_bad_override_is_rejected(args, needle, workdir):
-    assert_user_error(run_mgpu("validate", str(write(workdir, GOOD)), *args), needle, "command line"
-                      if "=" in args[0] and needle != "expected KEY=VALUE" else needle)
+    assert_user_error(
+        run_mgpu("validate", str(write(workdir, GOOD)), *args),
+        needle,
+        "command line" if "=" in args[0] and needle != "expected KEY=VALUE" else needle,
+    )
 
 
 def test_missing_recipe_file(workdir):
@@ -192,9 +224,11 @@ def test_missing_recipe_file(workdir):
 
 
 def test_help_does_not_import_torch_or_unsloth():
-    code = ("import sys; from unsloth_mgpu_cli.cli import app; from typer.testing import CliRunner; "
-            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
-            "print(sorted(m for m in ('torch', 'unsloth', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys; from unsloth_mgpu_cli.cli import app; from typer.testing import CliRunner; "
+        "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+        "print(sorted(m for m in ('torch', 'unsloth', 'transformers') if m in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=mgpu_env())
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
@@ -210,9 +244,11 @@ def test_help_answers_in_under_a_second():
 
 
 def test_validate_does_not_import_torch(workdir):
-    code = ("import sys; from unsloth_mgpu_cli.cli import app; from typer.testing import CliRunner; "
-            f"r = CliRunner().invoke(app, ['validate', {str(write(workdir, GOOD))!r}]); "
-            "assert r.exit_code == 0, r.output; print('torch' in sys.modules, 'unsloth' in sys.modules)")
+    code = (
+        "import sys; from unsloth_mgpu_cli.cli import app; from typer.testing import CliRunner; "
+        f"r = CliRunner().invoke(app, ['validate', {str(write(workdir, GOOD))!r}]); "
+        "assert r.exit_code == 0, r.output; print('torch' in sys.modules, 'unsloth' in sys.modules)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=mgpu_env())
     assert proc.stdout.strip() == "False False", proc.stderr
 

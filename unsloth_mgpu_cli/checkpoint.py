@@ -52,9 +52,15 @@ def list_checkpoints(out: Path) -> list[Path]:
     folder = Path(out) / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
-             and p.name[len(STEP_PREFIX):].isdigit() and (p / "state.json").exists()]
-    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+    found = [
+        p
+        for p in folder.iterdir()
+        if p.is_dir()
+        and p.name.startswith(STEP_PREFIX)
+        and p.name[len(STEP_PREFIX) :].isdigit()
+        and (p / "state.json").exists()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
 
 
 def find_resume_checkpoint(out: Path, resume: str) -> Path | None:
@@ -64,8 +70,14 @@ def find_resume_checkpoint(out: Path, resume: str) -> Path | None:
         return found[-1] if found else None
     path = Path(resume).expanduser().resolve()
     if not (path / "state.json").exists():
-        raise UserError(Problem("--resume", f"not a checkpoint folder (no state.json): {path}",
-                                f"use --resume auto, or one of {out}/checkpoints/step-N"), "invalid arguments")
+        raise UserError(
+            Problem(
+                "--resume",
+                f"not a checkpoint folder (no state.json): {path}",
+                f"use --resume auto, or one of {out}/checkpoints/step-N",
+            ),
+            "invalid arguments",
+        )
     return path
 
 
@@ -87,9 +99,14 @@ def verify_safe_to_load(ckpt: Path) -> None:
             torch.load(f, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(Problem(f"--resume ({f})", f"refused to load: not a plain tensor file ({first})",
-                                    "checkpoints are loaded with weights_only=True; only resume from checkpoints "
-                                    "this tool wrote"), "unsafe checkpoint") from None
+            raise UserError(
+                Problem(
+                    f"--resume ({f})",
+                    f"refused to load: not a plain tensor file ({first})",
+                    "checkpoints are loaded with weights_only=True; only resume from checkpoints this tool wrote",
+                ),
+                "unsafe checkpoint",
+            ) from None
 
 
 # What must not change between a run and its resumption, with the recipe keys a person would edit.
@@ -99,8 +116,10 @@ _IDENTITY_LABELS = {
     "dataset": ("training data", "dataset.path / dataset.format"),
     "data": ("tokenised data", "dataset.* or model.max_seq_length (or the data file's contents)"),
     "eval_ratio": ("eval hold-out", "dataset.eval_ratio"),
-    "global_batch": ("global batch (samples per optimizer step)",
-                     "training.micro_batch_size x workers x training.gradient_accumulation_steps"),
+    "global_batch": (
+        "global batch (samples per optimizer step)",
+        "training.micro_batch_size x workers x training.gradient_accumulation_steps",
+    ),
     "seed": ("seed", "training.seed"),
 }
 
@@ -123,21 +142,33 @@ def resume_point(out: Path, resume_from: str | None, info: Any) -> Path | None:
         found = list_checkpoints(out)
         mine = str(found[-1]) if found else resume_from
         if info.is_main:
-            print(f"restart {info.restart_count}: " + (f"resuming from {mine}" if mine else "no checkpoint yet, "
-                  "starting from step 0"), file=sys.stderr, flush=True)
+            print(
+                f"restart {info.restart_count}: "
+                + (f"resuming from {mine}" if mine else "no checkpoint yet, starting from step 0"),
+                file=sys.stderr,
+                flush=True,
+            )
     chosen = D.broadcast_object(mine, info)
     if chosen != mine:
-        raise RuntimeError(f"rank {info.rank} would start from {mine or 'step 0'} but rank 0 from "
-                           f"{chosen or 'step 0'}: output.dir must be one folder all nodes reach (shared filesystem)")
+        raise RuntimeError(
+            f"rank {info.rank} would start from {mine or 'step 0'} but rank 0 from "
+            f"{chosen or 'step 0'}: output.dir must be one folder all nodes reach (shared filesystem)"
+        )
     return Path(chosen) if chosen else None
 
 
 def run_identity(recipe: Any, data_fingerprint: str, global_batch: int) -> dict[str, Any]:
     """What must not change between a run and its resumption (the data order depends on all of it)."""
     ds = recipe.dataset
-    return {"model": recipe.model.name, "lora": recipe.lora.model_dump(mode="json") if recipe.lora else None,
-            "dataset": f"{ds.path} ({ds.format})", "data": data_fingerprint, "eval_ratio": ds.eval_ratio,
-            "global_batch": global_batch, "seed": recipe.training.seed}
+    return {
+        "model": recipe.model.name,
+        "lora": recipe.lora.model_dump(mode="json") if recipe.lora else None,
+        "dataset": f"{ds.path} ({ds.format})",
+        "data": data_fingerprint,
+        "eval_ratio": ds.eval_ratio,
+        "global_batch": global_batch,
+        "seed": recipe.training.seed,
+    }
 
 
 def check_resume_compatible(ckpt: Path, identity: dict[str, Any]) -> None:
@@ -149,20 +180,35 @@ def check_resume_compatible(ckpt: Path, identity: dict[str, Any]) -> None:
         if key not in saved or saved[key] == now:
             continue  # keys added by newer versions are not a reason to refuse an older checkpoint
         label, keys = _IDENTITY_LABELS.get(key, (key, key))
-        problems.append(Problem(f"--resume {ckpt.name}", f"{label} changed: the checkpoint was trained with "
-                                f"{saved[key]!r}, the recipe now gives {now!r}", f"set {keys} back"))
+        problems.append(
+            Problem(
+                f"--resume {ckpt.name}",
+                f"{label} changed: the checkpoint was trained with {saved[key]!r}, the recipe now gives {now!r}",
+                f"set {keys} back",
+            )
+        )
     if problems:
-        raise UserError(problems + [Problem("", "resuming would not continue the same run",
-                                            "restore the original settings, or start anew with --overwrite")],
-                        "incompatible checkpoint")
+        raise UserError(
+            problems
+            + [
+                Problem(
+                    "",
+                    "resuming would not continue the same run",
+                    "restore the original settings, or start anew with --overwrite",
+                )
+            ],
+            "incompatible checkpoint",
+        )
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
     try:
         return json.loads((Path(ckpt) / "state.json").read_text())
     except (OSError, ValueError) as exc:
-        raise UserError(Problem("--resume", f"cannot read {Path(ckpt) / 'state.json'}: {exc}",
-                                "choose another checkpoint folder"), "invalid checkpoint") from exc
+        raise UserError(
+            Problem("--resume", f"cannot read {Path(ckpt) / 'state.json'}: {exc}", "choose another checkpoint folder"),
+            "invalid checkpoint",
+        ) from exc
 
 
 def clean_stale(out: Path) -> None:
@@ -226,22 +272,33 @@ def save_checkpoint(trainer: Any) -> Path | None:
         previous = [p for p in list_checkpoints(trainer.out) if p != dest]
         try:
             with atomic_dir(dest) as tmp:
-                tensors = {n: p.detach().to("cpu").contiguous()
-                           for n, p in zip(trainer.param_names, trainer.params, strict=True)}
+                tensors = {
+                    n: p.detach().to("cpu").contiguous()
+                    for n, p in zip(trainer.param_names, trainer.params, strict=True)
+                }
                 save_file(tensors, str(tmp / "trainable.safetensors"))
                 torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save({f"rank{r}": s for r, s in enumerate(rngs)}, tmp / "rng.pt")
-                state = {"step": trainer.step, "world_size": info.world_size, "identity": trainer.plan.identity,
-                         "run_state": dict(getattr(trainer, "run_state", {}))}
+                state = {
+                    "step": trainer.step,
+                    "world_size": info.world_size,
+                    "identity": trainer.plan.identity,
+                    "run_state": dict(getattr(trainer, "run_state", {})),
+                }
                 # state.json last: list_checkpoints only counts folders that have it
                 (tmp / "state.json").write_text(json.dumps(state))
         except OSError as exc:
-            usable = (f"the previous checkpoint {previous[-1]} is intact: resume from it with "
-                      "`mgpu train RECIPE --resume auto` once there is room" if previous
-                      else "no earlier checkpoint exists")
-            raise CheckpointWriteError(f"could not write checkpoint {dest.name} ({exc.strerror or exc}); "
-                                       f"nothing half-written was kept; {usable}") from exc
+            usable = (
+                f"the previous checkpoint {previous[-1]} is intact: resume from it with "
+                "`mgpu train RECIPE --resume auto` once there is room"
+                if previous
+                else "no earlier checkpoint exists"
+            )
+            raise CheckpointWriteError(
+                f"could not write checkpoint {dest.name} ({exc.strerror or exc}); "
+                f"nothing half-written was kept; {usable}"
+            ) from exc
         _prune(trainer.out, trainer.recipe.output.save_total_limit)
         path = dest
     D.barrier(info)

@@ -92,7 +92,9 @@ def train(
         str | None, typer.Option("--resume", help="Continue a run: 'auto' (newest checkpoint) or a checkpoint folder.")
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what output.dir holds.")] = False,
-    nnodes: Annotated[int | None, typer.Option("--nnodes", min=1, help="Number of hosts (same command on each).")] = None,
+    nnodes: Annotated[
+        int | None, typer.Option("--nnodes", min=1, help="Number of hosts (same command on each).")
+    ] = None,
     node_rank: Annotated[int | None, typer.Option("--node-rank", min=0, help="This host's index.")] = None,
     rdzv_endpoint: Annotated[
         str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT of node 0's rendezvous (several hosts).")
@@ -107,8 +109,9 @@ def train(
             raise UserError("--resume and --overwrite contradict each other; pass one of them")
         from .engine import train as run_training
 
-        summary = run_training(loaded, overwrite=overwrite, resume=resume, nnodes=nnodes, node_rank=node_rank,
-                               rdzv_endpoint=rdzv_endpoint)
+        summary = run_training(
+            loaded, overwrite=overwrite, resume=resume, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint
+        )
     except (UserError, TrainingFailed, Interrupted) as exc:
         _fail(exc)
     from .render import print_summary

@@ -727,8 +727,14 @@ def split_eval_indices(num_samples: int, ratio: float, seed: int) -> tuple[np.nd
     """(train indices, eval indices) of a tokenised cache: a seeded, sorted hold-out of `ratio` of the samples."""
     n_eval = max(1, int(round(num_samples * ratio)))
     if n_eval >= num_samples:
-        raise UserError(Problem("dataset.eval_ratio", f"holding out {n_eval} of {num_samples} samples leaves none "
-                                "to train on", "lower dataset.eval_ratio or add data"), "invalid recipe")
+        raise UserError(
+            Problem(
+                "dataset.eval_ratio",
+                f"holding out {n_eval} of {num_samples} samples leaves none to train on",
+                "lower dataset.eval_ratio or add data",
+            ),
+            "invalid recipe",
+        )
     # A stream of its own ([seed, 1]), so the hold-out does not depend on the planner's epoch permutations.
     perm = np.random.default_rng([seed, 1]).permutation(num_samples)
     return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])

@@ -435,8 +435,10 @@ def _graceful_stop(stop_file: Path | None) -> Any:
         if len(received) == 1:
             with contextlib.suppress(OSError):
                 stop_file.write_text(signal.Signals(signum).name)
-            sys.stderr.write(f"\n{signal.Signals(signum).name}: finishing the current step and saving a checkpoint "
-                             "(press Ctrl-C again to stop at once, losing the steps since the last checkpoint)\n")
+            sys.stderr.write(
+                f"\n{signal.Signals(signum).name}: finishing the current step and saving a checkpoint "
+                "(press Ctrl-C again to stop at once, losing the steps since the last checkpoint)\n"
+            )
             return
         raise SignalException(f"second {signal.Signals(signum).name}", sigval=signal.Signals(signum))
 
@@ -449,13 +451,16 @@ def _graceful_stop(stop_file: Path | None) -> Any:
         from .errors import Interrupted
 
         # a worker given a second Ctrl-C raises KeyboardInterrupt before the agent hears of our second signal
-        raise Interrupted(f"stopped at once on a second signal ({exc}); --resume auto continues from the newest "
-                          "checkpoint") from None
+        raise Interrupted(
+            f"stopped at once on a second signal ({exc}); --resume auto continues from the newest checkpoint"
+        ) from None
     except SignalException as exc:
         from .errors import Interrupted
 
-        raise Interrupted(f"stopped at once on a second {exc.sigval.name}; the workers were ended without a new "
-                          "checkpoint; --resume auto continues from the newest one") from None
+        raise Interrupted(
+            f"stopped at once on a second {exc.sigval.name}; the workers were ended without a new "
+            "checkpoint; --resume auto continues from the newest one"
+        ) from None
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -504,9 +509,14 @@ def check_rendezvous_port(endpoint: str, where: str = "distributed.rdzv_endpoint
             s.bind((host, int(port)))
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise UserError(Problem(where, f"port {port} on {host} is already in use; node 0 hosts the rendezvous "
-                                    "there", "choose a free port (e.g. --rdzv-endpoint HOST:29400) or stop the "
-                                    "program holding it (`ss -ltnp`)"), "invalid arguments") from None
+            raise UserError(
+                Problem(
+                    where,
+                    f"port {port} on {host} is already in use; node 0 hosts the rendezvous there",
+                    "choose a free port (e.g. --rdzv-endpoint HOST:29400) or stop the program holding it (`ss -ltnp`)",
+                ),
+                "invalid arguments",
+            ) from None
         # EADDRNOTAVAIL / name errors: not an address of this machine; the rendezvous reports its own problems
 
 
@@ -547,9 +557,11 @@ def is_collective_timeout(exc: BaseException) -> bool:
 
 def describe_timeout(info: DistInfo, seconds: int, step: int) -> str:
     """One line for people: which rank noticed, where, the setting, and what to do."""
-    return (f"hang watchdog: rank {info.rank} waited more than {seconds} s for the other ranks at step {step} "
-            f"(distributed.timeout_seconds={seconds}); a rank stopped making progress. If steps are legitimately "
-            "that slow, raise distributed.timeout_seconds")
+    return (
+        f"hang watchdog: rank {info.rank} waited more than {seconds} s for the other ranks at step {step} "
+        f"(distributed.timeout_seconds={seconds}); a rank stopped making progress. If steps are legitimately "
+        "that slow, raise distributed.timeout_seconds"
+    )
 
 
 def _describe_failure(exc: Any, log_dir: Path | None, nproc: int = 0, node_rank: int = 0) -> tuple[str, str]:
@@ -579,8 +591,9 @@ def _describe_failure(exc: Any, log_dir: Path | None, nproc: int = 0, node_rank:
         hung = [r for r in local if r not in exc.failures]
         if hung:
             reason += f"; rank(s) {', '.join(map(str, hung))} did not reach the collective (hung)"
-    others = [f"rank {r}: {'exit code ' + str(f.exitcode) if f.exitcode >= 0 else f.signal_name()}"
-              for r, f in failures[1:]]
+    others = [
+        f"rank {r}: {'exit code ' + str(f.exitcode) if f.exitcode >= 0 else f.signal_name()}" for r, f in failures[1:]
+    ]
     if others:
         details.append("also stopped: " + ", ".join(others))
     if trace and log_dir is not None:
@@ -755,8 +768,14 @@ class GradientSynchronizer:
       - ``median``: per-rank token-mean losses, coordinate-wise median over ranks (all-gather).
     """
 
-    def __init__(self, params: Sequence[Any], info: DistInfo, aggregation: str, bucket_size_mb: float = 25.0,
-                 grad_views: bool = False):
+    def __init__(
+        self,
+        params: Sequence[Any],
+        info: DistInfo,
+        aggregation: str,
+        bucket_size_mb: float = 25.0,
+        grad_views: bool = False,
+    ):
         self.params = [p for p in params if p.requires_grad]
         self.info = info
         self.aggregation = aggregation
@@ -783,7 +802,7 @@ class GradientSynchronizer:
             offset = 0
             for p in bucket:
                 n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p)
+                p.grad = flat[offset : offset + n].view_as(p)
                 offset += n
             self.flats.append(flat)
 

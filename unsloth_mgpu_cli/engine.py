@@ -59,8 +59,14 @@ def detect_device(recipe: Recipe) -> tuple[str, int]:
     if device == "auto":
         device = "cuda" if gpus > 0 else "cpu"
     if device == "cuda" and gpus == 0:
-        raise UserError(Problem("distributed.device", "cuda was asked for but no GPU is visible",
-                                "run `mgpu doctor`, or set distributed.device: cpu"), "invalid recipe")
+        raise UserError(
+            Problem(
+                "distributed.device",
+                "cuda was asked for but no GPU is visible",
+                "run `mgpu doctor`, or set distributed.device: cpu",
+            ),
+            "invalid recipe",
+        )
     return device, gpus
 
 
@@ -69,11 +75,23 @@ def resolve_workers(recipe: Recipe, device: str, gpus: int) -> int:
     if n == AUTO:
         return gpus if device == "cuda" else 1
     if device == "cuda" and n > gpus:
-        raise UserError(Problem("distributed.num_gpus", f"{n} workers asked for but only {gpus} GPU(s) are visible",
-                                f"set distributed.num_gpus={gpus} (or auto)"), "invalid recipe")
+        raise UserError(
+            Problem(
+                "distributed.num_gpus",
+                f"{n} workers asked for but only {gpus} GPU(s) are visible",
+                f"set distributed.num_gpus={gpus} (or auto)",
+            ),
+            "invalid recipe",
+        )
     if device == "cpu" and n > (os.cpu_count() or 1) * 4:
-        raise UserError(Problem("distributed.num_gpus", f"{n} CPU workers on {os.cpu_count()} cores would thrash",
-                                "use at most a few CPU workers"), "invalid recipe")
+        raise UserError(
+            Problem(
+                "distributed.num_gpus",
+                f"{n} CPU workers on {os.cpu_count()} cores would thrash",
+                "use at most a few CPU workers",
+            ),
+            "invalid recipe",
+        )
     return int(n)
 
 
@@ -96,9 +114,14 @@ def check_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(Problem("output.dir", f"expected a folder, found a file: {out}"), "invalid recipe")
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        raise UserError(Problem("output.dir", f"{out} already holds a run",
-                                "pass --resume auto to continue it, --overwrite to replace it, or "
-                                "choose another output.dir"), "invalid arguments")
+        raise UserError(
+            Problem(
+                "output.dir",
+                f"{out} already holds a run",
+                "pass --resume auto to continue it, --overwrite to replace it, or choose another output.dir",
+            ),
+            "invalid arguments",
+        )
     parent = next((a for a in (out, *out.parents) if a.exists()), Path("/"))
     try:
         if not parent.is_dir():
@@ -106,8 +129,10 @@ def check_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
         with tempfile.TemporaryDirectory(prefix=".mgpu-write-test-", dir=parent) as probe:
             (Path(probe) / "probe").write_text("ok")
     except OSError as exc:
-        raise UserError(Problem("output.dir", f"cannot write to {out}: {exc.strerror or exc}",
-                                "choose a writable folder"), "invalid recipe") from exc
+        raise UserError(
+            Problem("output.dir", f"cannot write to {out}: {exc.strerror or exc}", "choose a writable folder"),
+            "invalid recipe",
+        ) from exc
 
 
 def check_free_space(out: Path, recipe: Recipe, model_path: str) -> str | None:
@@ -125,18 +150,24 @@ def check_free_space(out: Path, recipe: Recipe, model_path: str) -> str | None:
         arch = architecture_from_config(json.loads(config.read_text()), model_path)
     except Exception:  # an unusual config: the estimate is a courtesy, never a reason to refuse
         return None
-    trainable = (lora_params(arch, recipe.lora.r, recipe.lora.target_modules) if recipe.lora is not None
-                 else arch.num_parameters)
+    trainable = (
+        lora_params(arch, recipe.lora.r, recipe.lora.target_modules) if recipe.lora is not None else arch.num_parameters
+    )
     keep = recipe.output.save_total_limit + 1 if recipe.output.save_steps else 1
     need = trainable * 4 + keep * trainable * 12
     parent = next((a for a in (out, *out.parents) if a.exists()), Path("/"))
     free = shutil.disk_usage(parent).free
     gb = 2**30
     if free < need:
-        raise UserError(Problem("output.dir", f"{parent} has {free / gb:.2f} GB free; this run writes about "
-                                f"{need / gb:.2f} GB (adapter + {keep} checkpoint(s))",
-                                "free some space, choose another output.dir, or lower output.save_total_limit"),
-                        "not enough disk space")
+        raise UserError(
+            Problem(
+                "output.dir",
+                f"{parent} has {free / gb:.2f} GB free; this run writes about "
+                f"{need / gb:.2f} GB (adapter + {keep} checkpoint(s))",
+                "free some space, choose another output.dir, or lower output.save_total_limit",
+            ),
+            "not enough disk space",
+        )
     if free < 2 * need:
         return f"output.dir has {free / gb:.2f} GB free, close to the {need / gb:.2f} GB this run writes"
     return None
@@ -163,13 +194,26 @@ def check_batch_fits(recipe: Recipe, samples: int, num_workers: int) -> None:
     """One optimizer step must find its global batch in the data (checked in the parent, before launching)."""
     need = recipe.global_batch_size(num_workers)
     if need > samples:
-        raise UserError(Problem("training.micro_batch_size", f"one optimizer step needs {need} samples "
-                                f"(micro_batch_size x {num_workers} workers x gradient_accumulation_steps) but the "
-                                f"dataset has {samples}", "lower the batch settings or add data"), "invalid recipe")
+        raise UserError(
+            Problem(
+                "training.micro_batch_size",
+                f"one optimizer step needs {need} samples "
+                f"(micro_batch_size x {num_workers} workers x gradient_accumulation_steps) but the "
+                f"dataset has {samples}",
+                "lower the batch settings or add data",
+            ),
+            "invalid recipe",
+        )
 
 
-def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = None,
-          nnodes: int | None = None, node_rank: int | None = None, rdzv_endpoint: str | None = None) -> dict[str, Any]:
+def train(
+    loaded: LoadedRecipe,
+    overwrite: bool = False,
+    resume: str | None = None,
+    nnodes: int | None = None,
+    node_rank: int | None = None,
+    rdzv_endpoint: str | None = None,
+) -> dict[str, Any]:
     """Run `mgpu train`: returns rank 0's summary. Raises UserError / TrainingFailed / Interrupted.
 
     Every check that can refuse the run (recipe, devices, ports, output folder, disk space, checkpoint, data)
@@ -196,8 +240,9 @@ def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = No
     # -- nodes (multinode, #9): flags > recipe > torchrun / SLURM environment; see distributed.resolve_nodes --
     from .distributed import resolve_nodes, run_in_place
 
-    nodes = resolve_nodes(os.environ, {"nnodes": nnodes, "node_rank": node_rank, "rdzv_endpoint": rdzv_endpoint},
-                          recipe.distributed)
+    nodes = resolve_nodes(
+        os.environ, {"nnodes": nnodes, "node_rank": node_rank, "rdzv_endpoint": rdzv_endpoint}, recipe.distributed
+    )
     dist_cfg.nnodes, dist_cfg.node_rank, dist_cfg.rdzv_endpoint = nodes.nnodes, nodes.node_rank, nodes.rdzv_endpoint
     device, gpus = detect_device(recipe)
     num_local = nodes.local_world_size if nodes.under_torchrun else resolve_workers(recipe, device, gpus)
@@ -228,8 +273,11 @@ def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = No
         check_resume_compatible(resume_from, identity)
     if is_main_node:
         make_output_dir(out, overwrite, resume is not None)
-        console.print(f"[bold]data[/]: {summary.describe(recipe.model.max_seq_length)}"
-                      + (" [dim](cached)[/]" if hit else "") + f"; batching {recipe.dataset.batching}")
+        console.print(
+            f"[bold]data[/]: {summary.describe(recipe.model.max_seq_length)}"
+            + (" [dim](cached)[/]" if hit else "")
+            + f"; batching {recipe.dataset.batching}"
+        )
         if eval_prepared is not None:
             console.print(f"[bold]eval data[/]: {eval_prepared[1].samples} samples from {recipe.dataset.eval_path}")
         elif recipe.dataset.eval_ratio:
@@ -244,34 +292,55 @@ def train(loaded: LoadedRecipe, overwrite: bool = False, resume: str | None = No
             start = int(json.loads((resume_from / "state.json").read_text())["step"]) if resume_from else 0
             truncate_metrics(out, start)
         (out / "recipe.resolved.yaml").write_text(
-            "# Every value of this run, `auto`s filled in (written by mgpu train).\n" + to_yaml(recipe))
+            "# Every value of this run, `auto`s filled in (written by mgpu train).\n" + to_yaml(recipe)
+        )
         if dist_cfg.nnodes > 1 or nodes.under_torchrun:
-            console.print(f"[bold]nodes[/]: {nodes.describe()}" + (" [dim](started by torchrun)[/]"
-                                                                   if nodes.under_torchrun else ""))
-        console.print(f"[bold]launching[/] {num_local} worker(s) on {device}"
-                      + (f" x {dist_cfg.nnodes} nodes" if dist_cfg.nnodes > 1 else "")
-                      + f"; global batch {recipe.global_batch_size(num_workers)} samples/step")
+            console.print(
+                f"[bold]nodes[/]: {nodes.describe()}"
+                + (" [dim](started by torchrun)[/]" if nodes.under_torchrun else "")
+            )
+        console.print(
+            f"[bold]launching[/] {num_local} worker(s) on {device}"
+            + (f" x {dist_cfg.nnodes} nodes" if dist_cfg.nnodes > 1 else "")
+            + f"; global batch {recipe.global_batch_size(num_workers)} samples/step"
+        )
         if resume_from is not None:
             console.print(f"[bold]resuming[/] from {resume_from}")
         elif resume:
             console.print("[dim]--resume auto: no checkpoint yet, starting from step 0[/]")
-    plan = RunPlan(recipe=recipe, model_path=model_path, data_dir=str(data_dir), num_workers=num_workers,
-                   device_type=device, output_dir=str(out), resume_from=str(resume_from) if resume_from else None,
-                   identity=identity, notes=notes,
-                   eval_data_dir=str(eval_prepared[0]) if eval_prepared is not None else None,
-                   stop_file=str(out / STOP_FILE))
-    spec = LaunchSpec(nproc_per_node=num_local, device_type=device, nnodes=dist_cfg.nnodes,
-                      node_rank=dist_cfg.node_rank, rdzv_endpoint=dist_cfg.rdzv_endpoint,
-                      max_restarts=dist_cfg.max_restarts, log_dir=out / "logs",
-                      stop_file=out / STOP_FILE if is_main_node else None)
+    plan = RunPlan(
+        recipe=recipe,
+        model_path=model_path,
+        data_dir=str(data_dir),
+        num_workers=num_workers,
+        device_type=device,
+        output_dir=str(out),
+        resume_from=str(resume_from) if resume_from else None,
+        identity=identity,
+        notes=notes,
+        eval_data_dir=str(eval_prepared[0]) if eval_prepared is not None else None,
+        stop_file=str(out / STOP_FILE),
+    )
+    spec = LaunchSpec(
+        nproc_per_node=num_local,
+        device_type=device,
+        nnodes=dist_cfg.nnodes,
+        node_rank=dist_cfg.node_rank,
+        rdzv_endpoint=dist_cfg.rdzv_endpoint,
+        max_restarts=dist_cfg.max_restarts,
+        log_dir=out / "logs",
+        stop_file=out / STOP_FILE if is_main_node else None,
+    )
     if nodes.under_torchrun:
         results = run_in_place(worker_entry, (plan,), nodes, device)
     else:
         results = launch(worker_entry, (plan,), spec)
     result = results.get(0) or next(iter(results.values()), {}) or {}
     if result.get("interrupted"):
-        raise Interrupted(f"stopped after step {result.get('steps')}; checkpoint saved in {result.get('checkpoint')}. "
-                          f"Continue with: mgpu train {loaded.path or 'RECIPE'} --resume auto")
+        raise Interrupted(
+            f"stopped after step {result.get('steps')}; checkpoint saved in {result.get('checkpoint')}. "
+            f"Continue with: mgpu train {loaded.path or 'RECIPE'} --resume auto"
+        )
     return result
 
 
@@ -340,8 +409,10 @@ class Trainer:
 
         os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
         # Per-rank compile cache: ranks writing one unsloth_compiled_cache/ race (unsloth #3031).
-        os.environ.setdefault("UNSLOTH_COMPILE_LOCATION",
-                              str(Path(self.plan.output_dir) / ".cache" / f"unsloth_compiled_rank{self.info.rank}"))
+        os.environ.setdefault(
+            "UNSLOTH_COMPILE_LOCATION",
+            str(Path(self.plan.output_dir) / ".cache" / f"unsloth_compiled_rank{self.info.rank}"),
+        )
         r = self.recipe
         torch.manual_seed(r.training.seed)
         from unsloth import FastLanguageModel  # heavy: 7-30 s
@@ -352,9 +423,15 @@ class Trainer:
         gc = r.memory.gradient_checkpointing
         if r.lora is not None:
             model = FastLanguageModel.get_peft_model(
-                model, r=r.lora.r, lora_alpha=r.lora.alpha, lora_dropout=r.lora.dropout,
-                target_modules=list(r.lora.target_modules), bias="none", use_rslora=r.lora.use_rslora,
-                use_gradient_checkpointing=gc, random_state=r.training.seed,
+                model,
+                r=r.lora.r,
+                lora_alpha=r.lora.alpha,
+                lora_dropout=r.lora.dropout,
+                target_modules=list(r.lora.target_modules),
+                bias="none",
+                use_rslora=r.lora.use_rslora,
+                use_gradient_checkpointing=gc,
+                random_state=r.training.seed,
             )
         elif gc:
             model.gradient_checkpointing_enable()
@@ -374,19 +451,32 @@ class Trainer:
             train_idx, eval_idx = split_eval_indices(len(self.data), r.dataset.eval_ratio, r.training.seed)
             self.data, self.eval_data = SubsetData(self.data, train_idx), SubsetData(self.data, eval_idx)
         self.lengths = self.data.lengths()
-        self.planner = StepPlanner(len(self.data), self.data.loss_counts, int(r.training.micro_batch_size),
-                                   int(r.training.gradient_accumulation_steps), self.plan.num_workers,
-                                   r.training.seed, r.dataset.shuffle, lengths=self.lengths,
-                                   batching=r.dataset.batching)
+        self.planner = StepPlanner(
+            len(self.data),
+            self.data.loss_counts,
+            int(r.training.micro_batch_size),
+            int(r.training.gradient_accumulation_steps),
+            self.plan.num_workers,
+            r.training.seed,
+            r.dataset.shuffle,
+            lengths=self.lengths,
+            batching=r.dataset.batching,
+        )
         self.packed = r.dataset.batching == "packed"
         self.total_steps = self.planner.total_steps(r.training.epochs, r.training.max_steps)
         self.optimizer = build_optimizer(self.params, r, self.info.device_type)
         self.scheduler = build_scheduler(self.optimizer, r, self.total_steps)
-        self.sync = D.GradientSynchronizer(self.params, self.info, r.distributed.aggregation,
-                                           r.distributed.bucket_size_mb, grad_views=True)
+        self.sync = D.GradientSynchronizer(
+            self.params, self.info, r.distributed.aggregation, r.distributed.bucket_size_mb, grad_views=True
+        )
         # Totals over the whole run, carried through checkpoints so a resumed run reports the whole run.
-        self.run_state: dict[str, Any] = {"tokens": 0, "elapsed_s": 0.0, "skipped_steps": 0,
-                                          "best_eval_loss": None, "last_metrics": None}
+        self.run_state: dict[str, Any] = {
+            "tokens": 0,
+            "elapsed_s": 0.0,
+            "skipped_steps": 0,
+            "best_eval_loss": None,
+            "last_metrics": None,
+        }
         # Resume: the checkpoint chosen at launch, or after an elastic restart the newest one (multinode, #9).
         from .checkpoint import load_checkpoint, resume_point, truncate_metrics
 
@@ -437,11 +527,15 @@ class Trainer:
                 # to stop (so every rank stops after the same step), or ran out of memory.
                 bad = ~torch.isfinite(loss_sum) | ~self.sync.grads_finite()
                 stop_flag = 1.0 if self.stop is not None and self.stop.requested(info.is_main) else 0.0
-                stats = torch.stack([torch.where(bad, torch.zeros_like(loss_sum), loss_sum),
-                                     torch.tensor(float(batches.loss_tokens[info.rank]), dtype=torch.float64,
-                                                  device=device), bad.to(torch.float64),
-                                     torch.tensor(stop_flag, dtype=torch.float64, device=device),
-                                     torch.tensor(float(oom), dtype=torch.float64, device=device)])
+                stats = torch.stack(
+                    [
+                        torch.where(bad, torch.zeros_like(loss_sum), loss_sum),
+                        torch.tensor(float(batches.loss_tokens[info.rank]), dtype=torch.float64, device=device),
+                        bad.to(torch.float64),
+                        torch.tensor(stop_flag, dtype=torch.float64, device=device),
+                        torch.tensor(float(oom), dtype=torch.float64, device=device),
+                    ]
+                )
                 tot_loss, tot_tokens, bad_ranks, stop_ranks, oom_ranks = D.all_reduce_tensor(stats, info).tolist()
                 if oom_ranks > 0:  # every rank saw the sum: all redo this step with smaller pieces together
                     self._after_oom(int(oom_ranks), progress)
@@ -454,8 +548,10 @@ class Trainer:
                     bad_since = bad_since or self.step + 1
                     grad_norm = float("nan")
                     if info.is_main:
-                        progress.log(f"step {self.step + 1}: non-finite loss or gradient on {int(bad_ranks)} "
-                                     "rank(s); step skipped on all ranks")
+                        progress.log(
+                            f"step {self.step + 1}: non-finite loss or gradient on {int(bad_ranks)} "
+                            "rank(s); step skipped on all ranks"
+                        )
                     if self.step + 2 - bad_since >= r.training.max_skipped_steps:
                         raise NonFiniteLossError(
                             f"{self.step + 2 - bad_since} optimizer steps in a row had a non-finite loss or "
@@ -494,11 +590,20 @@ class Trainer:
                     now = time.perf_counter()
                     tps = tokens_window / max(now - t_window, 1e-9)
                     mems = D.all_gather_floats([_peak_memory_gb(info)], info)
-                    row = {"step": self.step, "epoch": batches.epoch, "loss": last_loss, "learning_rate": lr,
-                           "grad_norm": float(grad_norm), "tokens": step_tokens, "loss_tokens": int(tot_tokens),
-                           "compute_tokens": int(sum(batches.compute_tokens)),
-                           "tokens_per_second": tps, "elapsed_s": elapsed_before + now - t_start,
-                           "peak_memory_gb": [round(m[0], 3) for m in mems], "skipped_steps": rs["skipped_steps"]}
+                    row = {
+                        "step": self.step,
+                        "epoch": batches.epoch,
+                        "loss": last_loss,
+                        "learning_rate": lr,
+                        "grad_norm": float(grad_norm),
+                        "tokens": step_tokens,
+                        "loss_tokens": int(tot_tokens),
+                        "compute_tokens": int(sum(batches.compute_tokens)),
+                        "tokens_per_second": tps,
+                        "elapsed_s": elapsed_before + now - t_start,
+                        "peak_memory_gb": [round(m[0], 3) for m in mems],
+                        "skipped_steps": rs["skipped_steps"],
+                    }
                     if evaluated is not None:
                         row["eval_loss"], row["eval_perplexity"] = evaluated
                         best = rs["best_eval_loss"]
@@ -528,14 +633,22 @@ class Trainer:
             mems = D.all_gather_floats([_peak_memory_gb(info)], info)
             if not interrupted:
                 self.save_final()
-            summary = {"steps": self.step, "elapsed_s": elapsed, "tokens": tokens_session,
-                       "tokens_per_second": tokens_session / max(elapsed, 1e-9), "final_loss": last_loss,
-                       "first_step_s": first_step_s, "peak_memory_gb": [m[0] for m in mems],
-                       "skipped_steps": rs["skipped_steps"], "world_size": info.world_size,
-                       "output_dir": str(self.out), "run_tokens": rs["tokens"], "run_elapsed_s": rs["elapsed_s"],
-                       "best_eval_loss": rs["best_eval_loss"],
-                       "resumed_from_step": int(self.plan.resume_from.rsplit("-", 1)[-1])
-                       if self.plan.resume_from else None}
+            summary = {
+                "steps": self.step,
+                "elapsed_s": elapsed,
+                "tokens": tokens_session,
+                "tokens_per_second": tokens_session / max(elapsed, 1e-9),
+                "final_loss": last_loss,
+                "first_step_s": first_step_s,
+                "peak_memory_gb": [m[0] for m in mems],
+                "skipped_steps": rs["skipped_steps"],
+                "world_size": info.world_size,
+                "output_dir": str(self.out),
+                "run_tokens": rs["tokens"],
+                "run_elapsed_s": rs["elapsed_s"],
+                "best_eval_loss": rs["best_eval_loss"],
+                "resumed_from_step": int(self.plan.resume_from.rsplit("-", 1)[-1]) if self.plan.resume_from else None,
+            }
             if interrupted:
                 summary.update(interrupted=True, checkpoint=str(self.out / "checkpoints" / f"step-{self.step}"))
             elif info.is_main:
@@ -543,8 +656,9 @@ class Trainer:
             return summary
         except Exception as exc:
             if D.is_collective_timeout(exc):
-                raise D.CollectiveTimeout(D.describe_timeout(info, r.distributed.timeout_seconds, self.step + 1)) \
-                    from exc
+                raise D.CollectiveTimeout(
+                    D.describe_timeout(info, r.distributed.timeout_seconds, self.step + 1)
+                ) from exc
             raise
         finally:
             progress.close()
@@ -567,7 +681,7 @@ class Trainer:
         try:
             with torch.no_grad():
                 for j in range(0, len(mine), mb_size):
-                    mb = mine[j:j + mb_size]
+                    mb = mine[j : j + mb_size]
                     n_mb = int(sum(int(data.loss_counts[i]) for i in mb))
                     if n_mb == 0:
                         continue  # the model's mean over zero tokens is NaN
@@ -633,10 +747,12 @@ class Trainer:
         self.split *= 2
         piece = -(-mb // self.split)
         if self.info.is_main:
-            progress.log(f"step {self.step + 1}: out of memory on {oom_ranks} rank(s) with micro-batches of "
-                         f"{-(-mb // (self.split // 2))} samples; retrying the step in pieces of {piece} "
-                         f"(same gradients). To avoid it: training.micro_batch_size={piece} "
-                         f"training.gradient_accumulation_steps={ga * (-(-mb // piece))}")
+            progress.log(
+                f"step {self.step + 1}: out of memory on {oom_ranks} rank(s) with micro-batches of "
+                f"{-(-mb // (self.split // 2))} samples; retrying the step in pieces of {piece} "
+                f"(same gradients). To avoid it: training.micro_batch_size={piece} "
+                f"training.gradient_accumulation_steps={ga * (-(-mb // piece))}"
+            )
 
     def save_final(self) -> None:
         """Rank 0 writes adapter/ (LoRA) or model/ (full); the others wait."""
@@ -669,14 +785,17 @@ class OutOfMemoryStop(RuntimeError):
 def _pieces(micro_batch: list[int], split: int) -> list[list[int]]:
     """Cut a micro-batch into at most `split` consecutive pieces of (nearly) equal size."""
     size = -(-len(micro_batch) // split)
-    return [micro_batch[i:i + size] for i in range(0, len(micro_batch), size)]
+    return [micro_batch[i : i + size] for i in range(0, len(micro_batch), size)]
 
 
 def model_load_kwargs(recipe: Recipe, model_path: str, dtype: Any, device_type: str) -> dict[str, Any]:
     """Arguments of `FastLanguageModel.from_pretrained`; remote code runs only when the recipe asks for it."""
     kwargs: dict[str, Any] = dict(
-        model_name=model_path, max_seq_length=recipe.model.max_seq_length, dtype=dtype,
-        load_in_4bit=recipe.model.load_in_4bit, full_finetuning=recipe.lora is None,
+        model_name=model_path,
+        max_seq_length=recipe.model.max_seq_length,
+        dtype=dtype,
+        load_in_4bit=recipe.model.load_in_4bit,
+        full_finetuning=recipe.lora is None,
         trust_remote_code=recipe.model.trust_remote_code is True,
     )
     if recipe.model.revision:
@@ -707,8 +826,7 @@ def build_optimizer(params: list[Any], recipe: Recipe, device_type: str) -> Any:
 
         return bnb.optim.AdamW8bit(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     # adamw, and adamw_8bit on CPU (bitsandbytes' 8-bit optimizers need CUDA)
-    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
-                             fused=device_type == "cuda")
+    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=device_type == "cuda")
 
 
 def build_scheduler(optimizer: Any, recipe: Recipe, total_steps: int) -> Any:

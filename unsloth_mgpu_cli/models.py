@@ -33,15 +33,28 @@ def _tokenizer_corpus() -> list[str]:
 
     text = []
     for row in generate_quickstart_rows(2048, seed=1):
-        text.append(f"### Instruction:\n{row['instruction']}\n\n### Input:\n{row['input']}\n\n### Response:\n{row['output']}")
-    text.append("Below is an instruction that describes a task. Write a response that appropriately completes the request.")
+        text.append(
+            f"### Instruction:\n{row['instruction']}\n\n### Input:\n{row['input']}\n\n### Response:\n{row['output']}"
+        )
+    text.append(
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    )
     text.append(" ".join(str(i) for i in range(1000)))
     return text
 
 
-def build_tiny_llama(dest: Path, hidden: int = 128, layers: int = 2, vocab: int = 1024, seed: int = 0,
-                     intermediate: int | None = None, heads: int = 4, kv_heads: int = 2,
-                     corpus: list[str] | None = None, dtype: str = "float32") -> Path:
+def build_tiny_llama(
+    dest: Path,
+    hidden: int = 128,
+    layers: int = 2,
+    vocab: int = 1024,
+    seed: int = 0,
+    intermediate: int | None = None,
+    heads: int = 4,
+    kv_heads: int = 2,
+    corpus: list[str] | None = None,
+    dtype: str = "float32",
+) -> Path:
     """Create a random Llama and a byte-level BPE tokenizer in `dest` (safetensors).
 
     The defaults give the builtin tiny model; the benchmarks use the same function with real sizes.
@@ -54,21 +67,41 @@ def build_tiny_llama(dest: Path, hidden: int = 128, layers: int = 2, vocab: int 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus or _tokenizer_corpus(), trainer=trainer)
     bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", bos)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", padding_side="right", model_max_length=2048)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="right",
+        model_max_length=2048,
+    )
     fast.chat_template = CHAT_TEMPLATE
 
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=hidden, intermediate_size=intermediate or hidden * 2,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=bos,
-        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+        vocab_size=len(fast),
+        hidden_size=hidden,
+        intermediate_size=intermediate or hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=bos,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
     )
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()

@@ -17,36 +17,58 @@ class ProgressDisplay:
         if not enabled:
             return
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.console = Console(file=sys.stdout, highlight=False)
         self._progress = Progress(
-            TextColumn("[bold]train[/]"), BarColumn(bar_width=24), MofNCompleteColumn(),
-            TextColumn("loss [cyan]{task.fields[loss]}[/]"), TextColumn("lr {task.fields[lr]}"),
-            TextColumn("[green]{task.fields[tps]}[/] tok/s"), TextColumn("mem {task.fields[mem]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, refresh_per_second=4, transient=False,
+            TextColumn("[bold]train[/]"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TextColumn("loss [cyan]{task.fields[loss]}[/]"),
+            TextColumn("lr {task.fields[lr]}"),
+            TextColumn("[green]{task.fields[tps]}[/] tok/s"),
+            TextColumn("mem {task.fields[mem]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            refresh_per_second=4,
+            transient=False,
         )
-        self._task = self._progress.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-",
-                                             mem="-")
+        self._task = self._progress.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-", mem="-")
         self._progress.start()
 
     def update(self, step: int, loss: float, lr: float, tokens_per_s: float, mem_gb: list[float]) -> None:
         if self._progress is None:
             return
-        self._progress.update(self._task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}",
-                              tps=f"{tokens_per_s:,.0f}", mem="/".join(f"{m:.1f}" for m in mem_gb) + " GB")
+        self._progress.update(
+            self._task,
+            completed=step,
+            loss=f"{loss:.4f}",
+            lr=f"{lr:.2e}",
+            tps=f"{tokens_per_s:,.0f}",
+            mem="/".join(f"{m:.1f}" for m in mem_gb) + " GB",
+        )
         if not self.console.is_terminal:
             # Non-interactive output (CI logs, pipes): one plain line per update instead of a live bar.
-            self.console.print(f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
-                               f"tokens/s {tokens_per_s:,.0f} mem {'/'.join(f'{m:.2f}' for m in mem_gb)} GB")
+            self.console.print(
+                f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
+                f"tokens/s {tokens_per_s:,.0f} mem {'/'.join(f'{m:.2f}' for m in mem_gb)} GB"
+            )
 
     def eval(self, step: int, loss: float, perplexity: float) -> None:
         """One line per evaluation (printed above the live bar)."""
         if self._progress is not None:
-            self._progress.console.print(f"[bold]eval[/] step {step}: loss [cyan]{loss:.4f}[/], "
-                                         f"perplexity {perplexity:,.2f}")
+            self._progress.console.print(
+                f"[bold]eval[/] step {step}: loss [cyan]{loss:.4f}[/], perplexity {perplexity:,.2f}"
+            )
 
     def log(self, message: str) -> None:
         if self._progress is not None:

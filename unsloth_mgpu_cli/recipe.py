@@ -20,8 +20,11 @@ from .errors import Problem, UserError
 BUILTIN_MODELS = ("builtin:tiny-llama",)
 AUTO = "auto"
 # Names a dataset.columns mapping may rename, per format (the target is the column in the user's data).
-FORMAT_COLUMNS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages", "role", "content"),
-                  "text": ("text",)}
+FORMAT_COLUMNS = {
+    "alpaca": ("instruction", "input", "output"),
+    "chat": ("messages", "role", "content"),
+    "text": ("text",),
+}
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -124,8 +127,13 @@ class DatasetSection(_Section):
         valid = FORMAT_COLUMNS[self.format]
         bad = [k for k in self.columns if k not in valid]
         if bad:
-            raise ValueError("\n".join(f"@dataset.columns.{k}@ unknown column name for format {self.format}; "
-                                       f"expected one of {', '.join(valid)}" for k in bad))
+            raise ValueError(
+                "\n".join(
+                    f"@dataset.columns.{k}@ unknown column name for format {self.format}; "
+                    f"expected one of {', '.join(valid)}"
+                    for k in bad
+                )
+            )
         return self
 
 
@@ -154,8 +162,10 @@ class TrainingSection(_Section):
     )
     seed: int = Field(42, ge=0, description="Seed for initialisation and data order.")
     max_skipped_steps: int = Field(
-        10, ge=1, description="Stop when this many optimizer steps in a row are skipped for a non-finite loss or "
-        "gradient (they are skipped on all ranks together)."
+        10,
+        ge=1,
+        description="Stop when this many optimizer steps in a row are skipped for a non-finite loss or "
+        "gradient (they are skipped on all ranks together).",
     )
     eval_steps: int = Field(
         0,
@@ -267,29 +277,40 @@ class Recipe(_Section):
         problems: list[tuple[str, str]] = []
         if self.lora is None and self.model.load_in_4bit:
             problems.append(
-                ("model.load_in_4bit", "4-bit weights cannot be fully fine-tuned; add a lora section "
-                 "(QLoRA) or set model.load_in_4bit: false")
+                (
+                    "model.load_in_4bit",
+                    "4-bit weights cannot be fully fine-tuned; add a lora section "
+                    "(QLoRA) or set model.load_in_4bit: false",
+                )
             )
         if self.model.load_in_4bit and self.distributed.device == "cpu":
             problems.append(("model.load_in_4bit", "4-bit loading needs CUDA (bitsandbytes); found device: cpu"))
         t = self.training
         if t.max_steps is not None and t.warmup_steps >= t.max_steps:
             problems.append(
-                ("training.warmup_steps", f"expected fewer than training.max_steps ({t.max_steps}), "
-                 f"found {t.warmup_steps}")
+                (
+                    "training.warmup_steps",
+                    f"expected fewer than training.max_steps ({t.max_steps}), found {t.warmup_steps}",
+                )
             )
         d = self.distributed
         if d.node_rank >= d.nnodes:
-            problems.append(("distributed.node_rank", f"expected 0..{d.nnodes - 1} (nnodes={d.nnodes}), "
-                             f"found {d.node_rank}"))
+            problems.append(
+                ("distributed.node_rank", f"expected 0..{d.nnodes - 1} (nnodes={d.nnodes}), found {d.node_rank}")
+            )
         if d.nnodes > 1 and not d.rdzv_endpoint:
             problems.append(("distributed.rdzv_endpoint", "several nodes need HOST:PORT of node 0's rendezvous"))
         ds = self.dataset
         if ds.eval_path is not None and ds.eval_ratio is not None:
             problems.append(("dataset.eval_ratio", "give either dataset.eval_path or dataset.eval_ratio, not both"))
         if t.eval_steps and ds.eval_path is None and ds.eval_ratio is None:
-            problems.append(("training.eval_steps", f"evaluation every {t.eval_steps} steps needs an eval split; "
-                             "set dataset.eval_path or dataset.eval_ratio (or training.eval_steps: 0)"))
+            problems.append(
+                (
+                    "training.eval_steps",
+                    f"evaluation every {t.eval_steps} steps needs an eval split; "
+                    "set dataset.eval_path or dataset.eval_ratio (or training.eval_steps: 0)",
+                )
+            )
         if self.output.save_steps and t.max_steps is not None and self.output.save_steps > t.max_steps:
             pass  # only the final checkpoint will be written: fine, not an error
         if problems:
@@ -353,8 +374,13 @@ def _line_map(text: str, filename: str) -> dict[str, str]:
 
 def _read_yaml(path: Path, where: str) -> tuple[dict[str, Any], dict[str, str]]:
     if not path.exists():
-        raise UserError(Problem(where, f"recipe file not found: {path}", "check the path (relative paths start "
-                                "from the current folder, or from the recipe that names them)"))
+        raise UserError(
+            Problem(
+                where,
+                f"recipe file not found: {path}",
+                "check the path (relative paths start from the current folder, or from the recipe that names them)",
+            )
+        )
     if path.is_dir():
         raise UserError(Problem(where, f"expected a YAML file, found a folder: {path}"))
     try:
@@ -366,16 +392,25 @@ def _read_yaml(path: Path, where: str) -> tuple[dict[str, Any], dict[str, str]]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         loc = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise UserError(Problem(loc, f"YAML syntax error: {exc.problem or exc}",
-                                "check indentation, colons and quotes around this line"), "invalid recipe") from exc
+        raise UserError(
+            Problem(
+                loc, f"YAML syntax error: {exc.problem or exc}", "check indentation, colons and quotes around this line"
+            ),
+            "invalid recipe",
+        ) from exc
     except yaml.YAMLError as exc:
         raise UserError(Problem(str(path), f"YAML error: {exc}"), "invalid recipe") from exc
     if data is None:
-        raise UserError(Problem(str(path), "the recipe is empty", "run `mgpu init` for a starter recipe"),
-                        "invalid recipe")
+        raise UserError(
+            Problem(str(path), "the recipe is empty", "run `mgpu init` for a starter recipe"), "invalid recipe"
+        )
     if not isinstance(data, dict):
-        raise UserError(Problem(f"{path}:1", f"expected a mapping of sections (model:, dataset:, ...), "
-                                f"found {type(data).__name__}"), "invalid recipe")
+        raise UserError(
+            Problem(
+                f"{path}:1", f"expected a mapping of sections (model:, dataset:, ...), found {type(data).__name__}"
+            ),
+            "invalid recipe",
+        )
     return data, _line_map(text, str(path))
 
 
@@ -400,8 +435,10 @@ def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any],
     if base_ref is None:
         return data, lines
     if not isinstance(base_ref, str):
-        raise UserError(Problem(lines.get("base", "base"), f"base: expected a path to a recipe, found {base_ref!r}"),
-                        "invalid recipe")
+        raise UserError(
+            Problem(lines.get("base", "base"), f"base: expected a path to a recipe, found {base_ref!r}"),
+            "invalid recipe",
+        )
     base_path = (path.parent / base_ref).expanduser()
     if not base_path.exists():
         raise UserError(Problem(lines.get("base", "base"), f"base recipe not found: {base_path}"), "invalid recipe")
@@ -417,8 +454,13 @@ def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[Problem]
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
-            problems.append(Problem(f"argument {item!r}", "expected KEY=VALUE with a dotted recipe key",
-                                    "e.g. training.learning_rate=1e-4"))
+            problems.append(
+                Problem(
+                    f"argument {item!r}",
+                    "expected KEY=VALUE with a dotted recipe key",
+                    "e.g. training.learning_rate=1e-4",
+                )
+            )
             continue
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
@@ -446,9 +488,14 @@ def _resolve_interpolations(data: dict[str, Any], lines: dict[str, str]) -> dict
         key = getattr(exc, "full_key", None) or ""
         where = lines.get(str(key), str(key) or "recipe")
         msg = str(exc).splitlines()[0]
-        raise UserError(Problem(where if key else "recipe", f"interpolation failed for {key or 'a value'}: {msg}",
-                                "${other.key} must name an existing key; ${oc.env:VAR} reads an environment "
-                                "variable"), "invalid recipe") from exc
+        raise UserError(
+            Problem(
+                where if key else "recipe",
+                f"interpolation failed for {key or 'a value'}: {msg}",
+                "${other.key} must name an existing key; ${oc.env:VAR} reads an environment variable",
+            ),
+            "invalid recipe",
+        ) from exc
 
 
 def _section_fields(loc: tuple[Any, ...]) -> list[str]:
@@ -488,7 +535,9 @@ def _problems_from_validation(exc: ValidationError, lines: dict[str, str]) -> li
         elif err["type"] == "extra_forbidden":
             valid = _section_fields(loc)
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
-            hint = f"did you mean '{close[0]}'?" if close else (f"valid keys here: {', '.join(valid)}" if valid else None)
+            hint = (
+                f"did you mean '{close[0]}'?" if close else (f"valid keys here: {', '.join(valid)}" if valid else None)
+            )
             problems.append(Problem(_where(dotted, lines), f"unknown key '{loc[-1]}'", hint))
         elif err["type"] == "missing":
             problems.append(Problem(_where(dotted, lines), "required key is missing", _missing_hint(dotted)))
@@ -541,49 +590,88 @@ def _check_paths(recipe: Recipe, base_dir: Path, lines: dict[str, str]) -> list[
     if name.startswith("builtin:"):
         if name not in BUILTIN_MODELS:
             close = difflib.get_close_matches(name, BUILTIN_MODELS, n=1)
-            problems.append(Problem(_where("model.name", lines), f"unknown builtin model {name!r}",
-                                    f"did you mean '{close[0]}'?" if close else f"available: {', '.join(BUILTIN_MODELS)}"))
+            problems.append(
+                Problem(
+                    _where("model.name", lines),
+                    f"unknown builtin model {name!r}",
+                    f"did you mean '{close[0]}'?" if close else f"available: {', '.join(BUILTIN_MODELS)}",
+                )
+            )
     elif _looks_like_local_path(name) or (base_dir / name).exists():
         p = (base_dir / name).expanduser().resolve()
         if not p.exists():
-            problems.append(Problem(_where("model.name", lines), f"model folder not found: {p}",
-                                    "give a local folder with config.json, a hub id, or builtin:tiny-llama"))
+            problems.append(
+                Problem(
+                    _where("model.name", lines),
+                    f"model folder not found: {p}",
+                    "give a local folder with config.json, a hub id, or builtin:tiny-llama",
+                )
+            )
         elif not (p / "config.json").exists():
-            problems.append(Problem(_where("model.name", lines), f"not a model folder (no config.json): {p}",
-                                    "point at the folder that holds config.json and the weights"))
+            problems.append(
+                Problem(
+                    _where("model.name", lines),
+                    f"not a model folder (no config.json): {p}",
+                    "point at the folder that holds config.json and the weights",
+                )
+            )
         else:
             recipe.model.name = str(p)
     dpath = recipe.dataset.path
     if _looks_like_local_path(dpath) or (base_dir / dpath).exists():
         p = (base_dir / dpath).expanduser().resolve()
         if not p.exists():
-            problems.append(Problem(_where("dataset.path", lines), f"dataset file not found: {p}",
-                                    "relative paths are resolved against the recipe's folder"))
+            problems.append(
+                Problem(
+                    _where("dataset.path", lines),
+                    f"dataset file not found: {p}",
+                    "relative paths are resolved against the recipe's folder",
+                )
+            )
         else:
             recipe.dataset.path = str(p)
     epath = recipe.dataset.eval_path
     if epath is not None and (_looks_like_local_path(epath) or (base_dir / epath).exists()):
         p = (base_dir / epath).expanduser().resolve()
         if not p.exists():
-            problems.append(Problem(_where("dataset.eval_path", lines), f"eval file not found: {p}",
-                                    "relative paths are resolved against the recipe's folder"))
+            problems.append(
+                Problem(
+                    _where("dataset.eval_path", lines),
+                    f"eval file not found: {p}",
+                    "relative paths are resolved against the recipe's folder",
+                )
+            )
         else:
             recipe.dataset.eval_path = str(p)
     out = (base_dir / recipe.output.dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
-        problems.append(Problem(_where("output.dir", lines), f"expected a folder, found a file: {out}",
-                                "choose another output.dir or remove the file"))
+        problems.append(
+            Problem(
+                _where("output.dir", lines),
+                f"expected a folder, found a file: {out}",
+                "choose another output.dir or remove the file",
+            )
+        )
     else:
         parent = next((a for a in out.parents if a.exists()), None)
         if parent is not None and not parent.is_dir():
-            problems.append(Problem(_where("output.dir", lines), f"cannot create {out}: {parent} is a file",
-                                    "choose an output.dir whose parents are folders"))
+            problems.append(
+                Problem(
+                    _where("output.dir", lines),
+                    f"cannot create {out}: {parent} is a file",
+                    "choose an output.dir whose parents are folders",
+                )
+            )
     recipe.output.dir = str(out)
     return problems
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None,
-                data: dict[str, Any] | None = None, check_paths: bool = True) -> LoadedRecipe:
+def load_recipe(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    data: dict[str, Any] | None = None,
+    check_paths: bool = True,
+) -> LoadedRecipe:
     """Load, merge, override, interpolate and validate a recipe.
 
     Args:

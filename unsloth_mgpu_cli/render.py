@@ -29,10 +29,19 @@ def print_recipe(loaded: LoadedRecipe) -> None:
     t.add_row("workers", f"{r.distributed.num_gpus} on {r.distributed.device}")
     mb, ga = r.training.micro_batch_size, r.training.gradient_accumulation_steps
     t.add_row("global batch", f"{mb} x workers x {ga} samples per optimizer step")
-    t.add_row("length", "max_steps=" + str(r.training.max_steps) if r.training.max_steps else f"{r.training.epochs} epoch(s)")
-    autos = [k for k, v in (("training.micro_batch_size", mb), ("training.gradient_accumulation_steps", ga),
-                            ("distributed.num_gpus", r.distributed.num_gpus),
-                            ("memory.gradient_checkpointing", r.memory.gradient_checkpointing)) if v == "auto"]
+    t.add_row(
+        "length", "max_steps=" + str(r.training.max_steps) if r.training.max_steps else f"{r.training.epochs} epoch(s)"
+    )
+    autos = [
+        k
+        for k, v in (
+            ("training.micro_batch_size", mb),
+            ("training.gradient_accumulation_steps", ga),
+            ("distributed.num_gpus", r.distributed.num_gpus),
+            ("memory.gradient_checkpointing", r.memory.gradient_checkpointing),
+        )
+        if v == "auto"
+    ]
     if autos:
         t.add_row("auto", ", ".join(autos) + " (filled at `mgpu train` from the detected hardware)")
     console.print(t)
@@ -45,7 +54,9 @@ def print_summary(summary: dict) -> None:
         return
     t = Table(title="run summary", show_header=False, box=None, pad_edge=False)
     t.add_row("steps", str(summary.get("steps")))
-    t.add_row("time", f"{summary.get('elapsed_s', 0):.1f} s (first step after {summary.get('first_step_s') or 0:.1f} s)")
+    t.add_row(
+        "time", f"{summary.get('elapsed_s', 0):.1f} s (first step after {summary.get('first_step_s') or 0:.1f} s)"
+    )
     t.add_row("tokens", f"{summary.get('tokens', 0):,} (non-padding, all workers)")
     world = max(1, int(summary.get("world_size", 1)))
     tps = float(summary.get("tokens_per_second", 0.0))
@@ -132,8 +143,10 @@ def print_data_report(rep) -> None:
     t.add_row("length", f"mean {s.tokens / max(1, s.samples):.0f}, {pct}, longest {s.longest}")
     policy = "none longer than max_seq_length"
     if s.truncated:
-        policy = (f"[yellow]{s.truncated} truncated to {rep.max_seq_length} (longest was {s.longest_before}; "
-                  f"{s.tokens_cut} tokens cut)[/]")
+        policy = (
+            f"[yellow]{s.truncated} truncated to {rep.max_seq_length} (longest was {s.longest_before}; "
+            f"{s.tokens_cut} tokens cut)[/]"
+        )
     elif s.dropped:
         policy = f"[yellow]{s.dropped} dropped as longer than {rep.max_seq_length} (longest {s.longest_before})[/]"
     t.add_row("too long", policy)
@@ -144,8 +157,13 @@ def print_data_report(rep) -> None:
     example = Text()
     for text, trained in rep.example:
         example.append(text, style="bold green" if trained else "dim strike")
-    console.print(Panel(example, title=f"sample {rep.example_index}: [bold green]trained on[/], "
-                        "[dim strike]masked[/] (no loss)", expand=False))
+    console.print(
+        Panel(
+            example,
+            title=f"sample {rep.example_index}: [bold green]trained on[/], [dim strike]masked[/] (no loss)",
+            expand=False,
+        )
+    )
     masked = "".join(text for text, trained in rep.example if not trained)
     trained = "".join(text for text, trained in rep.example if trained)
     console.print(f"[dim]masked:[/] {masked!r}", soft_wrap=True)

@@ -15,8 +15,10 @@ from .errors import UserError
 
 QUICKSTART_DATA_NAME = "quickstart.jsonl"
 
-_WORDS = ("apple banana cherry grape lemon mango olive peach pear plum red green blue black white gold silver "
-          "cat dog fox owl bee ant cow hen pig yak sun moon star rain snow wind tree leaf rock sand").split()
+_WORDS = (
+    "apple banana cherry grape lemon mango olive peach pear plum red green blue black white gold silver "
+    "cat dog fox owl bee ant cow hen pig yak sun moon star rain snow wind tree leaf rock sand"
+).split()
 
 STARTER_RECIPE = """\
 # yaml-language-server: $schema=https://unsloth-mgpu.invalid/schemas/recipe.schema.json
@@ -73,15 +75,21 @@ def generate_quickstart_rows(n: int = 512, seed: int = 0) -> list[dict[str, str]
             rows.append({"instruction": "Add the two numbers.", "input": f"{a} + {b}", "output": str(a + b)})
         elif kind == 1:
             words = rng.sample(_WORDS, rng.randint(2, 5))
-            rows.append({"instruction": "Reverse the order of the words.", "input": " ".join(words),
-                         "output": " ".join(reversed(words))})
+            rows.append(
+                {
+                    "instruction": "Reverse the order of the words.",
+                    "input": " ".join(words),
+                    "output": " ".join(reversed(words)),
+                }
+            )
         elif kind == 2:
             word = rng.choice(_WORDS)
             rows.append({"instruction": "Write the word in capital letters.", "input": word, "output": word.upper()})
         else:
             word = rng.choice(_WORDS)
-            rows.append({"instruction": "How many letters does the word have?", "input": word,
-                         "output": str(len(word))})
+            rows.append(
+                {"instruction": "How many letters does the word have?", "input": word, "output": str(len(word))}
+            )
     return rows
 
 
