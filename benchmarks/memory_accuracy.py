@@ -47,6 +47,13 @@ CONFIGS = [
     ("8B", "qlora", 512, 4, False),
     ("8B", "lora", 2048, 2, False),
 ]
+# Configurations the model was not calibrated on (the constants in memory.py were set from CONFIGS' first run).
+VALIDATION_CONFIGS = [
+    ("1B", "qlora", 1024, 16, True),
+    ("1B", "lora", 2048, 4, "unsloth"),
+    ("8B", "qlora", 1024, 8, True),
+    ("8B", "qlora", 2048, 2, False),
+]
 TINY_CONFIGS = [("tiny", "lora", 64, 2, False), ("tiny", "lora", 64, 2, True)]
 
 
@@ -308,6 +315,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--timeout", type=int, default=170, help="seconds per configuration")
     ap.add_argument("--budget-s", type=int, default=480, help="skip configurations that would start after this")
+    ap.add_argument("--set", choices=["calibration", "validation", "all"], default="calibration",
+                    help="which configurations: the six calibration ones, four unseen ones, or both")
     ap.add_argument("--only", default="", help="comma-separated substrings of config names to run")
     ap.add_argument("--tiny", action="store_true", help="CPU plumbing check with a tiny model (float32, no 4-bit)")
     ap.add_argument("--dry-run", action="store_true", help="build nothing, run nothing: print the predictions")
@@ -319,7 +328,8 @@ def main() -> None:
     start = time.time()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    configs = TINY_CONFIGS if args.tiny else CONFIGS
+    chosen = {"calibration": CONFIGS, "validation": VALIDATION_CONFIGS, "all": CONFIGS + VALIDATION_CONFIGS}
+    configs = TINY_CONFIGS if args.tiny else chosen[args.set]
     if args.only:
         configs = [c for c in configs if any(s in "_".join(map(str, c)) for s in args.only.split(","))]
     args.gpu_memory_bytes = None

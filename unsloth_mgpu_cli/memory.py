@@ -45,10 +45,16 @@ ADAMW_8BIT_BYTES_PER_PARAM = 2 + 2 * 4 / 256
 #: unsloth_zoo.fused_losses.cross_entropy_loss sizes its chunks with `_CE_BYTES_PER_LOGIT = 16` per
 #: token x vocabulary element (its eager-chain budget) against min(half the free memory at the first
 #: forward, `_CE_TARGET_GB_CAP` = 4 GiB). Llama's forward calls it with torch_compile=True and computes the
-#: gradient inside the forward, so a chunk really holds bf16 logits (2) + their fp32 upcast (4) + the fp32
-#: gradient (4) + its bf16 cast (2) = 12 bytes per element: chunk count from 16, chunk size from 12.
+#: gradient inside the forward; the compiled kernel keeps the fp32 upcast and fp32 gradient in registers, so
+#: a chunk holds the bf16 logits (2) and their bf16 gradient (2): 4 bytes per element. Measured on an H200
+#: (docs/suggest.md): 12 bytes, the eager chain's count, over-predicted one-chunk runs by 15-31%.
 CE_BUDGET_BYTES_PER_LOGIT = 16
-CE_BYTES_PER_LOGIT = 12
+CE_BYTES_PER_LOGIT = 4
+#: Backward of a decoder layer also holds fp32 copies of hidden-sized tensors per token: RMSNorm computes in
+#: fp32 (the upcast input and its gradient, for both norms) and the residual stream's gradient is accumulated
+#: in fp32: about five hidden-sized fp32 tensors. Without them the forecast missed by 0.6 GiB (1B, 16k tokens)
+#: in the H200 measurement.
+BACKWARD_FP32_HIDDEN_COPIES = 5
 CE_TARGET_CAP_BYTES = 4 * GiB
 #: unsloth_zoo.gradient_checkpointing keeps two GPU staging buffers (double buffering) for offloaded states.
 OFFLOAD_GPU_BUFFERS = 2
@@ -570,7 +576,9 @@ def estimate(arch: Architecture, setup: TrainingSetup) -> MemoryBreakdown:
     hidden_state = tokens * arch.hidden_size * 2
     inter = arch.intermediate_size * arch.experts_per_token
     # Backward of one layer: the gradients of its widest tensors (gate/up outputs) and of its input/output.
-    workspace = tokens * 2 * (2 * inter + 2 * arch.hidden_size)
+    workspace = tokens * 2 * (2 * inter + 2 * arch.hidden_size) + tokens * 4 * BACKWARD_FP32_HIDDEN_COPIES * (
+        arch.hidden_size
+    )
     host = 0
     ckpt = setup.gradient_checkpointing
     if ckpt is False:
