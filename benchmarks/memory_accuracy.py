@@ -315,8 +315,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--timeout", type=int, default=170, help="seconds per configuration")
     ap.add_argument("--budget-s", type=int, default=480, help="skip configurations that would start after this")
-    ap.add_argument("--set", choices=["calibration", "validation", "all"], default="calibration",
-                    help="which configurations: the six calibration ones, four unseen ones, or both")
+    ap.add_argument(
+        "--set",
+        choices=["calibration", "validation", "all"],
+        default="calibration",
+        help="which configurations: the six calibration ones, four unseen ones, or both",
+    )
     ap.add_argument("--only", default="", help="comma-separated substrings of config names to run")
     ap.add_argument("--tiny", action="store_true", help="CPU plumbing check with a tiny model (float32, no 4-bit)")
     ap.add_argument("--dry-run", action="store_true", help="build nothing, run nothing: print the predictions")

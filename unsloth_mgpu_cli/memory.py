@@ -569,7 +569,7 @@ def estimate(arch: Architecture, setup: TrainingSetup) -> MemoryBreakdown:
         n_train = lora_params(arch, setup.lora_r, setup.target_modules)
         trainable, grads = 4 * n_train, 4 * n_train
         optim = int(n_train * _optimizer_bytes_per_param(setup.optimizer, 4, setup.sgd_momentum))
-        reduce_buf = 4 * n_train if setup.num_gpus > 1 else 0
+        reduce_buf = 0  # fp32 gradients are views into the all-reduce buckets (GradientSynchronizer)
 
     tokens = setup.tokens
     per_layer = tokens * activation_bytes_per_token_layer(arch, setup.method)
