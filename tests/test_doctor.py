@@ -314,3 +314,11 @@ def test_verify_installation_example_exits_with_the_doctor_code():
                           env=mgpu_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert "rendezvous port" in proc.stdout
     assert proc.returncode == (1 if "not ready" in proc.stdout else 0), proc.stdout + proc.stderr
+
+
+def test_measured_pair_bandwidth_names_the_link_class():
+    from unsloth_mgpu_cli.doctor import link_class
+
+    assert link_class(297.8) == "NVLink-class"  # measured on 2 x H200 whose NVLink NVML cannot see in the VM
+    assert link_class(40.0) == "PCIe-class"
+    assert "P2P" in link_class(3.0)

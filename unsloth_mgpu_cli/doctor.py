@@ -398,8 +398,26 @@ def check_probe(result: Any, links: list[GPULink]) -> list[Check]:
         # NVLink 3+ moves well over 100 GB/s; under 20 means NCCL is not using it (P2P disabled, IOMMU, container).
         if (p["a"], p["b"]) in nvlinked and p["busbw_gbps"] < 20:
             status, hint = "warn", "slow for NVLink: check NCCL_P2P_DISABLE / NCCL_P2P_LEVEL and NCCL_DEBUG=INFO"
-        checks.append(Check(f"probe pair {p['a']} <-> {p['b']}", status, f"busbw {p['busbw_gbps']:.2f} GB/s", hint))
+        value = (
+            f"busbw {p['busbw_gbps']:.2f} GB/s"
+            if result.device != "cuda"
+            else (f"busbw {p['busbw_gbps']:.2f} GB/s ({link_class(p['busbw_gbps'])})")
+        )
+        checks.append(Check(f"probe pair {p['a']} <-> {p['b']}", status, value, hint))
     return checks
+
+
+def link_class(busbw_gbps: float) -> str:
+    """What a measured GPU-pair bandwidth says about the link, when NVML cannot tell (e.g. inside a VM).
+
+    PCIe 4.0/5.0 x16 carries about 25/50 GB/s each way; NVLink 3/4 several hundred. NCCL's bus bandwidth on
+    a pair reaches most of that, so over 100 GB/s can only be NVLink (or NVSwitch).
+    """
+    if busbw_gbps >= 100:
+        return "NVLink-class"
+    if busbw_gbps >= 10:
+        return "PCIe-class"
+    return "slower than PCIe: P2P likely off, traffic through host memory"
 
 
 # ---------------------------------------------------------------------------------------------------------------
