@@ -48,6 +48,8 @@ def runs(tmp_path_factory):
     train(base / "two", "distributed.num_gpus=2", "training.micro_batch_size=2")
     train(base / "one", "distributed.num_gpus=1", "training.micro_batch_size=4")
     train(base / "control", "distributed.num_gpus=1", "training.micro_batch_size=4", "training.seed=7")
+    # any worker count: four CPU workers (the 4-GPU shape) x micro-batch 1
+    train(base / "four", "distributed.num_gpus=4", "training.micro_batch_size=1")
     return base
 
 
@@ -56,6 +58,12 @@ def test_two_workers_equal_one_worker_on_the_same_global_batch(runs):
     # LoRA B starts at zero: a non-trivial comparison needs it to have moved
     assert all(float(v.abs().max()) > 1e-4 for k, v in one.items() if "lora_B" in k)
     assert max_rel_diff(two, one) < 1e-4
+
+
+def test_four_workers_equal_one_worker_on_the_same_global_batch(runs):
+    assert max_rel_diff(adapter(runs / "four"), adapter(runs / "one")) < 1e-4
+    rows = [json.loads(line) for line in (runs / "four" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows[-1]["peak_memory_gb"]) == 4
 
 
 def test_control_with_another_seed_differs_by_far_more(runs):
