@@ -113,3 +113,17 @@ def test_drifting_replicas_are_caught(tmp_path):
     assert "differ across ranks at step 2" in err
     assert "rank" in err and "failed" in err
     assert not (tmp_path / "drift" / "adapter").exists()
+
+
+def test_full_fine_tuning_writes_a_model_that_loads_with_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from unsloth_mgpu_cli.models import ensure_builtin_model
+
+    out = tmp_path / "full"
+    train(out, "lora=null", "distributed.num_gpus=2", "training.micro_batch_size=2", "training.max_steps=3")
+    assert (out / "model" / "model.safetensors").exists() and not (out / "adapter").exists()
+    tuned = AutoModelForCausalLM.from_pretrained(str(out / "model"), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(ensure_builtin_model("builtin:tiny-llama")), dtype=torch.float32)
+    changed = [n for n, p in tuned.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert len(changed) > len(list(base.parameters())) // 2  # every layer trained, not only an adapter
