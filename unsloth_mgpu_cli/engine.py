@@ -151,7 +151,9 @@ def check_free_space(out: Path, recipe: Recipe, model_path: str) -> str | None:
     except Exception:  # an unusual config: the estimate is a courtesy, never a reason to refuse
         return None
     trainable = (
-        lora_params(arch, recipe.lora.r, recipe.lora.target_modules) if recipe.lora is not None else arch.num_parameters
+        lora_params(arch, recipe.lora.r, recipe.lora.target_modules)
+        if recipe.lora is not None
+        else arch.num_parameters()
     )
     keep = recipe.output.save_total_limit + 1 if recipe.output.save_steps else 1
     need = trainable * 4 + keep * trainable * 12
