@@ -2,7 +2,8 @@
 
     <output.dir>/checkpoints/step-<N>/
         trainable.safetensors   trainable parameters by name
-        optimizer.pt            optimizer state (identical on every rank under data parallelism)
+        optimizer.pt            optimizer state (identical on every rank under data parallelism; under
+                                strategy fsdp gathered from the shards, keyed by parameter name)
         scheduler.pt            learning-rate scheduler state
         rng.pt                  torch RNG states of every rank
         state.json              step, run totals (tokens, time, last metrics), and what must match to resume
@@ -266,23 +267,32 @@ def save_checkpoint(trainer: Any) -> Path | None:
     if info.device_type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state()
     rngs = _gather_objects(rng, info)
+    sharded = getattr(trainer, "sharded", False)
+    if sharded:
+        # Shards gathered into full tensors (collectives on every rank): the checkpoint does not depend on the
+        # number of GPUs, and rank 0 writes it exactly as in ddp mode.
+        tensors = D.gather_full_tensors(list(zip(trainer.param_names, trainer.params, strict=True)))
+        optim_state = _full_optimizer_state(trainer)
     path = None
     if info.is_main:
         dest = trainer.out / "checkpoints" / f"{STEP_PREFIX}{trainer.step}"
         previous = [p for p in list_checkpoints(trainer.out) if p != dest]
         try:
             with atomic_dir(dest) as tmp:
-                tensors = {
-                    n: p.detach().to("cpu").contiguous()
-                    for n, p in zip(trainer.param_names, trainer.params, strict=True)
-                }
+                if not sharded:
+                    tensors = {
+                        n: p.detach().to("cpu").contiguous()
+                        for n, p in zip(trainer.param_names, trainer.params, strict=True)
+                    }
+                    optim_state = trainer.optimizer.state_dict()
                 save_file(tensors, str(tmp / "trainable.safetensors"))
-                torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(optim_state, tmp / "optimizer.pt")
                 torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save({f"rank{r}": s for r, s in enumerate(rngs)}, tmp / "rng.pt")
                 state = {
                     "step": trainer.step,
                     "world_size": info.world_size,
+                    "strategy": "fsdp" if sharded else "ddp",
                     "identity": trainer.plan.identity,
                     "run_state": dict(getattr(trainer, "run_state", {})),
                 }
@@ -303,6 +313,14 @@ def save_checkpoint(trainer: Any) -> Path | None:
         path = dest
     D.barrier(info)
     return path
+
+
+def _full_optimizer_state(trainer: Any) -> dict[str, Any]:
+    """The optimizer state of a sharded model as full CPU tensors keyed by parameter name (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(trainer.model, trainer.optimizer, options=options)
 
 
 def _gather_objects(obj: Any, info: Any) -> list[Any]:
@@ -330,11 +348,30 @@ def load_checkpoint(path: Path, trainer: Any) -> dict[str, Any]:
     missing = [n for n in trainer.param_names if n not in tensors]
     if missing:
         raise RuntimeError(f"checkpoint {path} lacks {len(missing)} trainable tensors, e.g. {missing[0]}")
-    with torch.no_grad():
-        for n, p in zip(trainer.param_names, trainer.params, strict=True):
-            p.copy_(tensors[n].to(p.device, p.dtype))
-    map_loc = trainer.info.device
-    trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=map_loc, weights_only=True))
+    sharded = getattr(trainer, "sharded", False)
+    if sharded != (state.get("strategy", "ddp") == "fsdp"):
+        raise RuntimeError(
+            f"checkpoint {path} was written with distributed.strategy {state.get('strategy', 'ddp')}; "
+            "resume it with the same strategy"
+        )
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.tensor import distribute_tensor
+
+        with torch.no_grad():  # every rank read the full tensors: each keeps its own shard
+            for n, p in zip(trainer.param_names, trainer.params, strict=True):
+                full = tensors[n].to(trainer.info.device, p.dtype)
+                p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
+        optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(
+            trainer.model, trainer.optimizer, optim, options=StateDictOptions(full_state_dict=True)
+        )
+    else:
+        with torch.no_grad():
+            for n, p in zip(trainer.param_names, trainer.params, strict=True):
+                p.copy_(tensors[n].to(p.device, p.dtype))
+        map_loc = trainer.info.device
+        trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=map_loc, weights_only=True))
     trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rngs = torch.load(path / "rng.pt", weights_only=True)
     mine = rngs.get(f"rank{trainer.info.rank}")

@@ -271,6 +271,12 @@ def suggest(
     ] = None,
     global_batch: Annotated[int, typer.Option("--global-batch", help="Target samples per optimizer step.")] = 32,
     optimizer: Annotated[str, typer.Option("--optimizer", help="adamw | adamw_8bit | sgd.")] = "adamw_8bit",
+    strategy: Annotated[
+        str,
+        typer.Option(
+            "--strategy", help="ddp (replicas) | fsdp (sharded) | auto (fsdp only when a replica does not fit)."
+        ),
+    ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write a ready recipe here.")] = None,
 ) -> None:
@@ -281,7 +287,9 @@ def suggest(
     from .configgen import plan as make_plan
 
     try:
-        arch, num_gpus, mem = check_suggest_args(model, gpus, gpu_memory, seq_len, method, global_batch, optimizer)
+        arch, num_gpus, mem = check_suggest_args(
+            model, gpus, gpu_memory, seq_len, method, global_batch, optimizer, strategy
+        )
     except UserError as exc:
         _fail(exc)
     p = make_plan(
@@ -292,6 +300,7 @@ def suggest(
         method=method,  # type: ignore[arg-type]
         global_batch=global_batch,
         optimizer=optimizer,
+        strategy=strategy,
     )
     if as_json:
         sys.stdout.write(json.dumps(p.to_dict(), indent=2) + "\n")

@@ -12,9 +12,12 @@ Policy, in order (each choice is recorded in `Plan.reasons`):
 3. The largest power-of-two micro-batch (up to `MAX_MICRO_BATCH` and the per-GPU share of the global
    batch) whose predicted peak is within `max_memory_fraction` of the GPU.
 4. Gradient accumulation to reach the target global batch: global = micro x GPUs x accumulation.
+5. Strategy (`auto`): data parallelism (a full replica per GPU, `ddp`) whenever some setting above fits;
+   only when no replicated setting fits, the sharded mode (`fsdp`: weights, gradients and optimizer state
+   split over the GPUs, see memory.estimate) with 16-bit LoRA or full fine-tuning. QLoRA and `median`
+   aggregation are never sharded.
 
-Data parallelism puts a full replica on every GPU, so more GPUs never make a model fit; the answers
-say so rather than suggest it.
+With `ddp` more GPUs never make a model fit; with `fsdp` they do, and the answers say so.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ class Plan:
     seq_len: int
     optimizer: str
     target_global_batch: int
+    strategy: str = "ddp"
     micro_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: Checkpointing = "unsloth"
@@ -110,6 +114,7 @@ class Plan:
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "gradient_checkpointing": self.gradient_checkpointing,
             "predicted_peak_gb": self.predicted_peak_gb,
+            "strategy": self.strategy,
             "global_batch_size": self.global_batch_size,
             "target_global_batch": self.target_global_batch,
             "num_gpus": self.num_gpus,
@@ -192,6 +197,7 @@ def _plan_method(
             plan.rejected.append(
                 {
                     "method": base.method,
+                    "strategy": "fsdp" if base.sharded else "ddp",
                     "gradient_checkpointing": ckpt,
                     "micro_batch_size": miss,
                     "predicted_peak_gb": round(miss_b.peak_gb, 2),
@@ -253,6 +259,7 @@ def plan(
     tokens_per_sample: float | None = None,
     gradient_checkpointing: Checkpointing | None = None,
     micro_batch_size: int | None = None,
+    strategy: str = "ddp",
 ) -> Plan:
     """Choose method, checkpointing, micro-batch and accumulation for `num_gpus` GPUs of one size.
 
@@ -270,12 +277,15 @@ def plan(
         tokens_per_sample: mean tokens per sample for padding-free batches; None: seq_len.
         gradient_checkpointing: fixed mode (a recipe that sets it); None lets the generator choose.
         micro_batch_size: fixed micro-batch (a recipe that sets it); None lets the generator choose.
+        strategy: ddp (replicas), fsdp (sharded) or auto (ddp when a replicated setting fits, else fsdp).
 
     Returns:
         A Plan; `fits` is False with `suggestions` when nothing fits.
     """
     if num_gpus < 1 or seq_len < 1 or global_batch < 1:
         raise ValueError("num_gpus, seq_len and global_batch must be positive")
+    if strategy not in ("ddp", "fsdp", "auto"):
+        raise ValueError(f"unknown strategy {strategy!r}; expected ddp, fsdp or auto")
     result = Plan(
         fits=False,
         architecture=arch,
@@ -298,10 +308,17 @@ def plan(
         gpu_memory_bytes=gpu_memory_bytes,
         tokens_per_sample=tokens_per_sample,
     )
-    candidates: list[Method] = [method] if method else ["lora", "qlora"]
-    for m in candidates:
-        result.method = m
-        if _plan_method(arch, replace(base, method=m), result, sizes, gradient_checkpointing, micro_batch_size):
+    methods: list[Method] = [method] if method else ["lora", "qlora"]
+    # (method, sharded) in order of preference: replicas first; sharding only when no replica fits (auto).
+    candidates: list[tuple[Method, bool]] = []
+    if strategy in ("ddp", "auto"):
+        candidates += [(m, False) for m in methods]
+    if strategy == "fsdp" or (strategy == "auto" and num_gpus > 1):
+        candidates += [(m, True) for m in methods if m != "qlora"]  # 4-bit storage is not sharded (yet)
+    for m, sharded in candidates:
+        result.method, result.strategy = m, "fsdp" if sharded else "ddp"
+        setup = replace(base, method=m, sharded=sharded)
+        if _plan_method(arch, setup, result, sizes, gradient_checkpointing, micro_batch_size):
             result.fits = True
             if method is None:
                 result.reasons.insert(
@@ -312,6 +329,17 @@ def plan(
                 )
             else:
                 result.reasons.insert(0, f"{m} as requested")
+            if sharded and strategy == "auto":
+                result.reasons.insert(
+                    1,
+                    f"strategy fsdp: a full replica does not fit one GPU; sharding weights, gradients and "
+                    f"optimizer state over {num_gpus} GPUs does (only when replicas do not fit: sharding "
+                    "adds an all-gather per layer)",
+                )
+            elif sharded:
+                result.reasons.insert(1, f"strategy fsdp as requested: sharded over {num_gpus} GPUs")
+            else:
+                result.reasons.insert(1, "strategy ddp: a full replica fits every GPU (data parallelism)")
             break
     if result.fits:
         result.gradient_accumulation_steps = max(1, math.ceil(global_batch / (result.micro_batch_size * num_gpus)))
@@ -323,7 +351,10 @@ def plan(
             f"{note}"
         )
     else:
-        result.suggestions = _suggestions(arch, base, result)
+        if strategy == "fsdp" and method == "qlora":
+            result.reasons.append("qlora cannot be sharded yet (distributed.strategy fsdp needs 16-bit weights)")
+        result.strategy = "fsdp" if strategy == "fsdp" else "ddp"
+        result.suggestions = _suggestions(arch, replace(base, sharded=result.strategy == "fsdp"), result)
     return result
 
 
@@ -355,10 +386,13 @@ def _suggestions(arch: Architecture, base: TrainingSetup, result: Plan) -> list[
                 out.append(f"--seq-len {seq} (or shorter) fits with {result.method} at micro-batch 1")
                 break
             seq //= 2
-    out.append(
-        "more GPUs do not lower per-GPU memory: with data parallelism every GPU holds a full replica "
-        "(mgpu does not shard models across GPUs)"
-    )
+    if base.sharded:
+        out.append("more GPUs lower per-GPU memory under fsdp: try a larger --gpus")
+    else:
+        out.append(
+            "more GPUs do not lower per-GPU memory with data parallelism (every GPU holds a full replica); "
+            "16-bit LoRA or full fine-tuning can be sharded across GPUs instead (distributed.strategy: fsdp)"
+        )
     return out
 
 
@@ -393,14 +427,23 @@ def resolve_auto(
         (the recipe with no `auto` left in those three keys, notes saying what was chosen and why).
     """
     r = recipe.model_copy(deep=True)
-    t, mem = r.training, r.memory
+    t, mem, d = r.training, r.memory, r.distributed
     mb_auto, ga_auto, ck_auto = (
         t.micro_batch_size == "auto",
         t.gradient_accumulation_steps == "auto",
         (mem.gradient_checkpointing == "auto"),
     )
     notes: list[str] = []
-    if not (mb_auto or ga_auto or ck_auto):
+    st_auto = d.strategy == "auto"
+    # Sharding is never chosen for QLoRA (4-bit storage is not sharded yet), median aggregation (no per-rank
+    # gradient to take a median of) or one worker (nothing to shard over).
+    can_shard = not r.model.load_in_4bit and d.aggregation != "median" and num_gpus > 1
+    if st_auto and (gpu_memory_bytes is None or not can_shard):
+        d.strategy = "ddp"
+        why = "no GPU" if gpu_memory_bytes is None else "qlora, median aggregation or one worker cannot be sharded"
+        notes.append(f"strategy ddp ({why})")
+        st_auto = False
+    if not (mb_auto or ga_auto or ck_auto or st_auto):
         return r, notes
     if gpu_memory_bytes is None:
         # CPU training is for demos and tests: small batches keep each step short, and there is no GPU memory
@@ -423,6 +466,9 @@ def resolve_auto(
     fixed_ck = None if ck_auto else mem.gradient_checkpointing
     if arch is None:
         # Unknown architecture (a hub id not downloaded yet): be safe rather than fast.
+        if st_auto:
+            d.strategy = "ddp"
+            notes.append("strategy ddp: architecture unknown, no forecast to decide sharding on")
         if mb_auto:
             t.micro_batch_size = 1
         if ck_auto:
@@ -448,7 +494,11 @@ def resolve_auto(
         memory_fraction=mem.max_memory_fraction,
         gradient_checkpointing=fixed_ck,
         micro_batch_size=fixed_mb,
+        strategy=d.strategy,
     )
+    if st_auto:
+        # Nothing fits either way: sharding needs less memory per GPU, so it is the better bet.
+        d.strategy = p.strategy if p.fits else "fsdp"
     if not p.fits:
         # Train anyway with the least memory we can offer, and say plainly that it may not fit.
         if mb_auto:
@@ -642,6 +692,7 @@ training:
 
 distributed:
   num_gpus: {p.num_gpus}
+  strategy: {p.strategy}{"                 # sharded: a replica does not fit one GPU" if p.strategy == "fsdp" else ""}
   aggregation: mean
 
 memory:
@@ -668,6 +719,7 @@ def check_suggest_args(
     method: str | None,
     global_batch: int,
     optimizer: str,
+    strategy: str = "auto",
 ) -> tuple[Architecture, int, int]:
     """Check `mgpu suggest` arguments all at once; detect GPUs when their count or memory is not given.
 
@@ -693,6 +745,8 @@ def check_suggest_args(
         problems.append(Problem("argument --global-batch", f"expected at least 1 sample, found {global_batch}"))
     if optimizer not in ("adamw", "adamw_8bit", "sgd"):
         problems.append(Problem("argument --optimizer", f"expected adamw, adamw_8bit or sgd, found {optimizer!r}"))
+    if strategy not in ("ddp", "fsdp", "auto"):
+        problems.append(Problem("argument --strategy", f"expected ddp, fsdp or auto, found {strategy!r}"))
     detected, detected_mem = (0, None) if gpu_memory is not None and gpus is not None else detect_gpu_memory()
     if gpu_memory is not None:
         try:

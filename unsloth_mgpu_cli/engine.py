@@ -151,7 +151,9 @@ def check_free_space(out: Path, recipe: Recipe, model_path: str) -> str | None:
     except Exception:  # an unusual config: the estimate is a courtesy, never a reason to refuse
         return None
     trainable = (
-        lora_params(arch, recipe.lora.r, recipe.lora.target_modules) if recipe.lora is not None else arch.num_parameters()
+        lora_params(arch, recipe.lora.r, recipe.lora.target_modules)
+        if recipe.lora is not None
+        else arch.num_parameters()
     )
     keep = recipe.output.save_total_limit + 1 if recipe.output.save_steps else 1
     need = trainable * 4 + keep * trainable * 12
@@ -388,6 +390,7 @@ class Trainer:
         self.step = 0
         self.metrics_file = None
         self.split = 1  # pieces each micro-batch is cut into after an out-of-memory error (1: uncut)
+        self.sharded = plan.recipe.distributed.strategy == "fsdp"  # FSDP2: parameters are DTensor shards
 
     # -- setup -----------------------------------------------------------------------------------------
     def _dtype(self) -> Any:
@@ -418,7 +421,7 @@ class Trainer:
         from unsloth import FastLanguageModel  # heavy: 7-30 s
 
         self.dtype = self._dtype()
-        kwargs = model_load_kwargs(r, self.plan.model_path, self.dtype, self.info.device_type)
+        kwargs = model_load_kwargs(r, self.plan.model_path, self.dtype, self.info.device_type, self.sharded)
         model, tokenizer = FastLanguageModel.from_pretrained(**kwargs)
         gc = r.memory.gradient_checkpointing
         if r.lora is not None:
@@ -435,12 +438,16 @@ class Trainer:
             )
         elif gc:
             model.gradient_checkpointing_enable()
+        # Identical starting weights: rank 0's, broadcast, then checked rather than assumed.
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        D.broadcast_parameters(trainable, self.info)
+        D.check_consistency(trainable, self.info, step=0)
+        if self.sharded:
+            # FSDP2 replaces each parameter by a DTensor shard: collect the trainable ones after wrapping.
+            D.shard_model(model, self.info, r.distributed.aggregation)
         self.model, self.tokenizer = model, tokenizer
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
-        # Identical starting weights: rank 0's, broadcast, then checked rather than assumed.
-        D.broadcast_parameters(self.params, self.info)
-        D.check_consistency(self.params, self.info, step=0)
         maybe_inject("after_setup", self)
 
         self.data = TokenizedData(Path(self.plan.data_dir))
@@ -466,9 +473,12 @@ class Trainer:
         self.total_steps = self.planner.total_steps(r.training.epochs, r.training.max_steps)
         self.optimizer = build_optimizer(self.params, r, self.info.device_type)
         self.scheduler = build_scheduler(self.optimizer, r, self.total_steps)
-        self.sync = D.GradientSynchronizer(
-            self.params, self.info, r.distributed.aggregation, r.distributed.bucket_size_mb, grad_views=True
-        )
+        if self.sharded:
+            self.sync = D.ShardedGradients(self.params, self.info, r.distributed.aggregation)
+        else:
+            self.sync = D.GradientSynchronizer(
+                self.params, self.info, r.distributed.aggregation, r.distributed.bucket_size_mb, grad_views=True
+            )
         # Totals over the whole run, carried through checkpoints so a resumed run reports the whole run.
         self.run_state: dict[str, Any] = {
             "tokens": 0,
@@ -578,7 +588,8 @@ class Trainer:
                     first_step_s = time.perf_counter() - t_start
                 verify = r.distributed.verify_every
                 last = self.step == self.total_steps
-                if verify and (self.step % verify == 0 or last):
+                # Under fsdp each rank holds different shards by design: there is no replica to compare.
+                if verify and not self.sharded and (self.step % verify == 0 or last):
                     D.check_consistency(self.params, info, self.step)
                 evaluated = None
                 if self.eval_data is not None and (last or (eval_every and self.step % eval_every == 0)):
@@ -677,17 +688,27 @@ class Trainer:
         mine = list(range(info.rank, len(data), info.world_size))
         mb_size = int(self.recipe.training.micro_batch_size)
         sums = torch.zeros(2, dtype=torch.float64, device=info.device)
+        rounds = range(0, len(mine), mb_size)
+        if self.sharded:
+            # Every forward all-gathers the layers: all ranks run the same number of them (ranks out of samples
+            # repeat their first micro-batch, weighted 0).
+            rounds = range(0, -(-len(data) // info.world_size), mb_size)
         self.model.eval()
         try:
             with torch.no_grad():
-                for j in range(0, len(mine), mb_size):
+                for j in rounds:
                     mb = mine[j : j + mb_size]
+                    weight = 1.0 if mb else 0.0
+                    mb = mb or mine[:mb_size] or [0]
                     n_mb = int(sum(int(data.loss_counts[i]) for i in mb))
-                    if n_mb == 0:
-                        continue  # the model's mean over zero tokens is NaN
                     batch = {k: v.to(info.device) for k, v in data.collate(mb).items()}
-                    sums[0] += self.model(**batch, use_cache=False).loss.detach().to(torch.float64) * n_mb
-                    sums[1] += n_mb
+                    if n_mb == 0:
+                        if not self.sharded:
+                            continue  # the model's mean over zero tokens is NaN
+                        batch["labels"], weight = _one_target(batch), 0.0
+                    loss = self.model(**batch, use_cache=False).loss.detach().to(torch.float64)
+                    sums[0] += loss * n_mb * weight
+                    sums[1] += n_mb * weight
         finally:
             self.model.train()
         loss_sum, tokens = D.all_reduce_tensor(sums, info).tolist()
@@ -712,6 +733,10 @@ class Trainer:
                 for piece in _pieces(mb, self.split):
                     batch = {k: _to_device(v, device) for k, v in self.data.collate(piece, self.packed).items()}
                     n = int(sum(int(self.data.loss_counts[i]) for i in piece))
+                    if n == 0 and self.sharded:
+                        # FSDP2 reduce-scatters in backward: every rank must run it, even for a piece without
+                        # loss tokens. One fake target keeps the model's token-mean loss finite; scaled by 0 below.
+                        batch["labels"] = _one_target(batch)
                     maybe_inject("forward", self, samples=len(piece))
                     # no KV cache in training: with one, transformers ignores packed position_ids (leaks)
                     loss = self.model(**batch, use_cache=False).loss
@@ -719,6 +744,8 @@ class Trainer:
                     if n > 0:
                         (loss * (n / denom)).backward()
                         loss_sum += loss.detach().to(torch.float64) * n
+                    elif self.sharded:
+                        (loss * 0.0).backward()
         except torch.OutOfMemoryError:
             return loss_sum, True  # the frames holding the activations are gone once we are out of here
         return loss_sum, False
@@ -759,12 +786,38 @@ class Trainer:
         from . import distributed as D
         from .checkpoint import atomic_dir
 
+        state = None
+        if self.sharded:
+            # Gather the shards into full CPU tensors on every rank (a collective), so rank 0 writes the same
+            # adapter/ or model/ as in ddp mode. LoRA gathers only the adapter weights.
+            state = self.full_state_dict()
         if self.info.is_main:
             name = "model" if self.recipe.lora is None else "adapter"
             with atomic_dir(self.out / name) as tmp:
-                self.model.save_pretrained(str(tmp), safe_serialization=True)
+                if state is None:
+                    self.model.save_pretrained(str(tmp), safe_serialization=True)
+                else:
+                    self.model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
                 self.tokenizer.save_pretrained(str(tmp))
         D.barrier(self.info)
+
+    def full_state_dict(self) -> dict[str, Any]:
+        """Full (unsharded) CPU tensors: the trainable ones for LoRA, the whole model for full fine-tuning."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from . import distributed as D
+
+        if self.recipe.lora is not None:
+            return D.gather_full_tensors(list(zip(self.param_names, self.params, strict=True)))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.model, options=options)
+
+
+def _one_target(batch: dict[str, Any]) -> Any:
+    """Labels with one real target (the second token of the first row) so the token-mean loss is finite."""
+    labels = batch["labels"].clone()
+    labels[0, 1] = batch["input_ids"][0, 1]
+    return labels
 
 
 def _to_device(t: Any, device: Any) -> Any:
@@ -788,8 +841,14 @@ def _pieces(micro_batch: list[int], split: int) -> list[list[int]]:
     return [micro_batch[i : i + size] for i in range(0, len(micro_batch), size)]
 
 
-def model_load_kwargs(recipe: Recipe, model_path: str, dtype: Any, device_type: str) -> dict[str, Any]:
-    """Arguments of `FastLanguageModel.from_pretrained`; remote code runs only when the recipe asks for it."""
+def model_load_kwargs(
+    recipe: Recipe, model_path: str, dtype: Any, device_type: str, sharded: bool = False
+) -> dict[str, Any]:
+    """Arguments of `FastLanguageModel.from_pretrained`; remote code runs only when the recipe asks for it.
+
+    Sharded (fsdp) on CUDA: loaded into host memory; `fully_shard` then moves each layer's shard to the GPU,
+    so a model larger than one GPU never needs a full replica there.
+    """
     kwargs: dict[str, Any] = dict(
         model_name=model_path,
         max_seq_length=recipe.model.max_seq_length,
@@ -801,7 +860,7 @@ def model_load_kwargs(recipe: Recipe, model_path: str, dtype: Any, device_type: 
     if recipe.model.revision:
         kwargs["revision"] = recipe.model.revision
     if device_type == "cuda":
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": "cpu"} if sharded else {"": 0}
     return kwargs
 
 

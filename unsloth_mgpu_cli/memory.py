@@ -4,7 +4,9 @@
     b = estimate(resolve_architecture("8B"), TrainingSetup(method="qlora", seq_len=2048, micro_batch_size=4))
     print(b.peak_gb)
 
-Each GPU holds a full replica, so the forecast is for one GPU and does not shrink with more GPUs. It is
+Under data parallelism (`distributed.strategy: ddp`) each GPU holds a full replica, so the forecast is for
+one GPU and does not shrink with more GPUs; the sharded mode (`fsdp`, `TrainingSetup.sharded`) divides the
+weights, gradients and optimizer state by the GPUs and adds the layers gathered at a time. It is
 built from what Unsloth keeps on the GPU, term by term (see `MemoryBreakdown`), not fitted to
 measurements; the constants below say where they come from. Units: bytes internally; "GB" in the user
 interface means GiB (2**30 bytes), the unit in which GPU memory is sold ("80GB") and torch reports.
@@ -345,6 +347,8 @@ class TrainingSetup:
         tokens_per_sample: mean tokens per sample when batches are padding-free; None: seq_len.
         sgd_momentum: SGD keeps a momentum buffer.
         bucket_mb: all-reduce bucket size for full fine-tuning (distributed.bucket_size_mb).
+        sharded: FSDP2 (distributed.strategy fsdp): weights, trainable parameters, gradients and optimizer
+            state are split over num_gpus; the layers being computed are gathered in full (see `estimate`).
     """
 
     method: Method = "lora"
@@ -359,6 +363,7 @@ class TrainingSetup:
     tokens_per_sample: float | None = None
     sgd_momentum: bool = False
     bucket_mb: float = 25.0
+    sharded: bool = False
 
     @property
     def tokens(self) -> int:
@@ -386,6 +391,7 @@ class MemoryBreakdown:
     layer_backward: int
     loss_chunk: int
     cuda_context: int
+    gathered: int = 0
     host_offload: int = 0
     method: str = "lora"
     num_trainable: int = 0
@@ -395,7 +401,14 @@ class MemoryBreakdown:
 
     @property
     def static(self) -> int:
-        return self.weights + self.trainable_params + self.gradients + self.allreduce_buffer + self.optimizer_states
+        return (
+            self.weights
+            + self.trainable_params
+            + self.gradients
+            + self.allreduce_buffer
+            + self.optimizer_states
+            + self.gathered
+        )
 
     @property
     def peak_phase(self) -> str:
@@ -441,6 +454,7 @@ class MemoryBreakdown:
             ("gradients", self.gradients, "one per trainable parameter"),
             ("all-reduce buffer", self.allreduce_buffer, "fp32 gradients flattened for the all-reduce (>1 GPU)"),
             ("optimizer states", self.optimizer_states, "AdamW moments / 8-bit states / SGD momentum"),
+            ("gathered (fsdp)", self.gathered, "unsharded root + 2 layers (current, prefetched); 0 under ddp"),
             ("activations kept", self.activations_kept, "saved for backward across all layers"),
             (
                 "layer backward" + (" (peak)" if counts == "backward" else ""),
@@ -465,6 +479,7 @@ class MemoryBreakdown:
                 ("gradients", self.gradients),
                 ("allreduce_buffer", self.allreduce_buffer),
                 ("optimizer_states", self.optimizer_states),
+                ("gathered", self.gathered),
                 ("activations_kept", self.activations_kept),
                 ("layer_backward", self.layer_backward),
                 ("loss_chunk", self.loss_chunk),
@@ -592,8 +607,15 @@ def estimate(arch: Architecture, setup: TrainingSetup) -> MemoryBreakdown:
     else:
         raise ValueError(f"unknown gradient_checkpointing {ckpt!r}")
 
+    gathered = 0
+    if setup.sharded and setup.num_gpus > 1:
+        weights, trainable, grads, optim, reduce_buf, gathered = _shard(arch, setup, weights, trainable, grads, optim)
+        notes.append(
+            f"sharded over {setup.num_gpus} GPUs (fsdp): weights, gradients and optimizer state / "
+            f"{setup.num_gpus}, plus {gathered / GiB:.2f} GiB gathered at a time"
+        )
     gpu = setup.gpu_memory_bytes
-    free_at_loss = None if gpu is None else gpu - CUDA_CONTEXT_BYTES - weights - trainable - optim - kept
+    free_at_loss = None if gpu is None else gpu - CUDA_CONTEXT_BYTES - weights - trainable - optim - kept - gathered
     loss, chunks = loss_chunk_bytes(tokens, arch, free_at_loss)
     return MemoryBreakdown(
         weights=weights,
@@ -605,10 +627,42 @@ def estimate(arch: Architecture, setup: TrainingSetup) -> MemoryBreakdown:
         layer_backward=layer_bwd,
         loss_chunk=loss,
         cuda_context=CUDA_CONTEXT_BYTES,
+        gathered=gathered,
         host_offload=host,
         method=setup.method,
         num_trainable=n_train,
         num_params=n_all,
         loss_chunks=chunks,
         notes=notes,
+    )
+
+
+def _shard(
+    arch: Architecture, setup: TrainingSetup, weights: int, trainable: int, grads: int, optim: int
+) -> tuple[int, int, int, int, int, int]:
+    """Per-GPU (weights, trainable, gradients, optimizer, reduce buffer, gathered) under FSDP2.
+
+    `fully_shard` per decoder layer, then the root (engine: distributed.shard_model). Each GPU keeps 1/N of
+    every parameter, gradient and optimizer state (the AdamW states follow the sharded parameters). At a time
+    it also holds in full: the root unit's parameters (embeddings, final norm, lm_head), which FSDP2 keeps
+    gathered from the root's forward to its backward, and two decoder layers (the one computing and the one
+    prefetched), with, in backward, their unsharded gradients waiting for the reduce-scatter (16-bit for full
+    fine-tuning, fp32 adapters for LoRA). Nothing is all-reduced: no bucket buffer.
+    """
+    n = setup.num_gpus
+    per_layer_params = (arch.linear_params() + arch.norm_params()) / max(1, arch.num_layers)
+    layer_weight_bytes = per_layer_params * (weights / max(1, arch.num_parameters()))  # 4-bit or 16-bit
+    root_bytes = 2 * arch.embedding_params()
+    if setup.method == "full":
+        layer_grad_bytes = 2 * per_layer_params
+    else:
+        layer_grad_bytes = 4 * lora_params(arch, setup.lora_r, setup.target_modules) / max(1, arch.num_layers)
+    gathered = int(root_bytes + 2 * (layer_weight_bytes + layer_grad_bytes))
+    return (
+        math.ceil(weights / n),
+        math.ceil(trainable / n),
+        math.ceil(grads / n),
+        math.ceil(optim / n),
+        0,
+        gathered,
     )

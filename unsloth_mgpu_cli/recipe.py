@@ -193,6 +193,12 @@ class DistributedSection(_Section):
         description="How rank gradients combine: mean, sum, weighted (by loss tokens: equals one big batch "
         "exactly), median (coordinate-wise).",
     )
+    strategy: Literal["ddp", "fsdp", "auto"] = Field(
+        "ddp",
+        description="ddp: every GPU holds a full replica (data parallelism); fsdp: parameters, gradients and "
+        "optimizer state are sharded across the GPUs (PyTorch FSDP2), for models whose replica does not fit one "
+        "GPU; auto: fsdp only when the memory forecast says a replica does not fit (see docs/sharded.md).",
+    )
     verify_every: int = Field(
         50, ge=0, description="Compare checksums of the trainable weights across ranks every N steps; 0 disables."
     )
@@ -300,6 +306,33 @@ class Recipe(_Section):
             )
         if d.nnodes > 1 and not d.rdzv_endpoint:
             problems.append(("distributed.rdzv_endpoint", "several nodes need HOST:PORT of node 0's rendezvous"))
+        if d.strategy == "fsdp":
+            if d.aggregation == "median":
+                problems.append(
+                    (
+                        "distributed.aggregation",
+                        "median cannot be combined with distributed.strategy: fsdp (each GPU holds only a shard of "
+                        "the gradients, so there is no per-GPU gradient to take a coordinate-wise median of); "
+                        "use weighted, mean or sum, or distributed.strategy: ddp",
+                    )
+                )
+            if self.model.load_in_4bit:
+                problems.append(
+                    (
+                        "model.load_in_4bit",
+                        "4-bit (QLoRA) weights are not supported with distributed.strategy: fsdp yet (sharding "
+                        "bitsandbytes 4-bit storage is future work); use 16-bit LoRA (model.load_in_4bit: false) "
+                        "with fsdp, or distributed.strategy: ddp",
+                    )
+                )
+            if d.max_restarts:
+                problems.append(
+                    (
+                        "distributed.max_restarts",
+                        "restarting from a checkpoint is not supported with distributed.strategy: fsdp yet; "
+                        "set distributed.max_restarts: 0",
+                    )
+                )
         ds = self.dataset
         if ds.eval_path is not None and ds.eval_ratio is not None:
             problems.append(("dataset.eval_ratio", "give either dataset.eval_path or dataset.eval_ratio, not both"))

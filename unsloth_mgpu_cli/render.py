@@ -98,6 +98,12 @@ def print_plan(plan) -> None:
     if plan.fits:
         s = Table(title="recommended settings", title_justify="left", show_header=False)
         s.add_row("method", f"{plan.method} (load_in_4bit: {str(plan.load_in_4bit).lower()})")
+        s.add_row(
+            "strategy",
+            "fsdp (sharded across the GPUs: a full replica does not fit one GPU)"
+            if plan.strategy == "fsdp"
+            else "ddp (a full replica per GPU)",
+        )
         s.add_row("micro_batch_size", str(plan.micro_batch_size))
         s.add_row("gradient_accumulation_steps", str(plan.gradient_accumulation_steps))
         s.add_row("gradient_checkpointing", str(plan.gradient_checkpointing).lower())
