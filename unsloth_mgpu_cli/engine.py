@@ -11,6 +11,7 @@ with gradients synchronised by `distributed.GradientSynchronizer`. Rank 0 owns e
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -418,6 +419,8 @@ class Trainer:
         )
         r = self.recipe
         torch.manual_seed(r.training.seed)
+        # torchao (imported by Unsloth) registers enums that torch 2.14 warns about once per process: noise for users.
+        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
         from unsloth import FastLanguageModel  # heavy: 7-30 s
 
         self.dtype = self._dtype()
