@@ -187,12 +187,6 @@ def make_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def prepare_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
-    """Check, then create output.dir (both steps of `train`, for callers that need no data in between)."""
-    check_output_dir(out, overwrite, resume)
-    make_output_dir(out, overwrite, resume)
-
-
 def check_batch_fits(recipe: Recipe, samples: int, num_workers: int) -> None:
     """One optimizer step must find its global batch in the data (checked in the parent, before launching)."""
     need = recipe.global_batch_size(num_workers)
@@ -897,7 +891,3 @@ def build_scheduler(optimizer: Any, recipe: Recipe, total_steps: int) -> Any:
     t = recipe.training
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[t.lr_scheduler]
     return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=max(1, total_steps))
-
-
-def effective_tokens_per_second(summary: dict[str, Any]) -> float:
-    return float(summary.get("tokens_per_second", math.nan))
