@@ -56,3 +56,16 @@ def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str) -> 
     assert "Traceback" not in out, out
     for needle in needles:
         assert needle in out, f"{needle!r} not in output:\n{out}"
+
+
+def adapter(out: Path) -> dict:
+    """The trained LoRA tensors of a run's output folder."""
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    """Largest per-tensor relative difference ||a - b|| / ||b|| (float32), over tensors with the same names."""
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).norm() / b[k].float().norm().clamp_min(1e-12)) for k in a)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, mgpu_env
+from conftest import ROOT, max_rel_diff, mgpu_env
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.integration
@@ -33,11 +33,6 @@ def run_script(out: Path, ngpu: int, bs: int, seed: int = 3) -> None:
 
 def rank(out: Path, r: int):
     return load_file(str(out / f"rank{r}.safetensors")), json.loads((out / f"rank{r}.json").read_text())
-
-
-def max_rel_diff(a, b) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in a)
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, assert_user_error, mgpu_env, run_mgpu
-from safetensors.torch import load_file
+from conftest import ROOT, adapter, assert_user_error, mgpu_env, run_mgpu
 
 pytestmark = pytest.mark.integration
 
@@ -79,10 +78,6 @@ def group_is_gone(pgid: int, timeout: float = 30) -> bool:
 
 def resume(out: Path, *extra: str):
     return run_mgpu("train", str(QUICKSTART), *RUN, f"output.dir={out}", *extra, "--resume", "auto", timeout=400)
-
-
-def adapter(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
 @pytest.fixture(scope="module")

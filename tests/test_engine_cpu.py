@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_mgpu
-from safetensors.torch import load_file
+from conftest import ROOT, adapter, max_rel_diff, run_mgpu
 
 pytestmark = pytest.mark.integration
 
@@ -31,15 +30,6 @@ def train(out: Path, *overrides: str, expect: int = 0, **env: str):
     proc = run_mgpu("train", str(QUICKSTART), *BASE, f"output.dir={out}", *overrides, timeout=400, **env)
     assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
-
-
-def adapter(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
-
-
-def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in a)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import ROOT, assert_user_error, run_mgpu
+from conftest import ROOT, adapter, assert_user_error, max_rel_diff, run_mgpu
 from safetensors.torch import load_file
 
 from unsloth_mgpu_cli.configgen import plan, resolve_auto
@@ -36,15 +35,6 @@ def train(out: Path, *overrides: str, expect: int = 0):
     proc = run_mgpu("train", str(QUICKSTART), *BASE, f"output.dir={out}", *overrides, timeout=400)
     assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
-
-
-def adapter(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
-
-
-def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in a)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ROOT, run_mgpu
+from conftest import ROOT, max_rel_diff, run_mgpu
 from safetensors.torch import load_file
 
 from unsloth_mgpu_cli.devices import count_gpus
@@ -36,15 +36,11 @@ def _train(out, *overrides):
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
-def _rel(a, b):
-    return max(float((a[k].float() - b[k].float()).norm() / b[k].float().norm().clamp_min(1e-12)) for k in a)
-
-
 def test_two_gpus_equal_one_gpu_and_a_control_differs(tmp_path):
     two = _train(tmp_path / "two", "distributed.num_gpus=2", "training.micro_batch_size=2")
     one = _train(tmp_path / "one", "distributed.num_gpus=1", "training.micro_batch_size=4")
     ctl = _train(tmp_path / "ctl", "distributed.num_gpus=1", "training.micro_batch_size=4", "training.seed=7")
-    same, other = _rel(two, one), _rel(ctl, one)
+    same, other = max_rel_diff(two, one), max_rel_diff(ctl, one)
     # bf16 activations: differently shaped micro-batches round differently, so the bound is looser than on CPU
     assert same < 2e-2, same
     assert other > 10 * same, (same, other)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_user_error, mgpu_env, run_mgpu
+from conftest import ROOT, adapter, assert_user_error, mgpu_env, run_mgpu
 
 from unsloth_mgpu_cli import distributed as D
 from unsloth_mgpu_cli.errors import UserError
@@ -234,12 +234,6 @@ def runs(tmp_path_factory):
     return base, logs
 
 
-def _adapter(out: Path):
-    from safetensors.torch import load_file
-
-    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
-
-
 def _max_rel_diff(a, b) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in a)
@@ -248,7 +242,7 @@ def _max_rel_diff(a, b) -> float:
 @pytest.mark.integration
 def test_two_nodes_train_the_same_adapter_as_one_node_with_two_workers(runs):
     base, logs = runs
-    nodes, one = _adapter(base / "nodes"), _adapter(base / "one")
+    nodes, one = adapter(base / "nodes"), adapter(base / "one")
     assert all(float(v.abs().max()) > 1e-4 for k, v in one.items() if "lora_B" in k)  # it trained
     assert _max_rel_diff(nodes, one) < 1e-6
     summary = json.loads((base / "nodes" / "summary.json").read_text())
@@ -280,4 +274,4 @@ def test_restarted_workers_resume_from_the_last_checkpoint_and_match_an_undistur
     steps = [r["step"] for r in rows]
     # attempt 0 logged steps 1..3 then died in step 4; attempt 1 went on from the step-2 checkpoint, not from 0
     assert steps.count(1) == 1 and steps[-3:] == [3, 4, 5], steps
-    assert _max_rel_diff(_adapter(base / "restart"), _adapter(base / "one")) < 1e-6
+    assert _max_rel_diff(adapter(base / "restart"), adapter(base / "one")) < 1e-6

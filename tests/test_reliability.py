@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ROOT, assert_user_error, mgpu_env
+from conftest import ROOT, adapter, assert_user_error, mgpu_env
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -77,10 +77,6 @@ def train(out: Path, *args: str, fault: str = "", timeout: float = 240, **env: s
     while (left := session_processes(proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return proc.returncode, output, seconds, left
-
-
-def adapter(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------------------
