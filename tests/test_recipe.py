@@ -181,6 +181,10 @@ BAD = {
     "missing model": ("dataset:\n  path: data.jsonl\n", ["model", "required"]),
     "missing dataset path": (GOOD.replace("  path: data.jsonl\n", "  format: alpaca\n"), ["dataset.path", "required"]),
     "missing dataset file": (GOOD.replace("data.jsonl", "nope.jsonl"), ["dataset.path", "not found"]),
+    "missing eval file": (
+        GOOD.replace("  path: data.jsonl\n", "  path: data.jsonl\n  eval_path: nope.jsonl\n"),
+        ["dataset.eval_path", "eval file not found"],
+    ),
     "model folder missing": (GOOD.replace("builtin:tiny-llama", "./no-model"), ["model.name", "not found"]),
     "unknown builtin": (GOOD.replace("builtin:tiny-llama", "builtin:tiny-lama"), ["model.name", "tiny-llama"]),
     "yaml syntax error": (GOOD.replace("max_steps: 10", "max_steps: [10"), ["r.yaml:", "YAML syntax error"]),

@@ -410,6 +410,19 @@ def _architecture_for_recipe(name: str) -> tuple[Architecture | None, str | None
         return None, exc.problems[0].render()
 
 
+def _use_smallest_settings(
+    t: Any, mem: Any, mb_auto: bool, ck_auto: bool, ga_auto: bool, global_batch: int, num_gpus: int
+) -> None:
+    """The least-memory values for the `auto` keys: micro-batch 1, offloaded checkpointing, accumulation to the
+    target global batch."""
+    if mb_auto:
+        t.micro_batch_size = 1
+    if ck_auto:
+        mem.gradient_checkpointing = "unsloth"
+    if ga_auto:
+        t.gradient_accumulation_steps = max(1, math.ceil(global_batch / (int(t.micro_batch_size) * num_gpus)))
+
+
 def resolve_auto(
     recipe: Any, num_gpus: int, gpu_memory_bytes: int | None, global_batch: int = DEFAULT_GLOBAL_BATCH
 ) -> tuple[Any, list[str]]:
@@ -469,12 +482,7 @@ def resolve_auto(
         if st_auto:
             d.strategy = "ddp"
             notes.append("strategy ddp: architecture unknown, no forecast to decide sharding on")
-        if mb_auto:
-            t.micro_batch_size = 1
-        if ck_auto:
-            mem.gradient_checkpointing = "unsloth"
-        if ga_auto:
-            t.gradient_accumulation_steps = max(1, math.ceil(global_batch / (int(t.micro_batch_size) * num_gpus)))
+        _use_smallest_settings(t, mem, mb_auto, ck_auto, ga_auto, global_batch, num_gpus)
         notes.append(
             f"architecture unknown ({why_not}); chose safe values: micro_batch_size "
             f"{t.micro_batch_size}, gradient_checkpointing {mem.gradient_checkpointing}"
@@ -501,12 +509,7 @@ def resolve_auto(
         d.strategy = p.strategy if p.fits else "fsdp"
     if not p.fits:
         # Train anyway with the least memory we can offer, and say plainly that it may not fit.
-        if mb_auto:
-            t.micro_batch_size = 1
-        if ck_auto:
-            mem.gradient_checkpointing = "unsloth"
-        if ga_auto:
-            t.gradient_accumulation_steps = max(1, math.ceil(global_batch / (int(t.micro_batch_size) * num_gpus)))
+        _use_smallest_settings(t, mem, mb_auto, ck_auto, ga_auto, global_batch, num_gpus)
         notes.append(
             f"predicted not to fit: {p.predicted_peak_gb:.1f} GB per GPU > budget "
             f"{p.budget_bytes / GiB:.1f} GB; using the smallest settings. " + "; ".join(p.suggestions)

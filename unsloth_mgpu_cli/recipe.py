@@ -650,32 +650,16 @@ def _check_paths(recipe: Recipe, base_dir: Path, lines: dict[str, str]) -> list[
             )
         else:
             recipe.model.name = str(p)
-    dpath = recipe.dataset.path
-    if _looks_like_local_path(dpath) or (base_dir / dpath).exists():
-        p = (base_dir / dpath).expanduser().resolve()
-        if not p.exists():
-            problems.append(
-                Problem(
-                    _where("dataset.path", lines),
-                    f"dataset file not found: {p}",
-                    "relative paths are resolved against the recipe's folder",
-                )
-            )
+    for key, what in (("path", "dataset file"), ("eval_path", "eval file")):
+        value = getattr(recipe.dataset, key)
+        if value is None or not (_looks_like_local_path(value) or (base_dir / value).exists()):
+            continue  # a hub dataset id: resolved when the data is loaded
+        p = (base_dir / value).expanduser().resolve()
+        if p.exists():
+            setattr(recipe.dataset, key, str(p))
         else:
-            recipe.dataset.path = str(p)
-    epath = recipe.dataset.eval_path
-    if epath is not None and (_looks_like_local_path(epath) or (base_dir / epath).exists()):
-        p = (base_dir / epath).expanduser().resolve()
-        if not p.exists():
-            problems.append(
-                Problem(
-                    _where("dataset.eval_path", lines),
-                    f"eval file not found: {p}",
-                    "relative paths are resolved against the recipe's folder",
-                )
-            )
-        else:
-            recipe.dataset.eval_path = str(p)
+            problems.append(Problem(_where(f"dataset.{key}", lines), f"{what} not found: {p}",
+                                    "relative paths are resolved against the recipe's folder"))  # fmt: skip
     out = (base_dir / recipe.output.dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         problems.append(
