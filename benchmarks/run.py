@@ -41,14 +41,15 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "benchmarks" / "recipes" / "gsm8k_qlora.yaml"
-SYSTEMS = ("ours", "ours-pack", "trl-pf", "trl-pack")
+SYSTEMS = ("ours", "ours-pack", "ours-padded", "trl-pf", "trl-pack")
 LABELS = {
     "ours": "mgpu train (dataset.batching: balanced)",
     "ours-pack": "mgpu train (dataset.batching: packed)",
+    "ours-padded": "mgpu train (dataset.batching: padded)",
     "trl-pf": "TRL + Unsloth, padding-free",
     "trl-pack": "TRL + Unsloth, packing=True",
 }
-OURS_BATCHING = {"ours": "balanced", "ours-pack": "packed"}
+OURS_BATCHING = {"ours": "balanced", "ours-pack": "packed", "ours-padded": "padded"}
 NOT_MEASURED = "not yet measured"
 
 
@@ -377,6 +378,7 @@ def run_ours(spec: RunSpec, a: argparse.Namespace, model: str, work: Path, log: 
         "logging.progress=false",
         "logging.steps=1",
         f"dataset.batching={OURS_BATCHING[spec.system]}",
+        *a.ours_set,
         "--overwrite",
     ]
     if a.cpu_smoke:
@@ -546,6 +548,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--lr-warmup-steps", type=int, default=5, help="linear learning-rate warm-up, then cosine")
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument(
+        "--ours-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra recipe override for our runs (repeatable), e.g. dataset.pad_to_multiple_of=64",
+    )
     ap.add_argument("--gradient-checkpointing", default="false", choices=["false", "true", "unsloth"])
     ap.add_argument("--loss-window", type=int, default=5, help="loss = mean over the last N global batches of examples")
     ap.add_argument("--timeout", type=float, default=150, help="seconds per run")

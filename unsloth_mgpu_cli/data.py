@@ -669,10 +669,11 @@ class TokenizedData:
         a, b = self.offsets[i], self.offsets[i + 1]
         return self.input_ids[a:b], self.labels[a:b]
 
-    def collate(self, indices: list[int], packed: bool = False) -> dict[str, Any]:
+    def collate(self, indices: list[int], packed: bool = False, pad_to: int = 1) -> dict[str, Any]:
         """Tensors for one micro-batch.
 
-        Padded (default): one right-padded row per sample; padding is masked out of attention and loss.
+        Padded (default): one right-padded row per sample, as long as the longest sample rounded up to a multiple
+        of `pad_to`; padding is masked out of attention and loss.
         Packed: one row holding every sample back to back, `position_ids` restarting at 0 at each sample and
         no attention mask. Unsloth and transformers read restarting positions as sample boundaries and attend
         within each sample only (Unsloth: variable-length kernels or one SDPA call per sample; never an L x L
@@ -690,6 +691,7 @@ class TokenizedData:
             pos = torch.from_numpy(np.concatenate([np.arange(len(x), dtype=np.int64) for x, _ in parts]))
             return {"input_ids": ids[None], "labels": labels[None], "position_ids": pos[None]}
         longest = max(int(self.offsets[i + 1] - self.offsets[i]) for i in indices)
+        longest = -(-longest // pad_to) * pad_to
         ids = torch.full((len(indices), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(indices), longest), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(indices), longest), dtype=torch.long)
@@ -758,8 +760,8 @@ class SubsetData:
     def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         return self.base.sample(int(self.indices[i]))
 
-    def collate(self, indices: list[int], packed: bool = False) -> dict[str, Any]:
-        return self.base.collate([int(self.indices[i]) for i in indices], packed)
+    def collate(self, indices: list[int], packed: bool = False, pad_to: int = 1) -> dict[str, Any]:
+        return self.base.collate([int(self.indices[i]) for i in indices], packed, pad_to)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -467,6 +467,7 @@ class Trainer:
             batching=r.dataset.batching,
         )
         self.packed = r.dataset.batching == "packed"
+        self.pad_to = r.dataset.pad_to_multiple_of
         self.total_steps = self.planner.total_steps(r.training.epochs, r.training.max_steps)
         self.optimizer = build_optimizer(self.params, r, self.info.device_type)
         self.scheduler = build_scheduler(self.optimizer, r, self.total_steps)
@@ -502,10 +503,12 @@ class Trainer:
         from . import distributed as D
         from .checkpoint import save_checkpoint
         from .faults import maybe_inject
+        from .profiling import StepProfiler
         from .progress import ProgressDisplay
         from .sinks import MetricSinks
 
         r, info = self.recipe, self.info
+        profiler = StepProfiler.from_env(info.rank)  # MGPU_PROFILE: off unless set
         self.model.train()
         device = info.device
         progress = ProgressDisplay(info.is_main and r.logging.progress, self.total_steps, self.step)
@@ -635,6 +638,8 @@ class Trainer:
                         progress.log(f"stop requested: checkpoint of step {self.step} saved; exiting")
                     break
                 maybe_inject("step_end", self)
+                if profiler is not None:
+                    profiler.after_step(self.step)
             if saved_step != self.step:  # e.g. resumed from the final checkpoint: nothing ran, nothing to save
                 save_checkpoint(self)
             elapsed = time.perf_counter() - t_start
@@ -698,7 +703,7 @@ class Trainer:
                     weight = 1.0 if mb else 0.0
                     mb = mb or mine[:mb_size] or [0]
                     n_mb = int(sum(int(data.loss_counts[i]) for i in mb))
-                    batch = {k: v.to(info.device) for k, v in data.collate(mb).items()}
+                    batch = {k: v.to(info.device) for k, v in data.collate(mb, pad_to=self.pad_to).items()}
                     if n_mb == 0:
                         if not self.sharded:
                             continue  # the model's mean over zero tokens is NaN
@@ -728,7 +733,7 @@ class Trainer:
         try:
             for mb in micro_batches:
                 for piece in _pieces(mb, self.split):
-                    batch = {k: _to_device(v, device) for k, v in self.data.collate(piece, self.packed).items()}
+                    batch = {k: _to_device(v, device) for k, v in self.data.collate(piece, self.packed, self.pad_to).items()}
                     n = int(sum(int(self.data.loss_counts[i]) for i in piece))
                     if n == 0 and self.sharded:
                         # FSDP2 reduce-scatters in backward: every rank must run it, even for a piece without

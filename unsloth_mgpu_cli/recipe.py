@@ -111,6 +111,13 @@ class DatasetSection(_Section):
         "balanced (sorted by length, tokens balanced across ranks), packed (balanced, each micro-batch one "
         "sequence without padding; attention never crosses samples).",
     )
+    pad_to_multiple_of: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Pad each padded micro-batch's length up to a multiple of this (fewer distinct shapes for the "
+        "GPU kernels to warm up); 1: to the longest sample. Packed micro-batches are never padded.",
+    )
     num_proc: int | Literal["auto"] = Field(
         "auto", description="Tokenizer processes in the parent; auto: one for small data, up to 8 for large."
     )
