@@ -733,7 +733,9 @@ class Trainer:
         try:
             for mb in micro_batches:
                 for piece in _pieces(mb, self.split):
-                    batch = {k: _to_device(v, device) for k, v in self.data.collate(piece, self.packed, self.pad_to).items()}
+                    batch = {
+                        k: _to_device(v, device) for k, v in self.data.collate(piece, self.packed, self.pad_to).items()
+                    }
                     n = int(sum(int(self.data.loss_counts[i]) for i in piece))
                     if n == 0 and self.sharded:
                         # FSDP2 reduce-scatters in backward: every rank must run it, even for a piece without

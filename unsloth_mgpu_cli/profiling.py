@@ -35,7 +35,9 @@ class StepProfiler:
         try:
             first, last = (int(parts[1]), int(parts[2])) if len(parts) >= 3 else (10, 12)
         except ValueError:
-            raise ValueError(f"MGPU_PROFILE={value!r}: expected DIR[:FIRST:LAST[:trace]], e.g. /tmp/prof:30:33")
+            raise ValueError(
+                f"MGPU_PROFILE={value!r}: expected DIR[:FIRST:LAST[:trace]], e.g. /tmp/prof:30:33"
+            ) from None
         return cls(Path(parts[0]), max(1, first), max(first, last), rank, trace=parts[-1] == "trace")
 
     def after_step(self, step: int) -> None:
