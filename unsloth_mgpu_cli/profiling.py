@@ -63,8 +63,12 @@ class StepProfiler:
     def _write(self, wall: float) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         events = self._prof.key_averages()
-        # kernels only (aten ops also carry their kernels' time: counting both would double it)
-        device_us = sum(_self_device_us(e) for e in events if str(getattr(e, "device_type", "")).endswith("CUDA"))
+        # kernels only: aten ops and the "## Call CompiledFxGraph" annotations also carry their kernels' time
+        device_us = sum(
+            _self_device_us(e)
+            for e in events
+            if str(getattr(e, "device_type", "")).endswith("CUDA") and not getattr(e, "is_user_annotation", False)
+        )
         steps = self.last - self.first + 1
         lines = [
             f"steps {self.first}..{self.last} ({steps}): wall {wall * 1e3:.1f} ms ({wall * 1e3 / steps:.1f} ms/step); "
