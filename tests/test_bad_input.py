@@ -83,6 +83,17 @@ def with_args(*args: str, setup: Callable[[Path], None] | None = None, **changes
     return make
 
 
+def mix_second(text: str, weight: object = 1.0) -> Callable[[Path], tuple[Path, list[str]]]:
+    """A case whose dataset is a mix of the good file and a second file holding `text`."""
+
+    def make(tmp: Path) -> tuple[Path, list[str]]:
+        f = tmp / "second.jsonl"
+        f.write_text(text)
+        return edit(dataset__path=None, dataset__mix=[{"path": str(DATA)}, {"path": str(f), "weight": weight}])(tmp)
+
+    return make
+
+
 def raw(text: str) -> Callable[[Path], tuple[Path, list[str]]]:
     def make(tmp: Path) -> tuple[Path, list[str]]:
         return write(tmp, text.replace("{data}", str(DATA))), []
@@ -203,6 +214,14 @@ CASES = [
     ("model-folder-missing", "validate", edit(model__name="./no-such-model"), ["model.name", "model folder not found"]),
     ("not-a-model", "validate", _not_a_model, ["model.name", "not a model folder (no config.json)"]),
     ("dataset-missing", "validate", edit(dataset__path="./missing.jsonl"), ["dataset.path", "dataset file not found"]),
+    ("mix-and-path", "validate", edit(dataset__mix=[{"path": str(DATA)}]), ["dataset.mix", "not both"]),
+    ("mix-weight-zero", "validate", mix_second(ALPACA_ROW, weight=0), ["dataset.mix.1.weight", "greater than 0"]),
+    (
+        "mix-source-missing",
+        "validate",
+        edit(dataset__path=None, dataset__mix=[{"path": str(DATA)}, {"path": "./missing.jsonl"}]),
+        ["dataset.mix.1.path", "dataset file not found"],
+    ),
     ("output-is-a-file", "validate", _output_is_file, ["output.dir", "expected a folder, found a file"]),
     ("output-under-a-file", "validate", _output_under_file, ["output.dir", "is a file"]),
     # --- command-line arguments ---
@@ -247,6 +266,12 @@ CASES = [
         ["data.jsonl", "needs column(s) ['output']"],
     ),
     ("data-unsupported-type", "train", data_file("hello\n", suffix=".txt"), ["unsupported file type '.txt'"]),
+    (
+        "data-mix-second-malformed",
+        "train",
+        mix_second(ALPACA_ROW * 2 + '{"instruction": "x", "output": \n'),
+        ["second.jsonl:3", "malformed JSON line"],
+    ),
     (
         "data-null-field",
         "train",

@@ -114,7 +114,7 @@ def verify_safe_to_load(ckpt: Path) -> None:
 _IDENTITY_LABELS = {
     "model": ("model", "model.name"),
     "lora": ("LoRA settings", "lora"),
-    "dataset": ("training data", "dataset.path / dataset.format"),
+    "dataset": ("training data", "dataset.path / dataset.format / dataset.mix"),
     "data": ("tokenised data", "dataset.* or model.max_seq_length (or the data file's contents)"),
     "eval_ratio": ("eval hold-out", "dataset.eval_ratio"),
     "global_batch": (
@@ -161,10 +161,14 @@ def resume_point(out: Path, resume_from: str | None, info: Any) -> Path | None:
 def run_identity(recipe: Any, data_fingerprint: str, global_batch: int) -> dict[str, Any]:
     """What must not change between a run and its resumption (the data order depends on all of it)."""
     ds = recipe.dataset
+    if ds.mix is None:
+        dataset = f"{ds.path} ({ds.format})"
+    else:
+        dataset = "mix of " + ", ".join(f"{s.section.path} ({s.section.format}) x{s.weight:g}" for s in ds.sources())
     return {
         "model": recipe.model.name,
         "lora": recipe.lora.model_dump(mode="json") if recipe.lora else None,
-        "dataset": f"{ds.path} ({ds.format})",
+        "dataset": dataset,
         "data": data_fingerprint,
         "eval_ratio": ds.eval_ratio,
         "global_batch": global_batch,

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .errors import Problem, UserError
-from .recipe import DatasetSection, Recipe
+from .recipe import DatasetSection, DataSource, Recipe
 
 IGNORE_INDEX = -100
 _CACHE_VERSION = "2"
@@ -134,10 +134,10 @@ def _read_json(path: Path) -> tuple[list[Any], list[int] | None]:
     return rows, lines
 
 
-def _read_file(path: Path) -> tuple[list[dict[str, Any]], _Source]:
+def _read_file(path: Path, key: str = "dataset") -> tuple[list[dict[str, Any]], _Source]:
     suffix = path.suffix.lower()
     if path.stat().st_size == 0:
-        raise _data_error(f"dataset.path ({path})", "the dataset file is empty")
+        raise _data_error(f"{key}.path ({path})", "the dataset file is empty")
     first_row = 1
     if suffix in (".json", ".jsonl"):
         rows, lines = _read_json(path)
@@ -164,7 +164,7 @@ def _read_file(path: Path) -> tuple[list[dict[str, Any]], _Source]:
     return rows, _Source(str(path), 0, lines, first_row)
 
 
-def _hub_rows(ds: DatasetSection) -> tuple[list[dict[str, Any]], _Source]:
+def _hub_rows(ds: DatasetSection, key: str = "dataset") -> tuple[list[dict[str, Any]], _Source]:
     import datasets
 
     datasets.disable_progress_bars()
@@ -177,9 +177,9 @@ def _hub_rows(ds: DatasetSection) -> tuple[list[dict[str, Any]], _Source]:
         hint = (
             "the hub is offline (HF_HUB_OFFLINE=1): download it once with network access, or give a local file"
             if offline
-            else "check the dataset id and dataset.split, or give a local .json/.jsonl/.csv/.parquet file"
+            else f"check the dataset id and {key}.split, or give a local .json/.jsonl/.csv/.parquet file"
         )
-        raise _data_error(f"dataset.path ({ds.path})", f"cannot load the hub dataset: {msg}", hint) from exc
+        raise _data_error(f"{key}.path ({ds.path})", f"cannot load the hub dataset: {msg}", hint) from exc
     return table.to_list(), _Source(f"{ds.path} [{ds.split}]", 0)
 
 
@@ -202,15 +202,21 @@ def _apply_columns(rows: list[dict[str, Any]], ds: DatasetSection) -> None:
                             m[name] = m.pop(source)
 
 
-def load_rows(ds: DatasetSection, seed: int = 0) -> Rows:
+def load_rows(ds: DatasetSection, seed: int = 0, key: str = "dataset") -> Rows:
     """Read every row of a local file, a folder of files, or a cached hub dataset.
 
     Columns named in `dataset.columns` are renamed first; a format's required column missing from the
     data is reported once, naming the columns that were found.
 
+    Args:
+        ds: a single-path dataset section (one of `DatasetSection.sources()`).
+        seed: seeds the `dataset.max_samples` draw.
+        key: the recipe key of the source, for messages (`dataset`, or `dataset.mix.<i>` in a mix).
+
     Raises:
         UserError: unreadable or malformed files (file:line), an empty dataset, missing columns.
     """
+    assert ds.path is not None, "load_rows reads one source: see DatasetSection.sources()"
     path = Path(ds.path)
     if path.is_dir():
         files = sorted(
@@ -221,14 +227,14 @@ def load_rows(ds: DatasetSection, seed: int = 0) -> Rows:
             and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         if not files:
-            raise _data_error(f"dataset.path ({path})", "the folder holds no .json, .jsonl, .csv or .parquet file")
+            raise _data_error(f"{key}.path ({path})", "the folder holds no .json, .jsonl, .csv or .parquet file")
         # A folder with split-named files (train.jsonl, test.jsonl) is read by dataset.split.
         split_files = [p for p in files if p.stem == ds.split]
         files = split_files or files
     elif path.exists():
         if path.suffix.lower() not in _SUFFIXES:
             raise _data_error(
-                f"dataset.path ({path})",
+                f"{key}.path ({path})",
                 f"unsupported file type {path.suffix!r}; expected .json, "
                 ".jsonl, .csv or .parquet (or a folder of them)",
             )
@@ -239,15 +245,15 @@ def load_rows(ds: DatasetSection, seed: int = 0) -> Rows:
     sources: list[_Source] = []
     if files:
         for f in files:
-            part, src = _read_file(f)
+            part, src = _read_file(f, key)
             src.start = len(rows)
             rows.extend(part)
             sources.append(src)
     else:
-        rows, src = _hub_rows(ds)
+        rows, src = _hub_rows(ds, key)
         sources.append(src)
     if not rows:
-        raise _data_error(f"dataset.path ({path})", "the dataset has no rows")
+        raise _data_error(f"{key}.path ({path})", "the dataset has no rows")
     _apply_columns(rows, ds)
     found = sorted({k for r in rows[:1000] for k in r})
     missing = [c for c in _REQUIRED[ds.format] if not any(c in r for r in rows[:1000])]
@@ -256,7 +262,7 @@ def load_rows(ds: DatasetSection, seed: int = 0) -> Rows:
         raise _data_error(
             sources[0].name,
             f"format {ds.format} needs column(s) {missing}; found {found}",
-            f"set dataset.format to match the data, or map columns with dataset.columns: {{{mapped}}}",
+            f"set {key}.format to match the data, or map columns with {key}.columns: {{{mapped}}}",
         )
     if ds.max_samples is not None and ds.max_samples < len(rows):
         keep = np.sort(np.random.default_rng([seed, 1]).choice(len(rows), ds.max_samples, replace=False))
@@ -289,13 +295,15 @@ class Encoding:
     chat_template: str | None = None
 
 
-def encoding_of(recipe: Recipe) -> Encoding:
-    tpl = recipe.dataset.chat_template
+def encoding_of(recipe: Recipe, ds: DatasetSection | None = None) -> Encoding:
+    """The encoding of the recipe's dataset, or of one of its sources (`ds`, from `DatasetSection.sources()`)."""
+    ds = ds if ds is not None else recipe.dataset
+    tpl = ds.chat_template
     return Encoding(
-        recipe.dataset.format,
-        recipe.train_on_responses_only(),
+        ds.format,
+        ds.responses_only(),
         recipe.model.max_seq_length,
-        recipe.dataset.too_long,
+        ds.too_long,
         NAMED_CHAT_TEMPLATES.get(tpl, tpl) if tpl else None,
     )
 
@@ -414,6 +422,37 @@ def _encode_chunk(rows: list[dict[str, Any]], start: int, enc: Encoding, tokeniz
 
 
 @dataclass
+class SourceCount:
+    """What one source of a `dataset.mix` gave to the mixed dataset (reported by `mgpu prepare`)."""
+
+    key: str  # dataset.mix.<i>
+    source: str  # its path or hub id
+    format: str
+    weight: float
+    rows: int  # rows the source holds
+    taken: int  # samples drawn from it (with repeats when upsampled), before the length policy
+    share: float  # taken / all mixed samples
+    truncated: int = 0
+    dropped: int = 0
+
+    @property
+    def upsampled(self) -> bool:
+        return self.taken > self.rows
+
+    def describe(self) -> str:
+        """One line for people (rich markup)."""
+        text = (
+            f"{self.key}: {self.source} ({self.format}, weight {self.weight:g}): {self.taken} samples "
+            f"({self.share:.1%}) from {self.rows} rows"
+        )
+        if self.upsampled:
+            text += f", [yellow]upsampled x{self.taken / self.rows:.2f}[/]"
+        if self.dropped:
+            text += f", [yellow]{self.dropped} dropped as too long[/]"
+        return text
+
+
+@dataclass
 class PrepareSummary:
     """What tokenisation produced; printed by `mgpu train` and `mgpu prepare`, stored in the cache."""
 
@@ -428,6 +467,10 @@ class PrepareSummary:
     tokens_cut: int = 0  # tokens removed by truncation (or in dropped samples)
     no_loss: int = 0  # samples with nothing to train on (e.g. a conversation without an assistant turn)
     percentiles: dict[str, int] = field(default_factory=dict)  # p50, p90, p99 of sample lengths
+    mix: list[SourceCount] = field(default_factory=list)  # per source of a dataset.mix; empty without one
+
+    def __post_init__(self) -> None:
+        self.mix = [SourceCount(**m) if isinstance(m, dict) else m for m in self.mix]  # read back from meta.json
 
     @property
     def masked_share(self) -> float:
@@ -452,14 +495,9 @@ class PrepareSummary:
         return text
 
 
-def _fingerprint(recipe: Recipe, model_path: str) -> str:
-    """Cache key: the data's bytes, the tokenizer, and every setting that changes tokens or labels.
-
-    Batching, shuffling and process counts are left out: they change no token, so they reuse the cache.
-    """
-    h = hashlib.sha256()
-    h.update(_CACHE_VERSION.encode())
-    p = Path(recipe.dataset.path)
+def _hash_source(h: Any, path: str) -> None:
+    """Feed a source's bytes (every file of a file or folder) into `h`; a hub id by its name."""
+    p = Path(path)
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else ([p] if p.exists() else [])
     for f in files:
         h.update(f"{f.resolve()}|{f.stat().st_size}".encode())
@@ -467,14 +505,26 @@ def _fingerprint(recipe: Recipe, model_path: str) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     if not files:
-        h.update(recipe.dataset.path.encode())  # a hub id: keyed by name and split
+        h.update(path.encode())  # a hub id: keyed by name and split
+
+
+def _fingerprint(recipe: Recipe, model_path: str) -> str:
+    """Cache key: the data's bytes, the tokenizer, and every setting that changes tokens or labels.
+
+    Batching, shuffling and process counts are left out: they change no token, so they reuse the cache.
+    """
+    h = hashlib.sha256()
+    h.update(_CACHE_VERSION.encode())
+    d = recipe.dataset
+    sources = d.sources()
+    for src in sources:
+        _hash_source(h, str(src.section.path))
     for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja"):
         f = Path(model_path) / name
         if f.exists():
             h.update(f.read_bytes())
     h.update(model_path.encode())
-    d = recipe.dataset
-    keys = {
+    keys: dict[str, Any] = {
         "format": d.format,
         "split": d.split,
         "columns": d.columns,
@@ -485,6 +535,21 @@ def _fingerprint(recipe: Recipe, model_path: str) -> str:
         "responses_only": recipe.train_on_responses_only(),
         "max_seq_length": recipe.model.max_seq_length,
     }
+    if d.mix is not None:
+        # which rows are drawn, and their order, depend on the weights and the seed; each source on its settings
+        keys["seed"] = recipe.training.seed
+        keys["mix"] = [
+            {
+                "path": s.section.path,
+                "weight": s.weight,
+                "format": s.section.format,
+                "split": s.section.split,
+                "columns": s.section.columns,
+                "chat_template": s.section.chat_template,
+                "responses_only": s.section.responses_only(),
+            }
+            for s in sources
+        ]
     h.update(json.dumps(keys, sort_keys=True).encode())
     return h.hexdigest()[:20]
 
@@ -497,8 +562,7 @@ def _num_proc(recipe: Recipe, rows: int) -> int:
     return max(1, min(int(n), rows // 100 or 1))
 
 
-def _encode_all(rows: Rows, recipe: Recipe, model_path: str, tokenizer: Any) -> list[Any]:
-    enc = encoding_of(recipe)
+def _encode_all(rows: Rows, recipe: Recipe, model_path: str, tokenizer: Any, enc: Encoding) -> list[Any]:
     procs = _num_proc(recipe, len(rows.rows))
     if procs == 1:
         return _encode_chunk(rows.rows, 0, enc, tokenizer)
@@ -515,32 +579,146 @@ def _encode_all(rows: Rows, recipe: Recipe, model_path: str, tokenizer: Any) -> 
         return [item for fut in futures for item in fut.result()]
 
 
-def _check_chat_template(tokenizer: Any, recipe: Recipe) -> None:
-    if recipe.dataset.format != "chat":
-        return
-    tpl = recipe.dataset.chat_template
+def _encode_source(
+    rows: Rows, recipe: Recipe, model_path: str, tokenizer: Any, enc: Encoding
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[Problem]]:
+    """(ids, labels) of every row, and a problem naming file:line for every bad one."""
+    samples, bad = [], []
+    for i, *item in _encode_all(rows, recipe, model_path, tokenizer, enc):
+        if isinstance(item[0], _RowError):
+            bad.append(Problem(rows.where(i), item[0].message, item[0].hint))
+        else:
+            samples.append((item[0], item[1]))
+    return samples, bad
+
+
+def _raise_bad_rows(problems: list[Problem]) -> None:
+    if problems:
+        shown = problems[:20]
+        if len(problems) > 20:
+            shown.append(Problem("", f"... and {len(problems) - 20} more bad rows"))
+        raise UserError(shown, "invalid data")
+
+
+def _check_chat_template(tokenizer: Any, source: DataSource) -> list[Problem]:
+    ds, key = source.section, source.key_of("chat_template")
+    if ds.format != "chat":
+        return []
+    tpl = ds.chat_template
     if tpl is None and not getattr(tokenizer, "chat_template", None):
-        raise UserError(
+        return [
             Problem(
-                "dataset.chat_template",
+                key,
                 "the tokenizer has no chat template",
                 f"name one ({', '.join(NAMED_CHAT_TEMPLATES)}) or give a Jinja template",
-            ),
-            "invalid recipe",
-        )
+            )
+        ]
     if tpl is not None and tpl not in NAMED_CHAT_TEMPLATES and "{" not in tpl:
-        raise UserError(
+        return [
             Problem(
-                "dataset.chat_template",
+                key,
                 f"unknown template name {tpl!r}",
                 f"expected one of {', '.join(NAMED_CHAT_TEMPLATES)}, or a Jinja template",
-            ),
-            "invalid recipe",
+            )
+        ]
+    return []
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mixing several sources by weight (dataset.mix)
+# ----------------------------------------------------------------------------------------------------
+
+
+def mix_quotas(total: int, weights: list[float]) -> list[int]:
+    """Samples each source gives to a mix of `total`: total x w_i / sum(w), rounded so they add up to `total`.
+
+    Each quota is its exact share rounded down or up (largest remainder: the shares losing most to rounding
+    down get the leftover samples, the earlier source first on a tie).
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    exact = total * w / w.sum()
+    quotas = np.floor(exact).astype(np.int64)
+    short = total - int(quotas.sum())
+    quotas[np.argsort(-(exact - quotas), kind="stable")[:short]] += 1
+    return [int(q) for q in quotas]
+
+
+def mix_rows(size: int, quota: int, seed: int, source: int) -> np.ndarray:
+    """The rows (sorted, with repeats) a source of `size` rows gives for its `quota`.
+
+    Without replacement when the source has enough rows; otherwise every row `quota // size` times plus a
+    seeded draw of the remainder without replacement (upsampling). Each source draws from its own stream
+    ([seed, 2, source]): its rows depend on the seed, its position in the list and its quota only.
+    """
+    passes, rest = divmod(quota, size)
+    rng = np.random.default_rng([seed, 2, source])
+    extra = rng.choice(size, rest, replace=False) if rest else np.zeros(0, dtype=np.int64)
+    return np.sort(np.concatenate([np.tile(np.arange(size, dtype=np.int64), passes), extra.astype(np.int64)]))
+
+
+def _mixed_samples(
+    recipe: Recipe, model_path: str
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, list[SourceCount], Any]:
+    """Read, draw and tokenise every source of dataset.mix (each with its own format).
+
+    Returns:
+        (samples in their stored, shuffled order; the source of each; per-source counts; the tokenizer).
+
+    Raises:
+        UserError: every unreadable source and every bad drawn row (file:line), at once.
+    """
+    d, seed = recipe.dataset, recipe.training.seed
+    sources = d.sources()
+    loaded: list[Rows] = []
+    problems: list[Problem] = []
+    for src in sources:
+        try:
+            loaded.append(load_rows(src.section, seed, src.key))
+        except UserError as exc:
+            problems += exc.problems
+    if problems:
+        raise UserError(problems, "invalid data")
+    sizes = [len(r.rows) for r in loaded]
+    total = d.max_samples if d.max_samples is not None else sum(sizes)
+    quotas = mix_quotas(total, [s.weight for s in sources])
+    tokenizer = _load_tokenizer(model_path, recipe.model.trust_remote_code)
+    problems = [p for src in sources for p in _check_chat_template(tokenizer, src)]
+    if problems:
+        raise UserError(problems, "invalid recipe")
+    parts: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    for i, (src, rows, quota) in enumerate(zip(sources, loaded, quotas, strict=True)):
+        picked = mix_rows(len(rows.rows), quota, seed, i)
+        unique = np.unique(picked)
+        # only the drawn rows are tokenised (once each); `index` keeps their original numbers for file:line
+        subset = Rows([rows.rows[j] for j in unique], rows.sources, unique)
+        encoded, bad = _encode_source(subset, recipe, model_path, tokenizer, encoding_of(recipe, src.section))
+        problems += bad
+        parts.append([encoded[k] for k in np.searchsorted(unique, picked)] if not bad else [])
+    _raise_bad_rows(problems)
+    # one seeded shuffle of the whole mix, so the sources are interleaved even with dataset.shuffle: false
+    order = np.random.default_rng([seed, 3]).permutation(total)
+    flat = [x for part in parts for x in part]
+    owner = np.repeat(np.arange(len(sources)), quotas)
+    counts = [
+        SourceCount(
+            src.key,
+            str(src.section.path),
+            src.section.format,
+            src.weight,
+            size,
+            quota,
+            quota / max(1, total),
         )
+        for src, size, quota in zip(sources, sizes, quotas, strict=True)
+    ]
+    return [flat[k] for k in order], owner[order], counts, tokenizer
 
 
 def prepare(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary, bool]:
     """Tokenise the dataset once and cache it (tokenizer only: no Unsloth, no GPU).
+
+    With `dataset.mix` the cache holds the mixed dataset: each source's drawn rows, tokenised with the source's
+    own settings, in one seeded shuffled order (see `mix_quotas` and `mix_rows`).
 
     Args:
         recipe: the validated recipe (dataset and model.max_seq_length are read).
@@ -560,34 +738,43 @@ def prepare(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary, bool
     if (dest / "meta.json").exists():
         meta = json.loads((dest / "meta.json").read_text())
         return dest, PrepareSummary(**meta["summary"]), True
-    rows = load_rows(recipe.dataset, recipe.training.seed)
-    tokenizer = _load_tokenizer(model_path, recipe.model.trust_remote_code)
-    _check_chat_template(tokenizer, recipe)
-    encoded = _encode_all(rows, recipe, model_path, tokenizer)
-    errors = [(i, item[0]) for i, *item in encoded if isinstance(item[0], _RowError)]
-    if errors:
-        problems = [Problem(rows.where(i), e.message, e.hint) for i, e in errors[:20]]
-        if len(errors) > 20:
-            problems.append(Problem("", f"... and {len(errors) - 20} more bad rows"))
-        raise UserError(problems, "invalid data")
+    d = recipe.dataset
+    mix: list[SourceCount] = []
+    if d.mix is None:
+        rows = load_rows(d, recipe.training.seed)
+        tokenizer = _load_tokenizer(model_path, recipe.model.trust_remote_code)
+        problems = _check_chat_template(tokenizer, d.sources()[0])
+        if problems:
+            raise UserError(problems, "invalid recipe")
+        samples, bad = _encode_source(rows, recipe, model_path, tokenizer, encoding_of(recipe))
+        _raise_bad_rows(bad)
+        owner = np.zeros(len(samples), dtype=np.int64)
+        num_rows = len(rows.rows)
+    else:
+        samples, owner, mix, tokenizer = _mixed_samples(recipe, model_path)
+        num_rows = sum(m.rows for m in mix)
     max_len = recipe.model.max_seq_length
     ids_out, labels_out = [], []
     truncated = dropped = cut = longest_before = 0
-    for _, ids, labels in encoded:
+    for (ids, labels), src in zip(samples, owner, strict=True):
         longest_before = max(longest_before, len(ids))
         if len(ids) > max_len:
-            cut += len(ids) - (0 if recipe.dataset.too_long == "drop" else max_len)
-            if recipe.dataset.too_long == "drop":
+            cut += len(ids) - (0 if d.too_long == "drop" else max_len)
+            if d.too_long == "drop":
                 dropped += 1
+                if mix:
+                    mix[src].dropped += 1
                 continue
             truncated += 1
+            if mix:
+                mix[src].truncated += 1
             ids, labels = ids[:max_len], labels[:max_len]
         ids_out.append(ids)
         labels_out.append(labels)
     if not ids_out:
         raise UserError(
             Problem(
-                "dataset.path",
+                "dataset.path" if d.mix is None else "dataset.mix",
                 f"no samples left after dropping {dropped} longer than model.max_seq_length={max_len}",
                 "raise model.max_seq_length or set dataset.too_long: truncate",
             ),
@@ -606,11 +793,12 @@ def prepare(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary, bool
         truncated=truncated,
         dropped=dropped,
         longest=int(lengths.max()),
-        rows=len(rows.rows),
+        rows=num_rows,
         longest_before=longest_before,
         tokens_cut=cut,
         no_loss=int((loss_counts == 0).sum()),
         percentiles=pct,
+        mix=mix,
     )
     if summary.loss_tokens == 0:
         raise UserError(
@@ -633,8 +821,8 @@ def prepare(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary, bool
             "summary": asdict(summary),
             "pad_token_id": int(pad),
             "fingerprint": fp,
-            "format": recipe.dataset.format,
-            "source": recipe.dataset.path,
+            "format": d.format if d.mix is None else "mix",
+            "source": d.path if d.mix is None else [s.path for s in d.mix],
         }
         (tmp / "meta.json").write_text(json.dumps(meta))  # written last: its presence marks a complete cache
         try:
@@ -713,9 +901,9 @@ def prepare_eval(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary,
     """Tokenise `dataset.eval_path` into its own cache (same rules as the training file); None without one."""
     if recipe.dataset.eval_path is None:
         return None
-    eval_recipe = recipe.model_copy(deep=True)
-    eval_recipe.dataset.path = recipe.dataset.eval_path
-    eval_recipe.dataset.eval_path = None
+    # read with the dataset section's own format, columns and split (a mix's sources do not apply to it)
+    section = recipe.dataset.model_copy(update={"path": recipe.dataset.eval_path, "mix": None, "eval_path": None})
+    eval_recipe = recipe.model_copy(update={"dataset": section})
     try:
         return prepare(eval_recipe, model_path)
     except UserError as exc:

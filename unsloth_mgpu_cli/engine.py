@@ -275,6 +275,8 @@ def train(
             + (" [dim](cached)[/]" if hit else "")
             + f"; batching {recipe.dataset.batching}"
         )
+        for source in summary.mix:
+            console.print(f"  [dim]mix[/] {source.describe()}", soft_wrap=True)
         if eval_prepared is not None:
             console.print(f"[bold]eval data[/]: {eval_prepared[1].samples} samples from {recipe.dataset.eval_path}")
         elif recipe.dataset.eval_ratio:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,20 +66,81 @@ class LoraSection(_Section):
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
 
 
+DatasetFormat = Literal["alpaca", "chat", "text"]
+
+
+class MixSource(_Section):
+    """One source of a weighted mix (`dataset.mix`); fields left out take the dataset section's values."""
+
+    path: str = Field(
+        min_length=1,
+        description="Local .json/.jsonl/.csv/.parquet file or folder (relative to the recipe) or a hub dataset id.",
+    )
+    weight: float = Field(
+        1.0,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="Relative share of the mixed samples: round(N x weight / sum of weights) of the N samples come "
+        "from this source (a source smaller than its share is upsampled).",
+    )
+    format: DatasetFormat | None = Field(
+        None, description="alpaca, chat or text for this source; default: dataset.format."
+    )
+    columns: dict[str, str] | None = Field(
+        None,
+        description="Column renames for this source (as dataset.columns); default: dataset.columns; {} for none.",
+    )
+    split: str | None = Field(None, description="Split of a hub dataset or dataset folder; default: dataset.split.")
+    chat_template: str | None = Field(
+        None, description="Chat template for a chat source (as dataset.chat_template); default: dataset.chat_template."
+    )
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One source of the training data with every setting resolved (`DatasetSection.sources()`)."""
+
+    key: str  # dotted recipe key of the source: `dataset` or `dataset.mix.<i>`
+    weight: float
+    section: DatasetSection  # a single-path dataset section carrying this source's path, format, columns, ...
+    own: frozenset[str] = frozenset()  # fields set on the mix entry itself (errors name them there)
+
+    def key_of(self, name: str) -> str:
+        """The dotted key a person edits to change `name` for this source."""
+        return f"{self.key}.{name}" if name in self.own else f"dataset.{name}"
+
+
 class DatasetSection(_Section):
     """Training data."""
 
-    path: str = Field(
-        description="Local .json/.jsonl/.csv/.parquet file (relative to the recipe) or a hub dataset id.", min_length=1
+    path: str | None = Field(
+        None,
+        min_length=1,
+        description="Local .json/.jsonl/.csv/.parquet file or folder (relative to the recipe) or a hub dataset id; "
+        "exclusive with dataset.mix.",
     )
-    format: Literal["alpaca", "chat", "text"] = Field(
-        "alpaca", description="alpaca: instruction/input/output; chat: a messages list; text: raw text."
+    mix: list[MixSource] | None = Field(
+        None,
+        min_length=1,
+        description="Several sources mixed by weight instead of dataset.path: N samples in all (dataset.max_samples, "
+        "or the sum of the sources' rows), round(N x weight / sum of weights) from each, drawn once at prepare "
+        "time (seeded by training.seed).",
+    )
+    format: DatasetFormat = Field(
+        "alpaca",
+        description="alpaca: instruction/input/output; chat: a messages list; text: raw text (the default of each "
+        "dataset.mix source).",
     )
     split: str = Field("train", description="Split to read from a hub dataset or a dataset folder.")
     train_on_responses_only: bool | None = Field(
         None, description="Compute the loss on responses only; default: true for alpaca and chat, false for text."
     )
-    max_samples: int | None = Field(None, ge=1, description="Use at most this many samples (after shuffling).")
+    max_samples: int | None = Field(
+        None,
+        ge=1,
+        description="Use at most this many samples (after shuffling); with dataset.mix, exactly this many mixed "
+        "samples (sources are up- or downsampled to it).",
+    )
     too_long: Literal["truncate", "drop"] = Field(
         "truncate", description="What to do with samples longer than model.max_seq_length; always reported."
     )
@@ -130,18 +192,67 @@ class DatasetSection(_Section):
         return v
 
     @model_validator(mode="after")
-    def _columns_known(self) -> DatasetSection:
-        valid = FORMAT_COLUMNS[self.format]
-        bad = [k for k in self.columns if k not in valid]
-        if bad:
-            raise ValueError(
-                "\n".join(
-                    f"@dataset.columns.{k}@ unknown column name for format {self.format}; "
-                    f"expected one of {', '.join(valid)}"
-                    for k in bad
-                )
+    def _check(self) -> DatasetSection:
+        problems: list[tuple[str, str]] = []
+        if self.path is None and self.mix is None:
+            problems.append(("dataset.path", "required key is missing: give dataset.path, or dataset.mix (weighted)"))
+        elif self.path is not None and self.mix is not None:
+            problems.append(
+                ("dataset.mix", "give either dataset.path (one source) or dataset.mix (several sources), not both")
             )
+        problems += _unknown_columns("dataset.columns", self.columns, self.format)
+        for i, src in enumerate(self.mix or []):
+            fmt = src.format or self.format
+            if src.columns is not None:
+                problems += _unknown_columns(f"dataset.mix.{i}.columns", src.columns, fmt)
+            elif any(k not in FORMAT_COLUMNS[fmt] for k in self.columns):
+                problems.append(
+                    (
+                        f"dataset.mix.{i}.columns",
+                        f"this {fmt} source would take dataset.columns ({', '.join(self.columns)}), which are not "
+                        f"{fmt} column names; give the source its own columns ({{}} for none)",
+                    )
+                )
+        if problems:
+            raise ValueError("\n".join(f"@{k}@ {m}" for k, m in problems))
         return self
+
+    def sources(self) -> list[DataSource]:
+        """Every source with its settings resolved: one for dataset.path, one per entry of dataset.mix."""
+        if self.mix is None:
+            return [DataSource("dataset", 1.0, self)]
+        out = []
+        for i, src in enumerate(self.mix):
+            own = src.model_fields_set & {"format", "columns", "split", "chat_template"}
+            section = self.model_copy(
+                update={
+                    "path": src.path,
+                    "mix": None,
+                    "format": src.format or self.format,
+                    "columns": dict(src.columns if src.columns is not None else self.columns),
+                    "split": src.split if src.split is not None else self.split,
+                    "chat_template": src.chat_template if src.chat_template is not None else self.chat_template,
+                    "max_samples": None,  # applies to the mixed total, not to each source
+                    "eval_path": None,
+                    "eval_ratio": None,
+                }
+            )
+            out.append(DataSource(f"dataset.mix.{i}", src.weight, section, frozenset(own)))
+        return out
+
+    def responses_only(self) -> bool:
+        """dataset.train_on_responses_only, defaulting by this section's format."""
+        flag = self.train_on_responses_only
+        return flag if flag is not None else self.format in ("alpaca", "chat")
+
+
+def _unknown_columns(key: str, columns: dict[str, str], fmt: str) -> list[tuple[str, str]]:
+    valid = FORMAT_COLUMNS[fmt]
+    return [
+        (f"{key}.{k}", f"unknown column name for format {fmt}; expected one of {', '.join(valid)}")
+        for k in columns
+        if k not in valid
+    ]
 
 
 class TrainingSection(_Section):
@@ -370,8 +481,7 @@ class Recipe(_Section):
         return self.lora is None
 
     def train_on_responses_only(self) -> bool:
-        flag = self.dataset.train_on_responses_only
-        return flag if flag is not None else self.dataset.format in ("alpaca", "chat")
+        return self.dataset.responses_only()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -459,9 +569,20 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), list) and v and all(_is_index(i, out[k]) for i in v):
+            # `dataset.mix.1.weight=3` on the command line edits one item of a list of sections
+            items = list(out[k])
+            for i, item in v.items():
+                j = int(i)
+                items[j] = _merge(items[j], item) if isinstance(item, dict) and isinstance(items[j], dict) else item
+            out[k] = items
         else:
             out[k] = v
     return out
+
+
+def _is_index(key: Any, items: list[Any]) -> bool:
+    return isinstance(key, str) and key.isdigit() and int(key) < len(items)
 
 
 def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[str, str]]:
@@ -542,13 +663,17 @@ def _section_fields(loc: tuple[Any, ...]) -> list[str]:
     """Field names valid at the parent of `loc`, for did-you-mean suggestions."""
     model: type[BaseModel] | None = Recipe
     for part in loc[:-1]:
-        if model is None or not isinstance(part, str):
+        if isinstance(part, int):
+            continue  # an item of a list of sections (dataset.mix.1): its model was found at the list's key
+        if model is None:
             return []
         field = model.model_fields.get(part)
         if field is None:
             return []
         ann = field.annotation
-        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        args = list(getattr(ann, "__args__", (ann,)))
+        args += [b for a in args if getattr(a, "__origin__", None) is list for b in a.__args__]  # list[Section]
+        candidates = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
         model = candidates[0] if candidates else None
     return list(model.model_fields) if model else []
 
@@ -610,7 +735,7 @@ def _missing_hint(dotted: str) -> str | None:
     return {
         "model": "add a model section with at least `name:`",
         "model.name": "e.g. builtin:tiny-llama, a hub id, or a local folder",
-        "dataset": "add a dataset section with at least `path:`",
+        "dataset": "add a dataset section with at least `path:` (or `mix:`)",
         "dataset.path": "a local .json/.jsonl/.csv/.parquet file or a hub dataset id",
     }.get(dotted)
 
@@ -657,15 +782,21 @@ def _check_paths(recipe: Recipe, base_dir: Path, lines: dict[str, str]) -> list[
             )
         else:
             recipe.model.name = str(p)
-    for key, what in (("path", "dataset file"), ("eval_path", "eval file")):
-        value = getattr(recipe.dataset, key)
+    ds = recipe.dataset
+    inputs: list[tuple[str, BaseModel, str, str]] = [
+        ("dataset.path", ds, "path", "dataset file"),
+        ("dataset.eval_path", ds, "eval_path", "eval file"),
+    ]
+    inputs += [(f"dataset.mix.{i}.path", src, "path", "dataset file") for i, src in enumerate(ds.mix or [])]
+    for key, owner, attr, what in inputs:
+        value = getattr(owner, attr)
         if value is None or not (_looks_like_local_path(value) or (base_dir / value).exists()):
             continue  # a hub dataset id: resolved when the data is loaded
         p = (base_dir / value).expanduser().resolve()
         if p.exists():
-            setattr(recipe.dataset, key, str(p))
+            setattr(owner, attr, str(p))
         else:
-            problems.append(Problem(_where(f"dataset.{key}", lines), f"{what} not found: {p}",
+            problems.append(Problem(_where(key, lines), f"{what} not found: {p}",
                                     "relative paths are resolved against the recipe's folder"))  # fmt: skip
     out = (base_dir / recipe.output.dir).expanduser().resolve()
     if out.exists() and not out.is_dir():

@@ -137,6 +137,16 @@ def print_plan(plan) -> None:
         console.print(r)
 
 
+def _short_path(path: str) -> str:
+    """A path relative to the current folder when it lies under it (shorter in a table), else as given."""
+    from pathlib import Path
+
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
 def print_data_report(rep) -> None:
     """`mgpu prepare`: statistics, the cache, one example with its masked part marked, batching estimates."""
     from rich.text import Text
@@ -160,6 +170,25 @@ def print_data_report(rep) -> None:
         t.add_row("no loss", f"[yellow]{s.no_loss} samples with nothing to train on[/]")
     t.add_row("cache", f"{rep.cache} " + ("[dim](hit: not re-tokenised)[/]" if rep.cache_hit else "(written)"))
     console.print(Panel(t, title="data", expand=False))
+    if s.mix:
+        mt = Table(title="mix: samples drawn from each source (dataset.mix.<i>)", title_justify="left")
+        mt.add_column("i", justify="right", no_wrap=True)
+        mt.add_column("source", overflow="fold")
+        for col in ("format", "weight", "rows", "samples", "share", "upsampled"):
+            mt.add_column(col, justify="left" if col == "format" else "right", no_wrap=True)
+        for i, m in enumerate(s.mix):
+            up = f"[yellow]x{m.taken / m.rows:.2f}[/]" if m.upsampled else "no"
+            mt.add_row(
+                str(i),
+                _short_path(m.source),
+                m.format,
+                f"{m.weight:g}",
+                str(m.rows),
+                str(m.taken),
+                f"{m.share:.1%}",
+                up,
+            )
+        console.print(mt)
     example = Text()
     for text, trained in rep.example:
         example.append(text, style="bold green" if trained else "dim strike")
