@@ -985,6 +985,69 @@ def split_contiguous(lengths: list[int], parts: int) -> list[int]:
     return cuts
 
 
+def _rebalance(per_rank: list[list[list[int]]], lens: np.ndarray, cap: int, max_rounds: int = 64) -> None:
+    """Even out the ranks' padded cost (in place) by moving or swapping single samples between micro-batches.
+
+    Contiguous length groups are coarse: one sample more or less in the group of the longest samples shifts a
+    rank's cost by a whole longest sample, so ranks can end 10-20% apart. Each round takes the costliest rank and
+    applies the single move (one of its samples to another rank's micro-batch) or swap (a micro-batch's longest
+    sample for a shorter one elsewhere) that lowers the larger of the two ranks' costs the most; it stops when
+    nothing lowers the costliest rank. No micro-batch is emptied or made costlier than `cap` (the largest group
+    before, which bounds memory); the step's samples never change, only where they run. A micro-batch costs
+    rows x longest, so only a group's longest and shortest samples matter as candidates: O(groups) per round.
+    """
+    ln = [0] * (int(max((i for rank in per_rank for g in rank for i in g), default=-1)) + 1)
+    for rank in per_rank:
+        for g in rank:
+            g.sort(key=lambda i: (-int(lens[i]), i))  # longest first
+            for i in g:
+                ln[i] = int(lens[i])
+
+    def cost(g: list[int]) -> int:
+        return len(g) * ln[g[0]] if g else 0
+
+    load = [sum(cost(g) for g in rank) for rank in per_rank]
+    for _ in range(max_rounds):
+        top = max(range(len(per_rank)), key=lambda r: (load[r], -r))
+        best: tuple[int, tuple[str, int, int, int, int, int]] | None = None
+        for gi, g in enumerate(per_rank[top]):
+            g_cost = cost(g)
+            for a in {g[0], g[-1]}:  # the longest (may shorten g) and the shortest (removes a row)
+                g_long_rest = ln[g[1]] if a == g[0] and len(g) > 1 else ln[g[0]]
+                for r, rank in enumerate(per_rank):
+                    if r == top:
+                        continue
+                    for hi, h in enumerate(rank):
+                        h_cost = cost(h)
+                        if len(g) > 1:  # move a from g to h
+                            new_h = (len(h) + 1) * max(ln[h[0]], ln[a])
+                            worst = max(load[top] - g_cost + (len(g) - 1) * g_long_rest, load[r] - h_cost + new_h)
+                            if new_h <= cap and worst < load[top] and (best is None or worst < best[0]):
+                                best = (worst, ("move", top, gi, a, hi, r))
+                        for b in {h[0], h[-1]}:  # swap a with a shorter b: h's longest or its shortest
+                            if ln[b] >= ln[a]:
+                                continue
+                            h_long_rest = ln[h[1]] if b == h[0] and len(h) > 1 else ln[h[0]]
+                            new_g = len(g) * max(g_long_rest if len(g) > 1 else 0, ln[b])
+                            new_h = len(h) * max(h_long_rest if len(h) > 1 else 0, ln[a])
+                            worst = max(load[top] - g_cost + new_g, load[r] - h_cost + new_h)
+                            if max(new_g, new_h) <= cap and worst < load[top] and (best is None or worst < best[0]):
+                                best = (worst, ("swap", top, gi, a, hi, r, b))  # type: ignore[assignment]
+        if best is None:
+            return
+        kind, top, gi, a, hi, r, *rest = best[1]
+        g, h = per_rank[top][gi], per_rank[r][hi]
+        g.remove(a)
+        h.append(a)
+        if kind == "swap":
+            h.remove(rest[0])
+            g.append(rest[0])
+        for grp in (g, h):
+            grp.sort(key=lambda i: (-ln[i], i))
+        load[top] = sum(cost(x) for x in per_rank[top])
+        load[r] = sum(cost(x) for x in per_rank[r])
+
+
 class StepPlanner:
     """Deterministic step -> samples plan. Samples of a step depend on seed and global batch only.
 
@@ -994,7 +1057,8 @@ class StepPlanner:
     - balanced / packed: the step's samples sorted by length, each given to the rank with the fewest tokens so
       far (longest-processing-time first), so ranks finish together; each rank's samples, still sorted, are cut
       into `gradient_accumulation_steps` runs of about equal tokens, so a micro-batch holds samples of similar
-      length (little padding) and may hold more short samples than `micro_batch_size`. Every rank keeps
+      length (little padding) and may hold more short samples than `micro_batch_size` (balanced then moves or
+      swaps single samples between ranks while that lowers the slowest rank's padded cost). Every rank keeps
       exactly `gradient_accumulation_steps` non-empty micro-batches (the engine's loop and collectives stay in
       step); ranks may hold different sample counts. With `distributed.aggregation: weighted` the update equals
       one worker's on the same samples for any assignment.
@@ -1116,6 +1180,8 @@ class StepPlanner:
             r = min((k for k in range(self.world) if len(per_rank[k]) < self.ga), key=lambda k: (load[k], k))
             per_rank[r].append(groups[j])
             load[r] += cost[j]
+        if self.world > 1:
+            _rebalance(per_rank, lens, cap=max(cost))
         return per_rank
 
     def batches(self, step: int) -> StepBatches:
