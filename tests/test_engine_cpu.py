@@ -71,6 +71,12 @@ def test_outputs_follow_the_contract(runs):
     resolved = (out / "recipe.resolved.yaml").read_text()
     assert "auto" not in resolved.split("distributed:")[1].split("memory:")[0]  # num_gpus/device filled
     assert (out / "adapter" / "adapter_config.json").exists()
+    # where the time to the first step went: every phase measured, adding up to the total
+    startup = json.loads((out / "summary.json").read_text())["startup_s"]
+    phases = ("prepare", "launch", "import", "load", "setup", "first_step")
+    assert set(startup) == {*phases, "total"} and all(startup[k] >= 0 for k in phases), startup
+    assert sum(startup[k] for k in phases) == pytest.approx(startup["total"], abs=0.1)
+    assert startup["import"] > 1.0  # `import unsloth` in the worker takes seconds: the marks are real
     # the two runs logged the same global loss at every step (same samples per step)
     one = [json.loads(line) for line in (runs / "one" / "metrics.jsonl").read_text().splitlines()]
     assert [round(r["loss"], 4) for r in rows] == [round(r["loss"], 4) for r in one]

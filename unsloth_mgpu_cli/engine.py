@@ -40,6 +40,8 @@ class RunPlan:
     notes: list[str] = field(default_factory=list)
     eval_data_dir: str | None = None  # a separate eval cache (dataset.eval_path); eval_ratio splits data_dir
     stop_file: str | None = None  # the parent creates it on Ctrl-C/SIGTERM: stop at the next step boundary
+    # wall-clock marks (time.time()) of the parent's start-up, for the time-to-first-step breakdown
+    timeline: dict[str, float] = field(default_factory=dict)
 
 
 # Written by the parent when it is asked to stop; rank 0 looks for it at every step boundary.
@@ -231,6 +233,7 @@ def train(
     from .render import console
     from .sinks import check_sinks_available
 
+    timeline = {"start": time.time()}
     recipe = loaded.recipe.model_copy(deep=True)
     check_sinks_available(recipe)
     dist_cfg = recipe.distributed
@@ -264,6 +267,7 @@ def train(
     check_batch_fits(recipe, summary.samples, num_workers)
     disk_note = check_free_space(out, recipe, model_path) if is_main_node else None
     eval_prepared = data_mod.prepare_eval(recipe, model_path)
+    timeline["data_ready"] = time.time()
     identity = run_identity(recipe, Path(data_dir).name, recipe.global_batch_size(num_workers))
     if resume_from is not None:
         # before anything in output.dir changes: a refused resume leaves the run as it was
@@ -319,6 +323,7 @@ def train(
         notes=notes,
         eval_data_dir=str(eval_prepared[0]) if eval_prepared is not None else None,
         stop_file=str(out / STOP_FILE),
+        timeline=timeline,
     )
     spec = LaunchSpec(
         nproc_per_node=num_local,
@@ -358,6 +363,7 @@ def worker_entry(plan: RunPlan) -> dict[str, Any]:
 def _worker_main(plan: RunPlan) -> dict[str, Any]:
     from . import distributed as D
 
+    plan.timeline["worker_start"] = time.time()
     # First, so a Ctrl-C during the slow imports is remembered rather than killing the worker mid-way.
     stop = D.StopSignal(plan.stop_file)
     timeout = plan.recipe.distributed.timeout_seconds
@@ -419,6 +425,7 @@ class Trainer:
         logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
         from unsloth import FastLanguageModel  # heavy: 7-30 s
 
+        self.plan.timeline["imported"] = time.time()
         self.dtype = self._dtype()
         kwargs = model_load_kwargs(r, self.plan.model_path, self.dtype, self.info.device_type, self.sharded)
         model, tokenizer = FastLanguageModel.from_pretrained(**kwargs)
@@ -445,6 +452,7 @@ class Trainer:
             # FSDP2 replaces each parameter by a DTensor shard: collect the trainable ones after wrapping.
             D.shard_model(model, self.info, r.distributed.aggregation)
         self.model, self.tokenizer = model, tokenizer
+        self.plan.timeline["model_ready"] = time.time()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
         maybe_inject("after_setup", self)
@@ -588,6 +596,8 @@ class Trainer:
                 last_loss = tot_loss / max(1.0, tot_tokens) if bad_ranks == 0 else float("nan")
                 if first_step_s is None:
                     first_step_s = time.perf_counter() - t_start
+                    self.plan.timeline.setdefault("fit_start", time.time() - first_step_s)
+                    self.plan.timeline["first_step"] = time.time()
                 verify = r.distributed.verify_every
                 last = self.step == self.total_steps
                 # Under fsdp each rank holds different shards by design: there is no replica to compare.
@@ -655,6 +665,7 @@ class Trainer:
                 "tokens_per_second": tokens_session / max(elapsed, 1e-9),
                 "final_loss": last_loss,
                 "first_step_s": first_step_s,
+                "startup_s": startup_breakdown(self.plan.timeline),
                 "peak_memory_gb": [m[0] for m in mems],
                 "skipped_steps": rs["skipped_steps"],
                 "world_size": info.world_size,
@@ -868,6 +879,22 @@ def model_load_kwargs(
     if device_type == "cuda":
         kwargs["device_map"] = {"": "cpu"} if sharded else {"": 0}
     return kwargs
+
+
+def startup_breakdown(timeline: dict[str, float]) -> dict[str, float]:
+    """Seconds per start-up phase (rank 0's clock marks): where the time to the first optimizer step goes."""
+    phases = [
+        ("prepare", "start", "data_ready"),  # parent: checks, model path, tokenise or read the data cache
+        ("launch", "data_ready", "worker_start"),  # the elastic agent starts the worker processes
+        ("import", "worker_start", "imported"),  # process group + `import unsloth`
+        ("load", "imported", "model_ready"),  # from_pretrained, LoRA, broadcast + check of the weights
+        ("setup", "model_ready", "fit_start"),  # data plan, optimizer, resume
+        ("first_step", "fit_start", "first_step"),  # includes torch.compile of the model's blocks
+    ]
+    out = {name: round(timeline[b] - timeline[a], 2) for name, a, b in phases if a in timeline and b in timeline}
+    if "start" in timeline and "first_step" in timeline:
+        out["total"] = round(timeline["first_step"] - timeline["start"], 2)
+    return out
 
 
 def _peak_memory_gb(info: Any) -> float:

@@ -57,6 +57,10 @@ def print_summary(summary: dict) -> None:
     t.add_row(
         "time", f"{summary.get('elapsed_s', 0):.1f} s (first step after {summary.get('first_step_s') or 0:.1f} s)"
     )
+    startup = summary.get("startup_s") or {}
+    if "total" in startup:
+        parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in startup.items() if k != "total")
+        t.add_row("start-up", f"{startup['total']:.1f} s to the first step: {parts}")
     t.add_row("tokens", f"{summary.get('tokens', 0):,} (non-padding, all workers)")
     world = max(1, int(summary.get("world_size", 1)))
     tps = float(summary.get("tokens_per_second", 0.0))
