@@ -35,7 +35,7 @@ format: venv
 demo: venv           ## train the quick-start recipe (tiny model, bundled data; CPU or GPUs) and show the result
 	$(VENV)/bin/mgpu train recipes/quickstart.yaml --overwrite
 
-bench:               ## GPU host: mgpu vs Unsloth's TRL route on 1 and 2 GPUs, GSM8K QLoRA, one call < 9 min (BENCH_ARGS=...)
+bench:               ## GPU host: mgpu vs Unsloth's TRL route on 1 and 2 GPUs, GSM8K QLoRA, global batch 128; see docs/BENCHMARKS.md (BENCH_ARGS=...)
 	HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 python3 benchmarks/run.py --data $${DATA:-../shared/data/gsm8k_train_alpaca.json} --out $${OUT:-outputs/bench} $(BENCH_ARGS)
 
 schemas: venv        ## regenerate schemas/recipe.schema.json from the pydantic recipe
