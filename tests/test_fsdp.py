@@ -112,18 +112,6 @@ def test_median_with_fsdp_is_refused(tmp_path):
     assert_user_error(proc, "distributed.aggregation", "median", "fsdp")
 
 
-def test_4bit_with_fsdp_is_refused():
-    proc = run_mgpu(
-        "validate",
-        str(QUICKSTART),
-        "distributed.strategy=fsdp",
-        "model.load_in_4bit=true",
-        "distributed.device=cuda",
-        timeout=60,
-    )
-    assert_user_error(proc, "model.load_in_4bit", "not supported with distributed.strategy: fsdp yet")
-
-
 # -- the forecast and the generator ----------------------------------------------------------------------
 
 H200 = 141 * GiB

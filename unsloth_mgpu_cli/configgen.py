@@ -14,8 +14,8 @@ Policy, in order (each choice is recorded in `Plan.reasons`):
 4. Gradient accumulation to reach the target global batch: global = micro x GPUs x accumulation.
 5. Strategy (`auto`): data parallelism (a full replica per GPU, `ddp`) whenever some setting above fits;
    only when no replicated setting fits, the sharded mode (`fsdp`: weights, gradients and optimizer state
-   split over the GPUs, see memory.estimate) with 16-bit LoRA or full fine-tuning. QLoRA and `median`
-   aggregation are never sharded.
+   split over the GPUs, see memory.estimate) with LoRA, QLoRA (4-bit NF4 shards) or full fine-tuning, in the
+   method order of 1. `median` aggregation is never sharded.
 
 With `ddp` more GPUs never make a model fit; with `fsdp` they do, and the answers say so.
 """
@@ -314,7 +314,7 @@ def plan(
     if strategy in ("ddp", "auto"):
         candidates += [(m, False) for m in methods]
     if strategy == "fsdp" or (strategy == "auto" and num_gpus > 1):
-        candidates += [(m, True) for m in methods if m != "qlora"]  # 4-bit storage is not sharded (yet)
+        candidates += [(m, True) for m in methods]  # 4-bit: torchao NF4 shards (docs/sharded.md)
     for m, sharded in candidates:
         result.method, result.strategy = m, "fsdp" if sharded else "ddp"
         setup = replace(base, method=m, sharded=sharded)
@@ -351,8 +351,6 @@ def plan(
             f"{note}"
         )
     else:
-        if strategy == "fsdp" and method == "qlora":
-            result.reasons.append("qlora cannot be sharded yet (distributed.strategy fsdp needs 16-bit weights)")
         result.strategy = "fsdp" if strategy == "fsdp" else "ddp"
         result.suggestions = _suggestions(arch, replace(base, sharded=result.strategy == "fsdp"), result)
     return result
@@ -391,7 +389,7 @@ def _suggestions(arch: Architecture, base: TrainingSetup, result: Plan) -> list[
     else:
         out.append(
             "more GPUs do not lower per-GPU memory with data parallelism (every GPU holds a full replica); "
-            "16-bit LoRA or full fine-tuning can be sharded across GPUs instead (distributed.strategy: fsdp)"
+            "LoRA, QLoRA or full fine-tuning can be sharded across GPUs instead (distributed.strategy: fsdp)"
         )
     return out
 
@@ -448,12 +446,12 @@ def resolve_auto(
     )
     notes: list[str] = []
     st_auto = d.strategy == "auto"
-    # Sharding is never chosen for QLoRA (4-bit storage is not sharded yet), median aggregation (no per-rank
-    # gradient to take a median of) or one worker (nothing to shard over).
-    can_shard = not r.model.load_in_4bit and d.aggregation != "median" and num_gpus > 1
+    # Sharding is never chosen for median aggregation (no per-rank gradient to take a median of) or one worker
+    # (nothing to shard over).
+    can_shard = d.aggregation != "median" and num_gpus > 1
     if st_auto and (gpu_memory_bytes is None or not can_shard):
         d.strategy = "ddp"
-        why = "no GPU" if gpu_memory_bytes is None else "qlora, median aggregation or one worker cannot be sharded"
+        why = "no GPU" if gpu_memory_bytes is None else "median aggregation or one worker cannot be sharded"
         notes.append(f"strategy ddp ({why})")
         st_auto = False
     if not (mb_auto or ga_auto or ck_auto or st_auto):

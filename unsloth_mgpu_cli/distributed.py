@@ -970,9 +970,12 @@ def shard_model(model: Any, info: DistInfo, aggregation: str) -> int:
     if aggregation == "median":  # the recipe refuses this; a direct caller gets a clear error too
         raise ValueError("median aggregation cannot be sharded: there is no per-rank gradient to take a median of")
     layers = decoder_layers(model)
-    for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
+    ignored: set[Any] = set()
+    for unit in [*layers, model]:
+        frozen = _place_subclass_params(unit, info.device)
+        if info.world_size == 1:
+            ignored.update(frozen)
+        fully_shard(unit, ignored_params=ignored or None)
     factor = float(info.world_size) if aggregation == "mean" else 1.0
     units = 0
     for m in model.modules():
@@ -981,6 +984,35 @@ def shard_model(model: Any, info: DistInfo, aggregation: str) -> int:
             m.set_gradient_divide_factor(factor)
             units += 1
     return units
+
+
+def _place_subclass_params(module: Any, device: Any) -> list[Any]:
+    """Move the frozen tensor-subclass parameters of `module` (the NF4 weights of model.load_in_4bit) to `device`.
+
+    Called per FSDP unit just before `fully_shard`, so the GPU holds one whole 4-bit layer at a time, never the
+    4-bit replica. FSDP2 would move them itself, but as `nn.Parameter(t.to(device))`, which makes a frozen
+    weight trainable. Returns the parameters found (on `device`).
+
+    They are also what a world of one leaves out of FSDP2 (`ignored_params`): its world-of-one shortcut (torch
+    2.14 `FSDPParamGroup.wait_for_unshard`) copies only the first all-gather input of a tensor subclass into
+    the unsharded parameter, and an NF4 weight has three (codes, scalers, scales). With one worker there is
+    nothing to shard.
+    """
+    import torch
+    from torch.distributed.tensor import DTensor
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    found = []
+    for sub in module.modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            if p.requires_grad or isinstance(p, DTensor) or not is_traceable_wrapper_subclass(p):
+                continue
+            if p.device != device:
+                with torch.no_grad():
+                    p = torch.nn.Parameter(p.to(device), requires_grad=False)
+                setattr(sub, name, p)
+            found.append(p)
+    return found
 
 
 def _local(t: Any) -> Any:

@@ -70,6 +70,17 @@ def detect_device(recipe: Recipe) -> tuple[str, int]:
             ),
             "invalid recipe",
         )
+    if device == "cpu" and recipe.model.load_in_4bit and recipe.distributed.strategy != "fsdp":
+        # the recipe check sees only an explicit `device: cpu`; `auto` on a host without GPUs lands here
+        raise UserError(
+            Problem(
+                "model.load_in_4bit",
+                f"4-bit loading with distributed.strategy {recipe.distributed.strategy} needs CUDA (bitsandbytes); "
+                "no GPU is visible, so distributed.device auto means cpu",
+                "set distributed.strategy: fsdp (4-bit NF4 storage that also runs on CPU) or model.load_in_4bit: false",
+            ),
+            "invalid recipe",
+        )
     return device, gpus
 
 
@@ -448,9 +459,15 @@ class Trainer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         D.broadcast_parameters(trainable, self.info)
         D.check_consistency(trainable, self.info, step=0)
+        if self.sharded and r.model.load_in_4bit:
+            # QLoRA under fsdp: 16-bit weights loaded on the host become NF4 tensors that FSDP2 shards (torchao;
+            # bitsandbytes' 4-bit state is not shardable per parameter). See quantization.py.
+            self.quantized = self._quantize(model)
         if self.sharded:
             # FSDP2 replaces each parameter by a DTensor shard: collect the trainable ones after wrapping.
             D.shard_model(model, self.info, r.distributed.aggregation)
+            if r.model.load_in_4bit:
+                self._report_4bit_shards(model)
         self.model, self.tokenizer = model, tokenizer
         self.plan.timeline["model_ready"] = time.time()
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -505,6 +522,32 @@ class Trainer:
             self.run_state.update(state.get("run_state", {}))
             if self.info.restart_count > 0 and self.info.is_main:
                 truncate_metrics(self.out, self.step)  # rows after the checkpoint are logged again
+
+    def _quantize(self, model: Any) -> Any:
+        from . import quantization as Q
+
+        done = Q.quantize_frozen_linears(model, self.info.device)
+        if done.count == 0:
+            raise RuntimeError("model.load_in_4bit: found no frozen linear weight in the decoder layers to quantise")
+        Q.check_shardable(model, self.info.world_size)
+        Q.use_peft_lora_forward(model)
+        return done
+
+    def _report_4bit_shards(self, model: Any) -> None:
+        """Rank 0 prints the NF4 bytes every rank stores (the evidence that 4-bit storage is sharded)."""
+        from . import distributed as D
+        from . import quantization as Q
+        from .render import console
+
+        local, full = Q.nf4_storage(model)
+        per_rank = [row[0] for row in D.all_gather_floats([float(local)], self.info)]
+        if self.info.is_main:
+            console.print(
+                f"[bold]4-bit[/]: {self.quantized.count} NF4 weights, {_size(full)} "
+                f"(from {_size(self.quantized.bytes_before)}); stored per rank: "
+                + ", ".join(_size(b) for b in per_rank),
+                soft_wrap=True,
+            )
 
     # -- the loop --------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -830,6 +873,14 @@ class Trainer:
         return get_model_state_dict(self.model, options=options)
 
 
+def _size(nbytes: float) -> str:
+    """Bytes for people: KiB, MiB or GiB, four significant digits."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.4g} {unit}"
+    return f"{nbytes / 2**10:.4g} KiB"
+
+
 def _one_target(batch: dict[str, Any]) -> Any:
     """Labels with one real target (the second token of the first row) so the token-mean loss is finite."""
     labels = batch["labels"].clone()
@@ -864,13 +915,16 @@ def model_load_kwargs(
     """Arguments of `FastLanguageModel.from_pretrained`; remote code runs only when the recipe asks for it.
 
     Sharded (fsdp) on CUDA: loaded into host memory; `fully_shard` then moves each layer's shard to the GPU,
-    so a model larger than one GPU never needs a full replica there.
+    so a model larger than one GPU never needs a full replica there. With `load_in_4bit` the weights load in
+    16-bit and are quantised to NF4 afterwards (quantization.py), since bitsandbytes' 4-bit storage is not
+    shardable.
     """
     kwargs: dict[str, Any] = dict(
         model_name=model_path,
         max_seq_length=recipe.model.max_seq_length,
         dtype=dtype,
-        load_in_4bit=recipe.model.load_in_4bit,
+        # under fsdp 4-bit weights are quantised after loading (quantization.py): load 16-bit
+        load_in_4bit=recipe.model.load_in_4bit and not sharded,
         full_finetuning=recipe.lora is None,
         trust_remote_code=recipe.model.trust_remote_code is True,
     )

@@ -647,17 +647,26 @@ def _shard(
     it also holds in full: the root unit's parameters (embeddings, final norm, lm_head), which FSDP2 keeps
     gathered from the root's forward to its backward, and two decoder layers (the one computing and the one
     prefetched), with, in backward, their unsharded gradients waiting for the reduce-scatter (16-bit for full
-    fine-tuning, fp32 adapters for LoRA). Nothing is all-reduced: no bucket buffer.
+    fine-tuning, fp32 adapters for LoRA). Nothing is all-reduced: no bucket buffer. QLoRA gathers 4-bit layers
+    and adds one dequantised 16-bit weight (the largest projection) per matmul.
     """
     n = setup.num_gpus
-    per_layer_params = (arch.linear_params() + arch.norm_params()) / max(1, arch.num_layers)
-    layer_weight_bytes = per_layer_params * (weights / max(1, arch.num_parameters()))  # 4-bit or 16-bit
+    layers = max(1, arch.num_layers)
+    per_layer_params = (arch.linear_params() + arch.norm_params()) / layers
     root_bytes = 2 * arch.embedding_params()
+    dequantised = 0
+    if setup.method == "qlora":
+        # NF4 shards (torchao, engine: quantization.py; about the size of bitsandbytes' NF4): the all-gather moves
+        # 4-bit bytes, and each matmul dequantises one whole weight to 16-bit for its duration (the largest one).
+        layer_weight_bytes = arch.linear_params() / layers * NF4_BYTES_PER_PARAM + 2 * arch.norm_params() / layers
+        dequantised = 2 * arch.hidden_size * arch.intermediate_size
+    else:
+        layer_weight_bytes = 2 * per_layer_params
     if setup.method == "full":
         layer_grad_bytes = 2 * per_layer_params
     else:
         layer_grad_bytes = 4 * lora_params(arch, setup.lora_r, setup.target_modules) / max(1, arch.num_layers)
-    gathered = int(root_bytes + 2 * (layer_weight_bytes + layer_grad_bytes))
+    gathered = int(root_bytes + 2 * (layer_weight_bytes + layer_grad_bytes) + dequantised)
     return (
         math.ceil(weights / n),
         math.ceil(trainable / n),

@@ -45,7 +45,11 @@ class ModelSection(_Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Compute dtype; auto picks bfloat16 where the GPU supports it, float32 on CPU."
     )
-    load_in_4bit: bool = Field(False, description="Quantise the frozen weights to 4-bit NF4 (QLoRA); CUDA only.")
+    load_in_4bit: bool = Field(
+        False,
+        description="Quantise the frozen weights to 4-bit NF4 (QLoRA): bitsandbytes on CUDA under "
+        "distributed.strategy ddp; torchao NF4 tensors, sharded with the rest, under fsdp (which also runs on CPU).",
+    )
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with a hub repository. Off unless you trust the repository."
     )
@@ -407,8 +411,16 @@ class Recipe(_Section):
                     "(QLoRA) or set model.load_in_4bit: false",
                 )
             )
-        if self.model.load_in_4bit and self.distributed.device == "cpu":
-            problems.append(("model.load_in_4bit", "4-bit loading needs CUDA (bitsandbytes); found device: cpu"))
+        if self.model.load_in_4bit and self.distributed.device == "cpu" and self.distributed.strategy != "fsdp":
+            # bitsandbytes (ddp) needs CUDA; the sharded mode stores torchao NF4 tensors, which also run on CPU
+            problems.append(
+                (
+                    "model.load_in_4bit",
+                    f"4-bit loading with distributed.strategy {self.distributed.strategy} needs CUDA "
+                    "(bitsandbytes); found device: cpu. Set distributed.strategy: fsdp (4-bit NF4 storage that "
+                    "also runs on CPU) or model.load_in_4bit: false",
+                )
+            )
         t = self.training
         if t.max_steps is not None and t.warmup_steps >= t.max_steps:
             problems.append(
@@ -432,15 +444,6 @@ class Recipe(_Section):
                         "median cannot be combined with distributed.strategy: fsdp (each GPU holds only a shard of "
                         "the gradients, so there is no per-GPU gradient to take a coordinate-wise median of); "
                         "use weighted, mean or sum, or distributed.strategy: ddp",
-                    )
-                )
-            if self.model.load_in_4bit:
-                problems.append(
-                    (
-                        "model.load_in_4bit",
-                        "4-bit (QLoRA) weights are not supported with distributed.strategy: fsdp yet (sharding "
-                        "bitsandbytes 4-bit storage is future work); use 16-bit LoRA (model.load_in_4bit: false) "
-                        "with fsdp, or distributed.strategy: ddp",
                     )
                 )
             if d.max_restarts:
