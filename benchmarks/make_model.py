@@ -30,8 +30,15 @@ def main() -> None:
     ap.add_argument("--size", choices=sorted(SIZES), default="1b")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--corpus", type=Path, required=True, help="alpaca JSON to train the tokenizer on")
+    ap.add_argument(
+        "--device", default="auto", help="where to draw the random weights: auto (cuda if present), cpu, cuda"
+    )
     args = ap.parse_args()
+    import torch
+
     from unsloth_mgpu_cli.models import build_tiny_llama
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
 
     if (args.out / "config.json").exists():
         print(f"exists: {args.out}")
@@ -48,8 +55,9 @@ def main() -> None:
         kv_heads=kv,
         corpus=corpus_from(args.corpus),
         dtype="bfloat16",
+        device=device,
     )
-    print(f"built {args.size} at {args.out} in {time.time() - t:.0f} s")
+    print(f"built {args.size} at {args.out} in {time.time() - t:.0f} s (weights drawn on {device})")
 
 
 if __name__ == "__main__":

@@ -54,10 +54,12 @@ def build_tiny_llama(
     kv_heads: int = 2,
     corpus: list[str] | None = None,
     dtype: str = "float32",
+    device: str = "cpu",
 ) -> Path:
     """Create a random Llama and a byte-level BPE tokenizer in `dest` (safetensors).
 
-    The defaults give the builtin tiny model; the benchmarks use the same function with real sizes.
+    The defaults give the builtin tiny model; the benchmarks use the same function with real sizes, initialising
+    the weights on `device` (a GPU draws an 8B model's random weights in seconds, a CPU takes minutes).
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -107,9 +109,11 @@ def build_tiny_llama(
     previous = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype))  # build in the target dtype: an fp32 8B would need 32 GB first
     try:
-        model = LlamaForCausalLM(config)
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
+    model = model.to("cpu")
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dest, safe_serialization=True)
     fast.save_pretrained(dest)
