@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The open GPU must-shows, one device call (<= 10 min, 2 x H200) per stage. Results under $OUT/<stage>.
+#   bash benchmarks/gpu_plan.sh scaling   # #11 + #4: ours balanced 1 and 2 GPUs, ours padded 2 GPUs, TRL packed 2 GPUs
+#   bash benchmarks/gpu_plan.sh trl       # #11: TRL padding-free 1 and 2 GPUs, TRL packed 1 GPU; then pytest -m gpu
+#   CASES=full  bash benchmarks/gpu_fsdp.sh   # #13: 8B full fine-tune over a per-GPU cap (own call)
+#   CASES=qlora bash benchmarks/gpu_fsdp.sh   # #13: 8B QLoRA, NF4 shards (own call)
+# Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
+# (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
+set -u
+STAGE=${1:?usage: gpu_plan.sh scaling|trl}
+OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
+BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
+  --steps 30 --warmup 10 --timeout 240 --min-run-s 120)
+case $STAGE in
+  scaling)
+    "${BENCH[@]}" --out "$OUT/a" --only ours,ours-padded,trl-pack --gpus 2 --budget-s 400 | tail -5
+    "${BENCH[@]}" --out "$OUT/b" --only ours --gpus 1 --budget-s 170 | tail -3 ;;
+  trl)
+    "${BENCH[@]}" --out "$OUT/a" --only trl-pf,trl-pack --gpus 1,2 --budget-s 450 | tail -6
+    timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
+    echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
+  *) echo "unknown stage $STAGE"; exit 2 ;;
+esac
+cd "$OUT" && tar czf logs.tgz */logs && rm -rf */logs
