@@ -16,7 +16,8 @@ case $STAGE in
     "${BENCH[@]}" --out "$OUT/a" --only ours,ours-padded,trl-pack --gpus 2 --budget-s 400 | tail -5
     "${BENCH[@]}" --out "$OUT/b" --only ours --gpus 1 --budget-s 170 | tail -3 ;;
   trl)
-    "${BENCH[@]}" --out "$OUT/a" --only trl-pf,trl-pack --gpus 1,2 --budget-s 450 | tail -6
+    "${BENCH[@]}" --out "$OUT/a" --only trl-pf --gpus 1,2 --budget-s 260 | tail -4
+    "${BENCH[@]}" --out "$OUT/b" --only trl-pack --gpus 1 --budget-s 190 | tail -3
     timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
   *) echo "unknown stage $STAGE"; exit 2 ;;
