@@ -69,3 +69,26 @@ def max_rel_diff(a: dict, b: dict) -> float:
     """Largest per-tensor relative difference ||a - b|| / ||b|| (float32), over tensors with the same names."""
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).norm() / b[k].float().norm().clamp_min(1e-12)) for k in a)
+
+
+# -- the tiny model and a fresh data cache, for the data tests -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    from unsloth_mgpu_cli.models import ensure_builtin_model
+
+    return str(ensure_builtin_model("builtin:tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+@pytest.fixture
+def data_cache(tmp_path, monkeypatch):
+    """A fresh data cache for one test (the model was located before, in the default cache)."""
+    monkeypatch.setenv("UNSLOTH_MGPU_CACHE", str(tmp_path / "cache"))

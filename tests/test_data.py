@@ -13,7 +13,6 @@ from conftest import GSM8K, ROOT, assert_user_error, run_mgpu
 
 from unsloth_mgpu_cli import data as D
 from unsloth_mgpu_cli.errors import UserError
-from unsloth_mgpu_cli.models import ensure_builtin_model
 from unsloth_mgpu_cli.recipe import Recipe
 
 QUICKSTART_DATA = ROOT / "recipes" / "data" / "quickstart.jsonl"
@@ -26,22 +25,9 @@ CHAT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model_path() -> str:
-    return str(ensure_builtin_model("builtin:tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path)
-
-
 @pytest.fixture(autouse=True)
-def data_cache(tmp_path, monkeypatch):
-    """A fresh data cache per test (the model was located before, in the default cache)."""
-    monkeypatch.setenv("UNSLOTH_MGPU_CACHE", str(tmp_path / "cache"))
+def _fresh_data_cache(data_cache):
+    """Every test here tokenises into its own cache (conftest's data_cache)."""
 
 
 def recipe(path: Path | str, max_seq_length: int = 128, **dataset) -> Recipe:

@@ -19,7 +19,7 @@ from conftest import ROOT, assert_user_error, run_mgpu
 
 from unsloth_mgpu_cli import data as D
 from unsloth_mgpu_cli.errors import UserError
-from unsloth_mgpu_cli.models import cache_dir, ensure_builtin_model
+from unsloth_mgpu_cli.models import cache_dir
 from unsloth_mgpu_cli.recipe import Recipe, load_recipe
 
 # Distinct rows, so each tokenised sample names exactly one source row.
@@ -30,22 +30,9 @@ CHATS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model_path() -> str:
-    return str(ensure_builtin_model("builtin:tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path)
-
-
 @pytest.fixture(autouse=True)
-def data_cache(tmp_path, monkeypatch):
-    """A fresh data cache per test (the model was located before, in the default cache)."""
-    monkeypatch.setenv("UNSLOTH_MGPU_CACHE", str(tmp_path / "cache"))
+def _fresh_data_cache(data_cache):
+    """Every test here tokenises into its own cache (conftest's data_cache)."""
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
