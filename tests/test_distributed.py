@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -63,3 +65,10 @@ def test_checksum_sees_a_tiny_change_and_a_permutation():
     assert D.parameters_checksum(a) != D.parameters_checksum(b)
     c = [a[1].clone(), a[0].clone()]  # same values, swapped order
     assert D.parameters_checksum(a)[1] != D.parameters_checksum(c)[1]
+
+
+def test_workers_share_the_hosts_cores(monkeypatch):
+    from unsloth_mgpu_cli.distributed import cores_per_worker
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert [cores_per_worker(n) for n in (1, 2, 8, 64)] == [32, 16, 4, 1]

@@ -621,6 +621,15 @@ def _last_error_line(text: str) -> str:
 # ------------------------------------------------------------------------------------------------------
 
 
+def cores_per_worker(local_workers: int) -> int:
+    """This host's usable cores divided among its workers (at least 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_workers))
+
+
 def setup_worker(timeout_seconds: int = 1800) -> DistInfo:
     """Pin this worker to its device and join the process group (NCCL on CUDA, gloo on CPU).
 
@@ -633,11 +642,15 @@ def setup_worker(timeout_seconds: int = 1800) -> DistInfo:
         devices = visible.split(",") if visible else [str(i) for i in range(info.local_world_size)]
         os.environ["MGPU_VISIBLE_DEVICES"] = ",".join(devices)
         os.environ["CUDA_VISIBLE_DEVICES"] = devices[info.local_rank]
+    share = cores_per_worker(info.local_world_size)
+    # torch.compile's kernel compilation uses a pool of min(32, cores) processes per worker: N workers compiling
+    # their first step at once would oversubscribe the host N times over (read when torch._inductor is imported).
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(share))
     import torch
     import torch.distributed as dist
 
     # Workers x threads <= cores: oversubscribed intra-op threads slow every rank (and a step waits for the slowest).
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, info.local_world_size)))
+    torch.set_num_threads(share)
     if device_type == "cuda":
         torch.cuda.set_device(0)
     if not dist.is_initialized():
