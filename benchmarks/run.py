@@ -409,6 +409,7 @@ def run_ours(spec: RunSpec, a: argparse.Namespace, model: str, work: Path, log: 
         peak_memory_gb=summary.get("peak_memory_gb"),
         first_step_s=fit_start + summary["first_step_s"] - launch,
         first_step_in_fit_s=summary["first_step_s"],
+        startup_s=summary.get("startup_s"),  # where the time to the first step went (engine's own marks)
         final_loss=summary.get("final_loss"),
         overall_tokens_per_second=summary.get("tokens_per_second"),
     )
