@@ -452,6 +452,9 @@ def run_trl(spec: RunSpec, a: argparse.Namespace, model: str, work: Path, log: P
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.gpus}", *script]
     launch = time.time()
     env = _env(spec.gpus, a.cpu_smoke, launch, out_dir)
+    # Cold like ours: Unsloth otherwise writes its generated modules to ./unsloth_compiled_cache and every later
+    # TRL run reuses them (ours get a fresh per-rank folder under their output.dir from the engine).
+    env["UNSLOTH_COMPILE_LOCATION"] = str(out_dir / ".cache" / "unsloth_compiled")
     if a.cpu_smoke:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // spec.gpus))
     rc, wall = run_process(cmd, env, log, timeout)
