@@ -10,13 +10,13 @@ set -u
 STAGE=${1:?usage: gpu_plan.sh scaling|trl}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
-  --steps 30 --warmup 10 --timeout 200 --min-run-s 110)
+  --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
 # A cold run spends ~70-110 s before its first step (import, load, compile); budgets below leave room for that.
 case $STAGE in
   scaling)
-    "${BENCH[@]}" --out "$OUT/a" --only ours,trl-pack --gpus 2 --budget-s 250 | tail -4
+    "${BENCH[@]}" --out "$OUT/a" --only ours,trl-pack --gpus 2 --budget-s 270 | tail -4
     "${BENCH[@]}" --out "$OUT/b" --only ours --gpus 1 --budget-s 130 | tail -3
-    "${BENCH[@]}" --out "$OUT/c" --only ours-padded --gpus 2 --budget-s 130 | tail -3 ;;
+    "${BENCH[@]}" --out "$OUT/c" --only ours-padded --gpus 2 --budget-s 115 | tail -3 ;;
   trl)
     "${BENCH[@]}" --out "$OUT/a" --only trl-pf --gpus 1,2 --budget-s 260 | tail -4
     "${BENCH[@]}" --out "$OUT/b" --only trl-pack --gpus 1 --budget-s 190 | tail -3
