@@ -14,6 +14,19 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 GSM8K = SHARED_DATA / "gsm8k_train_alpaca.json"
 
 
+# A short `mgpu train` whose result is compared with another run's: weighted aggregation (the update of one big
+# batch), replicas checked at every step, a learning rate large enough that the adapters move.
+EQUIVALENCE_RUN = [
+    "training.max_steps=5",
+    "training.warmup_steps=1",
+    "training.learning_rate=5e-3",
+    "output.save_steps=0",
+    "distributed.aggregation=weighted",
+    "distributed.verify_every=1",
+    "logging.progress=false",
+]
+
+
 def mgpu_env(**extra: str) -> dict[str, str]:
     """Environment for subprocess runs: offline, quiet, the checkout first on the import path."""
     env = dict(os.environ)

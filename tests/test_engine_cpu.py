@@ -10,20 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, adapter, max_rel_diff, run_mgpu
+from conftest import EQUIVALENCE_RUN, ROOT, adapter, max_rel_diff, run_mgpu
 
 pytestmark = pytest.mark.integration
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
-BASE = [
-    "training.max_steps=5",
-    "training.warmup_steps=1",
-    "training.learning_rate=5e-3",
-    "output.save_steps=0",
-    "distributed.aggregation=weighted",
-    "distributed.verify_every=1",
-    "logging.progress=false",
-]
+BASE = EQUIVALENCE_RUN
 
 
 def train(out: Path, *overrides: str, expect: int = 0, **env: str):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ROOT, max_rel_diff, run_mgpu
+from conftest import EQUIVALENCE_RUN, ROOT, max_rel_diff, run_mgpu
 from safetensors.torch import load_file
 
 from unsloth_mgpu_cli.devices import count_gpus
@@ -17,13 +17,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(count_gpus() < 2, reason="need
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 BASE = [
-    "training.max_steps=8",
-    "training.warmup_steps=1",
-    "training.learning_rate=5e-3",
-    "output.save_steps=0",
-    "distributed.aggregation=weighted",
-    "distributed.verify_every=1",
-    "logging.progress=false",
+    *EQUIVALENCE_RUN,
+    "training.max_steps=8",  # later overrides win
     "distributed.device=cuda",
     "model.dtype=bfloat16",
     "memory.gradient_checkpointing=false",

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, adapter, assert_user_error, mgpu_env, run_mgpu
+from conftest import EQUIVALENCE_RUN, ROOT, adapter, assert_user_error, mgpu_env, run_mgpu
 
 from unsloth_mgpu_cli import distributed as D
 from unsloth_mgpu_cli.errors import UserError
@@ -156,16 +156,7 @@ def test_sbatch_example_is_a_valid_script_using_srun_one_task_per_node():
 # End to end on CPU (gloo): two "nodes" on localhost, and an elastic restart
 # ------------------------------------------------------------------------------------------------------
 
-BASE = [
-    "training.max_steps=5",
-    "training.warmup_steps=1",
-    "training.learning_rate=5e-3",
-    "output.save_steps=0",
-    "distributed.aggregation=weighted",
-    "distributed.verify_every=1",
-    "logging.progress=false",
-    "training.micro_batch_size=2",
-]
+BASE = [*EQUIVALENCE_RUN, "training.micro_batch_size=2"]
 
 
 def _train_cmd(out: Path, *extra: str) -> list[str]:

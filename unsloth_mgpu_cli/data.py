@@ -996,12 +996,10 @@ def _rebalance(per_rank: list[list[list[int]]], lens: np.ndarray, cap: int, max_
     before, which bounds memory); the step's samples never change, only where they run. A micro-batch costs
     rows x longest, so only a group's longest and shortest samples matter as candidates: O(groups) per round.
     """
-    ln = [0] * (int(max((i for rank in per_rank for g in rank for i in g), default=-1)) + 1)
+    ln = {i: int(lens[i]) for rank in per_rank for g in rank for i in g}  # the step's samples only
     for rank in per_rank:
         for g in rank:
-            g.sort(key=lambda i: (-int(lens[i]), i))  # longest first
-            for i in g:
-                ln[i] = int(lens[i])
+            g.sort(key=lambda i: (-ln[i], i))  # longest first
 
     def cost(g: list[int]) -> int:
         return len(g) * ln[g[0]] if g else 0
@@ -1009,7 +1007,7 @@ def _rebalance(per_rank: list[list[list[int]]], lens: np.ndarray, cap: int, max_
     load = [sum(cost(g) for g in rank) for rank in per_rank]
     for _ in range(max_rounds):
         top = max(range(len(per_rank)), key=lambda r: (load[r], -r))
-        best: tuple[int, tuple[str, int, int, int, int, int]] | None = None
+        best: tuple[int, tuple[int, int, int, int, int, int | None]] | None = None  # (worst, (top, g, a, h, r, b))
         for gi, g in enumerate(per_rank[top]):
             g_cost = cost(g)
             for a in {g[0], g[-1]}:  # the longest (may shorten g) and the shortest (removes a row)
@@ -1023,7 +1021,7 @@ def _rebalance(per_rank: list[list[list[int]]], lens: np.ndarray, cap: int, max_
                             new_h = (len(h) + 1) * max(ln[h[0]], ln[a])
                             worst = max(load[top] - g_cost + (len(g) - 1) * g_long_rest, load[r] - h_cost + new_h)
                             if new_h <= cap and worst < load[top] and (best is None or worst < best[0]):
-                                best = (worst, ("move", top, gi, a, hi, r))
+                                best = (worst, (top, gi, a, hi, r, None))
                         for b in {h[0], h[-1]}:  # swap a with a shorter b: h's longest or its shortest
                             if ln[b] >= ln[a]:
                                 continue
@@ -1032,16 +1030,16 @@ def _rebalance(per_rank: list[list[list[int]]], lens: np.ndarray, cap: int, max_
                             new_h = len(h) * max(h_long_rest if len(h) > 1 else 0, ln[a])
                             worst = max(load[top] - g_cost + new_g, load[r] - h_cost + new_h)
                             if max(new_g, new_h) <= cap and worst < load[top] and (best is None or worst < best[0]):
-                                best = (worst, ("swap", top, gi, a, hi, r, b))  # type: ignore[assignment]
+                                best = (worst, (top, gi, a, hi, r, b))
         if best is None:
             return
-        kind, top, gi, a, hi, r, *rest = best[1]
+        top, gi, a, hi, r, b = best[1]
         g, h = per_rank[top][gi], per_rank[r][hi]
         g.remove(a)
         h.append(a)
-        if kind == "swap":
-            h.remove(rest[0])
-            g.append(rest[0])
+        if b is not None:  # a swap
+            h.remove(b)
+            g.append(b)
         for grp in (g, h):
             grp.sort(key=lambda i: (-ln[i], i))
         load[top] = sum(cost(x) for x in per_rank[top])
@@ -1075,10 +1073,13 @@ class StepPlanner:
         shuffle: bool = True,
         lengths: np.ndarray | None = None,
         batching: str = "padded",
+        pad_to: int = 1,
     ):
         self.n = num_samples
         self.loss_counts = loss_counts
         self.lengths = lengths if lengths is not None else np.ones(num_samples, dtype=np.int64)
+        # what a padded micro-batch row costs: the length rounded up like collate(pad_to=...) pads it
+        self.padded_lengths = -(-self.lengths // pad_to) * pad_to
         self.mb, self.ga, self.world = micro_batch_size, grad_accum, world_size
         self.global_batch = micro_batch_size * grad_accum * world_size
         self.seed, self.shuffle = seed, shuffle
@@ -1146,7 +1147,7 @@ class StepPlanner:
         greedy fill), so long samples share a micro-batch with few others and short ones with many; the groups
         then go, costliest first, to the rank with the least cost so far that still needs a micro-batch.
         """
-        lens = self.lengths
+        lens = self.padded_lengths
         order = sorted((int(i) for i in idx), key=lambda i: (-int(lens[i]), i))
         sl = [int(lens[i]) for i in order]
         bins = self.world * self.ga
@@ -1206,7 +1207,7 @@ class StepPlanner:
             if self.batching == "packed":
                 compute.append(tokens[-1])
             else:
-                compute.append(int(sum(len(mb) * int(lens[mb].max()) for mb in rank)))
+                compute.append(int(sum(len(mb) * int(self.padded_lengths[mb].max()) for mb in rank)))
         return StepBatches(
             step=step, epoch=epoch, per_rank=per_rank, loss_tokens=counts, rank_tokens=tokens, compute_tokens=compute
         )
@@ -1248,14 +1249,28 @@ class DataReport:
 
 
 def estimate_batching(
-    data: TokenizedData, micro_batch_size: int, grad_accum: int, workers: int, seed: int, max_steps: int = 200
+    data: TokenizedData,
+    micro_batch_size: int,
+    grad_accum: int,
+    workers: int,
+    seed: int,
+    max_steps: int = 200,
+    pad_to: int = 1,
 ) -> list[BatchingEstimate]:
     """Padding efficiency and rank imbalance of each batching mode over the first `max_steps` steps."""
     lengths = data.lengths()
     out = []
     for mode in ("padded", "balanced", "packed"):
         planner = StepPlanner(
-            len(data), data.loss_counts, micro_batch_size, grad_accum, workers, seed, lengths=lengths, batching=mode
+            len(data),
+            data.loss_counts,
+            micro_batch_size,
+            grad_accum,
+            workers,
+            seed,
+            lengths=lengths,
+            batching=mode,
+            pad_to=pad_to,
         )
         real = computed = 0
         imbalance, biggest = [], 0
@@ -1266,7 +1281,7 @@ def estimate_batching(
             imbalance.append(max(b.compute_tokens) / max(1e-9, float(np.mean(b.compute_tokens))) - 1.0)
             for rank in b.per_rank:
                 for mb in rank:
-                    n = int(lengths[mb].sum()) if mode == "packed" else len(mb) * int(lengths[mb].max())
+                    n = int(lengths[mb].sum()) if mode == "packed" else len(mb) * int(planner.padded_lengths[mb].max())
                     biggest = max(biggest, n)
         out.append(BatchingEstimate(mode, real / max(1, computed), float(np.mean(imbalance)), biggest))
     return out
@@ -1306,7 +1321,7 @@ def report(recipe: Recipe) -> DataReport:
     ga = t.gradient_accumulation_steps if isinstance(t.gradient_accumulation_steps, int) else 1
     estimates = []
     if mb * ga * workers <= len(data):
-        estimates = estimate_batching(data, mb, ga, workers, t.seed)
+        estimates = estimate_batching(data, mb, ga, workers, t.seed, pad_to=recipe.dataset.pad_to_multiple_of)
     return DataReport(
         summary,
         folder,

@@ -492,6 +492,7 @@ class Trainer:
             r.dataset.shuffle,
             lengths=self.lengths,
             batching=r.dataset.batching,
+            pad_to=r.dataset.pad_to_multiple_of,
         )
         self.packed = r.dataset.batching == "packed"
         self.pad_to = r.dataset.pad_to_multiple_of
@@ -570,6 +571,7 @@ class Trainer:
         rs = self.run_state
         elapsed_before = float(rs["elapsed_s"])  # time spent before a resume
         t_start = time.perf_counter()
+        self.plan.timeline["fit_start"] = time.time()
         t_window = t_start
         tokens_window = 0
         tokens_session = 0
@@ -639,7 +641,6 @@ class Trainer:
                 last_loss = tot_loss / max(1.0, tot_tokens) if bad_ranks == 0 else float("nan")
                 if first_step_s is None:
                     first_step_s = time.perf_counter() - t_start
-                    self.plan.timeline.setdefault("fit_start", time.time() - first_step_s)
                     self.plan.timeline["first_step"] = time.time()
                 verify = r.distributed.verify_every
                 last = self.step == self.total_steps
