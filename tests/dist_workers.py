@@ -37,3 +37,106 @@ def aggregate_known_tensors(aggregation: str, views: bool = False) -> dict:
         return out
     finally:
         D.teardown()
+
+
+def mixed_dtype_steps(steps: int = 3) -> dict:
+    """A bf16 weight (copy bucket) and two fp32 weights (a view bucket), as Unsloth's bf16 full fine-tuning has
+    (fp32 norms): each step, rank r's gradients are (r+1) * (step+1) * [1, 2, ...]; returns the synchronised
+    gradients of every step and the gradients left after `zero_grad`."""
+    os.environ["MGPU_DEVICE_TYPE"] = "cpu"
+    import torch
+
+    from unsloth_mgpu_cli import distributed as D
+
+    info = D.setup_worker(timeout_seconds=60)
+    try:
+        w16 = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+        norm_a, norm_b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+        params = [w16, norm_a, norm_b]
+        # 16 bytes per bucket: [w16] alone, then [norm_a, norm_b] together (fp32 only: views)
+        sync = D.GradientSynchronizer(params, info, "sum", bucket_size_mb=20 / 2**20, grad_views=True)
+        assert [len(b) for b in sync.buckets] == [1, 2] and sync.flats[0] is None and sync.flats[1] is not None
+        opt = torch.optim.SGD(params, lr=0.0)
+        out: dict = {"rank": info.rank, "grads": [], "zeroed": []}
+        for step in range(steps):
+            scale = float((info.rank + 1) * (step + 1))
+            loss = sum((p.float() * torch.arange(1, p.numel() + 1) * scale).sum() for p in params)
+            loss.backward()
+            sync.synchronize()
+            out["grads"].append([p.grad.float().tolist() for p in params])
+            opt.step()
+            sync.zero_grad(opt)
+            out["zeroed"].append([None if p.grad is None else p.grad.tolist() for p in params])
+        return out
+    finally:
+        D.teardown()
+
+
+def replaced_views() -> dict:
+    """A library resets the gradients between steps (`model.zero_grad()`): the view bucket must still all-reduce."""
+    os.environ["MGPU_DEVICE_TYPE"] = "cpu"
+    import torch
+
+    from unsloth_mgpu_cli import distributed as D
+
+    info = D.setup_worker(timeout_seconds=60)
+    try:
+        p = torch.nn.Parameter(torch.zeros(3))
+        sync = D.GradientSynchronizer([p], info, "sum", grad_views=True)
+        p.grad = None  # dropped before the backward
+        (p * (info.rank + 1.0)).sum().backward()
+        sync.synchronize()
+        return {"rank": info.rank, "grad": p.grad.tolist(), "is_view": p.grad.data_ptr() == sync.flats[0].data_ptr()}
+    finally:
+        D.teardown()
+
+
+def sharded_mixed_dtypes(break_reference: bool = False) -> dict:
+    """FSDP2 on a bf16 Llama whose norms are fp32 (Unsloth's bf16 full fine-tuning): one weighted step of SGD on
+    each rank's half of a global batch, against the same step of an unsharded copy on the whole batch.
+    Returns the largest relative difference of the gathered weights, per dtype."""
+    os.environ["MGPU_DEVICE_TYPE"] = "cpu"
+    import copy
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unsloth_mgpu_cli import distributed as D
+
+    info = D.setup_worker(timeout_seconds=120)
+    try:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64,
+        )
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.data = p.data.float()  # in place: the Parameter stays the same object, as in Unsloth
+        ref = copy.deepcopy(model)
+        batch = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+        mine = batch[info.rank * 2 : info.rank * 2 + 2]
+        if break_reference:
+            batch = batch.flip(0)[:, :8]  # the control: another batch, so the comparison must fail
+        units = D.shard_model(model, info, "weighted")
+        groups = [m for m in model.modules() if isinstance(m, torch.distributed.fsdp.FSDPModule)]
+        tokens = 4 * 15  # loss tokens of the global batch (labels shift by one)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as Unsloth wraps the forward (fp32 norms, bf16 matmuls)
+            (model(input_ids=mine, labels=mine).loss * (2 * 15 / tokens)).backward()
+            ref(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=1.0)
+        ref_opt.step()
+        full = D.gather_full_tensors(list(model.named_parameters()))
+        diffs: dict = {}
+        for name, p in ref.named_parameters():
+            got = full[name]
+            assert got.dtype == p.dtype, (name, got.dtype, p.dtype)
+            rel = float((got.float() - p.detach().float()).norm() / p.detach().float().norm())
+            key = str(p.dtype)
+            diffs[key] = max(diffs.get(key, 0.0), rel)
+        return {"rank": info.rank, "units": units, "groups": len(groups), "diffs": diffs}
+    finally:
+        D.teardown()

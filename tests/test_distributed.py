@@ -72,3 +72,27 @@ def test_workers_share_the_hosts_cores(monkeypatch):
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
     assert [cores_per_worker(n) for n in (1, 2, 8, 64)] == [32, 16, 4, 1]
+
+
+def test_mixed_fp32_and_bf16_buckets_stay_synchronised_every_step():
+    """Regression (8B bf16 full fine-tune on 2 x H200 drifted at step 20): fp32 norms next to bf16 weights.
+
+    zero_grad used to call `optimizer.zero_grad(set_to_none=True)` as soon as one bucket had no views, which
+    dropped the views of the fp32 bucket: from step 2 on its gradients were never all-reduced."""
+    from dist_workers import mixed_dtype_steps
+
+    results = D.launch(mixed_dtype_steps, (3,), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
+    for res in results.values():
+        for step, grads in enumerate(res["grads"]):
+            total = 3.0 * (step + 1)  # ranks contribute 1x and 2x
+            assert grads == [[total * k for k in range(1, n + 1)] for n in (4, 2, 3)], (res["rank"], step)
+        for zeroed in res["zeroed"]:
+            assert zeroed == [None, [0.0, 0.0], [0.0, 0.0, 0.0]]
+
+
+def test_a_replaced_gradient_view_is_still_all_reduced():
+    from dist_workers import replaced_views
+
+    results = D.launch(replaced_views, (), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
+    for res in results.values():
+        assert res["grad"] == [3.0, 3.0, 3.0] and res["is_view"]

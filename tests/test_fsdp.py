@@ -177,3 +177,22 @@ def test_suggest_json_names_the_strategy():
     assert doc["fits"] and doc["strategy"] == "fsdp"
     proc = run_mgpu("suggest", "--model", "70B", "--gpus", "2", "--gpu-memory", "141GB", "--method", "lora")
     assert "strategy" in proc.stdout and "fsdp" in proc.stdout
+
+
+@pytest.mark.parametrize("control", [False, True], ids=["same-batch", "control-other-batch"])
+def test_fp32_norms_in_a_bf16_model_shard_as_their_own_groups(control):
+    """Regression (8B bf16 full fine-tune on 2 x H200): Unsloth keeps the norms in fp32, and FSDP2 refused the
+    layers ("FSDP expects uniform original parameter dtype"). The norms now form their own group per unit, and
+    one sharded step equals one unsharded step on the whole batch; the control (another batch) must differ."""
+    from dist_workers import sharded_mixed_dtypes
+
+    from unsloth_mgpu_cli import distributed as D
+
+    results = D.launch(sharded_mixed_dtypes, (control,), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
+    for res in results.values():
+        # FSDP modules: per layer the layer and its 2 norms (one group), then the root and model.norm
+        assert res["groups"] == res["units"] == 2 * 3 + 2
+        if control:
+            assert res["diffs"]["torch.bfloat16"] > 1e-2
+        else:
+            assert res["diffs"]["torch.bfloat16"] < 1e-2 and res["diffs"]["torch.float32"] < 1e-4, res["diffs"]

@@ -794,7 +794,8 @@ class GradientSynchronizer:
         self.info = info
         self.aggregation = aggregation
         self.buckets = _buckets(self.params, bucket_size_mb * 2**20)
-        self.flats: list[Any] = []
+        self.flats: list[Any] = []  # per bucket: its flat fp32 gradient buffer, or None (copy path)
+        self.views: list[list[Any] | None] = []  # per bucket: the gradient views into its flat buffer
         if grad_views:
             self._install_views()
 
@@ -811,26 +812,54 @@ class GradientSynchronizer:
         for bucket in self.buckets:
             if any(p.dtype != torch.float32 for p in bucket):
                 self.flats.append(None)
+                self.views.append(None)
                 continue
             flat = torch.zeros(sum(p.numel() for p in bucket), dtype=torch.float32, device=bucket[0].device)
-            offset = 0
+            views, offset = [], 0
             for p in bucket:
                 n = p.numel()
                 p.grad = flat[offset : offset + n].view_as(p)
+                views.append(p.grad)
                 offset += n
             self.flats.append(flat)
+            self.views.append(views)
 
     @property
     def uses_views(self) -> bool:
         return bool(self.flats) and all(f is not None for f in self.flats)
 
     def zero_grad(self, optimizer: Any) -> None:
-        """Zero the gradients (the flat buffers when views are installed)."""
-        if self.uses_views:
-            for flat in self.flats:
-                flat.zero_()
-        else:
+        """Zero the gradients: the flat buffers of view buckets, `None` for the others.
+
+        A model can mix both (Unsloth's bf16 full fine-tuning keeps the norms in fp32: their buckets get views,
+        the bf16 weights' buckets copy), so the view buckets must never go through `optimizer.zero_grad(
+        set_to_none=True)`: that drops the views, and the next backward's fresh gradients would never be
+        all-reduced (the replicas drift).
+        """
+        if not any(f is not None for f in self.flats):
             optimizer.zero_grad(set_to_none=True)
+            return
+        for bucket, flat in zip(self.buckets, self.flats, strict=False):
+            if flat is not None:
+                flat.zero_()
+            else:
+                for p in bucket:
+                    p.grad = None
+
+    def _reattach_views(self, i: int) -> None:
+        """Make bucket i's gradients its views again, keeping any gradient that replaced a view.
+
+        Someone else may have reset `p.grad` (`model.zero_grad()`, a library calling `optimizer.zero_grad()`):
+        autograd then accumulates into a new tensor that the all-reduce of the flat buffer would miss.
+        """
+        for p, view in zip(self.buckets[i], self.views[i], strict=True):
+            if p.grad is view:
+                continue
+            if p.grad is None:
+                view.zero_()
+            else:
+                view.copy_(p.grad)
+            p.grad = view
 
     def local_loss_denominator(self, local_tokens: int, global_tokens: int) -> int:
         """Tokens each rank divides its summed token losses by, for this aggregation."""
@@ -846,6 +875,7 @@ class GradientSynchronizer:
         for i, bucket in enumerate(self.buckets):
             view = self.flats[i] if i < len(self.flats) else None
             if view is not None:
+                self._reattach_views(i)
                 flat = view
             else:
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
@@ -988,6 +1018,9 @@ def shard_model(model: Any, info: DistInfo, aggregation: str) -> int:
         frozen = _place_subclass_params(unit, info.device)
         if info.world_size == 1:
             ignored.update(frozen)
+        odd = _minority_dtype_modules(unit)
+        if odd:  # e.g. fp32 norms in a bf16 layer: their own FSDP group, gathered and reduced in fp32
+            fully_shard(odd, ignored_params=ignored or None)
         fully_shard(unit, ignored_params=ignored or None)
     factor = float(info.world_size) if aggregation == "mean" else 1.0
     units = 0
@@ -997,6 +1030,49 @@ def shard_model(model: Any, info: DistInfo, aggregation: str) -> int:
             m.set_gradient_divide_factor(factor)
             units += 1
     return units
+
+
+def _minority_dtype_modules(unit: Any) -> list[Any]:
+    """The submodules of `unit` whose trainable parameters differ in dtype from the unit's largest share.
+
+    FSDP2 gathers and reduces each group of parameters as one flat buffer, so it requires one dtype per group
+    ("FSDP expects uniform original parameter dtype"). Unsloth's bf16 full fine-tuning keeps the norms in fp32
+    (so that Adam's small updates are not rounded away): those modules become their own group. Submodules
+    already sharded (the decoder layers, for the root) are left out.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    owned: list[tuple[Any, set[Any], int]] = []  # (module, dtypes of its own trainable params, their numel)
+
+    def walk(module: Any) -> None:
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if params:
+            owned.append((module, {p.dtype for p in params}, sum(p.numel() for p in params)))
+        for child in module.children():
+            if not isinstance(child, FSDPModule):
+                walk(child)
+
+    walk(unit)
+    share: dict[Any, int] = {}
+    for _, dtypes, n in owned:
+        for d in dtypes:
+            share[d] = share.get(d, 0) + n
+    if len(share) <= 1:
+        return []
+    main = max(share, key=share.__getitem__)
+    odd = []
+    for module, dtypes, _ in owned:
+        if main in dtypes and len(dtypes) == 1:
+            continue
+        if len(dtypes) == 1 and module is not unit:
+            odd.append(module)
+        else:
+            raise RuntimeError(
+                f"distributed.strategy fsdp: {type(module).__name__} holds trainable parameters of several dtypes "
+                f"({', '.join(sorted(str(d) for d in dtypes))}); FSDP2 shards one dtype per group. "
+                "Hint: set model.dtype float32, or use distributed.strategy ddp"
+            )
+    return odd
 
 
 def _place_subclass_params(module: Any, device: Any) -> list[Any]:
