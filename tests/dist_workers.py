@@ -107,8 +107,13 @@ def sharded_mixed_dtypes(break_reference: bool = False) -> dict:
     try:
         torch.manual_seed(0)
         cfg = LlamaConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64,
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
         )
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
         for name, p in model.named_parameters():

@@ -99,6 +99,8 @@ def test_drifting_replicas_are_caught(tmp_path):
     )
     err = proc.stdout + proc.stderr
     assert "differ across ranks at step 2" in err
+    # the one tensor perturbed (the first trainable one) is named, with its dtype
+    assert "on 1 of 28 tensors: base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight (float32)" in err
     assert "rank" in err and "failed" in err
     assert not (tmp_path / "drift" / "adapter").exists()
 

@@ -942,38 +942,68 @@ def reduce_median(stacked: Any) -> Any:
     return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
 
 
-def parameters_checksum(params: Sequence[Any]) -> list[float]:
-    """Two float64 fingerprints of the parameters: plain sum and a position-weighted sum."""
+def _param_sums(params: Sequence[Any]) -> Any:
+    """[N, 2] float64 device tensor: per parameter its plain sum and its position-weighted L1 norm.
+
+    Accumulated in float64 inside the reductions (no float64 copy of an 8B model's weights) and read back
+    with one host sync, not one per parameter.
+    """
     import torch
 
-    total = 0.0
-    weighted = 0.0
     with torch.no_grad():
-        for i, p in enumerate(params):
-            x = p.detach().to(torch.float64)
-            total += float(x.sum())
-            weighted += float((x.reshape(-1) * (1.0 + (i % 97) * 1e-3)).abs().sum())
-    return [total, weighted]
+        rows = [
+            torch.stack(
+                [
+                    p.detach().sum(dtype=torch.float64),
+                    torch.linalg.vector_norm(p.detach(), ord=1, dtype=torch.float64) * (1.0 + (i % 97) * 1e-3),
+                ]
+            )
+            for i, p in enumerate(params)
+        ]
+    return torch.stack(rows) if rows else torch.zeros((0, 2), dtype=torch.float64)
+
+
+def parameters_checksum(params: Sequence[Any]) -> list[float]:
+    """Two float64 fingerprints of the parameters: plain sum and a position-weighted sum of magnitudes."""
+    return _param_sums(params).sum(dim=0).tolist() if params else [0.0, 0.0]
 
 
 class ConsistencyError(RuntimeError):
     """Ranks hold different trainable weights: the data-parallel invariant is broken."""
 
 
-def check_consistency(params: Sequence[Any], info: DistInfo, step: int, rtol: float = 1e-6) -> None:
-    """Compare weight checksums across ranks; raise on every rank if any differs."""
-    sums = all_gather_floats(parameters_checksum(params), info)
-    ref = sums[0]
+def check_consistency(
+    params: Sequence[Any], info: DistInfo, step: int, rtol: float = 1e-6, names: Sequence[str] | None = None
+) -> None:
+    """Compare weight checksums across ranks; raise on every rank if any differs, naming the tensors that do."""
+    per_param = all_gather_floats(_param_sums(params).reshape(-1).tolist(), info)
+    totals = [[sum(s[0::2]), sum(s[1::2])] for s in per_param]
+    ref = totals[0]
     bad = []
-    for r, s in enumerate(sums):
+    for r, s in enumerate(totals):
         for a, b in zip(s, ref, strict=True):
             if not math.isclose(a, b, rel_tol=rtol, abs_tol=1e-9):
                 bad.append(r)
                 break
     if bad:
+        differing = [
+            i
+            for i in range(len(params))
+            if any(
+                not math.isclose(per_param[r][2 * i + k], per_param[0][2 * i + k], rel_tol=rtol, abs_tol=1e-9)
+                for r in bad
+                for k in (0, 1)
+            )
+        ]
+        label = [
+            f"{names[i] if names else f'tensor {i}'} ({str(params[i].dtype).replace('torch.', '')})"
+            for i in differing[:4]
+        ]
+        more = f" and {len(differing) - 4} more" if len(differing) > 4 else ""
         raise ConsistencyError(
-            f"trainable weights differ across ranks at step {step}: ranks {bad} disagree with rank 0 "
-            f"(checksums {[round(s[0], 6) for s in sums]}). The replicas have drifted; this indicates a "
+            f"trainable weights differ across ranks at step {step}: ranks {bad} disagree with rank 0 on "
+            f"{len(differing)} of {len(params)} tensors: {', '.join(label)}{more} "
+            f"(checksums {[round(s[0], 6) for s in totals]}). The replicas have drifted; this indicates a "
             "non-deterministic kernel, a hardware fault, or a rank that skipped an update."
         )
 

@@ -646,7 +646,7 @@ class Trainer:
                 last = self.step == self.total_steps
                 # Under fsdp each rank holds different shards by design: there is no replica to compare.
                 if verify and not self.sharded and (self.step % verify == 0 or last):
-                    D.check_consistency(self.params, info, self.step)
+                    D.check_consistency(self.params, info, self.step, names=self.param_names)
                 evaluated = None
                 if self.eval_data is not None and (last or (eval_every and self.step % eval_every == 0)):
                     t_eval = time.perf_counter()
