@@ -497,6 +497,8 @@ class Trainer:
         self.packed = r.dataset.batching == "packed"
         self.pad_to = r.dataset.pad_to_multiple_of
         self.total_steps = self.planner.total_steps(r.training.epochs, r.training.max_steps)
+        from .optim import build_optimizer, build_scheduler
+
         self.optimizer = build_optimizer(self.params, r, self.info.device_type)
         self.scheduler = build_scheduler(self.optimizer, r, self.total_steps)
         if self.sharded:
@@ -960,25 +962,3 @@ def _peak_memory_gb(info: Any) -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**30
-
-
-def build_optimizer(params: list[Any], recipe: Recipe, device_type: str) -> Any:
-    import torch
-
-    t = recipe.training
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    if t.optimizer == "adamw_8bit" and device_type == "cuda":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    # adamw, and adamw_8bit on CPU (bitsandbytes' 8-bit optimizers need CUDA)
-    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=device_type == "cuda")
-
-
-def build_scheduler(optimizer: Any, recipe: Recipe, total_steps: int) -> Any:
-    from transformers import get_scheduler
-
-    t = recipe.training
-    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[t.lr_scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=max(1, total_steps))
