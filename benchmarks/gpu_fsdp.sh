@@ -18,6 +18,7 @@ STEPS=${STEPS:-20}
 CAP=${CAP:-0.4}
 QCAP=${QCAP:-0.04}
 CASES=${CASES:-"full qlora"}
+STRATS=${STRATS:-"auto ddp fsdp"}  # e.g. STRATS=auto: only what the generator picks
 [ -f "$MODEL/config.json" ] || python3 benchmarks/make_model.py --size 8b --out "$MODEL" --corpus "$DATA" 2>&1 | tail -1
 # run_case LABEL CAP SUGGEST_ARGS... -- TRAIN_OVERRIDES...: what the generator says, then the run under strategies
 # auto, ddp and fsdp at the cap (peak memory per GPU against the cap, steady tokens/s, largest loss gap ddp/fsdp).
@@ -27,7 +28,7 @@ run_case() {
   python3 -m unsloth_mgpu_cli suggest --model "$MODEL" --gpus 2 --seq-len 512 --optimizer adamw "${suggest[@]}" \
     --json > "$OUT/suggest-$label.json"; echo "suggest $label exit=$?"
   python3 -c "import json; d=json.load(open('$OUT/suggest-$label.json')); print('suggest $label strategy', d['strategy'], d['predicted_peak_gb'], 'GB')"
-  for s in auto ddp fsdp; do
+  for s in $STRATS; do
     python3 -m unsloth_mgpu_cli train benchmarks/recipes/gsm8k_qlora.yaml model.name="$MODEL" dataset.path="$DATA" \
       training.optimizer=adamw training.micro_batch_size=4 memory.gradient_checkpointing=true \
       memory.max_memory_fraction="$cap" model.max_seq_length=512 distributed.num_gpus=2 training.max_steps="$STEPS" \

@@ -410,6 +410,7 @@ def run_ours(spec: RunSpec, a: argparse.Namespace, model: str, work: Path, log: 
         first_step_s=fit_start + summary["first_step_s"] - launch,
         first_step_in_fit_s=summary["first_step_s"],
         startup_s=summary.get("startup_s"),  # where the time to the first step went (engine's own marks)
+        step_phases_s=summary.get("step_phases_s"),  # host time per step: forward/backward, wait, update, other
         final_loss=summary.get("final_loss"),
         overall_tokens_per_second=summary.get("tokens_per_second"),
     )

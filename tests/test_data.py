@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import GSM8K, ROOT, assert_user_error, run_mgpu
 
 from unsloth_mgpu_cli import data as D
@@ -326,6 +327,25 @@ def test_pad_to_multiple_of_pads_the_batch_and_the_planner_counts_it(tmp_path, m
     b = p.batches(0)
     rounded = -(-gsm8k_lengths // 64) * 64
     assert b.compute_tokens == [sum(len(m) * int(rounded[m].max()) for m in r) for r in b.per_rank]
+
+
+def test_padded_collate_is_each_sample_right_padded(tmp_path, model_path):
+    """The batch gather equals padding each sample by hand, in any index order, with repeats and pad_to."""
+    rows = [json.loads(line) for line in QUICKSTART_DATA.read_text().splitlines()[:12]]
+    data, _ = prepared(recipe(write_jsonl(tmp_path / "q.jsonl", rows)), model_path)
+    for indices, pad_to in (([5, 0, 11, 3], 1), ([7], 8), ([2, 2, 9, 1, 0], 64)):
+        batch = data.collate(indices, pad_to=pad_to)
+        width = batch["input_ids"].shape[1]
+        assert width % pad_to == 0 and width == -(-int(data.lengths()[indices].max()) // pad_to) * pad_to
+        for row, i in enumerate(indices):
+            x, y = (np.asarray(a, dtype=np.int64) for a in data.sample(i))
+            n = len(x)
+            assert batch["input_ids"][row, :n].tolist() == x.tolist()
+            assert batch["labels"][row, :n].tolist() == y.tolist()
+            assert set(batch["input_ids"][row, n:].tolist()) <= {data.pad_token_id}
+            assert set(batch["labels"][row, n:].tolist()) <= {-100}
+            assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
+        assert all(t.dtype == torch.long for t in batch.values())
 
 
 def test_packed_collate_restarts_positions_and_masks_boundaries(tmp_path, model_path):

@@ -878,18 +878,22 @@ class TokenizedData:
             labels[torch.from_numpy(starts)] = IGNORE_INDEX
             pos = torch.from_numpy(np.concatenate([np.arange(len(x), dtype=np.int64) for x, _ in parts]))
             return {"input_ids": ids[None], "labels": labels[None], "position_ids": pos[None]}
-        longest = max(int(self.offsets[i + 1] - self.offsets[i]) for i in indices)
-        longest = -(-longest // pad_to) * pad_to
-        ids = torch.full((len(indices), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(indices), longest), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(indices), longest), dtype=torch.long)
-        for row, i in enumerate(indices):
-            x, y = self.sample(i)
-            n = len(x)
-            ids[row, :n] = torch.from_numpy(np.asarray(x, dtype=np.int64))
-            labels[row, :n] = torch.from_numpy(np.asarray(y, dtype=np.int64))
-            mask[row, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        # One gather from the token arrays for the whole micro-batch (a Python loop per row costs ~20 us a sample,
+        # on the host of a step that is host-bound on the GPU).
+        idx = np.asarray(indices, dtype=np.int64)
+        starts = self.offsets[idx]
+        lens = self.offsets[idx + 1] - starts
+        longest = -(-int(lens.max()) // pad_to) * pad_to
+        col = np.arange(longest)
+        mask = col[None, :] < lens[:, None]
+        src = starts[:, None] + np.minimum(col[None, :], np.maximum(lens[:, None] - 1, 0))
+        ids = np.where(mask, self.input_ids[src], self.pad_token_id).astype(np.int64)
+        labels = np.where(mask, self.labels[src], IGNORE_INDEX).astype(np.int64)
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+            "labels": torch.from_numpy(labels),
+        }
 
 
 # ----------------------------------------------------------------------------------------------------

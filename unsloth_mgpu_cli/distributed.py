@@ -715,6 +715,18 @@ def all_reduce_tensor(t: Any, info: DistInfo) -> Any:
     return t
 
 
+def all_gather_tensor(t: Any, info: DistInfo) -> Any:
+    """[world_size, *t.shape]: every rank's copy of a small device tensor (one collective, no host sync)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or info.world_size == 1:
+        return t[None]
+    out = [torch.empty_like(t) for _ in range(info.world_size)]
+    dist.all_gather(out, t)
+    return torch.stack(out)
+
+
 def all_gather_floats(values: Sequence[float], info: DistInfo) -> list[list[float]]:
     """Every rank's list of floats (same length on all ranks)."""
     import torch

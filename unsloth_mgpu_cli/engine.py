@@ -583,27 +583,34 @@ class Trainer:
         saved_step = self.step if self.plan.resume_from else -1
         interrupted = False
         eval_every = r.training.eval_steps
+        phases = StepPhases()
+        session_start = self.step
         try:
             while self.step < self.total_steps:
+                t_phase = time.perf_counter()
                 batches = self.planner.batches(self.step)
                 mine = batches.per_rank[info.rank]
                 denom = self.sync.local_loss_denominator(batches.loss_tokens[info.rank], batches.global_loss_tokens)
                 loss_sum, oom = self._accumulate(mine, denom)
+                t_queued = time.perf_counter()
                 # One small collective and one host sync per step: loss, loss tokens, whether any rank saw a
-                # non-finite value (checked on the device: no per-parameter sync), and whether any rank was asked
-                # to stop (so every rank stops after the same step), or ran out of memory.
+                # non-finite value (checked on the device: no per-parameter sync), whether any rank was asked
+                # to stop (so every rank stops after the same step) or ran out of memory, and each rank's peak
+                # memory for the metrics line. Host values travel in one pinned copy (a plain torch.tensor(...,
+                # device=cuda) would wait for the GPU on its own).
                 bad = ~torch.isfinite(loss_sum) | ~self.sync.grads_finite()
                 stop_flag = 1.0 if self.stop is not None and self.stop.requested(info.is_main) else 0.0
-                stats = torch.stack(
+                host = [float(batches.loss_tokens[info.rank]), stop_flag, float(oom), _peak_memory_gb(info)]
+                stats = torch.cat(
                     [
-                        torch.where(bad, torch.zeros_like(loss_sum), loss_sum),
-                        torch.tensor(float(batches.loss_tokens[info.rank]), dtype=torch.float64, device=device),
-                        bad.to(torch.float64),
-                        torch.tensor(stop_flag, dtype=torch.float64, device=device),
-                        torch.tensor(float(oom), dtype=torch.float64, device=device),
+                        torch.stack([torch.where(bad, torch.zeros_like(loss_sum), loss_sum), bad.to(torch.float64)]),
+                        _to_device(torch.tensor(host, dtype=torch.float64), device),
                     ]
                 )
-                tot_loss, tot_tokens, bad_ranks, stop_ranks, oom_ranks = D.all_reduce_tensor(stats, info).tolist()
+                rows = D.all_gather_tensor(stats, info).tolist()
+                tot_loss, bad_ranks, tot_tokens, stop_ranks, oom_ranks = (sum(r[k] for r in rows) for k in range(5))
+                peaks = [r[5] for r in rows]
+                t_synced = time.perf_counter()
                 if oom_ranks > 0:  # every rank saw the sum: all redo this step with smaller pieces together
                     self._after_oom(int(oom_ranks), progress)
                     continue
@@ -635,6 +642,7 @@ class Trainer:
                     self.optimizer.step()
                     self.scheduler.step()
                     self.sync.zero_grad(self.optimizer)
+                t_updated = time.perf_counter()
                 self.step += 1
                 step_tokens = int(sum(batches.rank_tokens))
                 tokens_window += step_tokens
@@ -658,7 +666,6 @@ class Trainer:
                 if self.step % r.logging.steps == 0 or last or evaluated is not None:
                     now = time.perf_counter()
                     tps = tokens_window / max(now - t_window, 1e-9)
-                    mems = D.all_gather_floats([_peak_memory_gb(info)], info)
                     row = {
                         "step": self.step,
                         "epoch": batches.epoch,
@@ -670,7 +677,7 @@ class Trainer:
                         "compute_tokens": int(sum(batches.compute_tokens)),
                         "tokens_per_second": tps,
                         "elapsed_s": elapsed_before + now - t_start,
-                        "peak_memory_gb": [round(m[0], 3) for m in mems],
+                        "peak_memory_gb": [round(m, 3) for m in peaks],
                         "skipped_steps": rs["skipped_steps"],
                     }
                     if evaluated is not None:
@@ -683,7 +690,7 @@ class Trainer:
                         metrics.flush()
                     if sinks is not None:
                         sinks.write(row)
-                    progress.update(self.step, last_loss, lr, tps, [m[0] for m in mems])
+                    progress.update(self.step, last_loss, lr, tps, peaks)
                     t_window, tokens_window = now, 0
                 rs["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
                 interrupted = stop_ranks > 0 and not last
@@ -696,6 +703,8 @@ class Trainer:
                         progress.log(f"stop requested: checkpoint of step {self.step} saved; exiting")
                     break
                 maybe_inject("step_end", self)
+                if self.step > session_start + 1:  # the first step compiles: left out of the averages
+                    phases.add(t_phase, t_queued, t_synced, t_updated, time.perf_counter())
                 if profiler is not None:
                     profiler.after_step(self.step)
             if saved_step != self.step:  # e.g. resumed from the final checkpoint: nothing ran, nothing to save
@@ -712,6 +721,7 @@ class Trainer:
                 "final_loss": last_loss,
                 "first_step_s": first_step_s,
                 "startup_s": startup_breakdown(self.plan.timeline),
+                "step_phases_s": phases.means(),
                 "peak_memory_gb": [m[0] for m in mems],
                 "skipped_steps": rs["skipped_steps"],
                 "world_size": info.world_size,
@@ -952,6 +962,32 @@ def startup_breakdown(timeline: dict[str, float]) -> dict[str, float]:
     if "start" in timeline and "first_step" in timeline:
         out["total"] = round(timeline["first_step"] - timeline["start"], 2)
     return out
+
+
+class StepPhases:
+    """Where a step's wall time goes on this rank's host clock (seconds per step, averaged):
+
+    - `forward_backward`: planning, collating and running the micro-batches (on a GPU: queueing their kernels,
+      plus any wait forced inside the model);
+    - `wait`: the per-step collective and its host sync: the GPU finishing the queued work, and the slowest rank;
+    - `update`: gradient all-reduce, clipping, optimizer and scheduler step (queueing);
+    - `other`: consistency check, metrics, evaluation, checkpoints.
+    """
+
+    NAMES = ("forward_backward", "wait", "update", "other")
+
+    def __init__(self) -> None:
+        self.totals = [0.0] * len(self.NAMES)
+        self.steps = 0
+
+    def add(self, *marks: float) -> None:
+        for i in range(len(self.NAMES)):
+            self.totals[i] += marks[i + 1] - marks[i]
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        n = max(1, self.steps)
+        return {name: round(t / n, 5) for name, t in zip(self.NAMES, self.totals, strict=True)} | {"steps": self.steps}
 
 
 def _peak_memory_gb(info: Any) -> float:

@@ -61,6 +61,10 @@ def print_summary(summary: dict) -> None:
     if "total" in startup:
         parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in startup.items() if k != "total")
         t.add_row("start-up", f"{startup['total']:.1f} s to the first step: {parts}")
+    phases = summary.get("step_phases_s") or {}
+    if phases.get("steps"):
+        parts = ", ".join(f"{k.replace('_', '/')} {v * 1e3:.0f}" for k, v in phases.items() if k != "steps")
+        t.add_row("step time", f"{parts} ms per step (rank 0, mean of {phases['steps']} steps after the first)")
     t.add_row("tokens", f"{summary.get('tokens', 0):,} (non-padding, all workers)")
     world = max(1, int(summary.get("world_size", 1)))
     tps = float(summary.get("tokens_per_second", 0.0))
