@@ -25,10 +25,10 @@ case $STAGE in
     timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
   verify)
-    "${BENCH[@]}" --out "$OUT/a" --only ours --gpus 2,1 --budget-s 200 | tail -5
-    STRATS=auto CASES=full OUT=$OUT/fsdp timeout 175 bash benchmarks/gpu_fsdp.sh | tail -8
+    "${BENCH[@]}" --out "$OUT/a" --only ours --gpus 2,1 --budget-s 190 --min-run-s 80 | tail -5
+    STRATS=auto CASES=full OUT=$OUT/fsdp timeout 160 bash benchmarks/gpu_fsdp.sh | tail -8
     # bf16 full fine-tuning keeps Unsloth's norms in fp32 (mixed gradient buckets): replicas checked every 5 steps
-    timeout 110 python3 -m unsloth_mgpu_cli train benchmarks/recipes/gsm8k_qlora.yaml model.name=/tmp/models/llama-1b \
+    timeout 95 python3 -m unsloth_mgpu_cli train benchmarks/recipes/gsm8k_qlora.yaml model.name=/tmp/models/llama-1b \
       dataset.path="$PWD/gpu-data/gsm8k_train_alpaca.json" model.load_in_4bit=false lora=null distributed.num_gpus=2 \
       training.micro_batch_size=8 training.max_steps=20 distributed.verify_every=5 logging.progress=false \
       output.save_steps=0 output.dir=/tmp/full-1b --overwrite > "$OUT/full-1b-ddp.log" 2>&1
