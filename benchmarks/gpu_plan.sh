@@ -2,8 +2,9 @@
 # The open GPU must-shows, one device call (<= 10 min, 2 x H200) per stage. Results under $OUT/<stage>.
 #   bash benchmarks/gpu_plan.sh scaling   # #11 + #4: ours balanced and TRL packed on 2 GPUs, ours on 1, ours padded on 2
 #   bash benchmarks/gpu_plan.sh trl       # #11: TRL padding-free 1 and 2 GPUs, TRL packed 1 GPU; then pytest -m gpu
-#   bash benchmarks/gpu_plan.sh verify    # session 3's fixes: ours 2 and 1 GPUs (scaling, step phases); 8B full
-#                                         # fine-tune, strategy auto (fsdp); 1B bf16 full fine-tune under ddp (drift)
+#   bash benchmarks/gpu_plan.sh steady    # #11: ours 2 and 1 GPUs over 60 steps, with and without pad_to 64
+#   bash benchmarks/gpu_plan.sh profile   # #11: torch profiler trace of both ranks of a 2-GPU step
+#   STRATS="auto ddp" CASES=full bash benchmarks/gpu_fsdp.sh  # #13: fsdp trains under the cap, ddp does not fit
 #   CASES=full  bash benchmarks/gpu_fsdp.sh   # #13: 8B full fine-tune over a per-GPU cap (own call)
 #   CASES=qlora bash benchmarks/gpu_fsdp.sh   # #13: 8B QLoRA, NF4 shards (own call)
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
@@ -24,15 +25,20 @@ case $STAGE in
     "${BENCH[@]}" --out "$OUT/b" --only trl-pack --gpus 1 --budget-s 190 | tail -3
     timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
-  verify)
-    "${BENCH[@]}" --out "$OUT/a" --only ours --gpus 2,1 --budget-s 190 --min-run-s 80 | tail -5
-    STRATS=auto CASES=full OUT=$OUT/fsdp timeout 160 bash benchmarks/gpu_fsdp.sh | tail -8
-    # bf16 full fine-tuning keeps Unsloth's norms in fp32 (mixed gradient buckets): replicas checked every 5 steps
-    timeout 95 python3 -m unsloth_mgpu_cli train benchmarks/recipes/gsm8k_qlora.yaml model.name=/tmp/models/llama-1b \
-      dataset.path="$PWD/gpu-data/gsm8k_train_alpaca.json" model.load_in_4bit=false lora=null distributed.num_gpus=2 \
-      training.micro_batch_size=8 training.max_steps=20 distributed.verify_every=5 logging.progress=false \
-      output.save_steps=0 output.dir=/tmp/full-1b --overwrite > "$OUT/full-1b-ddp.log" 2>&1
-    echo "1b full ddp exit=$?"; grep -E "failed|differ|step time|throughput|final loss" "$OUT/full-1b-ddp.log" ;;
+  steady)
+    # #11: session 3 saw bimodal step times (most 2-GPU steps 0.17-0.20 s, a third 0.26-0.33 s; the first 6 steps
+    # twice as long): 60 steps, steady state after 30, recompiles logged, metrics keep each rank's longest row;
+    # the same with pad_to_multiple_of=64 (at most 8 row widths up to 512, so fewer new shapes).
+    export TORCH_LOGS=recompiles
+    LONG=(--steps 60 --warmup 30 --timeout 220 --min-run-s 95)
+    "${BENCH[@]}" "${LONG[@]}" --out "$OUT/a" --only ours --gpus 2,1 --budget-s 240 | tail -5
+    "${BENCH[@]}" "${LONG[@]}" --out "$OUT/b" --only ours --gpus 2,1 --budget-s 240 \
+      --ours-set dataset.pad_to_multiple_of=64 | tail -5 ;;
+  profile)
+    # #11: where a 2-GPU step goes (trace of both ranks, steps 44-46, after every row width has been seen)
+    MGPU_PROFILE="$OUT/prof:44:46:trace" "${BENCH[@]}" --steps 46 --warmup 30 --out "$OUT/a" --only ours --gpus 2 \
+      --budget-s 200 | tail -3
+    cp -r /tmp/mgpu-bench/ours-1b-2gpu/run/metrics.jsonl "$OUT/" 2>/dev/null ;;
   *) echo "unknown stage $STAGE"; exit 2 ;;
 esac
 cd "$OUT" && tar czf logs.tgz */logs && rm -rf */logs

@@ -32,6 +32,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -97,6 +98,11 @@ def steady_state(rows: list[dict[str, Any]], warmup: int) -> dict[str, Any] | No
         "tokens": tokens,
         "samples": samples,
         "seconds_per_step": seconds / (after[-1]["step"] - base["step"]),
+        # the typical step, robust to one-off slow ones (a new row width's first use): per logged window
+        "median_seconds_per_step": statistics.median(
+            (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
+            for a, b in zip([base, *after[:-1]], after, strict=True)
+        ),
     }
 
 
@@ -134,6 +140,7 @@ def ours_rows(metrics: list[dict[str, Any]], global_batch: int) -> list[dict[str
                 "tokens": m["tokens_per_second"] * dt,
                 "samples": global_batch * (m["step"] - prev_step),
                 "loss": m.get("loss"),
+                "longest_row": m.get("longest_row"),  # per rank: a new width is a new shape for the kernels
             }
         )
         prev_t, prev_step = m["elapsed_s"], m["step"]

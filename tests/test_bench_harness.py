@@ -53,6 +53,9 @@ def test_steady_state_leaves_out_the_warmup_steps():
     assert run.steady_state(rows, warmup=3)["tokens"] == 200
     assert run.steady_state(rows, warmup=5) is None  # nothing after the warm-up
     assert run.steady_state(rows, warmup=0) is None  # no origin before the first window
+    # one slow step (a new shape's first use) moves the mean, not the median
+    slow = run.steady_state(_rows([30, 31, 32, 35, 36], [999, 100, 100, 100, 100]), warmup=1)
+    assert slow["seconds_per_step"] == pytest.approx(1.5) and slow["median_seconds_per_step"] == pytest.approx(1.0)
 
 
 def test_steady_state_with_logging_windows():

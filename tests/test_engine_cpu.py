@@ -69,6 +69,13 @@ def test_outputs_follow_the_contract(runs):
     assert set(startup) == {*phases, "total"} and all(startup[k] >= 0 for k in phases), startup
     assert sum(startup[k] for k in phases) == pytest.approx(startup["total"], abs=0.1)
     assert startup["import"] > 1.0  # `import unsloth` in the worker takes seconds: the marks are real
+    # where a step's time goes (rank 0's host clock): the 4 steps after the first, each phase measured
+    steps = json.loads((out / "summary.json").read_text())["step_phases_s"]
+    assert steps["steps"] == 4 and steps["forward_backward"] > 0 and all(steps[k] >= 0 for k in steps), steps
+    # the widest row of each rank, as the planner padded it (its compute tokens are at most rows x width)
+    for r in rows:
+        assert len(r["longest_row"]) == 2 and all(0 < w <= 128 for w in r["longest_row"])
+        assert r["compute_tokens"] <= 2 * 2 * max(r["longest_row"])
     # the two runs logged the same global loss at every step (same samples per step)
     one = [json.loads(line) for line in (runs / "one" / "metrics.jsonl").read_text().splitlines()]
     assert [round(r["loss"], 4) for r in rows] == [round(r["loss"], 4) for r in one]

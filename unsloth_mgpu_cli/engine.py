@@ -600,7 +600,13 @@ class Trainer:
                 # device=cuda) would wait for the GPU on its own).
                 bad = ~torch.isfinite(loss_sum) | ~self.sync.grads_finite()
                 stop_flag = 1.0 if self.stop is not None and self.stop.requested(info.is_main) else 0.0
-                host = [float(batches.loss_tokens[info.rank]), stop_flag, float(oom), _peak_memory_gb(info)]
+                host = [
+                    float(batches.loss_tokens[info.rank]),
+                    stop_flag,
+                    float(oom),
+                    _peak_memory_gb(info),
+                    float(self._longest_row(mine)),
+                ]
                 stats = torch.cat(
                     [
                         torch.stack([torch.where(bad, torch.zeros_like(loss_sum), loss_sum), bad.to(torch.float64)]),
@@ -609,7 +615,7 @@ class Trainer:
                 )
                 rows = D.all_gather_tensor(stats, info).tolist()
                 tot_loss, bad_ranks, tot_tokens, stop_ranks, oom_ranks = (sum(r[k] for r in rows) for k in range(5))
-                peaks = [r[5] for r in rows]
+                peaks, longest = [r[5] for r in rows], [int(r[6]) for r in rows]
                 t_synced = time.perf_counter()
                 if oom_ranks > 0:  # every rank saw the sum: all redo this step with smaller pieces together
                     self._after_oom(int(oom_ranks), progress)
@@ -678,6 +684,7 @@ class Trainer:
                         "tokens_per_second": tps,
                         "elapsed_s": elapsed_before + now - t_start,
                         "peak_memory_gb": [round(m, 3) for m in peaks],
+                        "longest_row": longest,
                         "skipped_steps": rs["skipped_steps"],
                     }
                     if evaluated is not None:
@@ -785,6 +792,19 @@ class Trainer:
         loss_sum, tokens = D.all_reduce_tensor(sums, info).tolist()
         loss = loss_sum / max(tokens, 1.0)
         return loss, math.exp(min(loss, 700.0))
+
+    def _longest_row(self, micro_batches: list[list[int]]) -> int:
+        """Tokens in the longest row this rank ran this step (the padded width, or a packed row's length): a new
+        width is a new shape for the GPU kernels, which the metrics line shows next to the step's time."""
+        widths = [0]
+        for mb in micro_batches:
+            if not mb:
+                continue
+            if self.packed:
+                widths.append(int(sum(int(self.lengths[i]) for i in mb)))
+            else:
+                widths.append(-(-int(max(int(self.lengths[i]) for i in mb)) // self.pad_to) * self.pad_to)
+        return max(widths)
 
     # -- out-of-memory recovery (issue #10) -------------------------------------------------------------
     def _accumulate(self, micro_batches: list[list[int]], denom: int) -> tuple[Any, bool]:
