@@ -7,6 +7,14 @@ import os
 
 def tiny_causal_lm(seed: int = 0):
     """A 2-layer random Llama from transformers (no Unsloth: these tests check our math, fast)."""
+    model = tiny_llama(seed).float()
+    for name, p in model.named_parameters():  # train a few tensors only, like an adapter
+        p.requires_grad = "q_proj" in name or "lm_head" in name
+    return model
+
+
+def tiny_llama(seed: int = 0):
+    """A 2-layer random transformers Llama, every parameter trainable."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -20,10 +28,7 @@ def tiny_causal_lm(seed: int = 0):
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    model = LlamaForCausalLM(cfg).float()
-    for name, p in model.named_parameters():  # train a few tensors only, like an adapter
-        p.requires_grad = "q_proj" in name or "lm_head" in name
-    return model
+    return LlamaForCausalLM(cfg)
 
 
 def variable_length_batches(num_batches: int = 4, rows: int = 5, seed: int = 1):

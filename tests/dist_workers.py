@@ -99,23 +99,13 @@ def sharded_mixed_dtypes(break_reference: bool = False) -> dict:
     import copy
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from api_workers import tiny_llama
 
     from unsloth_mgpu_cli import distributed as D
 
     info = D.setup_worker(timeout_seconds=120)
     try:
-        torch.manual_seed(0)
-        cfg = LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model = tiny_llama(0).to(torch.bfloat16)
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.data = p.data.float()  # in place: the Parameter stays the same object, as in Unsloth
