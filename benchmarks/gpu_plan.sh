@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_plan.sh trl       # #11: TRL padding-free 1 and 2 GPUs, TRL packed 1 GPU; then pytest -m gpu
 #   bash benchmarks/gpu_plan.sh steady    # #11: ours 2 and 1 GPUs over 60 steps, with and without pad_to 64
 #   bash benchmarks/gpu_plan.sh profile   # #11: torch profiler trace of both ranks of a 2-GPU step
+#   bash benchmarks/gpu_plan.sh graphs    # #11: Unsloth's per-block CUDA graphs with padded rows of fixed shapes
 #   STRATS="auto ddp" CASES=full bash benchmarks/gpu_fsdp.sh  # #13: fsdp trains under the cap, ddp does not fit
 #   CASES=full  bash benchmarks/gpu_fsdp.sh   # #13: 8B full fine-tune over a per-GPU cap (own call)
 #   CASES=qlora bash benchmarks/gpu_fsdp.sh   # #13: 8B QLoRA, NF4 shards (own call)
@@ -39,6 +40,14 @@ case $STAGE in
     MGPU_PROFILE="$OUT/prof:44:46:trace" "${BENCH[@]}" --steps 46 --warmup 30 --out "$OUT/a" --only ours --gpus 2 \
       --budget-s 200 | tail -3
     cp -r /tmp/mgpu-bench/ours-1b-2gpu/run/metrics.jsonl "$OUT/" 2>/dev/null ;;
+  graphs)
+    # #11: Unsloth's opt-in CUDA graphs per decoder block (UNSLOTH_BLOCK_CUDAGRAPHS=1: no per-kernel launch cost on
+    # the host, which bounds our steps) record one graph per input shape, at most 8: padded rows of 64 with widths
+    # rounded up to 64 give at most 8 shapes. Against the same batching without graphs.
+    G=(--steps 40 --warmup 20 --timeout 220 --min-run-s 95 --ours-set dataset.pad_to_multiple_of=64)
+    UNSLOTH_BLOCK_CUDAGRAPHS=1 "${BENCH[@]}" "${G[@]}" --out "$OUT/a" --only ours-padded --gpus 2,1 --budget-s 230 \
+      | tail -5
+    "${BENCH[@]}" "${G[@]}" --out "$OUT/b" --only ours-padded --gpus 2 --budget-s 115 | tail -3 ;;
   *) echo "unknown stage $STAGE"; exit 2 ;;
 esac
 cd "$OUT" && tar czf logs.tgz */logs && rm -rf */logs

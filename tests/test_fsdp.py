@@ -196,3 +196,16 @@ def test_fp32_norms_in_a_bf16_model_shard_as_their_own_groups(control):
             assert res["diffs"]["torch.bfloat16"] > 1e-2
         else:
             assert res["diffs"]["torch.bfloat16"] < 1e-2 and res["diffs"]["torch.float32"] < 1e-4, res["diffs"]
+
+
+def test_dtype_groups_name_what_cannot_be_sharded():
+    import torch
+
+    from unsloth_mgpu_cli.distributed import _minority_dtype_modules
+
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 4).to(torch.bfloat16), torch.nn.LayerNorm(4))
+    assert _minority_dtype_modules(layer) == [layer[1]]  # the fp32 norm: its own group
+    assert _minority_dtype_modules(torch.nn.Linear(4, 4)) == []  # one dtype: nothing to split
+    layer[1].bias.data = layer[1].bias.data.to(torch.bfloat16)  # one module mixing dtypes: refused, named
+    with pytest.raises(RuntimeError, match="LayerNorm holds trainable parameters of several dtypes"):
+        _minority_dtype_modules(layer)
