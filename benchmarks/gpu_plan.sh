@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The open GPU must-shows, one device call (<= 10 min, 2 x H200) per stage. Results under $OUT/<stage>.
+# Run in session 3 (results in docs/BENCHMARKS.md):
 #   bash benchmarks/gpu_plan.sh scaling   # #11 + #4: ours balanced and TRL packed on 2 GPUs, ours on 1, ours padded on 2
 #   bash benchmarks/gpu_plan.sh trl       # #11: TRL padding-free 1 and 2 GPUs, TRL packed 1 GPU; then pytest -m gpu
-#   bash benchmarks/gpu_plan.sh steady    # #11: ours 2 and 1 GPUs over 60 steps, with and without pad_to 64
-#   bash benchmarks/gpu_plan.sh profile   # #11: torch profiler trace of both ranks of a 2-GPU step
-#   bash benchmarks/gpu_plan.sh graphs    # #11: Unsloth's per-block CUDA graphs with padded rows of fixed shapes
+# Next, in this order:
 #   STRATS="auto ddp" CASES=full bash benchmarks/gpu_fsdp.sh  # #13: fsdp trains under the cap, ddp does not fit
-#   CASES=full  bash benchmarks/gpu_fsdp.sh   # #13: 8B full fine-tune over a per-GPU cap (own call)
+#   bash benchmarks/gpu_plan.sh steady    # #11: ours 2 and 1 GPUs over 60 steps, with and without pad_to 64
+#   bash benchmarks/gpu_plan.sh graphs    # #11: Unsloth's per-block CUDA graphs with padded rows of fixed shapes
+#   bash benchmarks/gpu_plan.sh profile   # #11: torch profiler trace of both ranks of a 2-GPU step
+#   bash benchmarks/gpu_plan.sh gputest   # pytest -m gpu (2-GPU equivalence on NCCL; 100 s was too short)
 #   CASES=qlora bash benchmarks/gpu_fsdp.sh   # #13: 8B QLoRA, NF4 shards (own call)
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh scaling|trl}
+STAGE=${1:?usage: gpu_plan.sh scaling|trl|steady|graphs|profile|gputest}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -48,6 +50,10 @@ case $STAGE in
     UNSLOTH_BLOCK_CUDAGRAPHS=1 "${BENCH[@]}" "${G[@]}" --out "$OUT/a" --only ours-padded --gpus 2,1 --budget-s 230 \
       | tail -5
     "${BENCH[@]}" "${G[@]}" --out "$OUT/b" --only ours-padded --gpus 2 --budget-s 115 | tail -3 ;;
+  gputest)
+    # the GPU tier of the test suite (make test-gpu): 3 cold tiny-model runs, ~70 s each on the H200 machine
+    timeout 290 python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
+    echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
   *) echo "unknown stage $STAGE"; exit 2 ;;
 esac
 cd "$OUT" && tar czf logs.tgz */logs && rm -rf */logs
