@@ -7,13 +7,14 @@
 #   STRATS="auto ddp" CASES=full bash benchmarks/gpu_fsdp.sh  # #13: fsdp trains under the cap, ddp does not fit
 #   bash benchmarks/gpu_plan.sh steady    # #11: ours 2 and 1 GPUs over 60 steps, with and without pad_to 64
 #   bash benchmarks/gpu_plan.sh graphs    # #11: Unsloth's per-block CUDA graphs with padded rows of fixed shapes
+#   bash benchmarks/gpu_plan.sh 8b        # #11: the 8B, ours on 2 and 1 GPUs (TRL's 8B in a later call)
 #   bash benchmarks/gpu_plan.sh profile   # #11: torch profiler trace of both ranks of a 2-GPU step
 #   bash benchmarks/gpu_plan.sh gputest   # pytest -m gpu (2-GPU equivalence on NCCL; 100 s was too short)
 #   CASES=qlora bash benchmarks/gpu_fsdp.sh   # #13: 8B QLoRA, NF4 shards (own call)
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh scaling|trl|steady|graphs|profile|gputest}
+STAGE=${1:?usage: gpu_plan.sh scaling|trl|steady|graphs|8b|profile|gputest}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -50,6 +51,11 @@ case $STAGE in
     UNSLOTH_BLOCK_CUDAGRAPHS=1 "${BENCH[@]}" "${G[@]}" --out "$OUT/a" --only ours-padded --gpus 2,1 --budget-s 230 \
       | tail -5
     "${BENCH[@]}" "${G[@]}" --out "$OUT/b" --only ours-padded --gpus 2 --budget-s 115 | tail -3 ;;
+  8b)
+    # #11, second model size: the 8B (Llama-3.1-8B dimensions) at micro-batch 16 (64 x 434 tokens of activations
+    # would not fit without checkpointing); 2 GPUs: 16 x 4 x 2, 1 GPU: 16 x 8 x 1. About 3 s per step on 1 GPU.
+    "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 25 --warmup 8 --timeout 260 --out "$OUT/a" --only ours \
+      --gpus 2,1 --budget-s 540 | tail -5 ;;
   gputest)
     # the GPU tier of the test suite (make test-gpu): 3 cold tiny-model runs, ~70 s each on the H200 machine
     timeout 290 python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
