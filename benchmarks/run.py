@@ -210,6 +210,9 @@ def derive(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r.get("tokens_per_second") and one.get("tokens_per_second"):
             item["scaling"] = r["tokens_per_second"] / one["tokens_per_second"]
             item["efficiency"] = item["scaling"] / n
+        med = [x.get("steady_state", {}).get("median_seconds_per_step") for x in (one, r)]
+        if all(med):  # same global batch: the ratio of typical step times
+            item["median_step_scaling"] = med[0] / med[1]
         if r.get("first_step_s") and one.get("first_step_s"):
             item["first_step_ratio"] = r["first_step_s"] / one["first_step_s"]
         if r.get("peak_memory_gb") and one.get("peak_memory_gb"):
@@ -276,6 +279,8 @@ def render_table(results: list[dict[str, Any]], comparisons: list[dict[str, Any]
             parts = []
             if "scaling" in c:
                 parts.append(f"tokens/s x{c['scaling']:.2f} ({100 * c['efficiency']:.0f}% of linear)")
+            if "median_step_scaling" in c:
+                parts.append(f"median step x{c['median_step_scaling']:.2f}")
             if "first_step_ratio" in c:
                 parts.append(f"time to first step x{c['first_step_ratio']:.2f}")
             if "peak_memory_ratio" in c:

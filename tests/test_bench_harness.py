@@ -183,8 +183,11 @@ def test_derive_and_render():
             "grad_accum": 2,
         },
     ]
+    results[0]["steady_state"] = {"median_seconds_per_step": 0.2}
+    results[3]["steady_state"] = {"median_seconds_per_step": 0.36}
     comps = run.derive(results)
     scaling = next(c for c in comps if c["what"].startswith("ours 1b: 2 GPUs"))
+    assert scaling["median_step_scaling"] == pytest.approx(1.8)
     assert scaling["scaling"] == pytest.approx(1.9) and scaling["efficiency"] == pytest.approx(0.95)
     assert scaling["first_step_ratio"] == pytest.approx(1.25) and scaling["peak_memory_ratio"] == pytest.approx(1.0)
     head = next(c for c in comps if "speedup" in c and c["gpus"] == 2)
@@ -192,7 +195,7 @@ def test_derive_and_render():
     table = run.render_table(results, comps, header="H")
     assert "| ours-1b-2gpu | padded micro-batches | 2 | 8 x 1 x 2 | 1,900 |" in table
     assert "failed: RuntimeError: boom / bad" in table  # last error line, pipes escaped
-    assert "tokens/s x1.90 (95% of linear)" in table and "ours / TRL tokens/s = 1.27" in table
+    assert "tokens/s x1.90 (95% of linear); median step x1.80" in table and "ours / TRL tokens/s = 1.27" in table
 
 
 def test_trl_batching_says_when_unsloth_changed_the_mode():
