@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: venv           ## the whole suite: unit + integration (real Unsloth on CPU, gloo)
-	$(PYTEST) -q
+	$(PYTEST) -q --durations=15
 
 test-quick: venv     ## unit tests only (seconds)
 	$(PYTEST) -q -m "not integration and not slow and not gpu"
