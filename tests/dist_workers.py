@@ -32,7 +32,7 @@ def aggregate_known_tensors(aggregation: str, views: bool = False) -> dict:
         sync.synchronize()
         out = {"rank": r, "grads": p1.grad.tolist() + p2.grad.tolist()}
         if views:
-            sync.zero_grad(None)
+            sync.zero_grad()
             out["zeroed"] = p1.grad.tolist() + p2.grad.tolist()
         return out
     finally:
@@ -65,7 +65,7 @@ def mixed_dtype_steps(steps: int = 3) -> dict:
             sync.synchronize()
             out["grads"].append([p.grad.float().tolist() for p in params])
             opt.step()
-            sync.zero_grad(opt)
+            sync.zero_grad()
             out["zeroed"].append([None if p.grad is None else p.grad.tolist() for p in params])
         return out
     finally:

@@ -124,3 +124,20 @@ def test_full_fine_tuning_writes_a_model_that_loads_with_transformers(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(str(ensure_builtin_model("builtin:tiny-llama")), dtype=torch.float32)
     changed = [n for n, p in tuned.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
     assert len(changed) > len(list(base.parameters())) // 2  # every layer trained, not only an adapter
+
+
+def test_longest_row_is_the_padded_width_or_the_packed_length():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from unsloth_mgpu_cli.data import StepPlanner
+    from unsloth_mgpu_cli.engine import Trainer
+
+    lengths = np.array([5, 9, 3, 17, 2])
+    planner = StepPlanner(5, lengths, 1, 1, 1, seed=0, lengths=lengths, pad_to=8)
+    padded = SimpleNamespace(packed=False, lengths=lengths, planner=planner)
+    assert Trainer._longest_row(padded, [[0, 2], [1, 4], []]) == 16  # 9 rounded up to a multiple of 8
+    packed = SimpleNamespace(packed=True, lengths=lengths, planner=planner)
+    assert Trainer._longest_row(packed, [[0, 2], [1, 3]]) == 26  # one row of 9 + 17 tokens
+    assert Trainer._longest_row(padded, []) == 0

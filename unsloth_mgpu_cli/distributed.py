@@ -806,8 +806,9 @@ class GradientSynchronizer:
         self.info = info
         self.aggregation = aggregation
         self.buckets = _buckets(self.params, bucket_size_mb * 2**20)
-        self.flats: list[Any] = []  # per bucket: its flat fp32 gradient buffer, or None (copy path)
-        self.views: list[list[Any] | None] = []  # per bucket: the gradient views into its flat buffer
+        # per bucket: its flat fp32 gradient buffer and the parameters' gradient views into it, or None (copy path)
+        self.flats: list[Any] = [None] * len(self.buckets)
+        self.views: list[list[Any] | None] = [None] * len(self.buckets)
         if grad_views:
             self._install_views()
 
@@ -821,10 +822,8 @@ class GradientSynchronizer:
         """
         import torch
 
-        for bucket in self.buckets:
+        for i, bucket in enumerate(self.buckets):
             if any(p.dtype != torch.float32 for p in bucket):
-                self.flats.append(None)
-                self.views.append(None)
                 continue
             flat = torch.zeros(sum(p.numel() for p in bucket), dtype=torch.float32, device=bucket[0].device)
             views, offset = [], 0
@@ -833,25 +832,21 @@ class GradientSynchronizer:
                 p.grad = flat[offset : offset + n].view_as(p)
                 views.append(p.grad)
                 offset += n
-            self.flats.append(flat)
-            self.views.append(views)
+            self.flats[i], self.views[i] = flat, views
 
     @property
     def uses_views(self) -> bool:
         return bool(self.flats) and all(f is not None for f in self.flats)
 
-    def zero_grad(self, optimizer: Any) -> None:
-        """Zero the gradients: the flat buffers of view buckets, `None` for the others.
+    def zero_grad(self) -> None:
+        """Zero the gradients: the flat buffers of view buckets, `None` for the others (and under fsdp).
 
         A model can mix both (Unsloth's bf16 full fine-tuning keeps the norms in fp32: their buckets get views,
         the bf16 weights' buckets copy), so the view buckets must never go through `optimizer.zero_grad(
         set_to_none=True)`: that drops the views, and the next backward's fresh gradients would never be
         all-reduced (the replicas drift).
         """
-        if not any(f is not None for f in self.flats):
-            optimizer.zero_grad(set_to_none=True)
-            return
-        for bucket, flat in zip(self.buckets, self.flats, strict=False):
+        for bucket, flat in zip(self.buckets, self.flats, strict=True):
             if flat is not None:
                 flat.zero_()
             else:
@@ -885,7 +880,7 @@ class GradientSynchronizer:
         if not dist.is_initialized() or world == 1:
             return  # the mean, sum or median of one rank is itself
         for i, bucket in enumerate(self.buckets):
-            view = self.flats[i] if i < len(self.flats) else None
+            view = self.flats[i]
             if view is not None:
                 self._reattach_views(i)
                 flat = view
@@ -954,7 +949,7 @@ def reduce_median(stacked: Any) -> Any:
     return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
 
 
-def _param_sums(params: Sequence[Any]) -> Any:
+def _param_sums(params: Sequence[Any], device: Any = "cpu") -> Any:
     """[N, 2] float64 device tensor: per parameter its plain sum and its position-weighted L1 norm.
 
     Accumulated in float64 inside the reductions (no float64 copy of an 8B model's weights) and read back
@@ -972,7 +967,7 @@ def _param_sums(params: Sequence[Any]) -> Any:
             )
             for i, p in enumerate(params)
         ]
-    return torch.stack(rows) if rows else torch.zeros((0, 2), dtype=torch.float64)
+    return torch.stack(rows) if rows else torch.zeros((0, 2), dtype=torch.float64, device=device)
 
 
 def parameters_checksum(params: Sequence[Any]) -> list[float]:
@@ -988,7 +983,7 @@ def check_consistency(
     params: Sequence[Any], info: DistInfo, step: int, rtol: float = 1e-6, names: Sequence[str] | None = None
 ) -> None:
     """Compare weight checksums across ranks; raise on every rank if any differs, naming the tensors that do."""
-    per_param = all_gather_floats(_param_sums(params).reshape(-1).tolist(), info)
+    per_param = all_gather_tensor(_param_sums(params, info.device).reshape(-1), info).tolist()
     totals = [[sum(s[0::2]), sum(s[1::2])] for s in per_param]
     ref = totals[0]
     bad = []
@@ -1164,9 +1159,6 @@ class ShardedGradients(GradientSynchronizer):
 
     def __init__(self, params: Sequence[Any], info: DistInfo, aggregation: str):
         super().__init__(params, info, aggregation, grad_views=False)
-
-    def zero_grad(self, optimizer: Any) -> None:
-        optimizer.zero_grad(set_to_none=True)
 
     def synchronize(self) -> None:
         return None  # FSDP2 reduce-scattered the gradients in backward

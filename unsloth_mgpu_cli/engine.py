@@ -623,7 +623,7 @@ class Trainer:
                 lr = self.scheduler.get_last_lr()[0]
                 if bad_ranks > 0:
                     # A non-finite loss/gradient on any rank: every rank skips this step together.
-                    self.sync.zero_grad(self.optimizer)
+                    self.sync.zero_grad()
                     rs["skipped_steps"] += 1
                     bad_since = bad_since or self.step + 1
                     grad_norm = float("nan")
@@ -647,7 +647,7 @@ class Trainer:
                     maybe_inject("before_optimizer_step", self)
                     self.optimizer.step()
                     self.scheduler.step()
-                    self.sync.zero_grad(self.optimizer)
+                    self.sync.zero_grad()
                 t_updated = time.perf_counter()
                 self.step += 1
                 step_tokens = int(sum(batches.rank_tokens))
@@ -796,15 +796,8 @@ class Trainer:
     def _longest_row(self, micro_batches: list[list[int]]) -> int:
         """Tokens in the longest row this rank ran this step (the padded width, or a packed row's length): a new
         width is a new shape for the GPU kernels, which the metrics line shows next to the step's time."""
-        widths = [0]
-        for mb in micro_batches:
-            if not mb:
-                continue
-            if self.packed:
-                widths.append(int(sum(int(self.lengths[i]) for i in mb)))
-            else:
-                widths.append(-(-int(max(int(self.lengths[i]) for i in mb)) // self.pad_to) * self.pad_to)
-        return max(widths)
+        rows = self.lengths if self.packed else self.planner.padded_lengths
+        return max((int(rows[mb].sum() if self.packed else rows[mb].max()) for mb in micro_batches if mb), default=0)
 
     # -- out-of-memory recovery (issue #10) -------------------------------------------------------------
     def _accumulate(self, micro_batches: list[list[int]], denom: int) -> tuple[Any, bool]:
@@ -847,7 +840,7 @@ class Trainer:
         """Drop this step's partial gradients, free the cache, and halve the pieces; stop at 1 sample."""
         import torch
 
-        self.sync.zero_grad(self.optimizer)
+        self.sync.zero_grad()
         if self.info.device_type == "cuda":
             torch.cuda.empty_cache()
         mb = int(self.recipe.training.micro_batch_size)

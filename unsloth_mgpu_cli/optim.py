@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from .recipe import Recipe
@@ -27,9 +28,7 @@ def build_scheduler(optimizer: Any, recipe: Recipe, total_steps: int) -> Any:
     return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=max(1, total_steps))
 
 
-_ADAMW_8BIT: Any = None
-
-
+@functools.cache
 def adamw_8bit_class() -> Any:
     """bitsandbytes' `AdamW8bit` with the same kernels and state, minus a device synchronisation per parameter.
 
@@ -39,9 +38,6 @@ def adamw_8bit_class() -> Any:
     draining the GPU's queue so that the host cannot run ahead into the next step. Paged optimizers keep the
     original step.
     """
-    global _ADAMW_8BIT
-    if _ADAMW_8BIT is not None:
-        return _ADAMW_8BIT
     import bitsandbytes as bnb
     import torch
 
@@ -70,5 +66,4 @@ def adamw_8bit_class() -> Any:
                     self.update_step(group, p, gindex, pindex)
             return loss
 
-    _ADAMW_8BIT = AdamW8bit
     return AdamW8bit
