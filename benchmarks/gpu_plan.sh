@@ -14,7 +14,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh scaling|trl|steady|graphs|8b|profile|gputest}
+STAGE=${1:?usage: gpu_plan.sh scaling|trl|balance|steady|graphs|8b|profile|gputest}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -29,6 +29,11 @@ case $STAGE in
     "${BENCH[@]}" --out "$OUT/b" --only trl-pack --gpus 1 --budget-s 190 | tail -3
     timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
+  balance)
+    # #11: each rank's GPU time in its micro-batches per step (metrics compute_s): rank imbalance and the share of
+    # the step the slowest rank's micro-batches take (the rest: sync, optimizer, host work); 1B on 2 and 1 GPUs
+    export TORCH_LOGS=recompiles
+    "${BENCH[@]}" --steps 40 --warmup 15 --out "$OUT/a" --only ours --gpus 2,1 --budget-s 240 | tail -9 ;;
   steady)
     # #11: session 3 saw bimodal step times (most 2-GPU steps 0.17-0.20 s, a third 0.26-0.33 s; the first 6 steps
     # twice as long): 60 steps, steady state after 30, recompiles logged, metrics keep each rank's longest row;

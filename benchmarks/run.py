@@ -27,6 +27,7 @@ run with less than --min-run-s left is skipped (recorded as such), so the call e
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -106,6 +107,28 @@ def steady_state(rows: list[dict[str, Any]], warmup: int) -> dict[str, Any] | No
     }
 
 
+def rank_balance(rows: list[dict[str, Any]], warmup: int) -> dict[str, Any] | None:
+    """How a step's time splits, over the logged single steps after `warmup` (rows need `compute_s` per rank and
+    `elapsed_s`): each rank's mean seconds in its micro-batches, the imbalance (mean of slowest / mean rank - 1:
+    what waiting for the slowest rank costs) and `busy`, the share of the step's wall time the slowest rank's
+    micro-batches take (the rest: gradient sync, optimizer, host work between steps)."""
+    rows = sorted(rows, key=lambda r: r["step"])
+    pairs = [
+        (b["compute_s"], b["elapsed_s"] - a["elapsed_s"])
+        for a, b in zip(rows, rows[1:], strict=False)
+        if b["step"] > warmup and b["step"] - a["step"] == 1 and b.get("compute_s")
+    ]
+    if not pairs:
+        return None
+    n = len(pairs[0][0])
+    return {
+        "steps": len(pairs),
+        "mean_compute_s": [round(statistics.fmean(c[k] for c, _ in pairs), 5) for k in range(n)],
+        "imbalance": round(statistics.fmean(max(c) / statistics.fmean(c) - 1 for c, _ in pairs), 4),
+        "busy": round(sum(max(c) for c, _ in pairs) / sum(t for _, t in pairs), 4),
+    }
+
+
 def loss_at_samples(rows: list[dict[str, Any]], target: int, window: int) -> dict[str, Any] | None:
     """Mean logged loss over the steps that consumed examples (target - window, target], by cumulative count.
 
@@ -141,6 +164,7 @@ def ours_rows(metrics: list[dict[str, Any]], global_batch: int) -> list[dict[str
                 "samples": global_batch * (m["step"] - prev_step),
                 "loss": m.get("loss"),
                 "longest_row": m.get("longest_row"),  # per rank: a new width is a new shape for the kernels
+                "compute_s": m.get("compute_s"),  # per rank: seconds its micro-batches took on its GPU
             }
         )
         prev_t, prev_step = m["elapsed_s"], m["step"]
@@ -273,6 +297,19 @@ def render_table(results: list[dict[str, Any]], comparisons: list[dict[str, Any]
             f"{_fmt(r.get('samples_per_second'), ',.1f')} | {_fmt(r.get('first_step_s'), '.1f')} | {peak} | "
             f"{loss_s} | ok |"
         )
+    balanced = [r for r in results if r.get("rank_balance")]
+    if balanced:
+        lines += [
+            "",
+            "| run | seconds per step in micro-batches, per GPU | rank imbalance | slowest rank busy |",
+            "| --- | --- | --- | --- |",
+        ]
+        for r in balanced:
+            b = r["rank_balance"]
+            per_gpu = ", ".join(f"{c:.3f}" for c in b["mean_compute_s"])
+            lines.append(
+                f"| {r['name']} | {per_gpu} | {100 * b['imbalance']:.1f}% | {100 * b['busy']:.0f}% of the step |"
+            )
     if comparisons:
         lines += ["", "| comparison | value |", "| --- | --- |"]
         for c in comparisons:
@@ -521,6 +558,33 @@ def build_model(a: argparse.Namespace, size: str, log: Path, timeout: float) -> 
     return str(dest), wall, None
 
 
+TRAINING_PACKAGES = ("transformers", "datasets", "peft", "trl", "unsloth", "unsloth_zoo", "bitsandbytes", "torchao")
+
+
+def warm_bytecode() -> float:
+    """Compile the training packages' bytecode once, before any timed run (seconds taken).
+
+    pip installs usually leave it compiled; an install without it (`pip --no-compile`, as on the GPU machine)
+    would make whichever run comes first pay for writing it, skewing time to first step by the order of the
+    runs (session 4: the 8B 2-GPU run, first, spent 7 s more in `prepare` than the 1-GPU run after it).
+    Located with find_spec (nothing is imported); unwritable folders are skipped.
+    """
+    t0 = time.time()
+    dirs = []
+    for name in TRAINING_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            dirs += [d for d in spec.submodule_search_locations if os.access(d, os.W_OK)]
+    if dirs:
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", "-j", "0", *dirs],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
+    return time.time() - t0
+
+
 def summarise(rec: dict[str, Any], a: argparse.Namespace) -> None:
     rows = rec.pop("rows", None)
     if not rows:
@@ -532,6 +596,7 @@ def summarise(rec: dict[str, Any], a: argparse.Namespace) -> None:
     rec["samples_per_second"] = st["samples_per_second"] if st else None
     target = a.steps * a.global_batch
     rec["loss_at_samples"] = loss_at_samples(rows, target, a.loss_window * a.global_batch)
+    rec["rank_balance"] = rank_balance(rows, a.warmup)
     rec["per_step"] = rows
 
 
@@ -613,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     results: list[dict[str, Any]] = []
     models: dict[str, dict[str, Any]] = {}
+    warm_s = warm_bytecode()
+    print(f"bytecode of the training packages compiled in {warm_s:.0f} s", flush=True)
     for size in a.sizes_list:
         timeout = min(a.build_timeout, a.budget_s - (time.time() - start))
         path, secs, err = build_model(a, size, out / "logs" / f"build-{size}.log", timeout)

@@ -58,6 +58,18 @@ def test_steady_state_leaves_out_the_warmup_steps():
     assert slow["seconds_per_step"] == pytest.approx(1.5) and slow["median_seconds_per_step"] == pytest.approx(1.0)
 
 
+def test_rank_balance_splits_the_step_into_the_slowest_rank_and_the_rest():
+    # steps of 1 s; rank 1 is 50% slower than rank 0 in its micro-batches (0.6 vs 0.4 s) after the warm-up
+    rows = [{"step": s, "elapsed_s": float(s), "compute_s": [0.9, 0.9] if s <= 2 else [0.4, 0.6]} for s in range(1, 6)]
+    b = run.rank_balance(rows, warmup=2)
+    assert b["steps"] == 3 and b["mean_compute_s"] == [0.4, 0.6]
+    assert b["imbalance"] == pytest.approx(0.2)  # slowest 0.6 / mean 0.5
+    assert b["busy"] == pytest.approx(0.6)  # the slowest rank's 0.6 s of each 1 s step
+    # windows of several steps, or no compute_s (TRL): nothing to say
+    assert run.rank_balance([{**r, "step": 5 * r["step"]} for r in rows], warmup=2) is None
+    assert run.rank_balance([{"step": s, "elapsed_s": float(s)} for s in range(1, 6)], warmup=2) is None
+
+
 def test_steady_state_with_logging_windows():
     # logged every 5 steps: windows end at 5, 10, 15
     rows = [

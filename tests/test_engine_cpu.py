@@ -76,6 +76,9 @@ def test_outputs_follow_the_contract(runs):
     for r in rows:
         assert len(r["longest_row"]) == 2 and all(0 < w <= 128 for w in r["longest_row"])
         assert r["compute_tokens"] <= 2 * 2 * max(r["longest_row"])
+    # each rank's time in its micro-batches: measured, and within the step's wall time
+    for prev, r in zip(rows, rows[1:], strict=False):
+        assert len(r["compute_s"]) == 2 and all(0 < c <= r["elapsed_s"] - prev["elapsed_s"] for c in r["compute_s"])
     # the two runs logged the same global loss at every step (same samples per step)
     one = [json.loads(line) for line in (runs / "one" / "metrics.jsonl").read_text().splitlines()]
     assert [round(r["loss"], 4) for r in rows] == [round(r["loss"], 4) for r in one]

@@ -16,6 +16,7 @@ from conftest import ROOT, adapter, assert_user_error, max_rel_diff, run_mgpu
 from safetensors.torch import load_file
 
 from unsloth_mgpu_cli.configgen import plan, resolve_auto
+from unsloth_mgpu_cli.errors import UserError
 from unsloth_mgpu_cli.memory import GiB, TrainingSetup, estimate, resolve_architecture
 from unsloth_mgpu_cli.recipe import load_recipe
 
@@ -167,6 +168,39 @@ def test_resolve_auto_picks_the_strategy(tmp_path):
     r, _ = resolve_auto(_recipe(tmp_path, "meta-llama/Llama-3.1-70B", aggregation="median"), 2, H200)
     assert r.distributed.strategy == "ddp"  # median cannot be sharded
     r, _ = resolve_auto(big, 2, None)  # CPU
+    assert r.distributed.strategy == "ddp"
+
+
+@pytest.mark.parametrize(
+    ("strategy", "fraction", "refused"),
+    [("ddp", 0.35, True), ("fsdp", 0.35, False), ("auto", 0.35, False), ("ddp", 0.9, False)],
+    ids=["ddp-over-cap", "fsdp-over-cap", "auto-over-cap", "ddp-control-fits"],
+)
+def test_an_explicit_ddp_that_cannot_fit_is_refused_with_the_fsdp_forecast(tmp_path, strategy, fraction, refused):
+    """#13: an 8B full fine-tune at micro-batch 4 under a cap of 0.35 x 141 GB: a replica does not fit, two shards
+    do. `strategy: ddp` is refused before launching, naming the key and what fits; fsdp and auto are not; with
+    the cap raised (control) ddp fits and is kept."""
+    (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    (tmp_path / "r.yaml").write_text(
+        "model:\n  name: meta-llama/Llama-3.1-8B\n  max_seq_length: 512\n  load_in_4bit: false\nlora: null\n"
+        "dataset:\n  path: d.jsonl\n  format: alpaca\n"
+        "training:\n  micro_batch_size: 4\n  gradient_accumulation_steps: 4\n  optimizer: adamw\n"
+        f"memory:\n  gradient_checkpointing: true\n  max_memory_fraction: {fraction}\n"
+        f"distributed:\n  strategy: {strategy}\n"
+    )
+    recipe = load_recipe(tmp_path / "r.yaml").recipe
+    if not refused:
+        r, _ = resolve_auto(recipe, 2, H200)
+        assert r.distributed.strategy == ("ddp" if strategy == "ddp" else "fsdp")
+        return
+    with pytest.raises(UserError) as err:
+        resolve_auto(recipe, 2, H200)
+    (problem,) = err.value.problems
+    assert problem.where == "distributed.strategy"
+    assert "49.3 GB" in problem.message and "micro-batch 4" in problem.message, problem.message
+    assert "distributed.strategy: fsdp" in problem.hint and "GB per GPU" in problem.hint, problem.hint
+    # one GPU: nothing to shard over, so no refusal in favour of fsdp (resolve_auto warns instead)
+    r, notes = resolve_auto(recipe, 1, H200)
     assert r.distributed.strategy == "ddp"
 
 

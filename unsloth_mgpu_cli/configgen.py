@@ -421,6 +421,58 @@ def _use_smallest_settings(
         t.gradient_accumulation_steps = max(1, math.ceil(global_batch / (int(t.micro_batch_size) * num_gpus)))
 
 
+_METHOD_LABEL = {"full": "full fine-tuning", "lora": "LoRA on 16-bit weights", "qlora": "QLoRA on 4-bit weights"}
+
+
+def _refuse_replicas_that_cannot_fit(r: Any, num_gpus: int, gpu_memory_bytes: int, global_batch: int) -> None:
+    """`distributed.strategy: ddp` asked for explicitly, but no replicated setting fits the memory budget while a
+    sharded one does: refuse before launching (a replica would run out of memory, or exceed the share of the GPU
+    the recipe allows) and say what does fit.
+
+    Raises:
+        UserError: naming `distributed.strategy`, the forecast, the budget and the fsdp forecast.
+    """
+    arch, _ = _architecture_for_recipe(r.model.name)
+    if arch is None:
+        return  # no forecast to refuse on
+    t, mem = r.training, r.memory
+    method: Method = "full" if r.lora is None else ("qlora" if r.model.load_in_4bit else "lora")
+    common = {
+        "gpu_memory_bytes": gpu_memory_bytes,
+        "num_gpus": num_gpus,
+        "seq_len": r.model.max_seq_length,
+        "method": method,
+        "global_batch": global_batch,
+        "optimizer": t.optimizer,
+        "lora_r": r.lora.r if r.lora else 16,
+        "target_modules": tuple(r.lora.target_modules) if r.lora else DEFAULT_TARGET_MODULES,
+        "memory_fraction": mem.max_memory_fraction,
+        "gradient_checkpointing": None if mem.gradient_checkpointing == "auto" else mem.gradient_checkpointing,
+        "micro_batch_size": None if t.micro_batch_size == "auto" else int(t.micro_batch_size),
+    }
+    replica = plan(arch, strategy="ddp", **common)
+    if replica.fits:
+        return
+    sharded = plan(arch, strategy="fsdp", **common)
+    if not sharded.fits:
+        return  # nothing fits either way: resolve_auto trains with the least memory and says so
+    tried = [x for x in replica.rejected if x["strategy"] == "ddp"]
+    need = max((x["predicted_peak_gb"] for x in tried), default=replica.predicted_peak_gb)
+    at = f" at micro-batch {common['micro_batch_size']}" if common["micro_batch_size"] else " even at micro-batch 1"
+    raise UserError(
+        Problem(
+            "distributed.strategy",
+            f"ddp keeps a full replica on every GPU ({_METHOD_LABEL[method]}): predicted {need:.1f} GB per GPU{at}, "
+            f"over the budget of {replica.budget_bytes / GiB:.1f} GB (memory.max_memory_fraction "
+            f"{mem.max_memory_fraction:g} of {gpu_memory_bytes / GiB:.0f} GB)",
+            f"set distributed.strategy: fsdp (sharded over {num_gpus} GPUs: predicted "
+            f"{sharded.predicted_peak_gb:.1f} GB per GPU at micro-batch {sharded.micro_batch_size}) or auto; or "
+            "raise memory.max_memory_fraction if more of each GPU is free",
+        ),
+        "invalid recipe",
+    )
+
+
 def resolve_auto(
     recipe: Any, num_gpus: int, gpu_memory_bytes: int | None, global_batch: int = DEFAULT_GLOBAL_BATCH
 ) -> tuple[Any, list[str]]:
@@ -454,6 +506,8 @@ def resolve_auto(
         why = "no GPU" if gpu_memory_bytes is None else "median aggregation or one worker cannot be sharded"
         notes.append(f"strategy ddp ({why})")
         st_auto = False
+    if recipe.distributed.strategy == "ddp" and gpu_memory_bytes is not None and can_shard:
+        _refuse_replicas_that_cannot_fit(r, num_gpus, gpu_memory_bytes, global_batch)
     if not (mb_auto or ga_auto or ck_auto or st_auto):
         return r, notes
     if gpu_memory_bytes is None:

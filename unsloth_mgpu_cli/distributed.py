@@ -983,7 +983,9 @@ def check_consistency(
     params: Sequence[Any], info: DistInfo, step: int, rtol: float = 1e-6, names: Sequence[str] | None = None
 ) -> None:
     """Compare weight checksums across ranks; raise on every rank if any differs, naming the tensors that do."""
-    per_param = all_gather_tensor(_param_sums(params, info.device).reshape(-1), info).tolist()
+    # staged on this rank's device: under fsdp the weights are checked while still in host memory (NCCL needs GPU
+    # tensors)
+    per_param = all_gather_tensor(_param_sums(params, info.device).reshape(-1).to(info.device), info).tolist()
     totals = [[sum(s[0::2]), sum(s[1::2])] for s in per_param]
     ref = totals[0]
     bad = []

@@ -584,6 +584,7 @@ class Trainer:
         interrupted = False
         eval_every = r.training.eval_steps
         phases = StepPhases()
+        clock = DeviceClock(info.device_type)
         session_start = self.step
         try:
             while self.step < self.total_steps:
@@ -591,8 +592,10 @@ class Trainer:
                 batches = self.planner.batches(self.step)
                 mine = batches.per_rank[info.rank]
                 denom = self.sync.local_loss_denominator(batches.loss_tokens[info.rank], batches.global_loss_tokens)
+                clock.start()
                 loss_sum, oom = self._accumulate(mine, denom)
                 t_queued = time.perf_counter()
+                compute_s = clock.stop()  # this rank's micro-batches on its device (waits for them to finish)
                 # One small collective and one host sync per step: loss, loss tokens, whether any rank saw a
                 # non-finite value (checked on the device: no per-parameter sync), whether any rank was asked
                 # to stop (so every rank stops after the same step) or ran out of memory, and each rank's peak
@@ -606,6 +609,7 @@ class Trainer:
                     float(oom),
                     _peak_memory_gb(info),
                     float(self._longest_row(mine)),
+                    compute_s,
                 ]
                 stats = torch.cat(
                     [
@@ -615,7 +619,7 @@ class Trainer:
                 )
                 rows = D.all_gather_tensor(stats, info).tolist()
                 tot_loss, bad_ranks, tot_tokens, stop_ranks, oom_ranks = (sum(r[k] for r in rows) for k in range(5))
-                peaks, longest = [r[5] for r in rows], [int(r[6]) for r in rows]
+                peaks, longest, computes = [r[5] for r in rows], [int(r[6]) for r in rows], [r[7] for r in rows]
                 t_synced = time.perf_counter()
                 if oom_ranks > 0:  # every rank saw the sum: all redo this step with smaller pieces together
                     self._after_oom(int(oom_ranks), progress)
@@ -685,6 +689,7 @@ class Trainer:
                         "elapsed_s": elapsed_before + now - t_start,
                         "peak_memory_gb": [round(m, 3) for m in peaks],
                         "longest_row": longest,
+                        "compute_s": [round(c, 5) for c in computes],
                         "skipped_steps": rs["skipped_steps"],
                     }
                     if evaluated is not None:
@@ -975,6 +980,33 @@ def startup_breakdown(timeline: dict[str, float]) -> dict[str, float]:
     if "start" in timeline and "first_step" in timeline:
         out["total"] = round(timeline["first_step"] - timeline["start"], 2)
     return out
+
+
+class DeviceClock:
+    """Seconds one rank's micro-batches of a step take on its device: CUDA events around them on a GPU (`stop`
+    waits for the last one, a host sync the step's collective would make anyway), the host clock on CPU. The
+    ranks' values side by side show how evenly a step's work was split (the slowest rank sets the step time)."""
+
+    def __init__(self, device_type: str):
+        self.cuda = device_type == "cuda"
+        self.t0 = 0.0
+        if self.cuda:
+            import torch
+
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def start(self) -> None:
+        if self.cuda:
+            self.begin.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if not self.cuda:
+            return time.perf_counter() - self.t0
+        self.end.record()
+        self.end.synchronize()
+        return self.begin.elapsed_time(self.end) / 1e3
 
 
 class StepPhases:
