@@ -14,7 +14,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh scaling|trl|balance|steady|graphs|8b|profile|gputest}
+STAGE=${1:?usage: gpu_plan.sh scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -34,6 +34,12 @@ case $STAGE in
     # the step the slowest rank's micro-batches take (the rest: sync, optimizer, host work); 1B on 2 and 1 GPUs
     export TORCH_LOGS=recompiles
     "${BENCH[@]}" --steps 40 --warmup 15 --out "$OUT/a" --only ours --gpus 2,1 --budget-s 240 | tail -9 ;;
+  final)
+    # #11, session 4's last call: both sizes on 2 and 1 GPUs with the workers on their own cores and the garbage
+    # collector on the loop's schedule (1B: 35 steps, steady after 12; 8B: 20 steps, steady after 6)
+    timeout 205 "${BENCH[@]}" --steps 35 --warmup 12 --out "$OUT/a" --only ours --gpus 2,1 --budget-s 200 | tail -9
+    timeout 305 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 20 --warmup 6 --timeout 140 --out "$OUT/b" \
+      --only ours --gpus 2,1 --budget-s 300 | tail -9 ;;
   steady)
     # #11: session 3 saw bimodal step times (most 2-GPU steps 0.17-0.20 s, a third 0.26-0.33 s; the first 6 steps
     # twice as long): 60 steps, steady state after 30, recompiles logged, metrics keep each rank's longest row;

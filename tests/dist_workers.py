@@ -135,3 +135,17 @@ def sharded_mixed_dtypes(break_reference: bool = False) -> dict:
         return {"rank": info.rank, "units": units, "groups": len(groups), "diffs": diffs}
     finally:
         D.teardown()
+
+
+def worker_affinity() -> dict:
+    """The cores this worker may run on after setup_worker, and how many threads torch uses."""
+    os.environ["MGPU_DEVICE_TYPE"] = "cpu"
+    import torch
+
+    from unsloth_mgpu_cli import distributed as D
+
+    info = D.setup_worker(timeout_seconds=60)
+    try:
+        return {"rank": info.rank, "cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}
+    finally:
+        D.teardown()

@@ -74,6 +74,30 @@ def test_workers_share_the_hosts_cores(monkeypatch):
     assert [cores_per_worker(n) for n in (1, 2, 8, 64)] == [32, 16, 4, 1]
 
 
+def test_each_worker_keeps_its_own_slice_of_the_cores():
+    from unsloth_mgpu_cli.distributed import worker_cores
+
+    assert [worker_cores(r, 2, set(range(32))) for r in (0, 1)] == [list(range(16)), list(range(16, 32))]
+    assert worker_cores(3, 4, [8, 9, 10, 11, 12, 13, 14, 15]) == [14, 15]  # within the mask it was given
+    assert worker_cores(0, 1, set(range(32))) is None  # one worker: every core stays its own
+    assert worker_cores(1, 4, {0, 1}) is None  # fewer cores than workers: nothing to split
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+def test_real_workers_run_on_disjoint_cores(monkeypatch):
+    from dist_workers import worker_affinity
+
+    monkeypatch.delenv("MGPU_CPU_AFFINITY", raising=False)
+    res = D.launch(worker_affinity, (), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
+    cores = [set(res[r]["cores"]) for r in (0, 1)]
+    assert cores[0] and cores[1] and not cores[0] & cores[1], cores
+    assert all(res[r]["threads"] == len(cores[r]) for r in (0, 1)), res
+    # turned off: both keep the whole mask (the control)
+    monkeypatch.setenv("MGPU_CPU_AFFINITY", "0")
+    res = D.launch(worker_affinity, (), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
+    assert res[0]["cores"] == res[1]["cores"] == sorted(os.sched_getaffinity(0))
+
+
 def test_mixed_fp32_and_bf16_buckets_stay_synchronised_every_step():
     """Regression (8B bf16 full fine-tune on 2 x H200 drifted at step 20): fp32 norms next to bf16 weights.
 

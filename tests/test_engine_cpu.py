@@ -144,3 +144,22 @@ def test_longest_row_is_the_padded_width_or_the_packed_length():
     packed = SimpleNamespace(packed=True, lengths=lengths, planner=planner)
     assert Trainer._longest_row(packed, [[0, 2], [1, 3]]) == 26  # one row of 9 + 17 tokens
     assert Trainer._longest_row(padded, []) == 0
+
+
+def test_garbage_collection_runs_on_the_loops_schedule_and_is_restored():
+    import gc
+
+    from unsloth_mgpu_cli.engine import GarbageCollection
+
+    collector = GarbageCollection(every=3)
+    assert gc.isenabled()
+    collector.start()
+    try:
+        assert not gc.isenabled() and gc.get_freeze_count() > 0  # what existed before training is left alone
+        before = gc.get_stats()[1]["collections"]
+        for step in range(1, 7):
+            collector.after_step(step)
+        assert gc.get_stats()[1]["collections"] - before == 2  # steps 3 and 6
+    finally:
+        collector.stop()
+    assert gc.isenabled() and gc.get_freeze_count() == 0

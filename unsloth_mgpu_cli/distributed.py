@@ -630,6 +630,20 @@ def cores_per_worker(local_workers: int) -> int:
     return max(1, cores // max(1, local_workers))
 
 
+def worker_cores(local_rank: int, local_workers: int, allowed: set[int] | list[int]) -> list[int] | None:
+    """The cores this worker keeps: its own contiguous slice of the cores allowed (None: leave as is).
+
+    Workers of one host otherwise share every core, and the OS moves each rank's launch thread among the other
+    ranks' threads: on 2 x H200, rank 1's micro-batches ran 13% slower than rank 0's every step (session 4).
+    Each rank launches its GPU kernels from one thread, so its own cores keep that thread fed.
+    """
+    cores = sorted(allowed)
+    k = len(cores) // max(1, local_workers)
+    if local_workers <= 1 or k < 1:
+        return None
+    return cores[local_rank * k : (local_rank + 1) * k]
+
+
 def setup_worker(timeout_seconds: int = 1800) -> DistInfo:
     """Pin this worker to its device and join the process group (NCCL on CUDA, gloo on CPU).
 
@@ -643,6 +657,10 @@ def setup_worker(timeout_seconds: int = 1800) -> DistInfo:
         os.environ["MGPU_VISIBLE_DEVICES"] = ",".join(devices)
         os.environ["CUDA_VISIBLE_DEVICES"] = devices[info.local_rank]
     share = cores_per_worker(info.local_world_size)
+    if os.environ.get("MGPU_CPU_AFFINITY", "1") != "0" and hasattr(os, "sched_setaffinity"):
+        mine = worker_cores(info.local_rank, info.local_world_size, os.sched_getaffinity(0))
+        if mine:
+            os.sched_setaffinity(0, mine)  # threads started from here on (torch's pools included) inherit it
     # torch.compile's kernel compilation uses a pool of min(32, cores) processes per worker: N workers compiling
     # their first step at once would oversubscribe the host N times over (read when torch._inductor is imported).
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(share))
