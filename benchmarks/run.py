@@ -121,7 +121,14 @@ def rank_balance(rows: list[dict[str, Any]], warmup: int) -> dict[str, Any] | No
     if not pairs:
         return None
     n = len(pairs[0][0])
+    steps = [b for a, b in zip(rows, rows[1:], strict=False) if b["step"] > warmup and b["step"] - a["step"] == 1]
+    with_c = [max(b["compute_s"]) for b in steps if b.get("compute_s") and any(b.get("compiles") or [])]
+    without = [max(b["compute_s"]) for b in steps if b.get("compute_s") and not any(b.get("compiles") or [])]
     return {
+        # steps in which some rank compiled a graph (a new shape): their slowest rank's seconds, against the rest
+        "steps_compiling": len(with_c),
+        "slowest_rank_s_compiling": round(statistics.fmean(with_c), 5) if with_c else None,
+        "slowest_rank_s_other": round(statistics.fmean(without), 5) if without else None,
         "steps": len(pairs),
         "mean_compute_s": [round(statistics.fmean(c[k] for c, _ in pairs), 5) for k in range(n)],
         "imbalance": round(statistics.fmean(max(c) / statistics.fmean(c) - 1 for c, _ in pairs), 4),
@@ -307,8 +314,15 @@ def render_table(results: list[dict[str, Any]], comparisons: list[dict[str, Any]
         for r in balanced:
             b = r["rank_balance"]
             per_gpu = ", ".join(f"{c:.3f}" for c in b["mean_compute_s"])
+            comp = ""
+            if b.get("steps_compiling"):
+                comp = (
+                    f"; {b['steps_compiling']} steps compiled a graph: slowest rank "
+                    f"{b['slowest_rank_s_compiling']:.3f} s"
+                    f" (other steps {b['slowest_rank_s_other'] or 0:.3f} s)"
+                )
             lines.append(
-                f"| {r['name']} | {per_gpu} | {100 * b['imbalance']:.1f}% | {100 * b['busy']:.0f}% of the step |"
+                f"| {r['name']} | {per_gpu} | {100 * b['imbalance']:.1f}% | {100 * b['busy']:.0f}% of the step{comp} |"
             )
     if comparisons:
         lines += ["", "| comparison | value |", "| --- | --- |"]

@@ -65,6 +65,13 @@ def test_rank_balance_splits_the_step_into_the_slowest_rank_and_the_rest():
     assert b["steps"] == 3 and b["mean_compute_s"] == [0.4, 0.6]
     assert b["imbalance"] == pytest.approx(0.2)  # slowest 0.6 / mean 0.5
     assert b["busy"] == pytest.approx(0.6)  # the slowest rank's 0.6 s of each 1 s step
+    assert b["steps_compiling"] == 0 and b["slowest_rank_s_other"] == pytest.approx(0.6)
+    # a step in which a rank compiled a graph is counted apart
+    rows[3]["compiles"], rows[3]["compute_s"] = [0, 2], [0.4, 0.9]
+    c = run.rank_balance(rows, warmup=2)
+    assert c["steps_compiling"] == 1 and c["slowest_rank_s_compiling"] == pytest.approx(0.9)
+    assert c["slowest_rank_s_other"] == pytest.approx(0.6)
+    rows[3]["compute_s"] = [0.4, 0.6]
     # windows of several steps, or no compute_s (TRL): nothing to say
     assert run.rank_balance([{**r, "step": 5 * r["step"]} for r in rows], warmup=2) is None
     assert run.rank_balance([{"step": s, "elapsed_s": float(s)} for s in range(1, 6)], warmup=2) is None

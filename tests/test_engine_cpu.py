@@ -76,6 +76,7 @@ def test_outputs_follow_the_contract(runs):
     for r in rows:
         assert len(r["longest_row"]) == 2 and all(0 < w <= 128 for w in r["longest_row"])
         assert r["compute_tokens"] <= 2 * 2 * max(r["longest_row"])
+    assert all(len(r["compiles"]) == 2 and min(r["compiles"]) >= 0 for r in rows)
     # each rank's time in its micro-batches: measured, and within the step's wall time
     for prev, r in zip(rows, rows[1:], strict=False):
         assert len(r["compute_s"]) == 2 and all(0 < c <= r["elapsed_s"] - prev["elapsed_s"] for c in r["compute_s"])
@@ -163,3 +164,15 @@ def test_garbage_collection_runs_on_the_loops_schedule_and_is_restored():
     finally:
         collector.stop()
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_graphs_compiled_counts_torch_compile_frames():
+    from unsloth_mgpu_cli.engine import _graphs_compiled
+
+    f = torch.compile(lambda x: x * 3 + 1, backend="eager")
+    before = _graphs_compiled()
+    f(torch.ones(3))
+    f(torch.ones(3))  # same shape: no new frame
+    assert _graphs_compiled() - before == 1
+    f(torch.ones(4, 2))  # another rank of tensor: compiled again
+    assert _graphs_compiled() - before == 2

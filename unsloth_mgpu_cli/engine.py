@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -596,9 +597,11 @@ class Trainer:
                 mine = batches.per_rank[info.rank]
                 denom = self.sync.local_loss_denominator(batches.loss_tokens[info.rank], batches.global_loss_tokens)
                 clock.start()
+                compiled_before = _graphs_compiled()
                 loss_sum, oom = self._accumulate(mine, denom)
                 t_queued = time.perf_counter()
                 compute_s = clock.stop()  # this rank's micro-batches on its device (waits for them to finish)
+                compiled = _graphs_compiled() - compiled_before  # torch.compile frames (re)compiled in them
                 # One small collective and one host sync per step: loss, loss tokens, whether any rank saw a
                 # non-finite value (checked on the device: no per-parameter sync), whether any rank was asked
                 # to stop (so every rank stops after the same step) or ran out of memory, and each rank's peak
@@ -613,6 +616,7 @@ class Trainer:
                     _peak_memory_gb(info),
                     float(self._longest_row(mine)),
                     compute_s,
+                    float(compiled),
                 ]
                 stats = torch.cat(
                     [
@@ -623,6 +627,7 @@ class Trainer:
                 rows = D.all_gather_tensor(stats, info).tolist()
                 tot_loss, bad_ranks, tot_tokens, stop_ranks, oom_ranks = (sum(r[k] for r in rows) for k in range(5))
                 peaks, longest, computes = [r[5] for r in rows], [int(r[6]) for r in rows], [r[7] for r in rows]
+                compiles = [int(r[8]) for r in rows]
                 t_synced = time.perf_counter()
                 if oom_ranks > 0:  # every rank saw the sum: all redo this step with smaller pieces together
                     self._after_oom(int(oom_ranks), progress)
@@ -693,6 +698,7 @@ class Trainer:
                         "peak_memory_gb": [round(m, 3) for m in peaks],
                         "longest_row": longest,
                         "compute_s": [round(c, 5) for c in computes],
+                        "compiles": compiles,
                         "skipped_steps": rs["skipped_steps"],
                     }
                     if evaluated is not None:
@@ -985,6 +991,13 @@ def startup_breakdown(timeline: dict[str, float]) -> dict[str, float]:
     if "start" in timeline and "first_step" in timeline:
         out["total"] = round(timeline["first_step"] - timeline["start"], 2)
     return out
+
+
+def _graphs_compiled() -> int:
+    """Frames torch.compile has compiled in this process so far (a new input shape or guard failure in a
+    compiled region compiles again: the metrics line counts them per rank and step, next to its time)."""
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    return int(dynamo.counters["frames"]["total"]) if dynamo is not None else 0
 
 
 class GarbageCollection:
