@@ -36,10 +36,10 @@ case $STAGE in
     "${BENCH[@]}" --steps 40 --warmup 15 --out "$OUT/a" --only ours --gpus 2,1 --budget-s 240 | tail -9 ;;
   final)
     # #11, session 4's last call: both sizes on 2 and 1 GPUs with the workers on their own cores and the garbage
-    # collector on the loop's schedule (1B: 35 steps, steady after 12; 8B: 20 steps, steady after 6)
-    timeout 205 "${BENCH[@]}" --steps 35 --warmup 12 --out "$OUT/a" --only ours --gpus 2,1 --budget-s 200 | tail -9
-    timeout 305 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 20 --warmup 6 --timeout 140 --out "$OUT/b" \
-      --only ours --gpus 2,1 --budget-s 300 | tail -9 ;;
+    # collector on the loop's schedule (1B: 30 steps, steady after 10; 8B: 20 steps, steady after 6)
+    timeout 190 "${BENCH[@]}" --steps 30 --warmup 10 --out "$OUT/a" --only ours --gpus 2,1 --budget-s 185 | tail -9
+    timeout 295 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 20 --warmup 6 --timeout 135 --out "$OUT/b" \
+      --only ours --gpus 2,1 --budget-s 290 | tail -9 ;;
   steady)
     # #11: session 3 saw bimodal step times (most 2-GPU steps 0.17-0.20 s, a third 0.26-0.33 s; the first 6 steps
     # twice as long): 60 steps, steady state after 30, recompiles logged, metrics keep each rank's longest row;
