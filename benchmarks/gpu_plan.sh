@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
 # The open GPU must-shows, one device call (<= 10 min, 2 x H200) per stage. Results under $OUT/<stage>.
-# Run in session 3 (results in docs/BENCHMARKS.md):
-#   bash benchmarks/gpu_plan.sh scaling   # #11 + #4: ours balanced and TRL packed on 2 GPUs, ours on 1, ours padded on 2
-#   bash benchmarks/gpu_plan.sh trl       # #11: TRL padding-free 1 and 2 GPUs, TRL packed 1 GPU; then pytest -m gpu
+# Run in session 3 (results in docs/BENCHMARKS.md): `scaling`, `trl`. In session 4: `8b`, `balance`, `final`, and
+# `STRATS="auto ddp" CASES=full bash benchmarks/gpu_fsdp.sh` (#13: fsdp trains under the cap, ddp refused).
 # Next, in this order:
-#   STRATS="auto ddp" CASES=full bash benchmarks/gpu_fsdp.sh  # #13: fsdp trains under the cap, ddp does not fit
+#   bash benchmarks/gpu_plan.sh profile   # #11: trace of both ranks over steps 11-13 (11 and 13 slow, 12 fast, every run)
 #   bash benchmarks/gpu_plan.sh steady    # #11: ours 2 and 1 GPUs over 60 steps, with and without pad_to 64
-#   bash benchmarks/gpu_plan.sh graphs    # #11: Unsloth's per-block CUDA graphs with padded rows of fixed shapes
-#   bash benchmarks/gpu_plan.sh 8b        # #11: the 8B, ours on 2 and 1 GPUs (TRL's 8B in a later call)
-#   bash benchmarks/gpu_plan.sh profile   # #11: torch profiler trace of both ranks of a 2-GPU step
 #   bash benchmarks/gpu_plan.sh gputest   # pytest -m gpu (2-GPU equivalence on NCCL; 100 s was too short)
+#   bash benchmarks/gpu_plan.sh graphs    # #11: Unsloth's per-block CUDA graphs with padded rows of fixed shapes
 #   CASES=qlora bash benchmarks/gpu_fsdp.sh   # #13: 8B QLoRA, NF4 shards (own call)
+#   TRL on the 8B: benchmarks/run.py --sizes 8b --micro-batch 16 --only trl-pf,trl-pack --gpus 2,1
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
@@ -50,8 +48,9 @@ case $STAGE in
     "${BENCH[@]}" "${LONG[@]}" --out "$OUT/b" --only ours --gpus 2,1 --budget-s 240 \
       --ours-set dataset.pad_to_multiple_of=64 | tail -5 ;;
   profile)
-    # #11: where a 2-GPU step goes (trace of both ranks, steps 44-46, after every row width has been seen)
-    MGPU_PROFILE="$OUT/prof:44:46:trace" "${BENCH[@]}" --steps 46 --warmup 30 --out "$OUT/a" --only ours --gpus 2 \
+    # #11: what makes a third of the 1B's steps slow on both ranks at once (session 4: steps 11, 13-15, 17, 18, 23,
+    # 29, 30 in two runs; not recompiles, not garbage collection): trace of both ranks over steps 11-13
+    MGPU_PROFILE="$OUT/prof:11:13:trace" "${BENCH[@]}" --steps 16 --warmup 8 --out "$OUT/a" --only ours --gpus 2 \
       --budget-s 200 | tail -3
     cp -r /tmp/mgpu-bench/ours-1b-2gpu/run/metrics.jsonl "$OUT/" 2>/dev/null ;;
   graphs)

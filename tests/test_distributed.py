@@ -87,13 +87,13 @@ def test_each_worker_keeps_its_own_slice_of_the_cores():
 def test_real_workers_run_on_disjoint_cores(monkeypatch):
     from dist_workers import worker_affinity
 
-    monkeypatch.delenv("MGPU_CPU_AFFINITY", raising=False)
+    monkeypatch.setenv("MGPU_CPU_AFFINITY", "1")
     res = D.launch(worker_affinity, (), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
     cores = [set(res[r]["cores"]) for r in (0, 1)]
     assert cores[0] and cores[1] and not cores[0] & cores[1], cores
     assert all(res[r]["threads"] == len(cores[r]) for r in (0, 1)), res
-    # turned off: both keep the whole mask (the control)
-    monkeypatch.setenv("MGPU_CPU_AFFINITY", "0")
+    # by default (the control): both keep the whole mask
+    monkeypatch.delenv("MGPU_CPU_AFFINITY")
     res = D.launch(worker_affinity, (), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
     assert res[0]["cores"] == res[1]["cores"] == sorted(os.sched_getaffinity(0))
 

@@ -635,7 +635,7 @@ def worker_cores(local_rank: int, local_workers: int, allowed: set[int] | list[i
 
     Each rank launches its GPU kernels from one host thread; without a slice, the workers' threads (torch's
     pools, NCCL's, the compile pools) share every core. On 2 x H200 rank 1's micro-batches ran 12% slower than
-    rank 0's in 24 of 25 steps (session 4, all cores shared); own cores are meant to close that gap.
+    rank 0's in 24 of 25 steps with all cores shared, and as fast with own cores (session 4).
     """
     cores = sorted(allowed)
     k = len(cores) // max(1, local_workers)
@@ -657,7 +657,9 @@ def setup_worker(timeout_seconds: int = 1800) -> DistInfo:
         os.environ["MGPU_VISIBLE_DEVICES"] = ",".join(devices)
         os.environ["CUDA_VISIBLE_DEVICES"] = devices[info.local_rank]
     share = cores_per_worker(info.local_world_size)
-    if os.environ.get("MGPU_CPU_AFFINITY", "1") != "0" and hasattr(os, "sched_setaffinity"):
+    # Opt-in (MGPU_CPU_AFFINITY=1): on 2 x H200 it closed rank 1's gap on the 1B (+5% tokens/s) but the 8B's
+    # 2-GPU run was 18% slower with it (1-GPU runs unchanged), so the default leaves the cores shared.
+    if os.environ.get("MGPU_CPU_AFFINITY", "0") == "1" and hasattr(os, "sched_setaffinity"):
         mine = worker_cores(info.local_rank, info.local_world_size, os.sched_getaffinity(0))
         if mine:
             os.sched_setaffinity(0, mine)  # threads started from here on (torch's pools included) inherit it
