@@ -113,26 +113,26 @@ def rank_balance(rows: list[dict[str, Any]], warmup: int) -> dict[str, Any] | No
     what waiting for the slowest rank costs) and `busy`, the share of the step's wall time the slowest rank's
     micro-batches take (the rest: gradient sync, optimizer, host work between steps)."""
     rows = sorted(rows, key=lambda r: r["step"])
-    pairs = [
-        (b["compute_s"], b["elapsed_s"] - a["elapsed_s"])
+    # (row, its step's wall time) for each single logged step after the warm-up that carries compute_s
+    steps = [
+        (b, b["elapsed_s"] - a["elapsed_s"])
         for a, b in zip(rows, rows[1:], strict=False)
         if b["step"] > warmup and b["step"] - a["step"] == 1 and b.get("compute_s")
     ]
-    if not pairs:
+    if not steps:
         return None
-    n = len(pairs[0][0])
-    steps = [b for a, b in zip(rows, rows[1:], strict=False) if b["step"] > warmup and b["step"] - a["step"] == 1]
-    with_c = [max(b["compute_s"]) for b in steps if b.get("compute_s") and any(b.get("compiles") or [])]
-    without = [max(b["compute_s"]) for b in steps if b.get("compute_s") and not any(b.get("compiles") or [])]
+    computes = [b["compute_s"] for b, _ in steps]
+    # steps in which some rank compiled a graph (a new shape): their slowest rank's seconds, against the rest
+    with_c = [max(b["compute_s"]) for b, _ in steps if any(b.get("compiles") or [])]
+    without = [max(b["compute_s"]) for b, _ in steps if not any(b.get("compiles") or [])]
     return {
-        # steps in which some rank compiled a graph (a new shape): their slowest rank's seconds, against the rest
+        "steps": len(steps),
+        "mean_compute_s": [round(statistics.fmean(c[k] for c in computes), 5) for k in range(len(computes[0]))],
+        "imbalance": round(statistics.fmean(max(c) / statistics.fmean(c) - 1 for c in computes), 4),
+        "busy": round(sum(max(c) for c in computes) / sum(t for _, t in steps), 4),
         "steps_compiling": len(with_c),
         "slowest_rank_s_compiling": round(statistics.fmean(with_c), 5) if with_c else None,
         "slowest_rank_s_other": round(statistics.fmean(without), 5) if without else None,
-        "steps": len(pairs),
-        "mean_compute_s": [round(statistics.fmean(c[k] for c, _ in pairs), 5) for k in range(n)],
-        "imbalance": round(statistics.fmean(max(c) / statistics.fmean(c) - 1 for c, _ in pairs), 4),
-        "busy": round(sum(max(c) for c, _ in pairs) / sum(t for _, t in pairs), 4),
     }
 
 

@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from typing import Any
+
+
+@contextlib.contextmanager
+def cpu_worker(timeout_seconds: int = 60) -> Iterator[Any]:
+    """This process as one rank of a gloo group (what `D.launch` started), torn down on the way out."""
+    os.environ["MGPU_DEVICE_TYPE"] = "cpu"
+    from unsloth_mgpu_cli import distributed as D
+
+    info = D.setup_worker(timeout_seconds=timeout_seconds)
+    try:
+        yield info
+    finally:
+        D.teardown()
 
 
 def aggregate_known_tensors(aggregation: str, views: bool = False) -> dict:
     """Each rank holds grads [r+1, 10*(r+1) + {0,5,-3}]; returns the synchronised result."""
-    os.environ["MGPU_DEVICE_TYPE"] = "cpu"
     import torch
 
     from unsloth_mgpu_cli import distributed as D
 
-    info = D.setup_worker(timeout_seconds=60)
-    try:
+    with cpu_worker(60) as info:
         r = info.rank
         values = {0: [1.0, 10.0, 7.0], 1: [2.0, 25.0, -3.0], 2: [3.0, 30.0, 100.0]}[r]
         p1 = torch.nn.Parameter(torch.zeros(2))
@@ -35,21 +49,17 @@ def aggregate_known_tensors(aggregation: str, views: bool = False) -> dict:
             sync.zero_grad()
             out["zeroed"] = p1.grad.tolist() + p2.grad.tolist()
         return out
-    finally:
-        D.teardown()
 
 
 def mixed_dtype_steps(steps: int = 3) -> dict:
     """A bf16 weight (copy bucket) and two fp32 weights (a view bucket), as Unsloth's bf16 full fine-tuning has
     (fp32 norms): each step, rank r's gradients are (r+1) * (step+1) * [1, 2, ...]; returns the synchronised
     gradients of every step and the gradients left after `zero_grad`."""
-    os.environ["MGPU_DEVICE_TYPE"] = "cpu"
     import torch
 
     from unsloth_mgpu_cli import distributed as D
 
-    info = D.setup_worker(timeout_seconds=60)
-    try:
+    with cpu_worker(60) as info:
         w16 = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
         norm_a, norm_b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
         params = [w16, norm_a, norm_b]
@@ -68,34 +78,27 @@ def mixed_dtype_steps(steps: int = 3) -> dict:
             sync.zero_grad()
             out["zeroed"].append([None if p.grad is None else p.grad.tolist() for p in params])
         return out
-    finally:
-        D.teardown()
 
 
 def replaced_views() -> dict:
     """A library resets the gradients between steps (`model.zero_grad()`): the view bucket must still all-reduce."""
-    os.environ["MGPU_DEVICE_TYPE"] = "cpu"
     import torch
 
     from unsloth_mgpu_cli import distributed as D
 
-    info = D.setup_worker(timeout_seconds=60)
-    try:
+    with cpu_worker(60) as info:
         p = torch.nn.Parameter(torch.zeros(3))
         sync = D.GradientSynchronizer([p], info, "sum", grad_views=True)
         p.grad = None  # dropped before the backward
         (p * (info.rank + 1.0)).sum().backward()
         sync.synchronize()
         return {"rank": info.rank, "grad": p.grad.tolist(), "is_view": p.grad.data_ptr() == sync.flats[0].data_ptr()}
-    finally:
-        D.teardown()
 
 
 def sharded_mixed_dtypes(break_reference: bool = False) -> dict:
     """FSDP2 on a bf16 Llama whose norms are fp32 (Unsloth's bf16 full fine-tuning): one weighted step of SGD on
     each rank's half of a global batch, against the same step of an unsharded copy on the whole batch.
     Returns the largest relative difference of the gathered weights, per dtype."""
-    os.environ["MGPU_DEVICE_TYPE"] = "cpu"
     import copy
 
     import torch
@@ -103,8 +106,7 @@ def sharded_mixed_dtypes(break_reference: bool = False) -> dict:
 
     from unsloth_mgpu_cli import distributed as D
 
-    info = D.setup_worker(timeout_seconds=120)
-    try:
+    with cpu_worker(120) as info:
         model = tiny_llama(0).to(torch.bfloat16)
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -133,19 +135,11 @@ def sharded_mixed_dtypes(break_reference: bool = False) -> dict:
             key = str(p.dtype)
             diffs[key] = max(diffs.get(key, 0.0), rel)
         return {"rank": info.rank, "units": units, "groups": len(groups), "diffs": diffs}
-    finally:
-        D.teardown()
 
 
 def worker_affinity() -> dict:
     """The cores this worker may run on after setup_worker, and how many threads torch uses."""
-    os.environ["MGPU_DEVICE_TYPE"] = "cpu"
     import torch
 
-    from unsloth_mgpu_cli import distributed as D
-
-    info = D.setup_worker(timeout_seconds=60)
-    try:
+    with cpu_worker(60) as info:
         return {"rank": info.rank, "cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}
-    finally:
-        D.teardown()

@@ -424,7 +424,36 @@ def _use_smallest_settings(
 _METHOD_LABEL = {"full": "full fine-tuning", "lora": "LoRA on 16-bit weights", "qlora": "QLoRA on 4-bit weights"}
 
 
-def _refuse_replicas_that_cannot_fit(r: Any, num_gpus: int, gpu_memory_bytes: int, global_batch: int) -> None:
+def _recipe_method(r: Any) -> Method:
+    return "full" if r.lora is None else ("qlora" if r.model.load_in_4bit else "lora")
+
+
+def _plan_recipe(
+    r: Any, arch: Architecture, num_gpus: int, gpu_memory_bytes: int, global_batch: int, strategy: str
+) -> Plan:
+    """`plan` for a recipe: its method, LoRA, optimizer and sequence length, with the values it fixes kept fixed
+    (micro-batch, checkpointing) and those it leaves `auto` left to the planner."""
+    t, mem, lora = r.training, r.memory, r.lora
+    return plan(
+        arch,
+        gpu_memory_bytes=gpu_memory_bytes,
+        num_gpus=num_gpus,
+        seq_len=r.model.max_seq_length,
+        method=_recipe_method(r),
+        global_batch=global_batch,
+        optimizer=t.optimizer,
+        lora_r=lora.r if lora else 16,
+        target_modules=tuple(lora.target_modules) if lora else DEFAULT_TARGET_MODULES,
+        memory_fraction=mem.max_memory_fraction,
+        gradient_checkpointing=None if mem.gradient_checkpointing == "auto" else mem.gradient_checkpointing,
+        micro_batch_size=None if t.micro_batch_size == "auto" else int(t.micro_batch_size),
+        strategy=strategy,
+    )
+
+
+def _refuse_replicas_that_cannot_fit(
+    r: Any, arch: Architecture, num_gpus: int, gpu_memory_bytes: int, global_batch: int
+) -> None:
     """`distributed.strategy: ddp` asked for explicitly, but no replicated setting fits the memory budget while a
     sharded one does: refuse before launching (a replica would run out of memory, or exceed the share of the GPU
     the recipe allows) and say what does fit.
@@ -432,39 +461,22 @@ def _refuse_replicas_that_cannot_fit(r: Any, num_gpus: int, gpu_memory_bytes: in
     Raises:
         UserError: naming `distributed.strategy`, the forecast, the budget and the fsdp forecast.
     """
-    arch, _ = _architecture_for_recipe(r.model.name)
-    if arch is None:
-        return  # no forecast to refuse on
-    t, mem = r.training, r.memory
-    method: Method = "full" if r.lora is None else ("qlora" if r.model.load_in_4bit else "lora")
-    common = {
-        "gpu_memory_bytes": gpu_memory_bytes,
-        "num_gpus": num_gpus,
-        "seq_len": r.model.max_seq_length,
-        "method": method,
-        "global_batch": global_batch,
-        "optimizer": t.optimizer,
-        "lora_r": r.lora.r if r.lora else 16,
-        "target_modules": tuple(r.lora.target_modules) if r.lora else DEFAULT_TARGET_MODULES,
-        "memory_fraction": mem.max_memory_fraction,
-        "gradient_checkpointing": None if mem.gradient_checkpointing == "auto" else mem.gradient_checkpointing,
-        "micro_batch_size": None if t.micro_batch_size == "auto" else int(t.micro_batch_size),
-    }
-    replica = plan(arch, strategy="ddp", **common)
+    replica = _plan_recipe(r, arch, num_gpus, gpu_memory_bytes, global_batch, "ddp")
     if replica.fits:
         return
-    sharded = plan(arch, strategy="fsdp", **common)
+    sharded = _plan_recipe(r, arch, num_gpus, gpu_memory_bytes, global_batch, "fsdp")
     if not sharded.fits:
         return  # nothing fits either way: resolve_auto trains with the least memory and says so
     tried = [x for x in replica.rejected if x["strategy"] == "ddp"]
     need = max((x["predicted_peak_gb"] for x in tried), default=replica.predicted_peak_gb)
-    at = f" at micro-batch {common['micro_batch_size']}" if common["micro_batch_size"] else " even at micro-batch 1"
+    mb, fraction = r.training.micro_batch_size, r.memory.max_memory_fraction
+    at = f" at micro-batch {mb}" if mb != "auto" else " even at micro-batch 1"
     raise UserError(
         Problem(
             "distributed.strategy",
-            f"ddp keeps a full replica on every GPU ({_METHOD_LABEL[method]}): predicted {need:.1f} GB per GPU{at}, "
-            f"over the budget of {replica.budget_bytes / GiB:.1f} GB (memory.max_memory_fraction "
-            f"{mem.max_memory_fraction:g} of {gpu_memory_bytes / GiB:.0f} GB)",
+            f"ddp keeps a full replica on every GPU ({_METHOD_LABEL[_recipe_method(r)]}): predicted {need:.1f} GB "
+            f"per GPU{at}, over the budget of {replica.budget_bytes / GiB:.1f} GB (memory.max_memory_fraction "
+            f"{fraction:g} of {gpu_memory_bytes / GiB:.0f} GB)",
             f"set distributed.strategy: fsdp (sharded over {num_gpus} GPUs: predicted "
             f"{sharded.predicted_peak_gb:.1f} GB per GPU at micro-batch {sharded.micro_batch_size}) or auto; or "
             "raise memory.max_memory_fraction if more of each GPU is free",
@@ -506,8 +518,10 @@ def resolve_auto(
         why = "no GPU" if gpu_memory_bytes is None else "median aggregation or one worker cannot be sharded"
         notes.append(f"strategy ddp ({why})")
         st_auto = False
-    if recipe.distributed.strategy == "ddp" and gpu_memory_bytes is not None and can_shard:
-        _refuse_replicas_that_cannot_fit(r, num_gpus, gpu_memory_bytes, global_batch)
+    # read once: the refusal below and the planning further down both forecast from it
+    arch, why_not = _architecture_for_recipe(r.model.name) if gpu_memory_bytes is not None else (None, None)
+    if recipe.distributed.strategy == "ddp" and arch is not None and gpu_memory_bytes is not None and can_shard:
+        _refuse_replicas_that_cannot_fit(r, arch, num_gpus, gpu_memory_bytes, global_batch)
     if not (mb_auto or ga_auto or ck_auto or st_auto):
         return r, notes
     if gpu_memory_bytes is None:
@@ -525,10 +539,6 @@ def resolve_auto(
         )
         return r, notes
 
-    method: Method = "full" if r.lora is None else ("qlora" if r.model.load_in_4bit else "lora")
-    arch, why_not = _architecture_for_recipe(r.model.name)
-    fixed_mb = None if mb_auto else int(t.micro_batch_size)
-    fixed_ck = None if ck_auto else mem.gradient_checkpointing
     if arch is None:
         # Unknown architecture (a hub id not downloaded yet): be safe rather than fast.
         if st_auto:
@@ -540,22 +550,7 @@ def resolve_auto(
             f"{t.micro_batch_size}, gradient_checkpointing {mem.gradient_checkpointing}"
         )
         return r, notes
-    lora = r.lora
-    p = plan(
-        arch,
-        gpu_memory_bytes=gpu_memory_bytes,
-        num_gpus=num_gpus,
-        seq_len=r.model.max_seq_length,
-        method=method,
-        global_batch=global_batch,
-        optimizer=t.optimizer,
-        lora_r=lora.r if lora else 16,
-        target_modules=tuple(lora.target_modules) if lora else DEFAULT_TARGET_MODULES,
-        memory_fraction=mem.max_memory_fraction,
-        gradient_checkpointing=fixed_ck,
-        micro_batch_size=fixed_mb,
-        strategy=d.strategy,
-    )
+    p = _plan_recipe(r, arch, num_gpus, gpu_memory_bytes, global_batch, d.strategy)
     if st_auto:
         # Nothing fits either way: sharding needs less memory per GPU, so it is the better bet.
         d.strategy = p.strategy if p.fits else "fsdp"
