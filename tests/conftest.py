@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from unsloth_mgpu_cli.distributed import die_with_parent
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 GSM8K = SHARED_DATA / "gsm8k_train_alpaca.json"
@@ -54,6 +56,7 @@ def run_mgpu(
         capture_output=True,
         text=True,
         timeout=timeout,
+        preexec_fn=die_with_parent,  # a killed pytest takes its runs down with it (they stop at a step boundary)
     )
 
 

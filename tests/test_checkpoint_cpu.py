@@ -106,6 +106,17 @@ def runs(tmp_path_factory):
     ctrl_c_ckpts = sorted(p.name for p in (base / "ctrlc" / "checkpoints").iterdir())
     ctrl_c_gone = group_is_gone(ctrl_c.pid)
     ctrl_c_resumed = resume(base / "ctrlc")
+
+    # SIGKILL of the launcher alone inside step 3 (the host's OOM killer, `kill -9 <pid>`): no stop file, no signal
+    # to the workers from us; the kernel's parent-death signal must stop them at a step boundary with a checkpoint
+    orphans = start(base / "orphans", MGPU_INJECT_FAULT="sleep:rank=0:step=3:seconds=4")
+    wait_for_step(orphans, base / "orphans", 2)
+    os.kill(orphans.pid, signal.SIGKILL)
+    orphans.wait(30)
+    orphans_gone = group_is_gone(orphans.pid, timeout=120)
+    if not orphans_gone:
+        os.killpg(orphans.pid, signal.SIGKILL)
+    orphans_ckpts = sorted(p.name for p in (base / "orphans" / "checkpoints").iterdir())
     return {
         "base": base,
         "killed_ckpts": killed_ckpts,
@@ -116,6 +127,9 @@ def runs(tmp_path_factory):
         "ctrl_c_ckpts": ctrl_c_ckpts,
         "ctrl_c_gone": ctrl_c_gone,
         "ctrl_c_resumed": ctrl_c_resumed,
+        "orphans_gone": orphans_gone,
+        "orphans_ckpts": orphans_ckpts,
+        "orphans_steps": steps_logged(base / "orphans"),
     }
 
 
@@ -150,6 +164,15 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes(runs):
     ref = adapter(runs["base"] / "ref")
     assert all(torch.equal(ref[k], v) for k, v in adapter(out).items())
     assert steps_logged(out) == list(range(1, 11))
+
+
+def test_workers_of_a_killed_launcher_checkpoint_and_exit(runs):
+    # all gone, after saving the step they were in (nothing lost). Before the fix torch's own parent-death SIGINT
+    # often came twice, and the second one aborted the workers without a checkpoint (about half of the tries).
+    assert runs["orphans_gone"], "workers of the SIGKILLed launcher were left behind"
+    stopped = [int(n.split("-")[1]) for n in runs["orphans_ckpts"]]
+    assert len(stopped) == 1 and 3 <= stopped[0] < 10, runs["orphans_ckpts"]
+    assert runs["orphans_steps"] == list(range(1, stopped[0] + 1))
 
 
 def test_resume_refuses_a_changed_global_batch_and_changes_nothing(runs):

@@ -30,8 +30,8 @@ def runs(tmp_path_factory):
     train(base / "two", "distributed.num_gpus=2", "training.micro_batch_size=2")
     train(base / "one", "distributed.num_gpus=1", "training.micro_batch_size=4")
     train(base / "control", "distributed.num_gpus=1", "training.micro_batch_size=4", "training.seed=7")
-    # any worker count: four CPU workers (the 4-GPU shape) x micro-batch 1
-    train(base / "four", "distributed.num_gpus=4", "training.micro_batch_size=1")
+    # any worker count: four CPU workers (the 4-GPU shape) x micro-batch 1; and only PyTorch's math attention
+    train(base / "four", "distributed.num_gpus=4", "training.micro_batch_size=1", "model.attention=math")
     return base
 
 
@@ -46,6 +46,10 @@ def test_four_workers_equal_one_worker_on_the_same_global_batch(runs):
     assert max_rel_diff(adapter(runs / "four"), adapter(runs / "one")) < 1e-4
     rows = [json.loads(line) for line in (runs / "four" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows[-1]["peak_memory_gb"]) == 4
+    # model.attention reached the workers: only the math kernel was on (the default leaves PyTorch's CPU choice)
+    assert json.loads((runs / "four" / "summary.json").read_text())["attention_kernels"] == ["math"]
+    assert "math" in json.loads((runs / "two" / "summary.json").read_text())["attention_kernels"]
+    assert len(json.loads((runs / "two" / "summary.json").read_text())["attention_kernels"]) > 1
 
 
 def test_control_with_another_seed_differs_by_far_more(runs):
@@ -75,6 +79,7 @@ def test_outputs_follow_the_contract(runs):
     # the widest row of each rank, as the planner padded it (its compute tokens are at most rows x width)
     for r in rows:
         assert len(r["longest_row"]) == 2 and all(0 < w <= 128 for w in r["longest_row"])
+        assert all(w % 8 == 0 for w in r["longest_row"])  # dataset.pad_to_multiple_of: 8 by default
         assert r["compute_tokens"] <= 2 * 2 * max(r["longest_row"])
     assert all(len(r["compiles"]) == 2 and min(r["compiles"]) >= 0 for r in rows)
     # each rank's time in its micro-batches: measured, and within the step's wall time
@@ -176,3 +181,27 @@ def test_graphs_compiled_counts_torch_compile_frames():
     assert _graphs_compiled() - before == 1
     f(torch.ones(4, 2))  # another rank of tensor: compiled again
     assert _graphs_compiled() - before == 2
+
+
+@pytest.fixture
+def sdp_flags():
+    """PyTorch's global attention-kernel switches, restored after the test."""
+    b = torch.backends.cuda
+    saved = (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled(), b.math_sdp_enabled())
+    yield b
+    setters = (b.enable_flash_sdp, b.enable_mem_efficient_sdp, b.enable_cudnn_sdp, b.enable_math_sdp)
+    for enable, on in zip(setters, saved, strict=True):
+        enable(on)
+
+
+def test_attention_choice_sets_pytorch_kernels(sdp_flags):
+    from unsloth_mgpu_cli.engine import ATTENTION_KERNELS, select_attention
+
+    everything = dict.fromkeys(ATTENTION_KERNELS, True)
+    assert select_attention("pytorch", "cuda") == everything  # PyTorch's own order: untouched
+    assert select_attention("auto", "cpu") == everything  # on CPU auto leaves PyTorch's choice
+    # auto on CUDA: no cuDNN (a host-side plan per new batch shape), the rest in PyTorch's order
+    assert select_attention("auto", "cuda") == {**everything, "cudnn": False}
+    assert not sdp_flags.cudnn_sdp_enabled() and sdp_flags.flash_sdp_enabled()
+    for name in ATTENTION_KERNELS:  # a named kernel: that one alone
+        assert select_attention(name, "cuda") == {k: k == name for k in ATTENTION_KERNELS}

@@ -16,8 +16,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
@@ -480,18 +482,41 @@ class StopSignal:
 
         self.stop_file = Path(stop_file) if stop_file else None
         self.count = 0
-        if threading.current_thread() is threading.main_thread():
+        self.installed = threading.current_thread() is threading.main_thread()
+        if self.installed:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, self._handle)
+            signal.signal(PARENT_DIED, self._parent_died)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.count += 1
         if self.count > 1:
             raise KeyboardInterrupt
 
+    def _parent_died(self, signum: int, frame: Any) -> None:
+        # The kernel may send it more than once (seen: twice within 0.1 s): a stop request that never escalates.
+        self.count = max(self.count, 1)
+
     def requested(self, check_file: bool = False) -> bool:
         """A signal arrived, or (when `check_file`, on one rank only: it is a file-system call) the stop file exists."""
         return self.count > 0 or (check_file and self.stop_file is not None and self.stop_file.exists())
+
+
+PARENT_DIED = signal.SIGUSR1  # what a worker gets when its launcher dies (see die_with_parent, StopSignal)
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send `sig` (SIGTERM by default) to this process when its parent dies; elsewhere a no-op.
+
+    A worker whose launcher was killed outright (SIGKILL, the host's OOM killer) would otherwise train on as an
+    orphan, holding its GPU. Survives exec, so it also serves as a `preexec_fn`.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
 
 
 def check_rendezvous_port(endpoint: str, where: str = "distributed.rdzv_endpoint") -> None:

@@ -379,6 +379,14 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
     plan.timeline["worker_start"] = time.time()
     # First, so a Ctrl-C during the slow imports is remembered rather than killing the worker mid-way.
     stop = D.StopSignal(plan.stop_file)
+    # A launcher killed outright (SIGKILL, OOM killer) sends no stop. torch's spawn asks the kernel for a SIGINT
+    # then, which can come twice and so escalate to an abort without a checkpoint; ask for PARENT_DIED instead, a
+    # stop request like Ctrl-C's (finish the step, checkpoint, exit) that never escalates.
+    parent = os.getppid()
+    if stop.installed:
+        D.die_with_parent(D.PARENT_DIED)
+        if parent == 1:  # the launcher died before the line above
+            os.kill(os.getpid(), D.PARENT_DIED)
     timeout = plan.recipe.distributed.timeout_seconds
     # Loading the model takes minutes on some ranks and seconds on others: setup waits at least
     # SETUP_TIMEOUT_S; the training loop then uses the recipe's (possibly short) hang watchdog.
@@ -392,6 +400,12 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
         return trainer.fit()
     finally:
         D.teardown()
+        if os.getppid() != parent:
+            # Orphaned: the launcher's multiprocessing wrapper would wait forever for the dead parent to read our
+            # result. The checkpoint is written; leave now.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1 if sys.exc_info()[0] is not None else 0)
 
 
 class Trainer:
@@ -437,6 +451,8 @@ class Trainer:
         # torchao (imported by Unsloth) registers enums that torch 2.14 warns about once per process: noise for users.
         logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
         from unsloth import FastLanguageModel  # heavy: 7-30 s
+
+        self.attention = select_attention(r.model.attention, self.info.device_type)
 
         self.plan.timeline["imported"] = time.time()
         self.dtype = self._dtype()
@@ -744,6 +760,7 @@ class Trainer:
                 "first_step_s": first_step_s,
                 "startup_s": startup_breakdown(self.plan.timeline),
                 "step_phases_s": phases.means(),
+                "attention_kernels": [name for name, on in self.attention.items() if on],
                 "peak_memory_gb": [m[0] for m in mems],
                 "skipped_steps": rs["skipped_steps"],
                 "world_size": info.world_size,
@@ -949,6 +966,31 @@ def _pieces(micro_batch: list[int], split: int) -> list[list[int]]:
     """Cut a micro-batch into at most `split` consecutive pieces of (nearly) equal size."""
     size = -(-len(micro_batch) // split)
     return [micro_batch[i : i + size] for i in range(0, len(micro_batch), size)]
+
+
+ATTENTION_KERNELS = ("flash", "efficient", "cudnn", "math")
+
+
+def select_attention(choice: str, device_type: str) -> dict[str, bool]:
+    """Enable PyTorch's attention kernels (`model.attention`) for this process; returns which are on.
+
+    `auto` turns cuDNN's off on CUDA: cuDNN plans a kernel graph on the host for each new (rows, width) shape,
+    about 0.1 s, and variable-length batches bring new shapes for many steps (issue #11: a third of the 1B's
+    steps on H200s). Flash attention has no per-shape set-up. Elsewhere `auto` leaves PyTorch's choice alone.
+    """
+    import torch
+
+    b = torch.backends.cuda
+    setters = {"flash": b.enable_flash_sdp, "efficient": b.enable_mem_efficient_sdp, "cudnn": b.enable_cudnn_sdp}
+    setters["math"] = b.enable_math_sdp
+    if choice in ATTENTION_KERNELS:
+        for name, enable in setters.items():
+            enable(name == choice)
+    elif choice == "auto" and device_type == "cuda":
+        b.enable_cudnn_sdp(False)
+    getters = {"flash": b.flash_sdp_enabled, "efficient": b.mem_efficient_sdp_enabled, "cudnn": b.cudnn_sdp_enabled}
+    getters["math"] = b.math_sdp_enabled
+    return {name: bool(get()) for name, get in getters.items()}
 
 
 def model_load_kwargs(

@@ -54,6 +54,13 @@ class ModelSection(_Section):
         False, description="Run model code shipped with a hub repository. Off unless you trust the repository."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    attention: Literal["auto", "flash", "efficient", "cudnn", "math", "pytorch"] = Field(
+        "auto",
+        description="PyTorch attention kernels (scaled_dot_product_attention, which Unsloth runs when neither "
+        "flash-attn nor xformers is installed): auto: on CUDA PyTorch's order without cuDNN (flash, then "
+        "memory-efficient, then math), since cuDNN builds a kernel plan on the host for every new batch shape; "
+        "flash, efficient, cudnn, math: only that kernel; pytorch: PyTorch's own order (cuDNN first on Hopper).",
+    )
 
 
 class LoraSection(_Section):
@@ -178,11 +185,13 @@ class DatasetSection(_Section):
         "sequence without padding; attention never crosses samples).",
     )
     pad_to_multiple_of: int = Field(
-        1,
+        8,
         ge=1,
         le=4096,
-        description="Pad each padded micro-batch's length up to a multiple of this (fewer distinct shapes for the "
-        "GPU kernels to warm up); 1: to the longest sample. Packed micro-batches are never padded.",
+        description="Pad each padded micro-batch's length up to a multiple of this; 1: to the longest sample. "
+        "8 (the default) keeps every width aligned for the GPU kernels: unaligned and aligned widths compile "
+        "different torch.compile graphs (a few seconds each); larger values mean fewer distinct shapes. Packed "
+        "micro-batches are never padded.",
     )
     num_proc: int | Literal["auto"] = Field(
         "auto", description="Tokenizer processes in the parent; auto: one for small data, up to 8 for large."
