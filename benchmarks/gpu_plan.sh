@@ -2,17 +2,18 @@
 # The open GPU must-shows, one device call (<= 10 min, 2 x H200) per stage. Results under $OUT/<stage>.
 # Run in session 3 (results in docs/BENCHMARKS.md): `scaling`, `trl`. In session 4: `8b`, `balance`, `final`, and
 # `STRATS="auto ddp" CASES=full bash benchmarks/gpu_fsdp.sh` (#13: fsdp trains under the cap, ddp refused).
+# In session 5: `s5a` (trace: cuDNN attention plans each new shape on the host), `s5b` (void: its timed-out pytest
+# left a run on the GPUs), `s5d` (4 x H200), `s5e` (the new defaults; device time ran out in its 1-GPU run).
 # Next, in this order:
-#   bash benchmarks/gpu_plan.sh profile   # #11: trace of both ranks over steps 11-13 (11 and 13 slow, 12 fast, every run)
-#   bash benchmarks/gpu_plan.sh steady    # #11: ours 2 and 1 GPUs over 60 steps, with and without pad_to 64
-#   bash benchmarks/gpu_plan.sh gputest   # pytest -m gpu: 2-GPU equivalence on NCCL, ddp and fsdp (the fsdp test never ran)
-#   bash benchmarks/gpu_plan.sh graphs    # #11: Unsloth's per-block CUDA graphs with padded rows of fixed shapes
-#   CASES=qlora bash benchmarks/gpu_fsdp.sh   # #13: 8B QLoRA, NF4 shards (own call)
+#   bash benchmarks/gpu_plan.sh gputest   # pytest -m gpu (~6 min: its own call): the fsdp test never ran on a GPU
+#   bash benchmarks/gpu_plan.sh s5e       # the 1B's 1-GPU run to the end with the defaults (#11: x1.88 so far)
 #   TRL on the 8B: benchmarks/run.py --sizes 8b --micro-batch 16 --only trl-pf,trl-pack --gpus 2,1
+#   CASES=qlora bash benchmarks/gpu_fsdp.sh   # #13: 8B QLoRA, NF4 shards (own call)
+#   4/8 GPUs (#12), when lent: s5d with --only ours,trl-pf,trl-pack and --gpus 8,4,2,1 split over calls
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
+STAGE=${1:?usage: gpu_plan.sh s5a|s5b|s5c|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -38,6 +39,70 @@ case $STAGE in
     timeout 190 "${BENCH[@]}" --steps 30 --warmup 10 --out "$OUT/a" --only ours --gpus 2,1 --budget-s 185 | tail -9
     timeout 295 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 20 --warmup 6 --timeout 135 --out "$OUT/b" \
       --only ours --gpus 2,1 --budget-s 290 | tail -9 ;;
+  s5e)
+    # #11 with the new defaults (model.attention auto: no cuDNN; dataset.pad_to_multiple_of 8: one compile): the 1B
+    # on 2 and 1 GPUs over 50 steps, then the 8B on 2 and 1 GPUs over 16 steps.
+    nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
+    timeout 150 "${BENCH[@]}" --steps 50 --warmup 20 --timeout 80 --min-run-s 55 --out "$OUT/a" --only ours \
+      --gpus 2,1 --budget-s 148 | tail -6
+    for n in 2 1; do cp /tmp/mgpu-bench/ours-1b-${n}gpu/run/metrics.jsonl "$OUT/a/m$n.jsonl"; done
+    timeout 215 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 16 --warmup 6 --timeout 100 --min-run-s 75 \
+      --out "$OUT/c" --only ours --gpus 2,1 --budget-s 212 | tail -6
+    for n in 2 1; do cp /tmp/mgpu-bench/ours-8b-${n}gpu/run/metrics.jsonl "$OUT/c/m$n.jsonl"; done
+    cd "$OUT" && tar czf rest.tgz a c; rm -rf a c; exit 0 ;;
+  s5d)
+    # #11 and #12 on 4 x H200 (lent in session 5): model.attention auto (no cuDNN), unpadded; the 1B at 4, 2 and 1
+    # GPUs over 60 steps, then the 8B at 4, 2 and 1 GPUs over 20 steps. Any process left on the GPUs is listed.
+    nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
+    timeout 225 "${BENCH[@]}" --steps 60 --warmup 30 --timeout 110 --min-run-s 55 --out "$OUT/a" --only ours \
+      --gpus 4,2,1 --budget-s 220 | tail -6
+    for n in 4 2 1; do cp /tmp/mgpu-bench/ours-1b-${n}gpu/run/metrics.jsonl "$OUT/a/m$n.jsonl"; done
+    timeout 340 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 20 --warmup 6 --timeout 135 --min-run-s 85 \
+      --out "$OUT/c" --only ours --gpus 4,2,1 --budget-s 335 | tail -6
+    for n in 4 2 1; do cp /tmp/mgpu-bench/ours-8b-${n}gpu/run/metrics.jsonl "$OUT/c/m$n.jsonl"; done
+    cd "$OUT" && tar czf rest.tgz a c; rm -rf a c; exit 0 ;;
+  s5c)
+    # #11: s5b's benchmark ran beside test workers left by its timed-out pytest (rank 1 twice as slow): void. Again
+    # on a clean machine: the 1B with model.attention auto (no cuDNN), unpadded (a) and padded to 64 (b), 2 and 1
+    # GPUs, 60 steps; then the 8B, unpadded, 2 and 1 GPUs, 20 steps.
+    nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
+    L=(--steps 60 --warmup 30 --timeout 120 --min-run-s 55)
+    "${BENCH[@]}" "${L[@]}" --out "$OUT/a" --only ours --gpus 2,1 --budget-s 150 | tail -5
+    for n in 2 1; do cp /tmp/mgpu-bench/ours-1b-${n}gpu/run/metrics.jsonl "$OUT/a/m$n.jsonl"; done
+    "${BENCH[@]}" "${L[@]}" --out "$OUT/b" --only ours --gpus 2,1 --budget-s 150 \
+      --ours-set dataset.pad_to_multiple_of=64 | tail -5
+    for n in 2 1; do cp /tmp/mgpu-bench/ours-1b-${n}gpu/run/metrics.jsonl "$OUT/b/m$n.jsonl"; done
+    timeout 275 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 20 --warmup 6 --timeout 135 --min-run-s 90 \
+      --out "$OUT/c" --only ours --gpus 2,1 --budget-s 270 | tail -5
+    for n in 2 1; do cp /tmp/mgpu-bench/ours-8b-${n}gpu/run/metrics.jsonl "$OUT/c/m$n.jsonl"; done
+    cd "$OUT" && tar czf rest.tgz a b c; rm -rf a b c; exit 0 ;;
+  s5b)
+    # #11 after s5a (cuDNN attention plans each new batch shape on the host: slow steps): the GPU test tier, then
+    # the 1B on 2 and 1 GPUs over 60 steps with model.attention auto (no cuDNN), unpadded and padded to 64.
+    timeout 250 python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
+    echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt"
+    L=(--steps 60 --warmup 30 --timeout 150 --min-run-s 60)
+    "${BENCH[@]}" "${L[@]}" --out "$OUT/a" --only ours --gpus 2,1 --budget-s 150 | tail -5
+    for n in 2 1; do cp /tmp/mgpu-bench/ours-1b-${n}gpu/run/metrics.jsonl "$OUT/a/m$n.jsonl"; done
+    "${BENCH[@]}" "${L[@]}" --out "$OUT/b" --only ours --gpus 2,1 --budget-s 150 \
+      --ours-set dataset.pad_to_multiple_of=64 | tail -5
+    for n in 2 1; do cp /tmp/mgpu-bench/ours-1b-${n}gpu/run/metrics.jsonl "$OUT/b/m$n.jsonl"; done
+    cd "$OUT" && tar czf rest.tgz a b && rm -rf a b; exit 0 ;;
+  s5a)
+    # #11, session 5's first call: (a) 1B on 2 GPUs, 40 steps, a trace of both ranks over steps 10-14 (10 and 12
+    # fast, 11, 13 and 14 slow in every run so far) with the GPUs' clocks, power and throttle reasons sampled
+    # every 100 ms; (b) 2 and 1 GPUs over 60 steps with row widths rounded up to 64 (at most 8 widths).
+    nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,\
+clocks_throttle_reasons.active --format=csv,noheader -lms 100 > "$OUT/smi.csv" 2>&1 & SMI=$!
+    MGPU_PROFILE="$OUT/prof:10:14:trace" "${BENCH[@]}" --steps 40 --warmup 15 --out "$OUT/a" --only ours --gpus 2 \
+      --budget-s 170 | tail -3
+    cp /tmp/mgpu-bench/ours-1b-2gpu/run/metrics.jsonl "$OUT/a/m2.jsonl"
+    "${BENCH[@]}" --steps 60 --warmup 30 --timeout 220 --min-run-s 95 --out "$OUT/b" --only ours --gpus 2,1 \
+      --budget-s 250 --ours-set dataset.pad_to_multiple_of=64 | tail -5
+    cp /tmp/mgpu-bench/ours-1b-2gpu/run/metrics.jsonl "$OUT/b/m2.jsonl"
+    cp /tmp/mgpu-bench/ours-1b-1gpu/run/metrics.jsonl "$OUT/b/m1.jsonl"
+    kill $SMI; mv "$OUT"/prof/trace-rank*.json.gz "$OUT"/ 2>/dev/null
+    cd "$OUT" && tar czf rest.tgz a b prof smi.csv && rm -rf a b prof smi.csv && ls -la; exit 0 ;;
   steady)
     # #11: session 3 saw bimodal step times (most 2-GPU steps 0.17-0.20 s, a third 0.26-0.33 s; the first 6 steps
     # twice as long): 60 steps, steady state after 30, recompiles logged, metrics keep each rank's longest row;
@@ -68,7 +133,7 @@ case $STAGE in
       --gpus 2,1 --budget-s 540 | tail -5 ;;
   gputest)
     # the GPU tier of the test suite (make test-gpu): 5 cold tiny-model runs, ~70 s each on the H200 machine
-    timeout 500 python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
+    timeout -k 20 520 python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
   *) echo "unknown stage $STAGE"; exit 2 ;;
 esac
