@@ -13,7 +13,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s5a|s5b|s5c|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
+STAGE=${1:?usage: gpu_plan.sh s5a|s5b|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -61,21 +61,6 @@ case $STAGE in
       --out "$OUT/c" --only ours --gpus 4,2,1 --budget-s 335 | tail -6
     for n in 4 2 1; do cp /tmp/mgpu-bench/ours-8b-${n}gpu/run/metrics.jsonl "$OUT/c/m$n.jsonl"; done
     cd "$OUT" && tar czf rest.tgz a c; rm -rf a c; exit 0 ;;
-  s5c)
-    # #11: s5b's benchmark ran beside test workers left by its timed-out pytest (rank 1 twice as slow): void. Again
-    # on a clean machine: the 1B with model.attention auto (no cuDNN), unpadded (a) and padded to 64 (b), 2 and 1
-    # GPUs, 60 steps; then the 8B, unpadded, 2 and 1 GPUs, 20 steps.
-    nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
-    L=(--steps 60 --warmup 30 --timeout 120 --min-run-s 55)
-    "${BENCH[@]}" "${L[@]}" --out "$OUT/a" --only ours --gpus 2,1 --budget-s 150 | tail -5
-    for n in 2 1; do cp /tmp/mgpu-bench/ours-1b-${n}gpu/run/metrics.jsonl "$OUT/a/m$n.jsonl"; done
-    "${BENCH[@]}" "${L[@]}" --out "$OUT/b" --only ours --gpus 2,1 --budget-s 150 \
-      --ours-set dataset.pad_to_multiple_of=64 | tail -5
-    for n in 2 1; do cp /tmp/mgpu-bench/ours-1b-${n}gpu/run/metrics.jsonl "$OUT/b/m$n.jsonl"; done
-    timeout 275 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 20 --warmup 6 --timeout 135 --min-run-s 90 \
-      --out "$OUT/c" --only ours --gpus 2,1 --budget-s 270 | tail -5
-    for n in 2 1; do cp /tmp/mgpu-bench/ours-8b-${n}gpu/run/metrics.jsonl "$OUT/c/m$n.jsonl"; done
-    cd "$OUT" && tar czf rest.tgz a b c; rm -rf a b c; exit 0 ;;
   s5b)
     # #11 after s5a (cuDNN attention plans each new batch shape on the host: slow steps): the GPU test tier, then
     # the 1B on 2 and 1 GPUs over 60 steps with model.attention auto (no cuDNN), unpadded and padded to 64.

@@ -318,6 +318,7 @@ def resolve_nodes(
 def run_in_place(entry: Callable[..., Any], args: Sequence[Any], setup: NodeSetup, device_type: str) -> dict[int, Any]:
     """Under torchrun: this process is already one worker; run `entry(*args)` here (no second launch)."""
     os.environ["MGPU_DEVICE_TYPE"] = device_type
+    os.environ.pop(LAUNCHER_PID, None)  # the parent is torchrun's agent, whatever an outer environment said
     return {setup.rank: entry(*args)}
 
 
@@ -395,6 +396,7 @@ def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> 
     if spec.device_type == "cpu":
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.nproc_per_node)))
     os.environ["MGPU_DEVICE_TYPE"] = spec.device_type
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # the workers' parent: how they tell it died before they asked
     if os.environ.get("MGPU_DEBUG") != "1":
         # The agent logs every worker traceback at ERROR; we report the failing rank ourselves.
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
@@ -503,13 +505,15 @@ class StopSignal:
 
 
 PARENT_DIED = signal.SIGUSR1  # what a worker gets when its launcher dies (see die_with_parent, StopSignal)
+LAUNCHER_PID = "MGPU_LAUNCHER_PID"
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Ask Linux to send `sig` (SIGTERM by default) to this process when its parent dies; elsewhere a no-op.
 
-    A worker whose launcher was killed outright (SIGKILL, the host's OOM killer) would otherwise train on as an
-    orphan, holding its GPU. Survives exec, so it also serves as a `preexec_fn`.
+    For workers (with PARENT_DIED) when their launcher is killed outright (SIGKILL, the host's OOM killer), and for
+    anything a test or a script starts that should not run on as an orphan: it survives exec, so it also serves
+    as a `preexec_fn`.
     """
     if not sys.platform.startswith("linux"):
         return

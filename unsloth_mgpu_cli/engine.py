@@ -382,10 +382,11 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
     # A launcher killed outright (SIGKILL, OOM killer) sends no stop. torch's spawn asks the kernel for a SIGINT
     # then, which can come twice and so escalate to an abort without a checkpoint; ask for PARENT_DIED instead, a
     # stop request like Ctrl-C's (finish the step, checkpoint, exit) that never escalates.
-    parent = os.getppid()
+    # (The launcher's pid, not "parent is pid 1": in a container the launcher may itself be pid 1.)
+    parent = int(os.environ.get(D.LAUNCHER_PID) or os.getppid())
     if stop.installed:
         D.die_with_parent(D.PARENT_DIED)
-        if parent == 1:  # the launcher died before the line above
+        if os.getppid() != parent:  # the launcher died before the line above
             os.kill(os.getpid(), D.PARENT_DIED)
     timeout = plan.recipe.distributed.timeout_seconds
     # Loading the model takes minutes on some ranks and seconds on others: setup waits at least
