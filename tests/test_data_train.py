@@ -15,6 +15,7 @@ from conftest import ROOT, mgpu_env, run_mgpu
 
 from unsloth_mgpu_cli import data as D
 from unsloth_mgpu_cli.models import cache_dir
+from unsloth_mgpu_cli.recipe import DatasetSection
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +92,10 @@ def test_each_format_trains_on_two_workers_with_the_planned_loss_tokens(runs, fm
         and json.loads((p / "meta.json").read_text())["format"] == fmt
     )
     tok = D.TokenizedData(folder)
-    plan = D.StepPlanner(len(tok), tok.loss_counts, 4, 2, 2, 42, lengths=tok.lengths(), batching=RUNS[fmt])
+    pad_to = DatasetSection.model_fields["pad_to_multiple_of"].default  # the runs keep the default (8)
+    plan = D.StepPlanner(
+        len(tok), tok.loss_counts, 4, 2, 2, 42, lengths=tok.lengths(), batching=RUNS[fmt], pad_to=pad_to
+    )
     for m in metrics:
         b = plan.batches(m["step"] - 1)
         assert m["loss_tokens"] == b.global_loss_tokens and m["tokens"] == sum(b.rank_tokens)
