@@ -136,6 +136,31 @@ def rank_balance(rows: list[dict[str, Any]], warmup: int) -> dict[str, Any] | No
     }
 
 
+def same_steps(a_rows: list[dict[str, Any]], b_rows: list[dict[str, Any]], warmup: int) -> dict[str, Any] | None:
+    """Tokens/s of two runs over the steps both logged, for a pair where one run was cut short (a timeout).
+
+    Same global batch and seed: step s holds the same samples in both runs, so the ratio over the same steps is
+    fair however short. The window starts after `warmup` when at least 5 common steps follow it, else after step
+    5 (the first steps compile and warm up). Needs per-step rows (`logging.steps=1`); None when fewer than 3
+    common steps remain.
+    """
+    a, b = ({r["step"]: r for r in rows} for rows in (a_rows, b_rows))
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    last = common[-1]
+    start = warmup if last - warmup >= 5 else 5
+    window = [s for s in common if s > start]
+    if len(window) < 3 or window != list(range(start + 1, last + 1)) or start not in a or start not in b:
+        return None
+    out: dict[str, Any] = {"first_step": start + 1, "last_step": last}
+    for key, rows in (("a", a), ("b", b)):
+        seconds = rows[last]["elapsed_s"] - rows[start]["elapsed_s"]
+        out[f"{key}_tokens_per_second"] = sum(rows[s]["tokens"] for s in window) / seconds
+    out["ratio"] = out["a_tokens_per_second"] / out["b_tokens_per_second"]
+    return out
+
+
 def loss_at_samples(rows: list[dict[str, Any]], target: int, window: int) -> dict[str, Any] | None:
     """Mean logged loss over the steps that consumed examples (target - window, target], by cumulative count.
 
@@ -229,10 +254,20 @@ def plan_runs(systems: list[str], gpus: list[int], sizes: list[str]) -> list[Run
     return runs
 
 
-def derive(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Comparisons: scaling N/1 GPU per system, ours vs TRL's best at each N, first-step and memory ratios."""
+def derive(results: list[dict[str, Any]], warmup: int = 10) -> list[dict[str, Any]]:
+    """Comparisons: scaling N/1 GPU per system, ours vs TRL's best at each N, first-step and memory ratios; for a
+    pair where one run was cut short, the scaling over the steps both did (`same_steps`)."""
     ok = {(r["system"], r["size"], r["gpus"]): r for r in results if r.get("status") == "ok"}
     out: list[dict[str, Any]] = []
+    logged = {(r["system"], r["size"], r["gpus"]): r for r in results if r.get("per_step")}
+    for (system, size, n), r in sorted(logged.items()):
+        one = logged.get((system, size, 1))
+        if n == 1 or one is None or ((system, size, n) in ok and (system, size, 1) in ok):
+            continue
+        same = same_steps(r["per_step"], one["per_step"], warmup)
+        if same:
+            what = f"{system} {size}: {n} GPUs / 1 GPU, steps {same['first_step']}-{same['last_step']} of both"
+            out.append({"what": what, "system": system, "size": size, "gpus": n, "same_steps": same})
     for (system, size, n), r in sorted(ok.items()):
         one = ok.get((system, size, 1))
         if n == 1 or one is None:
@@ -338,6 +373,12 @@ def render_table(results: list[dict[str, Any]], comparisons: list[dict[str, Any]
                 parts.append(f"peak memory per GPU x{c['peak_memory_ratio']:.2f}")
             if "speedup" in c:
                 parts.append(f"ours / TRL tokens/s = {c['speedup']:.2f}")
+            if "same_steps" in c:
+                s = c["same_steps"]
+                parts.append(
+                    f"tokens/s x{s['ratio']:.2f} over the same steps ({s['a_tokens_per_second']:,.0f} vs "
+                    f"{s['b_tokens_per_second']:,.0f}; a run was cut short)"
+                )
             lines.append(f"| {c['what']} | {'; '.join(parts) or 'n/a'} |")
     return "\n".join(lines) + "\n"
 
@@ -459,6 +500,9 @@ def run_ours(spec: RunSpec, a: argparse.Namespace, model: str, work: Path, log: 
     summary_f, metrics_f = out_dir / "run" / "summary.json", out_dir / "run" / "metrics.jsonl"
     if rc != 0 or not summary_f.exists() or not metrics_f.exists():
         rec.update(status=f"timeout ({timeout:.0f} s)" if rc is None else "failed", error=_tail(log))
+        if metrics_f.exists():  # the steps it did still compare with another run's same steps (derive)
+            done = [json.loads(ln) for ln in metrics_f.read_text().splitlines() if ln.endswith("}")]
+            rec["partial_rows"] = ours_rows(done, a.global_batch)
         return rec
     summary = json.loads(summary_f.read_text())
     metrics = [json.loads(ln) for ln in metrics_f.read_text().splitlines() if ln.strip()]
@@ -600,6 +644,9 @@ def warm_bytecode() -> float:
 
 
 def summarise(rec: dict[str, Any], a: argparse.Namespace) -> None:
+    partial = rec.pop("partial_rows", None)
+    if partial:
+        rec["per_step"], rec["steps_done"] = partial, partial[-1]["step"]
     rows = rec.pop("rows", None)
     if not rows:
         return
@@ -726,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
             + (f"\n{rec['error']}" if rec.get("error") else ""),
             flush=True,
         )
-    comparisons = derive(results)
+    comparisons = derive(results, a.warmup)
     versions = next((r["versions"] for r in results if r.get("versions")), {})
     header = (
         f"GSM8K QLoRA ({'CPU smoke, tiny model, float32' if a.cpu_smoke else '4-bit, bf16'}), LoRA r=16 on "

@@ -222,3 +222,27 @@ def test_trl_batching_says_when_unsloth_changed_the_mode():
     assert run.trl_batching({"packing": False, "padding_free": True}, "trl-pf") == "padding-free"
     # Unsloth on CPU turns packing off (no FlashAttention): the table must not call that run packed
     assert run.trl_batching({"packing": False, "padding_free": False}, "trl-pack").startswith("padded (asked: packed")
+
+
+def _per_step(seconds_per_step, steps, first=30.0, tokens=100.0):
+    """Rows of a run: step 1 takes `first` s (compile), then `seconds_per_step`; each step trains `tokens`."""
+    return [{"step": s, "elapsed_s": first + (s - 1) * seconds_per_step, "tokens": tokens} for s in range(1, steps + 1)]
+
+
+def test_same_steps_compares_a_cut_run_over_the_steps_both_did():
+    two, one = _per_step(0.1, 30), _per_step(0.2, 15, first=40.0)  # the 1-GPU run was cut after step 15
+    s = run.same_steps(two, one, warmup=20)  # 15 - 20 < 5 steps: the window starts after step 5
+    assert (s["first_step"], s["last_step"]) == (6, 15)
+    assert s["a_tokens_per_second"] == pytest.approx(1000.0) and s["b_tokens_per_second"] == pytest.approx(500.0)
+    assert s["ratio"] == pytest.approx(2.0)  # the compile of step 1 (30 vs 40 s) is left out
+    assert run.same_steps(two, _per_step(0.2, 30), warmup=20)["first_step"] == 21  # enough steps after warm-up
+    assert run.same_steps(two, _per_step(0.2, 7), warmup=20) is None  # 2 common steps after step 5: too few
+    assert run.same_steps(two, [r for r in one if r["step"] != 9], warmup=20) is None  # a gap: no per-step rows
+    # derive: only for a pair where a run was cut short, and named with its window
+    ok = {"name": "ours-1b-2gpu", "system": "ours", "size": "1b", "gpus": 2, "status": "ok", "per_step": two}
+    cut = {"name": "ours-1b-1gpu", "system": "ours", "size": "1b", "gpus": 1, "status": "timeout (60 s)"}
+    comps = run.derive([ok, {**cut, "per_step": one}], warmup=20)
+    assert [c["what"] for c in comps] == ["ours 1b: 2 GPUs / 1 GPU, steps 6-15 of both"]
+    assert comps[0]["same_steps"]["ratio"] == pytest.approx(2.0)
+    assert "tokens/s x2.00 over the same steps (1,000 vs 500; a run was cut short)" in run.render_table([], comps)
+    assert not any("same_steps" in c for c in run.derive([ok, {**cut, "status": "ok", "per_step": one}], warmup=20))
