@@ -969,7 +969,14 @@ def _pieces(micro_batch: list[int], split: int) -> list[list[int]]:
     return [micro_batch[i : i + size] for i in range(0, len(micro_batch), size)]
 
 
-ATTENTION_KERNELS = ("flash", "efficient", "cudnn", "math")
+# model.attention's kernels -> torch.backends.cuda's switch for each (these switches also govern the CPU kernels)
+_SDP_SWITCHES = {
+    "flash": ("enable_flash_sdp", "flash_sdp_enabled"),
+    "efficient": ("enable_mem_efficient_sdp", "mem_efficient_sdp_enabled"),
+    "cudnn": ("enable_cudnn_sdp", "cudnn_sdp_enabled"),
+    "math": ("enable_math_sdp", "math_sdp_enabled"),
+}
+ATTENTION_KERNELS = tuple(_SDP_SWITCHES)
 
 
 def select_attention(choice: str, device_type: str) -> dict[str, bool]:
@@ -982,16 +989,12 @@ def select_attention(choice: str, device_type: str) -> dict[str, bool]:
     import torch
 
     b = torch.backends.cuda
-    setters = {"flash": b.enable_flash_sdp, "efficient": b.enable_mem_efficient_sdp, "cudnn": b.enable_cudnn_sdp}
-    setters["math"] = b.enable_math_sdp
-    if choice in ATTENTION_KERNELS:
-        for name, enable in setters.items():
-            enable(name == choice)
+    if choice in _SDP_SWITCHES:
+        for name, (enable, _) in _SDP_SWITCHES.items():
+            getattr(b, enable)(name == choice)
     elif choice == "auto" and device_type == "cuda":
         b.enable_cudnn_sdp(False)
-    getters = {"flash": b.flash_sdp_enabled, "efficient": b.mem_efficient_sdp_enabled, "cudnn": b.cudnn_sdp_enabled}
-    getters["math"] = b.math_sdp_enabled
-    return {name: bool(get()) for name, get in getters.items()}
+    return {name: bool(getattr(b, enabled)()) for name, (_, enabled) in _SDP_SWITCHES.items()}
 
 
 def model_load_kwargs(
