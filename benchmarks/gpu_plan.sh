@@ -14,7 +14,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
+STAGE=${1:?usage: gpu_plan.sh s6a|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -40,6 +40,21 @@ case $STAGE in
     timeout 190 "${BENCH[@]}" --steps 30 --warmup 10 --out "$OUT/a" --only ours --gpus 2,1 --budget-s 185 | tail -9
     timeout 295 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 20 --warmup 6 --timeout 135 --out "$OUT/b" \
       --only ours --gpus 2,1 --budget-s 290 | tail -9 ;;
+  s6a)
+    # #11, session 6: adamw_8bit updates each flat bucket in one kernel (was one per LoRA tensor, 224 for the 1B).
+    # The 1B on 2 and 1 GPUs over 40 steps, the 8B on 2 and 1 GPUs over 16 steps, then TRL's best mode on the 1B
+    # at 2 GPUs (packing=True in session 3) against today's code.
+    nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
+    timeout 195 "${BENCH[@]}" --steps 40 --warmup 15 --timeout 95 --min-run-s 60 --out "$OUT/a" --only ours \
+      --gpus 2,1 --budget-s 190 | tail -6
+    for n in 2 1; do cp /tmp/mgpu-bench/ours-1b-${n}gpu/run/metrics.jsonl "$OUT/a/m$n.jsonl"; done
+    for n in 2 1; do cp /tmp/mgpu-bench/ours-1b-${n}gpu/run/summary.json "$OUT/a/s$n.json"; done
+    timeout 215 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 16 --warmup 6 --timeout 100 --min-run-s 75 \
+      --out "$OUT/c" --only ours --gpus 2,1 --budget-s 212 | tail -6
+    for n in 2 1; do cp /tmp/mgpu-bench/ours-8b-${n}gpu/run/metrics.jsonl "$OUT/c/m$n.jsonl"; done
+    timeout 125 "${BENCH[@]}" --steps 20 --warmup 8 --timeout 120 --min-run-s 60 --out "$OUT/t" --only trl-pack \
+      --gpus 2 --budget-s 122 | tail -4
+    cd "$OUT" && tar czf rest.tgz a c t; rm -rf a c t; exit 0 ;;
   s5e)
     # #11 with the new defaults (model.attention auto: no cuDNN; dataset.pad_to_multiple_of 8: one compile): the 1B
     # on 2 and 1 GPUs over 50 steps, then the 8B on 2 and 1 GPUs over 16 steps.

@@ -31,6 +31,8 @@ RUN = [
     "dataset.eval_ratio=0.05",
     "training.eval_steps=5",
     "logging.progress=false",
+    # bitsandbytes' 8-bit AdamW (its CPU implementation): its state, partly in flat buffers, must resume exactly
+    "training.optimizer=adamw_8bit",
 ]
 
 

@@ -31,6 +31,13 @@ def _train(out, *overrides):
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
+def test_flat_8bit_adamw_equals_per_parameter_on_cuda():
+    """bitsandbytes' CUDA kernels: one kernel per flat run gives the per-parameter update to the bit."""
+    from test_optim import test_flat_update_equals_per_parameter_update_to_the_bit
+
+    test_flat_update_equals_per_parameter_update_to_the_bit(device="cuda")
+
+
 def test_two_gpus_equal_one_gpu_and_a_control_differs(tmp_path):
     two = _train(tmp_path / "two", "distributed.num_gpus=2", "training.micro_batch_size=2")
     one = _train(tmp_path / "one", "distributed.num_gpus=1", "training.micro_batch_size=4")

@@ -65,3 +65,151 @@ def test_paged_optimizer_keeps_the_original_step(monkeypatch):
     monkeypatch.setattr(bnb.optim.AdamW8bit, "step", lambda self, closure=None: called.append(1))
     opt.step()
     assert called == [1]
+
+
+def _flat(params, bucket_mb=1.0):
+    """Parameters as views of flat buffers, laid out by the engine's gradient synchroniser (one process)."""
+    from unsloth_mgpu_cli import distributed as D
+
+    return D.GradientSynchronizer(params, D.DistInfo(), "mean", bucket_size_mb=bucket_mb, param_views=True)
+
+
+def _steps(opt, params, sync, seed=7, steps=4):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            grad = torch.randn(p.shape, generator=g).to(p.device)
+            if sync is None:
+                p.grad = grad
+            else:
+                p.grad.copy_(grad)  # into the flat gradient buffer, as backward accumulates
+        opt.step()
+
+
+# sizes: multiples of 256 and not, one below min_8bit_size (32-bit state, updated on its own) between 8-bit ones
+SIZES = ((64, 128), (4096,), (100,), (5000,), (3, 1500), (7000,))
+
+
+def _shaped(seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(device)) for s in SIZES]
+
+
+def test_flat_update_equals_per_parameter_update_to_the_bit(device="cpu"):
+    """Also run on CUDA by tests/test_gpu.py (bitsandbytes' CUDA kernels)."""
+    from unsloth_mgpu_cli.optim import adamw_8bit_class
+
+    flat, ref = _shaped(0, device), _shaped(0, device)
+    sync = _flat(flat, bucket_mb=0.05)  # several buckets: runs end at bucket edges too
+    assert len(sync.flat_buckets()) > 1
+    opt = adamw_8bit_class()(flat, lr=1e-2, weight_decay=0.01)
+    opt.use_flat(sync.flat_buckets())
+    assert sum(len(r.members) for r in opt.runs) == 5 and len(opt.runs) >= 2  # the 100-element one is not in a run
+    launches = []
+    real = bnb.functional.optimizer_update_8bit_blockwise
+    import bitsandbytes.functional as F
+
+    def counting(*a, **k):
+        launches.append(a[1].numel())
+        return real(*a, **k)
+
+    F.optimizer_update_8bit_blockwise = counting
+    try:
+        _steps(opt, flat, sync)
+    finally:
+        F.optimizer_update_8bit_blockwise = real
+    assert len(launches) == 4 * len(opt.runs)  # one kernel per run and step, not one per parameter
+    _steps(bnb.optim.AdamW8bit(ref, lr=1e-2, weight_decay=0.01), ref, None)
+    for a, b in zip(flat, ref, strict=True):
+        assert torch.equal(a, b)
+    for _, g, members in sync.flat_buckets():  # the gradient gaps stay zero (the norm and finiteness see them)
+        used = torch.zeros(g.numel(), dtype=torch.bool)
+        for p, offset in members:
+            used[offset : offset + p.numel()] = True
+        assert used.any() and not g[~used].any()
+
+
+def test_flat_state_saves_in_bitsandbytes_format_and_resumes_either_way():
+    from unsloth_mgpu_cli.optim import adamw_8bit_class
+
+    flat, ref = _shaped(0), _shaped(0)
+    sync = _flat(flat)
+    opt = adamw_8bit_class()(flat, lr=1e-2)
+    opt.use_flat(sync.flat_buckets())
+    _steps(opt, flat, sync, steps=3)
+    saved = opt.state_dict()
+    ref_opt = bnb.optim.AdamW8bit(ref, lr=1e-2)
+    _steps(ref_opt, ref, None, steps=3)
+    assert saved.keys() == ref_opt.state_dict().keys()
+    assert [opt.state[p]["state1"].shape for p in flat] == [ref_opt.state[p]["state1"].shape for p in ref]
+    # a fresh flat optimizer resumes from the per-parameter optimizer's state, and the reverse
+    resumed, back = _shaped(1), _shaped(1)
+    with torch.no_grad():
+        for a, b, c in zip(resumed, back, ref, strict=True):
+            a.copy_(c)
+            b.copy_(c)
+    sync2 = _flat(resumed)
+    opt2 = adamw_8bit_class()(resumed, lr=1e-2)
+    opt2.use_flat(sync2.flat_buckets())
+    opt2.load_state_dict(ref_opt.state_dict())
+    back_opt = bnb.optim.AdamW8bit(back, lr=1e-2)
+    back_opt.load_state_dict(saved)
+    _steps(opt2, resumed, sync2, seed=9, steps=2)
+    _steps(back_opt, back, None, seed=9, steps=2)
+    _steps(ref_opt, ref, None, seed=9, steps=2)
+    for a, b, c in zip(resumed, back, ref, strict=True):
+        assert torch.equal(a, c) and torch.equal(b, c)
+    assert all(r.bound for r in opt2.runs)  # the loaded state was moved into the flat buffers
+
+
+def test_flat_run_falls_back_when_a_parameter_is_no_longer_a_view():
+    from unsloth_mgpu_cli.optim import adamw_8bit_class
+
+    flat, ref = _shaped(0), _shaped(0)
+    sync = _flat(flat)
+    opt = adamw_8bit_class()(flat, lr=1e-2)
+    opt.use_flat(sync.flat_buckets())
+    flat[1].grad = flat[1].grad.clone()  # someone replaced a gradient: the flat buffer no longer holds it
+    g = torch.Generator().manual_seed(7)
+    for p, q in zip(flat, ref, strict=True):
+        q.grad = torch.randn(p.shape, generator=g)
+        p.grad.copy_(q.grad)
+    opt.step()
+    bnb.optim.AdamW8bit(ref, lr=1e-2).step()
+    for a, b in zip(flat, ref, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_control_one_weight_off_by_one_ulp_differs():
+    """The bit-for-bit comparison above can fail: the smallest change of one starting weight shows."""
+    from unsloth_mgpu_cli.optim import adamw_8bit_class
+
+    flat, ref = _shaped(0), _shaped(0)
+    with torch.no_grad():
+        ref[3][0] = torch.nextafter(ref[3][0], torch.tensor(1e9))
+    sync = _flat(flat)
+    opt = adamw_8bit_class()(flat, lr=1e-2)
+    opt.use_flat(sync.flat_buckets())
+    _steps(opt, flat, sync)
+    _steps(bnb.optim.AdamW8bit(ref, lr=1e-2), ref, None)
+    assert [torch.equal(a, b) for a, b in zip(flat, ref, strict=True)] == [True, True, True, False, True, True]
+
+
+def test_unaligned_parameters_are_updated_one_by_one():
+    import unsloth_mgpu_cli.distributed as D
+    from unsloth_mgpu_cli.optim import adamw_8bit_class
+
+    flat, ref = _shaped(0), _shaped(0)
+    old = D.FLAT_ALIGN
+    D.FLAT_ALIGN = 4  # packed: parameters no longer start 256-element blocks
+    try:
+        sync = _flat(flat)
+    finally:
+        D.FLAT_ALIGN = old
+    opt = adamw_8bit_class()(flat, lr=1e-2)
+    opt.use_flat(sync.flat_buckets())
+    assert all(offset % 256 == 0 for run in opt.runs for _, offset in run.members)
+    _steps(opt, flat, sync)
+    _steps(bnb.optim.AdamW8bit(ref, lr=1e-2), ref, None)
+    for a, b in zip(flat, ref, strict=True):
+        assert torch.equal(a, b)

@@ -818,6 +818,9 @@ def broadcast_parameters(params: Sequence[Any], info: DistInfo, src: int = 0) ->
                 offset += n
 
 
+FLAT_ALIGN = 256  # elements: bitsandbytes' 8-bit optimizer block, and beyond any kernel's alignment
+
+
 def _buckets(params: Sequence[Any], bucket_bytes: float) -> list[list[Any]]:
     buckets: list[list[Any]] = [[]]
     size = 0
@@ -850,6 +853,7 @@ class GradientSynchronizer:
         aggregation: str,
         bucket_size_mb: float = 25.0,
         grad_views: bool = False,
+        param_views: bool = False,
     ):
         self.params = [p for p in params if p.requires_grad]
         self.info = info
@@ -858,30 +862,56 @@ class GradientSynchronizer:
         # per bucket: its flat fp32 gradient buffer and the parameters' gradient views into it, or None (copy path)
         self.flats: list[Any] = [None] * len(self.buckets)
         self.views: list[list[Any] | None] = [None] * len(self.buckets)
-        if grad_views:
-            self._install_views()
+        # per view bucket: where each parameter starts in the flat buffers, and (param_views) the flat fp32 buffer
+        # that the parameters themselves are views of, laid out like the gradients
+        self.offsets: list[list[int] | None] = [None] * len(self.buckets)
+        self.param_flats: list[Any] = [None] * len(self.buckets)
+        if grad_views or param_views:
+            self._install_views(param_views)
 
-    def _install_views(self) -> None:
+    def _install_views(self, param_views: bool = False) -> None:
         """Make every fp32 gradient a view into one flat fp32 buffer per bucket (DDP's gradient_as_bucket_view).
 
         Backward then accumulates straight into the buffers that are all-reduced: no gather/scatter copies, and
         zeroing, the finiteness check and clipping are one kernel per bucket instead of one per parameter. The
         owner must zero gradients with `zero_grad()`, never `optimizer.zero_grad(set_to_none=True)`, which would
         drop the views. Buckets holding a non-fp32 parameter keep the copy path.
+
+        With `param_views` the parameters become views of a second flat buffer with the same layout, so that an
+        optimizer can update a whole bucket in one kernel (`optim.adamw_8bit_class`). Each parameter starts at a
+        multiple of `FLAT_ALIGN` elements; the gaps belong to no parameter, and their gradients stay zero.
         """
         import torch
 
         for i, bucket in enumerate(self.buckets):
             if any(p.dtype != torch.float32 for p in bucket):
                 continue
-            flat = torch.zeros(sum(p.numel() for p in bucket), dtype=torch.float32, device=bucket[0].device)
-            views, offset = [], 0
+            offsets, total = [], 0
             for p in bucket:
-                n = p.numel()
-                p.grad = flat[offset : offset + n].view_as(p)
+                offsets.append(total)
+                total += -(-p.numel() // FLAT_ALIGN) * FLAT_ALIGN
+            flat = torch.zeros(total, dtype=torch.float32, device=bucket[0].device)
+            if param_views:
+                weights = torch.zeros_like(flat)
+                with torch.no_grad():
+                    for p, offset in zip(bucket, offsets, strict=True):
+                        view = weights[offset : offset + p.numel()].view_as(p)
+                        view.copy_(p)
+                        p.data = view
+                self.param_flats[i] = weights
+            views = []
+            for p, offset in zip(bucket, offsets, strict=True):
+                p.grad = flat[offset : offset + p.numel()].view_as(p)
                 views.append(p.grad)
-                offset += n
-            self.flats[i], self.views[i] = flat, views
+            self.flats[i], self.views[i], self.offsets[i] = flat, views, offsets
+
+    def flat_buckets(self) -> list[tuple[Any, Any, list[tuple[Any, int]]]]:
+        """(flat weights, flat gradients, [(parameter, offset)]) of each bucket whose parameters are views."""
+        return [
+            (w, g, list(zip(b, o, strict=True)))
+            for w, g, b, o in zip(self.param_flats, self.flats, self.buckets, self.offsets, strict=True)
+            if w is not None
+        ]
 
     @property
     def uses_views(self) -> bool:

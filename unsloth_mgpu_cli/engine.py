@@ -518,14 +518,23 @@ class Trainer:
         self.total_steps = self.planner.total_steps(r.training.epochs, r.training.max_steps)
         from .optim import build_optimizer, build_scheduler
 
-        self.optimizer = build_optimizer(self.params, r, self.info.device_type)
-        self.scheduler = build_scheduler(self.optimizer, r, self.total_steps)
         if self.sharded:
             self.sync = D.ShardedGradients(self.params, self.info, r.distributed.aggregation)
         else:
+            # Gradients and weights become views of flat per-bucket buffers: one all-reduce per bucket, and (8-bit
+            # AdamW) one optimizer kernel per bucket instead of one per LoRA tensor.
             self.sync = D.GradientSynchronizer(
-                self.params, self.info, r.distributed.aggregation, r.distributed.bucket_size_mb, grad_views=True
+                self.params,
+                self.info,
+                r.distributed.aggregation,
+                r.distributed.bucket_size_mb,
+                grad_views=True,
+                param_views=True,
             )
+        self.optimizer = build_optimizer(self.params, r, self.info.device_type)
+        if hasattr(self.optimizer, "use_flat") and not self.sharded:
+            self.optimizer.use_flat(self.sync.flat_buckets())
+        self.scheduler = build_scheduler(self.optimizer, r, self.total_steps)
         # Totals over the whole run, carried through checkpoints so a resumed run reports the whole run.
         self.run_state: dict[str, Any] = {
             "tokens": 0,
@@ -607,6 +616,26 @@ class Trainer:
         session_start = self.step
         collector = GarbageCollection()
         collector.start()
+        # The metrics row of a step is written while the next step's micro-batches run: reading the gradient norm
+        # right away would make the host wait for the all-reduce and the optimizer, and the device would then
+        # idle through the row's bookkeeping and the next batch's preparation. Rows of steps that save a
+        # checkpoint, evaluate or end the run are written at once (resume and the logs stay in step).
+        pending: PendingRow | None = None
+
+        def write_row() -> None:
+            nonlocal pending
+            if pending is None:
+                return
+            row, peaks = pending.finish(), pending.peaks
+            pending = None
+            rs["last_metrics"] = row
+            if metrics is not None:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            if sinks is not None:
+                sinks.write(row)
+            progress.update(row["step"], row["loss"], row["learning_rate"], row["tokens_per_second"], peaks)
+
         try:
             while self.step < self.total_steps:
                 t_phase = time.perf_counter()
@@ -616,6 +645,7 @@ class Trainer:
                 clock.start()
                 compiled_before = _graphs_compiled()
                 loss_sum, oom = self._accumulate(mine, denom)
+                write_row()  # the previous step's, while this step's micro-batches run on the device
                 t_queued = time.perf_counter()
                 compute_s = clock.stop()  # this rank's micro-batches on its device (waits for them to finish)
                 compiled = _graphs_compiled() - compiled_before  # torch.compile frames (re)compiled in them
@@ -706,7 +736,7 @@ class Trainer:
                         "epoch": batches.epoch,
                         "loss": last_loss,
                         "learning_rate": lr,
-                        "grad_norm": float(grad_norm),
+                        "grad_norm": HostCopy(grad_norm),
                         "tokens": step_tokens,
                         "loss_tokens": int(tot_tokens),
                         "compute_tokens": int(sum(batches.compute_tokens)),
@@ -722,18 +752,15 @@ class Trainer:
                         row["eval_loss"], row["eval_perplexity"] = evaluated
                         best = rs["best_eval_loss"]
                         rs["best_eval_loss"] = evaluated[0] if best is None else min(best, evaluated[0])
-                    rs["last_metrics"] = row
-                    if metrics is not None:
-                        metrics.write(json.dumps(row) + "\n")
-                        metrics.flush()
-                    if sinks is not None:
-                        sinks.write(row)
-                    progress.update(self.step, last_loss, lr, tps, peaks)
+                    pending = PendingRow(row, peaks)
                     t_window, tokens_window = now, 0
                 rs["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
                 interrupted = stop_ranks > 0 and not last
                 save_every = r.output.save_steps
-                if interrupted or (save_every and self.step % save_every == 0) or last:
+                saving = interrupted or (save_every and self.step % save_every == 0) or last
+                if saving or evaluated is not None:
+                    write_row()
+                if saving:
                     save_checkpoint(self)
                     saved_step = self.step
                 if interrupted:
@@ -746,6 +773,7 @@ class Trainer:
                     phases.add(t_phase, t_queued, t_synced, t_updated, time.perf_counter())
                 if profiler is not None:
                     profiler.after_step(self.step)
+            write_row()
             if saved_step != self.step:  # e.g. resumed from the final checkpoint: nothing ran, nothing to save
                 save_checkpoint(self)
             elapsed = time.perf_counter() - t_start
@@ -762,6 +790,11 @@ class Trainer:
                 "startup_s": startup_breakdown(self.plan.timeline),
                 "step_phases_s": phases.means(),
                 "attention_kernels": [name for name, on in self.attention.items() if on],
+                # 8-bit AdamW: trainable tensors updated by one kernel per flat run at the last step, of all
+                "optimizer_flat": {
+                    **getattr(self.optimizer, "last_flat", {"tensors": 0, "kernels": 0}),
+                    "of": len(self.params),
+                },
                 "peak_memory_gb": [m[0] for m in mems],
                 "skipped_steps": rs["skipped_steps"],
                 "world_size": info.world_size,
@@ -1098,6 +1131,37 @@ class DeviceClock:
         self.end.record()
         self.end.synchronize()
         return self.begin.elapsed_time(self.end) / 1e3
+
+
+class HostCopy:
+    """A device scalar copied into host memory without waiting for the device; `value()` waits for the copy only."""
+
+    def __init__(self, value: Any):
+        import torch
+
+        self.event = None
+        if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+            self.buf = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            self.buf.copy_(value.detach(), non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.buf = value
+
+    def value(self) -> float:
+        if self.event is not None:
+            self.event.synchronize()
+        return float(self.buf)
+
+
+class PendingRow:
+    """A step's metrics row whose device values are still on their way to the host."""
+
+    def __init__(self, row: dict[str, Any], peaks: list[float]):
+        self.row, self.peaks = row, peaks
+
+    def finish(self) -> dict[str, Any]:
+        return {k: v.value() if isinstance(v, HostCopy) else v for k, v in self.row.items()}
 
 
 class StepPhases:

@@ -281,7 +281,7 @@ class TrainingSection(_Section):
     )
     learning_rate: float = Field(2.0e-4, gt=0.0, le=1.0, description="Peak learning rate.")
     optimizer: Literal["adamw", "adamw_8bit", "sgd"] = Field(
-        "adamw_8bit", description="adamw (torch), adamw_8bit (bitsandbytes; falls back to adamw on CPU), sgd."
+        "adamw_8bit", description="adamw (torch), adamw_8bit (bitsandbytes, also on CPU), sgd."
     )
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="Decoupled weight decay.")
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
