@@ -14,7 +14,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s6a|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
+STAGE=${1:?usage: gpu_plan.sh s6a|s6b|s6c|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -40,6 +40,23 @@ case $STAGE in
     timeout 190 "${BENCH[@]}" --steps 30 --warmup 10 --out "$OUT/a" --only ours --gpus 2,1 --budget-s 185 | tail -9
     timeout 295 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 20 --warmup 6 --timeout 135 --out "$OUT/b" \
       --only ours --gpus 2,1 --budget-s 290 | tail -9 ;;
+  s6b)
+    # #11, session 6: the metrics row written while the next step runs (no wait for the optimizer between steps).
+    # 1B on 2 then 1 GPUs over 50 steps; the 8B on 1 then 2 GPUs over 22 steps (the order flipped: in s6a the
+    # 2-GPU run, first, started 4-6 s slower in every phase, the parent's tokenisation included).
+    nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
+    timeout 215 "${BENCH[@]}" --steps 50 --warmup 15 --timeout 105 --min-run-s 60 --out "$OUT/a" --only ours \
+      --gpus 2,1 --budget-s 210 | tail -6
+    for n in 2 1; do cp /tmp/mgpu-bench/ours-1b-${n}gpu/run/metrics.jsonl "$OUT/a/m$n.jsonl"; done
+    timeout 265 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 22 --warmup 7 --timeout 115 --min-run-s 80 \
+      --out "$OUT/c" --only ours --gpus 1,2 --budget-s 260 | tail -6
+    for n in 2 1; do cp /tmp/mgpu-bench/ours-8b-${n}gpu/run/metrics.jsonl "$OUT/c/m$n.jsonl"; done
+    cd "$OUT" && tar czf rest.tgz a c; rm -rf a c; exit 0 ;;
+  s6c)
+    # #11: Unsloth's own route on the 8B at 2 GPUs (torchrun), both modes, 10 steps, steady after 4
+    timeout 330 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 10 --warmup 4 --timeout 140 --min-run-s 90 \
+      --out "$OUT/t" --only trl-pf,trl-pack --gpus 2 --budget-s 325 | tail -5
+    cd "$OUT" && tar czf rest.tgz t; rm -rf t; exit 0 ;;
   s6a)
     # #11, session 6: adamw_8bit updates each flat bucket in one kernel (was one per LoRA tensor, 224 for the 1B).
     # The 1B on 2 and 1 GPUs over 40 steps, the 8B on 2 and 1 GPUs over 16 steps, then TRL's best mode on the 1B
