@@ -14,7 +14,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s6a|s6b|s6c|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
+STAGE=${1:?usage: gpu_plan.sh s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -57,6 +57,16 @@ case $STAGE in
     timeout 330 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 10 --warmup 4 --timeout 140 --min-run-s 90 \
       --out "$OUT/t" --only trl-pf,trl-pack --gpus 2 --budget-s 325 | tail -5
     cd "$OUT" && tar czf rest.tgz t; rm -rf t; exit 0 ;;
+  s6d)
+    # #11: what are the one-rank stalls of 0.1-0.15 s (8B 2 GPUs: 6 of 21 steps in s6b)? Metrics now carry each
+    # rank's reserved device memory per step: growth at a stalled step points at the allocator going to the driver.
+    timeout 120 "${BENCH[@]}" --steps 40 --warmup 15 --timeout 100 --min-run-s 60 --out "$OUT/a" --only ours \
+      --gpus 2 --budget-s 115 | tail -3
+    cp /tmp/mgpu-bench/ours-1b-2gpu/run/metrics.jsonl "$OUT/a/m2.jsonl"
+    timeout 170 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 22 --warmup 7 --timeout 110 --min-run-s 80 \
+      --out "$OUT/c" --only ours --gpus 2 --budget-s 165 | tail -3
+    cp /tmp/mgpu-bench/ours-8b-2gpu/run/metrics.jsonl "$OUT/c/m2.jsonl"
+    cd "$OUT" && tar czf rest.tgz a c; rm -rf a c; exit 0 ;;
   s6a)
     # #11, session 6: adamw_8bit updates each flat bucket in one kernel (was one per LoRA tensor, 224 for the 1B).
     # The 1B on 2 and 1 GPUs over 40 steps, the 8B on 2 and 1 GPUs over 16 steps, then TRL's best mode on the 1B

@@ -82,6 +82,7 @@ def test_outputs_follow_the_contract(runs):
         assert all(w % 8 == 0 for w in r["longest_row"])  # dataset.pad_to_multiple_of: 8 by default
         assert r["compute_tokens"] <= 2 * 2 * max(r["longest_row"])
     assert all(len(r["compiles"]) == 2 and min(r["compiles"]) >= 0 for r in rows)
+    assert all(r["reserved_gb"] == [0.0, 0.0] for r in rows)  # the CUDA allocator's memory: none on CPU
     # each rank's time in its micro-batches: measured, and within the step's wall time
     for prev, r in zip(rows, rows[1:], strict=False):
         assert len(r["compute_s"]) == 2 and all(0 < c <= r["elapsed_s"] - prev["elapsed_s"] for c in r["compute_s"])

@@ -664,6 +664,7 @@ class Trainer:
                     float(self._longest_row(mine)),
                     compute_s,
                     float(compiled),
+                    _reserved_memory_gb(info),
                 ]
                 stats = torch.cat(
                     [
@@ -674,7 +675,7 @@ class Trainer:
                 rows = D.all_gather_tensor(stats, info).tolist()
                 tot_loss, bad_ranks, tot_tokens, stop_ranks, oom_ranks = (sum(r[k] for r in rows) for k in range(5))
                 peaks, longest, computes = [r[5] for r in rows], [int(r[6]) for r in rows], [r[7] for r in rows]
-                compiles = [int(r[8]) for r in rows]
+                compiles, reserved = [int(r[8]) for r in rows], [r[9] for r in rows]
                 t_synced = time.perf_counter()
                 if oom_ranks > 0:  # every rank saw the sum: all redo this step with smaller pieces together
                     self._after_oom(int(oom_ranks), progress)
@@ -746,6 +747,7 @@ class Trainer:
                         "longest_row": longest,
                         "compute_s": [round(c, 5) for c in computes],
                         "compiles": compiles,
+                        "reserved_gb": [round(m, 3) for m in reserved],
                         "skipped_steps": rs["skipped_steps"],
                     }
                     if evaluated is not None:
@@ -1188,6 +1190,15 @@ class StepPhases:
     def means(self) -> dict[str, float]:
         n = max(1, self.steps)
         return {name: round(t / n, 5) for name, t in zip(self.NAMES, self.totals, strict=True)} | {"steps": self.steps}
+
+
+def _reserved_memory_gb(info: Any) -> float:
+    """Device memory the caching allocator holds (0 on CPU): growth within a step means it asked the driver."""
+    if info.device_type == "cuda":
+        import torch
+
+        return torch.cuda.memory_reserved() / 2**30
+    return 0.0
 
 
 def _peak_memory_gb(info: Any) -> float:
