@@ -60,12 +60,14 @@ case $STAGE in
   s6d)
     # #11: what are the one-rank stalls of 0.1-0.15 s (8B 2 GPUs: 6 of 21 steps in s6b)? Metrics now carry each
     # rank's reserved device memory per step: growth at a stalled step points at the allocator going to the driver.
+    # N=1 (1-GPU machine, session 6: 1-GPU runs stall too, e.g. 8B steps 6 and 18 in s6b) or N=2.
+    N=${N:-2}
     timeout 120 "${BENCH[@]}" --steps 40 --warmup 15 --timeout 100 --min-run-s 60 --out "$OUT/a" --only ours \
-      --gpus 2 --budget-s 115 | tail -3
-    cp /tmp/mgpu-bench/ours-1b-2gpu/run/metrics.jsonl "$OUT/a/m2.jsonl"
+      --gpus $N --budget-s 115 | tail -3
+    cp /tmp/mgpu-bench/ours-1b-${N}gpu/run/metrics.jsonl "$OUT/a/m$N.jsonl"
     timeout 170 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 22 --warmup 7 --timeout 110 --min-run-s 80 \
-      --out "$OUT/c" --only ours --gpus 2 --budget-s 165 | tail -3
-    cp /tmp/mgpu-bench/ours-8b-2gpu/run/metrics.jsonl "$OUT/c/m2.jsonl"
+      --out "$OUT/c" --only ours --gpus $N --budget-s 165 | tail -3
+    cp /tmp/mgpu-bench/ours-8b-${N}gpu/run/metrics.jsonl "$OUT/c/m$N.jsonl"
     cd "$OUT" && tar czf rest.tgz a c; rm -rf a c; exit 0 ;;
   s6a)
     # #11, session 6: adamw_8bit updates each flat bucket in one kernel (was one per LoRA tensor, 224 for the 1B).
