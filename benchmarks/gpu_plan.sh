@@ -5,11 +5,15 @@
 # In session 5: `s5a` (trace: cuDNN attention plans each new shape on the host), s5b (void: its pytest, killed by
 # `timeout`, left a run on the GPUs; stage removed), `s5d` (4 x H200), `s5e` (the new defaults; device time ran
 # out in its 1-GPU run).
+# In session 6: `gputest` (the flat optimizer's CUDA test and the fsdp test passed), `s6a` (flat optimizer), `s6b`
+# (metrics row written during the next step), `s6c` (TRL on the 8B at 2 GPUs), `N=1 s6d` (1-GPU host: reserved
+# memory per step).
 # Next, in this order:
-#   bash benchmarks/gpu_plan.sh gputest   # pytest -m gpu (~6 min: its own call): the fsdp test never ran on a GPU
-#   bash benchmarks/gpu_plan.sh s5e       # the 1B's 1-GPU run to the end with the defaults (#11: x1.88 so far)
-#   TRL on the 8B: benchmarks/run.py --sizes 8b --micro-batch 16 --only trl-pf,trl-pack --gpus 2,1
+#   a trace of the 8B on 2 GPUs over stalled steps (s6b: one rank 0.08-0.14 s late in 5 of 15 steps), e.g.
+#     MGPU_PROFILE="$OUT/prof:9:13:trace" with the s6b 8B settings
+#   N=2 bash benchmarks/gpu_plan.sh s6d   # do the stalls coincide with reserved memory growth on 2 GPUs
 #   CASES=qlora bash benchmarks/gpu_fsdp.sh   # #13: 8B QLoRA, NF4 shards (own call)
+#   TRL on the 8B at 1 GPU: benchmarks/run.py --sizes 8b --micro-batch 16 --only trl-pf,trl-pack --gpus 1
 #   4/8 GPUs (#12), when lent: s5d with --only ours,trl-pf,trl-pack and --gpus 8,4,2,1 split over calls
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
