@@ -521,15 +521,15 @@ class Trainer:
         if self.sharded:
             self.sync = D.ShardedGradients(self.params, self.info, r.distributed.aggregation)
         else:
-            # Gradients and weights become views of flat per-bucket buffers: one all-reduce per bucket, and (8-bit
-            # AdamW) one optimizer kernel per bucket instead of one per LoRA tensor.
+            # Gradients become views of flat per-bucket buffers (one all-reduce per bucket); with 8-bit AdamW the
+            # weights too, so that it updates a bucket in one kernel instead of one per LoRA tensor.
             self.sync = D.GradientSynchronizer(
                 self.params,
                 self.info,
                 r.distributed.aggregation,
                 r.distributed.bucket_size_mb,
                 grad_views=True,
-                param_views=True,
+                param_views=r.training.optimizer == "adamw_8bit",
             )
         self.optimizer = build_optimizer(self.params, r, self.info.device_type)
         if hasattr(self.optimizer, "use_flat") and not self.sharded:
