@@ -195,3 +195,19 @@ def test_report_and_export_refuse_a_folder_without_a_run(tmp_path):
 
     assert_user_error(run_mgpu("report", str(tmp_path), timeout=120), "no metrics.jsonl")
     assert_user_error(run_mgpu("export", str(tmp_path), "--merged", timeout=120), "no adapter", "--resume auto")
+
+
+def test_a_torch_adamw_checkpoint_is_refused_by_the_8bit_optimizer_with_a_clear_error(tmp_path):
+    """adamw_8bit used torch's AdamW on CPU before session 6: such a checkpoint's moments do not fit bitsandbytes."""
+    pytest.importorskip("bitsandbytes")
+    from unsloth_mgpu_cli.optim import adamw_8bit_class
+
+    old = make_trainer(tmp_path)
+    train_step(old)
+    C.save_checkpoint(old)
+    new = make_trainer(tmp_path)
+    new.optimizer = adamw_8bit_class()(new.params, lr=1e-2)
+    with pytest.raises(RuntimeError, match="holds torch AdamW moments.*without --resume"):
+        C.load_checkpoint(tmp_path / "checkpoints" / "step-1", new)
+    same = make_trainer(tmp_path)  # the control: torch AdamW loads its own checkpoint
+    assert C.load_checkpoint(tmp_path / "checkpoints" / "step-1", same)["step"] == 1

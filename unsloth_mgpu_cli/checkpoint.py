@@ -375,7 +375,15 @@ def load_checkpoint(path: Path, trainer: Any) -> dict[str, Any]:
             for n, p in zip(trainer.param_names, trainer.params, strict=True):
                 p.copy_(tensors[n].to(p.device, p.dtype))
         map_loc = trainer.info.device
-        trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=map_loc, weights_only=True))
+        optim = torch.load(path / "optimizer.pt", map_location=map_loc, weights_only=True)
+        saved_keys = {k for v in optim.get("state", {}).values() if isinstance(v, dict) for k in v}
+        if hasattr(trainer.optimizer, "use_flat") and "exp_avg" in saved_keys:
+            raise RuntimeError(
+                f"checkpoint {path} holds torch AdamW moments, but training.optimizer adamw_8bit now runs "
+                "bitsandbytes' 8-bit AdamW on CPU too (it used to fall back to torch's AdamW there); this checkpoint "
+                "cannot continue with it. Start the run again without --resume"
+            )
+        trainer.optimizer.load_state_dict(optim)
     trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rngs = torch.load(path / "rng.pt", weights_only=True)
     mine = rngs.get(f"rank{trainer.info.rank}")
