@@ -54,7 +54,7 @@ def test_two_gpus_equal_one_gpu_and_a_control_differs(tmp_path):
 def test_sharded_on_two_gpus_equals_replicated(tmp_path):
     """fsdp on NCCL: the weights sit in host memory until sharded, and every collective on them must be staged on
     the GPU (session 4: the start-up weight check was not, and fsdp failed at load; gloo takes host tensors, so
-    only this tier can see it). Written in session 4 after its last GPU call: not run on a GPU yet."""
+    only this tier can see it). Written in session 4; first run on 2 x H200 in session 6: passed."""
     ddp = _train(tmp_path / "ddp", "distributed.num_gpus=2", "training.micro_batch_size=2")
     fsdp = _train(
         tmp_path / "fsdp", "distributed.num_gpus=2", "training.micro_batch_size=2", "distributed.strategy=fsdp"
