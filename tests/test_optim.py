@@ -213,3 +213,25 @@ def test_unaligned_parameters_are_updated_one_by_one():
     _steps(bnb.optim.AdamW8bit(ref, lr=1e-2), ref, None)
     for a, b in zip(flat, ref, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_stepped_flat_optimizer_loads_another_state_into_its_flat_buffers():
+    """load_state_dict after the flat buffers are bound (not only on a fresh optimizer) replaces what they hold."""
+    from unsloth_mgpu_cli.optim import adamw_8bit_class
+
+    flat, other = _shaped(0), _shaped(1)
+    sync = _flat(flat)
+    opt = adamw_8bit_class()(flat, lr=1e-2)
+    opt.use_flat(sync.flat_buckets())
+    _steps(opt, flat, sync, steps=3)
+    assert all(r.bound for r in opt.runs)
+    other_opt = bnb.optim.AdamW8bit(other, lr=1e-2)
+    _steps(other_opt, other, None, seed=11, steps=3)
+    with torch.no_grad():
+        for a, b in zip(flat, other, strict=True):
+            a.copy_(b)
+    opt.load_state_dict(other_opt.state_dict())
+    _steps(opt, flat, sync, seed=9, steps=2)
+    _steps(other_opt, other, None, seed=9, steps=2)
+    for a, b in zip(flat, other, strict=True):
+        assert torch.equal(a, b)
