@@ -18,7 +18,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
+STAGE=${1:?usage: gpu_plan.sh s7a|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -44,6 +44,21 @@ case $STAGE in
     timeout 190 "${BENCH[@]}" --steps 30 --warmup 10 --out "$OUT/a" --only ours --gpus 2,1 --budget-s 185 | tail -9
     timeout 295 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 20 --warmup 6 --timeout 135 --out "$OUT/b" \
       --only ours --gpus 2,1 --budget-s 290 | tail -9 ;;
+  s7a)
+    # #11, session 7 (a 1-GPU host): the look-ahead loop (step k+1 queued before the host settles step k; the 8-bit
+    # update of a step found bad later is undone on the device). Its CUDA test, then the 1B without it
+    # (MGPU_LOOKAHEAD=0) and with it, then the 8B with it (s6d: 71,037 and 14,827 tokens/s on this kind of host).
+    timeout 180 python3 -m pytest -q -s -m gpu tests/test_gpu.py -k "queued or flat" > "$OUT/pytest-gpu.txt" 2>&1
+    echo "pytest -m gpu exit=$?"; grep -E "queued vs|passed|failed|Error" "$OUT/pytest-gpu.txt" | tail -5
+    for la in 0 1; do
+      MGPU_LOOKAHEAD=$la timeout 115 "${BENCH[@]}" --steps 40 --warmup 15 --timeout 100 --min-run-s 60 \
+        --out "$OUT/la$la" --only ours --gpus 1 --budget-s 110 | tail -2
+      cp /tmp/mgpu-bench/ours-1b-1gpu/run/metrics.jsonl "$OUT/la$la/m1.jsonl"
+    done
+    timeout 150 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 18 --warmup 6 --timeout 100 --min-run-s 70 \
+      --out "$OUT/c" --only ours --gpus 1 --budget-s 145 | tail -2
+    cp /tmp/mgpu-bench/ours-8b-1gpu/run/metrics.jsonl "$OUT/c/m1.jsonl"
+    cd "$OUT" && tar czf rest.tgz la0 la1 c; rm -rf la0 la1 c; exit 0 ;;
   s6b)
     # #11, session 6: the metrics row written while the next step runs (no wait for the optimizer between steps).
     # 1B on 2 then 1 GPUs over 50 steps; the 8B on 1 then 2 GPUs over 22 steps (the order flipped: in s6a the

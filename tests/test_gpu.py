@@ -1,4 +1,4 @@
-"""GPU tier: the same correctness claims on real GPUs with NCCL. Skipped without 2 GPUs.
+"""GPU tier: the same correctness claims on real GPUs with NCCL. Skipped without the GPUs each test needs.
 
 python -m pytest -m gpu      (or `make test-gpu`)
 """
@@ -13,7 +13,10 @@ from safetensors.torch import load_file
 
 from unsloth_mgpu_cli.devices import count_gpus
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(count_gpus() < 2, reason="needs 2 GPUs")]
+GPUS = count_gpus()
+pytestmark = pytest.mark.gpu
+needs_one = pytest.mark.skipif(GPUS < 1, reason="needs a GPU")
+needs_two = pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 BASE = [
@@ -25,12 +28,13 @@ BASE = [
 ]
 
 
-def _train(out, *overrides):
-    proc = run_mgpu("train", str(QUICKSTART), *BASE, f"output.dir={out}", *overrides, timeout=500)
+def _train(out, *overrides, **env):
+    proc = run_mgpu("train", str(QUICKSTART), *BASE, f"output.dir={out}", *overrides, timeout=500, **env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
+@needs_one
 def test_flat_8bit_adamw_equals_per_parameter_on_cuda():
     """bitsandbytes' CUDA kernels: one kernel per flat run gives the per-parameter update to the bit."""
     from test_optim import test_flat_update_equals_per_parameter_update_to_the_bit
@@ -38,6 +42,7 @@ def test_flat_8bit_adamw_equals_per_parameter_on_cuda():
     test_flat_update_equals_per_parameter_update_to_the_bit(device="cuda")
 
 
+@needs_two
 def test_two_gpus_equal_one_gpu_and_a_control_differs(tmp_path):
     two = _train(tmp_path / "two", "distributed.num_gpus=2", "training.micro_batch_size=2")
     one = _train(tmp_path / "one", "distributed.num_gpus=1", "training.micro_batch_size=4")
@@ -51,6 +56,7 @@ def test_two_gpus_equal_one_gpu_and_a_control_differs(tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"]
 
 
+@needs_two
 def test_sharded_on_two_gpus_equals_replicated(tmp_path):
     """fsdp on NCCL: the weights sit in host memory until sharded, and every collective on them must be staged on
     the GPU (session 4: the start-up weight check was not, and fsdp failed at load; gloo takes host tensors, so
@@ -62,3 +68,25 @@ def test_sharded_on_two_gpus_equals_replicated(tmp_path):
     # bf16 on the GPU, and FSDP2 reduce-scatters where ddp all-reduces: looser than the CPU test's 1e-5
     assert max_rel_diff(fsdp, ddp) < 2e-2
     assert "strategy: fsdp" in (tmp_path / "fsdp" / "recipe.resolved.yaml").read_text()
+
+
+@needs_one
+def test_queued_steps_equal_settled_steps_on_cuda(tmp_path):
+    """The look-ahead loop on CUDA (NCCL with 2 GPUs): the step's flags reach the host through a pinned copy behind
+    an event, and the 8-bit update of a skipped step is undone on the device. A non-finite step (3) and an
+    out-of-memory redo (6) must give the weights of the loop that settles each step first."""
+    run = (f"distributed.num_gpus={min(GPUS, 2)}", "training.micro_batch_size=4", "distributed.verify_every=0")
+    run += ("training.optimizer=adamw_8bit",)  # quickstart.yaml's torch AdamW settles every step
+    faults = f"nan:rank={min(GPUS, 2) - 1}:step=3;oom:rank=0:step=6:until=99:above=2"
+    settled = _train(tmp_path / "settled", *run, MGPU_INJECT_FAULT=faults, MGPU_LOOKAHEAD="0")
+    ahead = _train(tmp_path / "ahead", *run, MGPU_INJECT_FAULT=faults)
+    control = _train(tmp_path / "control", *run, MGPU_INJECT_FAULT="oom:rank=0:step=6:until=99:above=2")
+    same, other = max_rel_diff(ahead, settled), max_rel_diff(control, settled)
+    print(f"queued vs settled {same:.3g}, control {other:.3g}")
+    # the same kernels on the same shapes in the same order: equal up to the GPU's non-deterministic reductions
+    assert same < 1e-3, same
+    assert other > 10 * max(same, 1e-3), (same, other)
+    assert json.loads((tmp_path / "ahead" / "summary.json").read_text())["look_ahead"] is True
+    rows = [json.loads(x) for x in (tmp_path / "ahead" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert all(r["compute_s"] and all(c > 0 for c in r["compute_s"]) for r in rows)

@@ -582,8 +582,6 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        import torch
-
         from . import distributed as D
         from .checkpoint import save_checkpoint
         from .faults import maybe_inject
@@ -594,7 +592,6 @@ class Trainer:
         r, info = self.recipe, self.info
         profiler = StepProfiler.from_env(info.rank)  # MGPU_PROFILE: off unless set
         self.model.train()
-        device = info.device
         progress = ProgressDisplay(info.is_main and r.logging.progress, self.total_steps, self.step)
         metrics = (self.out / "metrics.jsonl").open("a", encoding="utf-8") if info.is_main else None
         sinks = MetricSinks(r, self.out, start_step=self.step) if info.is_main else None
@@ -612,21 +609,30 @@ class Trainer:
         interrupted = False
         eval_every = r.training.eval_steps
         phases = StepPhases()
-        clock = DeviceClock(info.device_type)
         session_start = self.step
         collector = GarbageCollection()
         collector.start()
+        # Look-ahead: step k+1's micro-batches are queued before the host reads step k's outcome (loss, finite
+        # flags, out of memory, stop requests), so the device never idles between steps while the host reads,
+        # decides and prepares. Step k's optimizer update is queued with a device-side undo for the case the
+        # host learns later (a non-finite value or an out-of-memory error on some rank); step k+1's work is
+        # dropped when step k must be redone or is the last before a stop. Steps that save, evaluate, check the
+        # replicas or end the run are settled at once. See `_looks_ahead` for when it is on.
+        ahead = self._looks_ahead()
+        inflight: Launch | None = None  # a step queued on the device that the host has not settled
+        unsent: Launch | None = None  # a step whose device time the ranks have not exchanged yet
         # The metrics row of a step is written while the next step's micro-batches run: reading the gradient norm
-        # right away would make the host wait for the all-reduce and the optimizer, and the device would then
-        # idle through the row's bookkeeping and the next batch's preparation. Rows of steps that save a
-        # checkpoint, evaluate or end the run are written at once (resume and the logs stay in step).
+        # right away would make the host wait for the all-reduce and the optimizer. A queued step's row waits one
+        # step more, for the ranks' device times, which travel with the next step's collective. Rows of steps
+        # that save a checkpoint, evaluate or end the run are written at once (resume and the logs stay in step).
+        # The progress bar shows each step as soon as it is settled.
         pending: PendingRow | None = None
 
         def write_row() -> None:
             nonlocal pending
             if pending is None:
                 return
-            row, peaks = pending.finish(), pending.peaks
+            row = pending.finish()
             pending = None
             rs["last_metrics"] = row
             if metrics is not None:
@@ -634,147 +640,171 @@ class Trainer:
                 metrics.flush()
             if sinks is not None:
                 sinks.write(row)
-            progress.update(row["step"], row["loss"], row["learning_rate"], row["tokens_per_second"], peaks)
+
+        def settle(step: Launch, dropped: Launch | None) -> str:
+            """The host's side of a queued step: read its outcome; redo it, skip it or count it; then write,
+            evaluate, check and save what its number asks for. Returns "next", "redo" or "stop". `dropped`: the
+            next step, already queued, whose work is dropped if this one is redone or is the last before a stop."""
+            nonlocal pending, t_window, tokens_window, tokens_session, first_step_s, bad_since, last_loss
+            nonlocal saved_step, interrupted
+            t_wait = time.perf_counter()
+            rows = step.stats.host().tolist()
+            t_read = time.perf_counter()
+            step.waited = t_read - t_wait
+            tot_loss, bad_ranks, tot_tokens, stop_ranks, oom_ranks = (sum(row[k] for row in rows) for k in range(5))
+            peaks, longest, compiles = (
+                [row[5] for row in rows],
+                [int(row[6]) for row in rows],
+                [int(row[7]) for row in rows],
+            )
+            reserved = [row[8] for row in rows]
+            if pending is not None and pending.row["step"] == int(rows[0][9]):  # the previous step's device time
+                pending.row["compute_s"] = [round(row[10], 5) for row in rows]
+            write_row()
+            if oom_ranks > 0:  # every rank saw the sum: all redo this step with smaller pieces together
+                if dropped is not None:
+                    self._drop(dropped)
+                if step.updated:
+                    self.optimizer.undo_step_count()  # the device already undid the update
+                self._after_oom(int(oom_ranks), progress)
+                return "redo"
+            lr = self.scheduler.get_last_lr()[0]
+            if bad_ranks > 0:
+                # A non-finite loss/gradient on any rank: every rank skips this step together.
+                if step.updated:
+                    self.optimizer.undo_step_count()
+                else:
+                    self.sync.zero_grad()
+                rs["skipped_steps"] += 1
+                bad_since = bad_since or self.step + 1
+                if info.is_main:
+                    progress.log(
+                        f"step {self.step + 1}: non-finite loss or gradient on {int(bad_ranks)} "
+                        "rank(s); step skipped on all ranks"
+                    )
+                if self.step + 2 - bad_since >= r.training.max_skipped_steps:
+                    raise NonFiniteLossError(
+                        f"{self.step + 2 - bad_since} optimizer steps in a row had a non-finite loss or "
+                        f"gradient, starting at step {bad_since} (training.max_skipped_steps="
+                        f"{r.training.max_skipped_steps}); stopped with the weights of step {bad_since - 1}. "
+                        "Hint: lower training.learning_rate, set training.max_grad_norm, use model.dtype "
+                        "bfloat16 instead of float16, or inspect the samples of that step"
+                    )
+            else:
+                bad_since = 0
+                if not step.updated:
+                    self._update(step, masked=False)
+                self.scheduler.step()
+            # When the step's work was done: on a GPU when its outcome reached the host (the host waits for the
+            # device); on CPU, where work runs as it is queued, when its update was (a queued step is settled
+            # only after the next step's micro-batches ran).
+            done_at = step.updated_at if info.device_type != "cuda" and step.updated else t_read
+            self.step += 1
+            step_tokens = int(sum(step.batches.rank_tokens))
+            tokens_window += step_tokens
+            tokens_session += step_tokens
+            rs["tokens"] += step_tokens
+            last_loss = tot_loss / max(1.0, tot_tokens) if bad_ranks == 0 else float("nan")
+            if first_step_s is None:
+                first_step_s = done_at - t_start
+                self.plan.timeline["first_step"] = time.time() - (time.perf_counter() - done_at)
+            verify = r.distributed.verify_every
+            last = self.step == self.total_steps
+            # Under fsdp each rank holds different shards by design: there is no replica to compare.
+            if verify and not self.sharded and (self.step % verify == 0 or last):
+                D.check_consistency(self.params, info, self.step, names=self.param_names)
+            evaluated = None
+            if self.eval_data is not None and (last or (eval_every and self.step % eval_every == 0)):
+                t_eval = time.perf_counter()
+                evaluated = self.evaluate()
+                t_window += time.perf_counter() - t_eval  # tokens/s measures training, not evaluation
+                progress.eval(self.step, *evaluated)
+            if self.step % r.logging.steps == 0 or last or evaluated is not None:
+                own = [round(row[11], 5) for row in rows]
+                row = {
+                    "step": self.step,
+                    "epoch": step.batches.epoch,
+                    "loss": last_loss,
+                    "learning_rate": lr,
+                    "grad_norm": step.grad_norm if bad_ranks == 0 else float("nan"),
+                    "tokens": step_tokens,
+                    "loss_tokens": int(tot_tokens),
+                    "compute_tokens": int(sum(step.batches.compute_tokens)),
+                    "tokens_per_second": tokens_window / max(done_at - t_window, 1e-9),
+                    "elapsed_s": elapsed_before + done_at - t_start,
+                    "peak_memory_gb": [round(m, 3) for m in peaks],
+                    "longest_row": longest,
+                    # each rank's device time for its micro-batches; a queued step's arrives with the next step
+                    "compute_s": None if any(math.isnan(c) for c in own) else own,
+                    "compiles": compiles,
+                    "reserved_gb": [round(m, 3) for m in reserved],
+                    "skipped_steps": rs["skipped_steps"],
+                }
+                if evaluated is not None:
+                    row["eval_loss"], row["eval_perplexity"] = evaluated
+                    best = rs["best_eval_loss"]
+                    rs["best_eval_loss"] = evaluated[0] if best is None else min(best, evaluated[0])
+                pending = PendingRow(row)
+                progress.update(self.step, last_loss, lr, row["tokens_per_second"], peaks)
+                t_window, tokens_window = done_at, 0
+            rs["elapsed_s"] = elapsed_before + done_at - t_start
+            interrupted = stop_ranks > 0 and not last
+            if interrupted and dropped is not None:
+                self._drop(dropped)
+            save_every = r.output.save_steps
+            saving = interrupted or (save_every and self.step % save_every == 0) or last
+            if saving or evaluated is not None:
+                write_row()
+            if saving:
+                save_checkpoint(self)
+                saved_step = self.step
+            if interrupted:
+                if info.is_main:
+                    progress.log(f"stop requested: checkpoint of step {self.step} saved; exiting")
+                return "stop"
+            maybe_inject("step_end", self)
+            collector.after_step(self.step)
+            if profiler is not None:
+                profiler.after_step(self.step)
+            return "next"
 
         try:
             while self.step < self.total_steps:
-                t_phase = time.perf_counter()
-                batches = self.planner.batches(self.step)
-                mine = batches.per_rank[info.rank]
-                denom = self.sync.local_loss_denominator(batches.loss_tokens[info.rank], batches.global_loss_tokens)
-                clock.start()
-                compiled_before = _graphs_compiled()
-                loss_sum, oom = self._accumulate(mine, denom)
-                write_row()  # the previous step's, while this step's micro-batches run on the device
+                t_begin = time.perf_counter()
+                index = self.step + (inflight is not None)  # steps done before the one queued now
+                at_once = not ahead or self._settles_at_once(index, session_start)
+                launch = self._launch(index, keep_rng=inflight is not None)
                 t_queued = time.perf_counter()
-                compute_s = clock.stop()  # this rank's micro-batches on its device (waits for them to finish)
-                compiled = _graphs_compiled() - compiled_before  # torch.compile frames (re)compiled in them
-                # One small collective and one host sync per step: loss, loss tokens, whether any rank saw a
-                # non-finite value (checked on the device: no per-parameter sync), whether any rank was asked
-                # to stop (so every rank stops after the same step) or ran out of memory, and each rank's peak
-                # memory for the metrics line. Host values travel in one pinned copy (a plain torch.tensor(...,
-                # device=cuda) would wait for the GPU on its own).
-                bad = ~torch.isfinite(loss_sum) | ~self.sync.grads_finite()
-                stop_flag = 1.0 if self.stop is not None and self.stop.requested(info.is_main) else 0.0
-                host = [
-                    float(batches.loss_tokens[info.rank]),
-                    stop_flag,
-                    float(oom),
-                    _peak_memory_gb(info),
-                    float(self._longest_row(mine)),
-                    compute_s,
-                    float(compiled),
-                    _reserved_memory_gb(info),
-                ]
-                stats = torch.cat(
-                    [
-                        torch.stack([torch.where(bad, torch.zeros_like(loss_sum), loss_sum), bad.to(torch.float64)]),
-                        _to_device(torch.tensor(host, dtype=torch.float64), device),
-                    ]
-                )
-                rows = D.all_gather_tensor(stats, info).tolist()
-                tot_loss, bad_ranks, tot_tokens, stop_ranks, oom_ranks = (sum(r[k] for r in rows) for k in range(5))
-                peaks, longest, computes = [r[5] for r in rows], [int(r[6]) for r in rows], [r[7] for r in rows]
-                compiles, reserved = [int(r[8]) for r in rows], [r[9] for r in rows]
-                t_synced = time.perf_counter()
-                if oom_ranks > 0:  # every rank saw the sum: all redo this step with smaller pieces together
-                    self._after_oom(int(oom_ranks), progress)
-                    continue
-                lr = self.scheduler.get_last_lr()[0]
-                if bad_ranks > 0:
-                    # A non-finite loss/gradient on any rank: every rank skips this step together.
-                    self.sync.zero_grad()
-                    rs["skipped_steps"] += 1
-                    bad_since = bad_since or self.step + 1
-                    grad_norm = float("nan")
-                    if info.is_main:
-                        progress.log(
-                            f"step {self.step + 1}: non-finite loss or gradient on {int(bad_ranks)} "
-                            "rank(s); step skipped on all ranks"
-                        )
-                    if self.step + 2 - bad_since >= r.training.max_skipped_steps:
-                        raise NonFiniteLossError(
-                            f"{self.step + 2 - bad_since} optimizer steps in a row had a non-finite loss or "
-                            f"gradient, starting at step {bad_since} (training.max_skipped_steps="
-                            f"{r.training.max_skipped_steps}); stopped with the weights of step {bad_since - 1}. "
-                            "Hint: lower training.learning_rate, set training.max_grad_norm, use model.dtype "
-                            "bfloat16 instead of float16, or inspect the samples of that step"
-                        )
+                waited = 0.0
+                if inflight is None:
+                    write_row()  # the previous step's, while this step's micro-batches run on the device
                 else:
-                    bad_since = 0
-                    self.sync.synchronize()
-                    grad_norm = self.sync.clip_grad_norm(r.training.max_grad_norm)
-                    maybe_inject("before_optimizer_step", self)
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.sync.zero_grad()
-                t_updated = time.perf_counter()
-                self.step += 1
-                step_tokens = int(sum(batches.rank_tokens))
-                tokens_window += step_tokens
-                tokens_session += step_tokens
-                rs["tokens"] += step_tokens
-                last_loss = tot_loss / max(1.0, tot_tokens) if bad_ranks == 0 else float("nan")
-                if first_step_s is None:
-                    first_step_s = time.perf_counter() - t_start
-                    self.plan.timeline["first_step"] = time.time()
-                verify = r.distributed.verify_every
-                last = self.step == self.total_steps
-                # Under fsdp each rank holds different shards by design: there is no replica to compare.
-                if verify and not self.sharded and (self.step % verify == 0 or last):
-                    D.check_consistency(self.params, info, self.step, names=self.param_names)
-                evaluated = None
-                if self.eval_data is not None and (last or (eval_every and self.step % eval_every == 0)):
-                    t_eval = time.perf_counter()
-                    evaluated = self.evaluate()
-                    t_window += time.perf_counter() - t_eval  # tokens/s measures training, not evaluation
-                    progress.eval(self.step, *evaluated)
-                if self.step % r.logging.steps == 0 or last or evaluated is not None:
-                    now = time.perf_counter()
-                    tps = tokens_window / max(now - t_window, 1e-9)
-                    row = {
-                        "step": self.step,
-                        "epoch": batches.epoch,
-                        "loss": last_loss,
-                        "learning_rate": lr,
-                        "grad_norm": HostCopy(grad_norm),
-                        "tokens": step_tokens,
-                        "loss_tokens": int(tot_tokens),
-                        "compute_tokens": int(sum(batches.compute_tokens)),
-                        "tokens_per_second": tps,
-                        "elapsed_s": elapsed_before + now - t_start,
-                        "peak_memory_gb": [round(m, 3) for m in peaks],
-                        "longest_row": longest,
-                        "compute_s": [round(c, 5) for c in computes],
-                        "compiles": compiles,
-                        "reserved_gb": [round(m, 3) for m in reserved],
-                        "skipped_steps": rs["skipped_steps"],
-                    }
-                    if evaluated is not None:
-                        row["eval_loss"], row["eval_perplexity"] = evaluated
-                        best = rs["best_eval_loss"]
-                        rs["best_eval_loss"] = evaluated[0] if best is None else min(best, evaluated[0])
-                    pending = PendingRow(row, peaks)
-                    t_window, tokens_window = now, 0
-                rs["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
-                interrupted = stop_ranks > 0 and not last
-                save_every = r.output.save_steps
-                saving = interrupted or (save_every and self.step % save_every == 0) or last
-                if saving or evaluated is not None:
-                    write_row()
-                if saving:
-                    save_checkpoint(self)
-                    saved_step = self.step
-                if interrupted:
-                    if info.is_main:
-                        progress.log(f"stop requested: checkpoint of step {self.step} saved; exiting")
-                    break
-                maybe_inject("step_end", self)
-                collector.after_step(self.step)
+                    earlier, inflight = inflight, None
+                    outcome = settle(earlier, dropped=launch)
+                    waited = earlier.waited
+                    if outcome != "next":
+                        unsent = None
+                        if outcome == "redo":
+                            continue
+                        break
+                # The step's one small collective: see `_exchange`. A step settled at once sends its own device
+                # time (the host waits for its micro-batches here anyway); a queued step's goes with the next.
+                self._exchange(launch, unsent, own_time=at_once)
+                unsent = None if at_once else launch
+                if at_once:
+                    outcome = settle(launch, dropped=None)
+                    waited += launch.waited
+                    if outcome == "redo":
+                        continue
+                    if outcome == "stop":
+                        break
+                else:
+                    self._update(launch, masked=True)
+                    inflight = launch
                 if self.step > session_start + 1:  # the first step compiles: left out of the averages
-                    phases.add(t_phase, t_queued, t_synced, t_updated, time.perf_counter())
-                if profiler is not None:
-                    profiler.after_step(self.step)
+                    t_end = time.perf_counter()
+                    queued, update = t_queued - t_begin, launch.update_s
+                    phases.add(queued, waited, update, t_end - t_begin - queued - waited - update)
             write_row()
             if saved_step != self.step:  # e.g. resumed from the final checkpoint: nothing ran, nothing to save
                 save_checkpoint(self)
@@ -792,6 +822,7 @@ class Trainer:
                 "startup_s": startup_breakdown(self.plan.timeline),
                 "step_phases_s": phases.means(),
                 "attention_kernels": [name for name, on in self.attention.items() if on],
+                "look_ahead": ahead,  # steps queued before the previous one was settled (`_looks_ahead`)
                 # 8-bit AdamW: trainable tensors updated by one kernel per flat run at the last step, of all
                 "optimizer_flat": {
                     **getattr(self.optimizer, "last_flat", {"tensors": 0, "kernels": 0}),
@@ -824,6 +855,121 @@ class Trainer:
                 metrics.close()
             if sinks is not None:
                 sinks.close()
+
+    # -- one step, in the pieces the loop interleaves ---------------------------------------------------
+    def _looks_ahead(self) -> bool:
+        """Queue each step before the host settles the previous one (see `fit`). It needs an optimizer that can
+        undo an update on the device (the 8-bit AdamW over flat buffers; torch's AdamW and SGD settle each step
+        first) and replicated weights (fsdp shards: no flat buffers). `MGPU_LOOKAHEAD=0` turns it off, to compare
+        or to rule it out."""
+        return (
+            not self.sharded
+            and hasattr(self.optimizer, "undo_step_count")
+            and not getattr(self.optimizer, "is_paged", False)
+            and os.environ.get("MGPU_LOOKAHEAD", "1") != "0"
+        )
+
+    def _settles_at_once(self, index: int, session_start: int) -> bool:
+        """Step `index + 1` is settled before the next one is queued: it saves, evaluates, checks the replicas
+        or ends the run (all need its final state and nothing queued behind it), or it is the session's first
+        (it compiles: the time to the first step stays what it says)."""
+        n, r = index + 1, self.recipe
+
+        def every(k: int | None) -> bool:
+            return bool(k) and n % int(k) == 0
+
+        return (
+            index == session_start
+            or n == self.total_steps
+            or every(r.output.save_steps)
+            or (self.eval_data is not None and every(r.training.eval_steps))
+            or (not self.sharded and every(r.distributed.verify_every))
+        )
+
+    def _launch(self, index: int, keep_rng: bool) -> Launch:
+        """Queue step `index + 1`'s micro-batches (forward and backward) on this rank's device. `keep_rng`: note
+        the random-number state first, in case the step is dropped and run again."""
+        batches = self.planner.batches(index)
+        mine = batches.per_rank[self.info.rank]
+        denom = self.sync.local_loss_denominator(batches.loss_tokens[self.info.rank], batches.global_loss_tokens)
+        rng = _rng_states(self.info.device_type) if keep_rng else None
+        self.launching = index + 1  # the step in progress, for fault injection
+        clock = DeviceClock(self.info.device_type)
+        clock.start()
+        compiled_before = _graphs_compiled()
+        loss_sum, oom = self._accumulate(mine, denom)
+        clock.stop()
+        return Launch(index, batches, mine, loss_sum, oom, clock, _graphs_compiled() - compiled_before, rng)
+
+    def _exchange(self, step: Launch, earlier: Launch | None, own_time: bool) -> None:
+        """Queue the step's one small collective, and its copy to the host (read in `settle`).
+
+        Each rank sends: its loss and loss tokens; whether it saw a non-finite value (checked on the device: no
+        per-parameter sync), ran out of memory or was asked to stop (so that every rank redoes, skips or stops
+        at the same step); its peak and reserved memory, longest row and compiles for the metrics line; and
+        device times of its micro-batches: `earlier`'s, and with `own_time` this step's (waits for them). The
+        sum of the flags stays on the device as `step.skip`, for an update queued before the host reads it.
+        Host values travel in one pinned copy (a plain torch.tensor(..., device=cuda) would wait for the GPU).
+        """
+        import torch
+
+        from . import distributed as D
+
+        info = self.info
+        bad = ~torch.isfinite(step.loss_sum) | ~self.sync.grads_finite()
+        stop_flag = 1.0 if self.stop is not None and self.stop.requested(info.is_main) else 0.0
+        host = [
+            float(step.batches.loss_tokens[info.rank]),
+            stop_flag,
+            float(step.oom),
+            _peak_memory_gb(info),
+            float(self._longest_row(step.mine)),
+            float(step.compiled),
+            _reserved_memory_gb(info),
+            float(earlier.index + 1) if earlier is not None else 0.0,
+            earlier.clock.seconds() if earlier is not None else math.nan,
+            step.clock.seconds() if own_time else math.nan,
+        ]
+        loss = torch.where(bad, torch.zeros_like(step.loss_sum), step.loss_sum)
+        stats = torch.cat(
+            [
+                torch.stack([loss, bad.to(torch.float64)]),
+                _to_device(torch.tensor(host, dtype=torch.float64), info.device),
+            ]
+        )
+        gathered = D.all_gather_tensor(stats, info)
+        step.skip = (gathered[:, 1].sum() + gathered[:, 4].sum()) > 0
+        step.stats = HostCopy(gathered)
+
+    def _update(self, step: Launch, masked: bool) -> None:
+        """Queue the gradient all-reduce, clipping and optimizer update. `masked`: the device undoes the update
+        where `step.skip` is set (the host settles the step later); otherwise the host has already seen it is
+        good. The scheduler steps when the host settles the step."""
+        from .faults import maybe_inject
+
+        t0 = time.perf_counter()
+        self.launching = step.index + 1
+        self.sync.synchronize()
+        norm = self.sync.clip_grad_norm(self.recipe.training.max_grad_norm)
+        maybe_inject("before_optimizer_step", self)
+        if masked:
+            self.optimizer.step(skip=step.skip)
+        else:
+            self.optimizer.step()
+        self.sync.zero_grad()
+        step.grad_norm = HostCopy(norm)
+        step.updated, step.updated_at = True, time.perf_counter()
+        step.update_s = step.updated_at - t0
+
+    def _drop(self, step: Launch) -> None:
+        """Forget a queued step that is to run again: its gradients and the random numbers it drew."""
+        import torch
+
+        self.sync.zero_grad()
+        cpu, cuda = step.rng
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
     def evaluate(self) -> tuple[float, float]:
         """(eval loss, perplexity): token-weighted mean over the whole eval split, samples sharded over ranks."""
@@ -1115,7 +1261,7 @@ class DeviceClock:
 
     def __init__(self, device_type: str):
         self.cuda = device_type == "cuda"
-        self.t0 = 0.0
+        self.t0 = self.t1 = 0.0
         if self.cuda:
             import torch
 
@@ -1127,10 +1273,16 @@ class DeviceClock:
         else:
             self.t0 = time.perf_counter()
 
-    def stop(self) -> float:
+    def stop(self) -> None:
+        if self.cuda:
+            self.end.record()
+        else:
+            self.t1 = time.perf_counter()
+
+    def seconds(self) -> float:
+        """The time between `start` and `stop` (on a GPU: waits for the work queued before `stop`)."""
         if not self.cuda:
-            return time.perf_counter() - self.t0
-        self.end.record()
+            return self.t1 - self.t0
         self.end.synchronize()
         return self.begin.elapsed_time(self.end) / 1e3
 
@@ -1150,17 +1302,48 @@ class HostCopy:
         else:
             self.buf = value
 
-    def value(self) -> float:
+    def host(self) -> Any:
+        """The value in host memory (waits for the copy only)."""
         if self.event is not None:
             self.event.synchronize()
-        return float(self.buf)
+        return self.buf
+
+    def value(self) -> float:
+        return float(self.host())
+
+
+@dataclass
+class Launch:
+    """One optimizer step whose micro-batches are queued on the device, and what the host knows of it."""
+
+    index: int  # steps done before it: it is step index + 1
+    batches: Any
+    mine: list[list[int]]
+    loss_sum: Any
+    oom: bool
+    clock: DeviceClock
+    compiled: int
+    rng: tuple[Any, Any] | None  # random-number states before its micro-batches (CPU, CUDA), to run it again
+    stats: HostCopy | None = None  # every rank's row of the step's collective, on its way to the host
+    skip: Any = None  # device flag: some rank saw a non-finite value or ran out of memory
+    grad_norm: Any = None
+    updated: bool = False  # its update is queued (masked: undone on the device if `skip`)
+    updated_at: float = 0.0
+    update_s: float = 0.0
+    waited: float = 0.0  # host seconds spent waiting for its outcome
+
+
+def _rng_states(device_type: str) -> tuple[Any, Any]:
+    import torch
+
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if device_type == "cuda" else None
 
 
 class PendingRow:
     """A step's metrics row whose device values are still on their way to the host."""
 
-    def __init__(self, row: dict[str, Any], peaks: list[float]):
-        self.row, self.peaks = row, peaks
+    def __init__(self, row: dict[str, Any]):
+        self.row = row
 
     def finish(self) -> dict[str, Any]:
         return {k: v.value() if isinstance(v, HostCopy) else v for k, v in self.row.items()}
@@ -1182,9 +1365,10 @@ class StepPhases:
         self.totals = [0.0] * len(self.NAMES)
         self.steps = 0
 
-    def add(self, *marks: float) -> None:
-        for i in range(len(self.NAMES)):
-            self.totals[i] += marks[i + 1] - marks[i]
+    def add(self, *seconds: float) -> None:
+        """One loop iteration's time in each phase, in `NAMES` order."""
+        for i, t in enumerate(seconds):
+            self.totals[i] += t
         self.steps += 1
 
     def means(self) -> dict[str, float]:

@@ -8,6 +8,7 @@ at step S (through step T when `until` is given):
   exit      - hard exit (os._exit(17)), like a crashed worker
   sigkill   - the worker kills itself with SIGKILL mid-step (OOM killer, `kill -9`)
   sleep     - stop making progress for `seconds` (default 3600): a hang
+  stop      - a stop request, as a first SIGTERM or Ctrl-C makes it (save at the step's end, exit)
   oom       - raise torch.OutOfMemoryError at the forward of any micro-batch of more than `above`
               samples (default 1), as CUDA does when activations do not fit
 An `attempt=A` option limits a fault to one attempt of an elastic run (0: before any restart), so that
@@ -44,8 +45,9 @@ def maybe_inject(point: str, trainer: Any, **kw: Any) -> None:
     faults = _faults()
     if not faults:
         return
-    # at "step_end" the step counter has already advanced; elsewhere the step in progress is step + 1
-    current = trainer.step if point == "step_end" else trainer.step + 1
+    # at "step_end" the step counter has already advanced; elsewhere the step in progress is the one being queued
+    # (the loop queues a step before it settles the previous one: `Trainer.launching`)
+    current = trainer.step if point == "step_end" else getattr(trainer, "launching", trainer.step + 1)
     for f in faults:
         if f["rank"] != trainer.info.rank or not f["step"] <= current <= f.get("until", f["step"]):
             continue
@@ -67,6 +69,8 @@ def maybe_inject(point: str, trainer: Any, **kw: Any) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         elif kind == "sleep" and point == "before_optimizer_step":
             time.sleep(float(f.get("seconds", 3600)))
+        elif kind == "stop" and point == "forward" and trainer.stop is not None:
+            trainer.stop.count = max(trainer.stop.count, 1)  # what StopSignal's handler records
         elif kind == "oom" and point == "forward" and kw["samples"] > int(f.get("above", 1)):
             import torch
 

@@ -72,6 +72,7 @@ def adamw_8bit_class() -> Any:
 
     class AdamW8bit(base):  # type: ignore[misc, valid-type]
         runs: list[FlatRun] = []
+        stepped: list[Any] = []  # the parameters the last step updated
         last_flat: dict[str, int] = {"tensors": 0, "kernels": 0}  # the last step's flat updates
 
         def use_flat(self, buckets: list[tuple[Any, Any, list[tuple[Any, int]]]]) -> None:
@@ -145,9 +146,15 @@ def adamw_8bit_class() -> Any:
                 run.bound.append(views)
 
         @torch.no_grad()
-        def step(self, closure: Any = None) -> Any:
+        def step(self, closure: Any = None, skip: Any = None) -> Any:
+            """One update. `skip`, a 0-d bool device tensor: where it is true, the device puts every weight and
+            state tensor of this update back as it was, without the host reading the flag (the engine queues the
+            next step's micro-batches before it knows whether a rank saw a non-finite value or ran out of memory).
+            The step counters live on the host: `undo_step_count` takes them back once the host knows."""
             needed = ("initialized", "check_overrides", "to_gpu", "init_state", "update_step")
             if getattr(self, "is_paged", False) or not all(hasattr(self, a) for a in needed):
+                if skip is not None:
+                    raise RuntimeError("a paged 8-bit optimizer cannot undo a step on the device")
                 return super().step(closure)
             loss = None
             if closure is not None:
@@ -159,17 +166,38 @@ def adamw_8bit_class() -> Any:
                 self.initialized = True
             flat = [run for run in self.runs if self._ready(run)]
             done = {id(p) for run in flat for p, _ in run.members}
+            single = []
             for gindex, group in enumerate(self.param_groups):
                 for pindex, p in enumerate(group["params"]):
                     if p.grad is None or id(p) in done:
                         continue
                     if len(self.state[p]) == 0:
                         self.init_state(group, p, gindex, pindex)
-                    self.update_step(group, p, gindex, pindex)
+                    single.append((group, p, gindex, pindex))
+            touched: list[Any] = []
+            if skip is not None:
+                for run in flat:
+                    touched += [run.weights, *run.flat.values()]
+                for _, p, _, _ in single:
+                    touched += [
+                        p.data,
+                        *(v for k, v in self.state[p].items() if torch.is_tensor(v) and k[:4] != "qmap"),
+                    ]
+            saved = [t.clone() for t in touched]
+            for group, p, gindex, pindex in single:
+                self.update_step(group, p, gindex, pindex)
             for run in flat:
                 self._flat_update(run)
+            for t, before in zip(touched, saved, strict=True):
+                torch.where(skip, before, t, out=t)
+            self.stepped = [p for _, p, _, _ in single] + [p for run in flat for p, _ in run.members]
             self.last_flat = {"tensors": len(done), "kernels": len(flat)}
             return loss
+
+        def undo_step_count(self) -> None:
+            """Take back the host step counters of the last `step`, which the device undid (`skip` was true)."""
+            for p in self.stepped:
+                self.state[p]["step"] -= 1
 
         def _flat_update(self, run: FlatRun) -> None:
             p0 = run.members[0][0]
