@@ -620,6 +620,7 @@ class Trainer:
         # replicas or end the run are settled at once. See `_looks_ahead` for when it is on.
         ahead = self._looks_ahead()
         inflight: Launch | None = None  # a step queued on the device that the host has not settled
+        last_done: tuple[Any, float] | None = None  # the last settled step's end: CUDA event, host clock
         unsent: Launch | None = None  # a step whose device time the ranks have not exchanged yet
         # The metrics row of a step is written while the next step's micro-batches run: reading the gradient norm
         # right away would make the host wait for the all-reduce and the optimizer. A queued step's row waits one
@@ -646,7 +647,7 @@ class Trainer:
             evaluate, check and save what its number asks for. Returns "next", "redo" or "stop". `dropped`: the
             next step, already queued, whose work is dropped if this one is redone or is the last before a stop."""
             nonlocal pending, t_window, tokens_window, tokens_session, first_step_s, bad_since, last_loss
-            nonlocal saved_step, interrupted
+            nonlocal saved_step, interrupted, last_done
             t_wait = time.perf_counter()
             rows = step.stats.host().tolist()
             t_read = time.perf_counter()
@@ -695,10 +696,22 @@ class Trainer:
                 if not step.updated:
                     self._update(step, masked=False)
                 self.scheduler.step()
-            # When the step's work was done: on a GPU when its outcome reached the host (the host waits for the
-            # device); on CPU, where work runs as it is queued, when its update was (a queued step is settled
-            # only after the next step's micro-batches ran).
-            done_at = step.updated_at if info.device_type != "cuda" and step.updated else t_read
+            # When the step's work was done. On a GPU: the previous step's end plus the device time from there to
+            # this step's end (CUDA events); a queued step is settled after the next one is queued, so the host
+            # clock would count it late by a varying amount. The session's first step: when the host saw its end.
+            # On CPU, where work runs as it is queued: when its update was queued (or its outcome read).
+            if step.done is None:
+                step.done = _end_event(info.device_type)
+            if step.done is None:
+                done_at = step.updated_at if step.updated else t_read
+            else:
+                step.done.synchronize()
+                done_at = (
+                    time.perf_counter()
+                    if last_done is None
+                    else last_done[1] + last_done[0].elapsed_time(step.done) / 1e3
+                )
+                last_done = (step.done, done_at)
             self.step += 1
             step_tokens = int(sum(step.batches.rank_tokens))
             tokens_window += step_tokens
@@ -957,6 +970,7 @@ class Trainer:
         else:
             self.optimizer.step()
         self.sync.zero_grad()
+        step.done = _end_event(self.info.device_type)
         step.grad_norm = HostCopy(norm)
         step.updated, step.updated_at = True, time.perf_counter()
         step.update_s = step.updated_at - t0
@@ -1331,6 +1345,18 @@ class Launch:
     updated_at: float = 0.0
     update_s: float = 0.0
     waited: float = 0.0  # host seconds spent waiting for its outcome
+    done: Any = None  # CUDA event after its last work (update, or the decision to skip it)
+
+
+def _end_event(device_type: str) -> Any:
+    """A timing CUDA event recorded after the work queued so far (None on CPU)."""
+    if device_type != "cuda":
+        return None
+    import torch
+
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 def _rng_states(device_type: str) -> tuple[Any, Any]:
