@@ -18,7 +18,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s7a|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
+STAGE=${1:?usage: gpu_plan.sh s7a|s7b|s7c|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -44,6 +44,18 @@ case $STAGE in
     timeout 190 "${BENCH[@]}" --steps 30 --warmup 10 --out "$OUT/a" --only ours --gpus 2,1 --budget-s 185 | tail -9
     timeout 295 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 20 --warmup 6 --timeout 135 --out "$OUT/b" \
       --only ours --gpus 2,1 --budget-s 290 | tail -9 ;;
+  s7c)
+    # #11, session 7 (a 1-GPU host): the look-ahead GPU test with room (s7a's 180 s ran out before it ended), then
+    # the 8B without the look-ahead and with it in one lease (s7a: with it, the micro-batches slowed from 1.43 to
+    # 1.83 s over steps 7-16; s6d: 1.44 s steady)
+    timeout 260 python3 -m pytest -q -s -m gpu tests/test_gpu.py -k queued > "$OUT/pytest-gpu.txt" 2>&1
+    echo "pytest -m gpu exit=$?"; grep -E "queued vs|passed|failed|Error" "$OUT/pytest-gpu.txt" | tail -5
+    for la in 0 1; do
+      MGPU_LOOKAHEAD=$la timeout 125 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 16 --warmup 6 --timeout 95 \
+        --min-run-s 60 --out "$OUT/la$la" --only ours --gpus 1 --budget-s 120 | tail -2
+      cp /tmp/mgpu-bench/ours-8b-1gpu/run/metrics.jsonl "$OUT/la$la/m1.jsonl"
+    done
+    cd "$OUT" && tar czf rest.tgz la0 la1; rm -rf la0 la1; exit 0 ;;
   s7a)
     # #11, session 7 (a 1-GPU host): the look-ahead loop (step k+1 queued before the host settles step k; the 8-bit
     # update of a step found bad later is undone on the device). Its CUDA test, then the 1B without it
@@ -59,8 +71,9 @@ case $STAGE in
       --out "$OUT/c" --only ours --gpus 1 --budget-s 145 | tail -2
     cp /tmp/mgpu-bench/ours-8b-1gpu/run/metrics.jsonl "$OUT/c/m1.jsonl"
     cd "$OUT" && tar czf rest.tgz la0 la1 c; rm -rf la0 la1 c; exit 0 ;;
-  s6b)
+  s6b|s7b)
     # #11, session 6: the metrics row written while the next step runs (no wait for the optimizer between steps).
+    # s7b, session 7: the same runs with the look-ahead loop (step k+1 queued before the host settles step k).
     # 1B on 2 then 1 GPUs over 50 steps; the 8B on 1 then 2 GPUs over 22 steps (the order flipped: in s6a the
     # 2-GPU run, first, started 4-6 s slower in every phase, the parent's tokenisation included).
     nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv

@@ -802,9 +802,11 @@ class Trainer:
                         break
                 # The step's one small collective: see `_exchange`. A step settled at once sends its own device
                 # time (the host waits for its micro-batches here anyway); a queued step's goes with the next.
+                t_exchange = time.perf_counter()
                 self._exchange(launch, unsent, own_time=at_once)
                 unsent = None if at_once else launch
                 if at_once:
+                    waited += time.perf_counter() - t_exchange  # the host waited for this step's micro-batches
                     outcome = settle(launch, dropped=None)
                     waited += launch.waited
                     if outcome == "redo":
