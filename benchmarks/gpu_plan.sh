@@ -18,7 +18,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s7a|s7b|s7c|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
+STAGE=${1:?usage: gpu_plan.sh s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -44,6 +44,23 @@ case $STAGE in
     timeout 190 "${BENCH[@]}" --steps 30 --warmup 10 --out "$OUT/a" --only ours --gpus 2,1 --budget-s 185 | tail -9
     timeout 295 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 20 --warmup 6 --timeout 135 --out "$OUT/b" \
       --only ours --gpus 2,1 --budget-s 290 | tail -9 ;;
+  s7d)
+    # #12 when 4 or 8 GPUs are lent: ours on the 1B then the 8B at the GPU counts in GPUS (default "8,4"; e.g.
+    # GPUS=4,1 on the 4-GPU machine), with the look-ahead loop. TRL at those counts: s7e.
+    G=${GPUS:-8,4}
+    timeout 230 "${BENCH[@]}" --steps 50 --warmup 15 --timeout 100 --min-run-s 55 --out "$OUT/a" --only ours \
+      --gpus "$G" --budget-s 225 | tail -6
+    for n in ${G//,/ }; do cp /tmp/mgpu-bench/ours-1b-${n}gpu/run/metrics.jsonl "$OUT/a/m$n.jsonl"; done
+    timeout 300 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 22 --warmup 7 --timeout 125 --min-run-s 75 \
+      --out "$OUT/c" --only ours --gpus "$G" --budget-s 295 | tail -6
+    for n in ${G//,/ }; do cp /tmp/mgpu-bench/ours-8b-${n}gpu/run/metrics.jsonl "$OUT/c/m$n.jsonl"; done
+    cd "$OUT" && tar czf rest.tgz a c; rm -rf a c; exit 0 ;;
+  s7e)
+    # #12: Unsloth's own route (TRL under torchrun) at the counts in GPUS (default "8,4"): the 1B in both modes
+    G=${GPUS:-8,4}
+    timeout 520 "${BENCH[@]}" --steps 20 --warmup 6 --timeout 160 --out "$OUT/t" --only trl-pf,trl-pack \
+      --gpus "$G" --budget-s 515 | tail -6
+    cd "$OUT" && tar czf rest.tgz t; rm -rf t; exit 0 ;;
   s7c)
     # #11, session 7 (a 1-GPU host): the look-ahead GPU test with room (s7a's 180 s ran out before it ended), then
     # the 8B without the look-ahead and with it in one lease (s7a: with it, the micro-batches slowed from 1.43 to
