@@ -235,3 +235,47 @@ def test_a_stepped_flat_optimizer_loads_another_state_into_its_flat_buffers():
     _steps(other_opt, other, None, seed=9, steps=2)
     for a, b in zip(flat, other, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_masked_step_is_undone_on_the_device_or_kept_to_the_bit():
+    """`step(skip=flag)`: the engine queues the next step before it reads the flag. Set, the update (flat runs and
+    per-parameter tensors alike) is undone on the device, and `undo_step_count` takes back the host's counters:
+    the optimizer is as it was, bit for bit. Unset, the step is the plain one."""
+    from unsloth_mgpu_cli.optim import adamw_8bit_class
+
+    masked, plain = _shaped(0), _shaped(0)
+    opts = []
+    for params in (masked, plain):
+        sync = _flat(params, bucket_mb=0.05)
+        opt = adamw_8bit_class()(params, lr=1e-2, weight_decay=0.01)
+        opt.use_flat(sync.flat_buckets())
+        _steps(opt, params, sync, steps=2)
+        opts.append((opt, sync))
+    (opt, sync), (ref, ref_sync) = opts
+    assert opt.runs and any(p not in {m for r in opt.runs for m, _ in r.members} for p in masked)  # both paths
+
+    def state(o, params):
+        return [p.detach().clone() for p in params] + [
+            v.clone() if torch.is_tensor(v) else v for p in params for k, v in sorted(o.state[p].items())
+        ]
+
+    before = state(opt, masked)
+    g = torch.Generator().manual_seed(3)
+    for p in masked:
+        p.grad.copy_(torch.randn(p.shape, generator=g))
+    opt.step(skip=torch.tensor(True))
+    assert not torch.equal(opt.runs[0].flat["state1"], torch.zeros_like(opt.runs[0].flat["state1"]))
+    opt.undo_step_count()
+    after = state(opt, masked)
+    assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(before, after, strict=True))
+    # not skipped: the plain step, to the bit (same gradients as the reference gets)
+    g = torch.Generator().manual_seed(3)
+    for p, q in zip(masked, plain, strict=True):
+        grad = torch.randn(p.shape, generator=g)
+        p.grad.copy_(grad)
+        q.grad.copy_(grad)
+    opt.step(skip=torch.tensor(False))
+    ref.step()
+    assert all(torch.equal(a, b) for a, b in zip(masked, plain, strict=True))
+    got, want = state(opt, masked), state(ref, plain)
+    assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(got, want, strict=True))

@@ -874,17 +874,16 @@ class Trainer:
     # -- one step, in the pieces the loop interleaves ---------------------------------------------------
     def _looks_ahead(self) -> bool:
         """Queue each step before the host settles the previous one (see `fit`). It needs an optimizer that can
-        undo an update on the device: LoRA with the 8-bit AdamW, every trainable tensor in its flat buffers. The
-        undo copies about 6 bytes per trainable parameter each step, small for LoRA; for full fine-tuning it would
-        be a copy of the model. Torch's AdamW and SGD, full fine-tuning and fsdp (sharded: no flat buffers) settle
-        each step first. `MGPU_LOOKAHEAD=0` turns it off, to compare or to rule it out."""
-        flat = sum(len(run.members) for run in getattr(self.optimizer, "runs", []))
+        undo an update on the device: LoRA with the 8-bit AdamW. The undo copies the weights and optimizer state
+        it updates, about 6 bytes per trainable parameter each step (12 for tensors under bitsandbytes'
+        `min_8bit_size`, whose state is 32-bit): small for LoRA, a copy of the model for full fine-tuning. Torch's
+        AdamW and SGD, full fine-tuning and fsdp settle each step first. `MGPU_LOOKAHEAD=0` turns it off, to
+        compare or to rule it out."""
         return (
             not self.sharded
             and self.recipe.lora is not None
             and hasattr(self.optimizer, "undo_step_count")
             and not getattr(self.optimizer, "is_paged", False)
-            and flat == len(self.params)
             and os.environ.get("MGPU_LOOKAHEAD", "1") != "0"
         )
 
