@@ -8,13 +8,15 @@
 # In session 6: `gputest` (the flat optimizer's CUDA test and the fsdp test passed), `s6a` (flat optimizer), `s6b`
 # (metrics row written during the next step), `s6c` (TRL on the 8B at 2 GPUs), `N=1 s6d` (1-GPU host: reserved
 # memory per step).
+# In session 7 (only the 1-GPU kind lent): `s7a` (the look-ahead loop: its CUDA test ran out of time; 1B with and
+# without it), `s7c` (the CUDA test passed; the 8B without it was cut after 3 steps).
 # Next, in this order:
-#   a trace of the 8B on 2 GPUs over stalled steps (s6b: one rank 0.08-0.14 s late in 5 of 15 steps), e.g.
-#     MGPU_PROFILE="$OUT/prof:9:13:trace" with the s6b 8B settings
-#   N=2 bash benchmarks/gpu_plan.sh s6d   # do the stalls coincide with reserved memory growth on 2 GPUs
+#   s7b on nvidia-h200-x2: the must-show numbers with the look-ahead loop (s6b's runs)
+#   gputest on nvidia-h200-x2: the GPU tier (4 tests now, ~8 minutes) with today's code
+#   if the 8B still stalls on 2 GPUs: MGPU_PROFILE="$OUT/prof:9:13:trace" with the s6b 8B settings, N=2 s6d
 #   CASES=qlora bash benchmarks/gpu_fsdp.sh   # #13: 8B QLoRA, NF4 shards (own call)
 #   TRL on the 8B at 1 GPU: benchmarks/run.py --sizes 8b --micro-batch 16 --only trl-pf,trl-pack --gpus 1
-#   4/8 GPUs (#12), when lent: s5d with --only ours,trl-pf,trl-pack and --gpus 8,4,2,1 split over calls
+#   4/8 GPUs (#12), when lent: GPUS=8,4 s7d (ours) and s7e (TRL), then GPUS=2,1 where a pair is missing
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
