@@ -74,6 +74,16 @@ def _flat(params, bucket_mb=1.0):
     return D.GradientSynchronizer(params, D.DistInfo(), "mean", bucket_size_mb=bucket_mb, param_views=True)
 
 
+def _flat_optimizer(params, bucket_mb=1.0, **kw):
+    """(our 8-bit AdamW updating flat runs, the synchroniser whose buffers the parameters are views of)."""
+    from unsloth_mgpu_cli.optim import adamw_8bit_class
+
+    sync = _flat(params, bucket_mb)
+    opt = adamw_8bit_class()(params, lr=1e-2, **kw)
+    opt.use_flat(sync.flat_buckets())
+    return opt, sync
+
+
 def _steps(opt, params, sync, seed=7, steps=4):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -133,9 +143,7 @@ def test_flat_state_saves_in_bitsandbytes_format_and_resumes_either_way():
     from unsloth_mgpu_cli.optim import adamw_8bit_class
 
     flat, ref = _shaped(0), _shaped(0)
-    sync = _flat(flat)
-    opt = adamw_8bit_class()(flat, lr=1e-2)
-    opt.use_flat(sync.flat_buckets())
+    opt, sync = _flat_optimizer(flat)
     _steps(opt, flat, sync, steps=3)
     saved = opt.state_dict()
     ref_opt = bnb.optim.AdamW8bit(ref, lr=1e-2)
@@ -163,12 +171,9 @@ def test_flat_state_saves_in_bitsandbytes_format_and_resumes_either_way():
 
 
 def test_flat_run_falls_back_when_a_parameter_is_no_longer_a_view():
-    from unsloth_mgpu_cli.optim import adamw_8bit_class
 
     flat, ref = _shaped(0), _shaped(0)
-    sync = _flat(flat)
-    opt = adamw_8bit_class()(flat, lr=1e-2)
-    opt.use_flat(sync.flat_buckets())
+    opt, sync = _flat_optimizer(flat)
     flat[1].grad = flat[1].grad.clone()  # someone replaced a gradient: the flat buffer no longer holds it
     g = torch.Generator().manual_seed(7)
     for p, q in zip(flat, ref, strict=True):
@@ -217,12 +222,9 @@ def test_unaligned_parameters_are_updated_one_by_one():
 
 def test_a_stepped_flat_optimizer_loads_another_state_into_its_flat_buffers():
     """load_state_dict after the flat buffers are bound (not only on a fresh optimizer) replaces what they hold."""
-    from unsloth_mgpu_cli.optim import adamw_8bit_class
 
     flat, other = _shaped(0), _shaped(1)
-    sync = _flat(flat)
-    opt = adamw_8bit_class()(flat, lr=1e-2)
-    opt.use_flat(sync.flat_buckets())
+    opt, sync = _flat_optimizer(flat)
     _steps(opt, flat, sync, steps=3)
     assert all(r.bound for r in opt.runs)
     other_opt = bnb.optim.AdamW8bit(other, lr=1e-2)
@@ -241,17 +243,11 @@ def test_a_masked_step_is_undone_on_the_device_or_kept_to_the_bit():
     """`step(skip=flag)`: the engine queues the next step before it reads the flag. Set, the update (flat runs and
     per-parameter tensors alike) is undone on the device, and `undo_step_count` takes back the host's counters:
     the optimizer is as it was, bit for bit. Unset, the step is the plain one."""
-    from unsloth_mgpu_cli.optim import adamw_8bit_class
 
     masked, plain = _shaped(0), _shaped(0)
-    opts = []
-    for params in (masked, plain):
-        sync = _flat(params, bucket_mb=0.05)
-        opt = adamw_8bit_class()(params, lr=1e-2, weight_decay=0.01)
-        opt.use_flat(sync.flat_buckets())
-        _steps(opt, params, sync, steps=2)
-        opts.append((opt, sync))
-    (opt, sync), (ref, ref_sync) = opts
+    (opt, sync), (ref, ref_sync) = (_flat_optimizer(p, bucket_mb=0.05, weight_decay=0.01) for p in (masked, plain))
+    _steps(opt, masked, sync, steps=2)
+    _steps(ref, plain, ref_sync, steps=2)
     assert opt.runs and any(p not in {m for r in opt.runs for m, _ in r.members} for p in masked)  # both paths
 
     def state(o, params):

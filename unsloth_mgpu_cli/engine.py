@@ -621,7 +621,6 @@ class Trainer:
         ahead = self._looks_ahead()
         inflight: Launch | None = None  # a step queued on the device that the host has not settled
         last_done: tuple[Any, float] | None = None  # the last settled step's end: CUDA event, host clock
-        unsent: Launch | None = None  # a step whose device time the ranks have not exchanged yet
         # The metrics row of a step is written while the next step's micro-batches run: reading the gradient norm
         # right away would make the host wait for the all-reduce and the optimizer. A queued step's row waits one
         # step more, for the ranks' device times, which travel with the next step's collective. Rows of steps
@@ -789,22 +788,21 @@ class Trainer:
                 launch = self._launch(index, keep_rng=inflight is not None)
                 t_queued = time.perf_counter()
                 waited = 0.0
-                if inflight is None:
+                earlier, inflight = inflight, None
+                if earlier is None:
                     write_row()  # the previous step's, while this step's micro-batches run on the device
                 else:
-                    earlier, inflight = inflight, None
                     outcome = settle(earlier, dropped=launch)
                     waited = earlier.waited
-                    if outcome != "next":
-                        unsent = None
-                        if outcome == "redo":
-                            continue
+                    if outcome == "redo":
+                        continue
+                    if outcome == "stop":
                         break
                 # The step's one small collective: see `_exchange`. A step settled at once sends its own device
-                # time (the host waits for its micro-batches here anyway); a queued step's goes with the next.
+                # time (the host waits for its micro-batches here anyway); a queued step's (`earlier`, settled
+                # just now) goes with the next.
                 t_exchange = time.perf_counter()
-                self._exchange(launch, unsent, own_time=at_once)
-                unsent = None if at_once else launch
+                self._exchange(launch, earlier, own_time=at_once)
                 if at_once:
                     waited += time.perf_counter() - t_exchange  # the host waited for this step's micro-batches
                     outcome = settle(launch, dropped=None)
