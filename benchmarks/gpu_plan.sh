@@ -20,7 +20,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
+STAGE=${1:?usage: gpu_plan.sh s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -46,6 +46,20 @@ case $STAGE in
     timeout 190 "${BENCH[@]}" --steps 30 --warmup 10 --out "$OUT/a" --only ours --gpus 2,1 --budget-s 185 | tail -9
     timeout 295 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 20 --warmup 6 --timeout 135 --out "$OUT/b" \
       --only ours --gpus 2,1 --budget-s 290 | tail -9 ;;
+  s8a)
+    # #11, session 8: s7b's 8B on 2 GPUs ran rank 0's micro-batches at up to 1.18 s per step against rank 1's 0.8
+    # (steps 12-22), and the 1-GPU run on GPU 0 varied from 1.5 to 1.96 s (s6d: 1.44 steady). Is it GPU 0 (clocks,
+    # power, heat) or rank 0's host work? The same pair with the clocks logged, then 2 GPUs with rank 0 on GPU 1.
+    nvidia-smi dmon -s pucv -o T -d 1 > "$OUT/dmon.txt" 2>&1 & DMON=$!
+    timeout 265 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 22 --warmup 7 --timeout 115 --min-run-s 80 \
+      --out "$OUT/c" --only ours --gpus 1,2 --budget-s 260 | tail -6
+    for n in 2 1; do cp /tmp/mgpu-bench/ours-8b-${n}gpu/run/metrics.jsonl "$OUT/c/m$n.jsonl"; done
+    nvidia-smi -q -d PERFORMANCE > "$OUT/perf-1.txt"
+    BENCH_DEVICES=1,0 timeout 130 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 22 --warmup 7 --timeout 115 \
+      --min-run-s 80 --out "$OUT/d" --only ours --gpus 2 --budget-s 125 | tail -3
+    cp /tmp/mgpu-bench/ours-8b-2gpu/run/metrics.jsonl "$OUT/d/m2.jsonl"
+    nvidia-smi -q -d PERFORMANCE > "$OUT/perf-2.txt"; kill $DMON
+    cd "$OUT" && tar czf rest.tgz c d; rm -rf c d; exit 0 ;;
   s7d)
     # #12 when 4 or 8 GPUs are lent: ours on the 1B then the 8B at the GPU counts in GPUS (default "8,4"; e.g.
     # GPUS=4,1 on the 4-GPU machine), with the look-ahead loop. TRL at those counts: s7e.

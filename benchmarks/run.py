@@ -409,7 +409,9 @@ def _env(gpus: int, cpu: bool, launch: float, run_dir: Path | None = None) -> di
         BENCH_LAUNCH_TIME=repr(launch),
     )
     if not cpu:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
+        # BENCH_DEVICES=1,0 runs on the GPUs in that order (rank 0 on GPU 1): does a slow rank follow its GPU?
+        order = [d for d in os.environ.get("BENCH_DEVICES", "").split(",") if d.strip()] or range(gpus)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i).strip() for i in list(order)[:gpus])
     else:
         env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
