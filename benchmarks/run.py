@@ -332,6 +332,9 @@ def render_table(results: list[dict[str, Any]], comparisons: list[dict[str, Any]
             )
             continue
         peak = ", ".join(f"{g:.1f}" for g in r.get("peak_memory_gb") or []) or "n/a"
+        held = [g for g in r.get("peak_reserved_gb") or [] if g is not None]
+        if held:  # what the caching allocator held (nvidia-smi: this plus the CUDA context)
+            peak += " (reserved " + ", ".join(f"{g:.1f}" for g in held) + ")"
         loss = r.get("loss_at_samples")
         loss_s = f"{loss['loss']:.3f} @ {loss['samples']}" if loss else "n/a"
         lines.append(
@@ -516,6 +519,7 @@ def run_ours(spec: RunSpec, a: argparse.Namespace, model: str, work: Path, log: 
         status="ok",
         rows=rows,
         peak_memory_gb=summary.get("peak_memory_gb"),
+        peak_reserved_gb=summary.get("peak_reserved_gb"),
         first_step_s=fit_start + summary["first_step_s"] - launch,
         first_step_in_fit_s=summary["first_step_s"],
         startup_s=summary.get("startup_s"),  # where the time to the first step went (engine's own marks)
@@ -584,6 +588,7 @@ def run_trl(spec: RunSpec, a: argparse.Namespace, model: str, work: Path, log: P
         status="ok",
         rows=trl_rows(ranks),
         peak_memory_gb=[r["peak_memory_gb"] for r in sorted(ranks, key=lambda r: r["rank"])],
+        peak_reserved_gb=[r.get("peak_reserved_gb") for r in sorted(ranks, key=lambda r: r["rank"])],
         first_step_s=main["first_step_time"] - launch,
         padding_free=main.get("padding_free"),
         padding_free_config=main.get("padding_free_config"),

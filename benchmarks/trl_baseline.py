@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
             "steps": meter.rows,
             "losses": meter.losses,
             "peak_memory_gb": (torch.cuda.max_memory_allocated() / 2**30) if cuda else _peak_rss_gb(),
+            "peak_reserved_gb": (torch.cuda.max_memory_reserved() / 2**30) if cuda else None,
             "padding_free": bool(getattr(collator, "padding_free", False)),
             "padding_free_config": getattr(sft_config, "padding_free", None),
             "collator": type(collator).__name__,

@@ -203,6 +203,7 @@ def test_derive_and_render():
         },
     ]
     results[0]["steady_state"] = {"median_seconds_per_step": 0.2}
+    results[0]["peak_reserved_gb"] = [9.04, 8.5]  # what the allocator held, in brackets after the live peak
     results[3]["steady_state"] = {"median_seconds_per_step": 0.36}
     comps = run.derive(results)
     scaling = next(c for c in comps if c["what"].startswith("ours 1b: 2 GPUs"))
@@ -213,6 +214,7 @@ def test_derive_and_render():
     assert head["versus"] == "trl-pack" and head["speedup"] == pytest.approx(1900 / 1500)
     table = run.render_table(results, comps, header="H")
     assert "| ours-1b-2gpu | padded micro-batches | 2 | 8 x 1 x 2 | 1,900 |" in table
+    assert "| 4.0, 4.0 (reserved 9.0, 8.5) |" in table and "| 4.0 | 2.000 @ 960 |" in table  # TRL runs: none given
     assert "failed: RuntimeError: boom / bad" in table  # last error line, pipes escaped
     assert "tokens/s x1.90 (95% of linear); median step x1.80" in table and "ours / TRL tokens/s = 1.27" in table
 

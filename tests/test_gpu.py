@@ -54,6 +54,8 @@ def test_two_gpus_equal_one_gpu_and_a_control_differs(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows[-1]["peak_memory_gb"]) == 2 and all(m > 0 for m in rows[-1]["peak_memory_gb"])
     assert rows[-1]["loss"] < rows[0]["loss"]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert all(r >= a > 0 for r, a in zip(summary["peak_reserved_gb"], summary["peak_memory_gb"], strict=True))
 
 
 @needs_two

@@ -822,7 +822,7 @@ class Trainer:
             if saved_step != self.step:  # e.g. resumed from the final checkpoint: nothing ran, nothing to save
                 save_checkpoint(self)
             elapsed = time.perf_counter() - t_start
-            mems = D.all_gather_floats([_peak_memory_gb(info)], info)
+            mems = D.all_gather_floats([_peak_memory_gb(info), _peak_reserved_gb(info)], info)
             if not interrupted:
                 self.save_final()
             summary = {
@@ -842,6 +842,8 @@ class Trainer:
                     "of": len(self.params),
                 },
                 "peak_memory_gb": [m[0] for m in mems],
+                # what the caching allocator held at most (nvidia-smi shows this plus the CUDA context); None on CPU
+                "peak_reserved_gb": [round(m[1], 3) for m in mems] if info.device_type == "cuda" else None,
                 "skipped_steps": rs["skipped_steps"],
                 "world_size": info.world_size,
                 "output_dir": str(self.out),
@@ -1411,6 +1413,15 @@ def _reserved_memory_gb(info: Any) -> float:
         import torch
 
         return torch.cuda.memory_reserved() / 2**30
+    return 0.0
+
+
+def _peak_reserved_gb(info: Any) -> float:
+    """The most device memory the caching allocator held since start-up (0 on CPU)."""
+    if info.device_type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_reserved() / 2**30
     return 0.0
 
 
