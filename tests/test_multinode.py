@@ -7,6 +7,7 @@ two "nodes" on localhost against one node, and an elastic restart that resumes f
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -163,6 +164,17 @@ def _train_cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "unsloth_mgpu_cli", "train", str(QUICKSTART), *BASE, f"output.dir={out}", *extra]
 
 
+def _one_core(index: int):
+    """For Popen's preexec_fn: the child keeps one of this process's cores (all of them if it has just one)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+    def pin() -> None:
+        if len(cores) > 1:
+            os.sched_setaffinity(0, {cores[index % len(cores)]})
+
+    return pin
+
+
 def _check(proc, expect=0):
     out = proc.stdout + proc.stderr
     assert proc.returncode == expect, out[-4000:]
@@ -195,6 +207,9 @@ def runs(tmp_path_factory):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # each "node" on its own core, as the one-node run's two workers get one core's share each: with every
+            # core a worker would run 2 threads, reduce in another order and drift ~2e-6 from the one-node run
+            preexec_fn=_one_core(r),
         )
         for r in (0, 1)
     ]
