@@ -10,17 +10,18 @@
 # memory per step).
 # In session 7 (only the 1-GPU kind lent): `s7a` (the look-ahead loop: its CUDA test ran out of time; 1B with and
 # without it), `s7c` (the CUDA test passed; the 8B without it was cut after 3 steps).
+# In session 8: `s7b` (1B x1.89, 8B x1.66 with GPU 0 slow), `gputest` (4 passed), `s8a` (8B x1.93; dmon: both
+# sizes run power-capped), `N=1 s8b` (1-GPU kind: expandable segments, reserved 51.5 -> 17.5 GB, same speed).
 # Next, in this order:
-#   s7b on nvidia-h200-x2: the must-show numbers with the look-ahead loop (s6b's runs)
-#   gputest on nvidia-h200-x2: the GPU tier (4 tests now, ~8 minutes) with today's code
-#   if the 8B still stalls on 2 GPUs: MGPU_PROFILE="$OUT/prof:9:13:trace" with the s6b 8B settings, N=2 s6d
+#   gputest on nvidia-h200-x2: the GPU tier with expandable segments (not run on 2 GPUs yet)
+#   s8b on nvidia-h200-x2: the 1B pair with expandable segments, and the 2-GPU run without (1B x1.9 not met yet)
 #   CASES=qlora bash benchmarks/gpu_fsdp.sh   # #13: 8B QLoRA, NF4 shards (own call)
 #   TRL on the 8B at 1 GPU: benchmarks/run.py --sizes 8b --micro-batch 16 --only trl-pf,trl-pack --gpus 1
 #   4/8 GPUs (#12), when lent: GPUS=8,4 s7d (ours) and s7e (TRL), then GPUS=2,1 where a pair is missing
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
+STAGE=${1:?usage: gpu_plan.sh s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -60,6 +61,20 @@ case $STAGE in
     cp /tmp/mgpu-bench/ours-8b-2gpu/run/metrics.jsonl "$OUT/d/m2.jsonl"
     nvidia-smi -q -d PERFORMANCE > "$OUT/perf-2.txt"; kill $DMON
     cd "$OUT" && tar czf rest.tgz c d; rm -rf c d; exit 0 ;;
+  s8b)
+    # #11, session 8: the 1B pair (s7b's runs: x1.89, median step x1.93) with the workers' CUDA allocator on
+    # expandable segments (the new default), then the 2-GPU run again with torch's fixed segments. In s7b the 1B
+    # reserved 51.5 GB for 17.2 GB of live tensors, and steps that grew the reserve ran 15-40 ms slow.
+    # N=1 (the 1-GPU machine): the 1-GPU run with and without.
+    N=${N:-2}; G=$([ "$N" = 1 ] && echo 1 || echo 2,1)
+    nvidia-smi dmon -s pucv -o T -d 1 > "$OUT/dmon.txt" 2>&1 & DMON=$!
+    timeout 215 "${BENCH[@]}" --steps 50 --warmup 15 --timeout 105 --min-run-s 60 --out "$OUT/a" --only ours \
+      --gpus "$G" --budget-s 210 | tail -6
+    for n in ${G//,/ }; do cp /tmp/mgpu-bench/ours-1b-${n}gpu/run/metrics.jsonl "$OUT/a/m$n.jsonl"; done
+    PYTORCH_CUDA_ALLOC_CONF= timeout 110 "${BENCH[@]}" --steps 50 --warmup 15 --timeout 105 --min-run-s 60 \
+      --out "$OUT/b" --only ours --gpus "$N" --budget-s 105 | tail -3
+    cp /tmp/mgpu-bench/ours-1b-${N}gpu/run/metrics.jsonl "$OUT/b/m$N.jsonl"; kill $DMON
+    cd "$OUT" && tar czf rest.tgz a b; rm -rf a b; exit 0 ;;
   s7d)
     # #12 when 4 or 8 GPUs are lent: ours on the 1B then the 8B at the GPU counts in GPUS (default "8,4"; e.g.
     # GPUS=4,1 on the 4-GPU machine), with the look-ahead loop. TRL at those counts: s7e.
@@ -107,8 +122,8 @@ case $STAGE in
   s6b|s7b)
     # #11, session 6: the metrics row written while the next step runs (no wait for the optimizer between steps).
     # s7b, session 7: the same runs with the look-ahead loop (step k+1 queued before the host settles step k).
-    # 1B on 2 then 1 GPUs over 50 steps; the 8B on 1 then 2 GPUs over 22 steps (the order flipped: in s6a the
-    # 2-GPU run, first, started 4-6 s slower in every phase, the parent's tokenisation included).
+    # 1B then 8B, each on 2 then 1 GPUs (run.py runs the larger count first whatever the order of --gpus), 50 and
+    # 22 steps.
     nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
     timeout 215 "${BENCH[@]}" --steps 50 --warmup 15 --timeout 105 --min-run-s 60 --out "$OUT/a" --only ours \
       --gpus 2,1 --budget-s 210 | tail -6

@@ -83,6 +83,16 @@ def test_each_worker_keeps_its_own_slice_of_the_cores():
     assert worker_cores(1, 4, {0, 1}) is None  # fewer cores than workers: nothing to split
 
 
+def test_cuda_workers_get_expandable_segments_unless_the_user_chose_an_allocator_setting():
+    env: dict[str, str] = {}
+    D.cuda_allocator_defaults(env)
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    for chosen in ("", "max_split_size_mb:128"):  # empty: torch's own default, kept as asked
+        env = {"PYTORCH_CUDA_ALLOC_CONF": chosen}
+        D.cuda_allocator_defaults(env)
+        assert env["PYTORCH_CUDA_ALLOC_CONF"] == chosen
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
 def test_real_workers_run_on_disjoint_cores(monkeypatch):
     from dist_workers import worker_affinity
