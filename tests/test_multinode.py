@@ -164,15 +164,10 @@ def _train_cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "unsloth_mgpu_cli", "train", str(QUICKSTART), *BASE, f"output.dir={out}", *extra]
 
 
-def _one_core(index: int):
-    """For Popen's preexec_fn: the child keeps one of this process's cores (all of them if it has just one)."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-
-    def pin() -> None:
-        if len(cores) > 1:
-            os.sched_setaffinity(0, {cores[index % len(cores)]})
-
-    return pin
+def _own_cores(node: int):
+    """For Popen's preexec_fn: the node keeps the slice of the cores that worker `node` of a 2-worker host gets."""
+    mine = D.worker_cores(node, 2, os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return (lambda: os.sched_setaffinity(0, mine)) if mine else None
 
 
 def _check(proc, expect=0):
@@ -207,9 +202,9 @@ def runs(tmp_path_factory):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            # each "node" on its own core, as the one-node run's two workers get one core's share each: with every
-            # core a worker would run 2 threads, reduce in another order and drift ~2e-6 from the one-node run
-            preexec_fn=_one_core(r),
+            # each "node" on its own half of the cores, so its worker runs as many threads as each of the one-node
+            # run's two workers: with all the cores it would reduce in another order (1.9e-6 from the one-node run)
+            preexec_fn=_own_cores(r),
         )
         for r in (0, 1)
     ]
