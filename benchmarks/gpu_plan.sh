@@ -21,7 +21,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
+STAGE=${1:?usage: gpu_plan.sh s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -61,6 +61,29 @@ case $STAGE in
     cp /tmp/mgpu-bench/ours-8b-2gpu/run/metrics.jsonl "$OUT/d/m2.jsonl"
     nvidia-smi -q -d PERFORMANCE > "$OUT/perf-2.txt"; kill $DMON
     cd "$OUT" && tar czf rest.tgz c d; rm -rf c d; exit 0 ;;
+  s9b)
+    # #11, session 9, on nvidia-h200-x2: the 1B pair (s7b: x1.89, median step x1.93) with this session's defaults
+    # (expandable segments, distributed.balance_speed auto = on), then the 2-GPU run with balance_speed off. The
+    # speed balance acts only when a rank runs more than 5% slower than the mean for some steps.
+    nvidia-smi dmon -s pucv -o T -d 1 > "$OUT/dmon.txt" 2>&1 & DMON=$!
+    timeout 215 "${BENCH[@]}" --steps 50 --warmup 15 --timeout 105 --min-run-s 60 --out "$OUT/a" --only ours \
+      --gpus 2,1 --budget-s 210 | tail -6
+    for n in 2 1; do cp /tmp/mgpu-bench/ours-1b-${n}gpu/run/metrics.jsonl "$OUT/a/m$n.jsonl"; done
+    timeout 110 "${BENCH[@]}" --steps 50 --warmup 15 --timeout 105 --min-run-s 60 --out "$OUT/b" --only ours \
+      --gpus 2 --budget-s 105 --ours-set distributed.balance_speed=false | tail -3
+    cp /tmp/mgpu-bench/ours-1b-2gpu/run/metrics.jsonl "$OUT/b/m2.jsonl"; kill $DMON
+    cd "$OUT" && tar czf rest.tgz a b; rm -rf a b; exit 0 ;;
+  s9a)
+    # #11, session 9 (the 1-GPU kind): in s7b each 2-GPU rank's micro-batch took 2.2 ms more than half a 1-GPU step
+    # with the same padded tokens. The 1-GPU run at global batch 64 does a 2-GPU rank's work (one micro-batch of 64
+    # per step) without NCCL; next to the 1-GPU run at 128 (two micro-batches): a cost per step, not per token,
+    # shows as a larger time per padded token at 64. Both traced over steps 20-22 (left out of the comparison).
+    for gb in 64 128; do
+      MGPU_PROFILE="$OUT/p$gb:20:22:trace" timeout 150 "${BENCH[@]}" --global-batch $gb --steps 50 --warmup 15 \
+        --timeout 140 --min-run-s 60 --out "$OUT/g$gb" --only ours --gpus 1 --budget-s 145 | tail -2
+      cp /tmp/mgpu-bench/ours-1b-1gpu/run/metrics.jsonl "$OUT/g$gb/m1.jsonl"
+    done
+    cd "$OUT" && tar czf rest.tgz g64 g128 p64 p128; rm -rf g64 g128 p64 p128; exit 0 ;;
   s8b)
     # #11, session 8: the 1B pair (s7b's runs: x1.89, median step x1.93) with the workers' CUDA allocator on
     # expandable segments (the new default), then the 2-GPU run again with torch's fixed segments. In s7b the 1B

@@ -198,6 +198,12 @@ CASES = [
     ("micro-batch-zero", "validate", edit(training__micro_batch_size=0), ["training.micro_batch_size", "found 0"]),
     ("num-gpus-zero", "validate", edit(distributed__num_gpus=0), ["distributed.num_gpus", "found 0"]),
     ("aggregation-unknown", "validate", edit(distributed__aggregation="avg"), ["distributed.aggregation", "'avg'"]),
+    (
+        "balance-speed-with-mean",
+        "validate",
+        edit(distributed__balance_speed=True, distributed__aggregation="mean"),
+        ["distributed.balance_speed", "needs distributed.aggregation: weighted", "found distributed.aggregation: mean"],
+    ),
     ("timeout-too-small", "validate", edit(distributed__timeout_seconds=5), ["distributed.timeout_seconds", "10"]),
     ("max-skipped-zero", "validate", edit(training__max_skipped_steps=0), ["training.max_skipped_steps"]),
     ("lora-dropout-one", "validate", edit(lora={"dropout": 1.0}), ["lora.dropout", "less than 1"]),

@@ -308,6 +308,37 @@ def test_balanced_batching_cuts_padding_and_never_exceeds_the_padded_micro_batch
         assert eff["balanced"][1] > eff["padded"][1] + 0.05, eff  # and more real tokens per unit of step time
 
 
+@pytest.mark.parametrize("mode", ["balanced", "packed"])
+def test_a_slower_rank_gets_fewer_tokens_and_the_ranks_finish_together(gsm8k_lengths, mode):
+    """`speeds` (SpeedBalance: a GPU slowed by its power cap): each rank's work divided by its speed evens out;
+    the step's samples, the micro-batch count and the memory bound stay."""
+    key = "compute_tokens" if mode == "balanced" else "rank_tokens"
+    for mb, ga, world, speeds in (
+        (64, 1, 2, (1.15, 0.85)),  # the benchmark's shape: 1B, global batch 128 on 2 GPUs
+        (16, 1, 2, (0.8, 1.2)),
+        (8, 4, 4, (1.1, 1.1, 0.8, 1.0)),
+        (16, 1, 8, (1.0,) * 7 + (0.8,)),
+    ):
+        p = planners(gsm8k_lengths, mb, ga, world, mode)
+        late = {"speeds": 0.0, "blind": 0.0}  # mean over steps of how far the last rank ends behind the ideal
+        for step in range(60):
+            b, blind = p.batches(step, speeds), p.batches(step)
+            assert b.speeds == speeds and blind.speeds is None
+            assert sorted(i for r in b.per_rank for m in r for i in m) == sorted(
+                i for r in blind.per_rank for m in r for i in m
+            )
+            assert all(len(rank) == ga and all(m for m in rank) for rank in b.per_rank)
+            if mode == "balanced":  # memory: a faster rank's micro-batch grows by its speed at most
+                grow = max(speeds) * world / sum(speeds)  # the largest speed over the mean
+                cap = max(len(m) * gsm8k_lengths[m].max() for r in blind.per_rank for m in r) * grow
+                assert all(len(m) * gsm8k_lengths[m].max() <= cap for r in b.per_rank for m in r)
+            ideal = sum(getattr(b, key)) / sum(speeds)  # every rank busy for the same time
+            for name, plan in (("speeds", b), ("blind", blind)):
+                late[name] += (max(w / s for w, s in zip(getattr(plan, key), speeds, strict=True)) / ideal - 1) / 60
+        assert late["speeds"] < 0.08, (mb, ga, world, late)
+        assert late["blind"] > late["speeds"] + 0.08, (mb, ga, world, late)  # control: the speed-blind split lags
+
+
 # ---------------------------------------------------------------------------------------------------
 # Packing
 # ---------------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import EQUIVALENCE_RUN, ROOT, adapter, max_rel_diff, run_mgpu
 
+from unsloth_mgpu_cli.engine import SpeedBalance
+
 pytestmark = pytest.mark.integration
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -122,6 +124,48 @@ def test_two_workers_equal_one_worker_with_the_8bit_optimizer(tmp_path, runs):
     for run in ("two", "one"):
         flat = json.loads((tmp_path / run / "summary.json").read_text())["optimizer_flat"]
         assert 0 < flat["tensors"] < flat["of"] and flat["kernels"] >= 1, flat
+
+
+def test_speed_balance_follows_persistent_differences_only():
+    sb = SpeedBalance(world=2, enabled=True)
+    assert sb.speeds() is None  # nothing measured yet
+    sb.observe([1000, 1000], [1.0, 1.5])
+    assert sb.speeds() is None  # one step is not enough
+    sb.observe([1000, 1000], [1.0, float("nan")])  # a step without device times is left out
+    assert sb.speeds() is None
+    sb.observe([1200, 800], [1.2, 1.2])  # rank 1: 1.5 ms per token, rank 0: 1 ms
+    assert sb.speeds() == (1.2, 0.8)  # 1 / 1.5 over the mean speed, clamped to the limits
+    even = SpeedBalance(world=2, enabled=True)
+    for t in ([1.00, 1.04], [1.04, 1.00], [1.00, 1.03]):  # swings of a few percent: left alone
+        even.observe([1000, 1000], t)
+    assert even.speeds() is None
+    off = SpeedBalance(world=2, enabled=False)
+    for _ in range(3):
+        off.observe([1000, 1000], [1.0, 2.0])
+    assert off.speeds() is None and SpeedBalance(world=1, enabled=True).enabled is False
+
+
+def test_a_slow_rank_gets_fewer_tokens_and_the_weights_stay_those_of_one_worker(tmp_path, runs):
+    """distributed.balance_speed with rank 1 made slower (`slow` fault: a GPU held back by its power cap): the
+    planner moves tokens to rank 0, and the update, under weighted aggregation, stays one worker's."""
+    slow = "slow:rank=1:step=1:until=999:us=200"
+    # 8 samples per rank: a one-sample move fits the memory bound (a faster rank's micro-batch grows 1.25x at most)
+    train(
+        tmp_path / "two",
+        "distributed.num_gpus=2",
+        "training.micro_batch_size=8",
+        "distributed.balance_speed=true",
+        MGPU_INJECT_FAULT=slow,
+    )
+    train(tmp_path / "one", "distributed.num_gpus=1", "training.micro_batch_size=16")
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["rank_speeds"] is None  # the first steps split by tokens alone
+    assert rows[0]["rank_compute_tokens"][0] == rows[0]["rank_compute_tokens"][1]  # this data: equal widths
+    late = [r for r in rows if r["rank_speeds"] is not None]
+    assert late and all(r["rank_speeds"][1] < 0.95 < 1.05 < r["rank_speeds"][0] for r in late), rows
+    assert all(r["rank_compute_tokens"][1] < r["rank_compute_tokens"][0] for r in late), late
+    two, one = adapter(tmp_path / "two"), adapter(tmp_path / "one")
+    assert max_rel_diff(two, one) < 1e-4 < max_rel_diff(adapter(runs / "control"), adapter(runs / "one"))
 
 
 def test_drifting_replicas_are_caught(tmp_path):

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -971,6 +971,7 @@ class StepBatches:
     loss_tokens: list[int]  # per rank
     rank_tokens: list[int] = field(default_factory=list)  # non-padding tokens per rank
     compute_tokens: list[int] = field(default_factory=list)  # tokens the model processes per rank, padding included
+    speeds: tuple[float, ...] | None = None  # the ranks' relative speeds the split followed (None: tokens alone)
 
     @property
     def global_loss_tokens(self) -> int:
@@ -989,7 +990,13 @@ def split_contiguous(lengths: list[int], parts: int) -> list[int]:
     return cuts
 
 
-def _rebalance(per_rank: list[list[list[int]]], lens: np.ndarray, cap: int, max_rounds: int = 64) -> None:
+def _rebalance(
+    per_rank: list[list[list[int]]],
+    lens: np.ndarray,
+    cap: int,
+    max_rounds: int = 64,
+    speeds: Sequence[float] | None = None,
+) -> None:
     """Even out the ranks' padded cost (in place) by moving or swapping single samples between micro-batches.
 
     Contiguous length groups are coarse: one sample more or less in the group of the longest samples shifts a
@@ -999,8 +1006,11 @@ def _rebalance(per_rank: list[list[list[int]]], lens: np.ndarray, cap: int, max_
     nothing lowers the costliest rank. No micro-batch is emptied or made costlier than `cap` (the largest group
     before, which bounds memory); the step's samples never change, only where they run. A micro-batch costs
     rows x longest, so only a group's longest and shortest samples matter as candidates: O(groups) per round.
+    `speeds`: each rank's relative speed (padded tokens per second, mean 1); a rank's load is its cost divided by
+    its speed, so that ranks finish together when one device runs slower than the others.
     """
     ln = {i: int(lens[i]) for rank in per_rank for g in rank for i in g}  # the step's samples only
+    inv = [1.0 / s for s in speeds] if speeds is not None else [1.0] * len(per_rank)
     for rank in per_rank:
         for g in rank:
             g.sort(key=lambda i: (-ln[i], i))  # longest first
@@ -1010,8 +1020,9 @@ def _rebalance(per_rank: list[list[list[int]]], lens: np.ndarray, cap: int, max_
 
     load = [sum(cost(g) for g in rank) for rank in per_rank]
     for _ in range(max_rounds):
-        top = max(range(len(per_rank)), key=lambda r: (load[r], -r))
-        best: tuple[int, tuple[int, int, int, int, int, int | None]] | None = None  # (worst, (top, g, a, h, r, b))
+        top = max(range(len(per_rank)), key=lambda r: (load[r] * inv[r], -r))
+        now = load[top] * inv[top]
+        best: tuple[float, tuple[int, int, int, int, int, int | None]] | None = None  # (worst, (top, g, a, h, r, b))
         for gi, g in enumerate(per_rank[top]):
             g_cost = cost(g)
             for a in {g[0], g[-1]}:  # the longest (may shorten g) and the shortest (removes a row)
@@ -1023,8 +1034,11 @@ def _rebalance(per_rank: list[list[list[int]]], lens: np.ndarray, cap: int, max_
                         h_cost = cost(h)
                         if len(g) > 1:  # move a from g to h
                             new_h = (len(h) + 1) * max(ln[h[0]], ln[a])
-                            worst = max(load[top] - g_cost + (len(g) - 1) * g_long_rest, load[r] - h_cost + new_h)
-                            if new_h <= cap and worst < load[top] and (best is None or worst < best[0]):
+                            worst = max(
+                                (load[top] - g_cost + (len(g) - 1) * g_long_rest) * inv[top],
+                                (load[r] - h_cost + new_h) * inv[r],
+                            )
+                            if new_h <= cap and worst < now and (best is None or worst < best[0]):
                                 best = (worst, (top, gi, a, hi, r, None))
                         for b in {h[0], h[-1]}:  # swap a with a shorter b: h's longest or its shortest
                             if ln[b] >= ln[a]:
@@ -1032,8 +1046,8 @@ def _rebalance(per_rank: list[list[list[int]]], lens: np.ndarray, cap: int, max_
                             h_long_rest = ln[h[1]] if b == h[0] and len(h) > 1 else ln[h[0]]
                             new_g = len(g) * max(g_long_rest if len(g) > 1 else 0, ln[b])
                             new_h = len(h) * max(h_long_rest if len(h) > 1 else 0, ln[a])
-                            worst = max(load[top] - g_cost + new_g, load[r] - h_cost + new_h)
-                            if max(new_g, new_h) <= cap and worst < load[top] and (best is None or worst < best[0]):
+                            worst = max((load[top] - g_cost + new_g) * inv[top], (load[r] - h_cost + new_h) * inv[r])
+                            if max(new_g, new_h) <= cap and worst < now and (best is None or worst < best[0]):
                                 best = (worst, (top, gi, a, hi, r, b))
         if best is None:
             return
@@ -1121,14 +1135,16 @@ class StepPlanner:
         epoch, within = divmod(step, self.steps_per_epoch)
         return self._perm(epoch)[within * self.global_batch : (within + 1) * self.global_batch]
 
-    def _assign_packed(self, idx: np.ndarray) -> list[list[list[int]]]:
-        """Longest first to the rank with the fewest tokens (a packed row costs its real tokens)."""
+    def _assign_packed(self, idx: np.ndarray, speeds: Sequence[float] | None = None) -> list[list[list[int]]]:
+        """Longest first to the rank with the fewest tokens (a packed row costs its real tokens); with `speeds`,
+        the fewest tokens for its speed."""
         lens = self.lengths
         order = sorted((int(i) for i in idx), key=lambda i: (-int(lens[i]), i))
         members: list[list[int]] = [[] for _ in range(self.world)]
         load = [0] * self.world
+        inv = [1.0 / s for s in speeds] if speeds is not None else [1.0] * self.world
         for i in order:
-            r = min(range(self.world), key=lambda k: (load[k], len(members[k]), k))
+            r = min(range(self.world), key=lambda k: ((load[k] + int(lens[i])) * inv[k], len(members[k]), k))
             members[r].append(i)
             load[r] += int(lens[i])
         # A rank needs a sample per micro-batch: take the shortest samples of the rank holding the most.
@@ -1143,37 +1159,60 @@ class StepPlanner:
             per_rank.append([m[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)])
         return per_rank
 
-    def _assign_balanced(self, idx: np.ndarray) -> list[list[list[int]]]:
+    def _assign_balanced(self, idx: np.ndarray, speeds: Sequence[float] | None = None) -> list[list[list[int]]]:
         """Padded micro-batches of similar-length samples with about equal padded cost, spread over ranks.
 
         A padded micro-batch costs (samples x its longest sample). The step's samples, sorted by length, are cut
         into world x grad_accum contiguous groups minimising the largest cost (binary search on the cost with a
         greedy fill), so long samples share a micro-batch with few others and short ones with many; the groups
         then go, costliest first, to the rank with the least cost so far that still needs a micro-batch.
+        `speeds` (each rank's relative speed, mean 1): the groups are cut to cost in proportion to the speed of
+        the rank they are meant for, costs count divided by the rank's speed, and no micro-batch costs more than
+        the largest speed-blind group times the largest speed over the mean (the memory bound).
         """
         lens = self.padded_lengths
         order = sorted((int(i) for i in idx), key=lambda i: (-int(lens[i]), i))
         sl = [int(lens[i]) for i in order]
         bins = self.world * self.ga
 
-        def fill(cap: int) -> list[int] | None:
+        def fill(cap: int, room: Callable[[int, int], int]) -> list[int] | None:
             starts, k = [], 0
             while k < len(sl):
                 starts.append(k)
                 if len(starts) > bins:
                     return None
-                k += max(1, cap // sl[k])  # everything after k is no longer than sl[k]
+                k += max(1, room(cap, len(starts) - 1) // sl[k])  # everything after k is no longer than sl[k]
             return starts
 
-        lo, hi = sl[0], sl[0] * len(sl)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if fill(mid) is None:
-                lo = mid + 1
-            else:
-                hi = mid
-        starts = fill(lo) or [0]
-        groups = [order[a:b] for a, b in zip(starts, [*starts[1:], len(order)], strict=True)]
+        def smallest_cap(room: Callable[[int, int], int]) -> int:
+            lo, hi = sl[0], sl[0] * len(sl)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if fill(mid, room) is None:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            return lo
+
+        def cut(starts: list[int] | None) -> list[list[int]]:
+            starts = starts or [0]
+            return [order[a:b] for a, b in zip(starts, [*starts[1:], len(order)], strict=True)]
+
+        def even(cap: int, b: int) -> int:
+            return cap
+
+        groups = cut(fill(smallest_cap(even), even))
+        bound = max(len(g) * int(lens[g[0]]) for g in groups)  # no speed-aware micro-batch costs more x speed
+        inv = [1.0] * self.world
+        if speeds is not None:
+            speeds = [v * len(speeds) / sum(speeds) for v in speeds]  # mean 1
+            inv = [1.0 / v for v in speeds]
+            share = [speeds[b % self.world] for b in range(bins)]  # ga groups per rank, the ranks in turn
+
+            def by_speed(cap: int, b: int) -> int:
+                return min(int(cap * share[b]), int(bound * max(1.0, share[b])))
+
+            groups, bound = cut(fill(smallest_cap(by_speed), by_speed)), int(bound * max(1.0, *speeds))
         while len(groups) < bins:  # fewer groups than micro-batches: halve the group holding the most samples
             g = max(range(len(groups)), key=lambda j: (len(groups[j]), -j))
             half = len(groups[g]) // 2
@@ -1182,14 +1221,19 @@ class StepPlanner:
         per_rank: list[list[list[int]]] = [[] for _ in range(self.world)]
         load = [0] * self.world
         for j in sorted(range(bins), key=lambda j: (-cost[j], j)):
-            r = min((k for k in range(self.world) if len(per_rank[k]) < self.ga), key=lambda k: (load[k], k))
+            r = min(
+                (k for k in range(self.world) if len(per_rank[k]) < self.ga),
+                key=lambda k: ((load[k] + cost[j]) * inv[k], k),
+            )
             per_rank[r].append(groups[j])
             load[r] += cost[j]
         if self.world > 1:
-            _rebalance(per_rank, lens, cap=max(cost))
+            _rebalance(per_rank, lens, cap=max(max(cost), bound) if speeds is not None else max(cost), speeds=speeds)
         return per_rank
 
-    def batches(self, step: int) -> StepBatches:
+    def batches(self, step: int, speeds: Sequence[float] | None = None) -> StepBatches:
+        """The step's plan. `speeds`: each rank's relative speed (mean 1; `SpeedBalance`), for balanced and packed
+        batching: a slower rank gets fewer padded tokens. The step's samples never depend on it."""
         epoch = step // self.steps_per_epoch
         idx = self.step_samples(step)
         if self.batching == "padded":
@@ -1199,9 +1243,9 @@ class StepPlanner:
                 mine = [int(i) for i in idx[r * per : (r + 1) * per]]
                 per_rank.append([mine[j * self.mb : (j + 1) * self.mb] for j in range(self.ga)])
         elif self.batching == "balanced":
-            per_rank = self._assign_balanced(idx)
+            per_rank = self._assign_balanced(idx, speeds)
         else:
-            per_rank = self._assign_packed(idx)
+            per_rank = self._assign_packed(idx, speeds)
         lens = self.lengths
         counts, tokens, compute = [], [], []
         for rank in per_rank:
@@ -1213,7 +1257,13 @@ class StepPlanner:
             else:
                 compute.append(int(sum(len(mb) * int(self.padded_lengths[mb].max()) for mb in rank)))
         return StepBatches(
-            step=step, epoch=epoch, per_rank=per_rank, loss_tokens=counts, rank_tokens=tokens, compute_tokens=compute
+            step=step,
+            epoch=epoch,
+            per_rank=per_rank,
+            loss_tokens=counts,
+            rank_tokens=tokens,
+            compute_tokens=compute,
+            speeds=tuple(speeds) if speeds is not None and self.batching != "padded" else None,
         )
 
     def __iter__(self) -> Iterator[StepBatches]:  # pragma: no cover - convenience

@@ -265,6 +265,7 @@ def train(
     dist_cfg = recipe.distributed
     dist_cfg.num_gpus = num_local
     dist_cfg.device = device  # type: ignore[assignment]
+    dist_cfg.balance_speed = balances_speed(recipe, device)
     out = Path(recipe.output.dir)
     is_main_node = nodes.rank == 0 if nodes.under_torchrun else dist_cfg.node_rank == 0
     if dist_cfg.nnodes > 1 and is_main_node and dist_cfg.rdzv_endpoint and not nodes.under_torchrun:
@@ -515,6 +516,10 @@ class Trainer:
         )
         self.packed = r.dataset.batching == "packed"
         self.pad_to = r.dataset.pad_to_multiple_of
+        self.speed = SpeedBalance(self.plan.num_workers, balances_speed(r, self.info.device_type))
+        # the last counted step: (its number, padded tokens per rank, whether a rank compiled in it), for the
+        # device times that arrive with the next step's collective
+        self.speed_last: tuple[int, list[int], bool] | None = None
         self.total_steps = self.planner.total_steps(r.training.epochs, r.training.max_steps)
         from .optim import build_optimizer, build_scheduler
 
@@ -658,6 +663,8 @@ class Trainer:
                 [int(row[7]) for row in rows],
             )
             reserved = [row[8] for row in rows]
+            if self.speed_last is not None and self.speed_last[0] == int(rows[0][9]) and not self.speed_last[2]:
+                self.speed.observe(self.speed_last[1], [row[10] for row in rows])
             if pending is not None and pending.row["step"] == int(rows[0][9]):  # the previous step's device time
                 pending.row["compute_s"] = [round(row[10], 5) for row in rows]
             write_row()
@@ -712,6 +719,10 @@ class Trainer:
                 )
                 last_done = (step.done, done_at)
             self.step += 1
+            own_times = [row[11] for row in rows]  # this step's device times, when it was settled at once
+            if not any(compiles) and not any(math.isnan(t) for t in own_times):
+                self.speed.observe(step.batches.compute_tokens, own_times)
+            self.speed_last = (self.step, step.batches.compute_tokens, any(compiles))
             step_tokens = int(sum(step.batches.rank_tokens))
             tokens_window += step_tokens
             tokens_session += step_tokens
@@ -752,6 +763,9 @@ class Trainer:
                     "reserved_gb": [round(m, 3) for m in reserved],
                     "skipped_steps": rs["skipped_steps"],
                 }
+                if self.speed.enabled:  # the ranks' relative speeds this step's split used (null: tokens alone)
+                    row["rank_speeds"] = list(step.batches.speeds) if step.batches.speeds else None
+                    row["rank_compute_tokens"] = step.batches.compute_tokens
                 if evaluated is not None:
                     row["eval_loss"], row["eval_perplexity"] = evaluated
                     best = rs["best_eval_loss"]
@@ -836,6 +850,7 @@ class Trainer:
                 "step_phases_s": phases.means(),
                 "attention_kernels": [name for name, on in self.attention.items() if on],
                 "look_ahead": ahead,  # steps queued before the previous one was settled (`_looks_ahead`)
+                "rank_speeds": list(self.speed.speeds() or []) or None,  # `SpeedBalance` at the end; None: even
                 # 8-bit AdamW: trainable tensors updated by one kernel per flat run at the last step, of all
                 "optimizer_flat": {
                     **getattr(self.optimizer, "last_flat", {"tensors": 0, "kernels": 0}),
@@ -907,7 +922,7 @@ class Trainer:
     def _launch(self, index: int, keep_rng: bool) -> Launch:
         """Queue step `index + 1`'s micro-batches (forward and backward) on this rank's device. `keep_rng`: note
         the random-number state first, in case the step is dropped and run again."""
-        batches = self.planner.batches(index)
+        batches = self.planner.batches(index, self.speed.speeds())
         mine = batches.per_rank[self.info.rank]
         denom = self.sync.local_loss_denominator(batches.loss_tokens[self.info.rank], batches.global_loss_tokens)
         rng = _rng_states(self.info.device_type) if keep_rng else None
@@ -1057,7 +1072,7 @@ class Trainer:
                         # FSDP2 reduce-scatters in backward: every rank must run it, even for a piece without
                         # loss tokens. One fake target keeps the model's token-mean loss finite; scaled by 0 below.
                         batch["labels"] = _one_target(batch)
-                    maybe_inject("forward", self, samples=len(piece))
+                    maybe_inject("forward", self, samples=len(piece), tokens=int(batch["input_ids"].numel()))
                     # no KV cache in training: with one, transformers ignores packed position_ids (leaks)
                     loss = self.model(**batch, use_cache=False).loss
                     maybe_inject("loss", self, loss=loss)
@@ -1271,6 +1286,63 @@ class GarbageCollection:
         gc.unfreeze()
         if self.was_enabled:
             gc.enable()
+
+
+def balances_speed(recipe: Any, device_type: str) -> bool:
+    """`distributed.balance_speed` resolved: auto is on for GPUs under ddp with weighted aggregation and balanced or
+    packed batching (what moving tokens between ranks needs, and where a device can lag the others)."""
+    d = recipe.distributed
+    if d.balance_speed != "auto":
+        return bool(d.balance_speed)
+    return (
+        device_type == "cuda"
+        and d.strategy != "fsdp"
+        and d.aggregation == "weighted"
+        and recipe.dataset.batching != "padded"
+    )
+
+
+class SpeedBalance:
+    """Each rank's speed on its device, for the planner to give a persistently slower device fewer tokens.
+
+    GPUs of one model run at different speeds under their power cap: in docs/BENCHMARKS.md (session 8) one H200
+    of a pair ran the 8B's micro-batches 10-40% slower than the other for a whole run, and the slowest rank sets
+    the step time. The speeds come from the device time of each rank's micro-batches (`DeviceClock`, gathered
+    with every step's collective) divided into its padded tokens: a moving average (`ALPHA`), used after `WARMUP`
+    steps, ignored while no rank is more than `BAND` away from the mean (short swings of a few percent come and
+    go faster than the average could follow, and chasing them costs more than it saves), clamped to `LIMITS`
+    (bounds how much larger a faster rank's micro-batches get) and rounded. Every rank computes the same speeds
+    from the same gathered numbers, so their plans agree. Steps that compiled are left out."""
+
+    ALPHA, WARMUP, BAND, LIMITS, DIGITS = 0.5, 2, 0.05, (0.8, 1.25), 2
+
+    def __init__(self, world: int, enabled: bool):
+        self.enabled = enabled and world > 1
+        self.rate: list[float] | None = None  # seconds per padded token, per rank (moving average)
+        self.seen = 0
+
+    def observe(self, compute_tokens: list[int], seconds: list[float]) -> None:
+        """One step's padded tokens and device seconds per rank."""
+        if not self.enabled or not all(t > 0 for t in compute_tokens) or not all(x > 0 for x in seconds):
+            return  # NaN (no time measured) fails `x > 0` too
+        now = [x / t for x, t in zip(seconds, compute_tokens, strict=True)]
+        a = self.ALPHA
+        self.rate = (
+            now if self.rate is None else [(1 - a) * old + a * new for old, new in zip(self.rate, now, strict=True)]
+        )
+        self.seen += 1
+
+    def speeds(self) -> tuple[float, ...] | None:
+        """Relative speeds (mean about 1) for `StepPlanner.batches`, or None: split by tokens alone."""
+        if not self.enabled or self.rate is None or self.seen < self.WARMUP:
+            return None
+        inverse = [1.0 / r for r in self.rate]
+        mean = sum(inverse) / len(inverse)
+        rel = [v / mean for v in inverse]
+        if max(abs(v - 1.0) for v in rel) < self.BAND:
+            return None
+        lo, hi = self.LIMITS
+        return tuple(round(min(max(v, lo), hi), self.DIGITS) for v in rel)
 
 
 class DeviceClock:

@@ -11,6 +11,8 @@ at step S (through step T when `until` is given):
   stop      - a stop request, as a first SIGTERM or Ctrl-C makes it (save at the step's end, exit)
   oom       - raise torch.OutOfMemoryError at the forward of any micro-batch of more than `above`
               samples (default 1), as CUDA does when activations do not fit
+  slow      - wait `us` microseconds (default 100) per token of each micro-batch (padding included) at its
+              forward: a device that runs slower than the others (a GPU held back by its power cap)
 An `attempt=A` option limits a fault to one attempt of an elastic run (0: before any restart), so that
 `exit:rank=1:step=4:attempt=0` crashes once and lets the restarted workers finish.
 Unset in normal runs: then `maybe_inject` is a dictionary lookup and nothing else.
@@ -71,6 +73,8 @@ def maybe_inject(point: str, trainer: Any, **kw: Any) -> None:
             time.sleep(float(f.get("seconds", 3600)))
         elif kind == "stop" and point == "forward" and trainer.stop is not None:
             trainer.stop.count = max(trainer.stop.count, 1)  # what StopSignal's handler records
+        elif kind == "slow" and point == "forward":
+            time.sleep(kw["tokens"] * float(f.get("us", 100)) * 1e-6)
         elif kind == "oom" and point == "forward" and kw["samples"] > int(f.get("above", 1)):
             import torch
 

@@ -333,6 +333,13 @@ class DistributedSection(_Section):
     verify_every: int = Field(
         50, ge=0, description="Compare checksums of the trainable weights across ranks every N steps; 0 disables."
     )
+    balance_speed: bool | Literal["auto"] = Field(
+        "auto",
+        description="Give a rank whose device runs persistently slower (a GPU held back by its power cap) fewer "
+        "tokens, from the measured time of each rank's micro-batches, so that ranks finish their steps together. "
+        "Needs aggregation: weighted (the update then does not depend on which rank trains which sample) and "
+        "balanced or packed batching. auto: on for GPUs under ddp with those settings.",
+    )
     bucket_size_mb: float = Field(25.0, gt=0.0, le=4096.0, description="Gradient all-reduce bucket size (fp32 MB).")
     timeout_seconds: int = Field(
         1800, ge=10, description="A collective waiting longer than this is an error (hang watchdog)."
@@ -445,6 +452,20 @@ class Recipe(_Section):
             )
         if d.nnodes > 1 and not d.rdzv_endpoint:
             problems.append(("distributed.rdzv_endpoint", "several nodes need HOST:PORT of node 0's rendezvous"))
+        if d.balance_speed is True and (d.aggregation != "weighted" or self.dataset.batching == "padded"):
+            found = (
+                f"distributed.aggregation: {d.aggregation}"
+                if d.aggregation != "weighted"
+                else "dataset.batching: padded"
+            )
+            problems.append(
+                (
+                    "distributed.balance_speed",
+                    "moving tokens from a slower rank to a faster one needs distributed.aggregation: weighted (with "
+                    "mean or sum the update would change with the split) and balanced or packed batching; found "
+                    f"{found}. Set those, or distributed.balance_speed: auto",
+                )
+            )
         if d.strategy == "fsdp":
             if d.aggregation == "median":
                 problems.append(
