@@ -12,9 +12,12 @@
 # without it), `s7c` (the CUDA test passed; the 8B without it was cut after 3 steps).
 # In session 8: `s7b` (1B x1.89, 8B x1.66 with GPU 0 slow), `gputest` (4 passed), `s8a` (8B x1.93; dmon: both
 # sizes run power-capped), `N=1 s8b` (1-GPU kind: expandable segments, reserved 51.5 -> 17.5 GB, same speed).
+# In session 9: `N=1 s9a` (1-GPU kind: the 1B at global batch 64 and 128, traced: one host sync per micro-batch in
+# Unsloth's fused cross-entropy).
 # Next, in this order:
-#   gputest on nvidia-h200-x2: the GPU tier with expandable segments (not run on 2 GPUs yet)
-#   s8b on nvidia-h200-x2: the 1B pair with expandable segments, and the 2-GPU run without (1B x1.9 not met yet)
+#   gputest on nvidia-h200-x2 in two calls: K="not sharded" T=560, then K=sharded with s9b's runs (expandable
+#   segments and distributed.balance_speed never ran on 2 GPUs)
+#   s9b on nvidia-h200-x2: the 1B pair with this session's defaults, and the 2-GPU run with balance_speed off
 #   CASES=qlora bash benchmarks/gpu_fsdp.sh   # #13: 8B QLoRA, NF4 shards (own call)
 #   TRL on the 8B at 1 GPU: benchmarks/run.py --sizes 8b --micro-batch 16 --only trl-pf,trl-pack --gpus 1
 #   4/8 GPUs (#12), when lent: GPUS=8,4 s7d (ours) and s7e (TRL), then GPUS=2,1 where a pair is missing
@@ -254,7 +257,8 @@ clocks_throttle_reasons.active --format=csv,noheader -lms 100 > "$OUT/smi.csv" 2
       --gpus 2,1 --budget-s 540 | tail -5 ;;
   gputest)
     # the GPU tier of the test suite (make test-gpu): 5 cold tiny-model runs, ~70 s each on the H200 machine
-    timeout -k 20 520 python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
+    # K: a pytest -k expression, to split the tier over two calls (e.g. K=sharded, then K="not sharded")
+    timeout -k 20 "${T:-520}" python3 -m pytest -q -m gpu tests/test_gpu.py ${K:+-k "$K"} > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
   *) echo "unknown stage $STAGE"; exit 2 ;;
 esac

@@ -79,6 +79,7 @@ def test_queued_steps_equal_settled_steps_on_cuda(tmp_path):
     out-of-memory redo (6) must give the weights of the loop that settles each step first."""
     run = (f"distributed.num_gpus={min(GPUS, 2)}", "training.micro_batch_size=4", "distributed.verify_every=0")
     run += ("training.optimizer=adamw_8bit",)  # quickstart.yaml's torch AdamW settles every step
+    run += ("distributed.balance_speed=false",)  # the same split in every run: timings must not move samples
     faults = f"nan:rank={min(GPUS, 2) - 1}:step=3;oom:rank=0:step=6:until=99:above=2"
     settled = _train(tmp_path / "settled", *run, MGPU_INJECT_FAULT=faults, MGPU_LOOKAHEAD="0")
     ahead = _train(tmp_path / "ahead", *run, MGPU_INJECT_FAULT=faults)
@@ -92,3 +93,22 @@ def test_queued_steps_equal_settled_steps_on_cuda(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "ahead" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 1, 1, 1]
     assert all(r["compute_s"] and all(c > 0 for c in r["compute_s"]) for r in rows)
+
+
+@needs_two
+def test_a_slow_gpu_gets_fewer_tokens(tmp_path):
+    """distributed.balance_speed on CUDA (auto): the ranks' device times (CUDA events) reach every rank with the
+    step's collective, and a rank made slower (`slow` fault: waits before each forward, so its GPU idles inside
+    the timed window, as a GPU held back by its power cap runs longer) gets fewer tokens. The math is the CPU
+    test's (tests/test_engine_cpu.py): weighted aggregation, so any split gives one batch's update."""
+    _train(
+        tmp_path / "two",
+        "distributed.num_gpus=2",
+        "training.micro_batch_size=8",
+        MGPU_INJECT_FAULT="slow:rank=1:step=1:until=999:us=100",
+    )
+    rows = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    late = [r for r in rows if r["rank_speeds"] is not None]
+    assert len(late) >= 3 and all(r["rank_speeds"][1] < 0.95 < 1.05 < r["rank_speeds"][0] for r in late), rows
+    assert all(r["rank_compute_tokens"][1] < r["rank_compute_tokens"][0] for r in late), late
+    assert "balance_speed: true" in (tmp_path / "two" / "recipe.resolved.yaml").read_text()
