@@ -66,16 +66,20 @@ case $STAGE in
     cd "$OUT" && tar czf rest.tgz c d; rm -rf c d; exit 0 ;;
   s9b)
     # #11, session 9, on nvidia-h200-x2: the 1B pair (s7b: x1.89, median step x1.93) with this session's defaults
-    # (expandable segments, distributed.balance_speed auto = on), then the 2-GPU run with balance_speed off. The
-    # speed balance acts only when a rank runs more than 5% slower than the mean for some steps.
+    # (expandable segments, distributed.balance_speed auto = on), the 1-GPU run again on GPU 1 (the pair's 1-GPU
+    # run is on GPU 0: do the chips differ?), then the 2-GPU run with balance_speed off. The speed balance acts
+    # only when a rank runs more than 5% slower than the mean for some steps.
     nvidia-smi dmon -s pucv -o T -d 1 > "$OUT/dmon.txt" 2>&1 & DMON=$!
     timeout 215 "${BENCH[@]}" --steps 50 --warmup 15 --timeout 105 --min-run-s 60 --out "$OUT/a" --only ours \
       --gpus 2,1 --budget-s 210 | tail -6
     for n in 2 1; do cp /tmp/mgpu-bench/ours-1b-${n}gpu/run/metrics.jsonl "$OUT/a/m$n.jsonl"; done
-    timeout 110 "${BENCH[@]}" --steps 50 --warmup 15 --timeout 105 --min-run-s 60 --out "$OUT/b" --only ours \
-      --gpus 2 --budget-s 105 --ours-set distributed.balance_speed=false | tail -3
+    BENCH_DEVICES=1 timeout 105 "${BENCH[@]}" --steps 50 --warmup 15 --timeout 100 --min-run-s 60 --out "$OUT/g1" \
+      --only ours --gpus 1 --budget-s 100 | tail -3
+    cp /tmp/mgpu-bench/ours-1b-1gpu/run/metrics.jsonl "$OUT/g1/m1.jsonl"
+    timeout 105 "${BENCH[@]}" --steps 50 --warmup 15 --timeout 100 --min-run-s 60 --out "$OUT/b" --only ours \
+      --gpus 2 --budget-s 100 --ours-set distributed.balance_speed=false | tail -3
     cp /tmp/mgpu-bench/ours-1b-2gpu/run/metrics.jsonl "$OUT/b/m2.jsonl"; kill $DMON
-    cd "$OUT" && tar czf rest.tgz a b; rm -rf a b; exit 0 ;;
+    cd "$OUT" && tar czf rest.tgz a g1 b; rm -rf a g1 b; exit 0 ;;
   s9a)
     # #11, session 9 (the 1-GPU kind): in s7b each 2-GPU rank's micro-batch took 2.2 ms more than half a 1-GPU step
     # with the same padded tokens. The 1-GPU run at global batch 64 does a 2-GPU rank's work (one micro-batch of 64
