@@ -17,7 +17,7 @@
 # Next, in this order:
 #   gputest on nvidia-h200-x2 in two calls: K="not sharded" T=560, then K=sharded with s9b's runs (expandable
 #   segments and distributed.balance_speed never ran on 2 GPUs)
-#   s9b on nvidia-h200-x2: the 1B pair with this session's defaults, and the 2-GPU run with balance_speed off
+#   s9b on nvidia-h200-x2: the 1B pair with this session's defaults, the pair with cuBLASLt, 1 GPU on GPU 1
 #   CASES=qlora bash benchmarks/gpu_fsdp.sh   # #13: 8B QLoRA, NF4 shards (own call)
 #   TRL on the 8B at 1 GPU: benchmarks/run.py --sizes 8b --micro-batch 16 --only trl-pf,trl-pack --gpus 1
 #   4/8 GPUs (#12), when lent: GPUS=8,4 s7d (ours) and s7e (TRL), then GPUS=2,1 where a pair is missing
@@ -66,20 +66,19 @@ case $STAGE in
     cd "$OUT" && tar czf rest.tgz c d; rm -rf c d; exit 0 ;;
   s9b)
     # #11, session 9, on nvidia-h200-x2: the 1B pair (s7b: x1.89, median step x1.93) with this session's defaults
-    # (expandable segments, distributed.balance_speed auto = on), the 1-GPU run again on GPU 1 (the pair's 1-GPU
-    # run is on GPU 0: do the chips differ?), then the 2-GPU run with balance_speed off. The speed balance acts
-    # only when a rank runs more than 5% slower than the mean for some steps.
+    # (expandable segments, distributed.balance_speed auto: `rank_speeds` in the metrics say whether it acted),
+    # then the pair with cuBLASLt as PyTorch's BLAS (s9c: a matmul with a new row count costs the host 3.6 ms in
+    # cuBLAS, 0.3 ms in cuBLASLt; such stalls hit the ranks at random, and a 2-GPU step waits for the slower), then
+    # the 1-GPU run on GPU 1 (the pairs' 1-GPU runs are on GPU 0: do the chips differ?).
     nvidia-smi dmon -s pucv -o T -d 1 > "$OUT/dmon.txt" 2>&1 & DMON=$!
-    timeout 215 "${BENCH[@]}" --steps 50 --warmup 15 --timeout 105 --min-run-s 60 --out "$OUT/a" --only ours \
-      --gpus 2,1 --budget-s 210 | tail -6
+    R=(--steps 50 --warmup 15 --timeout 100 --min-run-s 60 --only ours)
+    timeout 205 "${BENCH[@]}" "${R[@]}" --out "$OUT/a" --gpus 2,1 --budget-s 200 | tail -6
     for n in 2 1; do cp /tmp/mgpu-bench/ours-1b-${n}gpu/run/metrics.jsonl "$OUT/a/m$n.jsonl"; done
-    BENCH_DEVICES=1 timeout 105 "${BENCH[@]}" --steps 50 --warmup 15 --timeout 100 --min-run-s 60 --out "$OUT/g1" \
-      --only ours --gpus 1 --budget-s 100 | tail -3
-    cp /tmp/mgpu-bench/ours-1b-1gpu/run/metrics.jsonl "$OUT/g1/m1.jsonl"
-    timeout 105 "${BENCH[@]}" --steps 50 --warmup 15 --timeout 100 --min-run-s 60 --out "$OUT/b" --only ours \
-      --gpus 2 --budget-s 100 --ours-set distributed.balance_speed=false | tail -3
-    cp /tmp/mgpu-bench/ours-1b-2gpu/run/metrics.jsonl "$OUT/b/m2.jsonl"; kill $DMON
-    cd "$OUT" && tar czf rest.tgz a g1 b; rm -rf a g1 b; exit 0 ;;
+    TORCH_BLAS_PREFER_CUBLASLT=1 timeout 205 "${BENCH[@]}" "${R[@]}" --out "$OUT/lt" --gpus 2,1 --budget-s 200 | tail -6
+    for n in 2 1; do cp /tmp/mgpu-bench/ours-1b-${n}gpu/run/metrics.jsonl "$OUT/lt/m$n.jsonl"; done
+    BENCH_DEVICES=1 timeout 105 "${BENCH[@]}" "${R[@]}" --out "$OUT/g1" --gpus 1 --budget-s 100 | tail -3
+    cp /tmp/mgpu-bench/ours-1b-1gpu/run/metrics.jsonl "$OUT/g1/m1.jsonl"; kill $DMON
+    cd "$OUT" && tar czf rest.tgz a lt g1; rm -rf a lt g1; exit 0 ;;
   s9a)
     # #11, session 9 (the 1-GPU kind): in s7b each 2-GPU rank's micro-batch took 2.2 ms more than half a 1-GPU step
     # with the same padded tokens. The 1-GPU run at global batch 64 does a 2-GPU rank's work (one micro-batch of 64
