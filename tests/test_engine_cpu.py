@@ -147,7 +147,10 @@ def test_speed_balance_follows_persistent_differences_only():
 
 def test_a_slow_rank_gets_fewer_tokens_and_the_weights_stay_those_of_one_worker(tmp_path, runs):
     """distributed.balance_speed with rank 1 made slower (`slow` fault: a GPU held back by its power cap): the
-    planner moves tokens to rank 0, and the update, under weighted aggregation, stays one worker's."""
+    planner moves tokens to rank 0, and the update, under weighted aggregation, stays one worker's. With
+    adamw_8bit and no replica checks the loop queues each step before settling the previous one (the GPU default),
+    so the ranks' device times arrive a step late, with the next step's collective."""
+    queued = ("training.optimizer=adamw_8bit", "distributed.verify_every=0", "training.max_steps=8")
     slow = "slow:rank=1:step=1:until=999:us=200"
     # 8 samples per rank: a one-sample move fits the memory bound (a faster rank's micro-batch grows 1.25x at most)
     train(
@@ -155,17 +158,22 @@ def test_a_slow_rank_gets_fewer_tokens_and_the_weights_stay_those_of_one_worker(
         "distributed.num_gpus=2",
         "training.micro_batch_size=8",
         "distributed.balance_speed=true",
+        *queued,
         MGPU_INJECT_FAULT=slow,
     )
-    train(tmp_path / "one", "distributed.num_gpus=1", "training.micro_batch_size=16")
+    train(tmp_path / "one", "distributed.num_gpus=1", "training.micro_batch_size=16", *queued)
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["look_ahead"] is True
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["rank_speeds"] is None  # the first steps split by tokens alone
     assert rows[0]["rank_compute_tokens"][0] == rows[0]["rank_compute_tokens"][1]  # this data: equal widths
     late = [r for r in rows if r["rank_speeds"] is not None]
-    assert late and all(r["rank_speeds"][1] < 0.95 < 1.05 < r["rank_speeds"][0] for r in late), rows
+    assert len(late) >= 3 and all(r["rank_speeds"][1] < 0.95 < 1.05 < r["rank_speeds"][0] for r in late), rows
     assert all(r["rank_compute_tokens"][1] < r["rank_compute_tokens"][0] for r in late), late
     two, one = adapter(tmp_path / "two"), adapter(tmp_path / "one")
-    assert max_rel_diff(two, one) < 1e-4 < max_rel_diff(adapter(runs / "control"), adapter(runs / "one"))
+    assert all(float(v.abs().max()) > 1e-4 for k, v in one.items() if "lora_B" in k)
+    # 8-bit state: 1e-3 as in test_two_workers_equal_one_worker_with_the_8bit_optimizer; another seed: > 1e-2
+    assert max_rel_diff(two, one) < 1e-3
+    assert max_rel_diff(two, one) < max_rel_diff(adapter(runs / "control"), adapter(runs / "one")) / 10
 
 
 def test_drifting_replicas_are_caught(tmp_path):
