@@ -12,19 +12,18 @@
 # without it), `s7c` (the CUDA test passed; the 8B without it was cut after 3 steps).
 # In session 8: `s7b` (1B x1.89, 8B x1.66 with GPU 0 slow), `gputest` (4 passed), `s8a` (8B x1.93; dmon: both
 # sizes run power-capped), `N=1 s8b` (1-GPU kind: expandable segments, reserved 51.5 -> 17.5 GB, same speed).
-# In session 9: `N=1 s9a` (1-GPU kind: the 1B at global batch 64 and 128, traced: one host sync per micro-batch in
-# Unsloth's fused cross-entropy).
+# In session 9 (only the 1-GPU kind lent): `s9a` (the 1B at global batch 64 and 128, traced: one host sync per
+# micro-batch in Unsloth's fused cross-entropy), `s9d` (cuBLAS vs cuBLASLt: no difference; its first run was cut).
 # Next, in this order:
-#   gputest on nvidia-h200-x2 in two calls: K="not sharded" T=560, then K=sharded with s9b's runs (expandable
-#   segments and distributed.balance_speed never ran on 2 GPUs)
-#   s9b on nvidia-h200-x2: the 1B pair with this session's defaults, the pair with cuBLASLt, 1 GPU on GPU 1
+#   s9b on nvidia-h200-x2: the 1B pair with this session's defaults, 1 GPU on GPU 1, the GPU tests of the new code
+#   gputest on nvidia-h200-x2: the whole tier (expandable segments and balance_speed never ran there)
 #   CASES=qlora bash benchmarks/gpu_fsdp.sh   # #13: 8B QLoRA, NF4 shards (own call)
 #   TRL on the 8B at 1 GPU: benchmarks/run.py --sizes 8b --micro-batch 16 --only trl-pf,trl-pack --gpus 1
 #   4/8 GPUs (#12), when lent: GPUS=8,4 s7d (ours) and s7e (TRL), then GPUS=2,1 where a pair is missing
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
+STAGE=${1:?usage: gpu_plan.sh s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -64,21 +63,33 @@ case $STAGE in
     cp /tmp/mgpu-bench/ours-8b-2gpu/run/metrics.jsonl "$OUT/d/m2.jsonl"
     nvidia-smi -q -d PERFORMANCE > "$OUT/perf-2.txt"; kill $DMON
     cd "$OUT" && tar czf rest.tgz c d; rm -rf c d; exit 0 ;;
+  s9d)
+    # #11, session 9 (1-GPU kind): cuBLAS against cuBLASLt as PyTorch's BLAS on the 1B, 1 GPU, in the order
+    # default, cuBLASLt, cuBLASLt, default (s9c: one pair, cuBLASLt first, -1.6% per step). 45 steps, steady after 15.
+    R=(--steps 45 --warmup 15 --timeout 92 --min-run-s 60 --only ours --gpus 1)
+    k=0
+    for lt in 0 1 1 0; do
+      k=$((k + 1))
+      if [ $lt = 1 ]; then export TORCH_BLAS_PREFER_CUBLASLT=1; else unset TORCH_BLAS_PREFER_CUBLASLT; fi
+      timeout 97 "${BENCH[@]}" "${R[@]}" --out "$OUT/r$k-lt$lt" --budget-s 95 | tail -1
+      cp /tmp/mgpu-bench/ours-1b-1gpu/run/metrics.jsonl "$OUT/r$k-lt$lt/m1.jsonl"
+    done
+    cd "$OUT" && tar czf rest.tgz r*; rm -rf r1* r2* r3* r4*; exit 0 ;;
   s9b)
-    # #11, session 9, on nvidia-h200-x2: the 1B pair (s7b: x1.89, median step x1.93) with this session's defaults
-    # (expandable segments, distributed.balance_speed auto: `rank_speeds` in the metrics say whether it acted),
-    # then the pair with cuBLASLt as PyTorch's BLAS (s9c: a matmul with a new row count costs the host 3.6 ms in
-    # cuBLAS, 0.3 ms in cuBLASLt; such stalls hit the ranks at random, and a 2-GPU step waits for the slower), then
-    # the 1-GPU run on GPU 1 (the pairs' 1-GPU runs are on GPU 0: do the chips differ?).
+    # #11, session 9, on nvidia-h200-x2, one call: the 1B pair (s7b: x1.89, median step x1.93) with this session's
+    # defaults (expandable segments, distributed.balance_speed auto: `rank_speeds` in the metrics say whether it
+    # acted), the 1-GPU run on GPU 1 (the pair's 1-GPU run is on GPU 0: do the chips differ?), then the GPU tests
+    # of the new code on NCCL (balance_speed with a slowed rank; 2 GPUs = 1 GPU with expandable segments).
     nvidia-smi dmon -s pucv -o T -d 1 > "$OUT/dmon.txt" 2>&1 & DMON=$!
     R=(--steps 50 --warmup 15 --timeout 100 --min-run-s 60 --only ours)
-    timeout 205 "${BENCH[@]}" "${R[@]}" --out "$OUT/a" --gpus 2,1 --budget-s 200 | tail -6
+    timeout 215 "${BENCH[@]}" "${R[@]}" --out "$OUT/a" --gpus 2,1 --budget-s 210 | tail -6
     for n in 2 1; do cp /tmp/mgpu-bench/ours-1b-${n}gpu/run/metrics.jsonl "$OUT/a/m$n.jsonl"; done
-    TORCH_BLAS_PREFER_CUBLASLT=1 timeout 205 "${BENCH[@]}" "${R[@]}" --out "$OUT/lt" --gpus 2,1 --budget-s 200 | tail -6
-    for n in 2 1; do cp /tmp/mgpu-bench/ours-1b-${n}gpu/run/metrics.jsonl "$OUT/lt/m$n.jsonl"; done
     BENCH_DEVICES=1 timeout 105 "${BENCH[@]}" "${R[@]}" --out "$OUT/g1" --gpus 1 --budget-s 100 | tail -3
     cp /tmp/mgpu-bench/ours-1b-1gpu/run/metrics.jsonl "$OUT/g1/m1.jsonl"; kill $DMON
-    cd "$OUT" && tar czf rest.tgz a lt g1; rm -rf a lt g1; exit 0 ;;
+    timeout -k 10 "${T:-260}" python3 -m pytest -q -m gpu tests/test_gpu.py -k "slow_gpu or two_gpus" \
+      > "$OUT/pytest-gpu.txt" 2>&1
+    echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt"
+    cd "$OUT" && tar czf rest.tgz a g1; rm -rf a g1; exit 0 ;;
   s9a)
     # #11, session 9 (the 1-GPU kind): in s7b each 2-GPU rank's micro-batch took 2.2 ms more than half a 1-GPU step
     # with the same padded tokens. The 1-GPU run at global batch 64 does a 2-GPU rank's work (one micro-batch of 64
