@@ -13,7 +13,8 @@
 # In session 8: `s7b` (1B x1.89, 8B x1.66 with GPU 0 slow), `gputest` (4 passed), `s8a` (8B x1.93; dmon: both
 # sizes run power-capped), `N=1 s8b` (1-GPU kind: expandable segments, reserved 51.5 -> 17.5 GB, same speed).
 # In session 9 (only the 1-GPU kind lent): `s9a` (the 1B at global batch 64 and 128, traced: one host sync per
-# micro-batch in Unsloth's fused cross-entropy), `s9d` (cuBLAS vs cuBLASLt: no difference; its first run was cut).
+# micro-batch in Unsloth's fused cross-entropy), `s9d` (cuBLAS vs cuBLASLt: no difference; its first run was cut),
+# `K="flat or queued" T=330 gputest` (the GPU tier's 1-GPU tests with this session's code: 2 passed in 187 s).
 # Next, in this order:
 #   s9b on nvidia-h200-x2: the 1B pair with this session's defaults, 1 GPU on GPU 1, the GPU tests of the new code
 #   gputest on nvidia-h200-x2: the whole tier (expandable segments and balance_speed never ran there)
@@ -86,7 +87,7 @@ case $STAGE in
     for n in 2 1; do cp /tmp/mgpu-bench/ours-1b-${n}gpu/run/metrics.jsonl "$OUT/a/m$n.jsonl"; done
     BENCH_DEVICES=1 timeout 105 "${BENCH[@]}" "${R[@]}" --out "$OUT/g1" --gpus 1 --budget-s 100 | tail -3
     cp /tmp/mgpu-bench/ours-1b-1gpu/run/metrics.jsonl "$OUT/g1/m1.jsonl"; kill $DMON
-    timeout -k 10 "${T:-260}" python3 -m pytest -q -m gpu tests/test_gpu.py -k "slow_gpu or two_gpus" \
+    timeout -k 10 "${T:-260}" python3 -m pytest -q -m gpu tests/test_gpu.py -k "${K:-slow_gpu or two_gpus}" \
       > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt"
     cd "$OUT" && tar czf rest.tgz a g1; rm -rf a g1; exit 0 ;;
