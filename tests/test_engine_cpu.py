@@ -134,7 +134,11 @@ def test_speed_balance_follows_persistent_differences_only():
     sb.observe([1000, 1000], [1.0, float("nan")])  # a step without device times is left out
     assert sb.speeds() is None
     sb.observe([1200, 800], [1.2, 1.2])  # rank 1: 1.5 ms per token, rank 0: 1 ms
-    assert sb.speeds() == (1.2, 0.8)  # 1 / 1.5 over the mean speed, clamped to the limits
+    assert sb.speeds() == (1.2, 0.8)  # rank 0's speed 1 and rank 1's 1 / 1.5, over their mean
+    far = SpeedBalance(world=2, enabled=True)
+    for _ in range(2):
+        far.observe([1000, 1000], [1.0, 3.0])  # relative speeds 1.5 and 0.5: clamped to the limits
+    assert far.speeds() == (1.25, 0.8)
     even = SpeedBalance(world=2, enabled=True)
     for t in ([1.00, 1.04], [1.04, 1.00], [1.00, 1.03]):  # swings of a few percent: left alone
         even.observe([1000, 1000], t)

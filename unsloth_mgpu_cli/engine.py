@@ -850,7 +850,7 @@ class Trainer:
                 "step_phases_s": phases.means(),
                 "attention_kernels": [name for name, on in self.attention.items() if on],
                 "look_ahead": ahead,  # steps queued before the previous one was settled (`_looks_ahead`)
-                "rank_speeds": list(self.speed.speeds() or []) or None,  # `SpeedBalance` at the end; None: even
+                "rank_speeds": list(speeds) if (speeds := self.speed.speeds()) else None,  # None: split by tokens
                 # 8-bit AdamW: trainable tensors updated by one kernel per flat run at the last step, of all
                 "optimizer_flat": {
                     **getattr(self.optimizer, "last_flat", {"tensors": 0, "kernels": 0}),
