@@ -5,6 +5,9 @@ STAMP   := $(VENV)/.installed-stamp
 # torch is pinned to the CPU build on this project's dev/CI machines; on GPU hosts use `pip install -e .`.
 TORCH   ?= torch==2.14.1
 PYTEST  := $(PY) -m pytest
+# Test processes for `make test` (pytest-xdist, one file per process): most tests wait on `mgpu train` subprocesses,
+# and a 1-worker run leaves the second core of a 2-core CI machine idle. More on hosts with the cores to spare.
+TEST_JOBS ?= 2
 
 .PHONY: venv test test-quick test-gpu test-compat lint format schemas demo bench clean
 
@@ -16,7 +19,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: venv           ## the whole suite: unit + integration (real Unsloth on CPU, gloo)
-	$(PYTEST) -q --durations=15
+	$(PYTEST) -q --durations=15 -n $(TEST_JOBS) --dist loadfile
 
 test-quick: venv     ## unit tests only (seconds)
 	$(PYTEST) -q -m "not integration and not slow and not gpu"
