@@ -452,7 +452,7 @@ class MemoryBreakdown:
             ),
             ("trainable parameters", self.trainable_params, f"{self.num_trainable:,} parameters"),
             ("gradients", self.gradients, "one per trainable parameter"),
-            ("all-reduce buffer", self.allreduce_buffer, "fp32 gradients flattened for the all-reduce (>1 GPU)"),
+            ("all-reduce buffer", self.allreduce_buffer, "full fine-tune on >1 GPU: fp32 buckets; 0 for LoRA (views)"),
             ("optimizer states", self.optimizer_states, "AdamW moments / 8-bit states / SGD momentum"),
             ("gathered (fsdp)", self.gathered, "unsharded root + 2 layers (current, prefetched); 0 under ddp"),
             ("activations kept", self.activations_kept, "saved for backward across all layers"),
