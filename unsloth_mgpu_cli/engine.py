@@ -597,7 +597,7 @@ class Trainer:
         r, info = self.recipe, self.info
         profiler = StepProfiler.from_env(info.rank)  # MGPU_PROFILE: off unless set
         self.model.train()
-        progress = ProgressDisplay(info.is_main and r.logging.progress, self.total_steps, self.step)
+        progress = ProgressDisplay(info.is_main and r.logging.progress, self.total_steps, self.step, info.world_size)
         metrics = (self.out / "metrics.jsonl").open("a", encoding="utf-8") if info.is_main else None
         sinks = MetricSinks(r, self.out, start_step=self.step) if info.is_main else None
         rs = self.run_state

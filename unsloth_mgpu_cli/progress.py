@@ -8,9 +8,22 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+# Characters the bar's text columns take besides the memory (5-digit steps, 7-digit tokens/s): with the learning
+# rate and the elapsed time (wide terminals), and without them. The bar itself takes what is left (24 at most).
+WIDE_TEXT = 84
+NARROW_TEXT = 64
+MIN_BAR = 8
+
+
+def memory_text(mem_gb: list[float], each: bool = True) -> str:
+    """Peak memory per GPU for the bar: each GPU's (`each`), else the largest (the one that runs out first)."""
+    if each:
+        return "/".join(f"{m:.1f}" for m in mem_gb) + " GB"
+    return f"max {max(mem_gb):.1f} GB"
+
 
 class ProgressDisplay:
-    def __init__(self, enabled: bool, total: int, start: int = 0):
+    def __init__(self, enabled: bool, total: int, start: int = 0, gpus: int = 1, console: Any = None):
         self.enabled = enabled
         self._progress: Any = None
         self.total = total
@@ -26,21 +39,28 @@ class ProgressDisplay:
             TimeRemainingColumn,
         )
 
-        self.console = Console(file=sys.stdout, highlight=False)
+        self.console = console or Console(file=sys.stdout, highlight=False)
+        # A terminal gets a live bar sized to its width; logs and pipes get plain lines (see update).
+        width, each = self.console.width, len(memory_text([100.0] * gpus))
+        # each GPU's peak when up to 4 fit beside a short bar, else the largest
+        self.each_gpu = gpus <= 4 and width >= NARROW_TEXT + each + MIN_BAR
+        mem = each if self.each_gpu else len(memory_text([100.0], each=False))
+        wide = width >= WIDE_TEXT + mem + 24
         self._progress = Progress(
             TextColumn("[bold]train[/]"),
-            BarColumn(bar_width=24),
+            BarColumn(bar_width=24 if wide else min(24, max(4, width - NARROW_TEXT - mem))),
             MofNCompleteColumn(),
             TextColumn("loss [cyan]{task.fields[loss]}[/]"),
-            TextColumn("lr {task.fields[lr]}"),
+            *([TextColumn("lr {task.fields[lr]}")] if wide else []),
             TextColumn("[green]{task.fields[tps]}[/] tok/s"),
             TextColumn("mem {task.fields[mem]}"),
-            TimeElapsedColumn(),
+            *([TimeElapsedColumn()] if wide else []),
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=self.console,
             refresh_per_second=4,
             transient=False,
+            disable=not self.console.is_terminal,
         )
         self._task = self._progress.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-", mem="-")
         self._progress.start()
@@ -54,7 +74,7 @@ class ProgressDisplay:
             loss=f"{loss:.4f}",
             lr=f"{lr:.2e}",
             tps=f"{tokens_per_s:,.0f}",
-            mem="/".join(f"{m:.1f}" for m in mem_gb) + " GB",
+            mem=memory_text(mem_gb, self.each_gpu),
         )
         if not self.console.is_terminal:
             # Non-interactive output (CI logs, pipes): one plain line per update instead of a live bar.

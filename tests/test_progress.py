@@ -1,0 +1,43 @@
+"""Rank 0's progress display: a live bar that fits the terminal, plain lines in logs."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from unsloth_mgpu_cli.progress import ProgressDisplay
+
+
+def last_bar(width: int, gpus: int, terminal: bool = True) -> tuple[str, str]:
+    """The bar's last rendering and everything printed, for a long run's worst-case numbers."""
+    console = Console(file=io.StringIO(), width=width, force_terminal=terminal, color_system=None, record=True)
+    display = ProgressDisplay(True, 12000, 0, gpus, console=console)
+    display.update(11999, 5.74661, 3.52e-7, 1_234_567.0, [141.23] * gpus)
+    display.close()
+    text = console.export_text()
+    bar = ("train" + text.rsplit("train", 1)[1]).splitlines()[0].rstrip() if "train" in text else ""
+    return bar, text
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4, 8])
+@pytest.mark.parametrize("width", [80, 100, 140])
+def test_the_bar_fits_the_terminal_without_cutting_a_value(width, gpus):
+    bar, _ = last_bar(width, gpus)
+    assert len(bar) <= width, bar
+    assert "…" not in bar, bar  # rich cuts a column that does not fit with an ellipsis
+    for value in ("11999/12000", "loss 5.7466", "1,234,567 tok/s", "141.2", "ETA"):
+        assert value in bar, (value, bar)
+    if width >= 140:
+        assert "lr 3.52e-07" in bar
+    if gpus <= 4 and width >= 100:
+        assert "/".join(["141.2"] * gpus) + " GB" in bar  # each GPU's peak
+    elif gpus > 4:
+        assert "max 141.2 GB" in bar
+
+
+def test_logs_get_plain_lines_and_no_bar():
+    _, text = last_bar(80, 2, terminal=False)
+    assert "step 11999/12000 loss 5.7466 lr 3.52e-07 tokens/s 1,234,567 mem 141.23/141.23 GB" in text
+    assert "━" not in text and "ETA" not in text, text
