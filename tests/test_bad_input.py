@@ -62,12 +62,12 @@ def edit(**changes: object) -> Callable[[Path], tuple[Path, list[str]]]:
     return make
 
 
-def data_file(text: str, suffix: str = ".jsonl", **changes: object) -> Callable[[Path], tuple[Path, list[str]]]:
+def data_file(text: str | bytes, suffix: str = ".jsonl", **changes: object) -> Callable[[Path], tuple[Path, list[str]]]:
     """A case whose dataset file holds `text`."""
 
     def make(tmp: Path) -> tuple[Path, list[str]]:
         f = tmp / f"data{suffix}"
-        f.write_text(text)
+        f.write_bytes(text if isinstance(text, bytes) else text.encode())
         return edit(dataset__path=str(f), **changes)(tmp)
 
     return make
@@ -270,6 +270,18 @@ CASES = [
         "train",
         data_file('{"instruction": "a", "answer": "b"}\n' * 8),
         ["data.jsonl", "needs column(s) ['output']"],
+    ),
+    (
+        "data-not-utf8",
+        "train",
+        data_file((ALPACA_ROW * 2).encode() + '{"instruction": "caf\u00e9", "output": "b"}\n'.encode("latin-1")),
+        ["data.jsonl:3", "not UTF-8 text: byte 0xe9", "iconv"],
+    ),
+    (
+        "data-csv-not-utf8",
+        "train",
+        data_file(b"instruction,output\n" + "caf\u00e9,b\n".encode("latin-1") * 8, suffix=".csv"),
+        ["data.csv: row 2", "instruction: not UTF-8 text", "iconv"],
     ),
     ("data-unsupported-type", "train", data_file("hello\n", suffix=".txt"), ["unsupported file type '.txt'"]),
     (

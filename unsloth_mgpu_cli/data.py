@@ -111,7 +111,16 @@ def _data_error(where: str, message: str, hint: str | None = None) -> UserError:
 
 def _read_json(path: Path) -> tuple[list[Any], list[int] | None]:
     """A JSON array, or JSON Lines (one object per line; a malformed line is named by file:line)."""
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is skipped
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise _data_error(
+            f"{path}:{line}",
+            f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start} ({exc.reason})",
+            "JSON files must be UTF-8: convert it, e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`",
+        ) from None
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             data = json.loads(text)
@@ -311,6 +320,8 @@ def encoding_of(recipe: Recipe, ds: DatasetSection | None = None) -> Encoding:
 def _text(value: Any, name: str) -> str:
     if value is None or (isinstance(value, float) and value != value):  # None or NaN (CSV gaps)
         raise _RowError(f"{name} is empty")
+    if isinstance(value, bytes):  # pyarrow reads a CSV cell that is not UTF-8 as binary
+        raise _RowError(f"{name}: not UTF-8 text", "save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 FILE`")
     if not isinstance(value, (str, int, float)):
         raise _RowError(f"{name}: expected text, found {type(value).__name__}")
     if not str(value).strip():
