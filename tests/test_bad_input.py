@@ -168,6 +168,21 @@ CASES = [
     ("recipe-not-a-mapping", "validate", raw("- a\n- b\n"), ["recipe.yaml:1", "expected a mapping"]),
     ("yaml-syntax", "validate", raw("model:\n  name: [unclosed\n"), ["recipe.yaml:", "YAML syntax error"]),
     (
+        "yaml-duplicate-key",
+        "validate",
+        raw(
+            "model:\n  name: builtin:tiny-llama\ndataset:\n  path: {data}\n"
+            "training:\n  epochs: 1\ntraining:\n  seed: 3\n"
+        ),
+        ["recipe.yaml:7", "key 'training' appears twice", "first at line 5"],
+    ),
+    (
+        "recipe-not-utf8",
+        "validate",
+        lambda t: (t / "recipe.yaml").write_bytes(b"model:\n  name: caf\xe9\n") and (t / "recipe.yaml", []),
+        ["recipe.yaml:2", "not UTF-8 text: byte 0xe9"],
+    ),
+    (
         "yaml-python-tag",
         "validate",
         raw("model: !!python/object/apply:os.system ['true']\n"),

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import Problem, UserError
+from .errors import Problem, UserError, read_utf8
 from .recipe import DatasetSection, DataSource, Recipe
 
 IGNORE_INDEX = -100
@@ -111,16 +111,7 @@ def _data_error(where: str, message: str, hint: str | None = None) -> UserError:
 
 def _read_json(path: Path) -> tuple[list[Any], list[int] | None]:
     """A JSON array, or JSON Lines (one object per line; a malformed line is named by file:line)."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is skipped
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise _data_error(
-            f"{path}:{line}",
-            f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start} ({exc.reason})",
-            "JSON files must be UTF-8: convert it, e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`",
-        ) from None
+    text = read_utf8(path, "invalid data")
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             data = json.loads(text)

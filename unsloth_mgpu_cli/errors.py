@@ -7,6 +7,7 @@ anything else is a bug or a fault and keeps its traceback.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -64,3 +65,24 @@ class Interrupted(Exception):
     """Training stopped on Ctrl-C/SIGTERM after saving a checkpoint (exit code 130)."""
 
     exit_code = 130
+
+
+def read_utf8(path: Any, title: str) -> str:
+    """The text of `path`, UTF-8 (a byte-order mark, as some Windows editors write, is skipped).
+
+    Raises:
+        UserError: the file is not UTF-8; names file:line of the first bad byte.
+    """
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise UserError(
+            Problem(
+                f"{path}:{line}",
+                f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start} ({exc.reason})",
+                "save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`",
+            ),
+            title,
+        ) from None

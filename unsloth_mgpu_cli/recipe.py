@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import Problem, UserError
+from .errors import Problem, UserError, read_utf8
 
 BUILTIN_MODELS = ("builtin:tiny-llama",)
 AUTO = "auto"
@@ -531,18 +531,30 @@ class LoadedRecipe:
         self.data = data
 
 
-def _line_map(text: str, filename: str) -> dict[str, str]:
-    """Map dotted keys to 'file:line' using the YAML node tree."""
+def _line_map(text: str, filename: str) -> tuple[dict[str, str], list[Problem]]:
+    """Map dotted keys to 'file:line' using the YAML node tree; also each key that a mapping repeats."""
     out: dict[str, str] = {}
+    repeated: list[Problem] = []
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
-        return out
+        return out, repeated
 
     def walk(node: Any, prefix: str) -> None:
         if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
             for k, v in node.value:
                 key = f"{prefix}.{k.value}" if prefix else str(k.value)
+                if key in seen:  # PyYAML keeps the last silently; a second `training:` would drop the first
+                    repeated.append(
+                        Problem(
+                            f"{filename}:{k.start_mark.line + 1}",
+                            f"key '{key}' appears twice in one mapping (first at line {out[key].rsplit(':', 1)[1]})",
+                            "merge the two into one (YAML would keep only the last)",
+                        )
+                    )
+                    continue
+                seen.add(key)
                 out[key] = f"{filename}:{k.start_mark.line + 1}"
                 walk(v, key)
         elif isinstance(node, yaml.SequenceNode):
@@ -552,7 +564,7 @@ def _line_map(text: str, filename: str) -> dict[str, str]:
                 walk(v, key)
 
     walk(root, "")
-    return out
+    return out, repeated
 
 
 def _read_yaml(path: Path, where: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -567,8 +579,8 @@ def _read_yaml(path: Path, where: str) -> tuple[dict[str, Any], dict[str, str]]:
     if path.is_dir():
         raise UserError(Problem(where, f"expected a YAML file, found a folder: {path}"))
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_utf8(path, "invalid recipe")
+    except OSError as exc:
         raise UserError(Problem(where, f"cannot read {path}: {exc}")) from exc
     try:
         data = yaml.safe_load(text)  # safe loader: no object construction from tags
@@ -594,7 +606,10 @@ def _read_yaml(path: Path, where: str) -> tuple[dict[str, Any], dict[str, str]]:
             ),
             "invalid recipe",
         )
-    return data, _line_map(text, str(path))
+    lines, repeated = _line_map(text, str(path))
+    if repeated:
+        raise UserError(repeated, "invalid recipe")
+    return data, lines
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
