@@ -34,9 +34,12 @@ def base_recipe(tmp: Path) -> dict:
     }
 
 
-def write(tmp: Path, recipe: dict | str, name: str = "recipe.yaml") -> Path:
+def write(tmp: Path, recipe: dict | str | bytes, name: str = "recipe.yaml") -> Path:
     path = tmp / name
-    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))
+    if isinstance(recipe, bytes):
+        path.write_bytes(recipe)
+    else:
+        path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))
     return path
 
 
@@ -179,7 +182,7 @@ CASES = [
     (
         "recipe-not-utf8",
         "validate",
-        lambda t: (t / "recipe.yaml").write_bytes(b"model:\n  name: caf\xe9\n") and (t / "recipe.yaml", []),
+        lambda t: (write(t, b"model:\n  name: caf\xe9\n"), []),
         ["recipe.yaml:2", "not UTF-8 text: byte 0xe9"],
     ),
     (
