@@ -4,7 +4,10 @@ checked against the same samples run one by one with plain transformers)."""
 
 from __future__ import annotations
 
+import io
 import json
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -458,3 +461,48 @@ def test_mgpu_prepare_bad_data_exits_2_without_traceback(tmp_path, monkeypatch):
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": oops}\n')
     proc = run_mgpu("prepare", str(ROOT / "recipes" / "quickstart.yaml"), f"dataset.path={bad}")
     assert_user_error(proc, f"{bad}:2", "malformed JSON")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenising large data
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_tokenising_in_two_processes_gives_the_samples_of_one(tmp_path, model_path):
+    """`dataset.num_proc: 2` splits the rows over forked processes; the samples come back in order, the same."""
+    src = write_jsonl(tmp_path / "gsm8k.jsonl", json.loads(GSM8K.read_text())[:3000])
+    data = {}
+    for procs in (1, 2):
+        cache = tmp_path / f"cache{procs}"
+        args = (f"model.name={model_path}", f"dataset.path={src}", f"dataset.num_proc={procs}")
+        proc = run_mgpu("prepare", str(ROOT / "recipes" / "quickstart.yaml"), *args, UNSLOTH_MGPU_CACHE=str(cache))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        (folder,) = (cache / "data").iterdir()
+        data[procs] = D.TokenizedData(folder)
+    assert len(data[2]) == 3000
+    for name in ("input_ids", "labels", "offsets", "loss_counts"):
+        assert np.array_equal(getattr(data[1], name), getattr(data[2], name)), name
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:  # the edge: a terminal that pytest's captured output is not
+        return True
+
+
+def test_tokenising_large_data_shows_rows_per_second_on_a_terminal(tmp_path, model_path, monkeypatch):
+    src = write_jsonl(tmp_path / "gsm8k.jsonl", json.loads(GSM8K.read_text())[:1200])
+    screen = _Terminal()
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(D, "PROGRESS_ROWS", 1000)
+    ref = prepared(recipe(src), model_path)[0]
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())  # without colours and cursor moves
+    assert "tokenising" in shown and "1200/1200 rows" in shown and "rows/s" in shown, shown[-500:]
+    # below the threshold (and in logs) nothing is drawn; the samples are the same either way
+    monkeypatch.setattr(D, "PROGRESS_ROWS", 5000)
+    monkeypatch.setenv("UNSLOTH_MGPU_CACHE", str(tmp_path / "other-cache"))
+    screen.seek(0)
+    screen.truncate()
+    got = prepared(recipe(src), model_path)[0]
+    assert "tokenising" not in screen.getvalue()
+    assert np.array_equal(got.input_ids, ref.input_ids) and np.array_equal(got.labels, ref.labels)

@@ -8,6 +8,7 @@ global batch size, never on the number of workers (contract.md).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -564,21 +565,66 @@ def _num_proc(recipe: Recipe, rows: int) -> int:
     return max(1, min(int(n), rows // 100 or 1))
 
 
-def _encode_all(rows: Rows, recipe: Recipe, model_path: str, tokenizer: Any, enc: Encoding) -> list[Any]:
-    procs = _num_proc(recipe, len(rows.rows))
-    if procs == 1:
-        return _encode_chunk(rows.rows, 0, enc, tokenizer)
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+# Tokenising shows a progress bar (rows/s, ETA) on a terminal from this many rows on (~1,000 rows/s per process).
+PROGRESS_ROWS = 5_000
+CHUNK_ROWS = 1_000  # rows per progress update, one process
 
-    size = -(-len(rows.rows) // (procs * 4))
-    # fork: the parent holds no CUDA context or threads of ours, and the rows need not be pickled twice
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(
-        procs, mp_context=ctx, initializer=_init_worker, initargs=(model_path, recipe.model.trust_remote_code)
-    ) as pool:
-        futures = [pool.submit(_encode_chunk, rows.rows[i : i + size], i, enc) for i in range(0, len(rows.rows), size)]
-        return [item for fut in futures for item in fut.result()]
+
+@contextlib.contextmanager
+def _row_progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
+    """advance(n) for `total` rows: a transient rich bar on a terminal for large data, else nothing."""
+    import sys
+
+    if total < PROGRESS_ROWS or not sys.stdout.isatty():
+        yield lambda n: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn(f"[bold]{label}[/]"),
+        BarColumn(bar_width=24),
+        MofNCompleteColumn(),
+        TextColumn("rows"),
+        TextColumn("[green]{task.fields[rate]}[/] rows/s"),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task(label, total=total, rate="-")
+
+        def advance(n: int) -> None:
+            bar.advance(task, n)
+            speed = bar.tasks[0].speed
+            bar.update(task, rate=f"{speed:,.0f}" if speed else "-")
+
+        yield advance
+
+
+def _encode_all(rows: Rows, recipe: Recipe, model_path: str, tokenizer: Any, enc: Encoding) -> list[Any]:
+    n = len(rows.rows)
+    procs = _num_proc(recipe, n)
+    with _row_progress(n, "tokenising") as advance:
+        if procs == 1:
+            out: list[Any] = []
+            for i in range(0, n, CHUNK_ROWS):
+                out += _encode_chunk(rows.rows[i : i + CHUNK_ROWS], i, enc, tokenizer)
+                advance(min(CHUNK_ROWS, n - i))
+            return out
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        size = -(-n // (procs * 4))
+        # fork: the parent holds no CUDA context or threads of ours, and the rows need not be pickled twice
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ProcessPoolExecutor(
+            procs, mp_context=ctx, initializer=_init_worker, initargs=(model_path, recipe.model.trust_remote_code)
+        ) as pool:
+            futures = {
+                pool.submit(_encode_chunk, rows.rows[i : i + size], i, enc): min(size, n - i) for i in range(0, n, size)
+            }
+            for fut in as_completed(futures):
+                advance(futures[fut])
+            return [item for fut in futures for item in fut.result()]
 
 
 def _encode_source(
