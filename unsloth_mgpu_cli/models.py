@@ -61,6 +61,10 @@ def build_tiny_llama(
     The defaults give the builtin tiny model; the benchmarks use the same function with real sizes, initialising
     the weights on `device` (a GPU draws an 8B model's random weights in seconds, a CPU takes minutes).
     """
+    import logging
+
+    # torchao (imported by transformers when it saves) registers enums that torch 2.14 warns about: noise here.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -115,7 +119,15 @@ def build_tiny_llama(
         torch.set_default_dtype(previous)
     model = model.to("cpu")
     dest.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dest, safe_serialization=True)
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards 1/1": not worth a bar
+    try:
+        model.save_pretrained(dest, safe_serialization=True)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     fast.save_pretrained(dest)
     return dest
 
