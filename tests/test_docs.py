@@ -230,5 +230,6 @@ def test_suggest_output_in_the_docs_is_what_it_prints():
     assert proc.returncode == 0, proc.stderr
     printed = [line.rstrip() for line in proc.stdout.splitlines()]
     assert [line.rstrip() for line in shown] == printed, (
-        f"{where} shows other output than `{command}` prints now (COLUMNS=100):\n" + proc.stdout
+        f"{where} shows other output than `{command}` prints now: paste the output of "
+        f"`COLUMNS=100 {command} | sed 's/ *$//'` there:\n" + proc.stdout
     )
