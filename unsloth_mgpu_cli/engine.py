@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import json
-import logging
 import math
 import os
 import shutil
@@ -450,8 +449,9 @@ class Trainer:
         )
         r = self.recipe
         torch.manual_seed(r.training.seed)
-        # torchao (imported by Unsloth) registers enums that torch 2.14 warns about once per process: noise for users.
-        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+        from .models import quiet_torchao_warnings
+
+        quiet_torchao_warnings()
         from unsloth import FastLanguageModel  # heavy: 7-30 s
 
         self.attention = select_attention(r.model.attention, self.info.device_type)

@@ -67,6 +67,9 @@ class Interrupted(Exception):
     exit_code = 130
 
 
+UTF8_HINT = "save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`"
+
+
 def read_utf8(path: Any, title: str) -> str:
     """The text of `path`, UTF-8 (a byte-order mark, as some Windows editors write, is skipped).
 
@@ -82,7 +85,7 @@ def read_utf8(path: Any, title: str) -> str:
             Problem(
                 f"{path}:{line}",
                 f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start} ({exc.reason})",
-                "save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`",
+                UTF8_HINT,
             ),
             title,
         ) from None

@@ -388,8 +388,9 @@ def _install(config: MultiGPUConfig) -> None:
     if "unsloth" not in sys.modules and importlib.util.find_spec("unsloth") is not None:
         # Unsloth patches transformers/TRL/peft at import and warns when they were imported first; the
         # script imports it anyway, so pay that cost here rather than lose its optimisations.
-        # torchao (imported by Unsloth) registers enums that torch 2.14 warns about once per process: noise.
-        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+        from .models import quiet_torchao_warnings
+
+        quiet_torchao_warnings()
         import unsloth  # noqa: F401
     import transformers
 

@@ -7,6 +7,7 @@ tokenizers only, no Unsloth, no CUDA) and cached.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -43,6 +44,12 @@ def _tokenizer_corpus() -> list[str]:
     return text
 
 
+def quiet_torchao_warnings() -> None:
+    """Call before importing Unsloth or transformers' savers: torchao, which they import, registers enums that
+    torch 2.14 warns about once per process (`torch.utils._pytree`), noise for users."""
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
 def build_tiny_llama(
     dest: Path,
     hidden: int = 128,
@@ -61,10 +68,7 @@ def build_tiny_llama(
     The defaults give the builtin tiny model; the benchmarks use the same function with real sizes, initialising
     the weights on `device` (a GPU draws an 8B model's random weights in seconds, a CPU takes minutes).
     """
-    import logging
-
-    # torchao (imported by transformers when it saves) registers enums that torch 2.14 warns about: noise here.
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    quiet_torchao_warnings()
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

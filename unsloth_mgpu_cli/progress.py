@@ -41,10 +41,10 @@ class ProgressDisplay:
 
         self.console = console or Console(file=sys.stdout, highlight=False)
         # A terminal gets a live bar sized to its width; logs and pipes get plain lines (see update).
-        width, each = self.console.width, len(memory_text([100.0] * gpus))
+        width, all_gpus_len = self.console.width, len(memory_text([100.0] * gpus))
         # each GPU's peak when up to 4 fit beside a short bar, else the largest
-        self.each_gpu = gpus <= 4 and width >= NARROW_TEXT + each + MIN_BAR
-        mem = each if self.each_gpu else len(memory_text([100.0], each=False))
+        self.each_gpu = gpus <= 4 and width >= NARROW_TEXT + all_gpus_len + MIN_BAR
+        mem = all_gpus_len if self.each_gpu else len(memory_text([100.0], each=False))
         wide = width >= WIDE_TEXT + mem + 24
         self._progress = Progress(
             TextColumn("[bold]train[/]"),
