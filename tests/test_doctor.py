@@ -254,6 +254,19 @@ def test_mgpu_doctor_json_in_a_subprocess(tmp_path):
     assert elapsed < 15, f"doctor took {elapsed:.1f} s"
 
 
+def test_table_keeps_every_hint_whole_on_an_80_column_terminal(report):
+    from rich.console import Console
+
+    console = Console(width=80, record=True, highlight=False, color_system=None)
+    doctor.print_report(report, console)
+    text = console.export_text()
+    assert "…" not in text
+    cells = [line.split("│") for line in text.splitlines()]
+    hints = "".join("".join(row[4].split()) for row in cells if len(row) == 6)  # the hint column, lines joined
+    for c in report.checks:  # each hint, folded over lines, is still all there
+        assert "".join(c.hint.split()) in hints, c.name
+
+
 @pytest.mark.integration
 def test_mgpu_doctor_table_exit_code_matches_fails():
     proc = run_mgpu("doctor", timeout=120)

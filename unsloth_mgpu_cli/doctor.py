@@ -620,8 +620,9 @@ def print_report(report: Report, console: Any = None) -> None:
     table = Table(title="mgpu doctor", title_justify="left", show_lines=False)
     table.add_column("check", no_wrap=True)
     table.add_column("status", no_wrap=True)
-    table.add_column("value")
-    table.add_column("hint", style="dim")
+    # fold, not "…": a path or a variable name in a hint must survive a narrow terminal whole
+    table.add_column("value", overflow="fold")
+    table.add_column("hint", style="dim", overflow="fold")
     for c in report.checks:
         table.add_row(escape(c.name), f"[{_STYLE[c.status]}]{c.status}[/]", escape(c.value), escape(c.hint))
     console.print(table)
