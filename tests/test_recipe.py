@@ -54,6 +54,25 @@ def test_shipped_recipe_validates(recipe: Path):
     assert "mgpu train" in text.split("model:")[0], "the header names the exact command"
 
 
+@pytest.mark.parametrize("width", [80, 60])
+def test_validate_shows_every_value_at_terminal_width(width, monkeypatch):
+    """The resolved-recipe panel is YAML that reads back to the recipe: no line cut at the terminal's edge."""
+    import yaml
+    from rich.console import Console
+
+    from unsloth_mgpu_cli import render
+    from unsloth_mgpu_cli.recipe import to_yaml
+
+    loaded = load_recipe(ROOT / "recipes/llama3_1/8B_qlora.yaml", check_paths=False)
+    console = Console(width=width, record=True, color_system=None, highlight=False)
+    monkeypatch.setattr(render, "console", console)
+    render.print_recipe(loaded)
+    lines = console.export_text().splitlines()
+    body = [ln[2:-2].rstrip() for ln in lines[1 : lines.index(next(ln for ln in lines if ln.startswith("╰")))]]
+    assert yaml.safe_load("\n".join(body)) == loaded.recipe.model_dump(mode="json")
+    assert yaml.safe_load(to_yaml(loaded.recipe)) == loaded.recipe.model_dump(mode="json")  # the saved copy
+
+
 def test_at_least_the_promised_model_families_ship():
     names = {p.relative_to(ROOT / "recipes").as_posix() for p in SHIPPED if "benchmarks" not in str(p)}
     for fam, size in (("llama3_1", "8B"), ("qwen2_5", "7B"), ("mistral", "7B"), ("gemma2", "9B")):

@@ -942,6 +942,19 @@ def recipe_json_schema() -> dict[str, Any]:
     return schema
 
 
-def to_yaml(recipe: Recipe) -> str:
-    """Serialise a recipe as YAML in section order."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, default_flow_style=None, width=100)
+class _RecipeDumper(yaml.SafeDumper):
+    """Block mappings (one key per line, as recipes are written); lists of plain values on one line."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flat = all(not isinstance(v, (dict, list)) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
+
+
+_RecipeDumper.add_representer(list, _represent_list)
+
+
+def to_yaml(recipe: Recipe, width: int = 100) -> str:
+    """Serialise a recipe as YAML in section order (lines wrap at about `width` columns where YAML can)."""
+    data = recipe.model_dump(mode="json")
+    return yaml.dump(data, Dumper=_RecipeDumper, sort_keys=False, default_flow_style=False, width=width)

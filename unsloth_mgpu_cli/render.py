@@ -23,7 +23,11 @@ def print_recipe(loaded: LoadedRecipe) -> None:
     """Print the resolved recipe as YAML plus a short summary of what it will do."""
     r = loaded.recipe
     title = f"resolved recipe: {loaded.path}" if loaded.path else "resolved recipe"
-    console.print(Panel(Syntax(to_yaml(r), "yaml", theme="ansi_dark", background_color="default"), title=title))
+    # The panel's border and padding take 4 columns; PyYAML breaks a line only once it has passed `width`, so
+    # leave room for one more list item. Longer values (paths) still wrap in the panel rather than being cut.
+    text = to_yaml(r, width=max(40, console.width - 4 - 16))
+    syntax = Syntax(text, "yaml", theme="ansi_dark", background_color="default", word_wrap=True)
+    console.print(Panel(syntax, title=title))
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_row("method", method_name(loaded))
     t.add_row("workers", f"{r.distributed.num_gpus} on {r.distributed.device}")
