@@ -483,19 +483,20 @@ class PrepareSummary:
 
     def describe(self, max_seq_length: int) -> str:
         """One line for people (rich markup)."""
-        text = f"{self.samples} samples, {self.tokens} tokens ({self.loss_tokens} trained on), longest {self.longest}"
+        text = f"{self.samples:,} samples, {self.tokens:,} tokens ({self.loss_tokens:,} trained on), "
+        text += f"longest {self.longest}"
         if self.truncated:
             text += (
-                f", [yellow]{self.truncated} truncated to {max_seq_length} tokens (longest was "
-                f"{self.longest_before}; {self.tokens_cut} tokens cut)[/]"
+                f", [yellow]{self.truncated:,} truncated to {max_seq_length} tokens (longest was "
+                f"{self.longest_before}; {self.tokens_cut:,} tokens cut)[/]"
             )
         if self.dropped:
             text += (
-                f", [yellow]{self.dropped} dropped as longer than {max_seq_length} tokens (longest "
+                f", [yellow]{self.dropped:,} dropped as longer than {max_seq_length} tokens (longest "
                 f"{self.longest_before})[/]"
             )
         if self.no_loss:
-            text += f", [yellow]{self.no_loss} with nothing to train on[/]"
+            text += f", [yellow]{self.no_loss:,} with nothing to train on[/]"
         return text
 
 

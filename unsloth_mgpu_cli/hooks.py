@@ -388,9 +388,9 @@ def _install(config: MultiGPUConfig) -> None:
     if "unsloth" not in sys.modules and importlib.util.find_spec("unsloth") is not None:
         # Unsloth patches transformers/TRL/peft at import and warns when they were imported first; the
         # script imports it anyway, so pay that cost here rather than lose its optimisations.
-        from .models import quiet_torchao_warnings
+        from .models import quiet_library_noise
 
-        quiet_torchao_warnings()
+        quiet_library_noise()
         import unsloth  # noqa: F401
     import transformers
 

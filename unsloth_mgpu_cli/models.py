@@ -44,10 +44,13 @@ def _tokenizer_corpus() -> list[str]:
     return text
 
 
-def quiet_torchao_warnings() -> None:
-    """Call before importing Unsloth or transformers' savers: torchao, which they import, registers enums that
-    torch 2.14 warns about once per process (`torch.utils._pytree`), noise for users."""
+def quiet_library_noise() -> None:
+    """Call before importing Unsloth or transformers' savers, to hide warnings that ask nothing of the user:
+    torchao, which they import, registers enums that torch 2.14 warns about once per process
+    (`torch.utils._pytree`); bitsandbytes on a CPU-only machine asks for the optional `kernels` package, used
+    only by 4-bit matmuls on CPU, which mgpu never runs."""
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def build_tiny_llama(
@@ -68,7 +71,7 @@ def build_tiny_llama(
     The defaults give the builtin tiny model; the benchmarks use the same function with real sizes, initialising
     the weights on `device` (a GPU draws an 8B model's random weights in seconds, a CPU takes minutes).
     """
-    quiet_torchao_warnings()
+    quiet_library_noise()
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
