@@ -29,7 +29,8 @@ def train(out: Path, *overrides: str, expect: int = 0, **env: str):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("engine")
-    train(base / "two", "distributed.num_gpus=2", "training.micro_batch_size=2")
+    proc = train(base / "two", "distributed.num_gpus=2", "training.micro_batch_size=2")
+    (base / "two.log").write_text(proc.stdout + proc.stderr)
     train(base / "one", "distributed.num_gpus=1", "training.micro_batch_size=4")
     train(base / "control", "distributed.num_gpus=1", "training.micro_batch_size=4", "training.seed=7")
     # any worker count: four CPU workers (the 4-GPU shape) x micro-batch 1; and only PyTorch's math attention
@@ -56,6 +57,14 @@ def test_four_workers_equal_one_worker_on_the_same_global_batch(runs):
 
 def test_control_with_another_seed_differs_by_far_more(runs):
     assert max_rel_diff(adapter(runs / "control"), adapter(runs / "one")) > 1e-2
+
+
+def test_a_logged_run_holds_step_lines_not_library_noise(runs):
+    """Output to a pipe (a log, CI): no bar frames, no warnings that ask nothing of the user."""
+    log = (runs / "two.log").read_text()
+    assert "launching 2 worker(s)" in log and "run summary" in log
+    for noise in ("Loading weights", "\r", "kernels-community", "torch.utils._pytree", "Traceback", "Warning"):
+        assert noise not in log, f"{noise!r} in the log:\n{log}"
 
 
 def test_outputs_follow_the_contract(runs):
