@@ -165,21 +165,21 @@ def print_data_report(rep) -> None:
 
     s = rep.summary
     t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_row("samples", f"{s.samples} (of {s.rows} rows)")
-    t.add_row("tokens", f"{s.tokens}, trained on {s.loss_tokens}; masked share {s.masked_share:.1%}")
+    t.add_row("samples", f"{s.samples:,} (of {s.rows:,} rows)")
+    t.add_row("tokens", f"{s.tokens:,}, trained on {s.loss_tokens:,}; masked share {s.masked_share:.1%}")
     pct = ", ".join(f"{k} {v}" for k, v in s.percentiles.items())
     t.add_row("length", f"mean {s.tokens / max(1, s.samples):.0f}, {pct}, longest {s.longest}")
     policy = "none longer than max_seq_length"
     if s.truncated:
         policy = (
-            f"[yellow]{s.truncated} truncated to {rep.max_seq_length} (longest was {s.longest_before}; "
-            f"{s.tokens_cut} tokens cut)[/]"
+            f"[yellow]{s.truncated:,} truncated to {rep.max_seq_length} (longest was {s.longest_before}; "
+            f"{s.tokens_cut:,} tokens cut)[/]"
         )
     elif s.dropped:
-        policy = f"[yellow]{s.dropped} dropped as longer than {rep.max_seq_length} (longest {s.longest_before})[/]"
+        policy = f"[yellow]{s.dropped:,} dropped as longer than {rep.max_seq_length} (longest {s.longest_before})[/]"
     t.add_row("too long", policy)
     if s.no_loss:
-        t.add_row("no loss", f"[yellow]{s.no_loss} samples with nothing to train on[/]")
+        t.add_row("no loss", f"[yellow]{s.no_loss:,} samples with nothing to train on[/]")
     t.add_row("cache", f"{rep.cache} " + ("[dim](hit: not re-tokenised)[/]" if rep.cache_hit else "(written)"))
     console.print(Panel(t, title="data", expand=False))
     if s.mix:
@@ -195,8 +195,8 @@ def print_data_report(rep) -> None:
                 _short_path(m.source),
                 m.format,
                 f"{m.weight:g}",
-                str(m.rows),
-                str(m.taken),
+                f"{m.rows:,}",
+                f"{m.taken:,}",
                 f"{m.share:.1%}",
                 up,
             )
