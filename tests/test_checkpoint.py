@@ -186,6 +186,7 @@ def test_report_summarises_the_whole_run(tmp_path):
     s = summarize(tmp_path, rows)
     assert s["tokens"] == 400 and s["elapsed_s"] == 8.0 and s["tokens_per_second"] == 50.0
     assert s["tokens_per_second_per_gpu"] == 25.0 and s["peak_memory_gb"] == [1.4, 2.0]
+    assert s["unit"] == "GPU"  # no summary.json saying "cpu": the runs this tool exists for
     assert (s["final_eval_loss"], s["best_eval_loss"], s["best_eval_step"]) == (2.7, 2.5, 2)
     assert write_plots(rows, tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -217,7 +217,7 @@ def test_report_prints_the_table_and_writes_the_png(runs):
     out = runs["base"] / "ref"
     proc = run_mgpu("report", str(out), timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for needle in ("tokens/s", "per GPU", "peak memory", "best eval loss", "report.png"):
+    for needle in ("tokens/s", "per worker (2 workers)", "GB per worker", "best eval loss", "report.png"):
         assert needle in proc.stdout, proc.stdout
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000

@@ -866,6 +866,7 @@ class Trainer:
                 "peak_reserved_gb": [round(m[1], 3) for m in mems] if info.device_type == "cuda" else None,
                 "skipped_steps": rs["skipped_steps"],
                 "world_size": info.world_size,
+                "device_type": info.device_type,  # "cuda" or "cpu": what `mgpu report` calls the workers
                 "output_dir": str(self.out),
                 "run_tokens": rs["tokens"],
                 "run_elapsed_s": rs["elapsed_s"],

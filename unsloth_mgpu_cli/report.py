@@ -70,6 +70,7 @@ def summarize(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "best_eval_loss": best[1] if best else None,
         "best_eval_step": best[0] if best else None,
         "finished": bool(summary),
+        "unit": "worker" if summary.get("device_type") == "cpu" else "GPU",  # runs before it was recorded: GPU
     }
 
 
@@ -130,12 +131,11 @@ def print_report(out: Path, s: dict[str, Any], png: Path | None) -> None:
     t = Table(title=f"run report: {out}", show_header=False, title_justify="left")
     t.add_row("steps", f"{s['steps']}" + ("" if s["finished"] else " (not finished)"))
     t.add_row("time", f"{s['elapsed_s']:.1f} s")
-    t.add_row("tokens", f"{s['tokens']:,} (non-padding, all GPUs)")
-    t.add_row(
-        "tokens/s",
-        f"{s['tokens_per_second']:,.0f} total, {s['tokens_per_second_per_gpu']:,.0f} per GPU ({s['world_size']} GPUs)",
-    )
-    t.add_row("peak memory", " / ".join(f"{m:.2f}" for m in s["peak_memory_gb"]) + " GB per GPU")
+    unit = s["unit"]
+    t.add_row("tokens", f"{s['tokens']:,} (non-padding, all {unit}s)")
+    per = f"{s['tokens_per_second_per_gpu']:,.0f} per {unit} ({s['world_size']} {unit}s)"
+    t.add_row("tokens/s", f"{s['tokens_per_second']:,.0f} total, {per}")
+    t.add_row("peak memory", " / ".join(f"{m:.2f}" for m in s["peak_memory_gb"]) + f" GB per {unit}")
     t.add_row("final loss", f"{s['final_loss']:.4f}")
     if s["final_eval_loss"] is not None:
         t.add_row(
