@@ -230,6 +230,10 @@ def test_merged_export_gives_the_logits_of_base_plus_adapter(runs):
     out = runs["base"] / "ref"
     proc = run_mgpu("export", str(out), "--merged", "--dtype", "float32", "--output", str(out / "merged32"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # into a pipe: the one line that says where it went, no bar frames or library warnings
+    assert (proc.stdout + proc.stderr).strip().splitlines() == [
+        f"wrote {out / 'merged32'} (float32); load it with AutoModelForCausalLM.from_pretrained('{out / 'merged32'}')"
+    ], proc.stdout + proc.stderr
     merged = AutoModelForCausalLM.from_pretrained(str(out / "merged32"), dtype=torch.float32)
     assert not any("lora" in n for n, _ in merged.named_parameters())
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
