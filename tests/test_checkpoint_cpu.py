@@ -112,6 +112,15 @@ def runs(tmp_path_factory):
     ctrl_c_gone = group_is_gone(ctrl_c.pid)
     ctrl_c_resumed = resume(base / "ctrlc")
 
+    # SIGTERM to the process group (SLURM's scancel or preemption, systemd's stop) inside step 4, which lasts longer
+    # than the workers wait for the launcher's stop file before taking a SIGTERM as the run's teardown
+    term = start(base / "sigterm", MGPU_INJECT_FAULT="sleep:rank=0:step=4:seconds=8")
+    wait_for_step(term, base / "sigterm", 2)
+    os.killpg(term.pid, signal.SIGTERM)
+    term_out, _ = term.communicate(timeout=300)
+    term_dir = base / "sigterm" / "checkpoints"
+    term_ckpts = sorted(p.name for p in term_dir.iterdir()) if term_dir.is_dir() else []
+
     # SIGKILL of the launcher alone inside step 4 (the host's OOM killer, `kill -9 <pid>`): no stop file, no signal
     # to the workers from us; the kernel's parent-death signal must stop them at a step boundary with a checkpoint
     orphans = start(base / "orphans", MGPU_INJECT_FAULT="sleep:rank=0:step=4:seconds=4")
@@ -132,6 +141,10 @@ def runs(tmp_path_factory):
         "ctrl_c_ckpts": ctrl_c_ckpts,
         "ctrl_c_gone": ctrl_c_gone,
         "ctrl_c_resumed": ctrl_c_resumed,
+        "term_rc": term.returncode,
+        "term_out": term_out,
+        "term_ckpts": term_ckpts,
+        "term_gone": group_is_gone(term.pid),
         "orphans_gone": orphans_gone,
         "orphans_ckpts": orphans_ckpts,
         "orphans_steps": steps_logged(base / "orphans"),
@@ -173,6 +186,16 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes(runs):
     ref = adapter(runs["base"] / "ref")
     assert all(torch.equal(ref[k], v) for k, v in adapter(out).items())
     assert steps_logged(out) == list(range(1, 11))
+
+
+def test_sigterm_to_the_process_group_saves_a_checkpoint_and_exits_130(runs):
+    assert runs["term_rc"] == 130, runs["term_out"][-3000:]
+    assert "SIGTERM: finishing the current step" in runs["term_out"] and "--resume auto" in runs["term_out"]
+    stopped = sorted(int(n.split("-")[1]) for n in runs["term_ckpts"])
+    assert stopped, "no checkpoint saved: the workers took the SIGTERM as the run's teardown\n" + runs["term_out"]
+    assert 3 <= stopped[-1] < 10 and all(s == 5 for s in stopped[:-1]), runs["term_ckpts"]
+    assert runs["term_gone"], "processes of the stopped run were left behind"
+    assert steps_logged(runs["base"] / "sigterm") == list(range(1, stopped[-1] + 1))
 
 
 def test_workers_of_a_killed_launcher_checkpoint_and_exit(runs):

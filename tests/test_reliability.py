@@ -125,6 +125,10 @@ def test_a_hung_rank_becomes_an_error_naming_the_timeout_the_rank_and_the_settin
     assert "Traceback" not in output
     assert left == [], f"processes left behind: {left}"
     assert seconds < 120  # not the sleep's 3600 s
+    # the hung rank took the launcher's SIGTERM as the teardown and left at once, not after torch's 30 s SIGKILL
+    logs = "".join(p.read_text() for p in (tmp_path / "run" / "logs").rglob("stderr.log"))
+    assert "stopped by the launcher: another rank failed" in logs, logs[-2000:]
+    assert "Terminating process" not in output  # torch's spawn warnings stay out of the user's console
 
 
 # ---------------------------------------------------------------------------------------------------------

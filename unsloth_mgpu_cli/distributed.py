@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -398,8 +399,10 @@ def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> 
     os.environ["MGPU_DEVICE_TYPE"] = spec.device_type
     os.environ[LAUNCHER_PID] = str(os.getpid())  # the workers' parent: how they tell it died before they asked
     if os.environ.get("MGPU_DEBUG") != "1":
-        # The agent logs every worker traceback at ERROR; we report the failing rank ourselves.
+        # The agent logs every worker traceback at ERROR; we report the failing rank ourselves. torch's spawn
+        # warns as it stops the other workers ("Terminating process N via signal SIGTERM"): noise next to ours.
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+        logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     if spec.stop_file is not None:
         # The agent turns SIGINT/SIGTERM into killing the workers at once (SignalException -> _shutdown), which
         # would lose everything since the last checkpoint. We take those two signals ourselves instead.
@@ -489,6 +492,46 @@ class StopSignal:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, self._handle)
             signal.signal(PARENT_DIED, self._parent_died)
+            if self.stop_file is not None and os.environ.get(LAUNCHER_PID):
+                self._watch_for_teardown()
+
+    def _watch_for_teardown(self) -> None:
+        """Exit at once when the launcher, not a person, sends SIGTERM: another rank failed.
+
+        A person's stop reaches the launcher too (Ctrl-C is SIGINT; SIGTERM to the process group, as SLURM and
+        systemd send it), and the launcher then writes the stop file. When a worker fails, the launcher's agent
+        SIGTERMs the others and only SIGKILLs them 30 s later (torch.multiprocessing), while a rank waiting on a
+        collective never reaches the step boundary where the stop is honoured: 30 s of dead time before the error
+        showed. A signal reaches this thread through the wakeup fd even while the main thread is stuck in C++ (a
+        collective, a GPU sync), where the Python handler cannot run. Nothing is lost: the run has failed, the
+        other ranks' collectives cannot complete, and checkpoints are written atomically.
+        """
+        import signal
+        import threading
+
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+        def watch() -> None:
+            while True:
+                try:
+                    got = os.read(read_fd, 16)
+                except OSError:
+                    return
+                if signal.SIGTERM not in got or self.count > 1:
+                    continue
+                deadline = time.monotonic() + TEARDOWN_GRACE_S
+                while time.monotonic() < deadline:
+                    if self.stop_file is not None and self.stop_file.exists():
+                        break  # a person's stop: finish the step and checkpoint
+                    time.sleep(0.1)
+                else:
+                    sys.stderr.write("stopped by the launcher: another rank failed (its error is the run's)\n")
+                    sys.stderr.flush()
+                    os._exit(128 + signal.SIGTERM)
+
+        threading.Thread(target=watch, name="mgpu-teardown", daemon=True).start()
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.count += 1
@@ -504,6 +547,7 @@ class StopSignal:
         return self.count > 0 or (check_file and self.stop_file is not None and self.stop_file.exists())
 
 
+TEARDOWN_GRACE_S = 3.0  # a SIGTERM with no stop file after this long came from the agent tearing the run down
 PARENT_DIED = signal.SIGUSR1  # what a worker gets when its launcher dies (see die_with_parent, StopSignal)
 LAUNCHER_PID = "MGPU_LAUNCHER_PID"
 
