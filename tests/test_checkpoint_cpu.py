@@ -198,6 +198,24 @@ def test_sigterm_to_the_process_group_saves_a_checkpoint_and_exits_130(runs):
     assert steps_logged(runs["base"] / "sigterm") == list(range(1, stopped[-1] + 1))
 
 
+def test_a_second_ctrl_c_stops_at_once_with_ranks_stuck_in_cpp(tmp_path):
+    # In step 4 rank 1 is stuck where Python's signal handlers cannot run (as in a hung NCCL collective or GPU
+    # sync), and rank 0 waits for it inside gloo's all-reduce (C++ too): neither reaches a step boundary
+    proc = start(tmp_path / "run", MGPU_INJECT_FAULT="stuck:rank=1:step=4:seconds=600")
+    wait_for_step(proc, tmp_path / "run", 2)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(2)
+    second = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    seconds = time.monotonic() - second
+    assert proc.returncode == 130, out[-3000:]
+    assert "stopped at once on a second SIGINT" in out and "--resume auto" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert group_is_gone(proc.pid), "processes of the stopped run were left behind"
+    assert seconds < 20, f"{seconds:.0f} s after the second Ctrl-C (torch's own grace before SIGKILL is 30 s)"
+
+
 def test_workers_of_a_killed_launcher_checkpoint_and_exit(runs):
     # all gone, after saving the step they were in (nothing lost). Before the fix torch's own parent-death SIGINT
     # often came twice, and the second one aborted the workers without a checkpoint (about half of the tries).

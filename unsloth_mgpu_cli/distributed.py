@@ -496,7 +496,7 @@ class StopSignal:
                 self._watch_for_teardown()
 
     def _watch_for_teardown(self) -> None:
-        """Exit at once when the launcher, not a person, sends SIGTERM: another rank failed.
+        """Exit at once when the launcher, not a person, sends SIGTERM (another rank failed), or on a second signal.
 
         A person's stop reaches the launcher too (Ctrl-C is SIGINT; SIGTERM to the process group, as SLURM and
         systemd send it), and the launcher then writes the stop file. When a worker fails, the launcher's agent
@@ -513,23 +513,36 @@ class StopSignal:
         os.set_blocking(write_fd, False)
         signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
 
+        def leave(message: str, code: int) -> None:
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
+            os._exit(code)
+
         def watch() -> None:
+            seen = 0  # SIGINT/SIGTERM, counted here: the Python handler may not run while the main thread is in C++
             while True:
                 try:
                     got = os.read(read_fd, 16)
                 except OSError:
                     return
-                if signal.SIGTERM not in got or self.count > 1:
+                stops = sum(1 for b in got if b in (signal.SIGINT, signal.SIGTERM))
+                if not stops:
                     continue
+                seen += stops
+                if seen > 1:
+                    # a second signal means at once: the handler's KeyboardInterrupt, or this if the main thread
+                    # cannot take it (stuck in a collective)
+                    time.sleep(TEARDOWN_GRACE_S)
+                    leave("stopped at once on a second signal", 130)
+                if signal.SIGTERM not in got:
+                    continue  # Ctrl-C: a person's stop
                 deadline = time.monotonic() + TEARDOWN_GRACE_S
                 while time.monotonic() < deadline:
                     if self.stop_file is not None and self.stop_file.exists():
                         break  # a person's stop: finish the step and checkpoint
                     time.sleep(0.1)
                 else:
-                    sys.stderr.write("stopped by the launcher: another rank failed (its error is the run's)\n")
-                    sys.stderr.flush()
-                    os._exit(128 + signal.SIGTERM)
+                    leave("stopped by the launcher: another rank failed (its error is the run's)", 128 + signal.SIGTERM)
 
         threading.Thread(target=watch, name="mgpu-teardown", daemon=True).start()
 

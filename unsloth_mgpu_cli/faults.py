@@ -8,6 +8,8 @@ at step S (through step T when `until` is given):
   exit      - hard exit (os._exit(17)), like a crashed worker
   sigkill   - the worker kills itself with SIGKILL mid-step (OOM killer, `kill -9`)
   sleep     - stop making progress for `seconds` (default 3600): a hang
+  stuck     - like sleep, with SIGINT/SIGTERM blocked in the main thread: a rank stuck in C++ (a collective, a GPU
+              sync), where Python's signal handlers cannot run
   stop      - a stop request, as a first SIGTERM or Ctrl-C makes it (save at the step's end, exit)
   oom       - raise torch.OutOfMemoryError at the forward of any micro-batch of more than `above`
               samples (default 1), as CUDA does when activations do not fit
@@ -70,6 +72,9 @@ def maybe_inject(point: str, trainer: Any, **kw: Any) -> None:
         elif kind == "sigkill" and point == "loss":
             os.kill(os.getpid(), signal.SIGKILL)
         elif kind == "sleep" and point == "before_optimizer_step":
+            time.sleep(float(f.get("seconds", 3600)))
+        elif kind == "stuck" and point == "before_optimizer_step":
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             time.sleep(float(f.get("seconds", 3600)))
         elif kind == "stop" and point == "forward" and trainer.stop is not None:
             trainer.stop.count = max(trainer.stop.count, 1)  # what StopSignal's handler records
