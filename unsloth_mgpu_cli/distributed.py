@@ -399,9 +399,13 @@ def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> 
     os.environ["MGPU_DEVICE_TYPE"] = spec.device_type
     os.environ[LAUNCHER_PID] = str(os.getpid())  # the workers' parent: how they tell it died before they asked
     if os.environ.get("MGPU_DEBUG") != "1":
-        # The agent logs every worker traceback at ERROR; we report the failing rank ourselves. torch's spawn
-        # warns as it stops the other workers ("Terminating process N via signal SIGTERM"): noise next to ours.
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+        # The agent logs every worker traceback at ERROR; we report the failing rank ourselves. It and torch's
+        # spawn also warn as they stop the workers ("Received 2 death signal", "Terminating process N via signal
+        # SIGTERM"): noise next to our own message. Each elastic module's logger has its own level (LOGLEVEL), so
+        # setting the parent's is not enough.
+        for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
+            if name.startswith("torch.distributed.elastic"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
         logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     if spec.stop_file is not None:
         # The agent turns SIGINT/SIGTERM into killing the workers at once (SignalException -> _shutdown), which
@@ -531,9 +535,9 @@ class StopSignal:
                 seen += stops
                 if seen > 1:
                     # a second signal means at once: the handler's KeyboardInterrupt, or this if the main thread
-                    # cannot take it (stuck in a collective)
+                    # cannot take it (stuck in a collective). The launcher says so; rank 0's stderr is the console.
                     time.sleep(TEARDOWN_GRACE_S)
-                    leave("stopped at once on a second signal", 130)
+                    os._exit(130)
                 if signal.SIGTERM not in got:
                     continue  # Ctrl-C: a person's stop
                 deadline = time.monotonic() + TEARDOWN_GRACE_S
