@@ -397,6 +397,13 @@ def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> 
     if spec.device_type == "cpu":
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.nproc_per_node)))
     os.environ["MGPU_DEVICE_TYPE"] = spec.device_type
+    # A worker ended at once (a second Ctrl-C, the teardown after another rank failed) cannot release the
+    # semaphores of its torch.compile worker pool; the resource tracker that the spawn start method shares with
+    # the parent then warns "There appear to be 1 leaked semaphore objects" at exit (seen on CUDA). It cleans
+    # them up itself: hide that one warning (the tracker reads PYTHONWARNINGS when it starts).
+    quiet = "ignore:resource_tracker:UserWarning"
+    if quiet not in os.environ.get("PYTHONWARNINGS", ""):
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet]))
     os.environ[LAUNCHER_PID] = str(os.getpid())  # the workers' parent: how they tell it died before they asked
     if os.environ.get("MGPU_DEBUG") != "1":
         # The agent logs every worker traceback at ERROR; we report the failing rank ourselves. It and torch's
