@@ -15,7 +15,12 @@
 # In session 9 (only the 1-GPU kind lent): `s9a` (the 1B at global batch 64 and 128, traced: one host sync per
 # micro-batch in Unsloth's fused cross-entropy), `s9d` (cuBLAS vs cuBLASLt: no difference; its first run was cut),
 # `K="flat or queued" T=330 gputest` (the GPU tier's 1-GPU tests with this session's code: 2 passed in 187 s).
+# In session 11 (only the 1-GPU kind lent): `K="flat or queued" gputest` (2 passed), `bash benchmarks/gpu_stop_check.sh`
+# (SIGNALS=2: a CUDA worker stuck at step 4 ends 4.5 s after the second Ctrl-C, exit 130; SIGNALS=1: one Ctrl-C
+# saves step-5 and exits 130; the resource tracker's leaked-semaphore warning after SIGNALS=2 was then hidden, not
+# re-run on a GPU: `stops` below checks it).
 # Next, in this order:
+#   stops (any kind, ~3 min): the stop checks on CUDA, 1 GPU; with 2 GPUs also a failed rank's teardown
 #   s9b on nvidia-h200-x2: the 1B pair with this session's defaults, 1 GPU on GPU 1, the GPU tests of the new code
 #   gputest on nvidia-h200-x2: the whole tier (expandable segments and balance_speed never ran there)
 #   CASES=qlora bash benchmarks/gpu_fsdp.sh   # #13: 8B QLoRA, NF4 shards (own call)
@@ -24,7 +29,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest}
+STAGE=${1:?usage: gpu_plan.sh s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -275,6 +280,20 @@ clocks_throttle_reasons.active --format=csv,noheader -lms 100 > "$OUT/smi.csv" 2
     # K: a pytest -k expression, to split the tier over two calls (e.g. K=sharded, then K="not sharded")
     timeout -k 20 "${T:-520}" python3 -m pytest -q -m gpu tests/test_gpu.py ${K:+-k "$K"} > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
+  stops)
+    # Ctrl-C twice with a worker stuck where Python's handlers cannot run; once with a checkpoint; on 2 GPUs a rank
+    # that raises at step 4, whose peer must leave on the launcher's SIGTERM (not torch's SIGKILL 30 s later)
+    OUT=$OUT SIGNALS=2 timeout -k 10 150 bash benchmarks/gpu_stop_check.sh
+    echo "leaked-semaphore warnings: $(grep -c 'leaked semaphore' "$OUT/stop2/out.txt")"
+    OUT=$OUT SIGNALS=1 FAULT=sleep:rank=0:step=4:seconds=4 timeout -k 10 150 bash benchmarks/gpu_stop_check.sh
+    if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+      s=$(date +%s)
+      MGPU_INJECT_FAULT=stuck:rank=1:step=3 python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml \
+        distributed.num_gpus=2 distributed.timeout_seconds=20 training.max_steps=10 training.warmup_steps=1 \
+        logging.progress=false output.save_steps=0 output.dir="$OUT/teardown" > "$OUT/teardown.txt" 2>&1
+      echo "teardown: exit=$? in $(( $(date +%s)-s )) s"; tail -4 "$OUT/teardown.txt" | cut -c1-200
+      grep -rh "stopped by the launcher" "$OUT/teardown/logs" | head -2
+    fi ;;
   *) echo "unknown stage $STAGE"; exit 2 ;;
 esac
 cd "$OUT" && tar czf logs.tgz */logs && rm -rf */logs
