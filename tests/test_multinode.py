@@ -276,3 +276,53 @@ def test_restarted_workers_resume_from_the_last_checkpoint_and_match_an_undistur
     # attempt 0 logged steps 1..3 then died in step 4; attempt 1 went on from the step-2 checkpoint, not from 0
     assert steps.count(1) == 1 and steps[-3:] == [3, 4, 5], steps
     assert _max_rel_diff(adapter(base / "restart"), adapter(base / "one")) < 1e-6
+
+
+@pytest.mark.integration
+def test_sigterm_to_every_node_saves_one_checkpoint_and_both_exit_130(tmp_path):
+    """SLURM's scancel or preemption: SIGTERM to every process of every node. All ranks must finish the step and
+    checkpoint together; a node whose agent killed its workers would make node 0's checkpoint fail too."""
+    import signal
+    import time
+
+    out, port = tmp_path / "run", D.free_port()
+    env = mgpu_env(MGPU_INJECT_FAULT="sleep:rank=0:step=4:seconds=6")
+    nodes = [
+        subprocess.Popen(
+            _train_cmd(
+                out,
+                "distributed.num_gpus=1",
+                "training.max_steps=10",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(r),
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+            ),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # each node its own process group, as srun gives each task
+        )
+        for r in (0, 1)
+    ]
+    try:
+        deadline = time.monotonic() + 300
+        metrics = out / "metrics.jsonl"
+        while not (metrics.exists() and '"step": 2' in metrics.read_text()):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in nodes), "step 2 never logged"
+            time.sleep(0.2)
+        for p in nodes:
+            os.killpg(p.pid, signal.SIGTERM)
+        outputs = [p.communicate(timeout=120)[0] for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in nodes] == [130, 130], "\n---\n".join(o[-2000:] for o in outputs)
+    saved = sorted((out / "checkpoints").iterdir()) if (out / "checkpoints").is_dir() else []
+    assert saved and "checkpoint saved" in outputs[0], outputs[0][-2000:]
+    assert not any("Traceback" in o for o in outputs), outputs[1][-2000:]  # node 1's agent raised SignalException

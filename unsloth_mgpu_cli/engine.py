@@ -346,7 +346,9 @@ def train(
         rdzv_endpoint=dist_cfg.rdzv_endpoint,
         max_restarts=dist_cfg.max_restarts,
         log_dir=out / "logs",
-        stop_file=out / STOP_FILE if is_main_node else None,
+        # every node: SIGTERM reaches all of them at once (scancel, preemption), and a node whose agent took it
+        # would kill its workers, so that the others could not finish the step and checkpoint either
+        stop_file=out / STOP_FILE,
     )
     if nodes.under_torchrun:
         results = run_in_place(worker_entry, (plan,), nodes, device)
