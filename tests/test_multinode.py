@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import EQUIVALENCE_RUN, ROOT, adapter, assert_user_error, mgpu_env, run_mgpu
@@ -170,6 +171,24 @@ def _own_cores(node: int):
     return (lambda: os.sched_setaffinity(0, mine)) if mine else None
 
 
+def _start_nodes(out: Path, *extra: str, env: dict[str, str], own_cores: bool = False, **popen: Any):
+    """Two "nodes" of one run on this host (loopback rendezvous), one worker each, sharing `out`. `own_cores`: each
+    on its own half of the cores, so its worker runs as many threads as each worker of a 2-worker node."""
+    rendezvous = ("--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{D.free_port()}")
+    return [
+        subprocess.Popen(
+            _train_cmd(out, "distributed.num_gpus=1", *extra, *rendezvous, "--node-rank", str(r)),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=_own_cores(r) if own_cores else None,
+            **{"stderr": subprocess.PIPE, **popen},
+        )
+        for r in (0, 1)
+    ]
+
+
 def _check(proc, expect=0):
     out = proc.stdout + proc.stderr
     assert proc.returncode == expect, out[-4000:]
@@ -183,31 +202,9 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("multinode")
     env = mgpu_env()
     logs = {}
-    # two nodes, started concurrently, sharing one output folder (only global rank 0 writes)
-    port = D.free_port()
-    nodes = [
-        subprocess.Popen(
-            _train_cmd(
-                base / "nodes",
-                "distributed.num_gpus=1",
-                "--nnodes",
-                "2",
-                "--node-rank",
-                str(r),
-                "--rdzv-endpoint",
-                f"127.0.0.1:{port}",
-            ),
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            # each "node" on its own half of the cores, so its worker runs as many threads as each of the one-node
-            # run's two workers: with all the cores it would reduce in another order (1.9e-6 from the one-node run)
-            preexec_fn=_own_cores(r),
-        )
-        for r in (0, 1)
-    ]
+    # two nodes, started concurrently, sharing one output folder (only global rank 0 writes); each on its own
+    # cores: with all the cores a worker would reduce in another order (1.9e-6 from the one-node run)
+    nodes = _start_nodes(base / "nodes", env=env, own_cores=True)
     for r, p in enumerate(nodes):
         stdout, stderr = p.communicate(timeout=400)
         logs[f"node{r}"] = _check(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
@@ -285,30 +282,10 @@ def test_sigterm_to_every_node_saves_one_checkpoint_and_both_exit_130(tmp_path):
     import signal
     import time
 
-    out, port = tmp_path / "run", D.free_port()
+    out = tmp_path / "run"
     env = mgpu_env(MGPU_INJECT_FAULT="sleep:rank=0:step=4:seconds=6")
-    nodes = [
-        subprocess.Popen(
-            _train_cmd(
-                out,
-                "distributed.num_gpus=1",
-                "training.max_steps=10",
-                "--nnodes",
-                "2",
-                "--node-rank",
-                str(r),
-                "--rdzv-endpoint",
-                f"127.0.0.1:{port}",
-            ),
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,  # each node its own process group, as srun gives each task
-        )
-        for r in (0, 1)
-    ]
+    # each node its own process group, as srun gives each task
+    nodes = _start_nodes(out, "training.max_steps=10", env=env, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         metrics = out / "metrics.jsonl"
