@@ -524,11 +524,6 @@ class StopSignal:
         os.set_blocking(write_fd, False)
         signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
 
-        def leave(message: str, code: int) -> None:
-            sys.stderr.write(message + "\n")
-            sys.stderr.flush()
-            os._exit(code)
-
         def watch() -> None:
             seen = 0  # SIGINT/SIGTERM, counted here: the Python handler may not run while the main thread is in C++
             while True:
@@ -548,12 +543,12 @@ class StopSignal:
                 if signal.SIGTERM not in got:
                     continue  # Ctrl-C: a person's stop
                 deadline = time.monotonic() + TEARDOWN_GRACE_S
-                while time.monotonic() < deadline:
-                    if self.stop_file is not None and self.stop_file.exists():
-                        break  # a person's stop: finish the step and checkpoint
+                while not self.stop_file.exists():  # the file: a person's stop (finish the step, checkpoint)
+                    if time.monotonic() > deadline:
+                        sys.stderr.write("stopped by the launcher: another rank failed (its error is the run's)\n")
+                        sys.stderr.flush()
+                        os._exit(128 + signal.SIGTERM)
                     time.sleep(0.1)
-                else:
-                    leave("stopped by the launcher: another rank failed (its error is the run's)", 128 + signal.SIGTERM)
 
         threading.Thread(target=watch, name="mgpu-teardown", daemon=True).start()
 

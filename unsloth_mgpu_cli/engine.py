@@ -451,15 +451,12 @@ class Trainer:
         )
         r = self.recipe
         torch.manual_seed(r.training.seed)
-        from .models import quiet_library_noise
+        from .models import hide_hf_bars_off_terminal, quiet_library_noise
 
         quiet_library_noise()
         from unsloth import FastLanguageModel  # heavy: 7-30 s
 
-        if not sys.stderr.isatty():  # a log or a pipe: "Loading weights" would land there as \r-joined bar frames
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
+        hide_hf_bars_off_terminal()
 
         self.attention = select_attention(r.model.attention, self.info.device_type)
 

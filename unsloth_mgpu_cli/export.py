@@ -10,7 +10,6 @@ the result (safetensors, config, tokenizer) is written atomically, loadable with
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -81,18 +80,16 @@ def export_merged(output_dir: Path, dest: Path | None = None, dtype: str = "bflo
     adapter, base = check_export_args(output_dir, dtype)
     dest = Path(dest) if dest is not None else Path(output_dir) / "merged"
     model_cfg = _resolved_recipe(Path(output_dir)).get("model") or {}
-    from .models import quiet_library_noise
+    from .models import hide_hf_bars_off_terminal, quiet_library_noise
 
     quiet_library_noise()
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     from .checkpoint import atomic_dir
 
-    if not sys.stderr.isatty():  # a log or a pipe: bar frames joined by \r
-        hf_logging.disable_progress_bar()
+    hide_hf_bars_off_terminal()
 
     kwargs: dict[str, Any] = {
         "dtype": getattr(torch, dtype),

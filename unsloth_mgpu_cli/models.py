@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -51,6 +52,15 @@ def quiet_library_noise() -> None:
     only by 4-bit matmuls on CPU, which mgpu never runs."""
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def hide_hf_bars_off_terminal() -> None:
+    """In a log or a pipe, transformers' bars ("Loading weights", "Writing model shards") would land as
+    \r-joined frames: turn them off there (import after Unsloth, which wants to patch transformers first)."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def build_tiny_llama(
