@@ -19,8 +19,10 @@
 # (SIGNALS=2: a CUDA worker stuck at step 4 ends 4.5 s after the second Ctrl-C, exit 130; SIGNALS=1: one Ctrl-C
 # saves step-5 and exits 130; the resource tracker's leaked-semaphore warning after SIGNALS=2 was then hidden, not
 # re-run on a GPU: `stops` below checks it).
+# In session 12 (only the 1-GPU kind lent): `stops` (second Ctrl-C: exit 130 after 5.0 s, 0 leaked-semaphore
+# warnings; one Ctrl-C: step-5 saved, exit 130), `T=330 gputest` (2 passed, 3 skipped: they need 2 GPUs).
 # Next, in this order:
-#   stops (any kind, ~3 min): the stop checks on CUDA, 1 GPU; with 2 GPUs also a failed rank's teardown
+#   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
 #   s9b on nvidia-h200-x2: the 1B pair with this session's defaults, 1 GPU on GPU 1, the GPU tests of the new code
 #   gputest on nvidia-h200-x2: the whole tier (expandable segments and balance_speed never ran there)
 #   CASES=qlora bash benchmarks/gpu_fsdp.sh   # #13: 8B QLoRA, NF4 shards (own call)
@@ -296,4 +298,4 @@ clocks_throttle_reasons.active --format=csv,noheader -lms 100 > "$OUT/smi.csv" 2
     fi ;;
   *) echo "unknown stage $STAGE"; exit 2 ;;
 esac
-cd "$OUT" && tar czf logs.tgz */logs && rm -rf */logs
+cd "$OUT" && if compgen -G "*/logs" > /dev/null; then tar czf logs.tgz */logs && rm -rf */logs; fi
