@@ -33,7 +33,7 @@ from unsloth_mgpu_cli.memory import Architecture, GiB, TrainingSetup, estimate  
 MODELS = {
     # Llama-shaped ~1B (1.1B parameters): hidden 2048, 16 layers, MLP 8192, 32 heads / 8 KV heads, 32k vocab.
     "1B": Architecture(2048, 16, 32, 8, 8192, 32000, False, name="llama-1b-32k"),
-    # Llama-3.1-8B dimensions with a 32k vocabulary (7.24B parameters, as in findings.md).
+    # Llama-3.1-8B dimensions with a 32k vocabulary (7.24B parameters, as in docs/suggest.md).
     "8B": Architecture(4096, 32, 32, 8, 14336, 32000, False, name="llama-8b-32k"),
     "tiny": Architecture(64, 2, 4, 2, 128, 512, False, name="llama-tiny"),
 }

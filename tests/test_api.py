@@ -54,6 +54,24 @@ def test_bad_arguments_are_refused_before_anything_launches():
     assert AggregationMethod.parse("WEIGHTED") is AggregationMethod.WEIGHTED
 
 
+def test_a_failing_hook_mode_worker_ends_the_script_with_its_rank_and_error(tmp_path):
+    script = tmp_path / "fails.py"
+    script.write_text(
+        "import unsloth_multigpu\n"
+        "unsloth_multigpu.enable_multi_gpu(num_gpus=2, device='cpu')\n"
+        "if unsloth_multigpu.dist_info().rank == 1:\n"
+        "    raise RuntimeError('boom on purpose')\n"
+    )
+    env = mgpu_env(MGPU_LOG_DIR=str(tmp_path / "logs"))
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "[unsloth-mgpu] training failed" in proc.stderr and "rank 1" in proc.stderr, proc.stderr[-3000:]
+    assert "boom on purpose" in proc.stderr, proc.stderr[-3000:]
+    assert "AttributeError" not in proc.stderr, proc.stderr[-3000:]
+
+
 class _Base:
     """A base sampler whose order depends on torch's global RNG, like RandomSampler."""
 

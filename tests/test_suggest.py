@@ -8,8 +8,10 @@ import sys
 
 import pytest
 from conftest import ROOT, assert_user_error, mgpu_env, run_mgpu
+from fake_nvml import FakeNVML, h200
 
-from unsloth_mgpu_cli.configgen import ConfigManager, plan, resolve_auto
+from unsloth_mgpu_cli.configgen import ConfigManager, detect_gpu_memory, plan, resolve_auto
+from unsloth_mgpu_cli.errors import UserError
 from unsloth_mgpu_cli.memory import (
     NF4_BYTES_PER_PARAM,
     SIZE_TABLE,
@@ -17,11 +19,12 @@ from unsloth_mgpu_cli.memory import (
     GiB,
     TrainingSetup,
     estimate,
+    parse_memory,
     resolve_architecture,
 )
 from unsloth_mgpu_cli.recipe import Recipe
 
-# Llama-shaped 852M (hidden 2048, 16 layers, MLP 5632, 32/8 heads, 32k vocab): findings.md, 2 x H200.
+# Llama-shaped 852M (hidden 2048, 16 layers, MLP 5632, 32/8 heads, 32k vocab): docs/suggest.md, 2 x H200.
 ARCH_852M = Architecture(2048, 16, 32, 8, 5632, 32000, False, name="852M")
 ARCH_8B_32K = Architecture(4096, 32, 32, 8, 14336, 32000, False, name="8B-32k")
 H200 = 139 * GiB
@@ -43,7 +46,7 @@ def test_parameter_counts_match_the_real_models():
     [("unsloth", 2.6), (True, 3.3), (False, 14.7)],
 )
 def test_calibration_852m_matches_findings(ckpt, measured_gb):
-    """findings.md: 852M, 4-bit, seq 2048, micro-batch 8, r=16 on all seven projections, 2 GPUs."""
+    """docs/suggest.md: 852M, 4-bit, seq 2048, micro-batch 8, r=16 on all seven projections, 2 GPUs."""
     b = estimate(
         ARCH_852M,
         TrainingSetup(
@@ -60,7 +63,7 @@ def test_calibration_852m_matches_findings(ckpt, measured_gb):
 
 
 def test_calibration_8b_padding_free_matches_findings():
-    """findings.md: Llama-3.1-8B dims with 32k vocab, 4-bit, mb 8 of ~155 tokens, adamw_8bit: 4.8 GB."""
+    """docs/suggest.md: Llama-3.1-8B dims with 32k vocab, 4-bit, mb 8 of ~155 tokens, adamw_8bit: 4.8 GB."""
     b = estimate(
         ARCH_8B_32K,
         TrainingSetup(
@@ -229,9 +232,48 @@ def test_default_method_falls_back_to_qlora():
 
 def test_get_optimal_config_is_enable_multi_gpu_shaped():
     cfg = ConfigManager().get_optimal_config(model_size="7B", available_memory="32GB", num_gpus=2)
-    assert cfg["num_gpus"] == 2 and cfg["gradient_aggregation"] == "mean" and cfg["max_seq_length"] == 2048
+    assert cfg["num_gpus"] == 2 and cfg["gradient_aggregation"] == "weighted" and cfg["max_seq_length"] == 2048
     assert cfg["batch_size_per_gpu"] >= 1 and cfg["predicted_peak_gb"] <= 0.9 * 32
     assert cfg["batch_size_per_gpu"] * 2 * cfg["gradient_accumulation_steps"] == 32
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"memory_fraction": 2.0}, "memory_fraction"),
+        ({"memory_fraction": 0}, "memory_fraction"),
+        ({"available_memory": float("nan")}, "available_memory"),
+        ({"available_memory": float("inf")}, "available_memory"),
+        ({"available_memory": 2**20 + 1}, "available_memory"),  # bytes, below the 256MB floor
+        ({"seq_len": 0}, "seq_len"),
+        ({"method": "bogus"}, "method"),
+        ({"optimizer": "bogus"}, "optimizer"),
+        ({"num_gpus": "2"}, "num_gpus"),
+        ({"num_gpus": 2.5}, "num_gpus"),
+        ({"num_gpus": True}, "num_gpus"),
+        ({"global_batch": 0}, "global_batch"),
+    ],
+)
+def test_get_optimal_config_names_each_bad_argument(kwargs, key):
+    args = {"model_size": "7B", "available_memory": "32GB", "num_gpus": 2} | kwargs
+    with pytest.raises(UserError) as info:
+        ConfigManager().get_optimal_config(**args)
+    assert [p.where for p in info.value.problems] == [key]
+
+
+def test_memory_given_as_a_number_of_bytes_is_read_as_bytes():
+    assert parse_memory(24e9) == parse_memory(int(24e9)) == parse_memory("24000000000") == 24_000_000_000
+    assert parse_memory(24) == parse_memory("24") == 24 * GiB
+    gb = ConfigManager().get_optimal_config("7B", available_memory=32 * GiB, num_gpus=2)
+    as_float = ConfigManager().get_optimal_config("7B", available_memory=float(32 * GiB), num_gpus=2)
+    assert gb == as_float == ConfigManager().get_optimal_config("7B", available_memory="32GB", num_gpus=2)
+
+
+def test_detected_gpus_are_the_visible_ones():
+    nvml = FakeNVML([h200(i) for i in range(7)] + [h200(7, total_gib=24.0)])
+    assert detect_gpu_memory(env={}, nvml=nvml) == (8, 24 * GiB)
+    assert detect_gpu_memory(env={"CUDA_VISIBLE_DEVICES": "0,1"}, nvml=nvml) == (2, 140 * GiB)
+    assert detect_gpu_memory(env={"CUDA_VISIBLE_DEVICES": ""}, nvml=nvml) == (0, None)
 
 
 # --- resolve_auto ----------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Policy, in order (each choice is recorded in `Plan.reasons`):
    never chosen for you: it produces a different artefact (a whole model instead of an adapter).
 2. No gradient checkpointing when it fits with a micro-batch of at least `MIN_TOKENS_WITHOUT_CHECKPOINTING`
    tokens (or the whole per-GPU share of the global batch): measured +39% tokens/s on H200
-   (docs/findings.md). Otherwise Unsloth's offloaded checkpointing, which was as fast as `True` there and
+   (docs/suggest.md). Otherwise Unsloth's offloaded checkpointing, which was as fast as `True` there and
    needs less GPU memory.
 3. The largest power-of-two micro-batch (up to `MAX_MICRO_BATCH` and the per-GPU share of the global
    batch) whose predicted peak is within `max_memory_fraction` of the GPU.
@@ -215,13 +215,15 @@ def _plan_method(
             continue
         plan.micro_batch_size, plan.gradient_checkpointing, plan.breakdown = mb, ckpt, b
         if ckpt is False and forced_ckpt is None:
-            plan.reasons.append("no gradient checkpointing: it fits, and it was +39% tokens/s on H200 (findings.md)")
+            plan.reasons.append(
+                "no gradient checkpointing: it fits, and it was +39% tokens/s on H200 (docs/suggest.md)"
+            )
         elif forced_ckpt is None:
             if not plan.reasons or not plan.reasons[-1].startswith("without checkpointing"):
                 plan.reasons.append("no checkpointing does not fit even at micro-batch 1")
             plan.reasons.append(
                 "unsloth checkpointing (layer inputs offloaded to CPU RAM): as fast as `true` on "
-                "H200 (findings.md) and it needs less GPU memory"
+                "H200 (docs/suggest.md) and it needs less GPU memory"
             )
         else:
             plan.reasons.append(f"gradient checkpointing {ckpt!r} as the recipe sets it")
@@ -578,30 +580,16 @@ def resolve_auto(
 # --------------------------------------------------------------------------------------------------------
 
 
-def detect_gpu_memory() -> tuple[int, int | None]:
-    """(number of NVIDIA GPUs, memory of the smallest in bytes) via NVML; (0, None) without a driver.
+def detect_gpu_memory(env: Any = None, nvml: Any = None) -> tuple[int, int | None]:
+    """(number of visible NVIDIA GPUs, memory of the smallest in bytes) via NVML; (0, None) without a driver.
 
-    NVML reads the driver directly: no CUDA context is created and torch is not imported.
+    Only the GPUs that `CUDA_VISIBLE_DEVICES` (in `env`, by default `os.environ`) leaves visible count, as for
+    `mgpu train`. NVML reads the driver directly: no CUDA context is created and torch is not imported.
     """
-    try:
-        import pynvml  # nvidia-ml-py; imported here so machines without it still run the rest
-    except ImportError:
-        return 0, None
-    try:
-        pynvml.nvmlInit()
-    except Exception:  # NVMLError_LibraryNotFound / DriverNotLoaded: no NVIDIA driver on this machine
-        return 0, None
-    try:
-        n = pynvml.nvmlDeviceGetCount()
-        sizes = [pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).total for i in range(n)]
-        return n, (min(sizes) if sizes else None)
-    except Exception:
-        return 0, None
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
+    from .devices import GIB, DeviceManager
+
+    devices = DeviceManager(nvml=nvml, env=env).snapshot(with_links=False).devices
+    return len(devices), (int(min(d.memory_total_gb for d in devices) * GIB) if devices else None)
 
 
 class ConfigManager:
@@ -625,7 +613,8 @@ class ConfigManager:
 
         Args:
             model_size: what `mgpu suggest --model` accepts.
-            available_memory: memory per GPU ("32GB", 24, bytes as int > 2**20); None: detect via NVML.
+            available_memory: memory per GPU ("32GB", "24 GiB", 24 = GB, a number above 2**20 = bytes); None:
+                the smallest visible GPU's, via NVML.
             num_gpus: GPUs to use; None: the detected count (1 when none is detected).
             seq_len, method, global_batch, optimizer, memory_fraction: as for `plan`.
 
@@ -636,24 +625,30 @@ class ConfigManager:
         Raises:
             UserError: bad arguments, no GPU memory given or detected, or nothing fits (with suggestions).
         """
+        problems = _argument_problems(
+            {"gpus": "num_gpus", "seq_len": "seq_len", "method": "method", "global_batch": "global_batch",
+             "optimizer": "optimizer", "memory_fraction": "memory_fraction"},
+            num_gpus, seq_len, method, global_batch, optimizer, memory_fraction,
+        )  # fmt: skip
         detected, detected_mem = detect_gpu_memory() if available_memory is None or num_gpus is None else (0, None)
-        if available_memory is None:
-            if detected_mem is None:
-                raise UserError(
-                    Problem(
-                        "available_memory",
-                        "no NVIDIA GPU detected",
-                        'pass the memory per GPU, e.g. available_memory="80GB"',
-                    )
+        mem = detected_mem
+        if available_memory is not None:
+            try:
+                mem = parse_memory(available_memory, where="available_memory")
+            except UserError as exc:
+                problems += exc.problems
+        elif detected_mem is None:
+            problems.append(
+                Problem(
+                    "available_memory",
+                    "no NVIDIA GPU detected",
+                    'pass the memory per GPU, e.g. available_memory="80GB"',
                 )
-            mem = detected_mem
-        elif isinstance(available_memory, int) and available_memory > 2**20:
-            mem = available_memory
-        else:
-            mem = parse_memory(available_memory, where="available_memory")
+            )
+        if problems:
+            raise UserError(problems, "invalid arguments")
+        assert mem is not None
         gpus = num_gpus if num_gpus is not None else max(detected, 1)
-        if gpus < 1:
-            raise UserError(Problem("num_gpus", f"expected at least 1, found {gpus}"))
         arch = resolve_architecture(str(model_size), where="model_size")
         p = plan(
             arch,
@@ -678,7 +673,8 @@ class ConfigManager:
             "num_gpus": gpus,
             "batch_size_per_gpu": p.micro_batch_size,
             "gradient_accumulation_steps": p.gradient_accumulation_steps,
-            "gradient_aggregation": "mean",
+            # Exactly one big batch whatever the ranks' token counts (mean is exact only when they are equal).
+            "gradient_aggregation": "weighted",
             "load_in_4bit": p.load_in_4bit,
             "gradient_checkpointing": p.gradient_checkpointing,
             "max_seq_length": seq_len,
@@ -743,7 +739,7 @@ training:
 distributed:
   num_gpus: {p.num_gpus}
   strategy: {p.strategy}{"                 # sharded: a replica does not fit one GPU" if p.strategy == "fsdp" else ""}
-  aggregation: mean
+  aggregation: weighted             # exactly one big batch, whatever each GPU's token count
 
 memory:
   max_memory_fraction: {p.memory_fraction:g}
@@ -759,6 +755,44 @@ def _slug(name: str) -> str:
     import re
 
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name.rstrip("/").split("/")[-1]).strip("-").lower() or "model"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _argument_problems(
+    names: dict[str, str],
+    gpus: Any,
+    seq_len: Any,
+    method: Any,
+    global_batch: Any,
+    optimizer: Any,
+    memory_fraction: Any = None,
+) -> list[Problem]:
+    """What is wrong with the planning arguments shared by `mgpu suggest` and `ConfigManager`, each problem under
+    `names[argument]` (a flag or a keyword); `gpus`, `method` and `memory_fraction` may be None (not given)."""
+    problems: list[Problem] = []
+    if gpus is not None and not (_is_int(gpus) and 1 <= gpus <= 1024):
+        problems.append(Problem(names["gpus"], f"expected a number of GPUs from 1 to 1024, found {gpus!r}"))
+    if not (_is_int(seq_len) and 16 <= seq_len <= 1_048_576):
+        problems.append(Problem(names["seq_len"], f"expected 16 to 1048576 tokens, found {seq_len!r}"))
+    if method is not None and method not in ("qlora", "lora", "full"):
+        problems.append(Problem(names["method"], f"expected qlora, lora or full, found {method!r}"))
+    if not (_is_int(global_batch) and global_batch >= 1):
+        problems.append(Problem(names["global_batch"], f"expected at least 1 sample, found {global_batch!r}"))
+    if optimizer not in ("adamw", "adamw_8bit", "sgd"):
+        problems.append(Problem(names["optimizer"], f"expected adamw, adamw_8bit or sgd, found {optimizer!r}"))
+    if memory_fraction is not None and not (
+        isinstance(memory_fraction, int | float) and not isinstance(memory_fraction, bool) and 0 < memory_fraction <= 1
+    ):
+        problems.append(
+            Problem(
+                names["memory_fraction"],
+                f"expected a share of the GPU above 0 and at most 1, found {memory_fraction!r}",
+            )
+        )
+    return problems
 
 
 def check_suggest_args(
@@ -785,16 +819,11 @@ def check_suggest_args(
         arch = resolve_architecture(model)
     except UserError as exc:
         problems += exc.problems
-    if gpus is not None and not 1 <= gpus <= 1024:
-        problems.append(Problem("argument --gpus", f"expected a number of GPUs from 1 to 1024, found {gpus}"))
-    if not 16 <= seq_len <= 1_048_576:
-        problems.append(Problem("argument --seq-len", f"expected 16 to 1048576 tokens, found {seq_len}"))
-    if method is not None and method not in ("qlora", "lora", "full"):
-        problems.append(Problem("argument --method", f"expected qlora, lora or full, found {method!r}"))
-    if global_batch < 1:
-        problems.append(Problem("argument --global-batch", f"expected at least 1 sample, found {global_batch}"))
-    if optimizer not in ("adamw", "adamw_8bit", "sgd"):
-        problems.append(Problem("argument --optimizer", f"expected adamw, adamw_8bit or sgd, found {optimizer!r}"))
+    flags = {"gpus": "--gpus", "seq_len": "--seq-len", "method": "--method", "global_batch": "--global-batch",
+             "optimizer": "--optimizer"}  # fmt: skip
+    problems += _argument_problems(
+        {k: f"argument {v}" for k, v in flags.items()}, gpus, seq_len, method, global_batch, optimizer
+    )
     if strategy not in ("ddp", "fsdp", "auto"):
         problems.append(Problem("argument --strategy", f"expected ddp, fsdp or auto, found {strategy!r}"))
     detected, detected_mem = (0, None) if gpu_memory is not None and gpus is not None else detect_gpu_memory()

@@ -286,7 +286,7 @@ def _relaunch(config: MultiGPUConfig) -> None:
     try:
         launch(_script_worker, (str(Path(script).resolve()), list(sys.argv[1:])), spec)
     except TrainingFailed as exc:
-        print(f"[unsloth-mgpu] training failed: {exc.message}", file=sys.stderr)
+        print(f"[unsloth-mgpu] training failed: {exc}", file=sys.stderr)
         if exc.details:
             print(exc.details, file=sys.stderr)
         code = 1

@@ -178,21 +178,26 @@ _SIZE_IN_NAME_RE = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)[bB](?![A-Za-z0-9])")
 def parse_memory(text: str | int | float, where: str = "argument --gpu-memory") -> int:
     """Parse a memory size such as `80GB`, `24 GiB`, `16000MB` or a plain number of GB into bytes.
 
-    GB and GiB both mean 2**30 bytes here: GPU memory is sold as "80GB" but is 80 GiB.
+    GB and GiB both mean 2**30 bytes here: GPU memory is sold as "80GB" but is 80 GiB. A plain number above 2**20
+    (int, float or text) is a count of bytes.
 
     Raises:
         UserError: naming `where` when the text is not a positive size.
     """
+    bad = UserError(
+        Problem(where, f"expected a memory size like 80GB, 24GiB or 16000MB, found {text!r}"), "invalid arguments"
+    )
     if isinstance(text, int | float) and not isinstance(text, bool):
-        value, unit = float(text), "GB"
+        if not math.isfinite(text):
+            raise bad
+        value, unit = float(text), ""
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", str(text), flags=re.IGNORECASE)
         if not m:
-            raise UserError(
-                Problem(where, f"expected a memory size like 80GB, 24GiB or 16000MB, found {text!r}"),
-                "invalid arguments",
-            )
-        value, unit = float(m.group(1)), (m.group(2) or "GB").upper()
+            raise bad
+        value, unit = float(m.group(1)), (m.group(2) or "").upper()
+    # A plain number is GB, unless it is above 2**20: no GPU has a million GB, so that is a count of bytes.
+    unit = unit or ("B" if value > 2**20 else "GB")
     scale = {"B": 1, "K": 1024, "M": MiB, "G": GiB, "T": 1024 * GiB}[unit[0]]
     nbytes = int(value * scale)
     if nbytes < 256 * MiB:
@@ -200,7 +205,7 @@ def parse_memory(text: str | int | float, where: str = "argument --gpu-memory") 
             Problem(
                 where,
                 f"expected at least 256MB of GPU memory, found {text!r}",
-                "units: MB, GB (= GiB), TB; a plain number means GB",
+                "units: MB, GB (= GiB), TB; a plain number means GB (bytes above 2**20)",
             ),
             "invalid arguments",
         )
