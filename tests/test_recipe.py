@@ -129,6 +129,21 @@ def test_base_recipe_is_extended_and_overridden(workdir):
     assert r.training.learning_rate == 0.001 and r.training.max_steps == 10
 
 
+def test_a_base_recipes_paths_are_resolved_against_its_own_folder(workdir):
+    """Each relative path is read against the folder of the file that writes it; the child's own win."""
+    write(workdir, GOOD.replace("  dir: out", "  dir: runs/${model.max_seq_length}"), "base.yaml")
+    child = workdir / "experiments" / "a"
+    child.mkdir(parents=True)
+    r = load_recipe(write(child, "base: ../../base.yaml\ntraining:\n  max_steps: 4\n", "c.yaml")).recipe
+    assert r.dataset.path == str(workdir / "data.jsonl")
+    assert r.output.dir == str(workdir / "runs" / "128")
+    assert r.model.name == "builtin:tiny-llama"
+    (child / "mine.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    own = "base: ../../base.yaml\ndataset:\n  path: mine.jsonl\noutput:\n  dir: out\n"
+    r = load_recipe(write(child, own, "d.yaml")).recipe
+    assert (r.dataset.path, r.output.dir) == (str(child / "mine.jsonl"), str(child / "out"))
+
+
 def test_interpolation_resolves(workdir):
     p = write(
         workdir,
@@ -195,6 +210,7 @@ BAD = {
     ),
     "several nodes without endpoint": (GOOD + "distributed:\n  nnodes: 2\n", ["distributed.rdzv_endpoint"]),
     "malformed endpoint": (GOOD + "distributed:\n  rdzv_endpoint: nohostport\n", ["distributed.rdzv_endpoint"]),
+    "port out of range": (GOOD + "distributed:\n  rdzv_endpoint: h:99999\n", ["distributed.rdzv_endpoint", "65535"]),
     "lora rank zero": (GOOD + "lora:\n  r: 0\n", ["lora.r"]),
     "dropout of one": (GOOD + "lora:\n  dropout: 1.0\n", ["lora.dropout"]),
     "missing model": ("dataset:\n  path: data.jsonl\n", ["model", "required"]),
@@ -229,6 +245,7 @@ def test_bad_recipe_is_rejected_for_people(case, workdir):
         (["notakey"], "expected KEY=VALUE"),
         (["training.nope=1"], "training.nope"),
         (["training.max_steps=x"], "training.max_steps"),
+        (["model=builtin:tiny-llama"], "`model.name=builtin:tiny-llama`"),
     ],
 )
 def test_bad_override_is_rejected(args, needle, workdir):
@@ -236,6 +253,15 @@ def test_bad_override_is_rejected(args, needle, workdir):
         run_mgpu("validate", str(write(workdir, GOOD)), *args),
         needle,
         "command line" if "=" in args[0] and needle != "expected KEY=VALUE" else needle,
+    )
+
+
+def test_a_list_index_beyond_the_list_is_named(workdir):
+    mix = GOOD.replace("  path: data.jsonl\n", "  mix:\n    - path: data.jsonl\n    - path: data.jsonl\n")
+    assert_user_error(
+        run_mgpu("validate", str(write(workdir, mix)), "dataset.mix.5.weight=3"),
+        "dataset.mix.5",
+        "has 2 items, so an index from 0 to 1; found 5",
     )
 
 

@@ -32,6 +32,24 @@ DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: Any) -> Any:
+        # pydantic reads true/false as 1/0 for a number field: `lora.r=true` would silently train rank 1.
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and _mentions(annotation, (int, float)) and not _mentions(annotation, (bool, Any)):
+            raise ValueError(
+                f"expected a number, found the boolean {str(value).lower()} (so are yes/no and on/off in YAML)"
+            )
+        return value
+
+
+def _mentions(annotation: Any, types: tuple[Any, ...]) -> bool:
+    """Whether a field's type is, or is a union/list holding, one of `types`."""
+    import typing
+
+    return annotation in types or any(_mentions(a, types) for a in typing.get_args(annotation))
+
 
 class ModelSection(_Section):
     """Which model to fine-tune and how to load it."""
@@ -291,7 +309,7 @@ class TrainingSection(_Section):
     max_grad_norm: float | None = Field(
         1.0, gt=0.0, description="Clip the synchronised global gradient norm to this; null disables."
     )
-    seed: int = Field(42, ge=0, description="Seed for initialisation and data order.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for initialisation and data order.")
     max_skipped_steps: int = Field(
         10,
         ge=1,
@@ -363,6 +381,8 @@ class DistributedSection(_Section):
     def _endpoint(cls, v: str | None) -> str | None:
         if v is not None and not re.fullmatch(r"[A-Za-z0-9_.\-\[\]:]+:\d{1,5}", v):
             raise ValueError(f"expected HOST:PORT (e.g. 10.0.0.1:29400), found {v!r}")
+        if v is not None and not 1 <= int(v.rsplit(":", 1)[1]) <= 65535:
+            raise ValueError(f"expected a port from 1 to 65535 after the host, found {v!r}")
         return v
 
 
@@ -612,12 +632,22 @@ def _read_yaml(path: Path, where: str) -> tuple[dict[str, Any], dict[str, str]]:
     return data, lines
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], over: dict[str, Any], path: str = "") -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        elif isinstance(v, dict) and isinstance(out.get(k), list) and v and all(_is_index(i, out[k]) for i in v):
+            out[k] = _merge(out[k], v, f"{path}{k}.")
+        elif isinstance(v, dict) and isinstance(out.get(k), list) and v and all(str(i).isdigit() for i in v):
+            if not all(_is_index(i, out[k]) for i in v):
+                n = len(out[k])
+                bad = next(i for i in v if not _is_index(i, out[k]))
+                raise UserError(
+                    Problem(
+                        f"{path}{k}.{bad}",
+                        f"{path}{k} has {n} item{'s' if n != 1 else ''}, so an index from 0 to {n - 1}; found {bad}",
+                    ),
+                    "invalid recipe",
+                )
             # `dataset.mix.1.weight=3` on the command line edits one item of a list of sections
             items = list(out[k])
             for i, item in v.items():
@@ -652,7 +682,32 @@ def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any],
     if not base_path.exists():
         raise UserError(Problem(lines.get("base", "base"), f"base recipe not found: {base_path}"), "invalid recipe")
     base_data, base_lines = _load_tree(base_path, (*seen, path))
-    return _merge(base_data, data), {**base_lines, **lines}
+    return _merge(_rebase_paths(base_data, base_path.resolve().parent), data), {**base_lines, **lines}
+
+
+def _rebase_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Make the relative local paths of a `base:` recipe absolute against its own folder (where it was written),
+    so that a recipe in another folder that extends it finds the same files. Hub ids, builtin models and
+    `${...}` interpolations stay as they are."""
+
+    def rebase(value: Any, always: bool = False) -> Any:
+        if not isinstance(value, str) or not value or value.startswith(("${", "builtin:", "/", "~")):
+            return value
+        if always or _looks_like_local_path(value) or (folder / value).exists():
+            return str(folder / value)
+        return value
+
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for section, key, always in (("model", "name", False), ("dataset", "path", False),
+                                 ("dataset", "eval_path", False), ("output", "dir", True)):  # fmt: skip
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section][key] = rebase(out[section][key], always)
+    mix = out.get("dataset", {}).get("mix") if isinstance(out.get("dataset"), dict) else None
+    if isinstance(mix, list):
+        out["dataset"]["mix"] = [
+            {**m, "path": rebase(m["path"])} if isinstance(m, dict) and "path" in m else m for m in mix
+        ]
+    return out
 
 
 def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[Problem]]:
@@ -754,6 +809,16 @@ def _problems_from_validation(exc: ValidationError, lines: dict[str, str]) -> li
             problems.append(Problem(_where(dotted, lines), f"unknown key '{loc[-1]}'", hint))
         elif err["type"] == "missing":
             problems.append(Problem(_where(dotted, lines), "required key is missing", _missing_hint(dotted)))
+        elif err["type"] == "model_type" and loc:  # a value where a section of keys belongs (`model: some-name`)
+            example = "name: " + str(err["input"]) if dotted == "model" else "KEY: VALUE"
+            problems.append(
+                Problem(
+                    _where(dotted, lines),
+                    f"expected a section of keys, found {_fmt_found(err['input'])}",
+                    f"indent its keys under it, e.g. `{dotted}:` then `  {example}` (on the command line "
+                    f"`{dotted}.{example.replace(': ', '=')}`)",
+                )
+            )
         else:
             by_key.setdefault(dotted, []).append(err)
     for dotted, errs in by_key.items():
@@ -789,8 +854,10 @@ def _missing_hint(dotted: str) -> str | None:
 
 
 def _looks_like_local_path(value: str) -> bool:
+    """A path that cannot be a hub id (`org/name`): it is local and must exist."""
     return (
         value.startswith((".", "/", "~"))
+        or value.endswith("/")
         or Path(value).suffix.lower() in (".json", ".jsonl", ".csv", ".parquet", ".txt")
         or value.count("/") >= 2
     )
