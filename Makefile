@@ -44,8 +44,10 @@ format: venv
 	$(VENV)/bin/ruff format unsloth_mgpu_cli unsloth_multigpu tests benchmarks examples
 	$(VENV)/bin/ruff check --fix unsloth_mgpu_cli unsloth_multigpu tests benchmarks examples
 
+# The quick start asks for 2 workers (2 GPUs, or 2 CPU processes without a GPU); a host with one GPU runs one.
+DEMO_ARGS ?= $(shell [ "$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" = 1 ] && echo distributed.num_gpus=1)
 demo: venv           ## train the quick-start recipe (tiny model, bundled data; CPU or GPUs) and show the result
-	$(VENV)/bin/mgpu train recipes/quickstart.yaml --overwrite
+	$(VENV)/bin/mgpu train recipes/quickstart.yaml --overwrite $(DEMO_ARGS)
 
 bench:               ## GPU host: mgpu vs Unsloth's TRL route on 1 and 2 GPUs, GSM8K QLoRA, global batch 128; see docs/BENCHMARKS.md (BENCH_ARGS=...)
 	HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 python3 benchmarks/run.py --data $${DATA:-../shared/data/gsm8k_train_alpaca.json} --out $${OUT:-outputs/bench} $(BENCH_ARGS)

@@ -51,7 +51,35 @@ def test_bad_arguments_are_refused_before_anything_launches():
         enable_multi_gpu(num_gpus=0)
     with pytest.raises(ValueError, match="device"):
         enable_multi_gpu(device="tpu")
+    for bad in ({"num_gpus": True}, {"num_gpus": 2.0}, {"verify_every": "abc"}, {"verify_every": -1},
+                {"timeout_seconds": -5}, {"timeout_seconds": "x"}, {"timeout_seconds": float("nan")}):  # fmt: skip
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            enable_multi_gpu(**bad)
     assert AggregationMethod.parse("WEIGHTED") is AggregationMethod.WEIGHTED
+
+
+def test_under_torchrun_a_num_gpus_other_than_the_launched_count_is_refused(monkeypatch):
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="num_gpus=3 but the launcher started WORLD_SIZE=2"):
+        enable_multi_gpu(num_gpus=3, device="cpu")
+
+
+def test_direct_trainer_refuses_bad_arguments_when_built():
+    model = torch.nn.Linear(2, 2)
+    for bad in ({"num_gpus": 0}, {"num_gpus": -2}, {"num_gpus": 1.5}, {"num_gpus": "2"}, {"max_grad_norm": -1},
+                {"max_grad_norm": float("inf")}, {"verify_every": -1}):  # fmt: skip
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            unsloth_multigpu.MultiGPUTrainer(model, **bad)
+
+
+def test_direct_trainer_keeps_the_documented_learning_rate_when_kwargs_leave_it_out():
+    trainer = unsloth_multigpu.MultiGPUTrainer(
+        torch.nn.Linear(2, 2), optimizer_config={"class": torch.optim.AdamW, "kwargs": {"weight_decay": 0.0}}
+    )
+    trainer.setup()
+    assert trainer.optimizer.param_groups[0]["lr"] == 2e-4
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.0
 
 
 def test_a_failing_hook_mode_worker_ends_the_script_with_its_rank_and_error(tmp_path):

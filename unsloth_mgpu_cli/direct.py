@@ -38,7 +38,8 @@ class MultiGPUTrainer:
         model: a torch module returning an object with `.loss` when called with `labels` (Hugging Face
             causal LMs, Unsloth/PEFT models). Only parameters with `requires_grad` are trained.
         num_gpus: expected world size; None: whatever this process was launched with (1 without a launch).
-        optimizer_config: {"class": optimizer class or torch.optim name, "kwargs": {...}}; default AdamW(lr=2e-4).
+        optimizer_config: {"class": optimizer class or torch.optim name, "kwargs": {...}}; default AdamW; the
+            learning rate is 2e-4 unless kwargs give `lr`.
         aggregation_method: MEAN, SUM, WEIGHTED or MEDIAN (`AggregationMethod` or its string).
         max_grad_norm: clip the synchronised gradient to this norm (None: no clipping).
         verify_every: compare the ranks' trainable weights every N steps (0: only in setup and at epoch end).
@@ -53,6 +54,14 @@ class MultiGPUTrainer:
         max_grad_norm: float | None = 1.0,
         verify_every: int = 50,
     ):
+        from .hooks import is_number, is_whole
+
+        if num_gpus is not None and not (is_whole(num_gpus) and num_gpus >= 1):
+            raise ValueError(f"num_gpus must be a positive integer or None (the launched workers), got {num_gpus!r}")
+        if max_grad_norm is not None and not (is_number(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a positive number, or None for no clipping; got {max_grad_norm!r}")
+        if not (is_whole(verify_every) and verify_every >= 0):
+            raise ValueError(f"verify_every must be a whole number of steps, 0 or more, got {verify_every!r}")
         self.model = model
         self.num_gpus = num_gpus
         self.optimizer_config = dict(optimizer_config or {})
@@ -230,5 +239,5 @@ def _build_optimizer(params: list[Any], config: dict[str, Any]) -> Any:
         if cls.lower() not in names:
             raise ValueError(f"optimizer_config['class']={cls!r} is not a torch.optim optimizer")
         cls = getattr(torch.optim, names[cls.lower()])
-    kwargs = dict(config.get("kwargs") or {"lr": 2e-4})
+    kwargs = {"lr": 2e-4, **(config.get("kwargs") or {})}  # the documented learning rate unless kwargs set one
     return cls(params, **kwargs)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import runpy
 import sys
@@ -169,8 +170,12 @@ def enable_multi_gpu(
         ("batch_size_per_gpu", batch_size_per_gpu),
         ("gradient_accumulation_steps", gradient_accumulation_steps),
     ):
-        if value is not None and (not isinstance(value, int) or value < 1):
+        if value is not None and not (is_whole(value) and value >= 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not (is_whole(verify_every) and verify_every >= 0):
+        raise ValueError(f"verify_every must be a whole number of steps, 0 or more, got {verify_every!r}")
+    if not (is_number(timeout_seconds) and timeout_seconds > 0):
+        raise ValueError(f"timeout_seconds must be a positive number of seconds, got {timeout_seconds!r}")
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
     config = MultiGPUConfig(
@@ -196,6 +201,16 @@ def enable_multi_gpu(
         return config
     _relaunch(config)  # does not return
     raise AssertionError("unreachable")
+
+
+def is_whole(value: Any) -> bool:
+    """An int that is not a bool (True is an int to Python, and num_gpus=True would mean 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def disable_multi_gpu() -> None:
@@ -332,6 +347,12 @@ def _join_external_launch(config: MultiGPUConfig) -> None:
 
     if _STATE.info is not None:
         return
+    launched = {os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")}
+    if config.num_gpus is not None and str(config.num_gpus) not in launched:
+        raise ValueError(
+            f"num_gpus={config.num_gpus} but the launcher started WORLD_SIZE={os.environ['WORLD_SIZE']} worker(s): "
+            "under torchrun leave num_gpus out (or pass the launched count)"
+        )
     device = config.device if config.device != "auto" else ("cuda" if count_gpus() > 0 else "cpu")
     torch = sys.modules.get("torch")
     if device == "cuda" and torch is not None and torch.cuda.is_initialized():
