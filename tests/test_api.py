@@ -15,6 +15,7 @@ from fake_nvml import FakeNVML, h200
 import unsloth_mgpu_cli
 import unsloth_multigpu
 from unsloth_mgpu_cli import distributed as D
+from unsloth_mgpu_cli.errors import UserError
 from unsloth_mgpu_cli.hooks import AggregationMethod, GlobalBatchShardSampler, enable_multi_gpu
 from unsloth_mgpu_cli.memory_manager import MemoryManager, OutOfMemoryRisk
 
@@ -153,6 +154,9 @@ def test_memory_preflight_refuses_what_cannot_fit_and_passes_what_can():
     with pytest.raises(OutOfMemoryRisk):
         mm.check_fits("8B", seq_len=2048, micro_batch_size=2, available_bytes=int(need / 0.9) - 2**20)
     mm.check_fits("8B", seq_len=2048, micro_batch_size=2, available_bytes=int(need / 0.9) + 2**20)
+    with pytest.raises(UserError) as info:
+        mm.check_fits("8B", seq_len=-5, micro_batch_size=0, method="bogus", available_bytes=80 * 2**30)
+    assert [p.where for p in info.value.problems] == ["seq_len", "micro_batch_size", "method"]
 
 
 def test_memory_usage_reads_nvml_gpus_and_falls_back_to_host_ram():

@@ -140,7 +140,22 @@ class MemoryManager:
         lora_r: int = 16,
         num_gpus: int = 1,
     ) -> Any:
-        """The per-GPU peak forecast (`memory.MemoryBreakdown`) for `model` (a size like "8B", a folder or hub id)."""
+        """The per-GPU peak forecast (`memory.MemoryBreakdown`) for `model` (a size like "8B", a folder or hub id).
+
+        Raises:
+            UserError: a count that is not a positive integer, an unknown method or optimizer (each named).
+        """
+        from .hooks import is_whole
+
+        counts = {"seq_len": seq_len, "micro_batch_size": micro_batch_size, "lora_r": lora_r, "num_gpus": num_gpus}
+        problems = [Problem(k, f"expected a positive integer, found {v!r}") for k, v in counts.items()
+                    if not (is_whole(v) and v >= 1)]  # fmt: skip
+        if method not in ("qlora", "lora", "full"):
+            problems.append(Problem("method", f"expected qlora, lora or full, found {method!r}"))
+        if optimizer not in ("adamw", "adamw_8bit", "sgd"):
+            problems.append(Problem("optimizer", f"expected adamw, adamw_8bit or sgd, found {optimizer!r}"))
+        if problems:
+            raise UserError(problems, "invalid arguments")
         arch = resolve_architecture(str(model), where="model")
         setup = TrainingSetup(
             method=method,
