@@ -306,6 +306,11 @@ def test_resolve_auto_on_cpu_is_conservative_and_says_so():
     assert (resolved.training.micro_batch_size, resolved.training.gradient_accumulation_steps) == (2, 1)
     assert resolved.memory.gradient_checkpointing is False
     assert any("no GPU" in n for n in notes)
+    fixed = _auto_recipe()
+    fixed.training.micro_batch_size = 4
+    _, notes = resolve_auto(fixed, num_gpus=1, gpu_memory_bytes=None)
+    (note,) = [n for n in notes if "no GPU" in n]
+    assert "micro_batch_size" not in note and "gradient_accumulation_steps 1" in note  # only what was auto
 
 
 def test_resolve_auto_keeps_fixed_values():

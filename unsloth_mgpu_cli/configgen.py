@@ -535,10 +535,17 @@ def resolve_auto(
             t.gradient_accumulation_steps = 1
         if ck_auto:
             mem.gradient_checkpointing = False
-        notes.append(
-            "no GPU: conservative CPU values (micro_batch_size 2, gradient_accumulation_steps 1, "
-            "gradient_checkpointing false) where the recipe said auto"
-        )
+        filled = [
+            text
+            for auto, text in (
+                (mb_auto, "micro_batch_size 2"),
+                (ga_auto, "gradient_accumulation_steps 1"),
+                (ck_auto, "gradient_checkpointing false"),
+            )
+            if auto
+        ]
+        if filled:
+            notes.append(f"no GPU: conservative CPU values ({', '.join(filled)}) where the recipe said auto")
         return r, notes
 
     if arch is None:
