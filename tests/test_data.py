@@ -506,3 +506,158 @@ def test_tokenising_large_data_shows_rows_per_second_on_a_terminal(tmp_path, mod
     got = prepared(recipe(src), model_path)[0]
     assert "tokenising" not in screen.getvalue()
     assert np.array_equal(got.input_ids, ref.input_ids) and np.array_equal(got.labels, ref.labels)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: every bad row named with what was expected and found (audit of the data path)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_a_field_that_is_not_a_string_is_refused_naming_line_field_and_type(tmp_path, model_path):
+    f = write_jsonl(tmp_path / "t.jsonl", [{"text": 5}, {"text": True}, {"text": "fine"}, {"text": ["a"]}])
+    msg = user_error(recipe(f, format="text"), model_path)
+    assert f"{f}:1: text: expected text (a string), found the number 5" in msg and "quote it in the file" in msg
+    assert f"{f}:2: text: expected text (a string), found the boolean true" in msg
+    assert f"{f}:4: text: expected text (a string), found a list of 1" in msg and f"{f}:3" not in msg
+    rows = [{"instruction": "a", "output": "b"}, {"instruction": "a", "input": 7, "output": "b"}]
+    a = write_jsonl(tmp_path / "a.jsonl", rows + [{"instruction": "a", "output": 146}])
+    msg = user_error(recipe(a), model_path)
+    assert f"{a}:2: input: expected text (a string), found the number 7" in msg
+    assert f"{a}:3: output: expected text (a string), found the number 146" in msg and f"{a}:1" not in msg
+
+
+def test_a_missing_field_is_named_missing_with_the_row_fields_and_the_mapping_to_fix_it(tmp_path, model_path):
+    import pickle
+
+    good = {"instruction": "a", "output": "b"}
+    f = write_jsonl(tmp_path / "m.jsonl", [good, {"instruction": "a", "answer": "b"}, {"text": "raw"}])
+    msg = user_error(recipe(f), model_path)
+    assert f"{f}:2: output: missing" in msg and "['answer', 'instruction']" in msg
+    assert "dataset.columns={output: <column>}" in msg and "is empty" not in msg
+    assert f"{f}:3: instruction: missing" in msg and "dataset.format=text" in msg
+    # in a mix the hint names the source's own key
+    mixed = Recipe.model_validate(
+        {
+            "model": {"name": "builtin:tiny-llama", "max_seq_length": 128},
+            "dataset": {"mix": [{"path": str(QUICKSTART_DATA)}, {"path": str(f), "weight": 100}]},
+        }
+    )
+    assert "dataset.mix.1.columns={output: <column>}" in user_error(mixed, model_path)
+    # the hint survives the trip back from a tokenizer process (dataset.num_proc > 1)
+    assert pickle.loads(pickle.dumps(D._RowError("m", "h"))).hint == "h"
+
+
+def test_csv_rows_that_cannot_be_parsed_are_each_named_by_row(tmp_path, model_path):
+    csv = tmp_path / "p.csv"
+    csv.write_text('instruction,output\nfine,ok\nc\n"x,3\n4,5\n6,"7"8\nalso,fine\nd,e,f\n')
+    msg = user_error(recipe(csv), model_path)
+    assert f"{csv}: row 3: expected 2 fields, as the header ['instruction', 'output'], found 1" in msg
+    assert f"{csv}: row 4: cannot parse the CSV row (it runs to line 6)" in msg
+    assert f"{csv}: row 8: expected 2 fields" in msg and "must be quoted" in msg
+    assert f"{csv}: row 2" not in msg and f"{csv}: row 7" not in msg
+
+
+def test_a_field_that_is_not_utf8_flags_only_its_row_and_csv_fields_stay_text(tmp_path, model_path):
+    csv = tmp_path / "l1.csv"
+    csv.write_bytes(b"instruction,output\ncaf\xe9,b\ngood,row\nok,na\xefve\n")
+    msg = user_error(recipe(csv), model_path)
+    assert f"{csv}: row 2: instruction: not UTF-8 text: byte 0xe9" in msg and "iconv" in msg
+    assert f"{csv}: row 4: output: not UTF-8 text: byte 0xef" in msg and f"{csv}: row 3" not in msg
+    # a column of numbers is text in a CSV (no type is guessed), and a field may span lines
+    nums = tmp_path / "n.csv"
+    nums.write_text('instruction,output\nAdd 2 and 3.,5\n"Add 4\nand 4.",8\n')
+    data, s = prepared(recipe(nums), model_path)
+    assert s.samples == 2 and data.loss_counts.min() > 0
+
+
+def test_a_column_mapping_that_matches_no_column_is_refused(tmp_path, model_path):
+    f = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "a", "output": "b"}] * 3)
+    msg = user_error(recipe(f, columns={"instruction": "question"}), model_path)
+    assert "dataset.columns.instruction: maps the column 'question' to instruction" in msg
+    assert "its columns: ['instruction', 'output']" in msg
+    share = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+    c = write_jsonl(tmp_path / "c.jsonl", [{"conversations": share}])
+    r = recipe(c, format="chat", columns={"messages": "conversations", "role": "role", "content": "value"})
+    msg = user_error(r, model_path)
+    assert "dataset.columns.role: maps the message key 'role'" in msg and "['from', 'value']" in msg
+
+
+def test_a_malformed_line_does_not_hide_the_bad_rows_before_it(tmp_path, model_path):
+    f = tmp_path / "six.jsonl"
+    f.write_bytes(
+        b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": ""}\n{"text": 5}\n'
+        b'{"instruction": "a", "answer": "b"}\n{"instruction": "a", "output": true}\n{"instruction": oops\n'
+        b'[1, 2]\n{"instruction": "caf\xe9", "output": "b"}\n{"instruction": "a", "output": "b"}\n'
+    )
+    msg = user_error(recipe(f), model_path)
+    found = [int(n) for n in re.findall(rf"{re.escape(str(f))}:(\d+)", msg)]
+    assert found == [2, 3, 4, 5, 6, 7, 8], msg  # every bad line, in file order
+    assert "malformed JSON line" in msg and "found a list of 2" in msg and "not UTF-8 text: byte 0xe9" in msg
+    # past 20 problems the rest are counted
+    many = tmp_path / "many.jsonl"
+    many.write_text("{oops\n" * 25 + '{"instruction": "a", "output": ""}\n')
+    assert "... and 6 more bad rows" in user_error(recipe(many), model_path)
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path, model_path):
+    f = tmp_path / "u.jsonl"
+    f.write_text(json.dumps({"text": "one\u2028two\x1cthree"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert prepared(recipe(f, format="text"), model_path)[1].samples == 1
+
+
+def test_prepare_counts_rows_before_max_samples_and_warns_when_train_would_refuse(tmp_path, model_path, monkeypatch):
+    _, s = prepared(recipe(QUICKSTART_DATA, max_samples=100), model_path)
+    assert (s.samples, s.rows) == (100, 512)
+    monkeypatch.delenv("UNSLOTH_MGPU_CACHE")  # the subprocess finds the tiny model in the default cache
+    copy = tmp_path / "quickstart.jsonl"
+    copy.write_bytes(QUICKSTART_DATA.read_bytes())
+    batch = ("training.micro_batch_size=4", "distributed.num_gpus=2", "training.gradient_accumulation_steps=1")
+    args = ("prepare", str(ROOT / "recipes" / "quickstart.yaml"), f"dataset.path={copy}", *batch)
+    proc = run_mgpu(*args, "dataset.max_samples=5", timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "5 (of 512 rows)" in out
+    assert "mgpu train will refuse" in out and "training.micro_batch_size: one optimizer step needs 8 samples" in out
+    assert "dataset has 5" in out and "lower the batch settings or add data" in out
+
+
+def test_a_chat_template_that_does_not_compile_or_refuses_a_row_is_named(tmp_path, model_path, monkeypatch):
+    f = write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT[1:3]}, {"messages": CHAT}])
+    refuse = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('the first turn must be the user') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    msg = user_error(recipe(f, format="chat", chat_template=refuse), model_path)
+    assert f"{f}:2: the chat template refused this conversation: the first turn must be the user" in msg
+    assert f"{f}:1" not in msg
+    monkeypatch.delenv("UNSLOTH_MGPU_CACHE")
+    broken = "dataset.chat_template={% for m in messages %}{{ m.content }{% endfor %}"
+    args = ("prepare", str(ROOT / "recipes" / "quickstart.yaml"), f"dataset.path={f}", "dataset.format=chat", broken)
+    assert_user_error(run_mgpu(*args), "dataset.chat_template: the Jinja template does not compile: line 1")
+
+
+def test_an_unusable_cache_folder_is_named_without_a_traceback(tmp_path, monkeypatch):
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    recipe_path = str(ROOT / "recipes" / "quickstart.yaml")
+    proc = run_mgpu("prepare", recipe_path, UNSLOTH_MGPU_CACHE=str(a_file))
+    assert_user_error(proc, f"UNSLOTH_MGPU_CACHE ({a_file}): expected a folder, found a file")
+    proc = run_mgpu("prepare", recipe_path, UNSLOTH_MGPU_CACHE=str(a_file / "sub"))
+    assert_user_error(proc, "UNSLOTH_MGPU_CACHE", f"{a_file} is a file")
+    monkeypatch.setenv("UNSLOTH_MGPU_CACHE", "/proc/mgpu-cache")  # not writable, even for root
+    with pytest.raises(UserError, match=r"UNSLOTH_MGPU_CACHE \(/proc/mgpu-cache\): cannot write to /proc"):
+        D.report(recipe(QUICKSTART_DATA))
+    assert not a_file.read_text() and [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+def test_a_missing_local_path_is_not_looked_up_on_the_hub(tmp_path, model_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    for path, reason in (("nosuchfolder/", "ends with '/'"), ("a/b/c", "more than one '/'"), ("x.jsonl", ".jsonl")):
+        msg = user_error(recipe(path), model_path)
+        assert f"dataset.path ({path}): no such file or folder, and it cannot be a hub dataset id" in msg
+        assert reason in msg and "hub dataset:" not in msg
+    # a name that could be a hub id is looked up there; when that fails, the error says no local one exists either
+    msg = user_error(recipe("nosuchfolder"), model_path)
+    assert "dataset.path (nosuchfolder): no local file or folder of that name exists" in msg and "offline" in msg

@@ -8,10 +8,12 @@ global batch size, never on the number of workers (contract.md).
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -75,14 +77,43 @@ NAMED_CHAT_TEMPLATES = {
 }
 
 
+# Bad rows listed in one error; the others are counted ("... and 12 more bad rows").
+MAX_LISTED = 20
+
+# Where a problem is, for listing every problem of the data in file order: (source, file, line or row number).
+Position = tuple[int, ...]
+
+
 @dataclass
 class _Source:
     """Where a run of rows came from, so a bad row can be named by file:line (or file: row N)."""
 
     name: str
     start: int  # index of its first row among all rows
-    lines: list[int] | None = None  # 1-based line of each row, for line-oriented files
-    first_row: int = 1  # what to call the first row (2 for a CSV: line 1 is the header)
+    numbers: list[int] | None = None  # line (or row number) of each row; None: rows numbered from 1
+    label_rows: bool = False  # name rows `file: row N` (CSV, JSON arrays, Parquet, hub) rather than `file:N`
+
+    def number(self, local: int) -> int:
+        """The line (or row number) of the source's row `local` (0-based)."""
+        return self.numbers[local] if self.numbers is not None and local < len(self.numbers) else local + 1
+
+    def where(self, number: int) -> str:
+        return f"{self.name}: row {number}" if self.label_rows else f"{self.name}:{number}"
+
+
+@dataclass
+class _Bad:
+    """The bad lines of one file, in file order: the first MAX_LISTED as problems, the others counted (a file of
+    the wrong kind has a bad line per line)."""
+
+    problems: list[tuple[int, Problem]] = field(default_factory=list)
+    more: int = 0
+
+    def add(self, number: int, problem: Problem) -> None:
+        if len(self.problems) < MAX_LISTED:
+            self.problems.append((number, problem))
+        else:
+            self.more += 1
 
 
 @dataclass
@@ -92,78 +123,206 @@ class Rows:
     rows: list[dict[str, Any]]
     sources: list[_Source]
     index: np.ndarray | None = None  # original row of each kept row (dataset.max_samples)
+    total: int = -1  # rows the data holds, before dataset.max_samples (-1: len(rows))
+    # lines that are no rows (malformed JSON, an unparsable CSV row): reported with the bad rows, in file order
+    problems: list[tuple[Position, Problem]] = field(default_factory=list)
+    more: int = 0  # such lines beyond those in `problems`
+
+    def __post_init__(self) -> None:
+        if self.total < 0:
+            self.total = len(self.rows)
+
+    def position(self, i: int) -> Position:
+        """(source, line or row number) of row i."""
+        if self.index is not None:
+            i = int(self.index[i])
+        k = 0
+        for j, s in enumerate(self.sources):
+            if s.start <= i:
+                k = j
+        return k, self.sources[k].number(i - self.sources[k].start)
 
     def where(self, i: int) -> str:
         """file:line (or `file: row N`) of row i."""
-        if self.index is not None:
-            i = int(self.index[i])
-        src = self.sources[0]
-        for s in self.sources:
-            if s.start <= i:
-                src = s
-        local = i - src.start
-        if src.lines is not None and local < len(src.lines):
-            return f"{src.name}:{src.lines[local]}"
-        return f"{src.name}: row {local + src.first_row}"
+        k, number = self.position(i)
+        return self.sources[k].where(number)
 
 
 def _data_error(where: str, message: str, hint: str | None = None) -> UserError:
     return UserError(Problem(where, message, hint), "invalid data")
 
 
-def _read_json(path: Path) -> tuple[list[Any], list[int] | None]:
-    """A JSON array, or JSON Lines (one object per line; a malformed line is named by file:line)."""
-    text = read_utf8(path, "invalid data")
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+def _describe(value: Any) -> str:
+    """A JSON value as a person would name it: `the number 5`, `the boolean true`, `null`, `a list of 2`."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the string {value!r:.60}"
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _names(keys: Any, limit: int = 20) -> str:
+    """Column names for a message: sorted, quoted, at most `limit`."""
+    names = sorted(str(k) for k in keys)
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
+
+
+def _read_json(path: Path, bad: _Bad) -> tuple[list[Any], list[int], bool]:
+    """A JSON array (rows numbered from 1), or JSON Lines (rows named by their line).
+
+    A line that is not UTF-8 or not a JSON object is a problem, and the other lines are still read, so the bad
+    rows among them are found too. Lines are split at newlines only: JSON strings may hold U+2028 and the
+    other separators that str.splitlines() would cut at.
+    """
+    raw = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0  # some Windows editors write one
+    if path.suffix.lower() == ".json" and raw[bom:].lstrip().startswith(b"["):
+        text = read_utf8(path, "invalid data")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise _data_error(f"{path}:{exc.lineno}", f"malformed JSON: {exc.msg} at column {exc.colno}") from exc
-        return data, None
+        for n, row in enumerate(data, 1):
+            if not isinstance(row, dict):
+                bad.add(n, Problem(f"{path}: row {n}", f"expected an object with named fields, found {_describe(row)}"))
+        numbers = [n for n, row in enumerate(data, 1) if isinstance(row, dict)]
+        return [row for row in data if isinstance(row, dict)], numbers, True
     rows, lines = [], []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    offset = bom
+    for lineno, line in enumerate(raw[bom:].split(b"\n"), 1):
+        start, offset = offset, offset + len(line) + 1
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            message = f"not UTF-8 text: byte 0x{line[exc.start]:02x} at offset {start + exc.start} ({exc.reason})"
+            bad.add(lineno, Problem(f"{path}:{lineno}", message, UTF8_HINT))
+            continue
+        if not text.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise _data_error(
-                f"{path}:{lineno}",
-                f"malformed JSON line: {exc.msg} at column {exc.colno}",
-                "each line of a JSON Lines file must be one JSON object",
-            ) from exc
+            bad.add(
+                lineno,
+                Problem(
+                    f"{path}:{lineno}",
+                    f"malformed JSON line: {exc.msg} at column {exc.colno}",
+                    "each line of a JSON Lines file must be one JSON object",
+                ),
+            )
+            continue
+        if not isinstance(row, dict):
+            bad.add(
+                lineno, Problem(f"{path}:{lineno}", f"expected an object with named fields, found {_describe(row)}")
+            )
+            continue
+        rows.append(row)
         lines.append(lineno)
+    return rows, lines, False
+
+
+# A field that is not UTF-8, decoded with surrogateescape: its bytes 0x80-0xff became U+DC80-U+DCFF.
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+_CSV_HINT = 'a field that holds a comma, a quote or a line break must be quoted: "a, b" (a quote inside doubled: "")'
+
+
+def _read_csv(path: Path, bad: _Bad) -> tuple[list[dict[str, Any]], list[int]]:
+    """The rows of a CSV file, every field a string, each named by the line it starts on (`file: row N`; the
+    header is row 1).
+
+    Read with Python's csv module rather than pyarrow, whose errors name no row and which types a column (a
+    column of numbers becomes integers) and reads a whole column as binary when one of its fields is not UTF-8.
+    A row that cannot be parsed, or has another number of fields than the header, is a problem and the other
+    rows are still read. A field that is not UTF-8 is kept as bytes and refused where a format reads it, so
+    only the rows that hold one are reported.
+    """
+    import csv
+    import io
+
+    csv.field_size_limit(2**31 - 1)  # the default, 128 KiB, is less than one long document
+    text = path.read_bytes().decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    rows, lines = [], []
+    end = 0  # the last line of the previous row
+    while True:
+        start = end + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            if reader.line_num <= end:  # no progress: nothing more can be read
+                break
+            end = reader.line_num
+            span = f" (it runs to line {end})" if end > start else ""
+            bad.add(start, Problem(f"{path}: row {start}", f"cannot parse the CSV row{span}: {exc}", _CSV_HINT))
+            continue
+        end = reader.line_num
+        if not record:  # a blank line
+            continue
+        if header is None:
+            if any(_NOT_UTF8.search(name) for name in record):
+                raise _data_error(f"{path}: row {start}", "the header (column names) is not UTF-8 text", UTF8_HINT)
+            header = record
+            continue
+        if len(record) != len(header):
+            message = f"expected {len(header)} fields, as the header {_names(header)}, found {len(record)}"
+            bad.add(start, Problem(f"{path}: row {start}", message, _CSV_HINT))
+            continue
+        rows.append(
+            {
+                name: value.encode("utf-8", "surrogateescape") if _NOT_UTF8.search(value) else value
+                for name, value in zip(header, record, strict=True)
+            }
+        )
+        lines.append(start)
     return rows, lines
 
 
-def _read_file(path: Path, key: str = "dataset") -> tuple[list[dict[str, Any]], _Source]:
+def _read_file(path: Path, key: str = "dataset") -> tuple[list[dict[str, Any]], _Source, _Bad]:
     suffix = path.suffix.lower()
     if path.stat().st_size == 0:
         raise _data_error(f"{key}.path ({path})", "the dataset file is empty")
-    first_row = 1
+    bad = _Bad()
     if suffix in (".json", ".jsonl"):
-        rows, lines = _read_json(path)
-    else:
-        lines = None
-        try:
-            if suffix == ".csv":
-                import pyarrow.csv as pacsv
+        rows, numbers, label_rows = _read_json(path, bad)
+        return rows, _Source(str(path), 0, numbers, label_rows), bad
+    if suffix == ".csv":
+        rows, numbers = _read_csv(path, bad)
+        return rows, _Source(str(path), 0, numbers, True), bad
+    try:
+        import pyarrow.parquet as pq
 
-                table = pacsv.read_csv(path)
-                first_row = 2  # CSV row N is line N+1 when no field spans lines
-            else:
-                import pyarrow.parquet as pq
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types; all mean "cannot parse this file"
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise _data_error(str(path), f"cannot read the {suffix[1:]} file: {msg}") from exc
+    return table.to_pylist(), _Source(str(path), 0, None, True), bad
 
-                table = pq.read_table(path)
-        except Exception as exc:  # pyarrow raises several types; all mean "cannot parse this file"
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise _data_error(str(path), f"cannot read the {suffix[1:]} file: {msg}") from exc
-        rows = table.to_pylist()
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            where = f"{path}:{lines[i]}" if lines else f"{path}: row {i + first_row}"
-            raise _data_error(where, f"expected an object with named fields, found {type(row).__name__}")
-    return rows, _Source(str(path), 0, lines, first_row)
+
+def _cannot_be_hub_id(path: str) -> str | None:
+    """Why `path` cannot be a hub dataset id (`name` or `org/name`), so must be a local file or folder; None
+    when it could be one."""
+    if path.endswith(("/", os.sep)):
+        return "it ends with '/'"
+    if path.startswith((".", "/", "~")):
+        return f"it starts with {path[0]!r}"
+    if path.count("/") > 1:
+        return "it has more than one '/'"
+    suffix = Path(path).suffix.lower()
+    if suffix in (*_SUFFIXES, ".txt", ".tsv"):
+        return f"it ends with the file extension {suffix}"
+    return None
 
 
 def _hub_rows(ds: DatasetSection, key: str = "dataset") -> tuple[list[dict[str, Any]], _Source]:
@@ -181,14 +340,61 @@ def _hub_rows(ds: DatasetSection, key: str = "dataset") -> tuple[list[dict[str, 
             if offline
             else f"check the dataset id and {key}.split, or give a local .json/.jsonl/.csv/.parquet file"
         )
-        raise _data_error(f"{key}.path ({ds.path})", f"cannot load the hub dataset: {msg}", hint) from exc
-    return table.to_list(), _Source(f"{ds.path} [{ds.split}]", 0)
+        raise _data_error(
+            f"{key}.path ({ds.path})",
+            f"no local file or folder of that name exists (relative paths start from the recipe's folder), "
+            f"and it cannot be loaded as a hub dataset: {msg}",
+            hint,
+        ) from exc
+    return table.to_list(), _Source(f"{ds.path} [{ds.split}]", 0, None, True)
+
+
+def _column_maps(ds: DatasetSection) -> tuple[dict[str, str], dict[str, str]]:
+    """dataset.columns as (top-level renames, renames inside chat messages: role and content)."""
+    inner_names = ("role", "content") if ds.format == "chat" else ()
+    top = {k: v for k, v in ds.columns.items() if k not in inner_names}
+    inner = {k: v for k, v in ds.columns.items() if k in inner_names}
+    return top, inner
+
+
+def _check_columns(rows: list[dict[str, Any]], ds: DatasetSection, columns_key: str) -> list[Problem]:
+    """Every column that dataset.columns maps from must be in the data: a mapping that matches nothing would
+    otherwise do nothing, silently (the format's own column, if there is one, would be trained on instead)."""
+    top, inner = _column_maps(ds)
+    problems = []
+    if top:
+        found = set().union(*(r.keys() for r in rows))
+        for name, source in top.items():
+            if source not in found:
+                problems.append(
+                    Problem(
+                        f"{columns_key}.{name}",
+                        f"maps the column {source!r} to {name}, but the data ({ds.path}) has no column {source!r}; "
+                        f"its columns: {_names(found)}",
+                        f"set {columns_key}.{name} to one of these columns, or remove it",
+                    )
+                )
+    if inner:
+        messages = top.get("messages", "messages")
+        found = {
+            k for r in rows if isinstance(r.get(messages), list) for m in r[messages] if isinstance(m, dict) for k in m
+        }
+        for name, source in inner.items():
+            if found and source not in found:
+                problems.append(
+                    Problem(
+                        f"{columns_key}.{name}",
+                        f"maps the message key {source!r} to {name}, but no message in the data ({ds.path}) has "
+                        f"it; the messages' keys: {_names(found)}",
+                        f"set {columns_key}.{name} to one of these keys, or remove it",
+                    )
+                )
+    return problems
 
 
 def _apply_columns(rows: list[dict[str, Any]], ds: DatasetSection) -> None:
     """Rename the user's columns to the format's names in place (role/content inside chat messages)."""
-    top = {k: v for k, v in ds.columns.items() if k not in ("role", "content") or ds.format != "chat"}
-    inner = {k: v for k, v in ds.columns.items() if k in ("role", "content") and ds.format == "chat"}
+    top, inner = _column_maps(ds)
     if not top and not inner:
         return
     for row in rows:
@@ -204,19 +410,23 @@ def _apply_columns(rows: list[dict[str, Any]], ds: DatasetSection) -> None:
                             m[name] = m.pop(source)
 
 
-def load_rows(ds: DatasetSection, seed: int = 0, key: str = "dataset") -> Rows:
+def load_rows(ds: DatasetSection, seed: int = 0, key: str = "dataset", columns_key: str | None = None) -> Rows:
     """Read every row of a local file, a folder of files, or a cached hub dataset.
 
-    Columns named in `dataset.columns` are renamed first; a format's required column missing from the
-    data is reported once, naming the columns that were found.
+    Lines that are no rows (malformed JSON, an unparsable CSV row) do not stop the reading: they come back in
+    `Rows.problems`, to be reported with the bad rows. Columns named in `dataset.columns` are renamed first
+    (each must exist); a format's required column missing from the data is reported once, naming the columns
+    that were found.
 
     Args:
         ds: a single-path dataset section (one of `DatasetSection.sources()`).
         seed: seeds the `dataset.max_samples` draw.
         key: the recipe key of the source, for messages (`dataset`, or `dataset.mix.<i>` in a mix).
+        columns_key: the key that sets the source's columns (default `<key>.columns`).
 
     Raises:
-        UserError: unreadable or malformed files (file:line), an empty dataset, missing columns.
+        UserError: unreadable files, a path that is neither a file, a folder nor a hub dataset, an empty
+            dataset, a mapped column that is not in the data, a required column missing from every row.
     """
     assert ds.path is not None, "load_rows reads one source: see DatasetSection.sources()"
     path = Path(ds.path)
@@ -242,35 +452,53 @@ def load_rows(ds: DatasetSection, seed: int = 0, key: str = "dataset") -> Rows:
             )
         files = [path]
     else:
+        reason = _cannot_be_hub_id(ds.path)
+        if reason is not None:
+            raise _data_error(
+                f"{key}.path ({ds.path})",
+                f"no such file or folder, and it cannot be a hub dataset id ({reason})",
+                "check the path; relative paths start from the recipe's folder",
+            )
         files = []
     rows: list[dict[str, Any]] = []
     sources: list[_Source] = []
+    problems: list[tuple[Position, Problem]] = []
+    more = 0
     if files:
-        for f in files:
-            part, src = _read_file(f, key)
+        for k, f in enumerate(files):
+            part, src, bad = _read_file(f, key)
             src.start = len(rows)
             rows.extend(part)
             sources.append(src)
+            problems += [((k, number), p) for number, p in bad.problems]
+            more += bad.more
     else:
         rows, src = _hub_rows(ds, key)
         sources.append(src)
     if not rows:
+        _raise_bad_rows(problems, more)
         raise _data_error(f"{key}.path ({path})", "the dataset has no rows")
-    _apply_columns(rows, ds)
-    found = sorted({k for r in rows[:1000] for k in r})
-    missing = [c for c in _REQUIRED[ds.format] if not any(c in r for r in rows[:1000])]
-    if missing:
-        mapped = ", ".join(f"{c}: <your column>" for c in missing)
-        raise _data_error(
-            sources[0].name,
-            f"format {ds.format} needs column(s) {missing}; found {found}",
-            f"set {key}.format to match the data, or map columns with {key}.columns: {{{mapped}}}",
-        )
+    recipe_problems = _check_columns(rows, ds, columns_key or f"{key}.columns")
+    if not recipe_problems:
+        _apply_columns(rows, ds)
+        found = sorted({k for r in rows[:1000] for k in r})
+        missing = [c for c in _REQUIRED[ds.format] if not any(c in r for r in rows[:1000])]
+        if missing:
+            mapped = ", ".join(f"{c}: <your column>" for c in missing)
+            recipe_problems.append(
+                Problem(
+                    sources[0].name,
+                    f"format {ds.format} needs column(s) {missing}; found {found}",
+                    f"set {key}.format to match the data, or map columns with {key}.columns: {{{mapped}}}",
+                )
+            )
+    if recipe_problems:
+        raise UserError(recipe_problems + _listed(problems, more), "invalid data")
     if ds.max_samples is not None and ds.max_samples < len(rows):
         keep = np.sort(np.random.default_rng([seed, 1]).choice(len(rows), ds.max_samples, replace=False))
         # `index` keeps the original row numbers, so errors still name the right line
-        return Rows([rows[i] for i in keep], sources, keep)
-    return Rows(rows, sources)
+        return Rows([rows[i] for i in keep], sources, keep, len(rows), problems, more)
+    return Rows(rows, sources, None, len(rows), problems, more)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,7 +510,7 @@ class _RowError(Exception):
     """A problem with one row; the parent turns it into a Problem naming file:line."""
 
     def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
+        super().__init__(message, hint)  # both in args: the error is pickled back from tokenizer processes
         self.message, self.hint = message, hint
 
 
@@ -310,20 +538,53 @@ def encoding_of(recipe: Recipe, ds: DatasetSection | None = None) -> Encoding:
     )
 
 
-def _text(value: Any, name: str) -> str:
-    if value is None or (isinstance(value, float) and value != value):  # None or NaN (CSV gaps)
+def _missing(row: dict[str, Any], name: str, fmt: str) -> _RowError:
+    """The row lacks a field its format needs: name the row's fields, the column mapping and a likely format."""
+    guess = next((f for col, f in _FORMAT_COLUMNS_SEEN if col in row), None)
+    hint = f"if another column holds it, map it: dataset.columns={{{name}: <column>}}"
+    if guess is not None and guess != fmt:
+        hint += f"; if the data is in {guess} format, set dataset.format={guess}"
+    return _RowError(f"{name}: missing (format {fmt} needs it); the row's fields are {_names(row)}", hint)
+
+
+# A column that tells which format a row is in (for the hint of a missing field).
+_FORMAT_COLUMNS_SEEN = (("messages", "chat"), ("conversations", "chat"), ("instruction", "alpaca"), ("text", "text"))
+
+
+def _field(row: dict[str, Any], name: str, fmt: str, required: bool = True) -> str:
+    """The text of a field: a string (a field that is not, a number say, is refused: it is no text to learn)."""
+    if name not in row:
+        if required:
+            raise _missing(row, name, fmt)
+        return ""
+    value = row[name]
+    if value is None or (isinstance(value, float) and value != value):  # null, or NaN (a gap in a Parquet column)
+        if required:
+            raise _RowError(f"{name} is empty (null)")
+        return ""
+    if isinstance(value, bytes):  # a CSV field that is not UTF-8 (see _read_csv), or a binary Parquet column
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _RowError(
+                f"{name}: not UTF-8 text: byte 0x{value[exc.start]:02x} at offset {exc.start} of the field", UTF8_HINT
+            ) from None
+    if not isinstance(value, str):
+        hint = (
+            f'quote it in the file so that it is text: "{json.dumps(value)}"'
+            if isinstance(value, (bool, int, float))
+            else "map the column that holds the text with dataset.columns, or check dataset.format"
+        )
+        raise _RowError(f"{name}: expected text (a string), found {_describe(value)}", hint)
+    if required and not value.strip():
         raise _RowError(f"{name} is empty")
-    if isinstance(value, bytes):  # pyarrow reads a CSV cell that is not UTF-8 as binary
-        raise _RowError(f"{name}: not UTF-8 text", UTF8_HINT)
-    if not isinstance(value, (str, int, float)):
-        raise _RowError(f"{name}: expected text, found {type(value).__name__}")
-    if not str(value).strip():
-        raise _RowError(f"{name} is empty")
-    return str(value)
+    return value
 
 
 def _chat_messages(row: dict[str, Any]) -> list[dict[str, str]]:
-    msgs = row.get("messages")
+    if "messages" not in row:
+        raise _missing(row, "messages", "chat")
+    msgs = row["messages"]
     if not isinstance(msgs, list) or not msgs:
         raise _RowError(f"messages: expected a non-empty list of {{role, content}} objects, found {msgs!r:.60}")
     out = []
@@ -338,13 +599,26 @@ def _chat_messages(row: dict[str, Any]) -> list[dict[str, str]]:
             raise _RowError(f"messages[{j}].role: expected one of {', '.join(CHAT_ROLES)}, found {m['role']!r}")
         content = m["content"]
         if not isinstance(content, str):
-            raise _RowError(f"messages[{j}].content: expected text, found {type(content).__name__}")
+            raise _RowError(f"messages[{j}].content: expected text (a string), found {_describe(content)}")
         out.append({"role": role, "content": content})
     return out
 
 
 def _render_chat(tokenizer: Any, msgs: list[dict[str, str]], template: str | None, gen: bool) -> str:
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=template)
+    try:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=template)
+    except Exception as exc:  # the template is the user's code (Jinja): it refused this conversation, or failed on it
+        from jinja2 import TemplateError
+
+        if type(exc) is TemplateError:  # what the template's raise_exception('...') raises
+            raise _RowError(
+                f"the chat template refused this conversation: {exc}",
+                "fix the conversation, or choose another dataset.chat_template",
+            ) from None
+        raise _RowError(
+            f"the chat template failed on this conversation: {type(exc).__name__}: {exc}",
+            "fix the template (dataset.chat_template), or the conversation",
+        ) from None
 
 
 def encode_row(row: dict[str, Any], tokenizer: Any, enc: Encoding) -> tuple[list[int], list[int]]:
@@ -353,16 +627,16 @@ def encode_row(row: dict[str, Any], tokenizer: Any, enc: Encoding) -> tuple[list
     if enc.format == "alpaca":
         prompt, response = render_alpaca(
             {
-                "instruction": _text(row.get("instruction"), "instruction"),
-                "input": row.get("input") if isinstance(row.get("input"), str) else "",
-                "output": _text(row.get("output"), "output"),
+                "instruction": _field(row, "instruction", "alpaca"),
+                "input": _field(row, "input", "alpaca", required=False),
+                "output": _field(row, "output", "alpaca"),
             }
         )
         p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
         return p_ids + r_ids, ([IGNORE_INDEX] * len(p_ids) if enc.responses_only else list(p_ids)) + r_ids
     if enc.format == "text":
-        text = _text(row.get("text"), "text")
+        text = _field(row, "text", "text")
         ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [eos]
         return ids, list(ids)
     # chat: render the whole conversation once, then find each assistant turn's characters by rendering the
@@ -629,24 +903,45 @@ def _encode_all(rows: Rows, recipe: Recipe, model_path: str, tokenizer: Any, enc
 
 
 def _encode_source(
-    rows: Rows, recipe: Recipe, model_path: str, tokenizer: Any, enc: Encoding
-) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[Problem]]:
-    """(ids, labels) of every row, and a problem naming file:line for every bad one."""
+    rows: Rows, recipe: Recipe, model_path: str, tokenizer: Any, enc: Encoding, key: str = "dataset"
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[Position, Problem]]]:
+    """(ids, labels) of every row, and a problem naming file:line for every bad one (with its position).
+
+    `key`: the source's recipe key; in a mix (`dataset.mix.<i>`) the hints name its own columns, format and
+    chat template.
+    """
     samples, bad = [], []
     for i, *item in _encode_all(rows, recipe, model_path, tokenizer, enc):
         if isinstance(item[0], _RowError):
-            bad.append(Problem(rows.where(i), item[0].message, item[0].hint))
+            message, hint = _for_source(item[0].message, key), _for_source(item[0].hint, key)
+            bad.append((rows.position(i), Problem(rows.where(i), message, hint)))
         else:
             samples.append((item[0], item[1]))
     return samples, bad
 
 
-def _raise_bad_rows(problems: list[Problem]) -> None:
-    if problems:
-        shown = problems[:20]
-        if len(problems) > 20:
-            shown.append(Problem("", f"... and {len(problems) - 20} more bad rows"))
-        raise UserError(shown, "invalid data")
+# The dataset keys a source of a mix sets for itself (`dataset.mix.<i>.columns`).
+_PER_SOURCE_KEY = re.compile(r"\bdataset\.(columns|format|chat_template)\b")
+
+
+def _for_source(text: str | None, key: str) -> str | None:
+    """A row's message for the source `key`: in a mix, the keys it sets for itself are `dataset.mix.<i>.<name>`."""
+    return _PER_SOURCE_KEY.sub(rf"{key}.\1", text) if text and key != "dataset" else text
+
+
+def _listed(problems: list[tuple[Position, Problem]], more: int = 0) -> list[Problem]:
+    """The problems in file order, at most MAX_LISTED, then a line counting the others (`more` besides them)."""
+    ordered = [p for _, p in sorted(problems, key=lambda item: item[0])]
+    shown = ordered[:MAX_LISTED]
+    hidden = len(ordered) - len(shown) + more
+    if hidden:
+        shown.append(Problem("", f"... and {hidden} more bad rows"))
+    return shown
+
+
+def _raise_bad_rows(problems: list[tuple[Position, Problem]], more: int = 0) -> None:
+    if problems or more:
+        raise UserError(_listed(problems, more), "invalid data")
 
 
 def _check_chat_template(tokenizer: Any, source: DataSource) -> list[Problem]:
@@ -670,7 +965,39 @@ def _check_chat_template(tokenizer: Any, source: DataSource) -> list[Problem]:
                 f"expected one of {', '.join(NAMED_CHAT_TEMPLATES)}, or a Jinja template",
             )
         ]
+    # Compile the template once, on a trial conversation, so that a syntax error is one problem naming the key
+    # rather than an error on every row. Any other error is the template refusing the trial conversation
+    # (raise_exception): the rows will tell whether theirs are refused.
+    from jinja2 import TemplateSyntaxError
+
+    trial = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}]
+    try:
+        tokenizer.apply_chat_template(trial, tokenize=False, chat_template=NAMED_CHAT_TEMPLATES.get(tpl, tpl))
+    except TemplateSyntaxError as exc:
+        where = key if tpl is not None else f"{key} (not set: the tokenizer's own template)"
+        return [
+            Problem(
+                where,
+                f"the Jinja template does not compile: line {exc.lineno}: {exc.message}",
+                "fix the template ({{ expression }}, {% statement %}), or name one: " + ", ".join(NAMED_CHAT_TEMPLATES),
+            )
+        ]
+    except Exception:  # noqa: BLE001 - see above
+        pass
     return []
+
+
+def _template_problems_too(recipe: Recipe, model_path: str) -> list[Problem]:
+    """The chat-template problems of the recipe's chat sources, for an error about the data: every problem at
+    once. None when no source is chat, or when the tokenizer cannot be loaded (the data error then stands alone)."""
+    sources = [s for s in recipe.dataset.sources() if s.section.format == "chat"]
+    if not sources:
+        return []
+    try:
+        tokenizer = _load_tokenizer(model_path, recipe.model.trust_remote_code)
+    except Exception:  # noqa: BLE001 - reported where the tokenizer is needed, once the data is right
+        return []
+    return [p for src in sources for p in _check_chat_template(tokenizer, src)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -720,30 +1047,39 @@ def _mixed_samples(
     sources = d.sources()
     loaded: list[Rows] = []
     problems: list[Problem] = []
-    for src in sources:
+    bad_lines: list[tuple[Position, Problem]] = []  # every source's lines that are no rows, and its bad drawn rows
+    more = 0
+    for i, src in enumerate(sources):
         try:
-            loaded.append(load_rows(src.section, seed, src.key))
+            rows = load_rows(src.section, seed, src.key, src.key_of("columns"))
         except UserError as exc:
             problems += exc.problems
+            continue
+        loaded.append(rows)
+        bad_lines += [((i, *pos), p) for pos, p in rows.problems]
+        more += rows.more
     if problems:
-        raise UserError(problems, "invalid data")
+        raise UserError(
+            _template_problems_too(recipe, model_path) + problems + _listed(bad_lines, more), "invalid data"
+        )
     sizes = [len(r.rows) for r in loaded]
     total = d.max_samples if d.max_samples is not None else sum(sizes)
     quotas = mix_quotas(total, [s.weight for s in sources])
     tokenizer = _load_tokenizer(model_path, recipe.model.trust_remote_code)
     problems = [p for src in sources for p in _check_chat_template(tokenizer, src)]
     if problems:
-        raise UserError(problems, "invalid recipe")
+        raise UserError(problems + _listed(bad_lines, more), "invalid recipe")
     parts: list[list[tuple[np.ndarray, np.ndarray]]] = []
     for i, (src, rows, quota) in enumerate(zip(sources, loaded, quotas, strict=True)):
         picked = mix_rows(len(rows.rows), quota, seed, i)
         unique = np.unique(picked)
         # only the drawn rows are tokenised (once each); `index` keeps their original numbers for file:line
         subset = Rows([rows.rows[j] for j in unique], rows.sources, unique)
-        encoded, bad = _encode_source(subset, recipe, model_path, tokenizer, encoding_of(recipe, src.section))
-        problems += bad
+        encoding = encoding_of(recipe, src.section)
+        encoded, bad = _encode_source(subset, recipe, model_path, tokenizer, encoding, src.key)
+        bad_lines += [((i, *pos), p) for pos, p in bad]
         parts.append([encoded[k] for k in np.searchsorted(unique, picked)] if not bad else [])
-    _raise_bad_rows(problems)
+    _raise_bad_rows(bad_lines, more)
     # one seeded shuffle of the whole mix, so the sources are interleaved even with dataset.shuffle: false
     order = np.random.default_rng([seed, 3]).permutation(total)
     flat = [x for part in parts for x in part]
@@ -763,6 +1099,34 @@ def _mixed_samples(
     return [flat[k] for k in order], owner[order], counts, tokenizer
 
 
+def check_cache_dir() -> Path:
+    """The root of mgpu's caches (`UNSLOTH_MGPU_CACHE`, default ~/.cache/unsloth-mgpu), checked to be usable.
+
+    Probed by creating (and removing) a temporary folder in it or its nearest existing parent, since permissions
+    lie for root; nothing is left behind.
+
+    Raises:
+        UserError: the path is a file, lies under a file, or cannot be written to; names UNSLOTH_MGPU_CACHE.
+    """
+    from .models import cache_dir
+
+    root = cache_dir()
+    where = f"UNSLOTH_MGPU_CACHE ({root})" if os.environ.get("UNSLOTH_MGPU_CACHE") else f"cache folder {root}"
+    hint = "set UNSLOTH_MGPU_CACHE to a folder you can write to (unset, it is ~/.cache/unsloth-mgpu)"
+    if root.exists() and not root.is_dir():
+        raise UserError(Problem(where, f"expected a folder, found a file: {root}", hint), "invalid environment")
+    parent = next(p for p in (root, *root.parents) if p.exists())
+    if not parent.is_dir():
+        raise UserError(Problem(where, f"cannot create {root}: {parent} is a file", hint), "invalid environment")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mgpu-probe-", dir=parent))
+    except OSError as exc:
+        raise UserError(
+            Problem(where, f"cannot write to {parent}: {exc.strerror or exc}", hint), "invalid environment"
+        ) from None
+    return root
+
+
 def prepare(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary, bool]:
     """Tokenise the dataset once and cache it (tokenizer only: no Unsloth, no GPU).
 
@@ -780,25 +1144,27 @@ def prepare(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary, bool
     Raises:
         UserError: unreadable data, bad rows (every bad row named, up to 20), nothing left to train on.
     """
-    from .models import cache_dir
-
+    root = check_cache_dir()
     fp = _fingerprint(recipe, model_path)
-    dest = cache_dir() / "data" / fp
+    dest = root / "data" / fp
     if (dest / "meta.json").exists():
         meta = json.loads((dest / "meta.json").read_text())
         return dest, PrepareSummary(**meta["summary"]), True
     d = recipe.dataset
     mix: list[SourceCount] = []
     if d.mix is None:
-        rows = load_rows(d, recipe.training.seed)
+        try:
+            rows = load_rows(d, recipe.training.seed)
+        except UserError as exc:
+            raise UserError(_template_problems_too(recipe, model_path) + exc.problems, exc.title) from None
         tokenizer = _load_tokenizer(model_path, recipe.model.trust_remote_code)
         problems = _check_chat_template(tokenizer, d.sources()[0])
         if problems:
-            raise UserError(problems, "invalid recipe")
+            raise UserError(problems + _listed(rows.problems, rows.more), "invalid recipe")
         samples, bad = _encode_source(rows, recipe, model_path, tokenizer, encoding_of(recipe))
-        _raise_bad_rows(bad)
+        _raise_bad_rows(rows.problems + bad, rows.more)
         owner = np.zeros(len(samples), dtype=np.int64)
-        num_rows = len(rows.rows)
+        num_rows = rows.total  # before dataset.max_samples: `mgpu prepare` shows "100 (of 512 rows)"
     else:
         samples, owner, mix, tokenizer = _mixed_samples(recipe, model_path)
         num_rows = sum(m.rows for m in mix)
@@ -1349,6 +1715,7 @@ class DataReport:
     example: list[tuple[str, bool]]  # (text, trained on) runs of the example's tokens
     workers: int
     estimates: list[BatchingEstimate]
+    train_refusal: Problem | None = None  # why `mgpu train` would refuse these batch settings (global batch > data)
 
 
 def estimate_batching(
@@ -1410,8 +1777,10 @@ def report(recipe: Recipe) -> DataReport:
     Raises:
         UserError: as `prepare`.
     """
+    from .engine import check_batch_fits
     from .models import resolve_model_path
 
+    check_cache_dir()  # before the builtin model is built into it
     model_path = resolve_model_path(recipe.model.name)
     folder, summary, hit = prepare(recipe, model_path)
     data = TokenizedData(folder)
@@ -1425,6 +1794,12 @@ def report(recipe: Recipe) -> DataReport:
     estimates = []
     if mb * ga * workers <= len(data):
         estimates = estimate_batching(data, mb, ga, workers, t.seed, pad_to=recipe.dataset.pad_to_multiple_of)
+    refusal = None
+    if isinstance(t.micro_batch_size, int) and isinstance(t.gradient_accumulation_steps, int):
+        try:
+            check_batch_fits(recipe, len(data), workers)  # what `mgpu train` checks before it starts the workers
+        except UserError as exc:
+            refusal = exc.problems[0]
     return DataReport(
         summary,
         folder,
@@ -1434,4 +1809,5 @@ def report(recipe: Recipe) -> DataReport:
         example_runs(data, index, tokenizer),
         workers,
         estimates,
+        refusal,
     )

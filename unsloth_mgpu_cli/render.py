@@ -224,3 +224,8 @@ def print_data_report(rep) -> None:
         for e in rep.estimates:
             bt.add_row(e.mode, f"{e.padding_efficiency:.1%}", f"+{e.rank_imbalance:.1%}", str(e.max_micro_batch_tokens))
         console.print(bt)
+    if rep.train_refusal is not None:
+        from rich.markup import escape
+
+        refusal = escape(rep.train_refusal.render())
+        console.print(f"[bold yellow]warning:[/] mgpu train will refuse this recipe: {refusal}", soft_wrap=True)
