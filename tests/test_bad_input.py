@@ -321,12 +321,30 @@ CASES = [
         ["data.jsonl:2", "text"],
     ),
     (
+        "data-field-not-a-string",
+        "train",
+        data_file('{"text": "ok"}\n{"text": 5}\n' * 4, dataset__format="text"),
+        ["data.jsonl:2", "text: expected text (a string), found the number 5"],
+    ),
+    (
         "data-all-too-long",
         "train",
         data_file(ALPACA_ROW.replace("hi", "hi " * 40) * 8, model__max_seq_length=16, dataset__too_long="drop"),
         ["no samples left", "max_seq_length"],
     ),
     ("global-batch-too-big", "train", data_file(ALPACA_ROW * 3), ["training.micro_batch_size", "dataset has 3"]),
+    # --- mistakes that used to surface only in the workers, after the model loaded ---
+    (
+        "lora-target-typo",
+        "train",
+        edit(lora__target_modules=["q_prj", "v_proj"]),
+        ["lora.target_modules", "no layer named 'q_prj'", "did you mean 'q_proj'?"],
+    ),
+    ("attention-kernel-needs-cuda", "train", edit(model__attention="cudnn"), ["model.attention", "only on CUDA"]),
+    ("seed-too-large", "train", edit(training__seed=2**64), ["training.seed", "4294967295"]),
+    # --- silently read another way before ---
+    ("number-given-a-boolean", "validate", edit(lora__r=True), ["lora.r", "found the boolean true"]),
+    ("dataset-folder-missing", "validate", edit(dataset__path="nosuchfolder/"), ["dataset.path", "not found"]),
 ]
 
 
@@ -373,6 +391,14 @@ def test_real_subprocess_shows_no_traceback(tmp_path, case):
     recipe, args = setup(tmp_path)
     proc = run_mgpu(cmd, str(recipe), *args, cwd=tmp_path, timeout=120)
     assert_user_error(proc, *needles)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_with_a_cache_that_is_a_file_is_refused_before_the_model_is_built(tmp_path):
+    recipe, _ = edit()(tmp_path)
+    (tmp_path / "cache").write_text("not a folder")
+    proc = run_mgpu("train", str(recipe), cwd=tmp_path, timeout=120, UNSLOTH_MGPU_CACHE=str(tmp_path / "cache"))
+    assert_user_error(proc, "UNSLOTH_MGPU_CACHE", "expected a folder, found a file")
     assert not (tmp_path / "out").exists()
 
 

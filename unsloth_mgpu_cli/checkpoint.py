@@ -10,17 +10,22 @@
                                 (model, data, global batch, seed); written last
 
 Everything is loaded with `torch.load(..., weights_only=True)`: no code runs from a checkpoint.
+
+This module also knows what a run writes into output.dir (`RUN_FILES`, `RUN_FOLDERS`): `--overwrite` deletes
+only those (`survey_output_dir`), and `mgpu export` never writes over them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import secrets
 import shutil
+import stat
 import sys
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +33,176 @@ from .errors import Problem, UserError
 
 STEP_PREFIX = "step-"
 
+# What `mgpu train` writes directly in output.dir (plus `mgpu report`'s report.png): the only entries
+# `--overwrite` deletes, and only in a folder that holds a run (RUN_SIGNS). ".stop-requested" is engine.STOP_FILE.
+RUN_FILES = frozenset(
+    {"recipe.resolved.yaml", "metrics.jsonl", "summary.json", "report.png", "wandb-run-id", ".stop-requested"}
+)
+RUN_FOLDERS = frozenset({"adapter", "model", "checkpoints", "logs", "tensorboard", "wandb"})
+# Files every run writes (recipe.resolved.yaml before its workers start): with a complete checkpoint, the signs
+# that a folder holds a run. A `checkpoints/` or `logs/` alone may be another tool's.
+RUN_SIGNS = ("recipe.resolved.yaml", "metrics.jsonl", "summary.json")
+# `mgpu export` writes this into every export: a folder that has it may be replaced by the next export.
+EXPORT_MARKER = ".mgpu-export.json"
+# Leftovers of a write killed half-way: atomic_dir's temporary folders, truncate_metrics' file, the write probe.
+_LEFTOVER_PREFIXES = (
+    *(f"{kind}-{name}-" for kind in (".tmp", ".old") for name in (*RUN_FOLDERS, "merged")),
+    ".mgpu-write-test-",
+)
+_LEFTOVER_FILES = (".metrics.jsonl.tmp",)
+# What transformers/peft write for a model: an unmarked `<run>/merged` (exported before the marker existed) that
+# holds only such files is still taken for an export.
+_MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".jinja")
+_MODEL_FILE_NAMES = ("tokenizer.model", "spiece.model", "merges.txt", "vocab.txt")
+
 
 @contextlib.contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `dest`; on success it replaces `dest` in one rename."""
+def atomic_dir(dest: Path, may_replace: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside `dest`; on success it replaces `dest` in one rename.
+
+    Args:
+        dest: the folder to write.
+        may_replace: asked just before the rename whether a `dest` that exists and is not empty may be replaced;
+            None replaces it (checkpoints, adapter/: folders only this tool writes). When it says no, nothing is
+            replaced and FileExistsError is raised.
+
+    What was written gets the modes a new file or folder gets here (the umask, or the folder's default ACL):
+    writers such as safetensors go through mkstemp, whose 0600 would hide the weights from other users.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    tmp = _make_temp_dir(dest)
     try:
         yield tmp
-        if dest.exists():
+        _give_normal_modes(tmp)
+        if dest.exists() or dest.is_symlink():
+            if may_replace is not None and _non_empty(dest) and not may_replace(dest):
+                raise FileExistsError(errno.EEXIST, "exists and may not be replaced; nothing was written", str(dest))
             old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
             os.replace(dest, old)
             os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
         else:
             os.replace(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_temp_dir(dest: Path) -> Path:
+    """A new folder `.tmp-<name>-<random>` beside `dest`, made with mkdir's 0777 less the umask.
+
+    Not tempfile.mkdtemp: its folder is 0700, and the rename would hand that mode on to adapter/ or merged/.
+    """
+    for _ in range(100):
+        path = dest.with_name(f".tmp-{dest.name}-{secrets.token_hex(4)}")
+        try:
+            path.mkdir(mode=0o777)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(dest.parent))
+
+
+def _give_normal_modes(folder: Path) -> None:
+    """chmod everything under `folder` to the mode a plain new file (or folder) gets in it.
+
+    The file mode is learnt by creating one (0666 less the umask, or what a default ACL says), so this follows
+    the user's settings instead of assuming 0644. Executable files keep their execute bits.
+    """
+    probe = folder / f".mode-probe-{secrets.token_hex(4)}"
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    file_mode = stat.S_IMODE(probe.stat().st_mode)
+    probe.unlink()
+    dir_mode = stat.S_IMODE(folder.stat().st_mode)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            info = os.lstat(path)
+            if stat.S_ISDIR(info.st_mode):
+                os.chmod(path, dir_mode)
+            elif stat.S_ISREG(info.st_mode):
+                os.chmod(path, (dir_mode & 0o777) if info.st_mode & 0o111 else file_mode)
+
+
+def _non_empty(path: Path) -> bool:
+    if not path.is_dir():
+        return path.exists() or path.is_symlink()
+    with os.scandir(path) as entries:
+        return next(entries, None) is not None
+
+
+def is_export(folder: Path, run: Path | None = None) -> bool:
+    """Whether `folder` is an earlier `mgpu export` (it has EXPORT_MARKER).
+
+    `run` also accepts `<run>/merged` written before exports were marked, when it holds only model files.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    if (folder / EXPORT_MARKER).is_file():
+        return True
+    if run is None or folder.resolve() != (Path(run).resolve() / "merged") or not holds_run(Path(run)):
+        return False
+    return (folder / "config.json").is_file() and all(
+        p.is_file() and not p.is_symlink() and (p.name.endswith(_MODEL_FILE_SUFFIXES) or p.name in _MODEL_FILE_NAMES)
+        for p in folder.iterdir()
+    )
+
+
+def holds_run(out: Path) -> bool:
+    """Whether output.dir holds (part of) a run: a file of RUN_SIGNS, or a complete checkpoint."""
+    return any((Path(out) / name).is_file() for name in RUN_SIGNS) or bool(list_checkpoints(Path(out)))
+
+
+def survey_output_dir(out: Path) -> tuple[list[Path], list[Path]]:
+    """Split what output.dir holds into what mgpu wrote there (what `--overwrite` deletes) and everything else.
+
+    Ours: the entries a run writes (RUN_FILES as files, RUN_FOLDERS as folders) when the folder holds a run,
+    earlier exports (EXPORT_MARKER; merged/ of a run), and leftovers of an interrupted write. A symlink is
+    never ours: a run does not make one, and deleting its target's contents would be wrong.
+    """
+    out = Path(out)
+    ours: list[Path] = []
+    others: list[Path] = []
+    if not out.is_dir():
+        return ours, others
+    run = holds_run(out)
+    for p in sorted(out.iterdir()):
+        if p.is_symlink():
+            mine = False
+        elif p.name.startswith(_LEFTOVER_PREFIXES) or p.name in _LEFTOVER_FILES:
+            mine = True
+        elif p.is_dir():
+            mine = (run and p.name in RUN_FOLDERS) or is_export(p, out)
+        else:
+            mine = run and p.name in RUN_FILES
+        (ours if mine else others).append(p)
+    return ours, others
+
+
+def is_run_entry(name: str) -> bool:
+    """Whether a run (or an interrupted write of one) puts an entry called `name` directly in output.dir."""
+    return name in RUN_FILES or name in RUN_FOLDERS or name.startswith(_LEFTOVER_PREFIXES) or name in _LEFTOVER_FILES
+
+
+def describe_entries(paths: list[Path], limit: int = 5) -> str:
+    """'a, b/, c (and 4 more)': a few names for a message, folders with a slash."""
+    names = [p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in paths]
+    more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def remove_entries(paths: list[Path]) -> None:
+    """Delete files and folders (a folder with everything in it); a symlink itself, never its target."""
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def list_checkpoints(out: Path) -> list[Path]:

@@ -91,7 +91,13 @@ def train(
     resume: Annotated[
         str | None, typer.Option("--resume", help="Continue a run: 'auto' (newest checkpoint) or a checkpoint folder.")
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what output.dir holds.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Delete the earlier run in output.dir first (only what mgpu wrote; refuses other files there).",
+        ),
+    ] = False,
     nnodes: Annotated[
         int | None, typer.Option("--nnodes", min=1, help="Number of hosts (same command on each).")
     ] = None,
@@ -127,7 +133,12 @@ def export(
     ] = False,
     dtype: Annotated[str, typer.Option("--dtype", help="bfloat16 | float16 | float32.")] = "bfloat16",
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Where to write (default OUTPUT_DIR/merged).")
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Where to write (default OUTPUT_DIR/merged): a new or empty folder, or an earlier export to replace.",
+        ),
     ] = None,
 ) -> None:
     """Merge the trained adapter into its base model and save a plain HF model (loads with transformers alone)."""
@@ -136,7 +147,7 @@ def export(
     try:
         if not merged:
             raise UserError("pass --merged: the export writes the base model with the adapter merged into it")
-        check_export_args(output_dir, dtype)
+        check_export_args(output_dir, dtype, output)  # before the slow imports: arguments and --output
         dest = export_merged(output_dir, output, dtype)
     except UserError as exc:
         _fail(exc)
@@ -217,9 +228,14 @@ def init(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a commented starter recipe that trains the builtin tiny model on a bundled dataset."""
+    from .errors import Problem
     from .templates import write_starter
 
     try:
+        if path.is_dir():  # --force cannot help: a folder is never replaced by a recipe
+            hint = f"give the recipe file to write, e.g. mgpu init {path / 'recipe.yaml'}"
+            found = f"expected a recipe file path, found the folder {path}"
+            raise UserError(Problem("argument PATH", found, hint), "invalid arguments")
         written = write_starter(path, force=force)
     except UserError as exc:
         _fail(exc)
@@ -240,8 +256,15 @@ def doctor(
     ] = 120.0,
 ) -> None:
     """Check that this machine is ready to train on several GPUs; exit 1 when a check fails."""
-    from .doctor import print_report, run_checks
+    import math
 
+    from .doctor import print_report, run_checks
+    from .errors import Problem
+
+    if not (math.isfinite(probe_timeout) and probe_timeout > 0):
+        found = f"expected a positive number of seconds, found {probe_timeout:g}"
+        hint = "e.g. --probe-timeout 300 on a slow machine (default 120)"
+        _fail(UserError(Problem("argument --probe-timeout", found, hint), "invalid arguments"))
     report = run_checks(output_dir=output_dir, probe=probe, probe_timeout=probe_timeout)
     if json_output:
         import json
@@ -279,6 +302,7 @@ def suggest(
     ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write a ready recipe here.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --output file.")] = False,
 ) -> None:
     """Memory forecast and recommended settings (method, micro-batch, accumulation, checkpointing) per GPU."""
     import json
@@ -286,12 +310,16 @@ def suggest(
     from .configgen import check_suggest_args, recipe_yaml
     from .configgen import plan as make_plan
 
+    # --output is checked with the other arguments, before anything is planned or printed
+    problems = _output_file_problems(output, "--output", force) if output is not None else []
     try:
         arch, num_gpus, mem = check_suggest_args(
             model, gpus, gpu_memory, seq_len, method, global_batch, optimizer, strategy
         )
     except UserError as exc:
-        _fail(exc)
+        problems = exc.problems + problems
+    if problems:
+        _fail(UserError(problems, "invalid arguments"))
     p = make_plan(
         arch,
         gpu_memory_bytes=mem,
@@ -318,10 +346,48 @@ def suggest(
         name = SIZE_HUB_IDS.get(arch.name, name) if arch.name in SIZE_HUB_IDS and name == model else name
         command = "mgpu suggest " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "mgpu suggest"
         try:
-            output.write_text(recipe_yaml(p, name, command, output.name), encoding="utf-8")
+            _write_atomically(output, recipe_yaml(p, name, command, output.name))
         except OSError as exc:
             _fail(UserError(f"cannot write {output}: {exc}"))
         (sys.stderr if as_json else sys.stdout).write(f"wrote {output}\n")
+
+
+def _output_file_problems(path: Path, flag: str, force: bool) -> list:
+    """What stops `flag PATH` from being written, found before any work; creates nothing (like `mgpu init`)."""
+    import tempfile
+
+    from .errors import Problem
+
+    where = f"argument {flag}"
+    if path.is_dir():
+        return [Problem(where, f"expected a file path, found the folder {path}", f"e.g. {flag} {path / 'recipe.yaml'}")]
+    parent = path.parent
+    if not parent.exists():
+        hint = f"create it (mkdir -p {parent}) or choose another path"
+        return [Problem(where, f"folder {parent} does not exist", hint)]
+    if not parent.is_dir():
+        return [Problem(where, f"{parent} is a file, not a folder", "choose a path in an existing folder")]
+    if path.exists() and not force:
+        return [Problem(where, f"{path} exists", "pass --force to overwrite it or choose another path")]
+    try:  # permissions lie for root (and read-only mounts): try it
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".tmp"):
+            pass
+    except OSError as exc:
+        return [Problem(where, f"cannot write to {parent}: {exc.strerror or exc}", "choose another path")]
+    return []
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write `text` beside `path` and rename it over `path`: a failed write leaves the old file (or none)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    f = open(tmp, "x", encoding="utf-8")  # not mkstemp: the file gets the umask's permissions, not 0600
+    try:
+        with f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def main() -> None:

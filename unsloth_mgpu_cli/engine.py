@@ -10,6 +10,7 @@ with gradients synchronised by `distributed.GradientSynchronizer`. Rank 0 owns e
 
 from __future__ import annotations
 
+import difflib
 import gc
 import json
 import math
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem, UserError
-from .recipe import AUTO, LoadedRecipe, Recipe, to_yaml
+from .recipe import AUTO, DEFAULT_TARGET_MODULES, LoadedRecipe, Recipe, to_yaml
 
 
 @dataclass
@@ -82,6 +83,15 @@ def detect_device(recipe: Recipe) -> tuple[str, int]:
             ),
             "invalid recipe",
         )
+    if device == "cpu" and recipe.model.attention in ("efficient", "cudnn"):
+        raise UserError(
+            Problem(
+                "model.attention",
+                f"the {recipe.model.attention} attention kernel runs only on CUDA, and this run is on cpu",
+                "set model.attention: auto (or flash or math, which also run on CPU)",
+            ),
+            "invalid recipe",
+        )
     return device, gpus
 
 
@@ -120,23 +130,49 @@ def resolve_auto_values(recipe: Recipe, device: str, num_workers: int) -> tuple[
     return recipe, list(notes)
 
 
-def check_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
+def check_output_dir(out: Path, overwrite: bool, resume: bool, inputs: list[Path] | None = None) -> None:
     """Everything about output.dir that can be refused before training, without changing anything on disk.
 
-    A non-empty folder needs --resume or --overwrite; the folder (or, when it does not exist yet, its nearest
-    existing parent) must accept a new file. Checked by writing, since permissions lie for root.
+    A non-empty folder needs --resume or --overwrite, and the refusal says what the folder holds. --overwrite
+    deletes only what a run wrote (checkpoint.survey_output_dir), so it is refused for a folder that holds anything
+    else, that is or contains the current directory, or that contains one of the run's `inputs` (the recipe, the
+    data, a local model). The folder (or, when it does not exist yet, its nearest existing parent) must accept a
+    new file: checked by writing, since permissions lie for root.
     """
+    from .checkpoint import describe_entries, holds_run, survey_output_dir
+
     if out.exists() and not out.is_dir():
         raise UserError(Problem("output.dir", f"expected a folder, found a file: {out}"), "invalid recipe")
-    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        raise UserError(
-            Problem(
-                "output.dir",
-                f"{out} already holds a run",
-                "pass --resume auto to continue it, --overwrite to replace it, or choose another output.dir",
-            ),
-            "invalid arguments",
-        )
+    if out.is_dir() and not resume:
+        ours, others = survey_output_dir(out)
+        if overwrite:
+            problems = _overwrite_problems(out, others, inputs or [])
+            if problems:
+                raise UserError(problems, "refusing to overwrite")
+        elif ours or others:
+            run = holds_run(out)
+            if run and not others:
+                found, hint = (
+                    f"{out} already holds a run ({describe_entries(ours)})",
+                    "pass --resume auto to continue it, --overwrite to replace it, or choose another output.dir",
+                )
+            elif run:
+                found, hint = (
+                    f"{out} already holds a run, and other files: {describe_entries(others)}",
+                    "pass --resume auto to continue the run, or choose another output.dir (--overwrite deletes "
+                    "only a run's files, so it refuses a folder that holds others)",
+                )
+            elif others:
+                found, hint = (
+                    f"{out} holds no run but other files: {describe_entries(others)}",
+                    f"choose a new or empty folder for output.dir, e.g. output.dir={out / 'run'}",
+                )
+            else:
+                found, hint = (
+                    f"{out} holds files of an earlier mgpu run or export: {describe_entries(ours)}",
+                    "pass --overwrite to delete them, or choose another output.dir",
+                )
+            raise UserError(Problem("output.dir", found, hint), "invalid arguments")
     parent = next((a for a in (out, *out.parents) if a.exists()), Path("/"))
     try:
         if not parent.is_dir():
@@ -148,6 +184,34 @@ def check_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
             Problem("output.dir", f"cannot write to {out}: {exc.strerror or exc}", "choose a writable folder"),
             "invalid recipe",
         ) from exc
+
+
+def _overwrite_problems(out: Path, others: list[Path], inputs: list[Path]) -> list[Problem]:
+    """Why --overwrite may not empty `out`: each thing it would lose (nothing when only a run's files are there)."""
+    from .checkpoint import describe_entries
+
+    problems = []
+    here, cwd = out.resolve(), Path.cwd().resolve()
+    if cwd.is_relative_to(here):
+        what = "the current directory" if cwd == here else f"an ancestor of the current directory ({cwd})"
+        problems.append(Problem("output.dir", f"{out} is {what}; --overwrite would empty it"))
+    inside = [p for p in inputs if p.exists() and p.resolve().is_relative_to(here)]
+    if inside:
+        names = ", ".join(str(p.resolve().relative_to(here)) for p in inside)
+        problems.append(Problem("output.dir", f"{out} contains inputs of this run: {names}"))
+    if others:
+        problems.append(
+            Problem(
+                "output.dir",
+                f"{out} holds files that no run wrote: {describe_entries(others)}",
+                "--overwrite deletes only what mgpu writes there (recipe.resolved.yaml, metrics.jsonl, adapter/, "
+                "checkpoints/, logs/, ...: see docs/checkpoints.md)",
+            )
+        )
+    if problems:  # one fix for all of them, said once
+        last, own = problems[-1], f"give the run a folder of its own, e.g. output.dir={out / 'run'}"
+        last.hint = f"{last.hint}; {own}" if last.hint else own
+    return problems
 
 
 def check_free_space(out: Path, recipe: Recipe, model_path: str) -> str | None:
@@ -191,14 +255,51 @@ def check_free_space(out: Path, recipe: Recipe, model_path: str) -> str | None:
 
 
 def make_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
-    """Create output.dir; with --overwrite (and no --resume) empty it first. Runs after every check passed."""
-    if overwrite and out.exists() and not resume:
-        for child in out.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
+    """Create output.dir; with --overwrite (and no --resume) delete what an earlier run wrote there, and nothing else.
+
+    Runs after every check passed (check_output_dir refused a folder holding other files).
+    """
+    from .checkpoint import remove_entries, survey_output_dir
+
+    if overwrite and out.is_dir() and not resume:
+        remove_entries(survey_output_dir(out)[0])
     out.mkdir(parents=True, exist_ok=True)
+
+
+# Families whose decoder layers name their linear layers as Llama's do; embed_tokens and lm_head are trainable
+# through PEFT too (continued pre-training).
+_LLAMA_NAMED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+_LLAMA_NAMED_MODULES = (*DEFAULT_TARGET_MODULES, "embed_tokens", "lm_head")
+
+
+def check_target_modules(recipe: Recipe, model_path: str) -> None:
+    """Refuse LoRA targets the model does not have, before anything loads: a typo such as `q_prj` would otherwise
+    fail in every worker after the model loaded. Checked for the Llama-named families (config.json's
+    model_type); PEFT matches a dotted name such as `self_attn.q_proj` by its last part."""
+    from .memory import find_config
+
+    config = find_config(model_path) if recipe.lora is not None else None
+    try:
+        family = json.loads(config.read_text()).get("model_type") if config is not None else None
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable config: loading the model will say what is wrong with it
+    if family not in _LLAMA_NAMED_FAMILIES:
+        return
+    problems = []
+    for name in recipe.lora.target_modules:
+        if name.rsplit(".", 1)[-1] not in _LLAMA_NAMED_MODULES:
+            close = difflib.get_close_matches(name, _LLAMA_NAMED_MODULES, n=1)
+            problems.append(
+                Problem(
+                    "lora.target_modules",
+                    f"a {family} model has no layer named {name!r}; its layers: {', '.join(_LLAMA_NAMED_MODULES)}",
+                    f"did you mean '{close[0]}'?"
+                    if close
+                    else "leave lora.target_modules out for all seven projections",
+                )
+            )
+    if problems:
+        raise UserError(problems, "invalid recipe")
 
 
 def check_batch_fits(recipe: Recipe, samples: int, num_workers: int) -> None:
@@ -274,8 +375,13 @@ def train(
     if resume_from is not None:
         verify_safe_to_load(resume_from)
     if is_main_node:
-        check_output_dir(out, overwrite, resume is not None)
+        # what --overwrite must not delete: the recipe, the data, a local model
+        inputs = [loaded.path, recipe.model.name, recipe.dataset.eval_path]
+        inputs += [src.section.path for src in recipe.dataset.sources()]
+        check_output_dir(out, overwrite, resume is not None, [Path(p) for p in inputs if p])
+    data_mod.check_cache_dir()  # before the builtin model is built there
     model_path = resolve_model_path(recipe.model.name)
+    check_target_modules(recipe, model_path)
     data_dir, summary, hit = data_mod.prepare(recipe, model_path)
     check_batch_fits(recipe, summary.samples, num_workers)
     disk_note = check_free_space(out, recipe, model_path) if is_main_node else None

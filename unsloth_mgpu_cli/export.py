@@ -5,6 +5,10 @@
 Only transformers and peft are used (no Unsloth, no GPU needed): the base is loaded in the target dtype (never
 4-bit, so QLoRA adapters merge into 16-bit weights), `PeftModel.merge_and_unload()` folds the adapter in, and
 the result (safetensors, config, tokenizer) is written atomically, loadable with `AutoModelForCausalLM` alone.
+
+The destination is checked before the slow merge: an existing folder is replaced only when it is empty or an
+earlier export (it holds `.mgpu-export.json`), and never when it is the run folder, one of the run's own files
+or folders, an ancestor of the run or of the current directory, or the base model.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from . import __version__
+from .checkpoint import EXPORT_MARKER, atomic_dir, describe_entries, is_export, is_run_entry
 from .errors import Problem, UserError
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -30,8 +36,11 @@ def _resolved_recipe(out: Path) -> dict[str, Any]:
         return {}
 
 
-def check_export_args(output_dir: Path, dtype: str) -> tuple[Path, str]:
-    """The adapter folder and the base model reference, or a UserError saying what is missing."""
+def check_export_args(output_dir: Path, dtype: str, dest: Path | None = None) -> tuple[Path, str]:
+    """The adapter folder and the base model reference, or a UserError saying what is missing.
+
+    Also checks the destination (`--output`, default `<output_dir>/merged`) with `check_export_dest`.
+    """
     out = Path(output_dir)
     if dtype not in DTYPES:
         raise UserError(
@@ -72,13 +81,64 @@ def check_export_args(output_dir: Path, dtype: str) -> tuple[Path, str]:
         from .models import resolve_model_path
 
         base = resolve_model_path(name)  # the builtin's cache folder may have moved since training
+    check_export_dest(out, dest, base)
     return adapter, base
+
+
+def check_export_dest(run: Path, dest: Path | None, base: str) -> None:
+    """Refuse a destination whose replacement would lose something (exit 2), before anything loads.
+
+    Refused: the run folder itself, anything of the run that a run writes (adapter/, checkpoints/, ...), a
+    folder that contains the run or the current directory, the base model's folder, a file, and a folder that is
+    not empty and not an earlier export. An earlier export (or `<run>/merged`) is replaced, atomically.
+    """
+    run = Path(run).expanduser().resolve()
+    where = "--output" if dest is not None else f"--output (default {run / 'merged'})"
+    target = Path(dest if dest is not None else run / "merged").expanduser()
+    shown = target
+    target = target.resolve()  # a symlink is judged by the folder it points to
+    cwd = Path.cwd().resolve()
+    default = run / "merged"
+    elsewhere = "choose a new or empty folder" + (
+        f", e.g. --output {default}" if target != default else " with --output"
+    )
+    problem = None
+    if target == run:
+        problem = (
+            f"{shown} is the run folder; the export would replace its adapter, checkpoints and metrics",
+            elsewhere,
+        )
+    elif run.is_relative_to(target) or cwd.is_relative_to(target):
+        inside = "the run folder" if run.is_relative_to(target) else "the current directory"
+        problem = (f"{shown} contains {inside}; the export would replace all of it", elsewhere)
+    elif target.is_relative_to(run) and is_run_entry(target.relative_to(run).parts[0]):
+        part = target.relative_to(run).parts[0]
+        what = f"the run's {part}" if target == run / part else f"inside the run's {part}/"
+        problem = (f"{shown} is {what}; the export would replace it", elsewhere)
+    elif Path(base).exists() and _overlaps(target, Path(base).resolve()):
+        problem = (f"{shown} is (or holds) the base model {base}, which the export reads", elsewhere)
+    elif target.exists() and not target.is_dir():
+        problem = (f"{shown} is a file, not a folder", elsewhere)
+    elif target.is_dir() and any(target.iterdir()) and not is_export(target, run):
+        entries = sorted(target.iterdir())
+        problem = (
+            f"{shown} is not empty and is not an earlier export (no {EXPORT_MARKER}): it holds "
+            f"{describe_entries(entries)}",
+            f"{elsewhere}; the export replaces only an earlier export, so delete this folder yourself if it may go",
+        )
+    if problem is not None:
+        raise UserError(Problem(where, *problem), "cannot export")
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a.is_relative_to(b) or b.is_relative_to(a)
 
 
 def export_merged(output_dir: Path, dest: Path | None = None, dtype: str = "bfloat16") -> Path:
     """Merge `<output_dir>/adapter` into its base model and save it to `dest` (default `<output_dir>/merged`)."""
-    adapter, base = check_export_args(output_dir, dtype)
+    adapter, base = check_export_args(output_dir, dtype, dest)
     dest = Path(dest) if dest is not None else Path(output_dir) / "merged"
+    run = Path(output_dir)
     model_cfg = _resolved_recipe(Path(output_dir)).get("model") or {}
     from .models import hide_hf_bars_off_terminal, quiet_library_noise
 
@@ -86,8 +146,6 @@ def export_merged(output_dir: Path, dest: Path | None = None, dtype: str = "bflo
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .checkpoint import atomic_dir
 
     hide_hf_bars_off_terminal()
 
@@ -112,9 +170,12 @@ def export_merged(output_dir: Path, dest: Path | None = None, dtype: str = "bflo
     tok_source = adapter if (adapter / "tokenizer_config.json").exists() else base
     tokenizer = AutoTokenizer.from_pretrained(str(tok_source), trust_remote_code=kwargs["trust_remote_code"])
     try:
-        with atomic_dir(dest) as tmp:
+        # checked again at the rename: something may have appeared at dest during the merge
+        with atomic_dir(dest, may_replace=lambda d: is_export(d, run)) as tmp:
             merged.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
+            marker = {"tool": "unsloth-mgpu", "version": __version__, "run": str(run.resolve()), "dtype": dtype}
+            (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     except OSError as exc:
         raise UserError(
             Problem(
