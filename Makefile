@@ -52,8 +52,9 @@ demo: venv           ## train the quick-start recipe (tiny model, bundled data; 
 bench:               ## GPU host: mgpu vs Unsloth's TRL route on 1 and 2 GPUs, GSM8K QLoRA, global batch 128; see docs/BENCHMARKS.md (BENCH_ARGS=...)
 	HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 python3 benchmarks/run.py --data $${DATA:-../shared/data/gsm8k_train_alpaca.json} --out $${OUT:-outputs/bench} $(BENCH_ARGS)
 
-schemas: venv        ## regenerate schemas/recipe.schema.json from the pydantic recipe
+schemas: venv        ## regenerate schemas/recipe.schema.json (and the installed package's copy) from the pydantic recipe
 	$(VENV)/bin/mgpu schema --output schemas/recipe.schema.json
+	cp schemas/recipe.schema.json unsloth_mgpu_cli/schemas/recipe.schema.json
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -713,8 +713,10 @@ def recipe_yaml(p: Plan, model_name: str, command: str, filename: str = "recipe.
         if p.method != "full"
         else "lora: null                      # full fine-tuning\n"
     )
+    from .templates import schema_comment
+
     return f"""\
-# yaml-language-server: $schema=https://unsloth-mgpu.invalid/schemas/recipe.schema.json
+{schema_comment()}
 # {p.method} of {model_name} ({a.num_parameters() / 1e9:.2f}B parameters; {a.source}).
 # Sized for {p.num_gpus} GPU(s) with {p.gpu_memory_bytes / GiB:.0f} GB each: \
 predicted peak {p.predicted_peak_gb:.1f} GB per GPU

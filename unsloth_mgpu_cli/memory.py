@@ -220,28 +220,48 @@ def architecture_from_config(config: dict[str, Any], name: str = "", source: str
     `moe_intermediate_size` where it differs from the dense `intermediate_size`.
 
     Raises:
-        ValueError: a required dimension is missing.
+        ValueError: the config is not a mapping, or a dimension is missing or not a positive integer; the
+            message names the field (`text_config.` first when it is read from there).
     """
-    cfg = config.get("text_config") or config
-    tied = cfg.get("tie_word_embeddings", config.get("tie_word_embeddings"))
+    if not isinstance(config, dict):
+        raise ValueError(f"expected a JSON object of model settings, found {type(config).__name__}")
+    text = config.get("text_config")
+    if text is not None and not isinstance(text, dict):
+        raise ValueError(f"text_config: expected an object, found {type(text).__name__}")
+    cfg, prefix = (text, "text_config.") if text else (config, "")
+
+    def dim(key: str, required: bool = False) -> int | None:
+        """A positive integer field; an optional one may also be absent, null or 0 (unset: the default applies)."""
+        value = cfg.get(key)
+        if value is None and not required:
+            return None
+        whole = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+        if not whole or value < (1 if required else 0):
+            raise ValueError(f"{prefix}{key}: expected a positive integer, found {json.dumps(value)}")
+        return int(value)
+
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in cfg]
     if missing:
-        raise ValueError(f"config.json lacks {', '.join(missing)}")
-    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 1)
-    inter = cfg.get("moe_intermediate_size") if experts > 1 and cfg.get("moe_intermediate_size") else None
-    inter = inter or cfg.get("intermediate_size") or 4 * cfg["hidden_size"]
+        raise ValueError(f"config.json lacks {', '.join(prefix + k for k in missing)}")
+    hidden, layers, heads, vocab = (
+        dim(k, required=True) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    )
+    experts = dim("num_local_experts") or dim("num_experts") or dim("n_routed_experts") or 1  # 0: dense
+    inter = dim("moe_intermediate_size") if experts > 1 else None
+    inter = inter or dim("intermediate_size") or 4 * hidden
+    tied = cfg.get("tie_word_embeddings", config.get("tie_word_embeddings"))
     return Architecture(
-        hidden_size=int(cfg["hidden_size"]),
-        num_layers=int(cfg["num_hidden_layers"]),
-        num_heads=int(cfg["num_attention_heads"]),
-        num_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
-        intermediate_size=int(inter),
-        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=dim("num_key_value_heads") or heads,
+        intermediate_size=inter,
+        vocab_size=vocab,
         # transformers' Llama-family configs default to untied; untied is also the larger (safe) guess.
         tie_word_embeddings=bool(tied) if tied is not None else False,
         num_experts=experts,
-        experts_per_token=int(cfg.get("num_experts_per_tok") or 1) if experts > 1 else 1,
-        head_dim=int(cfg["head_dim"]) if cfg.get("head_dim") else None,
+        experts_per_token=(dim("num_experts_per_tok") or 1) if experts > 1 else 1,
+        head_dim=dim("head_dim"),
         name=name,
         source=source,
     )
@@ -293,10 +313,11 @@ def resolve_architecture(model: str, where: str = "argument --model") -> Archite
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
             return architecture_from_config(config, name=model, source=str(config_path))
-        except (OSError, ValueError, TypeError, KeyError) as exc:
+        except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            hint = "point at a folder holding a transformers config.json, or give a size such as 8B"
             raise UserError(
-                Problem(where, f"cannot read the architecture from {config_path}: {exc}"), "invalid arguments"
-            ) from exc
+                Problem(where, f"cannot read the architecture from {config_path}: {exc}", hint), "invalid arguments"
+            ) from None
     if path.exists() or model.startswith((".", "/", "~")):
         raise UserError(
             Problem(where, f"no config.json in {path}", "point at the folder that holds config.json"),

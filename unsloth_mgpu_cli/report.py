@@ -10,50 +10,166 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from .errors import Problem, UserError
 
+#: Row fields the report reads, each a number (or null, or absent); `step` is required and an integer.
+NUMERIC_FIELDS = ("loss", "learning_rate", "tokens", "tokens_per_second", "elapsed_s", "eval_loss")
+#: Shown one by one; more skipped rows are counted in one last line.
+MAX_SKIP_NOTES = 5
 
-def load_metrics(out: Path) -> list[dict[str, Any]]:
-    """The rows of `<out>/metrics.jsonl`, or a UserError when there are none."""
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _row_problem(row: Any) -> str | None:
+    """What is wrong with one parsed metrics row (None: the report can use it)."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object (one logged step), found {type(row).__name__} {_short(row)}"
+    step = row.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"step: expected an integer >= 0, found {_short(step)}"
+    for key in NUMERIC_FIELDS:
+        if row.get(key) is not None and not _is_number(row[key]):
+            return f"{key}: expected a number, found {_short(row[key])}"
+    peaks = row.get("peak_memory_gb")
+    if peaks is not None and not (isinstance(peaks, list) and all(_is_number(m) for m in peaks)):
+        return f"peak_memory_gb: expected a list of numbers (GB per GPU), found {_short(peaks)}"
+    return None
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def read_metrics(out: Path) -> tuple[list[dict[str, Any]], list[Problem]]:
+    """The usable rows of `<out>/metrics.jsonl` and one Problem (file:line) per line that was skipped.
+
+    A line that is not JSON, not an object, or holds a wrong type in a field the report reads (a damaged or
+    hand-edited file; the last line of a run that was killed mid-write) is skipped rather than failing the
+    whole report: the other steps still say what the run did, and the warnings name each skipped line.
+
+    Raises:
+        UserError: no metrics.jsonl, or no usable row in it.
+    """
     path = Path(out) / "metrics.jsonl"
-    if not path.exists():
-        raise UserError(
-            Problem("OUTPUT_DIR", f"no metrics.jsonl in {out}", "give the output.dir of an `mgpu train` run"),
-            "nothing to report",
-        )
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    if not path.is_file():
+        found = f"{path} is a folder, not a file" if path.is_dir() else f"no metrics.jsonl in {out}"
+        hint = "give the output.dir of an `mgpu train` run"
+        raise UserError(Problem("OUTPUT_DIR", found, hint), "nothing to report")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(Problem(str(path), f"cannot read: {exc}"), "nothing to report") from exc
+    rows: list[dict[str, Any]] = []
+    skipped: list[Problem] = []
+    for lineno, line in enumerate(raw.split(b"\n"), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            skipped.append(Problem(f"{path}:{lineno}", "not UTF-8 text"))
+            continue
         except ValueError as exc:
-            raise UserError(Problem(f"{path}:{lineno}", f"not a JSON line: {exc}"), "invalid metrics") from exc
+            skipped.append(Problem(f"{path}:{lineno}", f"not a JSON line ({exc})"))
+            continue
+        problem = _row_problem(row)
+        if problem is None:
+            rows.append(row)
+        else:
+            skipped.append(Problem(f"{path}:{lineno}", problem))
     if not rows:
+        if skipped:
+            raise UserError(
+                [*skipped[:MAX_SKIP_NOTES], Problem(str(path), "no usable row: every line above is damaged")],
+                "invalid metrics",
+            )
         raise UserError(Problem(str(path), "no rows yet", "wait for the first logged step"), "nothing to report")
-    return rows
+    return rows, skipped
+
+
+def load_metrics(out: Path) -> list[dict[str, Any]]:
+    """The usable rows of `<out>/metrics.jsonl` (damaged lines left out), or a UserError when there are none."""
+    return read_metrics(out)[0]
+
+
+def load_summary(out: Path) -> dict[str, Any]:
+    """`<out>/summary.json` (written when a run finishes), or {} when there is none.
+
+    Raises:
+        UserError: the file is there but is not the JSON object `mgpu train` writes; names the file (and line).
+    """
+    path = Path(out) / "summary.json"
+    if not path.exists():
+        return {}
+    hint = f"the run's summary is damaged: move it away (mv {path} {path}.bad) to report from metrics.jsonl alone"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            Problem(f"{path}:{exc.lineno}", f"not valid JSON: {exc.msg} (column {exc.colno})", hint), "invalid summary"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(Problem(str(path), f"cannot read: {exc}", hint), "invalid summary") from None
+    if not isinstance(summary, dict):
+        found = f"{type(summary).__name__} {_short(summary)}"
+        raise UserError(
+            Problem(str(path), f"expected a JSON object (what `mgpu train` writes), found {found}", hint),
+            "invalid summary",
+        )
+    problems = [
+        Problem(str(path), f"{key}: expected {what}, found {_short(summary[key])}", hint)
+        for key, what, ok in (
+            ("run_tokens", "a number", _is_number),
+            ("device_type", "a string", lambda v: isinstance(v, str)),
+        )
+        if summary.get(key) is not None and not ok(summary[key])
+    ]
+    if problems:
+        raise UserError(problems, "invalid summary")
+    return summary
+
+
+def check_png(png: Path) -> list[Problem]:
+    """Problems with a `--png` path: it must name a .png file in a folder that exists (nothing is created)."""
+    png = Path(png)
+    where = "argument --png"
+    if png.is_dir():
+        return [
+            Problem(where, f"expected a .png file path, found the folder {png}", f"e.g. --png {png / 'report.png'}")
+        ]
+    if png.suffix.lower() != ".png":  # `.png` alone is a nameless hidden file: its suffix is ""
+        example = png.parent / "report.png" if png.name.startswith(".") else png.with_suffix(".png")
+        return [Problem(where, f"expected a file name ending in .png, found {str(png)!r}", f"e.g. --png {example}")]
+    parent = png.parent
+    if not parent.exists():
+        hint = f"create it first (mkdir -p {parent}) or choose another path"
+        return [Problem(where, f"folder {parent} does not exist", hint)]
+    if not parent.is_dir():
+        return [Problem(where, f"{parent} is a file, not a folder", "choose a path in an existing folder")]
+    return []
 
 
 def summarize(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Whole-run numbers: time, tokens, throughput (total and per GPU), peak memory per GPU, eval losses."""
-    summary_file = Path(out) / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    summary = load_summary(out)
     last = rows[-1]
     world = max((len(r.get("peak_memory_gb") or []) for r in rows), default=1) or 1
-    elapsed = float(last.get("elapsed_s", 0.0))
+    elapsed = float(last.get("elapsed_s") or 0.0)
     # per-step tokens are only in the logged rows; the worker's running total covers every step
-    tokens = int(summary.get("run_tokens") or sum(int(r.get("tokens", 0)) for r in rows))
-    peak = (
-        [
-            max(float((r.get("peak_memory_gb") or [0.0] * world)[i]) for r in rows if r.get("peak_memory_gb"))
-            for i in range(world)
-        ]
-        if any(r.get("peak_memory_gb") for r in rows)
-        else []
-    )
+    tokens = int(summary.get("run_tokens") or sum(int(r.get("tokens") or 0) for r in rows))
+    # a run resumed on another GPU count (a sharded checkpoint allows it) has rows of different lengths
+    peak = [
+        max(float(r["peak_memory_gb"][i]) for r in rows if len(r.get("peak_memory_gb") or []) > i)
+        for i in range(world)
+        if any(len(r.get("peak_memory_gb") or []) > i for r in rows)
+    ]
     evals = [(int(r["step"]), float(r["eval_loss"])) for r in rows if r.get("eval_loss") is not None]
     best = min(evals, key=lambda e: e[1]) if evals else None
     tps = tokens / elapsed if elapsed > 0 else math.nan
@@ -65,7 +181,7 @@ def summarize(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens_per_second_per_gpu": tps / world,
         "world_size": world,
         "peak_memory_gb": peak,
-        "final_loss": float(last.get("loss", math.nan)),
+        "final_loss": float(last["loss"]) if last.get("loss") is not None else math.nan,
         "final_eval_loss": evals[-1][1] if evals else None,
         "best_eval_loss": best[1] if best else None,
         "best_eval_step": best[0] if best else None,
@@ -76,7 +192,13 @@ def summarize(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def write_plots(rows: list[dict[str, Any]], png: Path) -> Path:
     """Loss, eval loss, learning rate, throughput and peak memory per GPU over steps, in one PNG."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError(
+            Problem("", "the plots need matplotlib, which is not installed", "pip install 'unsloth-mgpu[report]'"),
+            "cannot write the report",
+        ) from None
 
     matplotlib.use("Agg")  # no display on training hosts
     import matplotlib.pyplot as plt
@@ -108,7 +230,8 @@ def write_plots(rows: list[dict[str, Any]], png: Path) -> Path:
     ax = axes[4]
     world = max((len(r.get("peak_memory_gb") or []) for r in rows), default=0)
     for i in range(world):
-        ax.plot(steps, [(r.get("peak_memory_gb") or [math.nan] * world)[i] for r in rows], label=f"GPU {i}")
+        gb = [((r.get("peak_memory_gb") or [])[i : i + 1] or [math.nan])[0] for r in rows]
+        ax.plot(steps, gb, label=f"GPU {i}")
     if world:
         ax.legend(fontsize=8)
     ax.set_title("peak memory per GPU (GB)", loc="left", fontsize=10)
@@ -116,9 +239,16 @@ def write_plots(rows: list[dict[str, Any]], png: Path) -> Path:
     ax.set_xlabel("optimizer step")
     fig.tight_layout()
     png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    # written beside the target and renamed over it: a failed write leaves no half-written PNG
+    tmp = png.with_name(f".{png.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, png)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(Problem(str(png), f"cannot write the plots: {exc}"), "cannot write the report") from None
+    finally:
+        plt.close(fig)
     return png
 
 
@@ -130,6 +260,8 @@ def print_report(out: Path, s: dict[str, Any], png: Path | None) -> None:
 
     t = Table(title=f"run report: {out}", show_header=False, title_justify="left")
     t.add_row("steps", f"{s['steps']}" + ("" if s["finished"] else " (not finished)"))
+    if s.get("skipped_rows"):
+        t.add_row("skipped", f"{s['skipped_rows']} damaged line(s) of metrics.jsonl (see the warnings)")
     t.add_row("time", f"{s['elapsed_s']:.1f} s")
     unit = s["unit"]
     t.add_row("tokens", f"{s['tokens']:,} (non-padding, all {unit}s)")
@@ -153,8 +285,36 @@ def print_report(out: Path, s: dict[str, Any], png: Path | None) -> None:
 def report(out: Path, png: Path | None = None, plots: bool = True) -> dict[str, Any]:
     """Run `mgpu report`: print the table, write the plots (default `<out>/report.png`); return the numbers."""
     out = Path(out)
-    rows = load_metrics(out)
+    problems = check_png(png) if png is not None and plots else []
+    rows: list[dict[str, Any]] = []
+    skipped: list[Problem] = []
+    try:
+        rows, skipped = read_metrics(out)
+    except UserError as exc:
+        problems += exc.problems
+    try:
+        load_summary(out)
+    except UserError as exc:
+        problems += exc.problems
+    if problems:
+        raise UserError(problems, "cannot report")
+    _warn_skipped(skipped)
     s = summarize(out, rows)
+    s["skipped_rows"] = len(skipped)
     written = write_plots(rows, png or out / "report.png") if plots else None
     print_report(out, s, written)
     return s
+
+
+def _warn_skipped(skipped: list[Problem]) -> None:
+    """One warning (stderr) per damaged metrics line left out of the report; the first few, then a count."""
+    if not skipped:
+        return
+    from rich.console import Console
+    from rich.markup import escape
+
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    for p in skipped[:MAX_SKIP_NOTES]:
+        err.print(f"[yellow]warning:[/] skipped {escape(p.where)}: {escape(p.message)}")
+    if len(skipped) > MAX_SKIP_NOTES:
+        err.print(f"[yellow]warning:[/] skipped {len(skipped) - MAX_SKIP_NOTES} more damaged line(s)")

@@ -20,8 +20,17 @@ _WORDS = (
     "cat dog fox owl bee ant cow hen pig yak sun moon star rain snow wind tree leaf rock sand"
 ).split()
 
+# The recipe schema shipped inside the package (a copy of schemas/recipe.schema.json, written by `make schemas`).
+SCHEMA_FILE = Path(__file__).parent / "schemas" / "recipe.schema.json"
+
+
+def schema_comment() -> str:
+    """The first line of a written recipe: editors with the YAML language server validate against the schema."""
+    return f"# yaml-language-server: $schema={SCHEMA_FILE.as_uri()}"
+
+
 STARTER_RECIPE = """\
-# yaml-language-server: $schema=https://unsloth-mgpu.invalid/schemas/recipe.schema.json
+{schema}
 # A starter recipe: LoRA on the builtin tiny Llama (random weights, built locally) with a bundled dataset.
 # Runs anywhere, CPU included:   mgpu validate {name}   then   mgpu train {name}
 # Replace model.name with a hub id or local folder (e.g. unsloth/Llama-3.1-8B) for real work.
@@ -109,7 +118,9 @@ def write_starter(path: Path, force: bool = False) -> Path:
         data.parent.mkdir(parents=True, exist_ok=True)
         if not data.exists():
             data.write_text(quickstart_jsonl(), encoding="utf-8")
-        path.write_text(STARTER_RECIPE.format(name=path.name, data=QUICKSTART_DATA_NAME), encoding="utf-8")
+        path.write_text(
+            STARTER_RECIPE.format(schema=schema_comment(), name=path.name, data=QUICKSTART_DATA_NAME), encoding="utf-8"
+        )
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc}") from exc
     return path
