@@ -267,6 +267,17 @@ def test_a_list_index_beyond_the_list_is_named(workdir):
     )
 
 
+def test_validate_yaml_prints_a_recipe_file_that_loads_back_to_the_same_recipe(workdir):
+    write(workdir, GOOD, "base.yaml")
+    child = write(workdir, "base: base.yaml\nlora:\n  r: 4\n")
+    proc = run_mgpu("validate", str(child), "--yaml", "training.max_steps=7", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("# yaml-language-server: $schema=") and "\nvalid" not in proc.stdout
+    full = write(workdir, proc.stdout, "full.yaml")
+    expected = load_recipe(child, ["training.max_steps=7"]).recipe
+    assert load_recipe(full).recipe.model_dump() == expected.model_dump()
+
+
 def test_missing_recipe_file(workdir):
     assert_user_error(run_mgpu("validate", str(workdir / "nope.yaml")), "recipe file not found")
 

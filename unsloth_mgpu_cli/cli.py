@@ -171,7 +171,17 @@ def report(
 
 
 @app.command()
-def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+def validate(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    as_yaml: Annotated[
+        bool,
+        typer.Option(
+            "--yaml",
+            help="Print only the resolved recipe, as a recipe file: `mgpu validate r.yaml --yaml > full.yaml`.",
+        ),
+    ] = False,
+) -> None:
     """Validate a recipe and print it resolved (base merged, overrides and interpolations applied)."""
     from .recipe import load_recipe
     from .render import print_recipe
@@ -182,6 +192,12 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
         check_sinks_available(loaded.recipe)
     except UserError as exc:
         _fail(exc)
+    if as_yaml:
+        from .recipe import to_yaml
+        from .templates import schema_comment
+
+        sys.stdout.write(f"{schema_comment()}\n# resolved from {loaded.path}\n{to_yaml(loaded.recipe)}")
+        return
     print_recipe(loaded)
 
 
