@@ -248,6 +248,8 @@ def test_bad_recipe_is_rejected_for_people(case, workdir):
         (["training.nope=1"], "training.nope"),
         (["training.max_steps=x"], "training.max_steps"),
         (["model=builtin:tiny-llama"], "`model.name=builtin:tiny-llama`"),
+        (["training.lr=1e-3"], "did you mean 'learning_rate'?"),
+        (["lora.lora_alpha=32"], "did you mean 'alpha'?"),
     ],
 )
 def test_bad_override_is_rejected(args, needle, workdir):
@@ -256,6 +258,14 @@ def test_bad_override_is_rejected(args, needle, workdir):
         needle,
         "command line" if "=" in args[0] and needle != "expected KEY=VALUE" else needle,
     )
+
+
+def test_path_problems_are_listed_with_the_other_problems(workdir):
+    """One run of validate names every problem: a misspelt key does not hide a missing file or a builtin typo."""
+    proc = run_mgpu(
+        "validate", str(write(workdir, GOOD)), "model.name=builtin:tiny-lama", "dataset.path=x.jsonl", "trainng.x=1"
+    )
+    assert_user_error(proc, "(3 problems)", "unknown key 'trainng'", "unknown builtin model", "dataset file not found")
 
 
 def test_a_list_index_beyond_the_list_is_named(workdir):

@@ -789,6 +789,36 @@ def _fmt_found(value: Any) -> str:
 _UNION_TAG = re.compile(r"^(int|str|bool|float|none|list\[.*|literal\[.*|function-.*|[A-Z]\w*Section)$")
 
 
+# Names other trainers (TRL, axolotl, torchtune, peft) use for our keys: the did-you-mean for each.
+_ALIASES = {
+    "lr": "learning_rate",
+    "batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size",
+    "micro_batch": "micro_batch_size",
+    "grad_accum": "gradient_accumulation_steps",
+    "gradient_accumulation": "gradient_accumulation_steps",
+    "steps": "max_steps",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "warmup": "warmup_steps",
+    "scheduler": "lr_scheduler",
+    "lr_scheduler_type": "lr_scheduler",
+    "optim": "optimizer",
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "seq_len": "max_seq_length",
+    "sequence_len": "max_seq_length",
+    "max_length": "max_seq_length",
+    "model_name": "name",
+    "base_model": "name",
+    "output_dir": "dir",
+    "gpus": "num_gpus",
+    "world_size": "num_gpus",
+}
+
+
 def _problems_from_validation(exc: ValidationError, lines: dict[str, str]) -> list[Problem]:
     """Turn pydantic errors into problems: one per key, with did-you-mean for unknown keys."""
     by_key: dict[str, list[dict[str, Any]]] = {}
@@ -802,7 +832,8 @@ def _problems_from_validation(exc: ValidationError, lines: dict[str, str]) -> li
                 problems.append(Problem(_where(key, lines), message))
         elif err["type"] == "extra_forbidden":
             valid = _section_fields(loc)
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+            alias = _ALIASES.get(str(loc[-1]))
+            close = [alias] if alias in valid else difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
             hint = (
                 f"did you mean '{close[0]}'?" if close else (f"valid keys here: {', '.join(valid)}" if valid else None)
             )
@@ -863,11 +894,41 @@ def _looks_like_local_path(value: str) -> bool:
     )
 
 
+def _paths_only(data: dict[str, Any], bad: set[str]) -> Any:
+    """The path keys of a recipe that failed validation, for `_check_paths`: each one that is a string and has no
+    problem of its own (an absent one is skipped: its missing key is reported already)."""
+    from types import SimpleNamespace
+
+    def section(name: str) -> dict[str, Any]:
+        value = data.get(name)
+        return value if isinstance(value, dict) else {}
+
+    def text(key: str, value: Any) -> str | None:
+        return value if isinstance(value, str) and value and key not in bad else None
+
+    model, ds, out = section("model"), section("dataset"), section("output")
+    mix = ds.get("mix") if isinstance(ds.get("mix"), list) else []
+    return SimpleNamespace(
+        model=SimpleNamespace(name=text("model.name", model.get("name"))),
+        dataset=SimpleNamespace(
+            path=text("dataset.path", ds.get("path")),
+            eval_path=text("dataset.eval_path", ds.get("eval_path")),
+            mix=[
+                SimpleNamespace(path=text(f"dataset.mix.{i}.path", m.get("path") if isinstance(m, dict) else None))
+                for i, m in enumerate(mix)
+            ],  # fmt: skip
+        ),
+        output=SimpleNamespace(dir=text("output.dir", out.get("dir", OutputSection.model_fields["dir"].default))),
+    )
+
+
 def _check_paths(recipe: Recipe, base_dir: Path, lines: dict[str, str]) -> list[Problem]:
     """Resolve relative paths against the recipe folder and check that local inputs exist."""
     problems: list[Problem] = []
     name = recipe.model.name
-    if name.startswith("builtin:"):
+    if name is None:
+        pass  # a recipe that failed validation without a usable model.name (see _paths_only)
+    elif name.startswith("builtin:"):
         if name not in BUILTIN_MODELS:
             close = difflib.get_close_matches(name, BUILTIN_MODELS, n=1)
             problems.append(
@@ -913,6 +974,8 @@ def _check_paths(recipe: Recipe, base_dir: Path, lines: dict[str, str]) -> list[
         else:
             problems.append(Problem(_where(key, lines), f"{what} not found: {p}",
                                     "relative paths are resolved against the recipe's folder"))  # fmt: skip
+    if recipe.output.dir is None:
+        return problems
     out = (base_dir / recipe.output.dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         problems.append(
@@ -970,12 +1033,15 @@ def load_recipe(
         lines[key] = "command line"
     data = _merge(data, over)
     data = _resolve_interpolations(data, lines)
+    base_dir = rpath.resolve().parent if rpath is not None else Path.cwd()
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise UserError(_problems_from_validation(exc, lines), "invalid recipe") from exc
+        problems = _problems_from_validation(exc, lines)
+        if check_paths:  # every problem at once: the paths too, as far as they can be read
+            problems += _check_paths(_paths_only(data, {p.where.split(" ")[0] for p in problems}), base_dir, lines)
+        raise UserError(problems, "invalid recipe") from None
     if check_paths:
-        base_dir = rpath.resolve().parent if rpath is not None else Path.cwd()
         problems = _check_paths(recipe, base_dir, lines)
         if problems:
             raise UserError(problems, "invalid recipe")
