@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: venv           ## the whole suite: unit + integration (real Unsloth on CPU, gloo)
-	$(PYTEST) -q --durations=15 -n $(TEST_JOBS) --dist loadfile
+	$(PYTEST) -q --durations=15 -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 
 test-quick: venv     ## unit tests only (seconds)
 	$(PYTEST) -q -m "not integration and not slow and not gpu"

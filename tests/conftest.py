@@ -29,6 +29,32 @@ EQUIVALENCE_RUN = [
 ]
 
 
+# `make test` hands whole files to its workers (pytest-xdist --dist loadfile --no-loadscope-reorder) in collection
+# order. The files that train many multi-process runs go first, so that the short ones fill the gaps at the end
+# (xdist's own order, by number of tests, started the longest file last and left the other worker idle).
+HEAVY_FILES_FIRST = (
+    "test_checkpoint_cpu.py",
+    "test_reliability.py",
+    "test_engine_cpu.py",
+    "test_data_train.py",
+    "test_fsdp_qlora.py",
+    "test_multinode.py",
+    "test_fsdp.py",
+    "test_examples.py",
+    "test_api_hooks.py",
+    "test_mix.py",
+    "test_output_safety.py",
+    "test_api.py",
+    "test_checkpoint.py",
+    "test_data.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(HEAVY_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 def mgpu_env(**extra: str) -> dict[str, str]:
     """Environment for subprocess runs: offline, quiet, the checkout first on the import path."""
     env = dict(os.environ)
