@@ -20,7 +20,9 @@
 # saves step-5 and exits 130; the resource tracker's leaked-semaphore warning after SIGNALS=2 was then hidden, not
 # re-run on a GPU: `stops` below checks it).
 # In session 12 (only the 1-GPU kind lent): `stops` (second Ctrl-C: exit 130 after 5.0 s, 0 leaked-semaphore
-# warnings; one Ctrl-C: step-5 saved, exit 130), `T=330 gputest` (2 passed, 3 skipped: they need 2 GPUs).
+# warnings; one Ctrl-C: step-5 saved, exit 130), `T=330 gputest` (2 passed, 3 skipped: they need 2 GPUs); then
+# `outputs` (found: --overwrite refused the run's own .cache/, Unsloth's compiled modules, which CPU runs never
+# write; modes 755/644 and the export marker as planned) and `T=320 gputest` (2 passed, 3 skipped).
 # Next, in this order:
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
 #   s9b on nvidia-h200-x2: the 1B pair with this session's defaults, 1 GPU on GPU 1, the GPU tests of the new code
@@ -296,6 +298,21 @@ clocks_throttle_reasons.active --format=csv,noheader -lms 100 > "$OUT/smi.csv" 2
       echo "teardown: exit=$? in $(( $(date +%s)-s )) s"; tail -4 "$OUT/teardown.txt" | cut -c1-200
       grep -rh "stopped by the launcher" "$OUT/teardown/logs" | head -2
     fi ;;
+  outputs)
+    # session 12's output safety on CUDA (1 GPU): --overwrite over an earlier run, the export's marker, modes that
+    # other users can read, and an export refused over a folder it did not write
+    R=(python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 training.max_steps=6
+       training.warmup_steps=1 logging.progress=false output.save_steps=3 output.dir="$OUT/run")
+    "${R[@]}" > "$OUT/train1.txt" 2>&1; echo "train: exit=$?"
+    "${R[@]}" --overwrite > "$OUT/train2.txt" 2>&1; echo "train --overwrite: exit=$?"; tail -1 "$OUT/train2.txt"
+    python3 -m unsloth_mgpu_cli export "$OUT/run" --merged > "$OUT/export.txt" 2>&1; echo "export: exit=$?"
+    tail -1 "$OUT/export.txt"; echo "umask $(umask)"
+    stat -c '%a %n' "$OUT"/run/adapter "$OUT"/run/adapter/* "$OUT"/run/checkpoints/* "$OUT"/run/merged "$OUT"/run/merged/* \
+      "$OUT/run/merged/.mgpu-export.json" | sed "s#$OUT/##"
+    mkdir -p "$OUT/precious" && echo keep > "$OUT/precious/x.txt"
+    python3 -m unsloth_mgpu_cli export "$OUT/run" --merged --output "$OUT/precious" > "$OUT/export2.txt" 2>&1
+    echo "export over a folder it did not write: exit=$? (2 expected), x.txt: $(cat "$OUT/precious/x.txt")"
+    rm -rf "$OUT/run/merged" "$OUT/run/checkpoints" ;;
   *) echo "unknown stage $STAGE"; exit 2 ;;
 esac
 cd "$OUT" && if compgen -G "*/logs" > /dev/null; then tar czf logs.tgz */logs && rm -rf */logs; fi

@@ -32,21 +32,21 @@ EQUIVALENCE_RUN = [
 # `make test` hands whole files to its workers (pytest-xdist --dist loadfile --no-loadscope-reorder) in collection
 # order. The files that train many multi-process runs go first, so that the short ones fill the gaps at the end
 # (xdist's own order, by number of tests, started the longest file last and left the other worker idle).
-HEAVY_FILES_FIRST = (
-    "test_checkpoint_cpu.py",
+HEAVY_FILES_FIRST = (  # by their measured time (2 workers on the 2-core CI machine, 2026-12-01), longest first
     "test_reliability.py",
+    "test_checkpoint_cpu.py",
     "test_engine_cpu.py",
-    "test_data_train.py",
     "test_fsdp_qlora.py",
+    "test_data_train.py",
     "test_multinode.py",
     "test_fsdp.py",
+    "test_data.py",
     "test_examples.py",
     "test_api_hooks.py",
-    "test_mix.py",
+    "test_distributed.py",
     "test_output_safety.py",
     "test_api.py",
-    "test_checkpoint.py",
-    "test_data.py",
+    "test_mix.py",
 )
 
 

@@ -80,6 +80,8 @@ def run(tmp_path_factory) -> Path:
     (out / "recipe.resolved.yaml").write_text("old: true\n")
     (out / "report.png").write_text("old")
     (out / ".tmp-adapter-dead").mkdir()  # left by a run killed while saving
+    (out / ".cache" / "unsloth_compiled_rank0").mkdir(parents=True)  # Unsloth's compiled modules (on CUDA)
+    (out / ".cache" / "unsloth_compiled_rank0" / "stale.py").write_text("old")
     old = os.umask(0o022)
     try:
         proc = run_mgpu("train", str(recipe), "--overwrite", timeout=600)
@@ -158,6 +160,7 @@ def test_only_what_a_run_wrote_counts_as_the_run(tmp_path):
 def test_overwrite_replaces_only_the_earlier_run(run):
     assert not (run / "checkpoints" / "step-99").exists() and not (run / "adapter" / "stale.bin").exists()
     assert not (run / "report.png").exists() and not (run / ".tmp-adapter-dead").exists()
+    assert not (run / ".cache" / "unsloth_compiled_rank0" / "stale.py").exists()
     assert [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"step": 99' in line] == []
     assert (run / "adapter" / "adapter_model.safetensors").exists()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1", "step-2"]

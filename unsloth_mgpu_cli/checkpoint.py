@@ -38,7 +38,8 @@ STEP_PREFIX = "step-"
 RUN_FILES = frozenset(
     {"recipe.resolved.yaml", "metrics.jsonl", "summary.json", "report.png", "wandb-run-id", ".stop-requested"}
 )
-RUN_FOLDERS = frozenset({"adapter", "model", "checkpoints", "logs", "tensorboard", "wandb"})
+# ".cache": Unsloth's compiled modules, one folder per rank (engine.Worker.setup's UNSLOTH_COMPILE_LOCATION).
+RUN_FOLDERS = frozenset({"adapter", "model", "checkpoints", "logs", "tensorboard", "wandb", ".cache"})
 # Files every run writes (recipe.resolved.yaml before its workers start): with a complete checkpoint, the signs
 # that a folder holds a run. A `checkpoints/` or `logs/` alone may be another tool's.
 RUN_SIGNS = ("recipe.resolved.yaml", "metrics.jsonl", "summary.json")
