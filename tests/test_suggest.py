@@ -269,6 +269,15 @@ def test_memory_given_as_a_number_of_bytes_is_read_as_bytes():
     assert gb == as_float == ConfigManager().get_optimal_config("7B", available_memory="32GB", num_gpus=2)
 
 
+def test_the_builtin_model_is_planned_like_any_other():
+    """What a recipe accepts as model.name, the Python API and `mgpu suggest` accept too."""
+    cfg = ConfigManager().get_optimal_config("builtin:tiny-llama", available_memory="24GB", num_gpus=2)
+    assert cfg["num_gpus"] == 2 and cfg["predicted_peak_gb"] < 24
+    assert resolve_architecture("builtin:tiny-llama").name == "builtin:tiny-llama"
+    proc = run_mgpu("suggest", "--model", "builtin:tiny-llama", "--gpu-memory", "24GB", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["fits"], proc.stderr
+
+
 def test_detected_gpus_are_the_visible_ones():
     nvml = FakeNVML([h200(i) for i in range(7)] + [h200(7, total_gib=24.0)])
     assert detect_gpu_memory(env={}, nvml=nvml) == (8, 24 * GiB)

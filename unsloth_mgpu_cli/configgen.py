@@ -46,12 +46,6 @@ DEFAULT_MEMORY_FRACTION = 0.9
 #: Assumption, not a measurement: from about 2k tokens per forward the matmuls of a >=1B model fill a
 #: data-centre GPU, so a bigger micro-batch gains less than recomputation (about +1/3 compute) costs.
 MIN_TOKENS_WITHOUT_CHECKPOINTING = 2048
-#: Stand-in for builtin:tiny-llama (a small random Llama built by the engine); generous on purpose.
-BUILTIN_ARCHITECTURES = {
-    "builtin:tiny-llama": Architecture(
-        256, 4, 8, 8, 1024, 32000, False, name="builtin:tiny-llama", source="builtin tiny model (upper bound)"
-    ),
-}
 
 
 @dataclass
@@ -402,8 +396,6 @@ def _suggestions(arch: Architecture, base: TrainingSetup, result: Plan) -> list[
 
 
 def _architecture_for_recipe(name: str) -> tuple[Architecture | None, str | None]:
-    if name in BUILTIN_ARCHITECTURES:
-        return BUILTIN_ARCHITECTURES[name], None
     try:
         return resolve_architecture(name, where="model.name"), None
     except UserError as exc:

@@ -288,12 +288,23 @@ def find_config(model: str) -> Path | None:
     return None
 
 
+#: Stand-in for builtin:tiny-llama (a small random Llama built by the engine); generous on purpose.
+BUILTIN_ARCHITECTURES = {
+    "builtin:tiny-llama": Architecture(
+        256, 4, 8, 8, 1024, 32000, False, name="builtin:tiny-llama", source="builtin tiny model (upper bound)"
+    ),
+}
+
+
 def resolve_architecture(model: str, where: str = "argument --model") -> Architecture:
-    """Architecture for a size string (`8B`), a local folder / config.json, or a hub id (cached or sized by name).
+    """Architecture for a size string (`8B`), a builtin model, a local folder / config.json, or a hub id (cached or
+    sized by name).
 
     Raises:
         UserError: naming `where` when the model cannot be understood.
     """
+    if model in BUILTIN_ARCHITECTURES:
+        return BUILTIN_ARCHITECTURES[model]
     m = _SIZE_RE.match(model)
     if m:
         key = _size_key(m.group(1))
