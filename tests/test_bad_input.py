@@ -315,7 +315,7 @@ CASES = [
         ["data.jsonl:5", "instruction is empty"],
     ),
     (
-        "data-text-wrong-type",
+        "data-text-empty",
         "train",
         data_file('{"text": "ok"}\n{"text": ""}\n' * 4, dataset__format="text"),
         ["data.jsonl:2", "text"],
@@ -323,8 +323,8 @@ CASES = [
     (
         "data-field-not-a-string",
         "train",
-        data_file('{"text": "ok"}\n{"text": 5}\n' * 4, dataset__format="text"),
-        ["data.jsonl:2", "text: expected text (a string), found the number 5"],
+        data_file('{"text": "ok"}\n{"text": true}\n' * 4, dataset__format="text"),
+        ["data.jsonl:2", "text: expected text (a string or a number), found the boolean true"],
     ),
     (
         "data-all-too-long",

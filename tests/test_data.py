@@ -513,17 +513,21 @@ def test_tokenising_large_data_shows_rows_per_second_on_a_terminal(tmp_path, mod
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_a_field_that_is_not_a_string_is_refused_naming_line_field_and_type(tmp_path, model_path):
+def test_a_field_that_is_no_text_is_refused_naming_line_field_and_type(tmp_path, model_path):
     f = write_jsonl(tmp_path / "t.jsonl", [{"text": 5}, {"text": True}, {"text": "fine"}, {"text": ["a"]}])
     msg = user_error(recipe(f, format="text"), model_path)
-    assert f"{f}:1: text: expected text (a string), found the number 5" in msg and "quote it in the file" in msg
-    assert f"{f}:2: text: expected text (a string), found the boolean true" in msg
-    assert f"{f}:4: text: expected text (a string), found a list of 1" in msg and f"{f}:3" not in msg
-    rows = [{"instruction": "a", "output": "b"}, {"instruction": "a", "input": 7, "output": "b"}]
-    a = write_jsonl(tmp_path / "a.jsonl", rows + [{"instruction": "a", "output": 146}])
-    msg = user_error(recipe(a), model_path)
-    assert f"{a}:2: input: expected text (a string), found the number 7" in msg
-    assert f"{a}:3: output: expected text (a string), found the number 146" in msg and f"{a}:1" not in msg
+    assert f"{f}:2: text: expected text (a string or a number), found the boolean true" in msg
+    assert "quote it in the file" in msg
+    assert f"{f}:4: text: expected text (a string or a number), found a list of 1" in msg
+    assert f"{f}:1" not in msg and f"{f}:3" not in msg  # a number is text: the answer of a maths dataset
+
+
+def test_numbers_are_trained_as_their_text(tmp_path, model_path):
+    numbers = write_jsonl(tmp_path / "n.jsonl", [{"instruction": "6*7?", "input": 7, "output": 42}] * 4)
+    text = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "6*7?", "input": "7", "output": "42"}] * 4)
+    (a, summary), (b, _) = prepared(recipe(numbers), model_path), prepared(recipe(text), model_path)
+    assert summary.samples == 4
+    assert [a.sample(i)[0].tolist() for i in range(4)] == [b.sample(i)[0].tolist() for i in range(4)]
 
 
 def test_a_missing_field_is_named_missing_with_the_row_fields_and_the_mapping_to_fix_it(tmp_path, model_path):
@@ -661,3 +665,20 @@ def test_a_missing_local_path_is_not_looked_up_on_the_hub(tmp_path, model_path, 
     # a name that could be a hub id is looked up there; when that fails, the error says no local one exists either
     msg = user_error(recipe("nosuchfolder"), model_path)
     assert "dataset.path (nosuchfolder): no local file or folder of that name exists" in msg and "offline" in msg
+
+
+def test_a_mapping_a_mix_source_inherits_may_be_unneeded_there(tmp_path, model_path):
+    """dataset.columns maps `question` for the source that has it; a source with the format's own columns is fine."""
+    q = write_jsonl(tmp_path / "q.jsonl", [{"question": "a", "output": "b"}] * 4)
+    n = write_jsonl(tmp_path / "n.jsonl", [{"instruction": "c", "output": "d"}] * 4)
+    mixed = Recipe.model_validate(
+        {
+            "model": {"name": "builtin:tiny-llama", "max_seq_length": 128},
+            "dataset": {"columns": {"instruction": "question"}, "mix": [{"path": str(q)}, {"path": str(n)}]},
+        }
+    )
+    _, summary = prepared(mixed, model_path)
+    assert summary.samples == 8
+    neither = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "c", "output": "d"}] * 4)
+    mixed.dataset.mix[1].path = str(neither)
+    assert "needs column(s) ['instruction']" in user_error(mixed, model_path)

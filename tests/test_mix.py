@@ -305,7 +305,7 @@ def test_mgpu_prepare_prints_per_source_counts_and_bad_data_exits_2(files, tmp_p
             if line.startswith("│ 0 ") or line.startswith("│ 1 ")}  # fmt: skip
     assert rows["0"] == ["alpaca.jsonl", "alpaca", "1", "40", "25", "50.0%", "no"]
     assert rows["1"] == ["chat.jsonl", "chat", "1", "10", "25", "50.0%", "x2.50"]
-    bad = [*CHATS[:5], {"messages": [{"role": "user", "content": 3}]}, *CHATS[6:]]
+    bad = [*CHATS[:5], {"messages": [{"role": "user", "content": [3]}]}, *CHATS[6:]]
     write_jsonl(c, bad)
     proc = run_mgpu("prepare", str(recipe), cwd=tmp_path, timeout=300)
     assert_user_error(proc, f"{c}:6", "messages[0].content: expected text")

@@ -478,7 +478,11 @@ def load_rows(ds: DatasetSection, seed: int = 0, key: str = "dataset", columns_k
     if not rows:
         _raise_bad_rows(problems, more)
         raise _data_error(f"{key}.path ({path})", "the dataset has no rows")
-    recipe_problems = _check_columns(rows, ds, columns_key or f"{key}.columns")
+    columns_key = columns_key or f"{key}.columns"
+    # A mapping a mix source inherits from dataset.columns is meant for the sources that need it: one that already
+    # has the format's columns is not an error (the missing-column check below still catches a source with neither).
+    inherited = key != "dataset" and not columns_key.startswith(key)
+    recipe_problems = [] if inherited else _check_columns(rows, ds, columns_key)
     if not recipe_problems:
         _apply_columns(rows, ds)
         found = sorted({k for r in rows[:1000] for k in r})
@@ -552,7 +556,8 @@ _FORMAT_COLUMNS_SEEN = (("messages", "chat"), ("conversations", "chat"), ("instr
 
 
 def _field(row: dict[str, Any], name: str, fmt: str, required: bool = True) -> str:
-    """The text of a field: a string (a field that is not, a number say, is refused: it is no text to learn)."""
+    """The text of a field: a string, or a number written as text (`"output": 42`, a numeric Parquet column: the
+    answer of a maths dataset). Anything else (true/false, a list, an object) is refused: it is no text to learn."""
     if name not in row:
         if required:
             raise _missing(row, name, fmt)
@@ -569,13 +574,15 @@ def _field(row: dict[str, Any], name: str, fmt: str, required: bool = True) -> s
             raise _RowError(
                 f"{name}: not UTF-8 text: byte 0x{value[exc.start]:02x} at offset {exc.start} of the field", UTF8_HINT
             ) from None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
     if not isinstance(value, str):
         hint = (
             f'quote it in the file so that it is text: "{json.dumps(value)}"'
-            if isinstance(value, (bool, int, float))
+            if isinstance(value, bool)
             else "map the column that holds the text with dataset.columns, or check dataset.format"
         )
-        raise _RowError(f"{name}: expected text (a string), found {_describe(value)}", hint)
+        raise _RowError(f"{name}: expected text (a string or a number), found {_describe(value)}", hint)
     if required and not value.strip():
         raise _RowError(f"{name} is empty")
     return value
