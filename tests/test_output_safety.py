@@ -108,6 +108,16 @@ def test_overwrite_refuses_a_folder_holding_the_recipe_and_other_files(tmp_path)
     assert snapshot(tmp_path) == before
 
 
+def test_a_run_rerun_from_its_own_resolved_recipe_may_overwrite_itself(run):
+    from unsloth_mgpu_cli.engine import check_output_dir, run_inputs
+    from unsloth_mgpu_cli.recipe import load_recipe
+
+    resolved = run / "recipe.resolved.yaml"
+    recipe = load_recipe(resolved).recipe
+    assert resolved not in run_inputs(resolved, recipe) and Path(recipe.dataset.path) in run_inputs(resolved, recipe)
+    check_output_dir(run, overwrite=True, resume=False, inputs=run_inputs(resolved, recipe))  # raises if refused
+
+
 def test_overwrite_refuses_a_run_folder_that_also_holds_other_files(tmp_path):
     recipe = project(tmp_path, out="out")
     (tmp_path / "out").mkdir()
@@ -155,6 +165,8 @@ def test_only_what_a_run_wrote_counts_as_the_run(tmp_path):
     assert (names(ours), names(others)) == (["checkpoints", "logs", "merged", "recipe.resolved.yaml"], ["adapter"])
     (out / "merged" / "notes.xlsx").write_text("mine")
     assert "merged" in names(survey_output_dir(out)[1])
+    (out / ".DS_Store").write_text("x")  # what a file browser leaves: not ours, no reason to refuse either
+    assert ".DS_Store" not in names(sum(survey_output_dir(out), []))
 
 
 def test_overwrite_replaces_only_the_earlier_run(run):
@@ -235,10 +247,20 @@ def test_export_never_writes_over_the_run(run, tmp_path, where, needle):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_export_is_marked_readable_and_replaced_by_the_next_export(run, umask_022):
-    for _ in range(2):  # the second replaces the first: an earlier export may be replaced
-        proc = run_mgpu("export", str(run), "--merged", timeout=300)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+def test_export_is_marked_readable_and_replaced_by_the_next_export(run, umask_022, tmp_path):
+    proc = run_mgpu("export", str(run), "--merged", timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    (run / "merged" / "stale.txt").write_text("from the first export")
+    # the second replaces the first, written where a symlinked merged/ points (a larger disk, say)
+    bigger = tmp_path / "bigger"
+    (run / "merged").rename(bigger)
+    (run / "merged").symlink_to(bigger, target_is_directory=True)
+    proc = run_mgpu("export", str(run), "--merged", timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert (run / "merged").is_symlink() and (bigger / "model.safetensors").is_file()
+    assert not (bigger / "stale.txt").exists()
+    (run / "merged").unlink()
+    bigger.rename(run / "merged")
     merged = run / "merged"
     assert (merged / ".mgpu-export.json").is_file() and (merged / "model.safetensors").is_file()
     assert mode(merged) == 0o755 and all(mode(f) == 0o644 for f in merged.iterdir())

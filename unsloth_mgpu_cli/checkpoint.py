@@ -51,6 +51,8 @@ _LEFTOVER_PREFIXES = (
     ".mgpu-write-test-",
 )
 _LEFTOVER_FILES = (".metrics.jsonl.tmp",)
+# What file browsers and notebooks leave in any folder they show; .nfs* are NFS's files of deleted open files.
+_SYSTEM_JUNK = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".ipynb_checkpoints"})
 # What transformers/peft write for a model: an unmarked `<run>/merged` (exported before the marker existed) that
 # holds only such files is still taken for an export.
 _MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".jinja")
@@ -123,10 +125,10 @@ def _give_normal_modes(folder: Path) -> None:
         for name in dirs + files:
             path = os.path.join(root, name)
             info = os.lstat(path)
-            if stat.S_ISDIR(info.st_mode):
-                os.chmod(path, dir_mode)
-            elif stat.S_ISREG(info.st_mode):
-                os.chmod(path, (dir_mode & 0o777) if info.st_mode & 0o111 else file_mode)
+            mode = dir_mode if stat.S_ISDIR(info.st_mode) else dir_mode if info.st_mode & 0o111 else file_mode
+            if stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode):
+                with contextlib.suppress(OSError):  # a mount that refuses chmod (FUSE, SMB): keep what it gave
+                    os.chmod(path, mode)
 
 
 def _non_empty(path: Path) -> bool:
@@ -173,6 +175,8 @@ def survey_output_dir(out: Path) -> tuple[list[Path], list[Path]]:
         return ours, others
     run = holds_run(out)
     for p in sorted(out.iterdir()):
+        if p.name in _SYSTEM_JUNK or p.name.startswith(".nfs"):
+            continue  # left by whatever showed the folder (Finder, Jupyter, NFS): not ours, no reason to refuse
         if p.is_symlink():
             mine = False
         elif p.name.startswith(_LEFTOVER_PREFIXES) or p.name in _LEFTOVER_FILES:

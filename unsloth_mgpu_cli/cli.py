@@ -142,13 +142,12 @@ def export(
     ] = None,
 ) -> None:
     """Merge the trained adapter into its base model and save a plain HF model (loads with transformers alone)."""
-    from .export import check_export_args, export_merged
+    from .export import export_merged
 
     try:
         if not merged:
             raise UserError("pass --merged: the export writes the base model with the adapter merged into it")
-        check_export_args(output_dir, dtype, output)  # before the slow imports: arguments and --output
-        dest = export_merged(output_dir, output, dtype)
+        dest = export_merged(output_dir, output, dtype)  # checks the arguments and --output before the slow imports
     except UserError as exc:
         _fail(exc)
     typer.echo(f"wrote {dest} ({dtype}); load it with AutoModelForCausalLM.from_pretrained('{dest}')")

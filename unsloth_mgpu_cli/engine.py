@@ -186,6 +186,16 @@ def check_output_dir(out: Path, overwrite: bool, resume: bool, inputs: list[Path
         ) from exc
 
 
+def run_inputs(recipe_path: Path | None, recipe: Recipe) -> list[Path]:
+    """What --overwrite must not delete: the recipe, the data, a local model. A run's own recipe.resolved.yaml,
+    re-run, is not among them: it is read before --overwrite deletes it, and written again."""
+    out = Path(recipe.output.dir)
+    rerun = recipe_path is not None and Path(recipe_path).resolve() == (out / "recipe.resolved.yaml").resolve()
+    inputs = [None if rerun else recipe_path, recipe.model.name, recipe.dataset.eval_path]
+    inputs += [src.section.path for src in recipe.dataset.sources()]
+    return [Path(p) for p in inputs if p]
+
+
 def _overwrite_problems(out: Path, others: list[Path], inputs: list[Path]) -> list[Problem]:
     """Why --overwrite may not empty `out`: each thing it would lose (nothing when only a run's files are there)."""
     from .checkpoint import describe_entries
@@ -375,10 +385,7 @@ def train(
     if resume_from is not None:
         verify_safe_to_load(resume_from)
     if is_main_node:
-        # what --overwrite must not delete: the recipe, the data, a local model
-        inputs = [loaded.path, recipe.model.name, recipe.dataset.eval_path]
-        inputs += [src.section.path for src in recipe.dataset.sources()]
-        check_output_dir(out, overwrite, resume is not None, [Path(p) for p in inputs if p])
+        check_output_dir(out, overwrite, resume is not None, run_inputs(loaded.path, recipe))
     data_mod.check_cache_dir()  # before the builtin model is built there
     model_path = resolve_model_path(recipe.model.name)
     check_target_modules(recipe, model_path)

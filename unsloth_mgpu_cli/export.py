@@ -137,9 +137,10 @@ def _overlaps(a: Path, b: Path) -> bool:
 def export_merged(output_dir: Path, dest: Path | None = None, dtype: str = "bfloat16") -> Path:
     """Merge `<output_dir>/adapter` into its base model and save it to `dest` (default `<output_dir>/merged`)."""
     adapter, base = check_export_args(output_dir, dtype, dest)
-    dest = Path(dest) if dest is not None else Path(output_dir) / "merged"
-    run = Path(output_dir)
-    model_cfg = _resolved_recipe(Path(output_dir)).get("model") or {}
+    run = Path(output_dir).expanduser()
+    # `~` as the checks read it, and a symlink's target (a `merged` linked to a larger disk is written there)
+    dest = (Path(dest).expanduser() if dest is not None else run / "merged").resolve()
+    model_cfg = _resolved_recipe(run).get("model") or {}
     from .models import hide_hf_bars_off_terminal, quiet_library_noise
 
     quiet_library_noise()
