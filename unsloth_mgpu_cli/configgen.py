@@ -26,9 +26,11 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import Problem, UserError
+from .errors import Problem, UserError, is_number, is_whole
 from .memory import (
     DEFAULT_TARGET_MODULES,
+    METHODS,
+    OPTIMIZERS,
     Architecture,
     Checkpointing,
     GiB,
@@ -758,10 +760,6 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name.rstrip("/").split("/")[-1]).strip("-").lower() or "model"
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _argument_problems(
     names: dict[str, str],
     gpus: Any,
@@ -774,19 +772,17 @@ def _argument_problems(
     """What is wrong with the planning arguments shared by `mgpu suggest` and `ConfigManager`, each problem under
     `names[argument]` (a flag or a keyword); `gpus`, `method` and `memory_fraction` may be None (not given)."""
     problems: list[Problem] = []
-    if gpus is not None and not (_is_int(gpus) and 1 <= gpus <= 1024):
+    if gpus is not None and not (is_whole(gpus) and 1 <= gpus <= 1024):
         problems.append(Problem(names["gpus"], f"expected a number of GPUs from 1 to 1024, found {gpus!r}"))
-    if not (_is_int(seq_len) and 16 <= seq_len <= 1_048_576):
+    if not (is_whole(seq_len) and 16 <= seq_len <= 1_048_576):
         problems.append(Problem(names["seq_len"], f"expected 16 to 1048576 tokens, found {seq_len!r}"))
-    if method is not None and method not in ("qlora", "lora", "full"):
+    if method is not None and method not in METHODS:
         problems.append(Problem(names["method"], f"expected qlora, lora or full, found {method!r}"))
-    if not (_is_int(global_batch) and global_batch >= 1):
+    if not (is_whole(global_batch) and global_batch >= 1):
         problems.append(Problem(names["global_batch"], f"expected at least 1 sample, found {global_batch!r}"))
-    if optimizer not in ("adamw", "adamw_8bit", "sgd"):
+    if optimizer not in OPTIMIZERS:
         problems.append(Problem(names["optimizer"], f"expected adamw, adamw_8bit or sgd, found {optimizer!r}"))
-    if memory_fraction is not None and not (
-        isinstance(memory_fraction, int | float) and not isinstance(memory_fraction, bool) and 0 < memory_fraction <= 1
-    ):
+    if memory_fraction is not None and not (is_number(memory_fraction) and 0 < memory_fraction <= 1):
         problems.append(
             Problem(
                 names["memory_fraction"],

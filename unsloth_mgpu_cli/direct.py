@@ -54,7 +54,7 @@ class MultiGPUTrainer:
         max_grad_norm: float | None = 1.0,
         verify_every: int = 50,
     ):
-        from .hooks import is_number, is_whole
+        from .errors import is_number, is_whole
 
         if num_gpus is not None and not (is_whole(num_gpus) and num_gpus >= 1):
             raise ValueError(f"num_gpus must be a positive integer or None (the launched workers), got {num_gpus!r}")

@@ -6,6 +6,8 @@ anything else is a bug or a fault and keeps its traceback.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,3 +91,15 @@ def read_utf8(path: Any, title: str) -> str:
             ),
             title,
         ) from None
+
+
+def is_whole(value: object) -> bool:
+    """An integer that is not a bool (True is an int to Python: num_gpus=True would mean 1); NumPy's count too."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: object, finite: bool = True) -> bool:
+    """A real number that is not a bool; finite unless `finite=False` (a metrics row may hold a NaN loss)."""
+    return (
+        isinstance(value, numbers.Real) and not isinstance(value, bool) and (not finite or math.isfinite(value))  # type: ignore[arg-type]
+    )

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import runpy
 import sys
@@ -40,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from .errors import is_number, is_whole
 
 _WORKER_FLAG = "MGPU_HOOK_WORKER"
 # What torchrun/elastic set and accelerate/transformers/Unsloth read to decide "distributed".
@@ -203,16 +204,6 @@ def enable_multi_gpu(
     raise AssertionError("unreachable")
 
 
-def is_whole(value: Any) -> bool:
-    """An int that is not a bool (True is an int to Python, and num_gpus=True would mean 1)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    """A finite int or float that is not a bool."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def disable_multi_gpu() -> None:
     """Undo every patch installed by `enable_multi_gpu` (the process group, if any, stays up)."""
     for owner, name, original in reversed(_STATE.patches):
@@ -351,7 +342,8 @@ def _join_external_launch(config: MultiGPUConfig) -> None:
     if config.num_gpus is not None and str(config.num_gpus) not in launched:
         raise ValueError(
             f"num_gpus={config.num_gpus} but the launcher started WORLD_SIZE={os.environ['WORLD_SIZE']} worker(s): "
-            "under torchrun leave num_gpus out (or pass the launched count)"
+            "under torchrun leave num_gpus out or pass the launched count (with ConfigManager: "
+            "get_optimal_config(num_gpus=<that count>))"
         )
     device = config.device if config.device != "auto" else ("cuda" if count_gpus() > 0 else "cpu")
     torch = sys.modules.get("torch")

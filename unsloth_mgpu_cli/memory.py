@@ -30,6 +30,8 @@ GiB = 1024**3
 MiB = 1024**2
 
 Method = Literal["qlora", "lora", "full"]
+METHODS: tuple[str, ...] = ("qlora", "lora", "full")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_8bit", "sgd")
 Checkpointing = bool | Literal["unsloth"]
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -599,7 +601,7 @@ def estimate(arch: Architecture, setup: TrainingSetup) -> MemoryBreakdown:
     Returns:
         A breakdown whose `peak` is what the GPU must hold, `allocated` what torch reports.
     """
-    if setup.method not in ("qlora", "lora", "full"):
+    if setup.method not in METHODS:
         raise ValueError(f"unknown method {setup.method!r}")
     notes: list[str] = []
     n_linear, n_embed, n_norm = arch.linear_params(), arch.embedding_params(), arch.norm_params()

@@ -21,8 +21,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import Problem, UserError
-from .memory import GiB, Method, TrainingSetup, estimate, resolve_architecture
+from .errors import Problem, UserError, is_whole
+from .memory import METHODS, OPTIMIZERS, GiB, Method, TrainingSetup, estimate, resolve_architecture
 
 
 class OutOfMemoryRisk(UserError):
@@ -145,14 +145,12 @@ class MemoryManager:
         Raises:
             UserError: a count that is not a positive integer, an unknown method or optimizer (each named).
         """
-        from .hooks import is_whole
-
         counts = {"seq_len": seq_len, "micro_batch_size": micro_batch_size, "lora_r": lora_r, "num_gpus": num_gpus}
         problems = [Problem(k, f"expected a positive integer, found {v!r}") for k, v in counts.items()
                     if not (is_whole(v) and v >= 1)]  # fmt: skip
-        if method not in ("qlora", "lora", "full"):
+        if method not in METHODS:
             problems.append(Problem("method", f"expected qlora, lora or full, found {method!r}"))
-        if optimizer not in ("adamw", "adamw_8bit", "sgd"):
+        if optimizer not in OPTIMIZERS:
             problems.append(Problem("optimizer", f"expected adamw, adamw_8bit or sgd, found {optimizer!r}"))
         if problems:
             raise UserError(problems, "invalid arguments")

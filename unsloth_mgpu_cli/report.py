@@ -14,16 +14,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import Problem, UserError
+from .errors import Problem, UserError, is_number
 
 #: Row fields the report reads, each a number (or null, or absent); `step` is required and an integer.
 NUMERIC_FIELDS = ("loss", "learning_rate", "tokens", "tokens_per_second", "elapsed_s", "eval_loss")
 #: Shown one by one; more skipped rows are counted in one last line.
 MAX_SKIP_NOTES = 5
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _row_problem(row: Any) -> str | None:
@@ -34,10 +30,10 @@ def _row_problem(row: Any) -> str | None:
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         return f"step: expected an integer >= 0, found {_short(step)}"
     for key in NUMERIC_FIELDS:
-        if row.get(key) is not None and not _is_number(row[key]):
+        if row.get(key) is not None and not is_number(row[key], finite=False):
             return f"{key}: expected a number, found {_short(row[key])}"
     peaks = row.get("peak_memory_gb")
-    if peaks is not None and not (isinstance(peaks, list) and all(_is_number(m) for m in peaks)):
+    if peaks is not None and not (isinstance(peaks, list) and all(is_number(m, finite=False) for m in peaks)):
         return f"peak_memory_gb: expected a list of numbers (GB per GPU), found {_short(peaks)}"
     return None
 
@@ -126,7 +122,7 @@ def load_summary(out: Path) -> dict[str, Any]:
     problems = [
         Problem(str(path), f"{key}: expected {what}, found {_short(summary[key])}", hint)
         for key, what, ok in (
-            ("run_tokens", "a number", _is_number),
+            ("run_tokens", "a number", lambda v: is_number(v, finite=False)),
             ("device_type", "a string", lambda v: isinstance(v, str)),
         )
         if summary.get(key) is not None and not ok(summary[key])
