@@ -324,9 +324,10 @@ def suggest(
 
     from .configgen import check_suggest_args, recipe_yaml
     from .configgen import plan as make_plan
+    from .paths import output_file_problems, write_text_atomically
 
     # --output is checked with the other arguments, before anything is planned or printed
-    problems = _output_file_problems(output, "--output", force) if output is not None else []
+    problems = output_file_problems(output, "--output", force) if output is not None else []
     try:
         arch, num_gpus, mem = check_suggest_args(
             model, gpus, gpu_memory, seq_len, method, global_batch, optimizer, strategy
@@ -361,48 +362,10 @@ def suggest(
         name = SIZE_HUB_IDS.get(arch.name, name) if arch.name in SIZE_HUB_IDS and name == model else name
         command = "mgpu suggest " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "mgpu suggest"
         try:
-            _write_atomically(output, recipe_yaml(p, name, command, output.name))
+            write_text_atomically(output, recipe_yaml(p, name, command, output.name))
         except OSError as exc:
             _fail(UserError(f"cannot write {output}: {exc}"))
         (sys.stderr if as_json else sys.stdout).write(f"wrote {output}\n")
-
-
-def _output_file_problems(path: Path, flag: str, force: bool) -> list:
-    """What stops `flag PATH` from being written, found before any work; creates nothing (like `mgpu init`)."""
-    import tempfile
-
-    from .errors import Problem
-
-    where = f"argument {flag}"
-    if path.is_dir():
-        return [Problem(where, f"expected a file path, found the folder {path}", f"e.g. {flag} {path / 'recipe.yaml'}")]
-    parent = path.parent
-    if not parent.exists():
-        hint = f"create it (mkdir -p {parent}) or choose another path"
-        return [Problem(where, f"folder {parent} does not exist", hint)]
-    if not parent.is_dir():
-        return [Problem(where, f"{parent} is a file, not a folder", "choose a path in an existing folder")]
-    if path.exists() and not force:
-        return [Problem(where, f"{path} exists", "pass --force to overwrite it or choose another path")]
-    try:  # permissions lie for root (and read-only mounts): try it
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".tmp"):
-            pass
-    except OSError as exc:
-        return [Problem(where, f"cannot write to {parent}: {exc.strerror or exc}", "choose another path")]
-    return []
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write `text` beside `path` and rename it over `path`: a failed write leaves the old file (or none)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    f = open(tmp, "x", encoding="utf-8")  # not mkstemp: the file gets the umask's permissions, not 0600
-    try:
-        with f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem, UserError, is_number
+from .paths import output_file_problems
 
 #: Row fields the report reads, each a number (or null, or absent); `step` is required and an integer.
 NUMERIC_FIELDS = ("loss", "learning_rate", "tokens", "tokens_per_second", "elapsed_s", "eval_loss")
@@ -130,26 +131,6 @@ def load_summary(out: Path) -> dict[str, Any]:
     if problems:
         raise UserError(problems, "invalid summary")
     return summary
-
-
-def check_png(png: Path) -> list[Problem]:
-    """Problems with a `--png` path: it must name a .png file in a folder that exists (nothing is created)."""
-    png = Path(png)
-    where = "argument --png"
-    if png.is_dir():
-        return [
-            Problem(where, f"expected a .png file path, found the folder {png}", f"e.g. --png {png / 'report.png'}")
-        ]
-    if png.suffix.lower() != ".png":  # `.png` alone is a nameless hidden file: its suffix is ""
-        example = png.parent / "report.png" if png.name.startswith(".") else png.with_suffix(".png")
-        return [Problem(where, f"expected a file name ending in .png, found {str(png)!r}", f"e.g. --png {example}")]
-    parent = png.parent
-    if not parent.exists():
-        hint = f"create it first (mkdir -p {parent}) or choose another path"
-        return [Problem(where, f"folder {parent} does not exist", hint)]
-    if not parent.is_dir():
-        return [Problem(where, f"{parent} is a file, not a folder", "choose a path in an existing folder")]
-    return []
 
 
 def summarize(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -281,7 +262,7 @@ def print_report(out: Path, s: dict[str, Any], png: Path | None) -> None:
 def report(out: Path, png: Path | None = None, plots: bool = True) -> dict[str, Any]:
     """Run `mgpu report`: print the table, write the plots (default `<out>/report.png`); return the numbers."""
     out = Path(out)
-    problems = check_png(png) if png is not None and plots else []
+    problems = output_file_problems(Path(png), "--png", suffix=".png") if png is not None and plots else []
     rows: list[dict[str, Any]] = []
     skipped: list[Problem] = []
     try:
