@@ -1784,8 +1784,8 @@ def report(recipe: Recipe) -> DataReport:
     Raises:
         UserError: as `prepare`.
     """
-    from .engine import check_batch_fits
     from .models import resolve_model_path
+    from .recipe import check_batch_fits
 
     check_cache_dir()  # before the builtin model is built into it
     model_path = resolve_model_path(recipe.model.name)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem, UserError
-from .recipe import AUTO, DEFAULT_TARGET_MODULES, LoadedRecipe, Recipe, to_yaml
+from .recipe import AUTO, DEFAULT_TARGET_MODULES, LoadedRecipe, Recipe, check_batch_fits, to_yaml
 
 
 @dataclass
@@ -310,22 +310,6 @@ def check_target_modules(recipe: Recipe, model_path: str) -> None:
             )
     if problems:
         raise UserError(problems, "invalid recipe")
-
-
-def check_batch_fits(recipe: Recipe, samples: int, num_workers: int) -> None:
-    """One optimizer step must find its global batch in the data (checked in the parent, before launching)."""
-    need = recipe.global_batch_size(num_workers)
-    if need > samples:
-        raise UserError(
-            Problem(
-                "training.micro_batch_size",
-                f"one optimizer step needs {need} samples "
-                f"(micro_batch_size x {num_workers} workers x gradient_accumulation_steps) but the "
-                f"dataset has {samples}",
-                "lower the batch settings or add data",
-            ),
-            "invalid recipe",
-        )
 
 
 def train(

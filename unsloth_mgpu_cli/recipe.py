@@ -537,6 +537,22 @@ class Recipe(_Section):
         return self.dataset.responses_only()
 
 
+def check_batch_fits(recipe: Recipe, samples: int, num_workers: int) -> None:
+    """One optimizer step must find its global batch in the data (checked in the parent, before launching)."""
+    need = recipe.global_batch_size(num_workers)
+    if need > samples:
+        raise UserError(
+            Problem(
+                "training.micro_batch_size",
+                f"one optimizer step needs {need} samples "
+                f"(micro_batch_size x {num_workers} workers x gradient_accumulation_steps) but the "
+                f"dataset has {samples}",
+                "lower the batch settings or add data",
+            ),
+            "invalid recipe",
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
