@@ -55,6 +55,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
 
 
+# A small Llama-shaped config.json: tests that write a model folder for the planner or `mgpu suggest` start from it.
+LLAMA_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 1024,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "intermediate_size": 4096,
+    "vocab_size": 50000,
+}
+
+
 def mgpu_env(**extra: str) -> dict[str, str]:
     """Environment for subprocess runs: offline, quiet, the checkout first on the import path."""
     env = dict(os.environ)

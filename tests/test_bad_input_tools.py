@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_user_error, run_mgpu
+from conftest import LLAMA_CONFIG, ROOT, assert_user_error, run_mgpu
 
 # --- mgpu report -------------------------------------------------------------------------------------------
 
@@ -131,16 +131,6 @@ def test_a_png_path_in_an_existing_folder_is_written(tmp_path):
 
 
 # --- mgpu suggest --------------------------------------------------------------------------------------------
-
-LLAMA_CONFIG = {
-    "model_type": "llama",
-    "hidden_size": 1024,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 4,
-    "intermediate_size": 4096,
-    "vocab_size": 50000,
-}
 
 
 @pytest.mark.parametrize(

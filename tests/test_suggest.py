@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, assert_user_error, mgpu_env, run_mgpu
+from conftest import LLAMA_CONFIG, ROOT, assert_user_error, mgpu_env, run_mgpu
 from fake_nvml import FakeNVML, h200
 
 from unsloth_mgpu_cli.configgen import ConfigManager, detect_gpu_memory, plan, resolve_auto
@@ -114,16 +114,7 @@ def test_loss_is_chunked_not_full_fp32_logits():
 
 def _write_config(folder, **extra):
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = {
-        "model_type": "llama",
-        "hidden_size": 1024,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 4,
-        "intermediate_size": 4096,
-        "vocab_size": 50000,
-        **extra,
-    }
+    cfg = {**LLAMA_CONFIG, **extra}
     (folder / "config.json").write_text(json.dumps(cfg))
     return folder
 

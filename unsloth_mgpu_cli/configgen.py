@@ -632,20 +632,8 @@ class ConfigManager:
             num_gpus, seq_len, method, global_batch, optimizer, memory_fraction,
         )  # fmt: skip
         detected, detected_mem = detect_gpu_memory() if available_memory is None or num_gpus is None else (0, None)
-        mem = detected_mem
-        if available_memory is not None:
-            try:
-                mem = parse_memory(available_memory, where="available_memory")
-            except UserError as exc:
-                problems += exc.problems
-        elif detected_mem is None:
-            problems.append(
-                Problem(
-                    "available_memory",
-                    "no NVIDIA GPU detected",
-                    'pass the memory per GPU, e.g. available_memory="80GB"',
-                )
-            )
+        mem, more = _memory_per_gpu(available_memory, detected_mem, "available_memory", 'available_memory="80GB"')
+        problems += more
         if problems:
             raise UserError(problems, "invalid arguments")
         assert mem is not None
@@ -760,6 +748,22 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name.rstrip("/").split("/")[-1]).strip("-").lower() or "model"
 
 
+def _memory_per_gpu(given: Any, detected: int | None, where: str, example: str) -> tuple[int | None, list[Problem]]:
+    """The memory per GPU in bytes: what was given (parsed), else the smallest visible GPU's; or the problem."""
+    if given is not None:
+        try:
+            return parse_memory(given, where=where), []
+        except UserError as exc:
+            return None, exc.problems
+    if detected is None:
+        return None, [
+            Problem(
+                where, "no NVIDIA GPU detected (NVML), so the memory per GPU is unknown", f"pass it, e.g. {example}"
+            )
+        ]
+    return detected, []
+
+
 def _argument_problems(
     names: dict[str, str],
     gpus: Any,
@@ -811,7 +815,7 @@ def check_suggest_args(
         UserError: every bad argument, each naming its flag.
     """
     problems: list[Problem] = []
-    arch = mem = None
+    arch = None
     try:
         arch = resolve_architecture(model)
     except UserError as exc:
@@ -824,21 +828,8 @@ def check_suggest_args(
     if strategy not in ("ddp", "fsdp", "auto"):
         problems.append(Problem("argument --strategy", f"expected ddp, fsdp or auto, found {strategy!r}"))
     detected, detected_mem = (0, None) if gpu_memory is not None and gpus is not None else detect_gpu_memory()
-    if gpu_memory is not None:
-        try:
-            mem = parse_memory(gpu_memory)
-        except UserError as exc:
-            problems += exc.problems
-    elif detected_mem is None:
-        problems.append(
-            Problem(
-                "argument --gpu-memory",
-                "no NVIDIA GPU detected (NVML), so the memory per GPU is unknown",
-                "pass it, e.g. --gpu-memory 80GB (and --gpus N)",
-            )
-        )
-    else:
-        mem = detected_mem
+    mem, more = _memory_per_gpu(gpu_memory, detected_mem, "argument --gpu-memory", "--gpu-memory 80GB (and --gpus N)")
+    problems += more
     if problems:
         raise UserError(problems, "invalid arguments")
     assert arch is not None and mem is not None

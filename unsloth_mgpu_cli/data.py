@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UTF8_HINT, Problem, UserError, read_utf8
-from .recipe import DatasetSection, DataSource, Recipe
+from .recipe import DatasetSection, DataSource, Recipe, why_not_a_hub_id
 
 IGNORE_INDEX = -100
 _CACHE_VERSION = "2"
@@ -310,21 +310,6 @@ def _read_file(path: Path, key: str = "dataset") -> tuple[list[dict[str, Any]], 
     return table.to_pylist(), _Source(str(path), 0, None, True), bad
 
 
-def _cannot_be_hub_id(path: str) -> str | None:
-    """Why `path` cannot be a hub dataset id (`name` or `org/name`), so must be a local file or folder; None
-    when it could be one."""
-    if path.endswith(("/", os.sep)):
-        return "it ends with '/'"
-    if path.startswith((".", "/", "~")):
-        return f"it starts with {path[0]!r}"
-    if path.count("/") > 1:
-        return "it has more than one '/'"
-    suffix = Path(path).suffix.lower()
-    if suffix in (*_SUFFIXES, ".txt", ".tsv"):
-        return f"it ends with the file extension {suffix}"
-    return None
-
-
 def _hub_rows(ds: DatasetSection, key: str = "dataset") -> tuple[list[dict[str, Any]], _Source]:
     import datasets
 
@@ -452,7 +437,7 @@ def load_rows(ds: DatasetSection, seed: int = 0, key: str = "dataset", columns_k
             )
         files = [path]
     else:
-        reason = _cannot_be_hub_id(ds.path)
+        reason = why_not_a_hub_id(ds.path)
         if reason is not None:
             raise _data_error(
                 f"{key}.path ({ds.path})",

@@ -8,6 +8,7 @@ problem found is reported at once, each with the dotted key and, where known, `f
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -900,14 +901,23 @@ def _missing_hint(dotted: str) -> str | None:
     }.get(dotted)
 
 
+def why_not_a_hub_id(path: str) -> str | None:
+    """Why `path` cannot be a hub id (`name` or `org/name`), so must be a local file or folder; None when it could
+    be one."""
+    if path.endswith(("/", os.sep)):
+        return "it ends with '/'"
+    if path.startswith((".", "/", "~")):
+        return f"it starts with {path[0]!r}"
+    if path.count("/") > 1:
+        return "it has more than one '/'"
+    suffix = Path(path).suffix.lower()
+    if suffix in (".json", ".jsonl", ".csv", ".parquet", ".txt", ".tsv"):
+        return f"it ends with the file extension {suffix}"
+    return None
+
+
 def _looks_like_local_path(value: str) -> bool:
-    """A path that cannot be a hub id (`org/name`): it is local and must exist."""
-    return (
-        value.startswith((".", "/", "~"))
-        or value.endswith("/")
-        or Path(value).suffix.lower() in (".json", ".jsonl", ".csv", ".parquet", ".txt")
-        or value.count("/") >= 2
-    )
+    return why_not_a_hub_id(value) is not None
 
 
 def _paths_only(data: dict[str, Any], bad: set[str]) -> Any:
