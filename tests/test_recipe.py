@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -335,3 +336,17 @@ def test_init_writes_a_valid_starter_and_refuses_to_overwrite(tmp_path):
     assert load_recipe(tmp_path / "starter.yaml").recipe.model.name == "builtin:tiny-llama"
     assert (tmp_path / "data" / "quickstart.jsonl").exists()
     assert_user_error(run_mgpu("init", "starter.yaml", cwd=tmp_path), "--force")
+
+
+def test_help_shows_no_value_beside_a_flag():
+    # typer prints `<bool>` beside a flag unless told otherwise, which reads as if `--overwrite true` were meant.
+    for command in ("train", "export", "validate", "doctor", "suggest"):
+        proc = run_mgpu(command, "--help")
+        assert proc.returncode == 0, proc.stderr
+        flags = [
+            line
+            for line in proc.stdout.splitlines()
+            if re.search(r"--(overwrite|merged|yaml|json|probe|force)\b", line)
+        ]
+        assert flags, (command, proc.stdout)
+        assert not any("<bool>" in line for line in flags), (command, flags)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -43,6 +43,11 @@ OverridesArg = Annotated[
 ]
 
 
+def _flag(*names: str, **kwargs: Any) -> Any:
+    """A boolean --flag. Without a metavar typer's help shows `<bool>` beside it, as if it took a value."""
+    return typer.Option(*names, metavar="", **kwargs)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"mgpu (unsloth-mgpu) {__version__}")
@@ -51,9 +56,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for every error.")] = False,
+    debug: Annotated[bool, _flag("--debug", help="Show full tracebacks for every error.")] = False,
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool, _flag("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     _state["debug"] = debug or os.environ.get("MGPU_DEBUG") == "1"
@@ -93,7 +98,7 @@ def train(
     ] = None,
     overwrite: Annotated[
         bool,
-        typer.Option(
+        _flag(
             "--overwrite",
             help="Delete the earlier run in output.dir first (only what mgpu wrote; refuses other files there).",
         ),
@@ -129,7 +134,7 @@ def train(
 def export(
     output_dir: Annotated[Path, typer.Argument(help="output.dir of a finished LoRA run.", show_default=False)],
     merged: Annotated[
-        bool, typer.Option("--merged", help="Merge the adapter into the base weights (the one export there is).")
+        bool, _flag("--merged", help="Merge the adapter into the base weights (the one export there is).")
     ] = False,
     dtype: Annotated[str, typer.Option("--dtype", help="bfloat16 | float16 | float32.")] = "bfloat16",
     output: Annotated[
@@ -175,7 +180,7 @@ def validate(
     overrides: OverridesArg = None,
     as_yaml: Annotated[
         bool,
-        typer.Option(
+        _flag(
             "--yaml",
             help="Print only the resolved recipe, as a recipe file: `mgpu validate r.yaml --yaml > full.yaml`.",
         ),
@@ -240,7 +245,7 @@ def schema(
 @app.command()
 def init(
     path: Annotated[Path, typer.Argument(help="Where to write the starter recipe.")] = Path("recipe.yaml"),
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    force: Annotated[bool, _flag("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a commented starter recipe that trains the builtin tiny model on a bundled dataset."""
     from .errors import Problem
@@ -259,9 +264,9 @@ def init(
 
 @app.command()
 def doctor(
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")] = False,
+    json_output: Annotated[bool, _flag("--json", help="Print one JSON document instead of a table.")] = False,
     probe: Annotated[
-        bool, typer.Option("--probe", help="Also start one worker per GPU and time an all-reduce (slower).")
+        bool, _flag("--probe", help="Also start one worker per GPU and time an all-reduce (slower).")
     ] = False,
     output_dir: Annotated[
         Path, typer.Option("--output-dir", help="Folder whose free disk space is checked for checkpoints.")
@@ -315,9 +320,9 @@ def suggest(
             "--strategy", help="ddp (replicas) | fsdp (sharded) | auto (fsdp only when a replica does not fit)."
         ),
     ] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+    as_json: Annotated[bool, _flag("--json", help="One JSON document on stdout.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write a ready recipe here.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --output file.")] = False,
+    force: Annotated[bool, _flag("--force", help="Overwrite an existing --output file.")] = False,
 ) -> None:
     """Memory forecast and recommended settings (method, micro-batch, accumulation, checkpointing) per GPU."""
     import json
