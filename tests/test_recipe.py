@@ -171,6 +171,25 @@ def test_all_problems_are_reported_at_once(workdir):
     assert len(info.value.problems) == 3
 
 
+@pytest.mark.parametrize(
+    "override, where, hint",
+    [
+        ("training.lora_r=8", "training.lora_r", "did you mean 'lora.r'? (a key of the lora section)"),
+        ("training.max_seq_length=64", "training.max_seq_length", "did you mean 'model.max_seq_length'?"),
+        ("learning_rate=1e-4", "learning_rate", "did you mean 'training.learning_rate'?"),
+        ("lr=1e-4", "lr", "did you mean 'training.learning_rate'?"),  # an alias, not difflib's 'lora'
+        ("training.lr=1e-4", "training.lr", "did you mean 'learning_rate'?"),  # its own section first
+        ("training.zork=1", "training.zork", "valid keys here: epochs"),
+    ],
+)
+def test_a_key_in_the_wrong_section_is_pointed_to_its_section(override, where, hint, workdir):
+    with pytest.raises(UserError) as info:
+        load_recipe(write(workdir, GOOD), [override])
+    (problem,) = info.value.problems
+    assert problem.where.startswith(where) and "unknown key" in problem.message
+    assert hint in (problem.hint or ""), problem.hint
+
+
 # -- bad recipes: exit 2, the key or file:line named, no traceback ---------------------------------------
 
 BAD = {

@@ -798,6 +798,15 @@ def _section_fields(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields) if model else []
 
 
+def _key_of_another_section(loc: tuple[Any, ...], name: str) -> str | None:
+    """`lora.r` for `training.lora_r` (or a top-level `lora_r`): the one section, other than the key's own, that
+    has `name`."""
+    if len(loc) > 2:
+        return None
+    owners = [s for s in Recipe.model_fields if s != loc[0] and name in _section_fields((s, name))]
+    return f"{owners[0]}.{name}" if len(owners) == 1 else None
+
+
 def _fmt_found(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -849,10 +858,18 @@ def _problems_from_validation(exc: ValidationError, lines: dict[str, str]) -> li
                 problems.append(Problem(_where(key, lines), message))
         elif err["type"] == "extra_forbidden":
             valid = _section_fields(loc)
-            alias = _ALIASES.get(str(loc[-1]))
-            close = [alias] if alias in valid else difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+            name = str(loc[-1])
+            alias = _ALIASES.get(name)
+            elsewhere = _key_of_another_section(loc, alias) if alias and alias not in valid else None
+            close = [alias] if alias in valid else difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+            if not close and not elsewhere:
+                elsewhere = _key_of_another_section(loc, name)
             hint = (
-                f"did you mean '{close[0]}'?" if close else (f"valid keys here: {', '.join(valid)}" if valid else None)
+                f"did you mean '{elsewhere}'? (a key of the {elsewhere.split('.')[0]} section)"
+                if elsewhere
+                else f"did you mean '{close[0]}'?"
+                if close
+                else (f"valid keys here: {', '.join(valid)}" if valid else None)
             )
             problems.append(Problem(_where(dotted, lines), f"unknown key '{loc[-1]}'", hint))
         elif err["type"] == "missing":
