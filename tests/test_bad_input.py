@@ -200,6 +200,12 @@ CASES = [
         edit(training__learning_rat=1e-3),
         ["training.learning_rat", "recipe.yaml:", "did you mean 'learning_rate'"],
     ),
+    (
+        "key-in-another-section",
+        "validate",
+        edit(training__lora_r=8),
+        ["training.lora_r", "recipe.yaml:", "did you mean 'lora.r'? (a key of the lora section)"],
+    ),
     ("missing-model", "validate", edit(model=None), ["model", "required key is missing"]),
     ("missing-dataset-path", "validate", edit(dataset__path=None), ["dataset.path", "required key is missing"]),
     ("lr-wrong-type", "validate", edit(training__learning_rate="fast"), ["training.learning_rate", "'fast'"]),
