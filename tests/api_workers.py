@@ -45,6 +45,35 @@ def variable_length_batches(num_batches: int = 4, rows: int = 5, seed: int = 1):
     return out
 
 
+def rank_average_reference(aggregation: str, world: int) -> dict:
+    """What `mean` and `sum` promise, computed in one process with plain torch: every global batch is cut into
+    `world` row slices as the ranks hold them (the first `rows % world` slices one row longer), each slice's loss is
+    its own token mean, and the update follows their average (`mean`) or their sum (`sum`). AdamW (lr 1e-2),
+    gradient norm clipped to 1, as in `direct_trainer_run`."""
+    import torch
+
+    model = tiny_causal_lm()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for batch in variable_length_batches():
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        labels = ids.masked_fill(mask == 0, -100)
+        base, extra = divmod(int(ids.shape[0]), world)
+        losses, start = [], 0
+        for r in range(world):
+            end = start + base + (1 if r < extra else 0)
+            losses.append(
+                model(input_ids=ids[start:end], attention_mask=mask[start:end], labels=labels[start:end]).loss
+            )
+            start = end
+        total = torch.stack(losses).sum()
+        (total / world if aggregation == "mean" else total).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {"weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
+
+
 def direct_trainer_run(aggregation: str, num_gpus: int | None) -> dict:
     """Train the tiny model with MultiGPUTrainer over the same global batches; return the trainable weights."""
     os.environ["MGPU_DEVICE_TYPE"] = "cpu"

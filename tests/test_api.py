@@ -200,7 +200,7 @@ def _rel(a, b):
 
 @pytest.mark.integration
 def test_direct_trainer_on_two_ranks_equals_one_process_over_the_same_batches():
-    from api_workers import direct_trainer_run
+    from api_workers import direct_trainer_run, rank_average_reference
 
     ref = direct_trainer_run("weighted", None)
     two = D.launch(direct_trainer_run, ("weighted", 2), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
@@ -210,5 +210,10 @@ def test_direct_trainer_on_two_ranks_equals_one_process_over_the_same_batches():
     assert two[0]["stats"]["steps"] == ref["stats"]["steps"] == 4
     assert two[0]["stats"]["tokens"] == ref["stats"]["tokens"]
     assert two[0]["stats"]["loss"] == pytest.approx(ref["stats"]["loss"], rel=1e-5)
-    # control: mean weights each rank equally although their token counts differ, so it is not the reference
-    assert _rel(mean[0]["weights"], ref["weights"]) > 1e-3
+    # mean: each rank's token mean, averaged over the ranks; sum: added up. Both equal that rule computed in one
+    # process, and differ from one big batch (the ranks' token counts differ), which shows the 1e-5 can fail.
+    total = D.launch(direct_trainer_run, ("sum", 2), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
+    for name, run in (("mean", mean), ("sum", total)):
+        assert _rel(run[0]["weights"], rank_average_reference(name, 2)["weights"]) < 1e-5, name
+        assert _rel(run[0]["weights"], ref["weights"]) > 1e-3, name
+    assert _rel(mean[0]["weights"], total[0]["weights"]) > 1e-3  # clipping does not hide the factor of 2
