@@ -217,3 +217,37 @@ def test_direct_trainer_on_two_ranks_equals_one_process_over_the_same_batches():
         assert _rel(run[0]["weights"], rank_average_reference(name, 2)["weights"]) < 1e-5, name
         assert _rel(run[0]["weights"], ref["weights"]) > 1e-3, name
     assert _rel(mean[0]["weights"], total[0]["weights"]) > 1e-3  # clipping does not hide the factor of 2
+
+
+def test_disable_multi_gpu_puts_back_every_original(monkeypatch):
+    """Zero intrusion: hook mode patches transformers' classes in the worker, never Unsloth's files, and
+    `disable_multi_gpu()` restores the very objects it replaced (rank 1 of 2: the save methods are patched too)."""
+    import logging
+    import types
+
+    import peft
+    import transformers
+
+    from unsloth_mgpu_cli import hooks
+
+    targets = [
+        (transformers.Trainer, "__init__"),
+        (transformers.TrainingArguments, "should_save"),
+        (transformers.TrainingArguments, "should_log"),
+        (transformers.PreTrainedModel, "save_pretrained"),
+        (transformers.PreTrainedTokenizerBase, "save_pretrained"),
+        (peft.PeftModel, "save_pretrained"),
+    ]
+    before = {key: key[0].__dict__[key[1]] for key in targets}
+    filters = list(logging.getLogger("transformers.training_args").filters)
+    monkeypatch.setitem(sys.modules, "unsloth", types.ModuleType("unsloth"))  # the edge: skip the 20 s import
+    monkeypatch.setattr(hooks._STATE, "info", D.DistInfo(rank=1, world_size=2, local_rank=1, local_world_size=2))
+    try:
+        hooks._install(hooks.MultiGPUConfig(num_gpus=2, gradient_aggregation="weighted"))
+        assert all(key[0].__dict__[key[1]] is not before[key] for key in targets)
+        assert hooks.get_config() is not None
+    finally:
+        unsloth_multigpu.disable_multi_gpu()
+    assert {key: key[0].__dict__[key[1]] for key in targets} == before
+    assert all(key[0].__dict__[key[1]] is before[key] for key in targets)
+    assert logging.getLogger("transformers.training_args").filters == filters and hooks.get_config() is None

@@ -171,6 +171,7 @@ def test_killed_run_resumed_from_step_5_equals_the_uninterrupted_run(runs):
     assert saved["last_metrics"] == ref_rows[4]
     # run totals survive the resume: the tokens of all 10 steps, not just the 5 after it
     summary = json.loads((base / "killed" / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 5 and summary["tokens"] < summary["run_tokens"]  # steps 6-10 only
     assert summary["run_tokens"] == json.loads((base / "ref" / "summary.json").read_text())["run_tokens"]
 
 
@@ -183,9 +184,11 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes(runs):
     assert 3 <= stopped[-1] < 10 and all(s == 5 for s in stopped[:-1]), runs["ctrl_c_ckpts"]
     assert runs["ctrl_c_gone"], "processes of the interrupted run were left behind"
     assert runs["ctrl_c_resumed"].returncode == 0, runs["ctrl_c_resumed"].stderr[-3000:]
-    ref = adapter(runs["base"] / "ref")
-    assert all(torch.equal(ref[k], v) for k, v in adapter(out).items())
+    ref, got = adapter(runs["base"] / "ref"), adapter(out)
+    assert got.keys() == ref.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     assert steps_logged(out) == list(range(1, 11))
+    # it continued from the stop's checkpoint (a run from scratch would end with the same weights)
+    assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == stopped[-1]
 
 
 def test_sigterm_to_the_process_group_saves_a_checkpoint_and_exits_130(runs):
