@@ -63,6 +63,15 @@ def test_advanced_config_feeds_the_optimal_config_to_enable_multi_gpu(tmp_path):
 
 
 def test_verify_installation_reports_like_doctor(tmp_path):
+    import json
+
     proc = run_example("verify_installation.py", cwd=tmp_path)
-    assert proc.returncode in (0, 1), proc.stderr[-2000:]
-    assert ("FAIL" in proc.stdout) == (proc.returncode == 1)
+    doctor = subprocess.run([sys.executable, "-m", "unsloth_mgpu_cli", "doctor", "--json"], cwd=tmp_path,
+                            env=mgpu_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    summary = json.loads(doctor.stdout)["summary"]
+    assert proc.returncode == doctor.returncode == summary["exit_code"], proc.stdout[-2000:] + proc.stderr[-2000:]
+    # the same checks with the same outcome: its last line counts them as doctor's JSON does
+    counts = re.search(r"(\d+) ok, (\d+) warn, (\d+) fail", proc.stdout)
+    assert counts and [int(n) for n in counts.groups()] == [summary[k] for k in ("ok", "warn", "fail")], proc.stdout
+    failed = [c["name"] for c in json.loads(doctor.stdout)["checks"] if c["status"] == "fail"]
+    assert re.findall(r"^FAIL ([^:]+):", proc.stdout, re.M) == failed
