@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
+import bitsandbytes as bnb  # Unsloth depends on it: a missing one is a broken install, not a skip
 import torch
-
-bnb = pytest.importorskip("bitsandbytes")
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:
