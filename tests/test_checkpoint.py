@@ -212,3 +212,48 @@ def test_a_torch_adamw_checkpoint_is_refused_by_the_8bit_optimizer_with_a_clear_
         C.load_checkpoint(tmp_path / "checkpoints" / "step-1", new)
     same = make_trainer(tmp_path)  # the control: torch AdamW loads its own checkpoint
     assert C.load_checkpoint(tmp_path / "checkpoints" / "step-1", same)["step"] == 1
+
+
+def test_wandb_sink_logs_offline_numbers_only_and_a_resume_continues_the_same_run(tmp_path, monkeypatch):
+    """W&B is an outside service (not installed here): a stand-in `wandb` module records what the sink asks of it."""
+    import os
+    import sys
+    import types
+
+    from unsloth_mgpu_cli.recipe import load_recipe
+    from unsloth_mgpu_cli.sinks import MetricSinks
+
+    calls: list = []
+    ids = iter(["run-a", "run-b"])
+
+    class Run:
+        def log(self, scalars, step):
+            calls.append(("log", step, scalars))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.util = SimpleNamespace(generate_id=lambda: next(ids))
+    fake.init = lambda **kw: calls.append(("init", kw)) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    recipe = load_recipe(
+        None,
+        ["logging.report_to=[wandb]", "logging.wandb_project=proj"],
+        check_paths=False,
+        data={"model": {"name": "builtin:tiny-llama"}, "dataset": {"path": "x.jsonl"}},
+    ).recipe
+    sinks = MetricSinks(recipe, tmp_path)
+    sinks.write({"step": 3, "loss": 2.5, "grad_norm": float("nan"), "look_ahead": True, "peak_memory_gb": [1.0, 2.0]})
+    sinks.close()
+    assert os.environ["WANDB_MODE"] == "offline"  # clusters without internet: `wandb sync` later
+    (_, init), log, finish = calls
+    assert init["project"] == "proj" and init["id"] == "run-a" and init["dir"] == str(tmp_path)
+    assert init["config"]["training"]["learning_rate"] == recipe.training.learning_rate
+    assert log == ("log", 3, {"loss": 2.5, "peak_memory_gb/rank0": 1.0, "peak_memory_gb/rank1": 2.0})
+    assert finish == ("finish",)
+    # a resumed run logs into the same W&B run (the id kept in output.dir), not a new one
+    calls.clear()
+    MetricSinks(recipe, tmp_path, start_step=3).close()
+    assert calls[0][1]["id"] == "run-a" and calls[0][1]["resume"] == "allow"
