@@ -34,6 +34,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 SHELL_END = {"|", "||", "&&", ";", ">", ">>", "2>&1"}
 ENV_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=\S*\s+")
+LAUNCHER = re.compile(r"^(srun|torchrun|python3? -m torch\.distributed\.run)\s.*?\b(mgpu|-m unsloth_mgpu_cli)\s+")
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
 
@@ -58,6 +59,7 @@ def mgpu_commands() -> list[tuple[str, list[str]]]:
             line = line.strip()
             while ENV_ASSIGNMENT.match(line):
                 line = ENV_ASSIGNMENT.sub("", line, count=1)
+            line = LAUNCHER.sub("mgpu ", line)  # `srun [its options] mgpu ...`, `torchrun ... -m unsloth_mgpu_cli`
             if not line.startswith("mgpu "):
                 continue
             argv = []
