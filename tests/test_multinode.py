@@ -197,8 +197,9 @@ def _check(proc, expect=0):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Three runs of 5 steps with the same global batch (4 samples): one node x 2 workers; 2 nodes x 1 worker;
-    one node x 2 workers whose rank 1 crashes at step 4 of the first attempt, with max_restarts=1."""
+    """Three runs of 5 steps with the same global batch (4 samples): one node x 2 workers started by torchrun; 2
+    nodes x 1 worker; one node x 2 workers whose rank 1 crashes at step 4 of the first attempt, with
+    max_restarts=1. (That 2 workers equal 1 worker is tests/test_engine_cpu.py's.)"""
     base = tmp_path_factory.mktemp("multinode")
     env = mgpu_env()
     logs = {}
@@ -208,9 +209,11 @@ def runs(tmp_path_factory):
     for r, p in enumerate(nodes):
         stdout, stderr = p.communicate(timeout=400)
         logs[f"node{r}"] = _check(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    # one node x 2 workers, started by torchrun (docs/multi-node.md, "Under torchrun"): mgpu trains in place
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
     logs["one"] = _check(
         subprocess.run(
-            _train_cmd(base / "one", "distributed.num_gpus=2"),
+            [*torchrun, *_train_cmd(base / "one", "distributed.num_gpus=2")[2:]],
             cwd=ROOT,
             env=env,
             capture_output=True,
@@ -238,7 +241,7 @@ def _max_rel_diff(a, b) -> float:
 
 
 @pytest.mark.integration
-def test_two_nodes_train_the_same_adapter_as_one_node_with_two_workers(runs):
+def test_two_nodes_train_the_same_adapter_as_one_node_with_two_workers_under_torchrun(runs):
     base, logs = runs
     nodes, one = adapter(base / "nodes"), adapter(base / "one")
     assert all(float(v.abs().max()) > 1e-4 for k, v in one.items() if "lora_B" in k)  # it trained
@@ -251,6 +254,15 @@ def test_two_nodes_train_the_same_adapter_as_one_node_with_two_workers(runs):
     ref = [json.loads(x) for x in (base / "one" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert [round(r["loss"], 5) for r in rows] == [round(r["loss"], 5) for r in ref]
+
+
+@pytest.mark.integration
+def test_under_torchrun_mgpu_trains_in_place_and_reports_once(runs):
+    base, logs = runs
+    out = logs["one"]
+    assert "started by torchrun" in out and out.count("run summary") == 1, out[-3000:]
+    assert "nnodes: 1" in (base / "one" / "recipe.resolved.yaml").read_text()
+    assert json.loads((base / "one" / "summary.json").read_text())["world_size"] == 2
 
 
 @pytest.mark.integration

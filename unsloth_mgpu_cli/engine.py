@@ -457,6 +457,8 @@ def train(
             f"stopped after step {result.get('steps')}; checkpoint saved in {result.get('checkpoint')}. "
             f"Continue with: mgpu train {loaded.path or 'RECIPE'} --resume auto"
         )
+    if nodes.under_torchrun and nodes.rank != 0:
+        return {}  # torchrun's processes share a terminal: global rank 0 prints the run's summary
     return result
 
 
