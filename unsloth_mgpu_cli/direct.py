@@ -40,7 +40,7 @@ class MultiGPUTrainer:
         num_gpus: expected world size; None: whatever this process was launched with (1 without a launch).
         optimizer_config: {"class": optimizer class or torch.optim name, "kwargs": {...}}; default AdamW; the
             learning rate is 2e-4 unless kwargs give `lr`.
-        aggregation_method: MEAN, SUM, WEIGHTED or MEDIAN (`AggregationMethod` or its string).
+        aggregation_method: WEIGHTED (default), MEAN, SUM or MEDIAN (`AggregationMethod` or its string).
         max_grad_norm: clip the synchronised gradient to this norm (None: no clipping).
         verify_every: compare the ranks' trainable weights every N steps (0: only in setup and at epoch end).
     """
@@ -50,7 +50,7 @@ class MultiGPUTrainer:
         model: Any,
         num_gpus: int | None = None,
         optimizer_config: dict[str, Any] | None = None,
-        aggregation_method: AggregationMethod | str = AggregationMethod.MEAN,
+        aggregation_method: AggregationMethod | str = AggregationMethod.WEIGHTED,
         max_grad_norm: float | None = 1.0,
         verify_every: int = 50,
     ):

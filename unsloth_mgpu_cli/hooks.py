@@ -90,7 +90,7 @@ class MultiGPUConfig:
     num_gpus: int | None = None
     batch_size_per_gpu: int | None = None
     gradient_accumulation_steps: int | None = None
-    gradient_aggregation: str = "mean"
+    gradient_aggregation: str = "weighted"
     verify_every: int = 50
     device: str = "auto"
     main_process_saves: bool = True
@@ -123,7 +123,7 @@ _STATE = _State()
 def enable_multi_gpu(
     num_gpus: int | None = None,
     batch_size_per_gpu: int | None = None,
-    gradient_aggregation: AggregationMethod | str = "mean",
+    gradient_aggregation: AggregationMethod | str = "weighted",
     gradient_accumulation_steps: int | None = None,
     *,
     verify_every: int = 50,
@@ -147,9 +147,9 @@ def enable_multi_gpu(
         num_gpus: workers; None: every visible GPU (1 CPU worker without a GPU). With no GPU,
             `num_gpus=N` starts N CPU workers over gloo (for testing).
         batch_size_per_gpu: per-worker micro-batch; overrides `per_device_train_batch_size` when set.
-        gradient_aggregation: mean, sum, weighted or median (see `AggregationMethod`). `weighted` makes N
-            workers exactly equal one process over the same global batch; `mean` equals it only when
-            every rank sees the same number of loss tokens.
+        gradient_aggregation: weighted (default), mean, sum or median (see `AggregationMethod`). `weighted`
+            makes N workers exactly equal one process over the same global batch (as transformers' Trainer
+            does under DDP); `mean` equals it only when every rank sees the same number of loss tokens.
         gradient_accumulation_steps: overrides the trainer's value when set.
         verify_every: cross-rank weight check every N optimizer steps (0: only at start and end).
         device: auto | cuda | cpu.

@@ -339,9 +339,10 @@ class DistributedSection(_Section):
     )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: cuda when a GPU is present, else cpu.")
     aggregation: Literal["mean", "sum", "weighted", "median"] = Field(
-        "mean",
-        description="How rank gradients combine: mean, sum, weighted (by loss tokens: equals one big batch "
-        "exactly), median (coordinate-wise).",
+        "weighted",
+        description="How rank gradients combine: weighted (by loss tokens: equals one big batch exactly, as "
+        "transformers' Trainer averages tokens across devices), mean (of the ranks' token means), sum, median "
+        "(coordinate-wise).",
     )
     strategy: Literal["ddp", "fsdp", "auto"] = Field(
         "ddp",
