@@ -226,8 +226,9 @@ def test_fp32_norms_in_a_bf16_model_shard_as_their_own_groups(control):
     for res in results.values():
         # FSDP modules: per layer the layer and its 2 norms (one group), then the root and model.norm
         assert res["groups"] == res["units"] == 2 * 3 + 2
+        # measured on CPU: same batch bf16 2.1e-3 (bf16 rounding), fp32 0; other batch bf16 0.57, fp32 2.9e-3
         if control:
-            assert res["diffs"]["torch.bfloat16"] > 1e-2
+            assert res["diffs"]["torch.bfloat16"] > 0.1 and res["diffs"]["torch.float32"] > 1e-3, res["diffs"]
         else:
             assert res["diffs"]["torch.bfloat16"] < 1e-2 and res["diffs"]["torch.float32"] < 1e-4, res["diffs"]
 
