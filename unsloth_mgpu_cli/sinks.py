@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,8 @@ class MetricSinks:
             # Offline unless the user chose otherwise: runs on clusters without internet; `wandb sync` later.
             os.environ.setdefault("WANDB_MODE", "offline")
             id_file = out / "wandb-run-id"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            # our own id (W&B's generator moved between wandb releases: wandb.util.generate_id is gone in 0.31)
+            run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
             id_file.write_text(run_id)
             self._wandb = wandb.init(
                 project=recipe.logging.wandb_project,
