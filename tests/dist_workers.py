@@ -143,3 +143,19 @@ def worker_affinity() -> dict:
 
     with cpu_worker(60) as info:
         return {"rank": info.rank, "cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}
+
+
+def listening_addresses() -> dict:
+    """The addresses that the launcher (the elastic agent's process: the rendezvous stores) and this worker listen
+    on, while the run is up."""
+    import psutil
+
+    from unsloth_mgpu_cli import distributed as D
+
+    def listening(pid: int) -> list[str]:
+        conns = psutil.Process(pid).net_connections(kind="inet")
+        return sorted({c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN})
+
+    with cpu_worker(60) as info:
+        D.barrier(info)
+        return {"launcher": listening(int(os.environ[D.LAUNCHER_PID])), "worker": listening(os.getpid())}

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from unsloth_mgpu_cli import distributed as D
+from unsloth_mgpu_cli.errors import TrainingFailed
 
 pytestmark = pytest.mark.integration
 
@@ -130,3 +131,38 @@ def test_a_replaced_gradient_view_is_still_all_reduced():
     results = D.launch(replaced_views, (), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
     for res in results.values():
         assert res["grad"] == [3.0, 3.0, 3.0] and res["is_view"]
+
+
+def test_a_single_host_run_listens_on_loopback_only():
+    """The rendezvous store and the store the workers bootstrap from: torch's TCPStore listens on every interface
+    whatever host it is given; a one-host run must not leave them open to the network."""
+    from dist_workers import listening_addresses
+
+    results = D.launch(listening_addresses, (), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
+    launcher = {ip for r in results.values() for ip in r["launcher"]}
+    assert len(launcher) >= 1 and launcher <= {"127.0.0.1"}, results  # the stores are up, on loopback
+    assert all(set(r["worker"]) <= {"127.0.0.1"} for r in results.values()), results
+
+
+def test_a_full_disk_that_empties_the_workers_error_files_is_reported_not_a_traceback(tmp_path, monkeypatch):
+    """A full disk (the edge, faked): a failed worker's error.json is empty, and torch's own parser of it raised
+    JSONDecodeError out of the launcher, with 70 lines of traceback and no word about the disk."""
+    import json
+    import shutil
+    from collections import namedtuple
+
+    import torch.distributed.launcher.api as launcher_api
+
+    def empty_error_file(config, entry):
+        def run(*args):
+            raise json.JSONDecodeError("Expecting value", "", 0)
+
+        return run
+
+    monkeypatch.setattr(launcher_api, "elastic_launch", empty_error_file)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**30, 10 * 2**30, 0))
+    spec = D.LaunchSpec(nproc_per_node=2, device_type="cpu", log_dir=tmp_path / "logs")
+    with pytest.raises(TrainingFailed) as exc:
+        D.launch(print, (), spec)
+    assert "is full (0.0 MB free)" in str(exc.value) and "--resume auto" in exc.value.details

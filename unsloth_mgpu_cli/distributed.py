@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import math
 import os
@@ -339,6 +340,7 @@ class LaunchSpec:
     log_dir: Path | None = None
     run_id: str | None = None
     stop_file: Path | None = None  # set: the first Ctrl-C/SIGTERM asks workers to checkpoint and stop (see launch)
+    join_timeout_s: int = 600  # several nodes: how long the first waits for the others at the rendezvous (torch's)
 
 
 def build_launch_config(spec: LaunchSpec) -> Any:
@@ -356,6 +358,11 @@ def build_launch_config(spec: LaunchSpec) -> Any:
         endpoint = spec.rdzv_endpoint or ""
         host = endpoint.rpartition(":")[0].strip("[]")
         local_addr = "127.0.0.1" if host in ("localhost", "::1") or host.startswith("127.") else None
+    # On one host (a loopback endpoint), torch's c10d stores would still listen on every interface: ours bind
+    # to loopback (LOOPBACK_RDZV below). Several hosts need the real interfaces: torch's own backend.
+    backend = LOOPBACK_RDZV if local_addr == "127.0.0.1" else "c10d"
+    if backend == LOOPBACK_RDZV:
+        _register_loopback_rendezvous()
     log_dir = spec.log_dir
     if spec.node_rank > 0 and log_dir is not None:
         # Only node 0 touches output.dir before the run; the other nodes keep their worker logs locally.
@@ -371,8 +378,12 @@ def build_launch_config(spec: LaunchSpec) -> Any:
         run_id=spec.run_id or (uuid.uuid4().hex[:12] if spec.nnodes == 1 else "mgpu"),
         role="mgpu",
         rdzv_endpoint=endpoint,
-        rdzv_backend="c10d",
-        rdzv_configs={"is_host": spec.node_rank == 0, "rank": spec.node_rank} if spec.nnodes > 1 else {},
+        rdzv_backend=backend,
+        rdzv_configs=(
+            {"is_host": spec.node_rank == 0, "rank": spec.node_rank, "join_timeout": spec.join_timeout_s}
+            if spec.nnodes > 1
+            else {}
+        ),
         max_restarts=spec.max_restarts,
         monitor_interval=0.2,
         start_method="spawn",
@@ -380,6 +391,59 @@ def build_launch_config(spec: LaunchSpec) -> Any:
         local_addr=local_addr,
     )
     return config
+
+
+LOOPBACK_RDZV = "mgpu-c10d-loopback"
+
+
+def _register_loopback_rendezvous() -> None:
+    """Register torch's c10d rendezvous with its two TCP stores (the rendezvous store, and the one the workers
+    bootstrap from) listening on loopback only: torch's TCPStore listens on every interface whatever host it is
+    given, which would leave an unauthenticated store open to the network for a single-host run."""
+    from torch.distributed.elastic.rendezvous import rendezvous_handler_registry as registry
+
+    registry.register(LOOPBACK_RDZV, _loopback_rendezvous_handler)
+
+
+def _loopback_rendezvous_handler(params: Any) -> Any:
+    import torch.distributed as dist
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+    from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
+
+    class Backend(C10dRendezvousBackend):
+        @property
+        def name(self) -> str:
+            return LOOPBACK_RDZV  # the registry checks that the handler's backend is the one asked for
+
+    host, port = parse_rendezvous_endpoint(params.endpoint, default_port=DEFAULT_RDZV_PORT)
+    timeout = timedelta(seconds=params.get_as_int("read_timeout", 60) or 60)
+    if params.get_as_bool("is_host", True):  # one node: this process hosts the store
+        store = _loopback_store(port, timeout)
+    else:
+        store = dist.TCPStore(host, port, is_master=False, multi_tenant=True, timeout=timeout)
+    handler = create_handler(store, Backend(store, params.run_id), params)
+    if hasattr(handler, "_create_tcp_store_server"):  # the store the workers bootstrap from (torch >= 2.5)
+        handler._create_tcp_store_server = lambda _addr, port: _loopback_store(port, timeout)
+    return handler
+
+
+def _loopback_store(port: int, timeout: timedelta) -> Any:
+    """A TCPStore server listening on 127.0.0.1:port (0: a free port) only."""
+    import torch.distributed as dist
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(2048)
+        port = int(sock.getsockname()[1])
+    except OSError:
+        sock.close()
+        raise
+    # the store owns the listening socket from here on (detach: Python must not close it)
+    return dist.TCPStore("127.0.0.1", port, is_master=True, multi_tenant=True, master_listen_fd=sock.detach(),
+                         timeout=timeout)  # fmt: skip
 
 
 def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> dict[int, Any]:
@@ -418,11 +482,51 @@ def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> 
         # The agent turns SIGINT/SIGTERM into killing the workers at once (SignalException -> _shutdown), which
         # would lose everything since the last checkpoint. We take those two signals ourselves instead.
         config.signals_to_handle = "SIGHUP,SIGQUIT"
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+
     with _graceful_stop(spec.stop_file):
         try:
             return elastic_launch(config, entry)(*args)
         except ChildFailedError as exc:
             raise TrainingFailed(*_describe_failure(exc, spec.log_dir, spec.nproc_per_node, spec.node_rank)) from None
+        except RendezvousError as exc:  # the nodes never met: no worker started
+            raise TrainingFailed(*_describe_rendezvous_failure(exc, spec)) from None
+        except json.JSONDecodeError as exc:
+            # torch reads each failed worker's error.json; a full disk leaves it empty and torch's parser raises
+            raise TrainingFailed(*_describe_unreadable_failure(exc, spec)) from None
+
+
+def _describe_unreadable_failure(exc: BaseException, spec: LaunchSpec) -> tuple[str, str]:
+    where = spec.log_dir or Path.cwd()
+    free = None
+    with contextlib.suppress(OSError):
+        probe = next((p for p in (where, *where.parents) if p.exists()), where)
+        free = shutil.disk_usage(probe).free
+    full = free is not None and free < 64 * 2**20
+    message = (
+        "a worker failed, and its error report could not be read (an empty error file: "
+        f"{type(exc).__name__}: {exc})"
+        + (f"; the disk of {where} is full ({free / 2**20:.1f} MB free)" if full else "")
+    )
+    hint = (
+        "free disk space there, then continue with --resume auto: checkpoints are written atomically, so the "
+        f"newest complete one is intact; the workers' logs are in {where}"
+    )
+    return message, hint
+
+
+def _describe_rendezvous_failure(exc: BaseException, spec: LaunchSpec) -> tuple[str, str]:
+    what = str(exc).strip() or f"not all {spec.nnodes} nodes joined within {spec.join_timeout_s} s"
+    message = (
+        f"node {spec.node_rank}: the rendezvous at {spec.rdzv_endpoint} failed ({type(exc).__name__}: {what}); "
+        "no worker started"
+    )
+    hint = (
+        f"start the same command on all {spec.nnodes} nodes (--node-rank 0 to {spec.nnodes - 1}) within "
+        f"{spec.join_timeout_s} s of each other, with the same --rdzv-endpoint; node 0 must reach its own host:port "
+        "and the others must reach it through the firewall (docs/multi-node.md, 'Network requirements')"
+    )
+    return message, hint
 
 
 @contextlib.contextmanager
