@@ -16,12 +16,12 @@ from unsloth_mgpu_cli.distributed import DistInfo
 from unsloth_mgpu_cli.errors import UserError
 
 
-def make_trainer(out: Path, seed: int = 0) -> SimpleNamespace:
+def make_trainer(out: Path, seed: int = 0, lr: float = 1e-2, total: int = 10) -> SimpleNamespace:
     torch.manual_seed(seed)
     model = torch.nn.Linear(4, 3)
     params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    opt = torch.optim.AdamW(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total))  # linear decay
     return SimpleNamespace(
         info=DistInfo(),
         out=out,
@@ -30,7 +30,7 @@ def make_trainer(out: Path, seed: int = 0) -> SimpleNamespace:
         param_names=["weight", "bias"],
         optimizer=opt,
         scheduler=sched,
-        recipe=SimpleNamespace(output=SimpleNamespace(save_total_limit=2)),
+        recipe=SimpleNamespace(output=SimpleNamespace(save_total_limit=2), training=SimpleNamespace(learning_rate=lr)),
         plan=SimpleNamespace(identity={"global_batch": 8}),
         run_state={"tokens": 0},
     )
@@ -88,6 +88,24 @@ def test_resumed_state_continues_bit_for_bit(tmp_path):
         train_step(b)
     assert all(torch.equal(x, y) for x, y in zip(a.params, b.params, strict=True))
     assert a.scheduler.get_last_lr() == b.scheduler.get_last_lr()
+
+
+def test_a_resume_follows_the_recipes_learning_rate_and_schedule(tmp_path):
+    """docs/checkpoints.md: the learning rate and max_steps may change between runs. The checkpoint's scheduler
+    state carried the old base rate, and the optimizer the old step's rate: both were silently kept."""
+    a = make_trainer(tmp_path)
+    for _ in range(3):
+        train_step(a)
+    C.save_checkpoint(a)
+    b = make_trainer(tmp_path, seed=5, lr=4e-3, total=20)  # a lower rate, over a longer run
+    C.load_checkpoint(tmp_path / "checkpoints" / "step-3", b)
+    assert b.optimizer.param_groups[0]["lr"] == pytest.approx(4e-3 * (1 - 3 / 20))
+    train_step(b)
+    assert b.optimizer.param_groups[0]["lr"] == pytest.approx(4e-3 * (1 - 4 / 20))
+    # the same recipe: the very rate the checkpoint holds (bit for bit: see the test above)
+    c = make_trainer(tmp_path, seed=5)
+    C.load_checkpoint(tmp_path / "checkpoints" / "step-3", c)
+    assert c.optimizer.param_groups[0]["lr"] == a.optimizer.param_groups[0]["lr"]
 
 
 def test_keeps_the_newest_k_and_ignores_half_written_folders(tmp_path):
@@ -257,3 +275,60 @@ def test_wandb_sink_logs_offline_numbers_only_and_a_resume_continues_the_same_ru
     calls.clear()
     MetricSinks(recipe, tmp_path, start_step=3).close()
     assert calls[0][1]["id"] == init["id"] and calls[0][1]["resume"] == "allow"
+
+
+def _checkpoints(tmp_path: Path, steps: int = 3) -> Path:
+    t = make_trainer(tmp_path)
+    for _ in range(steps):
+        train_step(t)
+        C.save_checkpoint(t)
+    return tmp_path / "checkpoints"
+
+
+@pytest.mark.parametrize(
+    "damage, file, says",
+    [
+        (lambda f: f.write_bytes(f.read_bytes()[:-7]), "trainable.safetensors", "cut short"),
+        (lambda f: f.write_bytes(b"\x00" * 4), "trainable.safetensors", "cannot be read"),
+        (lambda f: f.unlink(), "optimizer.pt", "optimizer.pt is missing"),
+        (lambda f: f.write_bytes(f.read_bytes()[:100]), "optimizer.pt", "cannot be read"),
+        (lambda f: f.write_text("{"), "state.json", "cannot be read"),
+    ],
+    ids=["tensors-cut", "tensors-garbage", "optimizer-missing", "optimizer-cut", "state-garbled"],
+)
+def test_a_damaged_checkpoint_is_named_and_auto_resumes_from_the_newest_intact_one(tmp_path, damage, file, says):
+    """A full disk or a copy cut short: `--resume auto` passes the damaged one over (saying so); `--resume PATH`
+    is refused before anything is written, naming the file and the older intact checkpoint."""
+    folder = _checkpoints(tmp_path)  # steps 2 and 3 kept
+    damage(folder / "step-3" / file)
+    notes: list[str] = []
+    assert C.find_resume_checkpoint(tmp_path, "auto", notes) == folder / "step-2"
+    assert len(notes) == 1 and "step-3" in notes[0] and says in notes[0], notes
+    with pytest.raises(UserError) as exc:
+        C.verify_safe_to_load(C.find_resume_checkpoint(tmp_path, str(folder / "step-3")))
+    text = exc.value.render()
+    assert file in text and says in text and "damaged checkpoint" in text, text
+    assert f"--resume {folder / 'step-2'}" in text  # the way out
+    assert C.checkpoint_damage(folder / "step-2") is None
+
+
+def test_a_checkpoint_that_needs_code_to_load_is_refused_as_unsafe(tmp_path):
+    folder = _checkpoints(tmp_path, steps=1)
+    torch.save({"x": SimpleNamespace(a=1)}, folder / "step-1" / "rng.pt")  # an object weights_only refuses
+    with pytest.raises(UserError) as exc:
+        C.verify_safe_to_load(folder / "step-1")
+    assert "unsafe checkpoint" in exc.value.render() and "rng.pt" in exc.value.render()
+    notes: list[str] = []
+    with pytest.raises(UserError):  # the only one: --resume auto gives its error rather than start from 0
+        C.find_resume_checkpoint(tmp_path, "auto", notes)
+
+
+def test_every_checkpoint_damaged_gives_the_newest_ones_error(tmp_path):
+    folder = _checkpoints(tmp_path)  # steps 2 and 3 kept
+    for step in (2, 3):
+        (folder / f"step-{step}" / "rng.pt").unlink()
+    notes: list[str] = []
+    with pytest.raises(UserError) as exc:  # rather than a silent start from step 0
+        C.find_resume_checkpoint(tmp_path, "auto", notes)
+    assert "step-3" in exc.value.render() and "rng.pt is missing" in exc.value.render()
+    assert len(notes) == 2 and "--resume" not in exc.value.problems[0].hint.split(";")[-1]

@@ -175,10 +175,25 @@ def test_killed_run_resumed_from_step_5_equals_the_uninterrupted_run(runs):
     assert summary["run_tokens"] == json.loads((base / "ref" / "summary.json").read_text())["run_tokens"]
 
 
+def test_resuming_a_finished_run_does_nothing_and_max_steps_below_it_is_refused(runs):
+    """The parent sees it from the checkpoint: no workers start, and nothing in output.dir changes (the summary
+    of the finished run used to be overwritten with 0 tokens and a NaN loss)."""
+    ref = runs["base"] / "ref"
+    before = {p: p.stat().st_mtime_ns for p in ref.rglob("*") if p.is_file()}
+    done = resume(ref)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "nothing to do" in done.stdout and "finished at step 10" in done.stdout and "launching" not in done.stdout
+    assert_user_error(resume(ref, "training.max_steps=7"), "training.max_steps", "below the step", "step-10")
+    assert {p: p.stat().st_mtime_ns for p in ref.rglob("*") if p.is_file()} == before
+
+
 def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes(runs):
     out = runs["base"] / "ctrlc"
     assert runs["ctrl_c_rc"] == 130, runs["ctrl_c_out"][-3000:]
     assert "--resume auto" in runs["ctrl_c_out"] and "Traceback" not in runs["ctrl_c_out"]
+    # the command to continue is this one: with its overrides (output.dir among them), not the bare recipe
+    again = runs["ctrl_c_out"].split("Continue with: ")[1].splitlines()[0]
+    assert again.startswith("mgpu train ") and f"output.dir={out}" in again and again.endswith("--resume auto")
     stopped = sorted(int(n.split("-")[1]) for n in runs["ctrl_c_ckpts"])
     # the stop's checkpoint at a step boundary, and before it at most the regular one of step 5
     assert 3 <= stopped[-1] < 10 and all(s == 5 for s in stopped[:-1]), runs["ctrl_c_ckpts"]

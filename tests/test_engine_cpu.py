@@ -92,6 +92,10 @@ def test_outputs_follow_the_contract(runs):
     # where a step's time goes (rank 0's host clock): the 4 steps after the first, each phase measured
     summary = json.loads((out / "summary.json").read_text())
     assert summary["peak_reserved_gb"] is None and len(summary["peak_memory_gb"]) == 2  # no CUDA allocator on CPU
+    # a peak (on CPU the worker's peak resident memory): it never falls, and the summary's is the run's largest
+    for rank, peak in enumerate(summary["peak_memory_gb"]):
+        logged = [r["peak_memory_gb"][rank] for r in rows]
+        assert logged == sorted(logged) and peak >= max(logged) - 1e-3, (rank, logged, peak)
     steps = summary["step_phases_s"]
     assert steps["steps"] == 4 and steps["forward_backward"] > 0 and all(steps[k] >= 0 for k in steps), steps
     # the widest row of each rank, as the planner padded it (its compute tokens are at most rows x width)

@@ -270,7 +270,11 @@ def test_only_node_0_prepares_the_output_folder(runs):
     base, logs = runs
     resolved = (base / "nodes" / "recipe.resolved.yaml").read_text()
     assert "nnodes: 2" in resolved and "node_rank: 0" in resolved  # node 1 would have written node_rank: 1
-    assert "launching" in logs["node0"] and "launching" not in logs["node1"]
+    assert "; batching" in logs["node0"] and "; batching" not in logs["node1"]  # the data line: node 0 prepared
+    # each console says which node it is; one run summary (node 1 holds global rank 1 here)
+    assert "node 0 of 2" in logs["node0"] and "node 1 of 2" in logs["node1"]
+    assert "final loss" in logs["node0"] and "final loss" not in logs["node1"]  # the summary table
+    assert "the node of global rank 0 prints the run summary" in logs["node1"]
     # each elastic agent makes one log folder under its log_dir: node 1 keeps its own out of output.dir
     assert len([p for p in (base / "nodes" / "logs").iterdir() if p.name.startswith("mgpu")]) == 1
 

@@ -225,11 +225,24 @@ def list_checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
 
 
-def find_resume_checkpoint(out: Path, resume: str) -> Path | None:
-    """`--resume auto`: the newest complete checkpoint (None when there is none); else the given folder."""
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
+
+
+def find_resume_checkpoint(out: Path, resume: str, notes: list[str] | None = None) -> Path | None:
+    """`--resume auto`: the newest complete, readable checkpoint (None when there is none; a damaged newer one is
+    passed over, with a line in `notes`); else the given folder, which must be readable (see
+    `verify_safe_to_load`)."""
     if resume == "auto":
         found = list_checkpoints(out)
-        return found[-1] if found else None
+        for ckpt in reversed(found):
+            damage = checkpoint_damage(ckpt)
+            if damage is None:
+                return ckpt
+            if notes is not None:
+                notes.append(f"--resume auto: passed over {ckpt.name}, which is damaged ({damage})")
+        if found:  # every one damaged: the newest one's error
+            verify_safe_to_load(found[-1])
+        return None
     path = Path(resume).expanduser().resolve()
     if not (path / "state.json").exists():
         raise UserError(
@@ -243,32 +256,91 @@ def find_resume_checkpoint(out: Path, resume: str) -> Path | None:
     return path
 
 
-def verify_safe_to_load(ckpt: Path) -> None:
-    """Open every pickled file of a checkpoint with `weights_only=True` in the parent, before any worker starts.
+def checkpoint_damage(ckpt: Path) -> str | None:
+    """What makes a checkpoint unusable (a missing or unreadable file), or None."""
+    try:
+        verify_safe_to_load(ckpt, suggest=False)
+    except UserError as exc:
+        return exc.problems[0].message
+    return None
 
-    A file that needs arbitrary code to unpickle (a tampered or foreign checkpoint) is refused without running
-    that code, as a UserError naming the file.
+
+def verify_safe_to_load(ckpt: Path, suggest: bool = True) -> None:
+    """Check every file of a checkpoint in the parent, before anything is written or any worker starts: all
+    present, the tensors' header readable, `state.json` valid JSON, and each pickled file opened with
+    `weights_only=True`. A file that needs arbitrary code to unpickle (a tampered or foreign checkpoint) is
+    refused without running that code. Raises a UserError naming the file (and an older intact checkpoint).
     """
     import pickle
 
     import torch
 
-    for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
-        f = Path(ckpt) / name
-        if not f.exists():
+    ckpt = Path(ckpt)
+
+    def refuse(name: str, what: str, title: str, hint: str | None = None) -> None:
+        older = [c for c in list_checkpoints(ckpt.parent.parent) if _step_of(c) < _step_of(ckpt)] if suggest else []
+        intact = next((c for c in reversed(older) if checkpoint_damage(c) is None), None)
+        fix = hint or "the checkpoint is incomplete or damaged (a full disk or a copy cut short?)"
+        if intact is not None:
+            fix += f"; an older one is intact: --resume {intact}"
+        raise UserError(Problem(f"--resume ({ckpt / name})", what, fix), title)
+
+    for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):  # first: an unsafe file is named as such
+        if not (ckpt / name).is_file():
             continue
         try:
-            torch.load(f, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(
-                Problem(
-                    f"--resume ({f})",
-                    f"refused to load: not a plain tensor file ({first})",
-                    "checkpoints are loaded with weights_only=True; only resume from checkpoints this tool wrote",
-                ),
+            torch.load(ckpt / name, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:  # weights_only refused an object: not a file this tool wrote
+            refuse(
+                name,
+                f"refused to load: not a plain tensor file ({_first_line(exc)})",
                 "unsafe checkpoint",
-            ) from None
+                "checkpoints are loaded with weights_only=True; only resume from checkpoints this tool wrote",
+            )
+        except (RuntimeError, EOFError, ValueError, OSError) as exc:  # cut short, zeroed, unreadable
+            refuse(name, f"cannot be read: {_first_line(exc)}", "damaged checkpoint")
+    for name in CHECKPOINT_FILES:
+        if not (ckpt / name).is_file():
+            refuse(name, f"{name} is missing", "damaged checkpoint")
+    try:
+        json.loads((ckpt / "state.json").read_text())
+    except (ValueError, OSError) as exc:
+        refuse("state.json", f"cannot be read: {_first_line(exc)}", "damaged checkpoint")
+    problem = _safetensors_damage(ckpt / "trainable.safetensors")
+    if problem:
+        refuse("trainable.safetensors", problem, "damaged checkpoint")
+
+
+def _step_of(ckpt: Path) -> int:
+    tail = ckpt.name[len(STEP_PREFIX) :]
+    return int(tail) if ckpt.name.startswith(STEP_PREFIX) and tail.isdigit() else -1
+
+
+def _safetensors_damage(path: Path) -> str | None:
+    """Why a .safetensors file is unusable, from its header alone: unreadable, or shorter than its tensors."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= size - 8:
+                return f"cannot be read: its header length ({n}) does not fit a file of {size} bytes"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as exc:
+        return f"cannot be read: {_first_line(exc)}"
+    try:
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError):
+        return "cannot be read: its header does not describe tensors"
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        return f"cut short: {size} of {expected} bytes"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # What must not change between a run and its resumption, with the recipe keys a person would edit.
@@ -503,6 +575,17 @@ def _prune(out: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _follow_the_recipes_schedule(scheduler: Any, learning_rate: float) -> None:
+    """The checkpoint's scheduler state brings back its run's base learning rate (and the optimizer its last
+    rate): continue with this recipe's, whose `training.learning_rate`, `max_steps` or warm-up may differ, at the
+    step reached. With an unchanged recipe this is the very rate the checkpoint holds."""
+    scheduler.base_lrs = [learning_rate for _ in scheduler.base_lrs]
+    for group, fn in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def load_checkpoint(path: Path, trainer: Any) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and this rank's RNG; return the checkpoint's state.json."""
     import torch
@@ -546,6 +629,7 @@ def load_checkpoint(path: Path, trainer: Any) -> dict[str, Any]:
             )
         trainer.optimizer.load_state_dict(optim)
     trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _follow_the_recipes_schedule(trainer.scheduler, trainer.recipe.training.learning_rate)
     rngs = torch.load(path / "rng.pt", weights_only=True)
     mine = rngs.get(f"rank{trainer.info.rank}")
     # RNG streams are per rank: with another world size there is no matching stream to continue.

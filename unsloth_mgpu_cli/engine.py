@@ -15,6 +15,7 @@ import gc
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -248,19 +249,18 @@ def check_free_space(out: Path, recipe: Recipe, model_path: str) -> str | None:
     need = trainable * 4 + keep * trainable * 12
     parent = next((a for a in (out, *out.parents) if a.exists()), Path("/"))
     free = shutil.disk_usage(parent).free
-    gb = 2**30
     if free < need:
         raise UserError(
             Problem(
                 "output.dir",
-                f"{parent} has {free / gb:.2f} GB free; this run writes about "
-                f"{need / gb:.2f} GB (adapter + {keep} checkpoint(s))",
+                f"{parent} has {_size(free)} free; this run writes about {_size(need)} (adapter + {keep} "
+                "checkpoint(s))",
                 "free some space, choose another output.dir, or lower output.save_total_limit",
             ),
             "not enough disk space",
         )
     if free < 2 * need:
-        return f"output.dir has {free / gb:.2f} GB free, close to the {need / gb:.2f} GB this run writes"
+        return f"output.dir has {_size(free)} free, close to the {_size(need)} this run writes"
     return None
 
 
@@ -365,8 +365,9 @@ def train(
     if dist_cfg.nnodes > 1 and is_main_node and dist_cfg.rdzv_endpoint and not nodes.under_torchrun:
         check_rendezvous_port(dist_cfg.rdzv_endpoint)
     # Every node looks (read-only; output.dir is shared): the workers check that they all agree.
-    resume_from = find_resume_checkpoint(out, resume) if resume else None
-    if resume_from is not None:
+    resume_notes: list[str] = []
+    resume_from = find_resume_checkpoint(out, resume, resume_notes) if resume else None
+    if resume_from is not None and resume != "auto":  # auto chose a checkpoint that passed this check
         verify_safe_to_load(resume_from)
     if is_main_node:
         check_output_dir(out, overwrite, resume is not None, run_inputs(loaded.path, recipe))
@@ -382,6 +383,8 @@ def train(
     if resume_from is not None:
         # before anything in output.dir changes: a refused resume leaves the run as it was
         check_resume_compatible(resume_from, identity)
+        if _finished_already(resume_from, recipe, out):
+            return {}
     if is_main_node:
         make_output_dir(out, overwrite, resume is not None)
         console.print(
@@ -417,10 +420,15 @@ def train(
             + (f" x {dist_cfg.nnodes} nodes" if dist_cfg.nnodes > 1 else "")
             + f"; global batch {recipe.global_batch_size(num_workers)} samples/step"
         )
+        for note in resume_notes:
+            console.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
         if resume_from is not None:
             console.print(f"[bold]resuming[/] from {resume_from}")
         elif resume:
             console.print("[dim]--resume auto: no checkpoint yet, starting from step 0[/]")
+    elif not nodes.under_torchrun:  # the other nodes' consoles say which node they are and what they start
+        console.print(f"[bold]nodes[/]: {nodes.describe()}")
+        console.print(f"[bold]launching[/] {num_local} worker(s) on {device} (node {dist_cfg.node_rank})")
     plan = RunPlan(
         recipe=recipe,
         model_path=model_path,
@@ -450,16 +458,58 @@ def train(
     if nodes.under_torchrun:
         results = run_in_place(worker_entry, (plan,), nodes, device)
     else:
+        if dist_cfg.nnodes > 1:
+            console.print(
+                f"[dim]waiting for all {dist_cfg.nnodes} nodes at {dist_cfg.rdzv_endpoint} "
+                f"(up to {spec.join_timeout_s} s)[/]"
+            )
         results = launch(worker_entry, (plan,), spec)
     result = results.get(0) or next(iter(results.values()), {}) or {}
     if result.get("interrupted"):
+        # the same command (overrides and node flags included: output.dir may be one of them) with --resume auto
+        again = ["mgpu", "train", str(loaded.path or "RECIPE"), *loaded.overrides]
+        for flag, value in (("--nnodes", nnodes), ("--node-rank", node_rank), ("--rdzv-endpoint", rdzv_endpoint)):
+            again += [flag, str(value)] if value is not None else []
         raise Interrupted(
             f"stopped after step {result.get('steps')}; checkpoint saved in {result.get('checkpoint')}. "
-            f"Continue with: mgpu train {loaded.path or 'RECIPE'} --resume auto"
+            f"Continue with: {shlex.join([*again, '--resume', 'auto'])}"
         )
     if nodes.under_torchrun and nodes.rank != 0:
         return {}  # torchrun's processes share a terminal: global rank 0 prints the run's summary
+    if not nodes.under_torchrun and 0 not in results:
+        # another node holds global rank 0: its console shows the run's summary (and it writes summary.json)
+        console.print(
+            f"[bold]done[/]: node {dist_cfg.node_rank}'s workers finished; the node of global rank 0 prints the run "
+            f"summary and writes {out / 'summary.json'}"
+        )
+        return {}
     return result
+
+
+def _finished_already(ckpt: Path, recipe: Recipe, out: Path) -> bool:
+    """A resume at or past `training.max_steps`: True (after saying so) when the run is complete and nothing is to
+    be done; a UserError when the checkpoint lies beyond max_steps. Nothing in output.dir changes either way."""
+    from .render import console
+
+    step, max_steps = int(json.loads((ckpt / "state.json").read_text())["step"]), recipe.training.max_steps
+    if max_steps is None or step < max_steps:
+        return False
+    if step > max_steps:
+        raise UserError(
+            Problem(
+                "training.max_steps",
+                f"{max_steps} is below the step of the checkpoint to resume ({ckpt.name})",
+                f"raise training.max_steps above {step} to train further, or start anew with --overwrite",
+            ),
+            "nothing to resume",
+        )
+    if not ((out / "summary.json").is_file() and any((out / name).is_dir() for name in ("adapter", "model"))):
+        return False  # stopped between the last checkpoint and the final save: the workers save it
+    console.print(
+        f"[bold]nothing to do[/]: the run in {out} finished at step {step} (training.max_steps={max_steps}); "
+        "raise training.max_steps to train further"
+    )
+    return True
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -947,7 +997,7 @@ class Trainer:
                 "elapsed_s": elapsed,
                 "tokens": tokens_session,
                 "tokens_per_second": tokens_session / max(elapsed, 1e-9),
-                "final_loss": last_loss,
+                "final_loss": last_loss if math.isfinite(last_loss) else None,  # strict JSON: no NaN
                 "first_step_s": first_step_s,
                 "startup_s": startup_breakdown(self.plan.timeline),
                 "step_phases_s": phases.means(),
@@ -973,7 +1023,8 @@ class Trainer:
             }
             if interrupted:
                 summary.update(interrupted=True, checkpoint=str(self.out / "checkpoints" / f"step-{self.step}"))
-            elif info.is_main:
+            elif info.is_main and not (self.step == session_start and (self.out / "summary.json").exists()):
+                # (a resume with nothing left to train keeps the finished run's summary)
                 (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             return summary
         except Exception as exc:
@@ -1606,6 +1657,10 @@ def _peak_memory_gb(info: Any) -> float:
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**30
-    import psutil
+    # CPU workers: the process's peak resident memory so far (the current one would make the summary's "peak"
+    # disagree with the largest value in metrics.jsonl)
+    import resource
 
-    return psutil.Process().memory_info().rss / 2**30
+    if sys.platform == "darwin":  # ru_maxrss in bytes there, in KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

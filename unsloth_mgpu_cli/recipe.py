@@ -563,10 +563,11 @@ def check_batch_fits(recipe: Recipe, samples: int, num_workers: int) -> None:
 class LoadedRecipe:
     """A validated recipe plus where it came from (for messages and relative paths)."""
 
-    def __init__(self, recipe: Recipe, path: Path | None, data: dict[str, Any]):
+    def __init__(self, recipe: Recipe, path: Path | None, data: dict[str, Any], overrides: list[str] | None = None):
         self.recipe = recipe
         self.path = path
         self.data = data
+        self.overrides = list(overrides or [])  # as given on the command line, for commands we suggest
 
 
 def _line_map(text: str, filename: str) -> tuple[dict[str, str], list[Problem]]:
@@ -1089,7 +1090,7 @@ def load_recipe(
         problems = _check_paths(recipe, base_dir, lines)
         if problems:
             raise UserError(problems, "invalid recipe")
-    return LoadedRecipe(recipe, rpath, data)
+    return LoadedRecipe(recipe, rpath, data, overrides)
 
 
 def _flatten_keys(d: dict[str, Any], prefix: str = "") -> list[str]:

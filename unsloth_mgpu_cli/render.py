@@ -73,7 +73,8 @@ def print_summary(summary: dict) -> None:
     world = max(1, int(summary.get("world_size", 1)))
     tps = float(summary.get("tokens_per_second", 0.0))
     t.add_row("throughput", f"{tps:,.0f} tokens/s total, {tps / world:,.0f} per worker")
-    t.add_row("final loss", f"{summary.get('final_loss', float('nan')):.4f}")
+    loss = summary.get("final_loss")
+    t.add_row("final loss", "-" if loss is None else f"{loss:.4f}")  # None: no step ran in this session
     t.add_row("peak memory", " / ".join(f"{m:.2f}" for m in summary.get("peak_memory_gb", [])) + " GB per worker")
     t.add_row("output", str(summary.get("output_dir")))
     console.print(t)
