@@ -11,6 +11,10 @@ import pytest
 
 from unsloth_mgpu_cli.distributed import die_with_parent
 
+# The workers keep a user's OMP_NUM_THREADS: one set in the CI's environment would change the thread counts,
+# and so the reduction order, that the tests' tolerances were measured with. The tests give their own.
+os.environ.pop("OMP_NUM_THREADS", None)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 GSM8K = SHARED_DATA / "gsm8k_train_alpaca.json"

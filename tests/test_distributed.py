@@ -166,3 +166,18 @@ def test_a_full_disk_that_empties_the_workers_error_files_is_reported_not_a_trac
     with pytest.raises(TrainingFailed) as exc:
         D.launch(print, (), spec)
     assert "is full (0.0 MB free)" in str(exc.value) and "--resume auto" in exc.value.details
+
+
+def test_the_users_omp_num_threads_is_each_workers_thread_count(monkeypatch):
+    """OMP_NUM_THREADS given to `mgpu train` wins (it used to be replaced by the cores' share); without it each
+    worker gets its share of the cores, also on a second launch from the same process."""
+    from dist_workers import worker_affinity
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    res = D.launch(worker_affinity, (), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
+    assert [res[r]["threads"] for r in (0, 1)] == [3, 3], res
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    share = D.cores_per_worker(2)
+    for _ in range(2):  # the first launch sets OMP_NUM_THREADS for its workers: not the user's on the second
+        res = D.launch(worker_affinity, (), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
+        assert [res[r]["threads"] for r in (0, 1)] == [share, share], res

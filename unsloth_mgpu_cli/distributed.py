@@ -394,6 +394,8 @@ def build_launch_config(spec: LaunchSpec) -> Any:
 
 
 LOOPBACK_RDZV = "mgpu-c10d-loopback"
+USER_THREADS = "MGPU_USER_THREADS"  # OMP_NUM_THREADS as the user gave it to `mgpu train`: the workers keep it
+_OMP_OURS = "MGPU_OMP_SET_BY_LAUNCH"  # the OMP_NUM_THREADS an earlier launch of this process set (not the user's)
 
 
 def _register_loopback_rendezvous() -> None:
@@ -457,9 +459,15 @@ def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> 
     from torch.distributed.launcher.api import elastic_launch
 
     config = build_launch_config(spec)
-    # On CPU, workers x threads <= cores.
-    if spec.device_type == "cpu":
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.nproc_per_node)))
+    # A thread count the user chose (OMP_NUM_THREADS) is each worker's; else workers x threads <= cores.
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    os.environ.pop(USER_THREADS, None)
+    if omp.isdigit() and int(omp) > 0 and omp != os.environ.get(_OMP_OURS):
+        os.environ[USER_THREADS] = omp
+    elif spec.device_type == "cpu":
+        os.environ["OMP_NUM_THREADS"] = os.environ[_OMP_OURS] = str(
+            max(1, (os.cpu_count() or 1) // spec.nproc_per_node)
+        )
     os.environ["MGPU_DEVICE_TYPE"] = spec.device_type
     # A worker ended at once (a second Ctrl-C, the teardown after another rank failed) cannot release the
     # semaphores of its torch.compile worker pool; the resource tracker that the spawn start method shares with
@@ -866,7 +874,7 @@ def setup_worker(timeout_seconds: int = 1800) -> DistInfo:
         os.environ["CUDA_VISIBLE_DEVICES"] = devices[info.local_rank]
     if device_type == "cuda":
         cuda_allocator_defaults(os.environ)
-    share = cores_per_worker(info.local_world_size)
+    share = int(os.environ.get(USER_THREADS) or 0) or cores_per_worker(info.local_world_size)
     # Opt-in (MGPU_CPU_AFFINITY=1): on 2 x H200 it closed rank 1's gap on the 1B (+5% tokens/s) but the 8B's
     # 2-GPU run was 18% slower with it (1-GPU runs unchanged), so the default leaves the cores shared.
     if os.environ.get("MGPU_CPU_AFFINITY", "0") == "1" and hasattr(os, "sched_setaffinity"):
