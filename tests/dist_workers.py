@@ -159,3 +159,15 @@ def listening_addresses() -> dict:
     with cpu_worker(60) as info:
         D.barrier(info)
         return {"launcher": listening(int(os.environ[D.LAUNCHER_PID])), "worker": listening(os.getpid())}
+
+
+def ranks_compare(per_rank: list) -> dict:
+    """`check_ranks_agree` with `per_rank[rank]` as this rank's values: the error it raises, if any."""
+    from unsloth_mgpu_cli import distributed as D
+
+    with cpu_worker(60) as info:
+        try:
+            D.check_ranks_agree(per_rank[info.rank], info, "the nodes' recipes", "Run the same recipe.")
+        except RuntimeError as exc:
+            return {"error": str(exc)}
+        return {"error": None}

@@ -181,3 +181,17 @@ def test_the_users_omp_num_threads_is_each_workers_thread_count(monkeypatch):
     for _ in range(2):  # the first launch sets OMP_NUM_THREADS for its workers: not the user's on the second
         res = D.launch(worker_affinity, (), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
         assert [res[r]["threads"] for r in (0, 1)] == [share, share], res
+
+
+def test_nodes_with_different_recipes_are_stopped_naming_the_keys():
+    """Two nodes started with different overrides (max_steps 10 and 14) trained on until a replica check failed
+    (or gloo aborted on a collective mismatch): each worker now compares its node's resolved recipe at start."""
+    from dist_workers import ranks_compare
+
+    same = {"recipe": {"training": {"max_steps": 10, "learning_rate": 1e-4}}, "data": "abc"}
+    other = {"recipe": {"training": {"max_steps": 14, "learning_rate": 1e-4}}, "data": "abc"}
+    spec = D.LaunchSpec(nproc_per_node=2, device_type="cpu")
+    assert all(r["error"] is None for r in D.launch(ranks_compare, ([same, same],), spec).values())
+    errors = [r["error"] for r in D.launch(ranks_compare, ([same, other],), spec).values()]
+    assert errors[0] == errors[1] and "training.max_steps: 10 on rank 0, 14 on rank 1" in errors[0], errors
+    assert "learning_rate" not in errors[0] and "Run the same recipe" in errors[0]

@@ -965,6 +965,41 @@ def all_gather_tensor(t: Any, info: DistInfo) -> Any:
     return torch.stack(out)
 
 
+def check_ranks_agree(values: dict[str, Any], info: DistInfo, what: str, hint: str) -> None:
+    """Raise a RuntimeError naming each key whose value differs from rank 0's (`values`: JSON-able, nested)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or info.world_size == 1:
+        return
+    text = json.dumps(values, sort_keys=True, default=str).encode()
+    sizes = [int(s[0]) for s in all_gather_floats([float(len(text))], info)]
+    buf = torch.zeros(max(sizes), dtype=torch.uint8)
+    buf[: len(text)] = torch.tensor(list(text), dtype=torch.uint8)
+    out = [torch.empty_like(buf, device=info.device) for _ in sizes]
+    dist.all_gather(out, buf.to(info.device))
+    texts = [bytes(t[:n].cpu().tolist()).decode() for t, n in zip(out, sizes, strict=True)]
+    if len(set(texts)) == 1:
+        return
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        return {k: v for key, sub in d.items() for k, v in flat(sub, f"{prefix}{key}.").items()} if d else {}
+
+    ref = {k.rstrip("."): v for k, v in flat(json.loads(texts[0])).items()}
+    diffs = []
+    for rank, other in enumerate(texts[1:], start=1):
+        theirs = {k.rstrip("."): v for k, v in flat(json.loads(other)).items()}
+        diffs += [
+            f"{key}: {ref.get(key)!r} on rank 0, {theirs.get(key)!r} on rank {rank}"
+            for key in sorted(set(ref) | set(theirs))
+            if ref.get(key) != theirs.get(key)
+        ]
+    shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+    raise RuntimeError(f"{what} differ between ranks: {shown}. {hint}")
+
+
 def all_gather_floats(values: Sequence[float], info: DistInfo) -> list[list[float]]:
     """Every rank's list of floats (same length on all ranks)."""
     import torch

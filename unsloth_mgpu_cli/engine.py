@@ -546,6 +546,13 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
     try:
         # Under torchrun every rank ran the parent's preparation; rank 0's (output.dir) must finish first.
         D.barrier(info)
+        if plan.recipe.distributed.nnodes > 1:  # each node resolved its own recipe: they must be one run
+            D.check_ranks_agree(
+                _node_independent_settings(plan),
+                info,
+                "the nodes' recipes",
+                "Run the same recipe with the same overrides on every node (only --node-rank differs).",
+            )
         trainer = Trainer(plan, info, stop)
         trainer.setup()
         D.set_collective_timeout(timeout)
@@ -558,6 +565,22 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1 if sys.exc_info()[0] is not None else 0)
+
+
+def _node_independent_settings(plan: RunPlan) -> dict[str, Any]:
+    """The resolved recipe as every node must have it: without what names this node (node_rank, the endpoint as
+    it reaches it), per-node display (logging) and host paths (their file names and the data's contents stay)."""
+    r = plan.recipe.model_dump(mode="json")
+    for key in ("node_rank", "rdzv_endpoint"):
+        r["distributed"].pop(key, None)
+    r.pop("logging", None)
+    r["output"].pop("dir", None)
+    r["model"]["name"] = Path(str(r["model"]["name"])).name
+    for section in [r["dataset"], *(r["dataset"].get("mix") or [])]:
+        for key in ("path", "eval_path"):
+            if section.get(key):
+                section[key] = Path(str(section[key])).name
+    return {"recipe": r, "data": plan.identity.get("data"), "global_batch": plan.identity.get("global_batch")}
 
 
 class Trainer:
