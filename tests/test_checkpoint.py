@@ -209,6 +209,18 @@ def test_report_summarises_the_whole_run(tmp_path):
     assert write_plots(rows, tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_of_a_run_still_going_counts_every_steps_tokens_and_its_workers(tmp_path):
+    """Rows logged every 50 steps: summing their per-step tokens undercounted 50-fold; each row now carries the
+    running total. The device comes from the resolved recipe written at the start (CPU workers, not GPUs)."""
+    from unsloth_mgpu_cli.report import summarize
+
+    rows = [{"step": s, "loss": 2.0, "tokens": 100, "run_tokens": 100 * s, "elapsed_s": s / 10} for s in (50, 100)]
+    (tmp_path / "recipe.resolved.yaml").write_text("distributed:\n  num_gpus: 2\n  device: cpu\n")
+    s = summarize(tmp_path, rows)
+    assert s["tokens"] == 10_000 and s["tokens_per_second"] == 1_000.0 and not s["finished"]
+    assert s["unit"] == "worker"
+
+
 def test_report_and_export_refuse_a_folder_without_a_run(tmp_path):
     from conftest import assert_user_error, run_mgpu
 

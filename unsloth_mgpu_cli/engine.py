@@ -927,6 +927,7 @@ class Trainer:
                     "learning_rate": lr,
                     "grad_norm": step.grad_norm if bad_ranks == 0 else float("nan"),
                     "tokens": step_tokens,
+                    "run_tokens": rs["tokens"],  # every step's so far (resumes included): rows are every N steps
                     "loss_tokens": int(tot_tokens),
                     "compute_tokens": int(sum(step.batches.compute_tokens)),
                     "tokens_per_second": tokens_window / max(done_at - t_window, 1e-9),

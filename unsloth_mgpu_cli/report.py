@@ -139,8 +139,10 @@ def summarize(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     last = rows[-1]
     world = max((len(r.get("peak_memory_gb") or []) for r in rows), default=1) or 1
     elapsed = float(last.get("elapsed_s") or 0.0)
-    # per-step tokens are only in the logged rows; the worker's running total covers every step
-    tokens = int(summary.get("run_tokens") or sum(int(r.get("tokens") or 0) for r in rows))
+    # per-step tokens are only in the logged rows; the worker's running total covers every step (summary.json at
+    # the end, each row's run_tokens while the run goes on; older runs' rows lack it)
+    running = last.get("run_tokens") if is_number(last.get("run_tokens")) else None
+    tokens = int(summary.get("run_tokens") or running or sum(int(r.get("tokens") or 0) for r in rows))
     # a run resumed on another GPU count (a sharded checkpoint allows it) has rows of different lengths
     peak = [
         max(float(r["peak_memory_gb"][i]) for r in rows if len(r.get("peak_memory_gb") or []) > i)
@@ -163,8 +165,18 @@ def summarize(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "best_eval_loss": best[1] if best else None,
         "best_eval_step": best[0] if best else None,
         "finished": bool(summary),
-        "unit": "worker" if summary.get("device_type") == "cpu" else "GPU",  # runs before it was recorded: GPU
+        "unit": "worker" if (summary.get("device_type") or _resolved_device(out)) == "cpu" else "GPU",
     }
+
+
+def _resolved_device(out: Path) -> str | None:
+    """distributed.device of a run still going on (no summary.json yet), from the recipe it wrote at its start."""
+    try:
+        import yaml
+
+        return (yaml.safe_load((out / "recipe.resolved.yaml").read_text()) or {}).get("distributed", {}).get("device")
+    except Exception:  # no resolved recipe, or not one we can read: the unit is only a word in the table
+        return None
 
 
 def write_plots(rows: list[dict[str, Any]], png: Path) -> Path:
