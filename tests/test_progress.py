@@ -41,3 +41,16 @@ def test_logs_get_plain_lines_and_no_bar():
     _, text = last_bar(80, 2, terminal=False)
     assert "step 11999/12000 loss 5.7466 lr 3.52e-07 tokens/s 1,234,567 mem 141.23/141.23 GB" in text
     assert "━" not in text and "ETA" not in text, text
+
+
+def test_the_bar_moves_every_step_between_logged_ones_without_printing_lines():
+    for terminal in (True, False):
+        console = Console(file=io.StringIO(), width=120, force_terminal=terminal, color_system=None, record=True)
+        display = ProgressDisplay(True, 100, 0, 1, console=console)
+        display.update(10, 5.0, 1e-4, 1000.0, [1.0])
+        for step in range(11, 18):
+            display.advance(step)
+        assert display._progress.tasks[0].completed == 17
+        display.close()
+        lines = [line for line in console.export_text().splitlines() if line.startswith("step ")]
+        assert lines == ([] if terminal else ["step 10/100 loss 5.0000 lr 1.00e-04 tokens/s 1,000 mem 1.00 GB"])

@@ -903,6 +903,7 @@ class Trainer:
             tokens_window += step_tokens
             tokens_session += step_tokens
             rs["tokens"] += step_tokens
+            progress.advance(self.step)  # the bar (and its ETA) moves every step; its numbers every logged one
             last_loss = tot_loss / max(1.0, tot_tokens) if bad_ranks == 0 else float("nan")
             if first_step_s is None:
                 first_step_s = done_at - t_start

@@ -83,6 +83,11 @@ class ProgressDisplay:
                 f"tokens/s {tokens_per_s:,.0f} mem {'/'.join(f'{m:.2f}' for m in mem_gb)} GB"
             )
 
+    def advance(self, step: int) -> None:
+        """A step done: move the live bar (with `logging.steps: 10` it used to jump by 10); no plain line."""
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step)
+
     def eval(self, step: int, loss: float, perplexity: float) -> None:
         """One line per evaluation (printed above the live bar)."""
         if self._progress is not None:
