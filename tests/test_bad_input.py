@@ -189,7 +189,7 @@ CASES = [
         "yaml-python-tag",
         "validate",
         raw("model: !!python/object/apply:os.system ['true']\n"),
-        ["recipe.yaml:1", "YAML syntax error"],
+        ["recipe.yaml:1", "YAML syntax error", "YAML tags such as !!python/... are not allowed"],
     ),
     ("base-missing", "validate", _missing_base, ["base recipe not found", "nowhere/base.yaml"]),
     ("base-loop", "validate", _base_loop, ["extend each other in a loop"]),

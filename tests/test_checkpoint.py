@@ -225,6 +225,9 @@ def test_report_and_export_refuse_a_folder_without_a_run(tmp_path):
     from conftest import assert_user_error, run_mgpu
 
     assert_user_error(run_mgpu("report", str(tmp_path), timeout=120), "no metrics.jsonl")
+    assert_user_error(run_mgpu("report", str(tmp_path / "nope"), timeout=120), "no such folder")
+    (tmp_path / "recipe.resolved.yaml").write_text("model: {}\n")  # a run that started and logged nothing yet
+    assert_user_error(run_mgpu("report", str(tmp_path), timeout=120), "has not logged a step yet")
     assert_user_error(run_mgpu("export", str(tmp_path), "--merged", timeout=120), "no adapter", "--resume auto")
 
 

@@ -626,12 +626,14 @@ def _read_yaml(path: Path, where: str) -> tuple[dict[str, Any], dict[str, str]]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         loc = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise UserError(
-            Problem(
-                loc, f"YAML syntax error: {exc.problem or exc}", "check indentation, colons and quotes around this line"
-            ),
-            "invalid recipe",
-        ) from exc
+        tag = "could not determine a constructor" in str(exc.problem or "")
+        hint = (
+            "a recipe holds plain values: YAML tags such as !!python/... are not allowed (recipes are read with a "
+            "safe loader, which builds no objects); remove the tag"
+            if tag
+            else "check indentation, colons and quotes around this line"
+        )
+        raise UserError(Problem(loc, f"YAML syntax error: {exc.problem or exc}", hint), "invalid recipe") from exc
     except yaml.YAMLError as exc:
         raise UserError(Problem(str(path), f"YAML error: {exc}"), "invalid recipe") from exc
     if data is None:

@@ -56,8 +56,16 @@ def read_metrics(out: Path) -> tuple[list[dict[str, Any]], list[Problem]]:
     """
     path = Path(out) / "metrics.jsonl"
     if not path.is_file():
-        found = f"{path} is a folder, not a file" if path.is_dir() else f"no metrics.jsonl in {out}"
         hint = "give the output.dir of an `mgpu train` run"
+        if path.is_dir():
+            found = f"{path} is a folder, not a file"
+        elif not Path(out).is_dir():
+            found = f"no such folder: {out}"
+        elif (Path(out) / "recipe.resolved.yaml").is_file():  # written when a run starts
+            found = f"the run in {out} has not logged a step yet (it is starting, or stopped before its first step)"
+            hint = "report again after its first logged step (every logging.steps steps)"
+        else:
+            found = f"no metrics.jsonl in {out}"
         raise UserError(Problem("OUTPUT_DIR", found, hint), "nothing to report")
     try:
         raw = path.read_bytes()
