@@ -309,3 +309,21 @@ def test_merged_export_gives_the_logits_of_base_plus_adapter(runs):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "merged" / "config.json").read_text()).get("dtype") == "bfloat16"
     assert (out / "merged" / "model.safetensors").exists() and (out / "merged" / "tokenizer.json").exists()
+
+
+def test_ctrl_c_while_the_workers_load_the_model_stops_before_the_first_step(tmp_path):
+    """Before any step of the session there is nothing to finish or save: the workers used to load the model,
+    train step 1 and write a checkpoint first (minutes on a real model, past `docker stop`'s 10 s)."""
+    proc = start(tmp_path / "run")
+    lines = []
+    for line in proc.stdout:  # rank 0 prints Unsloth's banner while it imports Unsloth to load the model
+        lines.append(line)
+        if line.startswith("Unsloth"):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    rest, _ = proc.communicate(timeout=300)
+    out = "".join(lines) + rest
+    assert proc.returncode == 130, out[-3000:]
+    assert "stopped before the first step of this session" in out and "--resume auto" in out, out[-3000:]
+    assert not list((tmp_path / "run").glob("checkpoints/step-*")) and steps_logged(tmp_path / "run") == []
+    assert group_is_gone(proc.pid), "processes of the stopped run were left behind"

@@ -580,6 +580,13 @@ def _graceful_stop(stop_file: Path | None) -> Any:
             raise
         from .errors import Interrupted
 
+        if len(received) == 1:
+            # one signal, and a worker died of it: one still starting up (Python's own Ctrl-C handler is in place
+            # until the worker's is, while it imports torch), so no step of this session had begun
+            raise Interrupted(
+                f"stopped: a worker ended on the first signal, before its own handler was in place (while it "
+                f"was still starting) ({exc}); --resume auto continues from the newest checkpoint"
+            ) from None
         # a worker given a second Ctrl-C raises KeyboardInterrupt before the agent hears of our second signal
         raise Interrupted(
             f"stopped at once on a second signal ({exc}); --resume auto continues from the newest checkpoint"

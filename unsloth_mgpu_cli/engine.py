@@ -470,10 +470,12 @@ def train(
         again = ["mgpu", "train", str(loaded.path or "RECIPE"), *loaded.overrides]
         for flag, value in (("--nnodes", nnodes), ("--node-rank", node_rank), ("--rdzv-endpoint", rdzv_endpoint)):
             again += [flag, str(value)] if value is not None else []
-        raise Interrupted(
-            f"stopped after step {result.get('steps')}; checkpoint saved in {result.get('checkpoint')}. "
-            f"Continue with: {shlex.join([*again, '--resume', 'auto'])}"
+        where = (
+            f"stopped after step {result.get('steps')}; checkpoint saved in {result.get('checkpoint')}"
+            if result.get("checkpoint")
+            else f"stopped before the first step of this session (at step {result.get('steps')}): nothing new to save"
         )
+        raise Interrupted(f"{where}. Continue with: {shlex.join([*again, '--resume', 'auto'])}")
     if nodes.under_torchrun and nodes.rank != 0:
         return {}  # torchrun's processes share a terminal: global rank 0 prints the run's summary
     if not nodes.under_torchrun and 0 not in results:
@@ -556,6 +558,10 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
         trainer = Trainer(plan, info, stop)
         trainer.setup()
         D.set_collective_timeout(timeout)
+        # A stop asked for while the model loaded: no step of this session to finish or save, so none is run
+        # (every rank agrees: one small collective)
+        if any(f[0] for f in D.all_gather_floats([float(stop.requested(info.is_main))], info)):
+            return {"interrupted": True, "steps": trainer.step, "checkpoint": None}
         return trainer.fit()
     finally:
         D.teardown()
