@@ -298,6 +298,27 @@ clocks_throttle_reasons.active --format=csv,noheader -lms 100 > "$OUT/smi.csv" 2
       echo "teardown: exit=$? in $(( $(date +%s)-s )) s"; tail -4 "$OUT/teardown.txt" | cut -c1-200
       grep -rh "stopped by the launcher" "$OUT/teardown/logs" | head -2
     fi ;;
+  s13)
+    # session 13 (1-GPU kind): this session's launcher on CUDA. (1) a one-GPU run's listening sockets while it
+    # trains (the rendezvous stores now bound to loopback); (2) Ctrl-C while the worker loads the model: exit 130
+    # before the first step, no checkpoint; (3) the 1B at 1 GPU, 50 steps, against s8b's 71,421 tokens/s (no
+    # regression from sessions 9-13); (4) the GPU tier's 1-GPU tests.
+    Q=(python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 training.warmup_steps=1
+       logging.progress=false output.save_steps=0)
+    "${Q[@]}" training.max_steps=300 output.dir="$OUT/live" > "$OUT/live.txt" 2>&1 & RUN=$!
+    for i in $(seq 1 90); do sleep 1; grep -q '"step": 5' "$OUT/live/metrics.jsonl" 2>/dev/null && break; done
+    echo "listening while training: $(ss -ltnpH 2>/dev/null | grep -E 'python|mgpu' | awk '{print $4}' | sort -u | tr '\n' ' ')"
+    kill -INT $RUN; wait $RUN; echo "live run: exit=$? (130 expected)"; tail -2 "$OUT/live.txt" | cut -c1-220
+    s=$(date +%s); "${Q[@]}" training.max_steps=20 output.dir="$OUT/early" > "$OUT/early.txt" 2>&1 & RUN=$!
+    for i in $(seq 1 300); do sleep 0.2; grep -q '^Unsloth' "$OUT/early.txt" && break; done
+    kill -INT $RUN; wait $RUN; echo "Ctrl-C while loading: exit=$? after $(( $(date +%s)-s )) s"
+    tail -1 "$OUT/early.txt" | cut -c1-220; ls "$OUT/early/checkpoints" 2>/dev/null | head -3
+    timeout 130 "${BENCH[@]}" --steps 50 --warmup 15 --timeout 105 --min-run-s 60 --out "$OUT/a" --only ours \
+      --gpus 1 --budget-s 125 | tail -3
+    cp /tmp/mgpu-bench/ours-1b-1gpu/run/metrics.jsonl "$OUT/a/m1.jsonl"
+    timeout -k 10 "${T:-230}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
+    echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt"
+    rm -rf "$OUT/live" "$OUT/early" ;;
   outputs)
     # session 12's output safety on CUDA (1 GPU): --overwrite over an earlier run, the export's marker, modes that
     # other users can read, and an export refused over a folder it did not write
