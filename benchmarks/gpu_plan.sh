@@ -319,6 +319,19 @@ clocks_throttle_reasons.active --format=csv,noheader -lms 100 > "$OUT/smi.csv" 2
     timeout -k 10 "${T:-230}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt"
     rm -rf "$OUT/live" "$OUT/early" ;;
+  s13b)
+    # session 13: which addresses a one-GPU run listens on (s13's `ss -p` printed nothing there): the launcher
+    # (rendezvous stores) and the worker (NCCL's bootstrap), by default and with NCCL_SOCKET_IFNAME=lo
+    for ifname in "" lo; do
+      NCCL_SOCKET_IFNAME=$ifname python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 \
+        training.max_steps=300 training.warmup_steps=1 logging.progress=false output.save_steps=0 \
+        output.dir="$OUT/run-$ifname" > "$OUT/run-$ifname.txt" 2>&1 & RUN=$!
+      for i in $(seq 1 90); do sleep 1; grep -q '"step": 5' "$OUT/run-$ifname/metrics.jsonl" 2>/dev/null && break; done
+      echo "NCCL_SOCKET_IFNAME='$ifname':"; python3 benchmarks/listeners.py unsloth_mgpu_cli
+      python3 benchmarks/listeners.py spawn_main
+      kill -INT $RUN; wait $RUN; echo "exit=$?"; tail -1 "$OUT/run-$ifname.txt" | cut -c1-120
+    done
+    rm -rf "$OUT"/run-* ;;
   outputs)
     # session 12's output safety on CUDA (1 GPU): --overwrite over an earlier run, the export's marker, modes that
     # other users can read, and an export refused over a folder it did not write
