@@ -332,6 +332,17 @@ clocks_throttle_reasons.active --format=csv,noheader -lms 100 > "$OUT/smi.csv" 2
       kill -INT $RUN; wait $RUN; echo "exit=$?"; tail -1 "$OUT/run-$ifname.txt" | cut -c1-120
     done
     rm -rf "$OUT"/run-* ;;
+  s13c)
+    # session 13, after s13b: the launcher sets NCCL_SOCKET_IFNAME=lo on one host; the same listing (all on
+    # loopback expected), then the tier's 1-GPU tests with it
+    python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 training.max_steps=300 \
+      training.warmup_steps=1 logging.progress=false output.save_steps=0 output.dir="$OUT/run" > "$OUT/run.txt" 2>&1 &
+    RUN=$!
+    for i in $(seq 1 90); do sleep 1; grep -q '"step": 5' "$OUT/run/metrics.jsonl" 2>/dev/null && break; done
+    python3 benchmarks/listeners.py unsloth_mgpu_cli; python3 benchmarks/listeners.py spawn_main
+    kill -INT $RUN; wait $RUN; echo "exit=$?"; rm -rf "$OUT/run"
+    timeout -k 10 "${T:-230}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
+    echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
   outputs)
     # session 12's output safety on CUDA (1 GPU): --overwrite over an earlier run, the export's marker, modes that
     # other users can read, and an export refused over a folder it did not write

@@ -195,3 +195,20 @@ def test_nodes_with_different_recipes_are_stopped_naming_the_keys():
     errors = [r["error"] for r in D.launch(ranks_compare, ([same, other],), spec).values()]
     assert errors[0] == errors[1] and "training.max_steps: 10 on rank 0, 14 on rank 1" in errors[0], errors
     assert "learning_rate" not in errors[0] and "Run the same recipe" in errors[0]
+
+
+def test_nccl_bootstraps_on_loopback_on_one_host_unless_the_user_chose():
+    """On 2026-12-02's H200 machine a one-GPU run's worker listened on the host's address (NCCL's bootstrap), and
+    on 127.0.0.1 only with NCCL_SOCKET_IFNAME=lo (benchmarks/gpu_plan.sh s13b)."""
+    one = D.LaunchSpec(nproc_per_node=2, device_type="cuda")
+    env: dict[str, str] = {}
+    D.nccl_on_loopback(env, one)
+    assert env == {"NCCL_SOCKET_IFNAME": "lo"}
+    env = {"NCCL_SOCKET_IFNAME": "ib0"}
+    D.nccl_on_loopback(env, one)
+    assert env == {"NCCL_SOCKET_IFNAME": "ib0"}  # the user's interface stays
+    for other in (D.LaunchSpec(nproc_per_node=2, device_type="cuda", nnodes=2, rdzv_endpoint="h:1"),
+                  D.LaunchSpec(nproc_per_node=2, device_type="cpu")):  # fmt: skip
+        env = {}
+        D.nccl_on_loopback(env, other)
+        assert env == {}  # several hosts need their real interfaces; gloo already binds loopback

@@ -469,6 +469,7 @@ def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> 
             max(1, (os.cpu_count() or 1) // spec.nproc_per_node)
         )
     os.environ["MGPU_DEVICE_TYPE"] = spec.device_type
+    nccl_on_loopback(os.environ, spec)
     # A worker ended at once (a second Ctrl-C, the teardown after another rank failed) cannot release the
     # semaphores of its torch.compile worker pool; the resource tracker that the spawn start method shares with
     # the parent then warns "There appear to be 1 leaked semaphore objects" at exit (seen on CUDA). It cleans
@@ -521,6 +522,14 @@ def _describe_unreadable_failure(exc: BaseException, spec: LaunchSpec) -> tuple[
         f"newest complete one is intact; the workers' logs are in {where}"
     )
     return message, hint
+
+
+def nccl_on_loopback(env: Any, spec: LaunchSpec) -> None:
+    """One host: NCCL's bootstrap sockets on loopback too (NCCL_SOCKET_IFNAME=lo), unless the user chose an
+    interface. By default NCCL listens on the host's first network interface (seen on the H200 machine, session
+    13); between GPUs of one host its data goes over NVLink, PCIe or shared memory, never those sockets."""
+    if spec.nnodes == 1 and spec.device_type == "cuda":
+        env.setdefault("NCCL_SOCKET_IFNAME", "lo")
 
 
 def _describe_rendezvous_failure(exc: BaseException, spec: LaunchSpec) -> tuple[str, str]:
