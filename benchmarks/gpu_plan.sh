@@ -23,9 +23,13 @@
 # warnings; one Ctrl-C: step-5 saved, exit 130), `T=330 gputest` (2 passed, 3 skipped: they need 2 GPUs); then
 # `outputs` (found: --overwrite refused the run's own .cache/, Unsloth's compiled modules, which CPU runs never
 # write; modes 755/644 and the export marker as planned) and `T=320 gputest` (2 passed, 3 skipped).
+# In session 13 (only the 1-GPU kind lent): `s13` (a stop while the worker loads the model: exit 130 before the first
+# step; the 1B at 1 GPU 71,538 tokens/s against s8b's 71,421; the tier's 1-GPU tests: 2 passed), `s13b` (a one-GPU
+# run's worker listened on the host's address: NCCL's bootstrap; on loopback with NCCL_SOCKET_IFNAME=lo), `s13c`
+# (the launcher now sets it: every socket on 127.0.0.1; the tier's 1-GPU tests: 2 passed).
 # Next, in this order:
+#   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
-#   s9b on nvidia-h200-x2: the 1B pair with this session's defaults, 1 GPU on GPU 1, the GPU tests of the new code
 #   gputest on nvidia-h200-x2: the whole tier (expandable segments and balance_speed never ran there)
 #   CASES=qlora bash benchmarks/gpu_fsdp.sh   # #13: 8B QLoRA, NF4 shards (own call)
 #   TRL on the 8B at 1 GPU: benchmarks/run.py --sizes 8b --micro-batch 16 --only trl-pf,trl-pack --gpus 1
