@@ -362,7 +362,7 @@ def build_launch_config(spec: LaunchSpec) -> Any:
     # to loopback (LOOPBACK_RDZV below). Several hosts need the real interfaces: torch's own backend.
     backend = LOOPBACK_RDZV if local_addr == "127.0.0.1" else "c10d"
     if backend == LOOPBACK_RDZV:
-        _register_loopback_rendezvous()
+        register_loopback_rendezvous()
     log_dir = spec.log_dir
     if spec.node_rank > 0 and log_dir is not None:
         # Only node 0 touches output.dir before the run; the other nodes keep their worker logs locally.
@@ -398,7 +398,7 @@ USER_THREADS = "MGPU_USER_THREADS"  # OMP_NUM_THREADS as the user gave it to `mg
 _OMP_OURS = "MGPU_OMP_SET_BY_LAUNCH"  # the OMP_NUM_THREADS an earlier launch of this process set (not the user's)
 
 
-def _register_loopback_rendezvous() -> None:
+def register_loopback_rendezvous() -> None:
     """Register torch's c10d rendezvous with its two TCP stores (the rendezvous store, and the one the workers
     bootstrap from) listening on loopback only: torch's TCPStore listens on every interface whatever host it is
     given, which would leave an unauthenticated store open to the network for a single-host run."""
@@ -459,15 +459,7 @@ def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> 
     from torch.distributed.launcher.api import elastic_launch
 
     config = build_launch_config(spec)
-    # A thread count the user chose (OMP_NUM_THREADS) is each worker's; else workers x threads <= cores.
-    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
-    os.environ.pop(USER_THREADS, None)
-    if omp.isdigit() and int(omp) > 0 and omp != os.environ.get(_OMP_OURS):
-        os.environ[USER_THREADS] = omp
-    elif spec.device_type == "cpu":
-        os.environ["OMP_NUM_THREADS"] = os.environ[_OMP_OURS] = str(
-            max(1, (os.cpu_count() or 1) // spec.nproc_per_node)
-        )
+    worker_threads_env(os.environ, spec)
     os.environ["MGPU_DEVICE_TYPE"] = spec.device_type
     nccl_on_loopback(os.environ, spec)
     # A worker ended at once (a second Ctrl-C, the teardown after another rank failed) cannot release the
@@ -522,6 +514,17 @@ def _describe_unreadable_failure(exc: BaseException, spec: LaunchSpec) -> tuple[
         f"newest complete one is intact; the workers' logs are in {where}"
     )
     return message, hint
+
+
+def worker_threads_env(env: Any, spec: LaunchSpec) -> None:
+    """A thread count the user chose (OMP_NUM_THREADS) is each worker's (USER_THREADS, read by setup_worker); else
+    workers x threads <= cores. One that an earlier launch of this process set is not the user's."""
+    omp = env.get("OMP_NUM_THREADS", "").strip()
+    env.pop(USER_THREADS, None)
+    if omp.isdigit() and int(omp) > 0 and omp != env.get(_OMP_OURS):
+        env[USER_THREADS] = omp
+    elif spec.device_type == "cpu":
+        env["OMP_NUM_THREADS"] = env[_OMP_OURS] = str(max(1, (os.cpu_count() or 1) // spec.nproc_per_node))
 
 
 def nccl_on_loopback(env: Any, spec: LaunchSpec) -> None:

@@ -201,13 +201,20 @@ def _launch(nproc: int, device: str, size_mb: float, iters: int, timeout: int) -
     """Start `nproc` workers with the elastic agent and merge rank 0's numbers with every rank's pair timings."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from .distributed import LOOPBACK_RDZV, register_loopback_rendezvous
+
+    # one host: every socket on loopback, as for `mgpu train` (see distributed.build_launch_config)
+    register_loopback_rendezvous()
+    if device == "cuda":
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=nproc,
         run_id=f"mgpu-probe-{os.getpid()}",
-        rdzv_backend="c10d",
+        rdzv_backend=LOOPBACK_RDZV,
         rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        local_addr="127.0.0.1",
         rdzv_configs={"join_timeout": timeout},
         max_restarts=0,  # a probe that needs a restart has already answered the question
         monitor_interval=0.1,
