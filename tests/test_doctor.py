@@ -252,6 +252,13 @@ def test_mgpu_doctor_json_in_a_subprocess(tmp_path):
     assert proc.returncode == (1 if fails else 0), proc.stderr
     assert any(str(tmp_path / "out") in c["value"] for c in data["checks"] if c["name"] == "disk: output")
     assert elapsed < 15, f"doctor took {elapsed:.1f} s"
+    # the documented shape (docs/doctor.md, "JSON"); "probe" only with --probe
+    documented = {"checks", "summary", "seconds", "gpus", "links", "driver", "cuda_driver", "nvml_error", "torch"}
+    assert set(data) == documented | {"device", "workers"}, sorted(data)
+    counts = {s: sum(c["status"] == s for c in data["checks"]) for s in ("ok", "warn", "fail")}
+    assert data["summary"] == {**counts, "exit_code": proc.returncode}
+    assert set(data["torch"]) >= {"version", "cuda", "nccl", "nccl_available"} and data["workers"] >= 1
+    assert data["device"] == ("cuda" if data["gpus"] else "cpu")  # CPU workers where no GPU is seen
 
 
 def test_table_keeps_every_hint_whole_on_an_80_column_terminal(report):
