@@ -339,6 +339,12 @@ CASES = [
         ["no samples left", "max_seq_length"],
     ),
     ("global-batch-too-big", "train", data_file(ALPACA_ROW * 3), ["training.micro_batch_size", "dataset has 3"]),
+    (
+        "global-batch-too-big-after-eval-split",  # was refused only in the workers (exit 1, output.dir written)
+        "train",
+        data_file(ALPACA_ROW * 5, dataset__eval_ratio=0.3),
+        ["training.micro_batch_size", "dataset has 3 to train on (2 of 5 held out by dataset.eval_ratio)"],
+    ),
     # --- mistakes that used to surface only in the workers, after the model loaded ---
     (
         "lora-target-typo",

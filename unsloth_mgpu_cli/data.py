@@ -1324,9 +1324,14 @@ def prepare_eval(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary,
         raise UserError(exc.problems, exc.title) from None
 
 
+def held_out_count(num_samples: int, ratio: float | None) -> int:
+    """How many of `num_samples` `dataset.eval_ratio` holds out for evaluation (0 without it)."""
+    return max(1, int(round(num_samples * ratio))) if ratio else 0
+
+
 def split_eval_indices(num_samples: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, eval indices) of a tokenised cache: a seeded, sorted hold-out of `ratio` of the samples."""
-    n_eval = max(1, int(round(num_samples * ratio)))
+    n_eval = held_out_count(num_samples, ratio)
     if n_eval >= num_samples:
         raise UserError(
             Problem(
@@ -1789,7 +1794,8 @@ def report(recipe: Recipe) -> DataReport:
     refusal = None
     if isinstance(t.micro_batch_size, int) and isinstance(t.gradient_accumulation_steps, int):
         try:
-            check_batch_fits(recipe, len(data), workers)  # what `mgpu train` checks before it starts the workers
+            # what `mgpu train` checks before it starts the workers
+            check_batch_fits(recipe, len(data), workers, held_out_count(len(data), recipe.dataset.eval_ratio))
         except UserError as exc:
             refusal = exc.problems[0]
     return DataReport(

@@ -375,7 +375,10 @@ def train(
     model_path = resolve_model_path(recipe.model.name)
     check_target_modules(recipe, model_path)
     data_dir, summary, hit = data_mod.prepare(recipe, model_path)
-    check_batch_fits(recipe, summary.samples, num_workers)
+    if recipe.dataset.eval_ratio:  # refuses a hold-out that leaves nothing to train on, as the workers would
+        data_mod.split_eval_indices(summary.samples, recipe.dataset.eval_ratio, recipe.training.seed)
+    held_out = 0 if recipe.dataset.eval_path else data_mod.held_out_count(summary.samples, recipe.dataset.eval_ratio)
+    check_batch_fits(recipe, summary.samples, num_workers, held_out)
     disk_note = check_free_space(out, recipe, model_path) if is_main_node else None
     eval_prepared = data_mod.prepare_eval(recipe, model_path)
     timeline["data_ready"] = time.time()

@@ -539,17 +539,19 @@ class Recipe(_Section):
         return self.dataset.responses_only()
 
 
-def check_batch_fits(recipe: Recipe, samples: int, num_workers: int) -> None:
-    """One optimizer step must find its global batch in the data (checked in the parent, before launching)."""
+def check_batch_fits(recipe: Recipe, samples: int, num_workers: int, held_out: int = 0) -> None:
+    """One optimizer step must find its global batch in the training data (checked in the parent, before
+    launching): `samples` less the `held_out` ones that `dataset.eval_ratio` keeps for evaluation."""
     need = recipe.global_batch_size(num_workers)
-    if need > samples:
+    if need > samples - held_out:
+        has = f"{samples - held_out} to train on ({held_out} of {samples} held out by dataset.eval_ratio)"
         raise UserError(
             Problem(
                 "training.micro_batch_size",
                 f"one optimizer step needs {need} samples "
                 f"(micro_batch_size x {num_workers} workers x gradient_accumulation_steps) but the "
-                f"dataset has {samples}",
-                "lower the batch settings or add data",
+                f"dataset has {has if held_out else samples}",
+                "lower the batch settings" + (", lower dataset.eval_ratio" if held_out else "") + " or add data",
             ),
             "invalid recipe",
         )
