@@ -208,6 +208,25 @@ def test_second_prepare_hits_the_cache_without_loading_the_tokenizer(tmp_path, m
         D.prepare(recipe(QUICKSTART_DATA, max_seq_length=64), model_path)
 
 
+def test_every_tokenizer_file_is_part_of_the_cache_key(tmp_path, model_path):
+    """A changed special_tokens_map.json (the eos token) reused the old tokens: only 4 files were hashed."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(model_path, model)
+    r = recipe(QUICKSTART_DATA)
+    before = D._fingerprint(r, str(model))
+    for name in ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt"):
+        f = model / name
+        original = f.read_bytes() if f.exists() else None
+        f.write_text('{"eos_token": "<unk>"}')
+        assert D._fingerprint(r, str(model)) != before, name
+        f.unlink() if original is None else f.write_bytes(original)
+    assert D._fingerprint(r, str(model)) == before
+    (model / "model.safetensors.index.json").write_text("{}")  # not the tokenizer's: the same cache
+    assert D._fingerprint(r, str(model)) == before
+
+
 # ---------------------------------------------------------------------------------------------------
 # Sharding
 # ---------------------------------------------------------------------------------------------------

@@ -779,6 +779,23 @@ def _hash_source(h: Any, path: str) -> None:
         h.update(path.encode())  # a hub id: keyed by name and split
 
 
+# Every file a Hugging Face tokenizer may read (fast, slow SentencePiece, BPE and WordPiece ones, added and special
+# tokens, a chat template of its own): a change to any of them changes tokens, so the cache key covers them all.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
 def _fingerprint(recipe: Recipe, model_path: str) -> str:
     """Cache key: the data's bytes, the tokenizer, and every setting that changes tokens or labels.
 
@@ -790,10 +807,10 @@ def _fingerprint(recipe: Recipe, model_path: str) -> str:
     sources = d.sources()
     for src in sources:
         _hash_source(h, str(src.section.path))
-    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja"):
+    for name in TOKENIZER_FILES:
         f = Path(model_path) / name
         if f.exists():
-            h.update(f.read_bytes())
+            h.update(name.encode() + b"\0" + f.read_bytes())
     h.update(model_path.encode())
     keys: dict[str, Any] = {
         "format": d.format,
