@@ -140,6 +140,22 @@ def test_named_chat_template_and_a_missing_one(tmp_path, model_path, tokenizer):
     assert "dataset.chat_template" in str(exc.value) and "chatml" in str(exc.value)
 
 
+def test_a_reply_token_that_starts_in_the_generation_prompt_is_trained_on(tokenizer):
+    """A template whose generation prompt ends with a space ("[ASSISTANT] "): the reply's first token (" 5")
+    starts on that space. It was masked, so the answers themselves ("5", "eight"'s first piece) were never
+    trained on."""
+    template = (
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}[ASSISTANT] {% endif %}"
+    )
+    enc = D.Encoding("chat", True, 256, "truncate", template)
+    ids, labels = D.encode_row({"messages": CHAT}, tokenizer, enc)
+    trained = tokenizer.decode([i for i, lab in zip(ids, labels, strict=True) if lab != -100])
+    assert trained.replace(" ", "") == "5</s>eight</s>", trained  # every piece of both replies, and nothing else
+    assert "[" not in trained and "What" not in trained
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bad data, length policy, cache
 # ---------------------------------------------------------------------------------------------------
