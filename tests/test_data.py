@@ -186,6 +186,29 @@ def test_bad_data_is_named_by_file_and_line(tmp_path, model_path):
     assert f"{csv}: row 3" in user_error(recipe(csv), model_path) and not list((tmp_path / "cache").rglob("*.npy"))
 
 
+def test_chat_content_follows_the_rules_of_the_other_formats(tmp_path, model_path, tokenizer):
+    """docs/data.md: a number is text, and content must be non-empty (a system message's may be empty). A number
+    was refused and an empty reply accepted (trained on the end-of-turn token alone)."""
+    enc = D.encoding_of(recipe(tmp_path / "unused.jsonl", 256, format="chat", chat_template="chatml"))
+    number = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": 5}]
+    ids, labels = D.encode_row({"messages": number}, tokenizer, enc)
+    assert tokenizer.decode([i for i, lab in zip(ids, labels, strict=True) if lab != -100]).startswith("5")
+    quiet = [{"role": "system", "content": ""}, *number]
+    assert D.encode_row({"messages": quiet}, tokenizer, enc)[0]  # an empty system prompt is fine
+    empty = write_jsonl(
+        tmp_path / "e.jsonl", [{"messages": number}, {"messages": [number[0], {"role": "assistant", "content": " "}]}]
+    )
+    msg = user_error(recipe(empty, format="chat", chat_template="chatml"), model_path)
+    assert f"{empty}:2" in msg and "messages[1].content is empty (a assistant message)" in msg
+
+
+def test_an_alpaca_answer_keeps_its_leading_indentation(tokenizer):
+    prompt, response = D.render_alpaca({"instruction": " Indent it. ", "output": "    y = x + 1\n    return y\n"})
+    assert response == "    y = x + 1\n    return y" and prompt.endswith(
+        "### Instruction:\nIndent it.\n\n### Response:\n"
+    )
+
+
 def test_an_uncached_hub_dataset_is_a_clear_error(model_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

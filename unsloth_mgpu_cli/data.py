@@ -45,7 +45,7 @@ def render_alpaca(row: dict[str, Any]) -> tuple[str, str]:
         instruction=str(row["instruction"]).strip(),
         input_block=f"### Input:\n{inp}\n\n" if inp else "",
     )
-    return prompt, str(row["output"]).strip()
+    return prompt, str(row["output"]).rstrip()  # leading indentation is the answer's (code): kept
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -590,8 +590,15 @@ def _chat_messages(row: dict[str, Any]) -> list[dict[str, str]]:
         if role not in CHAT_ROLES:
             raise _RowError(f"messages[{j}].role: expected one of {', '.join(CHAT_ROLES)}, found {m['role']!r}")
         content = m["content"]
+        if isinstance(content, (int, float)) and not isinstance(content, bool) and content == content:
+            content = str(content)  # a number is trained as its text, as in the other formats
         if not isinstance(content, str):
-            raise _RowError(f"messages[{j}].content: expected text (a string), found {_describe(content)}")
+            raise _RowError(f"messages[{j}].content: expected text (a string or a number), found {_describe(content)}")
+        if role != "system" and not content.strip():
+            raise _RowError(
+                f"messages[{j}].content is empty (a {role} message)",
+                "every user, assistant and tool message needs text: fill it in or drop the row",
+            )
         out.append({"role": role, "content": content})
     return out
 
