@@ -45,6 +45,11 @@ def variable_length_batches(num_batches: int = 4, rows: int = 5, seed: int = 1):
     return out
 
 
+def epoch_batches() -> list:
+    """Four global batches of 5 rows, then a last one of 1 row (a DataLoader's remainder: fewer rows than ranks)."""
+    return variable_length_batches() + variable_length_batches(num_batches=1, rows=1, seed=2)
+
+
 def rank_average_reference(aggregation: str, world: int) -> dict:
     """What `mean` and `sum` promise, computed in one process with plain torch: every global batch is cut into
     `world` row slices as the ranks hold them (the first `rows % world` slices one row longer), each slice's loss is
@@ -55,16 +60,17 @@ def rank_average_reference(aggregation: str, world: int) -> dict:
     model = tiny_causal_lm()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
-    for batch in variable_length_batches():
+    for batch in epoch_batches():
         ids, mask = batch["input_ids"], batch["attention_mask"]
         labels = ids.masked_fill(mask == 0, -100)
         base, extra = divmod(int(ids.shape[0]), world)
         losses, start = [], 0
         for r in range(world):
             end = start + base + (1 if r < extra else 0)
-            losses.append(
-                model(input_ids=ids[start:end], attention_mask=mask[start:end], labels=labels[start:end]).loss
-            )
+            if end > start:  # a rank without rows (a last batch smaller than the world) adds nothing
+                losses.append(
+                    model(input_ids=ids[start:end], attention_mask=mask[start:end], labels=labels[start:end]).loss
+                )
             start = end
         total = torch.stack(losses).sum()
         (total / world if aggregation == "mean" else total).backward()
@@ -95,7 +101,7 @@ def direct_trainer_run(aggregation: str, num_gpus: int | None) -> dict:
             verify_every=1,
         )
         trainer.setup()
-        stats = trainer.train_epoch(variable_length_batches())
+        stats = trainer.train_epoch(epoch_batches())
         return {
             "rank": trainer.rank,
             "stats": stats,

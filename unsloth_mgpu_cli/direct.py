@@ -138,7 +138,6 @@ class MultiGPUTrainer:
 
         Raises:
             RuntimeError: `setup()` was not called, or the ranks iterate different batches.
-            ValueError: a batch has fewer rows than there are ranks.
         """
         import torch
 
@@ -158,12 +157,7 @@ class MultiGPUTrainer:
             labels = batch.get("labels")
             if labels is None:
                 labels = ids.masked_fill(mask == 0, IGNORE_INDEX) if mask is not None else ids
-            rows = int(ids.shape[0])
-            if rows < self.world_size:
-                raise ValueError(
-                    f"a batch of {rows} rows cannot be shared by {self.world_size} ranks: every rank "
-                    "needs at least one row (raise the batch size)"
-                )
+            rows = int(ids.shape[0])  # fewer rows than ranks (a DataLoader's last batch): some ranks get none
             # Loss tokens after the causal shift: the global count is known to every rank without a collective.
             global_items = int((labels[:, 1:] != IGNORE_INDEX).sum())
             part = self._shard(rows)

@@ -441,6 +441,10 @@ def _install(config: MultiGPUConfig) -> None:
     for prop in ("should_save", "should_log"):
         original = args_cls.__dict__[prop]
         _patch(args_cls, prop, property(lambda self, _o=original: info.rank == 0 and _o.fget(self)))
+    if config.main_process_saves and info.rank != 0 and "_save_rng_state" in transformers.Trainer.__dict__:
+        # the trainer saves its RNG state from every rank without asking should_save, and with the world size it
+        # sees here (1) under one name: the ranks would write rank 0's checkpoint file at once
+        _patch(transformers.Trainer, "_save_rng_state", _skip_on_this_rank(transformers.Trainer._save_rng_state))
     if config.main_process_saves and info.rank != 0:
         targets = [transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]
         try:
