@@ -219,11 +219,14 @@ def test_doctor_refuses_a_probe_timeout_that_is_not_positive(value):
 
 
 @pytest.mark.parametrize("force", [False, True])
-def test_init_refuses_a_folder_without_suggesting_force(tmp_path, force):
+@pytest.mark.parametrize("path", ["x", "new/"], ids=["a-folder", "a-new-folder"])
+def test_init_refuses_a_folder_without_suggesting_force(tmp_path, force, path):
+    """A folder, or a path that names one (`new/`: it wrote a recipe file called `new`)."""
     (tmp_path / "x").mkdir()
     before = _files(tmp_path)
-    proc = run_mgpu("init", "x", *(["--force"] if force else []), cwd=tmp_path, timeout=60)
-    assert_user_error(proc, "argument PATH", "found the folder x", "mgpu init x/recipe.yaml")
+    proc = run_mgpu("init", path, *(["--force"] if force else []), cwd=tmp_path, timeout=60)
+    name = path.rstrip("/")
+    assert_user_error(proc, "argument PATH", f"found the folder {name}", f"mgpu init {name}/recipe.yaml")
     assert "--force" not in proc.stderr
     assert _files(tmp_path) == before  # no data/quickstart.jsonl beside it
 

@@ -244,15 +244,16 @@ def schema(
 
 @app.command()
 def init(
-    path: Annotated[Path, typer.Argument(help="Where to write the starter recipe.")] = Path("recipe.yaml"),
+    where: Annotated[str, typer.Argument(help="Where to write the starter recipe.", metavar="PATH")] = "recipe.yaml",
     force: Annotated[bool, _flag("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a commented starter recipe that trains the builtin tiny model on a bundled dataset."""
     from .errors import Problem
     from .templates import write_starter
 
+    path = Path(where)  # (kept as text first: a Path drops the trailing slash of `new-folder/`)
     try:
-        if path.is_dir():  # --force cannot help: a folder is never replaced by a recipe
+        if path.is_dir() or where.endswith(("/", os.sep)):  # --force cannot help: a folder is never a recipe
             hint = f"give the recipe file to write, e.g. mgpu init {path / 'recipe.yaml'}"
             found = f"expected a recipe file path, found the folder {path}"
             raise UserError(Problem("argument PATH", found, hint), "invalid arguments")
