@@ -209,6 +209,19 @@ def test_an_alpaca_answer_keeps_its_leading_indentation(tokenizer):
     )
 
 
+def test_prepare_checks_and_describes_the_eval_data_too(tmp_path, model_path):
+    """`mgpu prepare` ignored dataset.eval_path: a bad eval row surfaced only in `mgpu train`."""
+    good = write_jsonl(tmp_path / "eval.jsonl", [{"instruction": "2+2?", "output": "4"}] * 3)
+    rep = D.report(recipe(QUICKSTART_DATA, eval_path=str(good)))
+    assert rep.eval_note is not None and rep.eval_note.startswith(f"3 samples from {good}")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "2+2?", "output": "4"}, {"instruction": "no answer"}])
+    with pytest.raises(UserError) as exc:
+        D.report(recipe(QUICKSTART_DATA, eval_path=str(bad)))
+    assert f"{bad}:2" in exc.value.render()  # the eval file, by line
+    held = D.report(recipe(QUICKSTART_DATA, eval_ratio=0.1)).eval_note
+    assert held == "51 of the 512 samples held out (dataset.eval_ratio 0.1)"
+
+
 def test_an_uncached_hub_dataset_is_a_clear_error(model_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -1739,6 +1739,7 @@ class DataReport:
     workers: int
     estimates: list[BatchingEstimate]
     train_refusal: Problem | None = None  # why `mgpu train` would refuse these batch settings (global batch > data)
+    eval_note: str | None = None  # the evaluation data: dataset.eval_path tokenised (its rows checked), or the hold-out
 
 
 def estimate_batching(
@@ -1817,6 +1818,17 @@ def report(recipe: Recipe) -> DataReport:
     estimates = []
     if mb * ga * workers <= len(data):
         estimates = estimate_batching(data, mb, ga, workers, t.seed, pad_to=recipe.dataset.pad_to_multiple_of)
+    eval_note = None
+    evaluated = prepare_eval(recipe, model_path)  # its bad rows refused here, as `mgpu train` would
+    if evaluated is not None:
+        e = evaluated[1]
+        eval_note = (
+            f"{e.samples:,} samples from {recipe.dataset.eval_path}, {e.tokens:,} tokens ({e.loss_tokens:,} scored)"
+        )
+    elif recipe.dataset.eval_ratio:
+        split_eval_indices(len(data), recipe.dataset.eval_ratio, t.seed)  # a hold-out that leaves nothing: refused
+        n = held_out_count(len(data), recipe.dataset.eval_ratio)
+        eval_note = f"{n:,} of the {len(data):,} samples held out (dataset.eval_ratio {recipe.dataset.eval_ratio:g})"
     refusal = None
     if isinstance(t.micro_batch_size, int) and isinstance(t.gradient_accumulation_steps, int):
         try:
@@ -1834,4 +1846,5 @@ def report(recipe: Recipe) -> DataReport:
         workers,
         estimates,
         refusal,
+        eval_note,
     )

@@ -162,6 +162,7 @@ def _short_path(path: str) -> str:
 
 def print_data_report(rep) -> None:
     """`mgpu prepare`: statistics, the cache, one example with its masked part marked, batching estimates."""
+    from rich.markup import escape
     from rich.text import Text
 
     s = rep.summary
@@ -170,6 +171,8 @@ def print_data_report(rep) -> None:
     t.add_row("tokens", f"{s.tokens:,}, trained on {s.loss_tokens:,}; masked share {s.masked_share:.1%}")
     pct = ", ".join(f"{k} {v}" for k, v in s.percentiles.items())
     t.add_row("length", f"mean {s.tokens / max(1, s.samples):.0f}, {pct}, longest {s.longest}")
+    if rep.eval_note:
+        t.add_row("eval data", escape(rep.eval_note))
     policy = "none longer than max_seq_length"
     if s.truncated:
         policy = (
@@ -226,7 +229,5 @@ def print_data_report(rep) -> None:
             bt.add_row(e.mode, f"{e.padding_efficiency:.1%}", f"+{e.rank_imbalance:.1%}", str(e.max_micro_batch_tokens))
         console.print(bt)
     if rep.train_refusal is not None:
-        from rich.markup import escape
-
         refusal = escape(rep.train_refusal.render())
         console.print(f"[bold yellow]warning:[/] mgpu train will refuse this recipe: {refusal}", soft_wrap=True)
