@@ -630,6 +630,9 @@ def test_csv_rows_that_cannot_be_parsed_are_each_named_by_row(tmp_path, model_pa
     assert f"{csv}: row 3: expected 2 fields, as the header ['instruction', 'output'], found 1" in msg
     assert f"{csv}: row 4: cannot parse the CSV row (it runs to line 6)" in msg
     assert f"{csv}: row 8: expected 2 fields" in msg and "must be quoted" in msg
+    swapped = tmp_path / "s.csv"  # the header as written, not sorted
+    swapped.write_text("output,instruction\nok,fine\nc\n")
+    assert "as the header ['output', 'instruction'], found 1" in user_error(recipe(swapped), model_path)
     assert f"{csv}: row 2" not in msg and f"{csv}: row 7" not in msg
 
 

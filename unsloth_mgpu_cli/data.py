@@ -169,9 +169,9 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-def _names(keys: Any, limit: int = 20) -> str:
-    """Column names for a message: sorted, quoted, at most `limit`."""
-    names = sorted(str(k) for k in keys)
+def _names(keys: Any, limit: int = 20, keep_order: bool = False) -> str:
+    """Column names for a message: sorted (or in their order, as a CSV header's), quoted, at most `limit`."""
+    names = [str(k) for k in keys] if keep_order else sorted(str(k) for k in keys)
     shown = ", ".join(repr(n) for n in names[:limit])
     return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
 
@@ -276,7 +276,8 @@ def _read_csv(path: Path, bad: _Bad) -> tuple[list[dict[str, Any]], list[int]]:
             header = record
             continue
         if len(record) != len(header):
-            message = f"expected {len(header)} fields, as the header {_names(header)}, found {len(record)}"
+            columns = _names(header, keep_order=True)
+            message = f"expected {len(header)} fields, as the header {columns}, found {len(record)}"
             bad.add(start, Problem(f"{path}: row {start}", message, _CSV_HINT))
             continue
         rows.append(
