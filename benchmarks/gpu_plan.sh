@@ -26,7 +26,8 @@
 # In session 13 (only the 1-GPU kind lent): `s13` (a stop while the worker loads the model: exit 130 before the first
 # step; the 1B at 1 GPU 71,538 tokens/s against s8b's 71,421; the tier's 1-GPU tests: 2 passed), `s13b` (a one-GPU
 # run's worker listened on the host's address: NCCL's bootstrap; on loopback with NCCL_SOCKET_IFNAME=lo), `s13c`
-# (the launcher now sets it: every socket on 127.0.0.1; the tier's 1-GPU tests: 2 passed).
+# (the launcher now sets it: every socket on 127.0.0.1; the tier's 1-GPU tests: 2 passed), `s13d` (the final code:
+# doctor --probe ok over NCCL with 1 GPU, the tier's 1-GPU tests 2 passed in 238 s).
 # Next, in this order:
 #   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
@@ -346,6 +347,15 @@ clocks_throttle_reasons.active --format=csv,noheader -lms 100 > "$OUT/smi.csv" 2
     python3 benchmarks/listeners.py unsloth_mgpu_cli; python3 benchmarks/listeners.py spawn_main
     kill -INT $RUN; wait $RUN; echo "exit=$?"; rm -rf "$OUT/run"
     timeout -k 10 "${T:-230}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
+    echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
+  s13d)
+    # session 13's final code on one GPU: `mgpu doctor --probe` (its launcher now on the loopback rendezvous, NCCL on
+    # lo), then the tier's 1-GPU tests
+    python3 -m unsloth_mgpu_cli doctor --probe --json > "$OUT/doctor.json" 2> "$OUT/doctor.err"
+    echo "doctor --probe: exit=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+      print(d['summary'], {k: d['probe'].get(k) for k in ('ok', 'backend', 'world_size', 'busbw_gbps')})" \
+      "$OUT/doctor.json" || tail -5 "$OUT/doctor.err"
+    timeout -k 10 "${T:-300}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
   outputs)
     # session 12's output safety on CUDA (1 GPU): --overwrite over an earlier run, the export's marker, modes that
