@@ -180,7 +180,12 @@ def test_bad_data_is_named_by_file_and_line(tmp_path, model_path):
     chats = [{"messages": CHAT}, {"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}]
     role = write_jsonl(tmp_path / "role.jsonl", chats)
     msg = user_error(recipe(role, format="chat"), model_path)
-    assert f"{role}:2" in msg and "messages[1].role" in msg and "'bot'" in msg
+    assert f"{role}:2" in msg and "messages[1].role" in msg and "'bot'" in msg and "ShareGPT's human and gpt" in msg
+    blank = write_jsonl(
+        tmp_path / "blank.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": " "}]
+    )
+    msg = user_error(recipe(blank), model_path)
+    assert f"{blank}:2" in msg and "output is empty" in msg and "fill it in, or drop the row" in msg
     csv = tmp_path / "gap.csv"
     csv.write_text("instruction,output\nfine,ok\nmissing answer,\n")
     assert f"{csv}: row 3" in user_error(recipe(csv), model_path) and not list((tmp_path / "cache").rglob("*.npy"))

@@ -570,7 +570,7 @@ def _field(row: dict[str, Any], name: str, fmt: str, required: bool = True) -> s
         )
         raise _RowError(f"{name}: expected text (a string or a number), found {_describe(value)}", hint)
     if required and not value.strip():
-        raise _RowError(f"{name} is empty")
+        raise _RowError(f"{name} is empty", "fill it in, or drop the row: every row needs it to train on")
     return value
 
 
@@ -589,7 +589,10 @@ def _chat_messages(row: dict[str, Any]) -> list[dict[str, str]]:
             )
         role = _ROLE_ALIASES.get(str(m["role"]), str(m["role"]))
         if role not in CHAT_ROLES:
-            raise _RowError(f"messages[{j}].role: expected one of {', '.join(CHAT_ROLES)}, found {m['role']!r}")
+            raise _RowError(
+                f"messages[{j}].role: expected one of {', '.join(CHAT_ROLES)}, found {m['role']!r}",
+                "ShareGPT's human and gpt are accepted too; rename other roles in the data",
+            )
         content = m["content"]
         if isinstance(content, (int, float)) and not isinstance(content, bool) and content == content:
             content = str(content)  # a number is trained as its text, as in the other formats
