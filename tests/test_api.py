@@ -210,13 +210,11 @@ def test_direct_trainer_on_two_ranks_equals_one_process_over_the_same_batches():
     assert two[0]["stats"]["steps"] == ref["stats"]["steps"] == 5  # the last batch has 1 row for 2 ranks
     assert two[0]["stats"]["tokens"] == ref["stats"]["tokens"]
     assert two[0]["stats"]["loss"] == pytest.approx(ref["stats"]["loss"], rel=1e-5)
-    # mean: each rank's token mean, averaged over the ranks; sum: added up. Both equal that rule computed in one
-    # process, and differ from one big batch (the ranks' token counts differ), which shows the 1e-5 can fail.
-    total = D.launch(direct_trainer_run, ("sum", 2), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
-    for name, run in (("mean", mean), ("sum", total)):
-        assert _rel(run[0]["weights"], rank_average_reference(name, 2)["weights"]) < 1e-5, name
-        assert _rel(run[0]["weights"], ref["weights"]) > 1e-3, name
-    assert _rel(mean[0]["weights"], total[0]["weights"]) > 1e-3  # clipping does not hide the factor of 2
+    # mean: each rank's token mean, averaged over the ranks. It equals that rule computed in one process, and
+    # differs from one big batch (the ranks' token counts differ), which shows the 1e-5 can fail. (sum is mean's
+    # all-reduce without the division: tests/test_distributed.py checks the aggregations by hand on 3 ranks.)
+    assert _rel(mean[0]["weights"], rank_average_reference("mean", 2)["weights"]) < 1e-5
+    assert _rel(mean[0]["weights"], ref["weights"]) > 1e-3
 
 
 def test_disable_multi_gpu_puts_back_every_original(monkeypatch):
