@@ -225,6 +225,12 @@ def test_prepare_checks_and_describes_the_eval_data_too(tmp_path, model_path):
     assert f"{bad}:2" in exc.value.render()  # the eval file, by line
     held = D.report(recipe(QUICKSTART_DATA, eval_ratio=0.1)).eval_note
     assert held == "51 of the 512 samples held out (dataset.eval_ratio 0.1)"
+    # what the batching table assumed for an auto batch size (it silently used 8)
+    r = recipe(QUICKSTART_DATA)
+    auto = r.model_copy(update={"training": r.training.model_copy(update={"micro_batch_size": "auto"})})
+    assert "training.micro_batch_size, distributed.num_gpus auto: the batching table assumes micro-batch 8 x" in (
+        D.report(auto).batch_note or ""
+    )
 
 
 def test_an_uncached_hub_dataset_is_a_clear_error(model_path, monkeypatch):
@@ -703,6 +709,7 @@ def test_prepare_counts_rows_before_max_samples_and_warns_when_train_would_refus
     assert "5 (of 512 rows)" in out
     assert "mgpu train will refuse" in out and "training.micro_batch_size: one optimizer step needs 8 samples" in out
     assert "dataset has 5" in out and "lower the batch settings or add data" in out
+    assert "no batching table: a global batch of 8 samples is more than the 5 there are" in out
 
 
 def test_a_chat_template_that_does_not_compile_or_refuses_a_row_is_named(tmp_path, model_path, monkeypatch):

@@ -1744,6 +1744,7 @@ class DataReport:
     estimates: list[BatchingEstimate]
     train_refusal: Problem | None = None  # why `mgpu train` would refuse these batch settings (global batch > data)
     eval_note: str | None = None  # the evaluation data: dataset.eval_path tokenised (its rows checked), or the hold-out
+    batch_note: str | None = None  # what the batching table assumed, or why there is none
 
 
 def estimate_batching(
@@ -1822,6 +1823,21 @@ def report(recipe: Recipe) -> DataReport:
     estimates = []
     if mb * ga * workers <= len(data):
         estimates = estimate_batching(data, mb, ga, workers, t.seed, pad_to=recipe.dataset.pad_to_multiple_of)
+    chosen = {
+        "training.micro_batch_size": t.micro_batch_size,
+        "training.gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "distributed.num_gpus": recipe.distributed.num_gpus,
+    }
+    autos = [key for key, value in chosen.items() if not isinstance(value, int)]  # auto: filled by mgpu train
+    batch_note = None
+    if autos:
+        batch_note = (
+            f"{', '.join(autos)} auto: the batching table assumes micro-batch {mb} x {ga} x {workers} worker(s) "
+            "(mgpu train fills auto from the GPUs it finds; set the values to see theirs)"
+        )
+    if not estimates:
+        why = f"a global batch of {mb * ga * workers} samples is more than the {len(data)} there are"
+        batch_note = f"no batching table: {why}" + (f"; {batch_note}" if batch_note else "")
     eval_note = None
     evaluated = prepare_eval(recipe, model_path)  # its bad rows refused here, as `mgpu train` would
     if evaluated is not None:
@@ -1851,4 +1867,5 @@ def report(recipe: Recipe) -> DataReport:
         estimates,
         refusal,
         eval_note,
+        batch_note,
     )

@@ -228,6 +228,8 @@ def print_data_report(rep) -> None:
         for e in rep.estimates:
             bt.add_row(e.mode, f"{e.padding_efficiency:.1%}", f"+{e.rank_imbalance:.1%}", str(e.max_micro_batch_tokens))
         console.print(bt)
+    if rep.batch_note:
+        console.print(f"[dim]{escape(rep.batch_note)}[/]", soft_wrap=True)
     if rep.train_refusal is not None:
         refusal = escape(rep.train_refusal.render())
         console.print(f"[bold yellow]warning:[/] mgpu train will refuse this recipe: {refusal}", soft_wrap=True)
