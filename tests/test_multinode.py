@@ -148,6 +148,14 @@ def test_cli_rejects_bad_node_arguments_with_exit_2(tmp_path, args, needle):
     assert not (tmp_path / "out").exists()
 
 
+def test_validate_resolves_the_nodes_from_srun_as_train_does(tmp_path):
+    """`mgpu validate` said `valid` for a task count that `mgpu train` refuses under srun."""
+    bad = {**SLURM, "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "g[1-2]"}
+    assert_user_error(run_mgpu("validate", str(QUICKSTART), timeout=60, **bad), "SLURM_NTASKS", "--ntasks-per-node=1")
+    ok = run_mgpu("validate", str(QUICKSTART), timeout=60, **{**bad, "SLURM_NTASKS": "2"})
+    assert ok.returncode == 0 and "nodes: node 1 of 2, rendezvous g1:29400" in ok.stdout, ok.stdout + ok.stderr
+
+
 def test_sbatch_example_is_a_valid_script_using_srun_one_task_per_node():
     text = SBATCH.read_text()
     assert "--ntasks-per-node=1" in text and "srun" in text and "mgpu train" in text

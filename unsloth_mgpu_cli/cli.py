@@ -187,6 +187,7 @@ def validate(
     ] = False,
 ) -> None:
     """Validate a recipe and print it resolved (base merged, overrides and interpolations applied)."""
+    from .distributed import resolve_nodes
     from .recipe import load_recipe
     from .render import print_recipe
     from .sinks import check_sinks_available
@@ -194,6 +195,8 @@ def validate(
     try:
         loaded = load_recipe(recipe, overrides or [])
         check_sinks_available(loaded.recipe)
+        # the nodes as `mgpu train` would resolve them here (srun's or torchrun's variables): refused alike
+        nodes = resolve_nodes(os.environ, {}, loaded.recipe.distributed)
     except UserError as exc:
         _fail(exc)
     if as_yaml:
@@ -203,6 +206,8 @@ def validate(
         sys.stdout.write(f"{schema_comment()}\n# resolved from {loaded.path}\n{to_yaml(loaded.recipe)}")
         return
     print_recipe(loaded)
+    if nodes.nnodes > 1 or nodes.under_torchrun:
+        typer.echo(f"nodes: {nodes.describe()}" + (" (started by torchrun)" if nodes.under_torchrun else ""))
 
 
 @app.command()
