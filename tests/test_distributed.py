@@ -217,3 +217,30 @@ def test_nccl_bootstraps_on_loopback_on_one_host_unless_the_user_chose():
         env = {}
         D.nccl_on_loopback(env, other)
         assert env == {}  # several hosts need their real interfaces; gloo already binds loopback
+
+
+def test_a_node_left_alone_at_the_rendezvous_ends_with_a_message_not_a_traceback():
+    """Only node 0 started: torch's RendezvousTimeoutError came out as a 79-line traceback after 10 minutes."""
+    from dist_workers import replaced_views
+
+    spec = D.LaunchSpec(
+        nproc_per_node=1, device_type="cpu", nnodes=2, rdzv_endpoint=f"127.0.0.1:{D.free_port()}", join_timeout_s=3
+    )
+    with pytest.raises(TrainingFailed) as exc:
+        D.launch(replaced_views, (), spec)
+    assert "node 0: the rendezvous at 127.0.0.1:" in str(exc.value) and "no worker started" in str(exc.value)
+    assert "start the same command on all 2 nodes" in exc.value.details and "within 3 s" in exc.value.details
+
+
+def test_a_cpu_workers_peak_memory_is_its_high_water_mark():
+    """The summary's and the metrics' "peak" on CPU was the current resident size, which falls when memory is
+    freed; the per-step values then disagreed with the summary."""
+    import numpy as np
+
+    from unsloth_mgpu_cli.engine import _peak_memory_gb
+
+    info = D.DistInfo(device_type="cpu")
+    block = np.ones(300 * 2**20 // 8)  # 300 MB, touched
+    during = _peak_memory_gb(info)
+    del block
+    assert _peak_memory_gb(info) >= during > 0.25

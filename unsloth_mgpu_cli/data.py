@@ -1355,14 +1355,13 @@ def prepare_eval(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary,
 
 
 def held_out_count(num_samples: int, ratio: float | None) -> int:
-    """How many of `num_samples` `dataset.eval_ratio` holds out for evaluation (0 without it)."""
-    return max(1, int(round(num_samples * ratio))) if ratio else 0
+    """How many of `num_samples` `dataset.eval_ratio` holds out for evaluation (0 without it).
 
-
-def split_eval_indices(num_samples: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, eval indices) of a tokenised cache: a seeded, sorted hold-out of `ratio` of the samples."""
-    n_eval = held_out_count(num_samples, ratio)
-    if n_eval >= num_samples:
+    Raises:
+        UserError: the hold-out leaves no sample to train on.
+    """
+    n_eval = max(1, int(round(num_samples * ratio))) if ratio else 0
+    if n_eval and n_eval >= num_samples:
         raise UserError(
             Problem(
                 "dataset.eval_ratio",
@@ -1371,6 +1370,18 @@ def split_eval_indices(num_samples: int, ratio: float, seed: int) -> tuple[np.nd
             ),
             "invalid recipe",
         )
+    return n_eval
+
+
+def eval_hold_out(recipe: Recipe, num_samples: int) -> int:
+    """The samples of the training file kept for evaluation (`dataset.eval_ratio`; 0 with `eval_path` or none),
+    checked in the parent as the workers will split them (`mgpu train` and `mgpu prepare` alike)."""
+    return 0 if recipe.dataset.eval_path else held_out_count(num_samples, recipe.dataset.eval_ratio)
+
+
+def split_eval_indices(num_samples: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, eval indices) of a tokenised cache: a seeded, sorted hold-out of `ratio` of the samples."""
+    n_eval = held_out_count(num_samples, ratio)
     # A stream of its own ([seed, 1]), so the hold-out does not depend on the planner's epoch permutations.
     perm = np.random.default_rng([seed, 1]).permutation(num_samples)
     return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
@@ -1845,15 +1856,16 @@ def report(recipe: Recipe) -> DataReport:
         eval_note = (
             f"{e.samples:,} samples from {recipe.dataset.eval_path}, {e.tokens:,} tokens ({e.loss_tokens:,} scored)"
         )
-    elif recipe.dataset.eval_ratio:
-        split_eval_indices(len(data), recipe.dataset.eval_ratio, t.seed)  # a hold-out that leaves nothing: refused
-        n = held_out_count(len(data), recipe.dataset.eval_ratio)
-        eval_note = f"{n:,} of the {len(data):,} samples held out (dataset.eval_ratio {recipe.dataset.eval_ratio:g})"
+    held_out = eval_hold_out(recipe, len(data))
+    if held_out:
+        eval_note = (
+            f"{held_out:,} of the {len(data):,} samples held out (dataset.eval_ratio {recipe.dataset.eval_ratio:g})"
+        )
     refusal = None
     if isinstance(t.micro_batch_size, int) and isinstance(t.gradient_accumulation_steps, int):
         try:
             # what `mgpu train` checks before it starts the workers
-            check_batch_fits(recipe, len(data), workers, held_out_count(len(data), recipe.dataset.eval_ratio))
+            check_batch_fits(recipe, len(data), workers, held_out)
         except UserError as exc:
             refusal = exc.problems[0]
     return DataReport(

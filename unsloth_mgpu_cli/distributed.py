@@ -994,22 +994,22 @@ def check_ranks_agree(values: dict[str, Any], info: DistInfo, what: str, hint: s
     text = json.dumps(values, sort_keys=True, default=str).encode()
     sizes = [int(s[0]) for s in all_gather_floats([float(len(text))], info)]
     buf = torch.zeros(max(sizes), dtype=torch.uint8)
-    buf[: len(text)] = torch.tensor(list(text), dtype=torch.uint8)
-    out = [torch.empty_like(buf, device=info.device) for _ in sizes]
-    dist.all_gather(out, buf.to(info.device))
-    texts = [bytes(t[:n].cpu().tolist()).decode() for t, n in zip(out, sizes, strict=True)]
+    buf[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    gathered = all_gather_tensor(buf.to(info.device), info).cpu()
+    texts = [bytes(row[:n].tolist()).decode() for row, n in zip(gathered, sizes, strict=True)]
     if len(set(texts)) == 1:
         return
 
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        """{"a": {"b": 1}} -> {"a.b": 1}"""
         if not isinstance(d, dict):
             return {prefix: d}
-        return {k: v for key, sub in d.items() for k, v in flat(sub, f"{prefix}{key}.").items()} if d else {}
+        return {k: v for key, sub in d.items() for k, v in flat(sub, f"{prefix}.{key}" if prefix else key).items()}
 
-    ref = {k.rstrip("."): v for k, v in flat(json.loads(texts[0])).items()}
+    ref = flat(json.loads(texts[0]))
     diffs = []
     for rank, other in enumerate(texts[1:], start=1):
-        theirs = {k.rstrip("."): v for k, v in flat(json.loads(other)).items()}
+        theirs = flat(json.loads(other))
         diffs += [
             f"{key}: {ref.get(key)!r} on rank 0, {theirs.get(key)!r} on rank {rank}"
             for key in sorted(set(ref) | set(theirs))

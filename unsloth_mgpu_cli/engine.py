@@ -330,6 +330,7 @@ def train(
         check_resume_compatible,
         clean_stale,
         find_resume_checkpoint,
+        read_state,
         run_identity,
         truncate_metrics,
         verify_safe_to_load,
@@ -375,10 +376,7 @@ def train(
     model_path = resolve_model_path(recipe.model.name)
     check_target_modules(recipe, model_path)
     data_dir, summary, hit = data_mod.prepare(recipe, model_path)
-    if recipe.dataset.eval_ratio:  # refuses a hold-out that leaves nothing to train on, as the workers would
-        data_mod.split_eval_indices(summary.samples, recipe.dataset.eval_ratio, recipe.training.seed)
-    held_out = 0 if recipe.dataset.eval_path else data_mod.held_out_count(summary.samples, recipe.dataset.eval_ratio)
-    check_batch_fits(recipe, summary.samples, num_workers, held_out)
+    check_batch_fits(recipe, summary.samples, num_workers, data_mod.eval_hold_out(recipe, summary.samples))
     disk_note = check_free_space(out, recipe, model_path) if is_main_node else None
     eval_prepared = data_mod.prepare_eval(recipe, model_path)
     timeline["data_ready"] = time.time()
@@ -408,7 +406,7 @@ def train(
         clean_stale(out)
         if resume is not None:
             # rows logged after the checkpoint will be logged again: no duplicate steps in metrics.jsonl
-            start = int(json.loads((resume_from / "state.json").read_text())["step"]) if resume_from else 0
+            start = int(read_state(resume_from)["step"]) if resume_from else 0
             truncate_metrics(out, start)
         (out / "recipe.resolved.yaml").write_text(
             "# Every value of this run, `auto`s filled in (written by mgpu train).\n" + to_yaml(recipe)
@@ -494,9 +492,10 @@ def train(
 def _finished_already(ckpt: Path, recipe: Recipe, out: Path) -> bool:
     """A resume at or past `training.max_steps`: True (after saying so) when the run is complete and nothing is to
     be done; a UserError when the checkpoint lies beyond max_steps. Nothing in output.dir changes either way."""
+    from .checkpoint import read_state
     from .render import console
 
-    step, max_steps = int(json.loads((ckpt / "state.json").read_text())["step"]), recipe.training.max_steps
+    step, max_steps = int(read_state(ckpt)["step"]), recipe.training.max_steps
     if max_steps is None or step < max_steps:
         return False
     if step > max_steps:

@@ -201,12 +201,11 @@ def _launch(nproc: int, device: str, size_mb: float, iters: int, timeout: int) -
     """Start `nproc` workers with the elastic agent and merge rank 0's numbers with every rank's pair timings."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from .distributed import LOOPBACK_RDZV, register_loopback_rendezvous
+    from .distributed import LOOPBACK_RDZV, LaunchSpec, nccl_on_loopback, register_loopback_rendezvous
 
     # one host: every socket on loopback, as for `mgpu train` (see distributed.build_launch_config)
     register_loopback_rendezvous()
-    if device == "cuda":
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    nccl_on_loopback(os.environ, LaunchSpec(nproc_per_node=nproc, device_type=device))
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
