@@ -167,22 +167,26 @@ def test_recipe_eval_keys_are_checked():
     assert ok.recipe.training.eval_steps == 10
 
 
-def test_missing_wandb_is_a_user_error_with_the_pip_hint(monkeypatch):
+def test_missing_wandb_is_a_user_error_naming_the_file_line_with_the_pip_hint(monkeypatch, tmp_path):
     from unsloth_mgpu_cli import sinks
     from unsloth_mgpu_cli.recipe import load_recipe
 
     real = sinks.importlib.util.find_spec
     monkeypatch.setattr(sinks.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
-    loaded = load_recipe(
-        None,
-        ["logging.report_to=[tensorboard, wandb]"],
-        check_paths=False,
-        data={"model": {"name": "builtin:tiny-llama"}, "dataset": {"path": "x.jsonl"}},
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "model:\n  name: builtin:tiny-llama\ndataset:\n  path: x.jsonl\nlogging:\n  report_to: [tensorboard, wandb]\n"
     )
     with pytest.raises(UserError) as exc:
-        sinks.check_sinks_available(loaded.recipe)
+        sinks.check_sinks_available(load_recipe(path, [], check_paths=False))
     text = exc.value.render()
-    assert "logging.report_to.1" in text and "pip install" in text and "tensorboard" not in text.split("wandb")[0]
+    assert f"logging.report_to.1 ({path}:6)" in text and "pip install" in text, text
+    assert "tensorboard" not in text.split("wandb")[0]
+    # set on the command line: the message says so
+    loaded = load_recipe(path, ["logging.report_to=[wandb]"], check_paths=False)
+    with pytest.raises(UserError) as exc:
+        sinks.check_sinks_available(loaded)
+    assert "logging.report_to.0 (command line)" in exc.value.render()
 
 
 def test_report_summarises_the_whole_run(tmp_path):

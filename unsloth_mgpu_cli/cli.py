@@ -194,7 +194,7 @@ def validate(
 
     try:
         loaded = load_recipe(recipe, overrides or [])
-        check_sinks_available(loaded.recipe)
+        check_sinks_available(loaded)
         # the nodes as `mgpu train` would resolve them here (srun's or torchrun's variables): refused alike
         nodes = resolve_nodes(os.environ, {}, loaded.recipe.distributed)
     except UserError as exc:

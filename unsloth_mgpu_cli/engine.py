@@ -343,7 +343,7 @@ def train(
 
     timeline = {"start": time.time()}
     recipe = loaded.recipe.model_copy(deep=True)
-    check_sinks_available(recipe)
+    check_sinks_available(loaded)
     dist_cfg = recipe.distributed
     # -- nodes (multinode, #9): flags > recipe > torchrun / SLURM environment; see distributed.resolve_nodes --
     from .distributed import resolve_nodes, run_in_place

@@ -565,11 +565,23 @@ def check_batch_fits(recipe: Recipe, samples: int, num_workers: int, held_out: i
 class LoadedRecipe:
     """A validated recipe plus where it came from (for messages and relative paths)."""
 
-    def __init__(self, recipe: Recipe, path: Path | None, data: dict[str, Any], overrides: list[str] | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        path: Path | None,
+        data: dict[str, Any],
+        overrides: list[str] | None = None,
+        lines: dict[str, str] | None = None,
+    ):
         self.recipe = recipe
         self.path = path
         self.data = data
         self.overrides = list(overrides or [])  # as given on the command line, for commands we suggest
+        self.lines = dict(lines or {})  # dotted key -> "file:line" (or "command line"), for later checks' messages
+
+    def where(self, dotted: str) -> str:
+        """`dotted` with the file:line that set it (or its closest parent's), as validation errors name keys."""
+        return _where(dotted, self.lines)
 
 
 def _line_map(text: str, filename: str) -> tuple[dict[str, str], list[Problem]]:
@@ -1079,6 +1091,8 @@ def load_recipe(
     if problems:
         raise UserError(problems, "invalid arguments")
     for key in _flatten_keys(over):
+        # an override replaces the file's value whole: a list's items no longer come from the file either
+        lines = {k: v for k, v in lines.items() if not k.startswith(key + ".")}
         lines[key] = "command line"
     data = _merge(data, over)
     data = _resolve_interpolations(data, lines)
@@ -1094,7 +1108,7 @@ def load_recipe(
         problems = _check_paths(recipe, base_dir, lines)
         if problems:
             raise UserError(problems, "invalid recipe")
-    return LoadedRecipe(recipe, rpath, data, overrides)
+    return LoadedRecipe(recipe, rpath, data, overrides, lines)
 
 
 def _flatten_keys(d: dict[str, Any], prefix: str = "") -> list[str]:

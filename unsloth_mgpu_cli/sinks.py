@@ -22,17 +22,20 @@ _PACKAGES = {
 }
 
 
-def check_sinks_available(recipe: Any) -> None:
-    """Raise a UserError (exit 2) naming logging.report_to when a requested sink's package is missing."""
+def check_sinks_available(loaded: Any) -> None:
+    """Raise a UserError (exit 2) naming logging.report_to (and its file:line) when a sink's package is missing.
+
+    Args:
+        loaded: a `recipe.LoadedRecipe` (its line map places the key in the file), or a bare `Recipe`.
+    """
+    recipe = getattr(loaded, "recipe", loaded)
+    where = getattr(loaded, "where", lambda dotted: dotted)
     problems = []
     for i, name in enumerate(recipe.logging.report_to):
         module, hint = _PACKAGES[name]
         if importlib.util.find_spec(module) is None:
-            problems.append(
-                Problem(
-                    f"logging.report_to.{i}", f"{name} was asked for but the `{module}` package is not installed", hint
-                )
-            )
+            message = f"{name} was asked for but the `{module}` package is not installed"
+            problems.append(Problem(where(f"logging.report_to.{i}"), message, hint))
     if problems:
         raise UserError(problems, "invalid recipe")
 
