@@ -80,6 +80,29 @@ def mixed_dtype_steps(steps: int = 3) -> dict:
         return out
 
 
+def bf16_gradients_summed() -> dict:
+    """bf16 gradients that bf16 arithmetic cannot sum: 1 on one rank and 2**-8 on the two others (element j has
+    its 1 on rank j % 3). Returns the gradient synchronised by `sum` and by `mean` and, as a control, a plain bf16
+    all-reduce of it."""
+    import torch
+    import torch.distributed as dist
+
+    from unsloth_mgpu_cli import distributed as D
+
+    with cpu_worker(60) as info:
+        values = [1.0 if j % 3 == info.rank else 2.0**-8 for j in range(9)]
+        out: dict = {"rank": info.rank}
+        for aggregation in ("sum", "mean"):
+            w = torch.nn.Parameter(torch.zeros(9, dtype=torch.bfloat16))
+            w.grad = torch.tensor(values, dtype=torch.bfloat16)
+            D.GradientSynchronizer([w], info, aggregation, bucket_size_mb=1, grad_views=True).synchronize()
+            out[aggregation] = [str(w.grad.dtype), w.grad.float().tolist()]
+        control = torch.tensor(values, dtype=torch.bfloat16)
+        dist.all_reduce(control, op=dist.ReduceOp.SUM)
+        out["bf16"] = control.float().tolist()
+        return out
+
+
 def replaced_views() -> dict:
     """A library resets the gradients between steps (`model.zero_grad()`): the view bucket must still all-reduce."""
     import torch

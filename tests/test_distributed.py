@@ -125,6 +125,21 @@ def test_mixed_fp32_and_bf16_buckets_stay_synchronised_every_step():
             assert zeroed == [None, [0.0, 0.0], [0.0, 0.0, 0.0]]
 
 
+def test_bf16_gradients_are_reduced_in_fp32():
+    """1 + 2**-8 + 2**-8 is 1 + 2**-7 in fp32 (and in bf16, once rounded) but 1 when bf16 adds the 1 first: bf16
+    has 8 significant bits, so 1 + 2**-8 rounds back to 1. The control, a bf16 all-reduce of the same gradients,
+    shows that the comparison can fail: it loses the small terms wherever gloo's order adds the 1 early."""
+    from dist_workers import bf16_gradients_summed
+
+    results = D.launch(bf16_gradients_summed, (), D.LaunchSpec(nproc_per_node=3, device_type="cpu"))
+    assert sorted(results) == [0, 1, 2]
+    for res in results.values():
+        for aggregation, ranks in (("sum", 1), ("mean", 3)):
+            exact = float(torch.tensor((1 + 2**-7) / ranks).to(torch.bfloat16))
+            assert res[aggregation] == ["torch.bfloat16", [exact] * 9], (aggregation, res)
+        assert any(v == 1.0 for v in res["bf16"]), res  # the control: bf16 arithmetic loses 2**-7
+
+
 def test_a_replaced_gradient_view_is_still_all_reduced():
     from dist_workers import replaced_views
 
