@@ -29,7 +29,7 @@ memory_per_gpu = args.gpu_memory or (None if devices else "24GB")
 config = ConfigManager().get_optimal_config(
     model_size=model_path,
     available_memory=memory_per_gpu,
-    num_gpus=args.num_gpus or max(1, len(devices)),
+    num_gpus=args.num_gpus,  # None: the GPUs found here; in a worker (one GPU visible), the launched count
     seq_len=128,
     global_batch=8,
 )

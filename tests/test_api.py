@@ -101,6 +101,38 @@ def test_a_failing_hook_mode_worker_ends_the_script_with_its_rank_and_error(tmp_
     assert "AttributeError" not in proc.stderr, proc.stderr[-3000:]
 
 
+def test_a_hook_mode_worker_sizes_for_the_launch_and_keeps_the_launching_calls_timeout(tmp_path):
+    """In a re-launched worker (one GPU visible to it), ConfigManager plans for the launch's worker count, a
+    different num_gpus is refused, and collectives time out after the launching call's timeout_seconds (they
+    used to wait for the default 1,800 s). The script skips the hooks' install (no Unsloth import: seconds)."""
+    script = tmp_path / "sized.py"
+    script.write_text(
+        "import time\n"
+        "import torch, torch.distributed as dist, unsloth_multigpu\n"
+        "info = unsloth_multigpu.dist_info()\n"
+        "if info is None:\n"
+        "    unsloth_multigpu.enable_multi_gpu(num_gpus=2, device='cpu', timeout_seconds=3)  # never returns\n"
+        "cfg = unsloth_multigpu.ConfigManager().get_optimal_config('1B', '24GB', global_batch=16)\n"
+        "per_rank = cfg['batch_size_per_gpu'] * cfg['gradient_accumulation_steps']\n"
+        "print('CONFIG', info.rank, cfg['num_gpus'], per_rank, flush=True)\n"
+        "try:\n"
+        "    unsloth_multigpu.enable_multi_gpu(num_gpus=1, device='cpu')\n"
+        "except ValueError as exc:\n"
+        "    print('REFUSED', info.rank, exc, flush=True)\n"
+        "if info.rank == 1:\n"
+        "    time.sleep(60)\n"
+        "dist.all_reduce(torch.ones(1))\n"
+    )
+    env = mgpu_env(MGPU_LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=50
+    )
+    out = proc.stdout + proc.stderr
+    assert "CONFIG 0 2 8" in proc.stdout, out[-3000:]  # 2 workers x 8 = the global batch of 16
+    assert "REFUSED 0 num_gpus=1 in this worker but enable_multi_gpu launched 2 worker(s)" in proc.stdout, out[-3000:]
+    assert proc.returncode == 1 and "Timed out waiting 3000ms" in proc.stderr, out[-3000:]
+
+
 class _Base:
     """A base sampler whose order depends on torch's global RNG, like RandomSampler."""
 

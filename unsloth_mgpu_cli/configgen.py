@@ -616,7 +616,8 @@ class ConfigManager:
             model_size: what `mgpu suggest --model` accepts.
             available_memory: memory per GPU ("32GB", "24 GiB", 24 = GB, a number above 2**20 = bytes); None:
                 the smallest visible GPU's, via NVML.
-            num_gpus: GPUs to use; None: the detected count (1 when none is detected).
+            num_gpus: GPUs to use; None: in a launched worker (hook mode, torchrun) the number of workers, else
+                the detected count (1 when none is detected).
             seq_len, method, global_batch, optimizer, memory_fraction: as for `plan`.
 
         Returns:
@@ -637,7 +638,10 @@ class ConfigManager:
         if problems:
             raise UserError(problems, "invalid arguments")
         assert mem is not None
-        gpus = num_gpus if num_gpus is not None else max(detected, 1)
+        from .hooks import launched_world_size
+
+        # in a hook-mode worker the GPU count is 1 (its own GPU): the launch's worker count sizes the batch
+        gpus = num_gpus if num_gpus is not None else (launched_world_size() or max(detected, 1))
         arch = resolve_architecture(str(model_size), where="model_size")
         p = plan(
             arch,

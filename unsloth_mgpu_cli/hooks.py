@@ -194,7 +194,15 @@ def enable_multi_gpu(
         timeout_seconds=timeout_seconds,
     )
     if os.environ.get(_WORKER_FLAG) == "1" and _STATE.info is not None:
-        _install(config)  # one of our workers: the group exists already (see _run_script)
+        # one of our workers: the group exists already (see _run_script)
+        if num_gpus is not None and num_gpus != _STATE.info.world_size:
+            raise ValueError(
+                f"num_gpus={num_gpus} in this worker but enable_multi_gpu launched {_STATE.info.world_size} "
+                "worker(s): the script computes a different count in the workers, which see one GPU each. Pass the "
+                "same count everywhere, or leave num_gpus out of get_optimal_config/enable_multi_gpu (both "
+                "use the launched count in a worker)"
+            )
+        _install(config)
         return config
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         _join_external_launch(config)  # torchrun / SLURM-style launcher: do not re-launch
@@ -213,6 +221,21 @@ def disable_multi_gpu() -> None:
             setattr(owner, name, original)
     _STATE.patches.clear()
     _STATE.config = None
+
+
+def launched_world_size() -> int | None:
+    """Workers in this launch (all nodes): ours once re-launched, or torchrun's `WORLD_SIZE`; None outside one.
+
+    A hook-mode worker sees one GPU (its own), so counting GPUs there says 1: sizing code such as
+    `ConfigManager.get_optimal_config` asks this first.
+    """
+    if _STATE.info is not None:
+        return int(_STATE.info.world_size)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        from .distributed import get_dist_info
+
+        return get_dist_info("cpu").world_size  # reads the launcher's variables; no group is joined
+    return None
 
 
 def get_config() -> MultiGPUConfig | None:
@@ -290,7 +313,7 @@ def _relaunch(config: MultiGPUConfig) -> None:
     print(f"[unsloth-mgpu] launching {n} worker(s) on {device}; worker logs: {log_dir}", file=sys.stderr, flush=True)
     code = 0
     try:
-        launch(_script_worker, (str(Path(script).resolve()), list(sys.argv[1:])), spec)
+        launch(_script_worker, (str(Path(script).resolve()), list(sys.argv[1:]), config.timeout_seconds), spec)
     except TrainingFailed as exc:
         print(f"[unsloth-mgpu] training failed: {exc}", file=sys.stderr)
         if exc.details:
@@ -304,19 +327,20 @@ def _relaunch(config: MultiGPUConfig) -> None:
     sys.exit(code)
 
 
-def _script_worker(script: str, argv: list[str]) -> int:
+def _script_worker(script: str, argv: list[str], timeout_seconds: int = 1800) -> int:
     """Entry point of every hook-mode worker: join the group, then run the user's script as __main__."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    return record(_run_script)(script, argv)
+    return record(_run_script)(script, argv, timeout_seconds)
 
 
-def _run_script(script: str, argv: list[str]) -> int:
+def _run_script(script: str, argv: list[str], timeout_seconds: int = 1800) -> int:
     from . import distributed as D
 
     os.environ[_WORKER_FLAG] = "1"
-    # Before the script imports anything: each worker sees only its own GPU (as cuda:0).
-    _STATE.info = D.setup_worker()
+    # Before the script imports anything: each worker sees only its own GPU (as cuda:0). The collective
+    # timeout is the launching call's `timeout_seconds` (the script's own call comes later, in the group).
+    _STATE.info = D.setup_worker(timeout_seconds)
     _prepare_worker_env(_STATE.info)
     sys.argv = [script, *argv]
     sys.path.insert(0, str(Path(script).parent))
