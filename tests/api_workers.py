@@ -80,8 +80,11 @@ def rank_average_reference(aggregation: str, world: int) -> dict:
     return {"weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
 
 
-def direct_trainer_run(aggregation: str, num_gpus: int | None) -> dict:
-    """Train the tiny model with MultiGPUTrainer over the same global batches; return the trainable weights."""
+def direct_trainer_run(aggregation: str, num_gpus: int | None, bad_batch: int | None = None) -> dict:
+    """Train the tiny model with MultiGPUTrainer over the same global batches; return the trainable weights.
+
+    bad_batch: launched, rank 1's loss on that batch is NaN (its gradient too); in one process, that batch is left
+    out (what skipping it on every rank must equal)."""
     os.environ["MGPU_DEVICE_TYPE"] = "cpu"
     from unsloth_mgpu_cli import distributed as D
     from unsloth_mgpu_cli import hooks
@@ -101,7 +104,21 @@ def direct_trainer_run(aggregation: str, num_gpus: int | None) -> dict:
             verify_every=1,
         )
         trainer.setup()
-        stats = trainer.train_epoch(epoch_batches())
+        batches = epoch_batches()
+        if bad_batch is not None and not launched:
+            del batches[bad_batch]
+        elif bad_batch is not None and trainer.rank == 1:
+            forward, calls = model.forward, []
+
+            def poisoned(*args, **kwargs):
+                out = forward(*args, **kwargs)
+                calls.append(1)
+                if len(calls) == bad_batch + 1:
+                    out.loss = out.loss * float("nan")
+                return out
+
+            model.forward = poisoned
+        stats = trainer.train_epoch(batches)
         return {
             "rank": trainer.rank,
             "stats": stats,

@@ -3,6 +3,7 @@ distributed math against a single-process reference (2 real gloo ranks, a tiny t
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import weakref
@@ -247,6 +248,54 @@ def test_direct_trainer_on_two_ranks_equals_one_process_over_the_same_batches():
     # all-reduce without the division: tests/test_distributed.py checks the aggregations by hand on 3 ranks.)
     assert _rel(mean[0]["weights"], rank_average_reference("mean", 2)["weights"]) < 1e-5
     assert _rel(mean[0]["weights"], ref["weights"]) > 1e-3
+
+
+@pytest.mark.integration
+def test_direct_trainer_skips_a_batch_with_a_nan_loss_on_one_rank_on_every_rank():
+    """Rank 1's loss is NaN on the second batch: no rank updates, the replicas stay identical (the consistency
+    check after every step passes), and the weights equal one process that never saw that batch. Before, every
+    rank stepped on NaN gradients and the run ended in a ConsistencyError blaming drifted replicas."""
+    from api_workers import direct_trainer_run
+
+    skipped = direct_trainer_run("weighted", None, 1)
+    two = D.launch(direct_trainer_run, ("weighted", 2, 1), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
+    assert _rel(two[0]["weights"], two[1]["weights"]) == 0.0
+    assert all(torch.isfinite(w).all() for w in two[0]["weights"].values())
+    assert two[0]["stats"]["skipped_steps"] == 1 and two[0]["stats"]["steps"] == skipped["stats"]["steps"] == 4
+    assert _rel(two[0]["weights"], skipped["weights"]) < 1e-5
+    assert _rel(two[0]["weights"], direct_trainer_run("weighted", None)["weights"]) > 1e-3  # the batch mattered
+    assert math.isfinite(two[0]["stats"]["loss"])
+
+
+def test_direct_trainer_stops_after_max_skipped_steps_and_reports_batches_it_cannot_read():
+    from api_workers import tiny_causal_lm
+
+    model = tiny_causal_lm()
+    trainer = unsloth_multigpu.MultiGPUTrainer(model, max_skipped_steps=2)
+    trainer.setup()
+    assert math.isnan(trainer.train_epoch([])["loss"])  # no step: no loss (it said 0.0)
+    with pytest.raises(TypeError, match="dicts with 'input_ids'.*got a tuple"):
+        trainer.train_epoch([(torch.ones(2, 4, dtype=torch.long),)])
+    forward = model.forward
+
+    def infinite_loss(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.loss = out.loss * float("inf")
+        return out
+
+    model.forward = infinite_loss
+    ids = torch.randint(1, 64, (2, 6))
+    with (
+        pytest.warns(UserWarning, match="non-finite loss on 1 rank"),
+        pytest.raises(RuntimeError, match="2 batches in a row"),
+    ):
+        trainer.train_epoch([{"input_ids": ids}] * 3)
+    for bad, match in (({"class": torch.optim.AdamW, "lr": 1e-3}, "inside 'kwargs'"), ("adamw", "must be a dict"),
+                       ({"class": 3}, "optimizer class"), ({"kwargs": [1]}, "kwargs")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            unsloth_multigpu.MultiGPUTrainer(model, optimizer_config=bad)  # refused when built, not in setup()
+    with pytest.raises(ValueError, match="aggregation_method must be one of"):
+        unsloth_multigpu.MultiGPUTrainer(model, aggregation_method="avg")
 
 
 def test_disable_multi_gpu_puts_back_every_original(monkeypatch):

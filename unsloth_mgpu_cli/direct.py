@@ -22,7 +22,9 @@ the update of one process over the whole batch.
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -43,6 +45,8 @@ class MultiGPUTrainer:
         aggregation_method: WEIGHTED (default), MEAN, SUM or MEDIAN (`AggregationMethod` or its string).
         max_grad_norm: clip the synchronised gradient to this norm (None: no clipping).
         verify_every: compare the ranks' trainable weights every N steps (0: only in setup and at epoch end).
+        max_skipped_steps: a step whose loss or gradient is not finite on some rank is skipped on every rank;
+            this many skipped in a row stop training with an error (as the recipe's `training.max_skipped_steps`).
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class MultiGPUTrainer:
         aggregation_method: AggregationMethod | str = AggregationMethod.WEIGHTED,
         max_grad_norm: float | None = 1.0,
         verify_every: int = 50,
+        max_skipped_steps: int = 10,
     ):
         from .errors import is_number, is_whole
 
@@ -62,12 +67,16 @@ class MultiGPUTrainer:
             raise ValueError(f"max_grad_norm must be a positive number, or None for no clipping; got {max_grad_norm!r}")
         if not (is_whole(verify_every) and verify_every >= 0):
             raise ValueError(f"verify_every must be a whole number of steps, 0 or more, got {verify_every!r}")
+        if not (is_whole(max_skipped_steps) and max_skipped_steps >= 1):
+            raise ValueError(f"max_skipped_steps must be a positive whole number, got {max_skipped_steps!r}")
         self.model = model
         self.num_gpus = num_gpus
-        self.optimizer_config = dict(optimizer_config or {})
-        self.aggregation = AggregationMethod.parse(aggregation_method).value
+        self.optimizer_config = _checked_optimizer_config(optimizer_config)
+        self.aggregation = AggregationMethod.parse(aggregation_method, "aggregation_method").value
         self.max_grad_norm = max_grad_norm
         self.verify_every = int(verify_every)
+        self.max_skipped_steps = int(max_skipped_steps)
+        self.skipped_in_a_row = 0  # across epochs, as the engine counts them
         self.info: Any = None
         self.optimizer: Any = None
         self.params: list[Any] = []
@@ -108,7 +117,10 @@ class MultiGPUTrainer:
                 )
             info = D.DistInfo(device_type="cuda" if torch.cuda.is_available() else "cpu")
         elif self.num_gpus is not None and self.num_gpus != info.world_size:
-            raise ValueError(f"num_gpus={self.num_gpus} but {info.world_size} worker(s) were launched")
+            raise ValueError(
+                f"num_gpus={self.num_gpus} but {info.world_size} worker(s) were launched: pass "
+                f"num_gpus={info.world_size} (or leave it out: the launched count) to MultiGPUTrainer"
+            )
         self.info = info
         first = next(iter(self.model.parameters()), None)
         if first is not None and first.device.type != info.device_type:
@@ -133,11 +145,15 @@ class MultiGPUTrainer:
         input ids, padding masked with -100).
 
         Returns:
-            loss (token-weighted mean over the epoch and all ranks), last_loss, steps, samples, tokens
-            (non-padding, all ranks), time_s, tokens_per_second, world_size, aggregation.
+            loss (token-weighted mean over the epoch's trained steps and all ranks; NaN when there were none),
+            last_loss, steps (optimizer steps taken), skipped_steps (batches with a non-finite loss or gradient
+            on some rank: no update on any rank), samples, tokens (non-padding, all ranks), time_s,
+            tokens_per_second, world_size, aggregation.
 
         Raises:
-            RuntimeError: `setup()` was not called, or the ranks iterate different batches.
+            TypeError: a batch is not a dict with `input_ids`.
+            RuntimeError: `setup()` was not called, the ranks iterate different batches, or
+                `max_skipped_steps` steps in a row had a non-finite loss or gradient.
         """
         import torch
 
@@ -148,10 +164,17 @@ class MultiGPUTrainer:
         info = self.info
         self.model.train()
         t0 = time.perf_counter()
-        steps = samples = 0
+        steps = samples = skipped = 0
         loss_tok_sum = loss_tokens = tokens = 0.0
         last_loss = float("nan")
         for batch in dataloader:
+            if not (isinstance(batch, dict) and "input_ids" in batch):
+                found = type(batch).__name__ + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else "")
+                raise TypeError(
+                    f"train_epoch takes batches as dicts with 'input_ids' (and optionally 'attention_mask', "
+                    f"'labels'), got a {found}: e.g. a DataLoader over a list of such dicts, or a collate_fn "
+                    "that returns one (a TensorDataset yields tuples)"
+                )
             ids = batch["input_ids"]
             mask = batch.get("attention_mask")
             labels = batch.get("labels")
@@ -176,13 +199,23 @@ class MultiGPUTrainer:
             # One small collective per step: losses and counts, plus a fingerprint of the global batch that
             # catches ranks iterating different data (a shuffled loader seeded differently per rank).
             fingerprint = float(ids.to(torch.float64).sum()) + rows * 1e-3
-            gathered = D.all_gather_floats([loss_value * local_items, local_items, local_tokens, fingerprint], info)
+            finite = math.isfinite(loss_value)
+            gathered = D.all_gather_floats(
+                [loss_value * local_items if finite else 0.0, local_items, local_tokens, fingerprint, float(finite)],
+                info,
+            )
             if len({g[3] for g in gathered}) != 1:
                 raise RuntimeError(
                     "ranks iterate different batches: give every rank the same data loader order "
                     "(same seed, or shuffle=False); each rank takes its own slice of every batch"
                 )
             self.sync.synchronize()
+            # After the reduction every rank holds the same gradient, so every rank decides alike.
+            if not all(g[4] for g in gathered) or not bool(self.sync.grads_finite()):
+                self._skip_step(sum(1 for g in gathered if not g[4]))
+                skipped += 1
+                continue
+            self.skipped_in_a_row = 0
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
             self.optimizer.step()
@@ -201,9 +234,10 @@ class MultiGPUTrainer:
         D.check_consistency(self.params, info, self.global_step)
         elapsed = time.perf_counter() - t0
         return {
-            "loss": loss_tok_sum / max(1.0, loss_tokens),
+            "loss": loss_tok_sum / loss_tokens if loss_tokens else float("nan"),
             "last_loss": last_loss,
             "steps": steps,
+            "skipped_steps": skipped,
             "samples": samples,
             "tokens": int(tokens),
             "time_s": elapsed,
@@ -211,6 +245,23 @@ class MultiGPUTrainer:
             "world_size": self.world_size,
             "aggregation": self.aggregation,
         }
+
+    def _skip_step(self, bad_loss_ranks: int) -> None:
+        """No update on any rank for a batch with a non-finite loss or gradient (the engine's rule)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_in_a_row += 1
+        what = f"a non-finite loss on {bad_loss_ranks} rank(s)" if bad_loss_ranks else "a non-finite gradient"
+        if self.skipped_in_a_row >= self.max_skipped_steps:
+            raise RuntimeError(
+                f"{self.skipped_in_a_row} batches in a row had a non-finite loss or gradient (the last: {what}; "
+                f"max_skipped_steps={self.max_skipped_steps}); the weights are those of step {self.global_step}. "
+                "Hint: lower the learning rate, set max_grad_norm, use bfloat16 instead of float16, or inspect "
+                "those batches"
+            )
+        if self.is_main_process:
+            warnings.warn(
+                f"batch after step {self.global_step}: {what}; skipped on all ranks (no update)", stacklevel=3
+            )
 
     def save(self, path: str) -> None:
         """Rank 0 writes `model.save_pretrained(path)`; every rank waits for it."""
@@ -221,17 +272,38 @@ class MultiGPUTrainer:
         D.barrier(self.info)
 
 
-def _build_optimizer(params: list[Any], config: dict[str, Any]) -> Any:
+def _checked_optimizer_config(config: Any) -> dict[str, Any]:
+    """`optimizer_config` with its class resolved, refused when the trainer is built (not later, in setup)."""
     import torch
 
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"optimizer_config must be a dict like {{'class': torch.optim.AdamW, 'kwargs': {{'lr': 2e-4}}}}, "
+            f"got {type(config).__name__}"
+        )
     unknown = set(config) - {"class", "kwargs"}
     if unknown:
-        raise ValueError(f"optimizer_config takes 'class' and 'kwargs', not {sorted(unknown)}")
+        hint = " (optimizer arguments go inside 'kwargs')" if unknown & {"lr", "weight_decay", "betas", "eps"} else ""
+        raise ValueError(f"optimizer_config takes 'class' and 'kwargs', not {sorted(unknown)}{hint}")
     cls = config.get("class", torch.optim.AdamW)
     if isinstance(cls, str):
         names = {n.lower(): n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)}
         if cls.lower() not in names:
             raise ValueError(f"optimizer_config['class']={cls!r} is not a torch.optim optimizer")
         cls = getattr(torch.optim, names[cls.lower()])
-    kwargs = {"lr": 2e-4, **(config.get("kwargs") or {})}  # the documented learning rate unless kwargs set one
+    elif not callable(cls):
+        raise ValueError(f"optimizer_config['class'] must be an optimizer class or its name, got {cls!r}")
+    kwargs = config.get("kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"optimizer_config['kwargs'] must be a dict of the optimizer's arguments, got {kwargs!r}")
+    return {"class": cls, "kwargs": dict(kwargs)}
+
+
+def _build_optimizer(params: list[Any], config: dict[str, Any]) -> Any:
+    import torch
+
+    cls = config.get("class", torch.optim.AdamW)
+    kwargs = {"lr": 2e-4, **config.get("kwargs", {})}  # the documented learning rate unless kwargs set one
     return cls(params, **kwargs)

@@ -63,11 +63,12 @@ class AggregationMethod(str, Enum):
     MEDIAN = "median"
 
     @classmethod
-    def parse(cls, value: AggregationMethod | str) -> AggregationMethod:
+    def parse(cls, value: AggregationMethod | str, name: str = "gradient_aggregation") -> AggregationMethod:
+        """The method named by `value` (any case, surrounding spaces ignored); `name` is the argument, for errors."""
         try:
-            return value if isinstance(value, cls) else cls(str(value).lower())
+            return value if isinstance(value, cls) else cls(str(value).strip().lower())
         except ValueError:
-            raise ValueError(f"gradient_aggregation must be one of {[m.value for m in cls]}, got {value!r}") from None
+            raise ValueError(f"{name} must be one of {[m.value for m in cls]}, got {value!r}") from None
 
 
 @dataclass
