@@ -3,6 +3,7 @@ distributed math against a single-process reference (2 real gloo ranks, a tiny t
 
 from __future__ import annotations
 
+import gc
 import math
 import subprocess
 import sys
@@ -192,6 +193,28 @@ def test_memory_preflight_refuses_what_cannot_fit_and_passes_what_can():
     assert [p.where for p in info.value.problems] == ["seq_len", "micro_batch_size", "method"]
 
 
+@pytest.mark.parametrize("size,memory", [("8B", 16), ("3B", 16), ("1B", 8)])
+def test_what_config_manager_chooses_passes_the_memory_preflight_on_that_memory(size, memory):
+    """The documented flow: get_optimal_config, then check_fits with the same set-up. check_fits used to forecast
+    without the GPU's size (Unsloth's loss chunks), about 0.7 GB more for the 8B on 16 GB, and refused it."""
+    cfg = unsloth_multigpu.ConfigManager().get_optimal_config(size, f"{memory}GB")
+    fits = MemoryManager().check_fits(
+        size,
+        seq_len=cfg["max_seq_length"],
+        micro_batch_size=cfg["batch_size_per_gpu"],
+        method="qlora" if cfg["load_in_4bit"] else "lora",
+        gradient_checkpointing=cfg["gradient_checkpointing"],
+        available_bytes=memory * 2**30,
+    )
+    assert fits.peak / 2**30 == pytest.approx(cfg["predicted_peak_gb"], abs=0.01)
+
+
+def test_check_fits_says_available_bytes_is_in_bytes():
+    for bad, says in ((24, "not GB"), ("24GB", "positive number of bytes"), (-1, "positive number of bytes")):
+        with pytest.raises(UserError, match=says):
+            MemoryManager().check_fits("1B", available_bytes=bad)
+
+
 def test_memory_usage_reads_nvml_gpus_and_falls_back_to_host_ram():
     nvml = FakeNVML([h200(0), h200(1, free_gib=100.0)])
     usage = MemoryManager(nvml=nvml).get_memory_usage()
@@ -210,10 +233,24 @@ def test_cleanup_collects_garbage_and_phases_are_recorded():
     ref = weakref.ref(a)
     del a, b
     mm = MemoryManager()
-    with mm.phase("load"):
-        pass
+    gc.disable()  # no automatic collection: the phase's clean-up must be what frees the cycle
+    try:
+        with mm.phase("load"):
+            pass
+    finally:
+        gc.enable()
     assert ref() is None
     assert mm.history[0]["phase"] == "load" and mm.history[0]["collected"] >= 2 and mm.history[0]["rss_bytes"] > 0
+    # the phase's peak, not its end: 400 MB touched and freed inside it
+    with mm.phase("train"):
+        block = bytearray(400 * 2**20)
+        block[:: 2**12] = b"\1" * (len(block) // 2**12)
+        del block
+    row = mm.history[1]
+    assert row["peak_rss_bytes"] - row["rss_bytes"] > 300 * 2**20, row
+    with mm.phase("evaluate"):  # a new phase starts a new high-water mark
+        pass
+    assert mm.history[2]["peak_rss_bytes"] < row["peak_rss_bytes"] - 300 * 2**20, mm.history
 
 
 def test_direct_trainer_needs_the_workers_for_more_than_one_gpu():

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import Problem, UserError, is_whole
+from .errors import Problem, UserError, is_number, is_whole
 from .memory import METHODS, OPTIMIZERS, GiB, Method, TrainingSetup, estimate, resolve_architecture
 
 
@@ -139,8 +139,12 @@ class MemoryManager:
         optimizer: str = "adamw_8bit",
         lora_r: int = 16,
         num_gpus: int = 1,
+        gpu_memory_bytes: int | None = None,
     ) -> Any:
         """The per-GPU peak forecast (`memory.MemoryBreakdown`) for `model` (a size like "8B", a folder or hub id).
+
+        `gpu_memory_bytes` (one GPU's memory) sizes Unsloth's cross-entropy chunks, as `ConfigManager` and
+        `mgpu suggest` do; None assumes plenty.
 
         Raises:
             UserError: a count that is not a positive integer, an unknown method or optimizer (each named).
@@ -163,6 +167,7 @@ class MemoryManager:
             optimizer=optimizer,
             lora_r=lora_r,
             num_gpus=num_gpus,
+            gpu_memory_bytes=gpu_memory_bytes,
         )
         return estimate(arch, setup)
 
@@ -190,11 +195,32 @@ class MemoryManager:
         Raises:
             OutOfMemoryRisk: it does not fit; the message gives forecast, budget and what to change.
         """
-        breakdown = self.forecast(
-            model, seq_len, micro_batch_size, method, gradient_checkpointing, optimizer, lora_r, num_gpus
-        )
+        if available_bytes is not None and not (is_number(available_bytes) and available_bytes > 0):
+            raise UserError(
+                Problem(
+                    "available_bytes",
+                    f"expected a positive number of bytes, found {available_bytes!r}",
+                    "e.g. 24 * 2**30 for 24 GB; or leave it out to use the free memory measured now",
+                ),
+                "invalid arguments",
+            )
+        if available_bytes is not None and available_bytes < 2**20:
+            raise UserError(
+                Problem(
+                    "available_bytes",
+                    f"{available_bytes!r} bytes is less than 1 MiB: the value is in bytes, not GB",
+                    f"available_bytes={available_bytes} * 2**30 for {available_bytes} GB",
+                ),
+                "invalid arguments",
+            )
         if available_bytes is None:
-            available_bytes = min(d["free_bytes"] for d in self.get_memory_usage())
+            device = min(self.get_memory_usage(), key=lambda d: d["free_bytes"])
+            available_bytes, gpu_memory = device["free_bytes"], device["total_bytes"]
+        else:
+            gpu_memory = int(available_bytes)  # as get_optimal_config's available_memory: one GPU's memory
+        breakdown = self.forecast(
+            model, seq_len, micro_batch_size, method, gradient_checkpointing, optimizer, lora_r, num_gpus, gpu_memory
+        )
         budget = int(available_bytes * self.memory_fraction)
         if breakdown.peak > budget:
             hint = (
@@ -236,13 +262,16 @@ class MemoryManager:
     def phase(self, name: str) -> Iterator[None]:
         """Record the memory of a phase (load, train, evaluate...) and clean up when it ends.
 
-        Appends {phase, seconds, peak_allocated_bytes (CUDA) or rss_bytes (CPU), collected, released_bytes}
+        Appends {phase, seconds, peak_allocated_bytes (CUDA) or peak_rss_bytes and rss_bytes (CPU: the
+        process's resident memory at its highest during the phase, and at its end), collected, released_bytes}
         to `history`.
         """
         torch = sys.modules.get("torch")
         cuda = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        else:
+            _reset_peak_rss()
         t0 = time.perf_counter()
         try:
             yield
@@ -254,5 +283,28 @@ class MemoryManager:
                 import psutil
 
                 row["rss_bytes"] = psutil.Process().memory_info().rss
+                row["peak_rss_bytes"] = max(_peak_rss(), row["rss_bytes"])
             row.update(self.cleanup())
             self.history.append(row)
+
+
+def _reset_peak_rss() -> None:
+    """Start a new high-water mark of resident memory (Linux: `5` to /proc/self/clear_refs resets VmHWM)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def _peak_rss() -> int:
+    """Highest resident memory since the last reset (Linux's VmHWM), else over the process's life (ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
