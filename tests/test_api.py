@@ -209,6 +209,22 @@ def test_what_config_manager_chooses_passes_the_memory_preflight_on_that_memory(
     assert fits.peak / 2**30 == pytest.approx(cfg["predicted_peak_gb"], abs=0.01)
 
 
+def test_a_model_too_big_for_a_replica_per_gpu_says_so_in_the_python_apis_terms():
+    """70B on 8 x 24 GB: no replica fits (hook mode keeps one per GPU), sharded it does: the error says both and
+    names the API's arguments, not suggest's flags. Unknown size and bad memory are reported together."""
+    with pytest.raises(UserError) as exc:
+        unsloth_multigpu.ConfigManager().get_optimal_config("70B", "24GB", num_gpus=8)
+    text = exc.value.render()
+    assert "whole replica on every GPU" in text and "distributed.strategy: fsdp" in text, text
+    assert "available_memory/memory_fraction" in text and "--gpu-memory/" not in text, text
+    with pytest.raises(UserError) as exc:
+        unsloth_multigpu.ConfigManager().get_optimal_config("70B", "24GB", num_gpus=1)
+    assert "fsdp" not in exc.value.render()  # one GPU: nothing to shard over
+    with pytest.raises(UserError) as exc:
+        unsloth_multigpu.ConfigManager().get_optimal_config("6B", "-3GB")
+    assert [p.where for p in exc.value.problems] == ["model_size", "available_memory"]
+
+
 def test_check_fits_says_available_bytes_is_in_bytes():
     for bad, says in ((24, "not GB"), ("24GB", "positive number of bytes"), (-1, "positive number of bytes")):
         with pytest.raises(UserError, match=says):

@@ -635,6 +635,10 @@ class ConfigManager:
         detected, detected_mem = detect_gpu_memory() if available_memory is None or num_gpus is None else (0, None)
         mem, more = _memory_per_gpu(available_memory, detected_mem, "available_memory", 'available_memory="80GB"')
         problems += more
+        try:
+            arch = resolve_architecture(str(model_size), where="model_size")
+        except UserError as exc:
+            problems = exc.problems + problems
         if problems:
             raise UserError(problems, "invalid arguments")
         assert mem is not None
@@ -642,7 +646,6 @@ class ConfigManager:
 
         # in a hook-mode worker the GPU count is 1 (its own GPU): the launch's worker count sizes the batch
         gpus = num_gpus if num_gpus is not None else (launched_world_size() or max(detected, 1))
-        arch = resolve_architecture(str(model_size), where="model_size")
         p = plan(
             arch,
             gpu_memory_bytes=mem,
@@ -656,11 +659,8 @@ class ConfigManager:
         self.last_plan = p
         if not p.fits:
             raise UserError(
-                [
-                    Problem("model_size", f"{model_size} does not fit in {mem / GiB:.0f} GB per GPU", s)
-                    for s in p.suggestions[:1]
-                ]
-                or [Problem("model_size", "does not fit")]
+                _does_not_fit_in_hook_mode(arch, str(model_size), mem, gpus, p, seq_len, memory_fraction),
+                "does not fit",
             )
         return {
             "num_gpus": gpus,
@@ -673,6 +673,40 @@ class ConfigManager:
             "max_seq_length": seq_len,
             "predicted_peak_gb": p.predicted_peak_gb,
         }
+
+
+#: The plan's suggestions name `mgpu suggest`'s flags; the Python API's arguments instead.
+_PYTHON_NAMES = (
+    ("--gpu-memory/max_memory_fraction", "available_memory/memory_fraction"),
+    ("(--method qlora)", "(method='qlora')"),
+    ("--seq-len ", "seq_len="),
+    ("at max_memory_fraction", "at memory_fraction"),
+)
+
+
+def _does_not_fit_in_hook_mode(
+    arch: Architecture, model_size: str, mem: int, gpus: int, p: Plan, seq_len: int, memory_fraction: float
+) -> Problem:
+    """Why a model does not fit as one replica per GPU, in the Python API's terms, and whether `mgpu train`
+    could shard it (hook mode and MultiGPUTrainer keep a whole replica on every GPU)."""
+    first = p.suggestions[0] if p.suggestions else "a GPU with more memory"
+    for cli, python in _PYTHON_NAMES:
+        first = first.replace(cli, python)
+    sharded = plan(arch, gpu_memory_bytes=mem, num_gpus=gpus, seq_len=seq_len, strategy="fsdp",
+                   memory_fraction=memory_fraction) if gpus > 1 else None  # fmt: skip
+    shard = (
+        f"; sharded over the {gpus} GPUs it fits ({sharded.method}, about {sharded.predicted_peak_gb:.1f} GB per "
+        f"GPU): train it with `mgpu train` and distributed.strategy: fsdp (`mgpu suggest --model {model_size} "
+        f"--gpus {gpus} --gpu-memory {mem / GiB:g}GB --output recipe.yaml` writes the recipe)"
+        if sharded is not None and sharded.fits
+        else ""
+    )
+    return Problem(
+        "model_size",
+        f"{model_size} does not fit in {mem / GiB:.0f} GB per GPU with a whole replica on every GPU (hook mode "
+        "and MultiGPUTrainer keep one per GPU; more GPUs do not lower it)",
+        first + shard,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
