@@ -24,11 +24,12 @@ class FakeNVML:
     NVML_P2P_STATUS_OK = 0
     NVML_P2P_STATUS_NOT_SUPPORTED = 5
 
-    def __init__(self, gpus, nvlinks=None, p2p_pairs=(), fail_init=False):
+    def __init__(self, gpus, nvlinks=None, p2p_pairs=(), fail_init=False, lost=()):
         self.gpus = gpus
         self.nvlinks = nvlinks or {}
         self.p2p_pairs = set(p2p_pairs)
         self.fail_init = fail_init
+        self.lost = set(lost)  # physical indices whose queries fail, as NVML answers for a GPU that fell off the bus
         self.initialised = 0
 
     def nvmlInit(self):
@@ -58,6 +59,8 @@ class FakeNVML:
         return self.gpus[h]["name"].encode()  # older nvidia-ml-py returns bytes
 
     def nvmlDeviceGetMemoryInfo(self, h):
+        if h in self.lost:
+            raise FakeNVMLError("GPU is lost")
         g = self.gpus[h]
         return SimpleNamespace(total=int(g["total_gib"] * GIB), free=int(g["free_gib"] * GIB))
 

@@ -63,3 +63,36 @@ def test_count_gpus_and_indices_honour_cuda_visible_devices():
     devs = DeviceManager(nvml=nvml, env={"CUDA_VISIBLE_DEVICES": "3,1"}).get_available_devices()
     # CUDA renumbers visible GPUs from 0; physical_index keeps nvidia-smi's number.
     assert [(d.index, d.physical_index) for d in devs] == [(0, 3), (1, 1)]
+
+
+def test_one_lost_gpu_is_flagged_and_the_others_are_still_read():
+    """NVML fails on one GPU (fallen off the bus): the host used to report no GPU at all, so a launch quietly
+    fell back to CPU workers and the memory pre-flight compared against host RAM."""
+    from unsloth_mgpu_cli.configgen import detect_gpu_memory
+    from unsloth_mgpu_cli.devices import gpu_memory_bytes
+    from unsloth_mgpu_cli.doctor import check_gpus
+    from unsloth_mgpu_cli.memory_manager import MemoryManager
+
+    nvml = FakeNVML([h200(0), h200(1), h200(2, free_gib=90.0)], nvlinks={(0, 2): 18}, lost={1})
+    snap = DeviceManager(nvml=nvml, env={}).snapshot()
+    assert snap.error is None and [(d.index, d.error) for d in snap.devices] == [
+        (0, None),
+        (1, "FakeNVMLError: GPU is lost"),
+        (2, None),
+    ]
+    assert [(lk.a, lk.b) for lk in snap.links] == [(0, 2)]
+    assert count_gpus(env={}, nvml=nvml) == 3  # CUDA numbers it all the same
+    assert gpu_memory_bytes(env={}, nvml=nvml) == 140 * 2**30 and detect_gpu_memory(env={}, nvml=nvml)[0] == 3
+    checks = {c.name: c for c in check_gpus(snap.devices, snap.error, snap.driver)}
+    assert checks["gpu 1"].status == "fail" and "GPU is lost" in checks["gpu 1"].value
+    assert checks["gpu 0"].status == "ok" and checks["gpu 2"].status == "warn"  # 50 GiB in use by others
+    usage = MemoryManager(nvml=nvml).get_memory_usage()
+    assert [u["device"] for u in usage] == ["cuda:0", "cuda:2"] and usage[1]["free_bytes"] == 90 * 2**30
+
+
+def test_gpu_info_answers_like_the_seed_apis_dict():
+    (gpu,) = DeviceManager(nvml=FakeNVML([h200(0)]), env={}).get_available_devices()
+    assert "name" in gpu and 0 not in gpu and gpu.get("nope", 7) == 7 and gpu.get("memory_total_gb") == 140.0
+    assert dict(gpu)["name"] == "NVIDIA H200" and set(gpu.keys()) >= {"index", "name", "memory_free_gb"}
+    with pytest.raises(KeyError):
+        gpu["nope"]

@@ -590,7 +590,8 @@ def detect_gpu_memory(env: Any = None, nvml: Any = None) -> tuple[int, int | Non
     from .devices import GIB, DeviceManager
 
     devices = DeviceManager(nvml=nvml, env=env).snapshot(with_links=False).devices
-    return len(devices), (int(min(d.memory_total_gb for d in devices) * GIB) if devices else None)
+    readable = [d for d in devices if d.error is None]  # an unreadable GPU counts, its memory is unknown
+    return len(devices), (int(min(d.memory_total_gb for d in readable) * GIB) if readable else None)
 
 
 class ConfigManager:

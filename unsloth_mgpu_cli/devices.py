@@ -39,6 +39,8 @@ class GPUInfo:
         bf16: bfloat16 is supported in hardware (compute capability 8.0 or newer).
         utilization_pct: GPU busy percentage over the last sample period; None when unknown.
         processes: other processes holding memory on this GPU: dicts with `pid` and `used_gb`.
+        error: why NVML could not read this GPU (e.g. "GPU is lost"); None when it could. Such a GPU stays in
+            the list (CUDA numbers it all the same) with its other facts unknown; `mgpu doctor` fails on it.
     """
 
     index: int
@@ -52,10 +54,23 @@ class GPUInfo:
     bf16: bool = False
     utilization_pct: int | None = None
     processes: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
 
+    # The seed API returned dicts; `device["name"]`, `"name" in device`, `device.get(...)`, `dict(device)` and
+    # `device.keys()` keep working for code written against it.
     def __getitem__(self, key: str) -> Any:
-        # The seed API returned dicts; `device["name"]` keeps working for code written against it.
+        if not isinstance(key, str) or key not in self.__dataclass_fields__:
+            raise KeyError(key)
         return getattr(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self.__dataclass_fields__
+
+    def keys(self) -> list[str]:
+        return list(self.__dataclass_fields__)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -224,10 +239,15 @@ class DeviceManager:
         uuids = [_optional(lambda h=h: _text(nvml.nvmlDeviceGetUUID(h))) or "" for h in handles]
         visible = visible_physical_indices(self._env.get("CUDA_VISIBLE_DEVICES"), snap.physical_count, uuids)
         for cuda_index, phys in enumerate(visible):
-            snap.devices.append(_read_device(nvml, handles[phys], cuda_index, phys, uuids[phys]))
+            try:
+                snap.devices.append(_read_device(nvml, handles[phys], cuda_index, phys, uuids[phys]))
+            except getattr(nvml, "NVMLError", Exception) as exc:  # one bad GPU; the others are still reported
+                error = f"{type(exc).__name__}: {exc}"
+                snap.devices.append(GPUInfo(cuda_index, phys, "(unreadable)", uuid=uuids[phys], error=error))
         if with_links:
-            for i, a in enumerate(snap.devices):
-                for b in snap.devices[i + 1 :]:
+            readable = [d for d in snap.devices if d.error is None]
+            for i, a in enumerate(readable):
+                for b in readable[i + 1 :]:
                     snap.links.append(_read_link(nvml, handles[a.physical_index], handles[b.physical_index], a, b))
         return snap
 
@@ -301,5 +321,5 @@ def count_gpus(env: Mapping[str, str] | None = None, nvml: Any = None) -> int:
 
 def gpu_memory_bytes(env: Mapping[str, str] | None = None, nvml: Any = None) -> int | None:
     """Total memory of the smallest visible GPU in bytes (the generator plans for it); None without GPUs."""
-    devices = DeviceManager(nvml=nvml, env=env).snapshot(with_links=False).devices
+    devices = [d for d in DeviceManager(nvml=nvml, env=env).snapshot(with_links=False).devices if d.error is None]
     return int(min(d.memory_total_gb for d in devices) * GIB) if devices else None

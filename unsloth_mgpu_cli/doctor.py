@@ -185,6 +185,11 @@ def check_gpus(gpus: list[GPUInfo], nvml_error: str | None, driver: str | None) 
                       "or check CUDA_VISIBLE_DEVICES to use GPUs")]  # fmt: skip
     checks = []
     for g in gpus:
+        if g.error is not None:
+            checks.append(Check(f"gpu {g.index}", "fail", f"NVML cannot read it (nvidia-smi index {g.physical_index}): "
+                                f"{g.error}", "check `nvidia-smi`; a lost GPU needs a reset or a reboot; hide it "
+                                "with CUDA_VISIBLE_DEVICES to train on the others"))  # fmt: skip
+            continue
         used_by_others = g.memory_total_gb - g.memory_free_gb
         parts = [g.name, f"{g.memory_free_gb:.1f}/{g.memory_total_gb:.1f} GiB free"]
         parts += [f"cc {g.compute_capability}"] if g.compute_capability else []

@@ -111,7 +111,10 @@ class MemoryManager:
             for cuda_index, phys in enumerate(
                 visible_physical_indices(os.environ.get("CUDA_VISIBLE_DEVICES"), n, uuids)
             ):
-                info = nvml.nvmlDeviceGetMemoryInfo(handles[phys])
+                try:
+                    info = nvml.nvmlDeviceGetMemoryInfo(handles[phys])
+                except Exception:  # one unreadable GPU (lost): report the others, not host RAM instead
+                    continue
                 out.append(
                     {
                         "device": f"cuda:{cuda_index}",
