@@ -59,6 +59,14 @@ def test_bad_arguments_are_refused_before_anything_launches():
         with pytest.raises(ValueError, match=next(iter(bad))):
             enable_multi_gpu(**bad)
     assert AggregationMethod.parse("WEIGHTED") is AggregationMethod.WEIGHTED
+    for bad in ({"main_process_saves": "no"}, {"load_in_4bit": "yes"}, {"gradient_checkpointing": "bogus"},
+                {"max_seq_length": -1}, {"predicted_peak_gb": "x"}):  # fmt: skip
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            enable_multi_gpu(**bad)
+    with pytest.raises(ValueError, match="memory_fraction must be a number"):
+        MemoryManager(memory_fraction="0.9")
+    with pytest.raises(UserError, match="gradient_checkpointing"):
+        MemoryManager().forecast("1B", gradient_checkpointing=None)
 
 
 def test_under_torchrun_a_num_gpus_other_than_the_launched_count_is_refused(monkeypatch):

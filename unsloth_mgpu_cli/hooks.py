@@ -178,8 +178,25 @@ def enable_multi_gpu(
         raise ValueError(f"verify_every must be a whole number of steps, 0 or more, got {verify_every!r}")
     if not (is_number(timeout_seconds) and timeout_seconds > 0):
         raise ValueError(f"timeout_seconds must be a positive number of seconds, got {timeout_seconds!r}")
+    device = device.strip().lower() if isinstance(device, str) else device
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
+    for name, value in (("main_process_saves", main_process_saves), ("load_in_4bit", load_in_4bit)):
+        if not (isinstance(value, bool) or (value is None and name == "load_in_4bit")):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    if not (
+        gradient_checkpointing is None
+        or isinstance(gradient_checkpointing, bool)
+        or gradient_checkpointing == "unsloth"
+    ):
+        raise ValueError(
+            f"gradient_checkpointing must be True, False or 'unsloth' (Unsloth's use_gradient_checkpointing), "
+            f"got {gradient_checkpointing!r}"
+        )
+    if max_seq_length is not None and not (is_whole(max_seq_length) and max_seq_length >= 1):
+        raise ValueError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
+    if predicted_peak_gb is not None and not (is_number(predicted_peak_gb) and predicted_peak_gb >= 0):
+        raise ValueError(f"predicted_peak_gb must be a number of GB, got {predicted_peak_gb!r}")
     config = MultiGPUConfig(
         num_gpus=num_gpus,
         batch_size_per_gpu=batch_size_per_gpu,

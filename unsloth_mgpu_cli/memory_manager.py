@@ -39,8 +39,8 @@ class MemoryManager:
     """
 
     def __init__(self, memory_fraction: float = 0.9, nvml: Any = None):
-        if not 0 < memory_fraction <= 1:
-            raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
+        if not (is_number(memory_fraction) and 0 < memory_fraction <= 1):
+            raise ValueError(f"memory_fraction must be a number in (0, 1], e.g. 0.9; got {memory_fraction!r}")
         self.memory_fraction = memory_fraction
         self._nvml = nvml
         self.history: list[dict[str, Any]] = []
@@ -159,6 +159,14 @@ class MemoryManager:
             problems.append(Problem("method", f"expected qlora, lora or full, found {method!r}"))
         if optimizer not in OPTIMIZERS:
             problems.append(Problem("optimizer", f"expected adamw, adamw_8bit or sgd, found {optimizer!r}"))
+        if not (isinstance(gradient_checkpointing, bool) or gradient_checkpointing == "unsloth"):
+            problems.append(
+                Problem(
+                    "gradient_checkpointing",
+                    f"expected True, False or 'unsloth' (as Unsloth's use_gradient_checkpointing), "
+                    f"found {gradient_checkpointing!r}",
+                )
+            )
         if problems:
             raise UserError(problems, "invalid arguments")
         arch = resolve_architecture(str(model), where="model")
