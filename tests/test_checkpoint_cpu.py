@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -261,6 +262,15 @@ def test_eval_loss_is_logged_every_eval_steps_and_at_the_end(runs):
         assert 0 < r["eval_loss"] < 20
         assert r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"]), rel=1e-9)
     assert evals[10]["eval_loss"] < evals[5]["eval_loss"]  # it learns something the held-out rows share
+    # evaluating is not training: an eval step's tokens/s and the next step's are like the others' (the eval step's
+    # window once shrank to nothing: 7e11 tokens/s, and the next step's took the eval time)
+    speeds = {r["step"]: r["tokens_per_second"] for r in rows if r["step"] > 1}  # step 1 compiles
+    typical = statistics.median(v for k, v in speeds.items() if k not in (5, 6, 10))
+    assert all(typical / 3 < speeds[k] < typical * 3 for k in (5, 6, 10)), speeds
+    summary = json.loads((runs["base"] / "ref" / "summary.json").read_text())
+    assert summary["eval_s"] > 0 and summary["tokens_per_second"] == pytest.approx(
+        summary["tokens"] / (summary["elapsed_s"] - summary["eval_s"]), rel=1e-6
+    )
 
 
 def test_tensorboard_gets_the_same_scalars(runs):

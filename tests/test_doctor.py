@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -334,3 +335,10 @@ def test_measured_pair_bandwidth_names_the_link_class():
     assert link_class(297.8) == "NVLink-class"  # measured on 2 x H200 whose NVLink NVML cannot see in the VM
     assert link_class(40.0) == "PCIe-class"
     assert "P2P" in link_class(3.0)
+
+
+def test_the_mgpu_cache_disk_is_where_unsloth_mgpu_cache_points(tmp_path):
+    """The data cache honours UNSLOTH_MGPU_CACHE; the doctor's disk check used to measure ~/.cache regardless."""
+    env = {**os.environ, "UNSLOTH_MGPU_CACHE": str(tmp_path / "cache")}
+    checks = by_name(run_checks(output_dir=tmp_path, env=env).checks)
+    assert str(tmp_path / "cache") in checks["disk: mgpu cache"].value, checks["disk: mgpu cache"].value

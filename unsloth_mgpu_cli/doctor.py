@@ -578,8 +578,9 @@ def run_checks(output_dir: Path | str = "outputs", probe: bool = False, probe_ti
     add(check_attention(module_version("xformers", "xformers"), module_version("flash_attn", "flash-attn")))
 
     cache = hf_cache_dir(env)
-    for label, path in (("output", Path(output_dir)), ("hf cache", cache),
-                        ("mgpu cache", Path.home() / ".cache" / "unsloth-mgpu")):  # fmt: skip
+    from .models import cache_dir
+
+    for label, path in (("output", Path(output_dir)), ("hf cache", cache), ("mgpu cache", cache_dir(env))):
         add(check_disk(label, *free_bytes_at(path)))
     add(check_hf(cache, _truthy(env.get("HF_HUB_OFFLINE")) or _truthy(env.get("TRANSFORMERS_OFFLINE")),
                  hf_token_present(env)))  # fmt: skip

@@ -789,6 +789,7 @@ class Trainer:
         t_start = time.perf_counter()
         self.plan.timeline["fit_start"] = time.time()
         t_window = t_start
+        eval_total = 0.0  # seconds spent evaluating this session: not training, left out of tokens/s
         tokens_window = 0
         tokens_session = 0
         first_step_s = None
@@ -835,7 +836,7 @@ class Trainer:
             evaluate, check and save what its number asks for. Returns "next", "redo" or "stop". `dropped`: the
             next step, already queued, whose work is dropped if this one is redone or is the last before a stop."""
             nonlocal pending, t_window, tokens_window, tokens_session, first_step_s, bad_since, last_loss
-            nonlocal saved_step, interrupted, last_done
+            nonlocal saved_step, interrupted, last_done, eval_total
             t_wait = time.perf_counter()
             rows = step.stats.host().tolist()
             t_read = time.perf_counter()
@@ -921,11 +922,12 @@ class Trainer:
             # Under fsdp each rank holds different shards by design: there is no replica to compare.
             if verify and not self.sharded and (self.step % verify == 0 or last):
                 D.check_consistency(self.params, info, self.step, names=self.param_names)
-            evaluated = None
+            evaluated, eval_s = None, 0.0
             if self.eval_data is not None and (last or (eval_every and self.step % eval_every == 0)):
                 t_eval = time.perf_counter()
                 evaluated = self.evaluate()
-                t_window += time.perf_counter() - t_eval  # tokens/s measures training, not evaluation
+                eval_s = time.perf_counter() - t_eval  # after this step's end (done_at): the next window skips it
+                eval_total += eval_s
                 progress.eval(self.step, *evaluated)
             if self.step % r.logging.steps == 0 or last or evaluated is not None:
                 own = [round(row[11], 5) for row in rows]
@@ -958,7 +960,7 @@ class Trainer:
                     rs["best_eval_loss"] = evaluated[0] if best is None else min(best, evaluated[0])
                 pending = PendingRow(row)
                 progress.update(self.step, last_loss, lr, row["tokens_per_second"], peaks)
-                t_window, tokens_window = done_at, 0
+                t_window, tokens_window = done_at + eval_s, 0  # tokens/s measures training, not evaluation
             rs["elapsed_s"] = elapsed_before + done_at - t_start
             interrupted = stop_ranks > 0 and not last
             if interrupted and dropped is not None:
@@ -1029,7 +1031,8 @@ class Trainer:
                 "steps": self.step,
                 "elapsed_s": elapsed,
                 "tokens": tokens_session,
-                "tokens_per_second": tokens_session / max(elapsed, 1e-9),
+                "tokens_per_second": tokens_session / max(elapsed - eval_total, 1e-9),  # training time only
+                "eval_s": eval_total,
                 "final_loss": last_loss if math.isfinite(last_loss) else None,  # strict JSON: no NaN
                 "first_step_s": first_step_s,
                 "startup_s": startup_breakdown(self.plan.timeline),

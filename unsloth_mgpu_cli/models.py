@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 TINY_LLAMA = "builtin:tiny-llama"
@@ -25,9 +26,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def cache_dir() -> Path:
-    """Root of unsloth-mgpu's caches (`UNSLOTH_MGPU_CACHE`, default ~/.cache/unsloth-mgpu)."""
-    return Path(os.environ.get("UNSLOTH_MGPU_CACHE", Path.home() / ".cache" / "unsloth-mgpu")).expanduser()
+def cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Root of unsloth-mgpu's caches (`UNSLOTH_MGPU_CACHE` in `env`, default os.environ; else ~/.cache/unsloth-mgpu)."""
+    env = os.environ if env is None else env
+    return Path(env.get("UNSLOTH_MGPU_CACHE") or Path.home() / ".cache" / "unsloth-mgpu").expanduser()
 
 
 def _tokenizer_corpus() -> list[str]:
