@@ -7,6 +7,7 @@ subprocesses to prove that the user sees no traceback.
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 from collections.abc import Callable
@@ -367,8 +368,44 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
 
-@pytest.mark.parametrize(("cmd", "setup", "needles"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_exits_2_with_the_cause_and_writes_nothing(tmp_path, cmd, setup, needles):
+def documented_excerpts() -> dict[str, str]:
+    """docs/reliability.md's bad-input table: case -> the first `quoted` excerpt of "the user sees"."""
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    table = text.split("## Bad input (exit 2", 1)[1].split("\n## ", 1)[0]
+    out = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and (quoted := re.search(r"`([^`]+)`", cells[2])):
+            out[cells[0]] = quoted.group(1)
+    return out
+
+
+DOCUMENTED = documented_excerpts()
+UNDOCUMENTED: set[str] = set()  # cases deliberately left out of the docs table (none)
+
+
+def matches_excerpt(excerpt: str, out: str) -> bool:
+    """The excerpt's text appears in `out` in order, whitespace aside; `...` elides, and `N`, `L:C`, `P` stand for
+    numbers (a line, a column, a port)."""
+    flat = " ".join(out.split())
+    parts = []
+    for piece in re.split(r"\.\.\.|; hint:", " ".join(excerpt.split())):
+        piece = re.escape(piece.strip())
+        piece = re.sub(r"\bL:C\b", r"\\d+:\\d+", piece)
+        piece = re.sub(r"(?<=:)N\b|\bP\b", r"\\d+", piece)
+        parts.append(piece)
+    return re.search(".*?".join(parts), flat) is not None
+
+
+def test_every_case_is_in_the_docs_table_and_every_row_is_a_case():
+    elsewhere = {"cache-is-a-file"}  # test_train_with_a_cache_that_is_a_file_is_refused_before_the_model_is_built
+    assert set(DOCUMENTED) - {c[0] for c in CASES} == elsewhere, "documented rows without a case"
+    missing = [c[0] for c in CASES if c[0] not in DOCUMENTED and c[0] not in UNDOCUMENTED]
+    assert missing == [], "cases missing from docs/reliability.md"
+
+
+@pytest.mark.parametrize(("case", "cmd", "setup", "needles"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_the_cause_and_writes_nothing(tmp_path, case, cmd, setup, needles):
     recipe, args = setup(tmp_path)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     try:
@@ -381,6 +418,8 @@ def test_bad_input_exits_2_with_the_cause_and_writes_nothing(tmp_path, cmd, setu
     assert "Traceback" not in out
     for needle in needles:
         assert needle in out, f"{needle!r} not in:\n{out}"
+    if case in DOCUMENTED:  # what docs/reliability.md quotes is what the user sees
+        assert matches_excerpt(DOCUMENTED[case], out), f"docs/reliability.md quotes {DOCUMENTED[case]!r}; got:\n{out}"
     # nothing half-written: the folder holds exactly what the case put there
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
@@ -411,6 +450,7 @@ def test_train_with_a_cache_that_is_a_file_is_refused_before_the_model_is_built(
     (tmp_path / "cache").write_text("not a folder")
     proc = run_mgpu("train", str(recipe), cwd=tmp_path, timeout=120, UNSLOTH_MGPU_CACHE=str(tmp_path / "cache"))
     assert_user_error(proc, "UNSLOTH_MGPU_CACHE", "expected a folder, found a file")
+    assert matches_excerpt(DOCUMENTED["cache-is-a-file"], proc.stdout + proc.stderr)  # its row in the docs' table
     assert not (tmp_path / "out").exists()
 
 
