@@ -55,6 +55,28 @@ def test_shipped_recipe_validates(recipe: Path):
     assert "mgpu train" in text.split("model:")[0], "the header names the exact command"
 
 
+@pytest.mark.parametrize("recipe", [p for p in SHIPPED if "preview with" in p.read_text()], ids=lambda p: p.stem)
+def test_the_preview_command_in_a_recipes_header_sizes_its_model(recipe: Path):
+    """`mgpu suggest --model <the recipe's model>` as the header writes it, with the GPUs given (none here): the
+    hub id is sized from its real dimensions, without the hub (gemma-2-9b used to be refused)."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from unsloth_mgpu_cli import cli
+
+    text = recipe.read_text()
+    command = text.split("preview with `", 1)[1].split("`", 1)[0]
+    args = shlex.split(command)
+    assert args[:2] == ["mgpu", "suggest"], command
+    result = CliRunner().invoke(cli.app, [*args[1:], "--gpu-memory", "80GB", "--gpus", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    model = load_recipe(recipe, check_paths=False).recipe.model
+    assert f"--model {model.name} " in command + " " and doc["load_in_4bit"] == model.load_in_4bit, doc
+    assert doc["model"]["name"] == model.name and "from the size in the name" not in doc["model"]["source"], doc
+
+
 @pytest.mark.parametrize("width", [80, 60])
 def test_validate_shows_every_value_at_terminal_width(width, monkeypatch):
     """The resolved-recipe panel is YAML that reads back to the recipe: no line cut at the terminal's edge."""

@@ -173,6 +173,22 @@ SIZE_HUB_IDS = {
     "405B": "unsloth/Meta-Llama-3.1-405B",
 }
 
+#: The memory-relevant fields of the config.json of the models the shipped recipes train (copied from their hub
+#: repositories), so `mgpu suggest --model <that id>` sizes them exactly without the hub; a downloaded copy in the
+#: Hugging Face cache is read first. Keys: the repository name, lower case, without the owner.
+KNOWN_HUB_CONFIGS: dict[str, dict[str, Any]] = {
+    "gemma-2-9b": {"hidden_size": 3584, "num_hidden_layers": 42, "num_attention_heads": 16, "num_key_value_heads": 8,
+                   "head_dim": 256, "intermediate_size": 14336, "vocab_size": 256000, "tie_word_embeddings": True},
+    "qwen2.5-7b": {"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+                   "intermediate_size": 18944, "vocab_size": 152064, "tie_word_embeddings": False},
+    "mistral-7b-v0.3": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+                        "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 32768,
+                        "tie_word_embeddings": False},
+    "meta-llama-3.1-8b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+                          "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
+                          "tie_word_embeddings": False},
+}  # fmt: skip
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[bB]\s*$")
 _SIZE_IN_NAME_RE = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)[bB](?![A-Za-z0-9])")
 
@@ -336,7 +352,12 @@ def resolve_architecture(model: str, where: str = "argument --model") -> Archite
             Problem(where, f"no config.json in {path}", "point at the folder that holds config.json"),
             "invalid arguments",
         )
-    # A hub id not downloaded yet: most names carry their size ("Llama-3.1-8B-Instruct"); use the table.
+    # A hub id not downloaded yet: one whose config we carry (the shipped recipes' models) ...
+    known = KNOWN_HUB_CONFIGS.get(model.split("/")[-1].lower()) if "/" in model else None
+    if known is not None:
+        source = f"the config.json of {model.split('/')[-1]} built into unsloth-mgpu (not in the local cache)"
+        return architecture_from_config(known, name=model, source=source)
+    # ... else most names carry their size ("Llama-3.1-8B-Instruct"); use the table.
     sized = _SIZE_IN_NAME_RE.findall(model.split("/")[-1])
     if "/" in model and sized and _size_key(sized[-1]) in SIZE_TABLE:
         base = SIZE_TABLE[_size_key(sized[-1])]
