@@ -169,6 +169,25 @@ def test_a_base_recipes_paths_are_resolved_against_its_own_folder(workdir):
     assert (r.dataset.path, r.output.dir) == (str(child / "mine.jsonl"), str(child / "out"))
 
 
+def test_relative_paths_on_the_command_line_mean_the_current_folder(workdir, monkeypatch):
+    """`mgpu train recipes/x.yaml output.dir=outputs/run` from the repository root writes ./outputs/run (it went
+    to recipes/outputs/run, next to the recipe); paths written in the recipe still mean the recipe's folder."""
+    (workdir / "recipes").mkdir()
+    (workdir / "recipes" / "data.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    recipe = write(workdir / "recipes", GOOD)
+    shell = workdir / "shell"
+    (shell / "data").mkdir(parents=True)
+    (shell / "data" / "mine.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    monkeypatch.chdir(shell)
+    r = load_recipe(recipe, ["output.dir=outputs/run", "dataset.path=data/mine.jsonl"]).recipe
+    assert (r.output.dir, r.dataset.path) == (str(shell / "outputs" / "run"), str(shell / "data" / "mine.jsonl"))
+    assert load_recipe(recipe).recipe.output.dir == str(workdir / "recipes" / "out")
+    with pytest.raises(UserError) as exc:
+        load_recipe(recipe, ["dataset.path=data/none.jsonl"])
+    assert f"dataset file not found: {shell / 'data' / 'none.jsonl'}" in exc.value.render()
+    assert "on the command line are resolved against the current folder" in exc.value.render()
+
+
 def test_interpolation_resolves(workdir):
     p = write(
         workdir,

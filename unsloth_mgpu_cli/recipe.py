@@ -1033,8 +1033,13 @@ def _check_paths(recipe: Recipe, base_dir: Path, lines: dict[str, str]) -> list[
         if p.exists():
             setattr(owner, attr, str(p))
         else:
-            problems.append(Problem(_where(key, lines), f"{what} not found: {p}",
-                                    "relative paths are resolved against the recipe's folder"))  # fmt: skip
+            where = _where(key, lines)
+            hint = (
+                "relative paths on the command line are resolved against the current folder"
+                if where.endswith("(command line)")
+                else "relative paths are resolved against the recipe's folder"
+            )
+            problems.append(Problem(where, f"{what} not found: {p}", hint))
     if recipe.output.dir is None:
         return problems
     out = (base_dir / recipe.output.dir).expanduser().resolve()
@@ -1090,6 +1095,9 @@ def load_recipe(
     over, problems = parse_overrides(list(overrides or []))
     if problems:
         raise UserError(problems, "invalid arguments")
+    # Typed in a shell, a relative path means the shell's folder (`output.dir=outputs/run` from the repository
+    # root is ./outputs/run), as paths written in a recipe mean the recipe's folder.
+    over = _rebase_paths(over, Path.cwd())
     for key in _flatten_keys(over):
         # an override replaces the file's value whole: a list's items no longer come from the file either
         lines = {k: v for k, v in lines.items() if not k.startswith(key + ".")}
