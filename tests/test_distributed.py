@@ -247,6 +247,31 @@ def test_a_node_left_alone_at_the_rendezvous_ends_with_a_message_not_a_traceback
     assert "start the same command on all 2 nodes" in exc.value.details and "within 3 s" in exc.value.details
 
 
+def test_ctrl_c_while_node_0_waits_for_the_others_stops_at_once(tmp_path):
+    """No worker has started, so there is no step to finish: the first Ctrl-C used to say "finishing the current
+    step" and wait out the whole join timeout, then blame a worker that never existed."""
+    import signal
+    import threading
+    import time
+
+    from dist_workers import replaced_views
+
+    from unsloth_mgpu_cli.errors import Interrupted
+
+    spec = D.LaunchSpec(nproc_per_node=1, device_type="cpu", nnodes=2, rdzv_endpoint=f"127.0.0.1:{D.free_port()}",
+                        join_timeout_s=120, stop_file=tmp_path / "stop")  # fmt: skip
+    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(Interrupted, match="before any worker had started"):
+            D.launch(replaced_views, (), spec)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - start < 30
+    assert not D._workers_started()
+
+
 def test_a_cpu_workers_peak_memory_is_its_high_water_mark():
     """The summary's and the metrics' "peak" on CPU was the current resident size, which falls when memory is
     freed; the per-step values then disagreed with the summary."""

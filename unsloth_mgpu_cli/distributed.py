@@ -574,6 +574,9 @@ def _graceful_stop(stop_file: Path | None) -> Any:
 
     def handler(signum: int, frame: Any) -> None:
         received.append(signum)
+        if len(received) == 1 and not _workers_started():
+            # e.g. node 0 waiting at the rendezvous for the others: no step to finish, nothing to save
+            raise SignalException(f"{_BEFORE_WORKERS} {signal.Signals(signum).name}", sigval=signal.Signals(signum))
         if len(received) == 1:
             with contextlib.suppress(OSError):
                 stop_file.write_text(signal.Signals(signum).name)
@@ -606,6 +609,11 @@ def _graceful_stop(stop_file: Path | None) -> Any:
     except SignalException as exc:
         from .errors import Interrupted
 
+        if str(exc).startswith(_BEFORE_WORKERS):
+            raise Interrupted(
+                f"stopped on {exc.sigval.name} before any worker had started (while this node waited for the "
+                "others at the rendezvous, or was starting them): no step ran, nothing to save"
+            ) from None
         raise Interrupted(
             f"stopped at once on a second {exc.sigval.name}; the workers were ended without a new "
             "checkpoint; --resume auto continues from the newest one"
@@ -615,6 +623,21 @@ def _graceful_stop(stop_file: Path | None) -> Any:
             signal.signal(sig, old)
         with contextlib.suppress(OSError):
             stop_file.unlink()
+
+
+_BEFORE_WORKERS = "before any worker started:"
+
+
+def _workers_started() -> bool:
+    """Whether the elastic agent has started this node's workers: children of this process run by
+    multiprocessing's spawn (`spawn_main`; not its resource tracker, which `datasets` may have started)."""
+    import psutil
+
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if any("spawn_main" in part for part in child.cmdline()):
+                return True
+    return False
 
 
 class StopSignal:
