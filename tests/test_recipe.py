@@ -188,6 +188,16 @@ def test_relative_paths_on_the_command_line_mean_the_current_folder(workdir, mon
     assert "on the command line are resolved against the current folder" in exc.value.render()
 
 
+def test_a_cross_key_error_names_the_line_that_set_each_key(workdir):
+    """max_steps on the command line, warmup_steps in the file: the warmup line is the file's (an override of one
+    training key used to mark the whole section as set on the command line)."""
+    p = write(workdir, GOOD.replace("max_steps: 10", "max_steps: 10\n  warmup_steps: 5"))
+    with pytest.raises(UserError) as exc:
+        load_recipe(p, ["training.max_steps=4"])
+    line = next(i for i, text in enumerate(p.read_text().splitlines(), 1) if "warmup_steps" in text)
+    assert f"training.warmup_steps ({p}:{line}): expected fewer than training.max_steps (4)" in exc.value.render()
+
+
 def test_interpolation_resolves(workdir):
     p = write(
         workdir,

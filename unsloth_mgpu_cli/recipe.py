@@ -1098,7 +1098,7 @@ def load_recipe(
     # Typed in a shell, a relative path means the shell's folder (`output.dir=outputs/run` from the repository
     # root is ./outputs/run), as paths written in a recipe mean the recipe's folder.
     over = _rebase_paths(over, Path.cwd())
-    for key in _flatten_keys(over):
+    for key in _flatten_leaf_keys(over):
         # an override replaces the file's value whole: a list's items no longer come from the file either
         lines = {k: v for k, v in lines.items() if not k.startswith(key + ".")}
         lines[key] = "command line"
@@ -1119,13 +1119,12 @@ def load_recipe(
     return LoadedRecipe(recipe, rpath, data, overrides, lines)
 
 
-def _flatten_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
+def _flatten_leaf_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys of `d`'s values that are not mappings (what an override sets; its sections it only names)."""
     keys = []
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else k
-        keys.append(key)
-        if isinstance(v, dict):
-            keys += _flatten_keys(v, key)
+        keys += _flatten_leaf_keys(v, key) if isinstance(v, dict) and v else [key]
     return keys
 
 
