@@ -28,6 +28,9 @@
 # run's worker listened on the host's address: NCCL's bootstrap; on loopback with NCCL_SOCKET_IFNAME=lo), `s13c`
 # (the launcher now sets it: every socket on 127.0.0.1; the tier's 1-GPU tests: 2 passed), `s13d` (the final code:
 # doctor --probe ok over NCCL with 1 GPU, the tier's 1-GPU tests 2 passed in 238 s).
+# In session 14 (only the 1-GPU kind lent): `s14` (the Python API examples on CUDA; tokens/s with evaluation on; its
+# rendezvous Ctrl-C was sent too early and lost), `s14b` (Ctrl-C at the rendezvous: exit 130 after 2 s; the tier's
+# 1-GPU tests: 2 passed, 3 skipped, 209 s).
 # Next, in this order:
 #   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
@@ -355,6 +358,38 @@ clocks_throttle_reasons.active --format=csv,noheader -lms 100 > "$OUT/smi.csv" 2
     echo "doctor --probe: exit=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
       print(d['summary'], {k: d['probe'].get(k) for k in ('ok', 'backend', 'world_size', 'busbw_gbps')})" \
       "$OUT/doctor.json" || tail -5 "$OUT/doctor.err"
+    timeout -k 10 "${T:-300}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
+    echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
+  s14)
+    # session 14 (1-GPU kind): the Python API's fixes on CUDA (advanced_config sized for the GPU found, its worker
+    # planning for the launch, check_fits against the GPU's free memory, phase peaks; direct mode), tokens/s with
+    # evaluation on (the device-timed window), and Ctrl-C while node 0 waits alone at the rendezvous
+    python3 examples/advanced_config.py > "$OUT/advanced.txt" 2>&1; echo "advanced_config: exit=$?"
+    grep -E "^devices|optimal config|^trained" "$OUT/advanced.txt" | cut -c1-700
+    python3 examples/direct_trainer_usage.py --num-gpus 1 > "$OUT/direct.txt" 2>&1; echo "direct: exit=$?"
+    tail -2 "$OUT/direct.txt" | cut -c1-300
+    python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 training.max_steps=40 \
+      training.warmup_steps=1 dataset.eval_ratio=0.1 training.eval_steps=10 logging.progress=false \
+      output.save_steps=0 output.dir="$OUT/eval" > "$OUT/eval.txt" 2>&1; echo "eval run: exit=$?"
+    python3 -c "import json,sys; rows=[json.loads(l) for l in open(sys.argv[1])]; \
+      print(' '.join(f\"{r['step']}:{r['tokens_per_second']:.0f}{'E' if 'eval_loss' in r else ''}\" for r in rows)); \
+      s=json.load(open(sys.argv[2])); print('summary', round(s['tokens_per_second']), 'eval_s', round(s['eval_s'], 2))" \
+      "$OUT/eval/metrics.jsonl" "$OUT/eval/summary.json"
+    rm -rf "$OUT/eval" ;;
+  s14b)
+    # session 14: Ctrl-C while node 0 waits alone at the rendezvous (s14 sent it 2 s after "waiting ...", before
+    # the launcher's handler was in place: a background job of a script ignores SIGINT until then, so it was
+    # lost and the node waited on), then the tier's 1-GPU tests with this session's code
+    pkill -f "unsloth_mgpu_cli train" || true
+    s=$(date +%s)
+    python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 --nnodes 2 --node-rank 0 \
+      --rdzv-endpoint 127.0.0.1:29434 output.dir="$OUT/alone" > "$OUT/alone.txt" 2>&1 & RUN=$!
+    for i in $(seq 1 60); do sleep 1; grep -q "waiting for all 2 nodes" "$OUT/alone.txt" && break; done
+    sleep 10; t=$(date +%s); kill -INT $RUN
+    for i in $(seq 1 60); do kill -0 $RUN 2>/dev/null || break; sleep 1; done
+    if kill -0 $RUN 2>/dev/null; then kill -KILL $RUN; echo "still waiting 60 s after Ctrl-C: killed"; fi
+    wait $RUN; echo "Ctrl-C at the rendezvous: exit=$? $(( $(date +%s)-t )) s after the signal"
+    tail -1 "$OUT/alone.txt" | cut -c1-240; rm -rf "$OUT/alone"
     timeout -k 10 "${T:-300}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
   outputs)
