@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import EQUIVALENCE_RUN, ROOT, adapter, assert_user_error, mgpu_env, run_mgpu
 
 from unsloth_mgpu_cli import distributed as D
@@ -154,6 +155,12 @@ def test_validate_resolves_the_nodes_from_srun_as_train_does(tmp_path):
     assert_user_error(run_mgpu("validate", str(QUICKSTART), timeout=60, **bad), "SLURM_NTASKS", "--ntasks-per-node=1")
     ok = run_mgpu("validate", str(QUICKSTART), timeout=60, **{**bad, "SLURM_NTASKS": "2"})
     assert ok.returncode == 0 and "nodes: node 1 of 2, rendezvous g1:29400" in ok.stdout, ok.stdout + ok.stderr
+    # the printed recipe shows them as train records them (it said nnodes: 1 next to "node 1 of 2")
+    shown = yaml.safe_load(
+        run_mgpu("validate", str(QUICKSTART), "--yaml", timeout=60, **{**bad, "SLURM_NTASKS": "2"}).stdout
+    )
+    assert (shown["distributed"]["nnodes"], shown["distributed"]["node_rank"]) == (2, 1)
+    assert shown["distributed"]["rdzv_endpoint"] == "g1:29400"
 
 
 def test_sbatch_example_is_a_valid_script_using_srun_one_task_per_node():

@@ -199,6 +199,8 @@ def validate(
         nodes = resolve_nodes(os.environ, {}, loaded.recipe.distributed)
     except UserError as exc:
         _fail(exc)
+    dist = loaded.recipe.distributed  # shown as `mgpu train` records them in recipe.resolved.yaml
+    dist.nnodes, dist.node_rank, dist.rdzv_endpoint = nodes.nnodes, nodes.node_rank, nodes.rdzv_endpoint
     if as_yaml:
         from .recipe import to_yaml
         from .templates import schema_comment
