@@ -271,6 +271,11 @@ def test_eval_loss_is_logged_every_eval_steps_and_at_the_end(runs):
     assert summary["eval_s"] > 0 and summary["tokens_per_second"] == pytest.approx(
         summary["tokens"] / (summary["elapsed_s"] - summary["eval_s"]), rel=1e-6
     )
+    # after the first step (what the bar showed): its tokens and its time left out
+    after_first = (summary["tokens"] - rows[0]["tokens"]) / (
+        summary["elapsed_s"] - summary["first_step_s"] - summary["eval_s"]
+    )
+    assert summary["steady_tokens_per_second"] == pytest.approx(after_first, rel=1e-6)
 
 
 def test_tensorboard_gets_the_same_scalars(runs):

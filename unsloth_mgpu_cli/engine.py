@@ -793,6 +793,7 @@ class Trainer:
         tokens_window = 0
         tokens_session = 0
         first_step_s = None
+        first_step_tokens = 0  # the first step of this session (compilation, warm-up): left out of the steady rate
         bad_since = 0  # first step of the current run of skipped (non-finite) steps; 0: none
         last_loss = float("nan")
         saved_step = self.step if self.plan.resume_from else -1
@@ -836,7 +837,7 @@ class Trainer:
             evaluate, check and save what its number asks for. Returns "next", "redo" or "stop". `dropped`: the
             next step, already queued, whose work is dropped if this one is redone or is the last before a stop."""
             nonlocal pending, t_window, tokens_window, tokens_session, first_step_s, bad_since, last_loss
-            nonlocal saved_step, interrupted, last_done, eval_total
+            nonlocal saved_step, interrupted, last_done, eval_total, first_step_tokens
             t_wait = time.perf_counter()
             rows = step.stats.host().tolist()
             t_read = time.perf_counter()
@@ -915,7 +916,7 @@ class Trainer:
             progress.advance(self.step)  # the bar (and its ETA) moves every step; its numbers every logged one
             last_loss = tot_loss / max(1.0, tot_tokens) if bad_ranks == 0 else float("nan")
             if first_step_s is None:
-                first_step_s = done_at - t_start
+                first_step_s, first_step_tokens = done_at - t_start, step_tokens
                 self.plan.timeline["first_step"] = time.time() - (time.perf_counter() - done_at)
             verify = r.distributed.verify_every
             last = self.step == self.total_steps
@@ -1032,6 +1033,12 @@ class Trainer:
                 "elapsed_s": elapsed,
                 "tokens": tokens_session,
                 "tokens_per_second": tokens_session / max(elapsed - eval_total, 1e-9),  # training time only
+                # after the first step (its compilation and warm-up weigh heavily on short runs); None: one step
+                "steady_tokens_per_second": (
+                    (tokens_session - first_step_tokens) / max(elapsed - first_step_s - eval_total, 1e-9)
+                    if first_step_s is not None and self.step - session_start > 1
+                    else None
+                ),
                 "eval_s": eval_total,
                 "final_loss": last_loss if math.isfinite(last_loss) else None,  # strict JSON: no NaN
                 "first_step_s": first_step_s,

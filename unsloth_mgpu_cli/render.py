@@ -72,7 +72,15 @@ def print_summary(summary: dict) -> None:
     t.add_row("tokens", f"{summary.get('tokens', 0):,} (non-padding, all workers)")
     world = max(1, int(summary.get("world_size", 1)))
     tps = float(summary.get("tokens_per_second", 0.0))
-    t.add_row("throughput", f"{tps:,.0f} tokens/s total, {tps / world:,.0f} per worker")
+    steady = summary.get("steady_tokens_per_second")
+    if steady:  # what the progress bar showed: the first step's compilation and warm-up dominate short runs
+        t.add_row(
+            "throughput",
+            f"{steady:,.0f} tokens/s total after the first step, {steady / world:,.0f} per worker "
+            f"({tps:,.0f} over the whole run)",
+        )
+    else:
+        t.add_row("throughput", f"{tps:,.0f} tokens/s total, {tps / world:,.0f} per worker")
     loss = summary.get("final_loss")
     t.add_row("final loss", "-" if loss is None else f"{loss:.4f}")  # None: no step ran in this session
     t.add_row("peak memory", " / ".join(f"{m:.2f}" for m in summary.get("peak_memory_gb", [])) + " GB per worker")
