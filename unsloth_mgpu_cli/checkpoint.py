@@ -38,7 +38,7 @@ STEP_PREFIX = "step-"
 RUN_FILES = frozenset(
     {"recipe.resolved.yaml", "metrics.jsonl", "summary.json", "report.png", "wandb-run-id", ".stop-requested"}
 )
-# ".cache": Unsloth's compiled modules, one folder per rank (engine.Worker.setup's UNSLOTH_COMPILE_LOCATION).
+# ".cache": Unsloth's compiled modules, one folder per rank (engine.Trainer.setup's UNSLOTH_COMPILE_LOCATION).
 RUN_FOLDERS = frozenset({"adapter", "model", "checkpoints", "logs", "tensorboard", "wandb", ".cache"})
 # Files every run writes (recipe.resolved.yaml before its workers start): with a complete checkpoint, the signs
 # that a folder holds a run. A `checkpoints/` or `logs/` alone may be another tool's.
@@ -503,7 +503,7 @@ def save_checkpoint(trainer: Any) -> Path | None:
     rng = {"cpu": torch.get_rng_state()}
     if info.device_type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state()
-    rngs = _gather_objects(rng, info)
+    rngs = D.all_gather_object(rng, info)
     sharded = getattr(trainer, "sharded", False)
     if sharded:
         # Shards gathered into full tensors (collectives on every rank): the checkpoint does not depend on the
@@ -558,16 +558,6 @@ def _full_optimizer_state(trainer: Any) -> dict[str, Any]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_optimizer_state_dict(trainer.model, trainer.optimizer, options=options)
-
-
-def _gather_objects(obj: Any, info: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or info.world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _prune(out: Path, keep: int) -> None:

@@ -2,9 +2,9 @@
 elastic launcher (the machinery behind `torchrun`), rendezvous, `init_process_group`, collectives,
 gradient synchronisation, cross-rank consistency checks and teardown.
 
-The rest of the engine receives a `DistInfo` and never reads RANK/MASTER_ADDR itself. World size 1 is
-not a special case: the same code runs with one process (collectives become cheap no-ops on gloo/NCCL
-groups of one).
+The rest of the engine receives a `DistInfo` and never reads RANK/MASTER_ADDR itself (hook mode asks
+`external_launch` here; `mgpu doctor --probe`'s worker is its own small script, `probe.py`). World size 1 is
+not a special case: the same code runs with one process (every collective returns at once for a world of one).
 """
 
 from __future__ import annotations
@@ -60,9 +60,18 @@ class DistInfo:
         return "nccl" if self.device_type == "cuda" else "gloo"
 
 
-def get_dist_info(device_type: str = "cpu") -> DistInfo:
-    """Read the launcher's environment; world size 1 when not launched."""
-    env = os.environ
+def external_launch(env: Any = None) -> DistInfo | None:
+    """This process's place when a launcher started it (torchrun, or any that sets RANK and WORLD_SIZE, as hook
+    mode accepts); None otherwise. Reads the variables only: no group is joined."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return get_dist_info("cpu", env)
+    return None
+
+
+def get_dist_info(device_type: str = "cpu", env: Any = None) -> DistInfo:
+    """Read the launcher's environment (`env`, default os.environ); world size 1 when not launched."""
+    env = os.environ if env is None else env
     return DistInfo(
         rank=int(env.get("RANK", 0)),
         world_size=int(env.get("WORLD_SIZE", 1)),
@@ -1055,7 +1064,19 @@ def all_gather_floats(values: Sequence[float], info: DistInfo) -> list[list[floa
     return [o.tolist() for o in out]
 
 
+def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order (`[obj]` for a world of one)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or info.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
+    """Rank `src`'s picklable `obj`, on every rank."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or info.world_size == 1:

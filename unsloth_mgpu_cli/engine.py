@@ -1,4 +1,4 @@
-"""The training engine: `setup` in the parent, `worker_main` per rank, `fit` the loop.
+"""The training engine: `train` in the parent, `_worker_main` per rank (`Trainer.setup`, then `Trainer.fit`, the loop).
 
     mgpu train recipes/quickstart.yaml
 

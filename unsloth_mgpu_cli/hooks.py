@@ -222,7 +222,9 @@ def enable_multi_gpu(
             )
         _install(config)
         return config
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    from .distributed import external_launch
+
+    if external_launch() is not None:
         _join_external_launch(config)  # torchrun / SLURM-style launcher: do not re-launch
         _install(config)
         return config
@@ -249,11 +251,10 @@ def launched_world_size() -> int | None:
     """
     if _STATE.info is not None:
         return int(_STATE.info.world_size)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        from .distributed import get_dist_info
+    from .distributed import external_launch
 
-        return get_dist_info("cpu").world_size  # reads the launcher's variables; no group is joined
-    return None
+    launched = external_launch()
+    return launched.world_size if launched is not None else None
 
 
 def get_config() -> MultiGPUConfig | None:
@@ -380,10 +381,11 @@ def _join_external_launch(config: MultiGPUConfig) -> None:
 
     if _STATE.info is not None:
         return
-    launched = {os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")}
-    if config.num_gpus is not None and str(config.num_gpus) not in launched:
+    launched = D.external_launch()
+    assert launched is not None
+    if config.num_gpus is not None and config.num_gpus not in (launched.world_size, launched.local_world_size):
         raise ValueError(
-            f"num_gpus={config.num_gpus} but the launcher started WORLD_SIZE={os.environ['WORLD_SIZE']} worker(s): "
+            f"num_gpus={config.num_gpus} but the launcher started WORLD_SIZE={launched.world_size} worker(s): "
             "under torchrun leave num_gpus out or pass the launched count (with ConfigManager: "
             "get_optimal_config(num_gpus=<that count>))"
         )

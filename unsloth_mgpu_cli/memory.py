@@ -286,10 +286,9 @@ def architecture_from_config(config: dict[str, Any], name: str = "", source: str
 
 
 def _hf_hub_cache() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-    return Path(home) / "hub"
+    from .doctor import hf_cache_dir  # the doctor's reading: HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, HF_HOME, XDG
+
+    return hf_cache_dir(os.environ)
 
 
 def find_config(model: str) -> Path | None:

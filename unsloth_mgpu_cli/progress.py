@@ -1,6 +1,7 @@
 """Rank 0's live progress display: step, loss, learning rate, tokens/s (all GPUs), ETA, memory per GPU, eval loss.
 
-Other ranks get a display that does nothing (the null-logger pattern), so the loop has no rank checks.
+Other ranks get a disabled display: its bar and rows draw nothing (the null-logger pattern), but `log` still
+prints, so callers guard messages meant for rank 0 alone with `info.is_main`.
 """
 
 from __future__ import annotations

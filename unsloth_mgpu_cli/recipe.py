@@ -381,10 +381,11 @@ class DistributedSection(_Section):
     @field_validator("rdzv_endpoint")
     @classmethod
     def _endpoint(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9_.\-\[\]:]+:\d{1,5}", v):
-            raise ValueError(f"expected HOST:PORT (e.g. 10.0.0.1:29400), found {v!r}")
-        if v is not None and not 1 <= int(v.rsplit(":", 1)[1]) <= 65535:
-            raise ValueError(f"expected a port from 1 to 65535 after the host, found {v!r}")
+        from .distributed import check_endpoint  # one rule for the recipe key and --rdzv-endpoint
+
+        problems = check_endpoint(v, "distributed.rdzv_endpoint") if v is not None else []
+        if problems:
+            raise ValueError(problems[0].message)
         return v
 
 
@@ -1076,7 +1077,7 @@ def load_recipe(
     Args:
         path: the YAML file (or None when `data` is given).
         overrides: `dotted.key=value` strings applied before validation.
-        data: an already-parsed recipe mapping (used by the Python API).
+        data: an already-parsed recipe mapping instead of a file (tests build recipes this way).
         check_paths: resolve relative paths and check that local files exist.
 
     Returns:
