@@ -31,8 +31,8 @@ from typing import Any, Literal
 from .devices import GPUInfo, GPULink, GPUSnapshot
 
 Status = Literal["ok", "warn", "fail"]
-GB = 1000**3
 GIB = 1024**3
+GB = GIB  # memory and disk sizes in GB mean 2**30 bytes, as everywhere in mgpu (bandwidths in GB/s: 1e9)
 
 # Libraries whose versions must sit inside the ranges the installed Unsloth declares. `required` ones fail
 # when missing; the rest only matter for some runs (4-bit, Triton kernels) and warn.

@@ -335,7 +335,9 @@ class DistributedSection(_Section):
     """How many workers, where, and how their gradients are combined."""
 
     num_gpus: int | Literal["auto"] = Field(
-        "auto", description="Worker processes, one per GPU; on device=cpu, CPU worker processes. auto: all GPUs."
+        "auto",
+        description="Worker processes per host (node), one per GPU; on device=cpu, CPU worker processes. auto: all "
+        "GPUs of the host. The global batch counts the workers of every node.",
     )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: cuda when a GPU is present, else cpu.")
     aggregation: Literal["mean", "sum", "weighted", "median"] = Field(
