@@ -211,6 +211,7 @@ def remove_entries(paths: list[Path]) -> None:
 
 
 def list_checkpoints(out: Path) -> list[Path]:
+    """`<out>/checkpoints/step-N` folders, oldest first (unfinished `.tmp` folders left out)."""
     folder = Path(out) / "checkpoints"
     if not folder.is_dir():
         return []
@@ -440,6 +441,7 @@ def check_resume_compatible(ckpt: Path, identity: dict[str, Any]) -> None:
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's state.json; a UserError naming the file when it is missing or unreadable."""
     try:
         return json.loads((Path(ckpt) / "state.json").read_text())
     except (OSError, ValueError) as exc:

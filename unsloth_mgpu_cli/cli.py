@@ -77,15 +77,15 @@ def _fail(exc: BaseException) -> None:
     # Messages quote paths and upstream errors (gloo: "[/path/unbound_buffer.cc:129] Timed out"): never markup.
     if isinstance(exc, UserError):
         console.print(f"[bold red]error:[/] {escape(exc.render())}", markup=True, soft_wrap=True)
-        raise typer.Exit(2)
+        raise typer.Exit(exc.exit_code)
     if isinstance(exc, TrainingFailed):
         console.print(f"[bold red]training failed:[/] {escape(str(exc))}", soft_wrap=True)
         if exc.details:
             console.print(exc.details, markup=False, soft_wrap=True)
-        raise typer.Exit(1)
+        raise typer.Exit(exc.exit_code)
     if isinstance(exc, Interrupted):
         console.print(f"[yellow]interrupted:[/] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(130)
+        raise typer.Exit(exc.exit_code)
     raise exc
 
 

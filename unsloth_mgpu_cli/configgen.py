@@ -165,10 +165,6 @@ def _largest_fitting(
     return best, best_b, None, None
 
 
-def _ckpt_label(ckpt: Checkpointing) -> str:
-    return {False: "no checkpointing", True: "checkpointing", "unsloth": "unsloth (offloaded) checkpointing"}[ckpt]
-
-
 def _gb(nbytes: float) -> str:
     return f"{nbytes / GiB:.1f} GB"
 

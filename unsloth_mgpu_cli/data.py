@@ -1719,12 +1719,6 @@ class StepPlanner:
             speeds=tuple(speeds) if speeds is not None and self.batching != "padded" else None,
         )
 
-    def __iter__(self) -> Iterator[StepBatches]:  # pragma: no cover - convenience
-        step = 0
-        while True:
-            yield self.batches(step)
-            step += 1
-
 
 # ----------------------------------------------------------------------------------------------------
 # `mgpu prepare`: statistics, one rendered example, and what each batching mode would cost

@@ -340,6 +340,8 @@ def run_in_place(entry: Callable[..., Any], args: Sequence[Any], setup: NodeSetu
 
 @dataclass
 class LaunchSpec:
+    """How to start this node's workers: their number and device, the nodes and rendezvous, logs and stop file."""
+
     nproc_per_node: int
     device_type: str
     nnodes: int = 1
@@ -567,8 +569,6 @@ def _graceful_stop(stop_file: Path | None) -> Any:
     and keep supervising while they finish the step and write a checkpoint. A second one: hand it to the agent,
     which stops the workers (SIGTERM, then SIGKILL) and raises; no process is left behind either way.
     """
-    import signal
-    import sys
     import threading
 
     if stop_file is None or threading.current_thread() is not threading.main_thread():
@@ -656,7 +656,6 @@ class StopSignal:
     """
 
     def __init__(self, stop_file: str | None = None):
-        import signal
         import threading
 
         self.stop_file = Path(stop_file) if stop_file else None
@@ -680,7 +679,6 @@ class StopSignal:
         collective, a GPU sync), where the Python handler cannot run. Nothing is lost: the run has failed, the
         other ranks' collectives cannot complete, and checkpoints are written atomically.
         """
-        import signal
         import threading
 
         read_fd, write_fd = os.pipe()
@@ -755,7 +753,6 @@ def check_rendezvous_port(endpoint: str, where: str = "distributed.rdzv_endpoint
     Raises:
         UserError: the port is in use on this host. A host that is not this machine's is left alone.
     """
-    from .errors import Problem, UserError
 
     host, _, port = endpoint.rpartition(":")
     host = host.strip("[]")
@@ -967,6 +964,7 @@ def setup_worker(timeout_seconds: int = 1800) -> DistInfo:
 
 
 def teardown() -> None:
+    """Leave the process group, if this process joined one (errors while leaving are ignored)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -975,6 +973,7 @@ def teardown() -> None:
 
 
 def barrier(info: DistInfo) -> None:
+    """Wait until every rank gets here (on CUDA, on this rank's device)."""
     import torch.distributed as dist
 
     if dist.is_initialized():

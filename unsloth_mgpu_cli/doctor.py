@@ -456,6 +456,7 @@ def module_version(module: str, dist: str) -> str | None:
 
 
 def shm_stats(path: str = "/dev/shm") -> tuple[int | None, int | None]:
+    """(size, free) of the shared-memory filesystem in bytes; (None, None) where there is none."""
     try:
         st = os.statvfs(path)
     except OSError:
@@ -475,6 +476,7 @@ def free_bytes_at(path: Path) -> tuple[Path, int | None]:
 
 
 def open_files_limit() -> tuple[int | None, int | None]:
+    """The (soft, hard) limit on open files; (None, None) where the platform has no such limit."""
     try:
         import resource
     except ImportError:  # Windows
@@ -491,6 +493,7 @@ def hf_cache_dir(env: Mapping[str, str]) -> Path:
 
 
 def hf_home(env: Mapping[str, str]) -> Path:
+    """Hugging Face's home folder: HF_HOME, else $XDG_CACHE_HOME/huggingface, else ~/.cache/huggingface."""
     if env.get("HF_HOME"):
         return Path(env["HF_HOME"]).expanduser()
     xdg = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -585,7 +588,7 @@ def run_checks(output_dir: Path | str = "outputs", probe: bool = False, probe_ti
     add(check_hf(cache, _truthy(env.get("HF_HUB_OFFLINE")) or _truthy(env.get("TRANSFORMERS_OFFLINE")),
                  hf_token_present(env)))  # fmt: skip
 
-    from .probe import free_port
+    from .distributed import free_port
 
     port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT", "").isdigit() else free_port()
     add(check_port(port))

@@ -97,6 +97,7 @@ def detect_device(recipe: Recipe) -> tuple[str, int]:
 
 
 def resolve_workers(recipe: Recipe, device: str, gpus: int) -> int:
+    """Workers on this host: `distributed.num_gpus`, or every GPU (1 CPU worker) for auto; refuses more than exist."""
     n = recipe.distributed.num_gpus
     if n == AUTO:
         return gpus if device == "cuda" else 1
@@ -644,7 +645,7 @@ class Trainer:
         self.dtype = self._dtype()
         kwargs = model_load_kwargs(r, self.plan.model_path, self.dtype, self.info.device_type, self.sharded)
         model, tokenizer = FastLanguageModel.from_pretrained(**kwargs)
-        gc = r.memory.gradient_checkpointing
+        checkpointing = r.memory.gradient_checkpointing
         if r.lora is not None:
             model = FastLanguageModel.get_peft_model(
                 model,
@@ -654,10 +655,10 @@ class Trainer:
                 target_modules=list(r.lora.target_modules),
                 bias="none",
                 use_rslora=r.lora.use_rslora,
-                use_gradient_checkpointing=gc,
+                use_gradient_checkpointing=checkpointing,
                 random_state=r.training.seed,
             )
-        elif gc:
+        elif checkpointing:
             model.gradient_checkpointing_enable()
         # Identical starting weights: rank 0's, broadcast, then checked rather than assumed.
         trainable = [p for p in model.parameters() if p.requires_grad]

@@ -9,6 +9,7 @@ from .recipe import Recipe
 
 
 def build_optimizer(params: list[Any], recipe: Recipe, device_type: str) -> Any:
+    """The recipe's `training.optimizer` over `params`: SGD, AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW."""
     import torch
 
     t = recipe.training
@@ -20,6 +21,7 @@ def build_optimizer(params: list[Any], recipe: Recipe, device_type: str) -> Any:
 
 
 def build_scheduler(optimizer: Any, recipe: Recipe, total_steps: int) -> Any:
+    """transformers' schedule for `training.lr_scheduler` with `warmup_steps`, over `total_steps` optimizer steps."""
     from transformers import get_scheduler
 
     t = recipe.training
@@ -49,7 +51,9 @@ def adamw_8bit_class() -> Any:
     import torch
 
     base = bnb.optim.AdamW8bit
-    block = 256  # bitsandbytes' blockwise 8-bit state: one absmax per 256 elements (Optimizer2State.init_state)
+    from .distributed import FLAT_ALIGN
+
+    block = FLAT_ALIGN  # bitsandbytes' blockwise 8-bit state: one absmax per 256 elements (Optimizer2State.init_state)
     keys = ("state1", "state2", "absmax1", "absmax2")
 
     class FlatRun:

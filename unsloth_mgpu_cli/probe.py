@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -62,13 +61,6 @@ class ProbeResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def run_probe(
@@ -201,7 +193,7 @@ def _launch(nproc: int, device: str, size_mb: float, iters: int, timeout: int) -
     """Start `nproc` workers with the elastic agent and merge rank 0's numbers with every rank's pair timings."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from .distributed import LOOPBACK_RDZV, LaunchSpec, nccl_on_loopback, register_loopback_rendezvous
+    from .distributed import LOOPBACK_RDZV, LaunchSpec, free_port, nccl_on_loopback, register_loopback_rendezvous
 
     # one host: every socket on loopback, as for `mgpu train` (see distributed.build_launch_config)
     register_loopback_rendezvous()
@@ -238,6 +230,7 @@ def _launch(nproc: int, device: str, size_mb: float, iters: int, timeout: int) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The probe's child process: run the workers and write their JSON result to `--result` (exit 0 once written)."""
     parser = argparse.ArgumentParser(description="All-reduce probe (run by `mgpu doctor --probe`).")
     parser.add_argument("--nproc", type=int, required=True)
     parser.add_argument("--device", choices=["cuda", "cpu"], required=True)

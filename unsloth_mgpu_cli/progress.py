@@ -24,6 +24,8 @@ def memory_text(mem_gb: list[float], each: bool = True) -> str:
 
 
 class ProgressDisplay:
+    """Rank 0's bar and one line per logged step (a plain line where there is no terminal); disabled elsewhere."""
+
     def __init__(self, enabled: bool, total: int, start: int = 0, gpus: int = 1, console: Any = None):
         self.enabled = enabled
         self._progress: Any = None

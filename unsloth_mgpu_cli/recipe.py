@@ -520,8 +520,6 @@ class Recipe(_Section):
                     "set dataset.eval_path or dataset.eval_ratio (or training.eval_steps: 0)",
                 )
             )
-        if self.output.save_steps and t.max_steps is not None and self.output.save_steps > t.max_steps:
-            pass  # only the final checkpoint will be written: fine, not an error
         if problems:
             raise ValueError("\n".join(f"@{k}@ {m}" for k, m in problems))
         return self
@@ -533,10 +531,6 @@ class Recipe(_Section):
         if mb == AUTO or ga == AUTO:
             raise ValueError("resolve auto values first")
         return int(mb) * num_workers * int(ga)
-
-    @property
-    def is_full_finetune(self) -> bool:
-        return self.lora is None
 
     def train_on_responses_only(self) -> bool:
         return self.dataset.responses_only()

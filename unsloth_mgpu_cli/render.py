@@ -13,6 +13,7 @@ console = Console(highlight=False)
 
 
 def method_name(loaded: LoadedRecipe) -> str:
+    """What the recipe trains, in words: full fine-tuning, QLoRA or LoRA."""
     r = loaded.recipe
     if r.lora is None:
         return "full fine-tuning"

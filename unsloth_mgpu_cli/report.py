@@ -99,11 +99,6 @@ def read_metrics(out: Path) -> tuple[list[dict[str, Any]], list[Problem]]:
     return rows, skipped
 
 
-def load_metrics(out: Path) -> list[dict[str, Any]]:
-    """The usable rows of `<out>/metrics.jsonl` (damaged lines left out), or a UserError when there are none."""
-    return read_metrics(out)[0]
-
-
 def load_summary(out: Path) -> dict[str, Any]:
     """`<out>/summary.json` (written when a run finishes), or {} when there is none.
 

@@ -103,6 +103,7 @@ def generate_quickstart_rows(n: int = 512, seed: int = 0) -> list[dict[str, str]
 
 
 def quickstart_jsonl() -> str:
+    """The bundled quick-start data (recipes/data/quickstart.jsonl) as JSON Lines text."""
     return "".join(json.dumps(r) + "\n" for r in generate_quickstart_rows())
 
 
