@@ -168,6 +168,9 @@ def test_killed_run_resumed_from_step_5_equals_the_uninterrupted_run(runs):
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
     assert [r.get("eval_loss") for r in rows] == [r.get("eval_loss") for r in ref_rows]
     # a checkpoint's state.json carries the metrics row of its own step (rows are otherwise written a step late)
+    # each rank draws its own random numbers (dropout masks): their RNG states differ (they were one stream, twice)
+    rng = torch.load(base / "ref" / "checkpoints" / "step-5" / "rng.pt", weights_only=True)
+    assert not torch.equal(rng["rank0"]["cpu"], rng["rank1"]["cpu"])
     saved = json.loads((base / "ref" / "checkpoints" / "step-5" / "state.json").read_text())["run_state"]
     assert saved["last_metrics"] == ref_rows[4]
     # run totals survive the resume: the tokens of all 10 steps, not just the 5 after it

@@ -664,6 +664,10 @@ class Trainer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         D.broadcast_parameters(trainable, self.info)
         D.check_consistency(trainable, self.info, step=0)
+        # From here on each rank draws its own random numbers (dropout masks): with one seed for all, rank 1 would
+        # repeat rank 0's masks, where one process over the same batch draws new ones for every row (torchtune
+        # seeds seed + rank alike). Rank 0 keeps the recipe's seed, so a one-worker run is unchanged.
+        torch.manual_seed(r.training.seed + self.info.rank)
         if self.sharded and r.model.load_in_4bit:
             # QLoRA under fsdp: 16-bit weights loaded on the host become NF4 tensors that FSDP2 shards (torchao;
             # bitsandbytes' 4-bit state is not shardable per parameter). See quantization.py.
