@@ -30,7 +30,8 @@
 # doctor --probe ok over NCCL with 1 GPU, the tier's 1-GPU tests 2 passed in 238 s).
 # In session 14 (only the 1-GPU kind lent): `s14` (the Python API examples on CUDA; tokens/s with evaluation on; its
 # rendezvous Ctrl-C was sent too early and lost), `s14b` (Ctrl-C at the rendezvous: exit 130 after 2 s; the tier's
-# 1-GPU tests: 2 passed, 3 skipped, 209 s).
+# 1-GPU tests: 2 passed, 3 skipped, 209 s), `s14c` (the final code: steady 18,753 against 628 tokens/s over a
+# 40-step run whose first step took 23 s; the tier's 1-GPU tests: 2 passed, 3 skipped, 202 s).
 # Next, in this order:
 #   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
@@ -390,6 +391,18 @@ clocks_throttle_reasons.active --format=csv,noheader -lms 100 > "$OUT/smi.csv" 2
     if kill -0 $RUN 2>/dev/null; then kill -KILL $RUN; echo "still waiting 60 s after Ctrl-C: killed"; fi
     wait $RUN; echo "Ctrl-C at the rendezvous: exit=$? $(( $(date +%s)-t )) s after the signal"
     tail -1 "$OUT/alone.txt" | cut -c1-240; rm -rf "$OUT/alone"
+    timeout -k 10 "${T:-300}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
+    echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
+  s14c)
+    # session 14's final code on one GPU: the run summary's steady rate next to the whole-run one (a short run
+    # with evaluation), then the tier's 1-GPU tests
+    python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 training.max_steps=40 \
+      training.warmup_steps=1 dataset.eval_ratio=0.1 training.eval_steps=10 logging.progress=false \
+      output.save_steps=0 output.dir="$OUT/eval" > "$OUT/eval.txt" 2>&1; echo "eval run: exit=$?"
+    grep -A1 "^throughput" "$OUT/eval.txt"; python3 -c "import json,sys; s=json.load(open(sys.argv[1])); \
+      print({k: s[k] for k in ('tokens_per_second', 'steady_tokens_per_second', 'eval_s', 'first_step_s')})" \
+      "$OUT/eval/summary.json"
+    rm -rf "$OUT/eval"
     timeout -k 10 "${T:-300}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
   outputs)
