@@ -38,8 +38,15 @@ def runs(tmp_path_factory):
     # the control is a near miss: the two workers' run with `mean` aggregation, which weights each rank's token
     # mean alike although their token counts differ (the bug `weighted` exists to avoid)
     train(base / "control", "distributed.num_gpus=2", "training.micro_batch_size=2", "distributed.aggregation=mean")
-    # any worker count: four CPU workers (the 4-GPU shape) x micro-batch 1; and only PyTorch's math attention
-    train(base / "four", "distributed.num_gpus=4", "training.micro_batch_size=1", "model.attention=math")
+    # any worker count and batching: four CPU workers (the 4-GPU shape) x micro-batch 1, samples packed into rows
+    # (the one-worker run pads them: the same samples per step, other batch shapes); only PyTorch's math attention
+    train(
+        base / "four",
+        "distributed.num_gpus=4",
+        "training.micro_batch_size=1",
+        "dataset.batching=packed",
+        "model.attention=math",
+    )
     return base
 
 
@@ -50,9 +57,13 @@ def test_two_workers_equal_one_worker_on_the_same_global_batch(runs):
     assert max_rel_diff(two, one) < 1e-4
 
 
-def test_four_workers_equal_one_worker_on_the_same_global_batch(runs):
+def test_four_workers_with_packed_rows_equal_one_worker_on_the_same_global_batch(runs):
     assert max_rel_diff(adapter(runs / "four"), adapter(runs / "one")) < 1e-4
     rows = [json.loads(line) for line in (runs / "four" / "metrics.jsonl").read_text().splitlines()]
+    ones = [json.loads(line) for line in (runs / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in ones]  # the same samples in every step
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ones], rel=1e-5)
+    assert "batching: packed" in (runs / "four" / "recipe.resolved.yaml").read_text()
     assert len(rows[-1]["peak_memory_gb"]) == 4
     # model.attention reached the workers: only the math kernel was on (the default leaves PyTorch's CPU choice)
     assert json.loads((runs / "four" / "summary.json").read_text())["attention_kernels"] == ["math"]
