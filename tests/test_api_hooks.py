@@ -22,12 +22,16 @@ SCRIPT = ROOT / "tests" / "scripts" / "hook_sft.py"
 STEPS, BS = 4, 2
 
 
-def run_script(out: Path, ngpu: int, bs: int, seed: int = 3) -> None:
+def run_script(out: Path, ngpu: int, bs: int, seed: int = 3, torchrun: bool = False) -> None:
+    """The script as users run it: `python script.py` (it re-launches itself), or under torchrun, which starts
+    the workers itself (enable_multi_gpu then joins torchrun's group instead of launching)."""
     out.mkdir(parents=True)
     env = mgpu_env(
         HOOK_NGPU=str(ngpu), HOOK_BS=str(bs), HOOK_SEED=str(seed), HOOK_DUMP=str(out), MGPU_LOG_DIR=str(out / "logs")
     )
-    proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=out, env=env, capture_output=True, text=True, timeout=500)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ngpu}"]
+    command = [*launcher, str(SCRIPT)] if torchrun else [sys.executable, str(SCRIPT)]
+    proc = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -41,6 +45,7 @@ def runs(tmp_path_factory):
     run_script(base / "two", 2, BS)
     run_script(base / "one", 1, 2 * BS)
     run_script(base / "control", 1, 2 * BS, seed=7)
+    run_script(base / "torchrun", 2, BS, torchrun=True)
     return base
 
 
@@ -65,6 +70,13 @@ def test_two_workers_equal_one_worker_with_twice_the_batch(runs):
     # the loss logged by the 2-worker run is the global loss: the one-worker run's, step by step
     assert r2["logged_loss"] == pytest.approx(r1["logged_loss"], rel=1e-5)
     assert r2["step_tokens"] == r1["step_tokens"]
+
+
+def test_under_torchrun_the_same_script_trains_what_the_relaunched_one_does(runs):
+    (w0, r0), (w1, _) = rank(runs / "torchrun", 0), rank(runs / "torchrun", 1)
+    assert max_rel_diff(w0, w1) == 0.0
+    assert max_rel_diff(w0, rank(runs / "one", 0)[0]) < 1e-4  # one process over the same global batch
+    assert r0["world_size"] == 2 and r0["optimizer_steps"] == STEPS
 
 
 def test_control_with_another_seed_differs(runs):
