@@ -275,7 +275,8 @@ class MemoryManager:
 
         Appends {phase, seconds, peak_allocated_bytes (CUDA) or peak_rss_bytes and rss_bytes (CPU: the
         process's resident memory at its highest during the phase, and at its end), collected, released_bytes}
-        to `history`.
+        to `history`. On Linux a CPU phase starts a new high-water mark for the whole process (VmHWM, which
+        `resource.getrusage`'s ru_maxrss also reads).
         """
         torch = sys.modules.get("torch")
         cuda = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
