@@ -578,16 +578,10 @@ def resolve_auto(
 
 
 def detect_gpu_memory(env: Any = None, nvml: Any = None) -> tuple[int, int | None]:
-    """(number of visible NVIDIA GPUs, memory of the smallest in bytes) via NVML; (0, None) without a driver.
+    """(number of visible NVIDIA GPUs, memory of the smallest in bytes): `devices.detect_gpu_memory`."""
+    from .devices import detect_gpu_memory as detect
 
-    Only the GPUs that `CUDA_VISIBLE_DEVICES` (in `env`, by default `os.environ`) leaves visible count, as for
-    `mgpu train`. NVML reads the driver directly: no CUDA context is created and torch is not imported.
-    """
-    from .devices import GIB, DeviceManager
-
-    devices = DeviceManager(nvml=nvml, env=env).snapshot(with_links=False).devices
-    readable = [d for d in devices if d.error is None]  # an unreadable GPU counts, its memory is unknown
-    return len(devices), (int(min(d.memory_total_gb for d in readable) * GIB) if readable else None)
+    return detect(env, nvml)
 
 
 class ConfigManager:

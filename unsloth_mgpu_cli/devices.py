@@ -319,7 +319,17 @@ def count_gpus(env: Mapping[str, str] | None = None, nvml: Any = None) -> int:
     return len(DeviceManager(nvml=nvml, env=env).snapshot(with_links=False).devices)
 
 
+def detect_gpu_memory(env: Mapping[str, str] | None = None, nvml: Any = None) -> tuple[int, int | None]:
+    """(number of visible NVIDIA GPUs, memory of the smallest in bytes) via NVML; (0, None) without a driver.
+
+    Only the GPUs that `CUDA_VISIBLE_DEVICES` leaves visible count, as for `mgpu train`; one NVML cannot read
+    counts (CUDA numbers it) but has no known memory. No CUDA context is created and torch is not imported.
+    """
+    devices = DeviceManager(nvml=nvml, env=env).snapshot(with_links=False).devices
+    readable = [d for d in devices if d.error is None]
+    return len(devices), (int(min(d.memory_total_gb for d in readable) * GIB) if readable else None)
+
+
 def gpu_memory_bytes(env: Mapping[str, str] | None = None, nvml: Any = None) -> int | None:
     """Total memory of the smallest visible GPU in bytes (the generator plans for it); None without GPUs."""
-    devices = [d for d in DeviceManager(nvml=nvml, env=env).snapshot(with_links=False).devices if d.error is None]
-    return int(min(d.memory_total_gb for d in devices) * GIB) if devices else None
+    return detect_gpu_memory(env, nvml)[1]

@@ -88,48 +88,23 @@ class MemoryManager:
         ]
 
     def _nvml_usage(self) -> list[dict[str, Any]]:
-        from .devices import load_nvml, visible_physical_indices
+        """Every visible GPU's memory through NVML (`devices.DeviceManager`); a GPU NVML cannot read is left out."""
+        from .devices import GIB, DeviceManager
 
-        try:
-            nvml = self._nvml or load_nvml()
-            nvml.nvmlInit()
-        except Exception:  # no NVIDIA driver / library on this machine
-            return []
-        try:
-            import os
-
-            n = nvml.nvmlDeviceGetCount()
-            handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(n)]
-            uuids = []
-            for h in handles:
-                try:
-                    u = nvml.nvmlDeviceGetUUID(h)
-                    uuids.append(u.decode() if isinstance(u, bytes) else str(u))
-                except Exception:
-                    uuids.append("")
-            out = []
-            for cuda_index, phys in enumerate(
-                visible_physical_indices(os.environ.get("CUDA_VISIBLE_DEVICES"), n, uuids)
-            ):
-                try:
-                    info = nvml.nvmlDeviceGetMemoryInfo(handles[phys])
-                except Exception:  # one unreadable GPU (lost): report the others, not host RAM instead
-                    continue
+        out = []
+        for d in DeviceManager(nvml=self._nvml).snapshot(with_links=False).devices:
+            if d.error is None:
+                total, free = int(d.memory_total_gb * GIB), int(d.memory_free_gb * GIB)
                 out.append(
                     {
-                        "device": f"cuda:{cuda_index}",
+                        "device": f"cuda:{d.index}",
                         "source": "nvml",
-                        "used_bytes": int(info.total) - int(info.free),
-                        "free_bytes": int(info.free),
-                        "total_bytes": int(info.total),
+                        "used_bytes": total - free,
+                        "free_bytes": free,
+                        "total_bytes": total,
                     }
                 )
-            return out
-        except Exception:
-            return []
-        finally:
-            with contextlib.suppress(Exception):
-                nvml.nvmlShutdown()
+        return out
 
     # -- pre-flight ------------------------------------------------------------------------------------
     def forecast(
