@@ -23,6 +23,7 @@ With `ddp` more GPUs never make a model fit; with `fsdp` they do, and the answer
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -254,6 +255,7 @@ def plan(
     gradient_checkpointing: Checkpointing | None = None,
     micro_batch_size: int | None = None,
     strategy: str = "ddp",
+    names: Mapping[str, str] | None = None,
 ) -> Plan:
     """Choose method, checkpointing, micro-batch and accumulation for `num_gpus` GPUs of one size.
 
@@ -272,6 +274,7 @@ def plan(
         gradient_checkpointing: fixed mode (a recipe that sets it); None lets the generator choose.
         micro_batch_size: fixed micro-batch (a recipe that sets it); None lets the generator choose.
         strategy: ddp (replicas), fsdp (sharded) or auto (ddp when a replicated setting fits, else fsdp).
+        names: how the suggestions name the settings (`CLI_NAMES`, `mgpu suggest`'s flags, by default).
 
     Returns:
         A Plan; `fits` is False with `suggestions` when nothing fits.
@@ -346,11 +349,20 @@ def plan(
         )
     else:
         result.strategy = "fsdp" if strategy == "fsdp" else "ddp"
-        result.suggestions = _suggestions(arch, replace(base, sharded=result.strategy == "fsdp"), result)
+        result.suggestions = _suggestions(
+            arch, replace(base, sharded=result.strategy == "fsdp"), result, names or CLI_NAMES
+        )
     return result
 
 
-def _suggestions(arch: Architecture, base: TrainingSetup, result: Plan) -> list[str]:
+#: How suggestions name the settings: `mgpu suggest`'s flags, or the Python API's arguments (ConfigManager).
+CLI_NAMES = {"memory": "--gpu-memory", "fraction": "max_memory_fraction", "qlora": "--method qlora",
+             "seq_len": "--seq-len {}", "gpus": "--gpus"}  # fmt: skip
+PYTHON_NAMES = {"memory": "available_memory", "fraction": "memory_fraction", "qlora": "method='qlora'",
+                "seq_len": "seq_len={}", "gpus": "num_gpus"}  # fmt: skip
+
+
+def _suggestions(arch: Architecture, base: TrainingSetup, result: Plan, names: Mapping[str, str]) -> list[str]:
     """What would fit when nothing does: 4-bit, fewer tokens, a bigger GPU (never merely more GPUs)."""
     out: list[str] = []
     budget, frac = result.budget_bytes, result.memory_fraction
@@ -358,13 +370,13 @@ def _suggestions(arch: Architecture, base: TrainingSetup, result: Plan) -> list[
     need = estimate(arch, smallest).peak
     out.append(
         f"{result.method} needs about {_gb(need)} per GPU at micro-batch 1 with offloaded checkpointing: "
-        f"a GPU with at least {_gb(need / frac)} (at max_memory_fraction {frac:g}), or raise "
-        f"--gpu-memory/max_memory_fraction if the GPU really has more free"
+        f"a GPU with at least {_gb(need / frac)} (at {names['fraction']} {frac:g}), or raise "
+        f"{names['memory']}/{names['fraction']} if the GPU really has more free"
     )
     if result.method != "qlora":
         q = estimate(arch, replace(smallest, method="qlora", gpu_memory_bytes=base.gpu_memory_bytes))
         fits = "fits" if q.peak <= budget else "does not fit either"
-        out.append(f"4-bit (--method qlora) needs about {_gb(q.peak)} per GPU: {fits} here")
+        out.append(f"4-bit ({names['qlora']}) needs about {_gb(q.peak)} per GPU: {fits} here")
     static = estimate(arch, replace(smallest, seq_len=1)).peak
     if static > budget:
         out.append(
@@ -375,11 +387,11 @@ def _suggestions(arch: Architecture, base: TrainingSetup, result: Plan) -> list[
         seq = base.seq_len // 2
         while seq >= 64:
             if estimate(arch, replace(smallest, seq_len=seq)).peak <= budget:
-                out.append(f"--seq-len {seq} (or shorter) fits with {result.method} at micro-batch 1")
+                out.append(f"{names['seq_len'].format(seq)} (or shorter) fits with {result.method} at micro-batch 1")
                 break
             seq //= 2
     if base.sharded:
-        out.append("more GPUs lower per-GPU memory under fsdp: try a larger --gpus")
+        out.append(f"more GPUs lower per-GPU memory under fsdp: try a larger {names['gpus']}")
     else:
         out.append(
             "more GPUs do not lower per-GPU memory with data parallelism (every GPU holds a full replica); "
@@ -646,6 +658,7 @@ class ConfigManager:
             global_batch=global_batch,
             optimizer=optimizer,
             memory_fraction=memory_fraction,
+            names=PYTHON_NAMES,
         )
         self.last_plan = p
         if not p.fits:
@@ -666,23 +679,12 @@ class ConfigManager:
         }
 
 
-#: The plan's suggestions name `mgpu suggest`'s flags; the Python API's arguments instead.
-_PYTHON_NAMES = (
-    ("--gpu-memory/max_memory_fraction", "available_memory/memory_fraction"),
-    ("(--method qlora)", "(method='qlora')"),
-    ("--seq-len ", "seq_len="),
-    ("at max_memory_fraction", "at memory_fraction"),
-)
-
-
 def _does_not_fit_in_hook_mode(
     arch: Architecture, model_size: str, mem: int, gpus: int, p: Plan, seq_len: int, memory_fraction: float
 ) -> Problem:
     """Why a model does not fit as one replica per GPU, in the Python API's terms, and whether `mgpu train`
     could shard it (hook mode and MultiGPUTrainer keep a whole replica on every GPU)."""
     first = p.suggestions[0] if p.suggestions else "a GPU with more memory"
-    for cli, python in _PYTHON_NAMES:
-        first = first.replace(cli, python)
     sharded = plan(arch, gpu_memory_bytes=mem, num_gpus=gpus, seq_len=seq_len, strategy="fsdp",
                    memory_fraction=memory_fraction) if gpus > 1 else None  # fmt: skip
     shard = (
