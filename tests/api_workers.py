@@ -85,46 +85,56 @@ def direct_trainer_run(aggregation: str, num_gpus: int | None, bad_batch: int | 
 
     bad_batch: launched, rank 1's loss on that batch is NaN (its gradient too); in one process, that batch is left
     out (what skipping it on every rank must equal)."""
+    return direct_trainer_runs([(aggregation, num_gpus, bad_batch)])[0]
+
+
+def direct_trainer_runs(cases: list[tuple[str, int | None, int | None]]) -> list[dict]:
+    """`direct_trainer_run` for each case, in one process group when launched (a launch costs seconds)."""
     os.environ["MGPU_DEVICE_TYPE"] = "cpu"
     from unsloth_mgpu_cli import distributed as D
     from unsloth_mgpu_cli import hooks
-    from unsloth_mgpu_cli.direct import MultiGPUTrainer
 
     launched = "RANK" in os.environ
     if launched:  # what enable_multi_gpu does in a worker, without importing Unsloth
         hooks._STATE.info = D.setup_worker(timeout_seconds=120)
     try:
-        model = tiny_causal_lm()
-        trainer = MultiGPUTrainer(
-            model=model,
-            num_gpus=num_gpus,
-            optimizer_config={"class": "adamw", "kwargs": {"lr": 1e-2}},
-            aggregation_method=aggregation,
-            max_grad_norm=1.0,
-            verify_every=1,
-        )
-        trainer.setup()
-        batches = epoch_batches()
-        if bad_batch is not None and not launched:
-            del batches[bad_batch]
-        elif bad_batch is not None and trainer.rank == 1:
-            forward, calls = model.forward, []
-
-            def poisoned(*args, **kwargs):
-                out = forward(*args, **kwargs)
-                calls.append(1)
-                if len(calls) == bad_batch + 1:
-                    out.loss = out.loss * float("nan")
-                return out
-
-            model.forward = poisoned
-        stats = trainer.train_epoch(batches)
-        return {
-            "rank": trainer.rank,
-            "stats": stats,
-            "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
-        }
+        return [_direct_trainer_case(*case, launched=launched) for case in cases]
     finally:
         if launched:
             hooks._STATE.info = None
             D.teardown()
+
+
+def _direct_trainer_case(aggregation: str, num_gpus: int | None, bad_batch: int | None, launched: bool) -> dict:
+    from unsloth_mgpu_cli.direct import MultiGPUTrainer
+
+    model = tiny_causal_lm()
+    trainer = MultiGPUTrainer(
+        model=model,
+        num_gpus=num_gpus,
+        optimizer_config={"class": "adamw", "kwargs": {"lr": 1e-2}},
+        aggregation_method=aggregation,
+        max_grad_norm=1.0,
+        verify_every=1,
+    )
+    trainer.setup()
+    batches = epoch_batches()
+    if bad_batch is not None and not launched:
+        del batches[bad_batch]
+    elif bad_batch is not None and trainer.rank == 1:
+        forward, calls = model.forward, []
+
+        def poisoned(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == bad_batch + 1:
+                out.loss = out.loss * float("nan")
+            return out
+
+        model.forward = poisoned
+    stats = trainer.train_epoch(batches)
+    return {
+        "rank": trainer.rank,
+        "stats": stats,
+        "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+    }

@@ -21,34 +21,38 @@ def cpu_worker(timeout_seconds: int = 60) -> Iterator[Any]:
         D.teardown()
 
 
-def aggregate_known_tensors(aggregation: str, views: bool = False) -> dict:
-    """Each rank holds grads [r+1, 10*(r+1) + {0,5,-3}]; returns the synchronised result."""
+def aggregate_known_tensors(cases: list[tuple[str, bool]]) -> dict:
+    """Each rank holds grads [r+1, 10*(r+1) + {0,5,-3}]; returns the synchronised result of each (aggregation,
+    grad_views) case, each with its own synchroniser, one group for all."""
     import torch
 
     from unsloth_mgpu_cli import distributed as D
 
+    results = {}
     with cpu_worker(60) as info:
         r = info.rank
         values = {0: [1.0, 10.0, 7.0], 1: [2.0, 25.0, -3.0], 2: [3.0, 30.0, 100.0]}[r]
-        p1 = torch.nn.Parameter(torch.zeros(2))
-        p2 = torch.nn.Parameter(torch.zeros(1))
-        # a bucket size that forces two buckets, to exercise bucketing
-        sync = D.GradientSynchronizer([p1, p2], info, aggregation, bucket_size_mb=8 / 2**20, grad_views=views)
-        assert len(sync.buckets) == 2
-        if views:
-            # gradients accumulate into the flat buffers by autograd, as in training
-            ((p1 * torch.tensor(values[:2])).sum() + (p2 * torch.tensor(values[2:])).sum()).backward()
-            assert p1.grad.data_ptr() == sync.flats[0].data_ptr()
-        else:
-            p1.grad = torch.tensor(values[:2])
-            p2.grad = torch.tensor(values[2:])
-        assert bool(sync.grads_finite())
-        sync.synchronize()
-        out = {"rank": r, "grads": p1.grad.tolist() + p2.grad.tolist()}
-        if views:
-            sync.zero_grad()
-            out["zeroed"] = p1.grad.tolist() + p2.grad.tolist()
-        return out
+        for aggregation, views in cases:
+            p1 = torch.nn.Parameter(torch.zeros(2))
+            p2 = torch.nn.Parameter(torch.zeros(1))
+            # a bucket size that forces two buckets, to exercise bucketing
+            sync = D.GradientSynchronizer([p1, p2], info, aggregation, bucket_size_mb=8 / 2**20, grad_views=views)
+            assert len(sync.buckets) == 2
+            if views:
+                # gradients accumulate into the flat buffers by autograd, as in training
+                ((p1 * torch.tensor(values[:2])).sum() + (p2 * torch.tensor(values[2:])).sum()).backward()
+                assert p1.grad.data_ptr() == sync.flats[0].data_ptr()
+            else:
+                p1.grad = torch.tensor(values[:2])
+                p2.grad = torch.tensor(values[2:])
+            assert bool(sync.grads_finite())
+            sync.synchronize()
+            out = {"rank": r, "grads": p1.grad.tolist() + p2.grad.tolist()}
+            if views:
+                sync.zero_grad()
+                out["zeroed"] = p1.grad.tolist() + p2.grad.tolist()
+            results[aggregation, views] = out
+    return results
 
 
 def mixed_dtype_steps(steps: int = 3) -> dict:
@@ -118,10 +122,11 @@ def replaced_views() -> dict:
         return {"rank": info.rank, "grad": p.grad.tolist(), "is_view": p.grad.data_ptr() == sync.flats[0].data_ptr()}
 
 
-def sharded_mixed_dtypes(break_reference: bool = False) -> dict:
+def sharded_mixed_dtypes() -> dict:
     """FSDP2 on a bf16 Llama whose norms are fp32 (Unsloth's bf16 full fine-tuning): one weighted step of SGD on
-    each rank's half of a global batch, against the same step of an unsharded copy on the whole batch.
-    Returns the largest relative difference of the gathered weights, per dtype."""
+    each rank's half of a global batch, against the same step of an unsharded copy on the whole batch, and (the
+    control, so the comparison must fail) of a copy on another batch. Returns the largest relative difference of
+    the gathered weights, per dtype, for each reference."""
     import copy
 
     import torch
@@ -134,29 +139,32 @@ def sharded_mixed_dtypes(break_reference: bool = False) -> dict:
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.data = p.data.float()  # in place: the Parameter stays the same object, as in Unsloth
-        ref = copy.deepcopy(model)
         batch = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+        refs = {
+            "same-batch": (copy.deepcopy(model), batch),
+            "other-batch": (copy.deepcopy(model), batch.flip(0)[:, :8]),
+        }
         mine = batch[info.rank * 2 : info.rank * 2 + 2]
-        if break_reference:
-            batch = batch.flip(0)[:, :8]  # the control: another batch, so the comparison must fail
         units = D.shard_model(model, info, "weighted")
         groups = [m for m in model.modules() if isinstance(m, torch.distributed.fsdp.FSDPModule)]
         tokens = 4 * 15  # loss tokens of the global batch (labels shift by one)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # as Unsloth wraps the forward (fp32 norms, bf16 matmuls)
             (model(input_ids=mine, labels=mine).loss * (2 * 15 / tokens)).backward()
-            ref(input_ids=batch, labels=batch).loss.backward()
+            for ref, ref_batch in refs.values():
+                ref(input_ids=ref_batch, labels=ref_batch).loss.backward()
         opt.step()
-        ref_opt = torch.optim.SGD(ref.parameters(), lr=1.0)
-        ref_opt.step()
         full = D.gather_full_tensors(list(model.named_parameters()))
         diffs: dict = {}
-        for name, p in ref.named_parameters():
-            got = full[name]
-            assert got.dtype == p.dtype, (name, got.dtype, p.dtype)
-            rel = float((got.float() - p.detach().float()).norm() / p.detach().float().norm())
-            key = str(p.dtype)
-            diffs[key] = max(diffs.get(key, 0.0), rel)
+        for which, (ref, _) in refs.items():
+            torch.optim.SGD(ref.parameters(), lr=1.0).step()
+            diffs[which] = {}
+            for name, p in ref.named_parameters():
+                got = full[name]
+                assert got.dtype == p.dtype, (name, got.dtype, p.dtype)
+                rel = float((got.float() - p.detach().float()).norm() / p.detach().float().norm())
+                key = str(p.dtype)
+                diffs[which][key] = max(diffs[which].get(key, 0.0), rel)
         return {"rank": info.rank, "units": units, "groups": len(groups), "diffs": diffs}
 
 

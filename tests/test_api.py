@@ -292,13 +292,23 @@ def _rel(a, b):
     return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in b)
 
 
+@pytest.fixture(scope="module")
+def launched_direct():
+    """The direct trainer on 2 ranks: weighted, mean, and weighted with rank 1's loss NaN on batch 1, in one launch;
+    per case, {rank: result}."""
+    from api_workers import direct_trainer_runs
+
+    cases = [("weighted", 2, None), ("mean", 2, None), ("weighted", 2, 1)]
+    results = D.launch(direct_trainer_runs, (cases,), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
+    return [{rank: runs[i] for rank, runs in results.items()} for i in range(len(cases))]
+
+
 @pytest.mark.integration
-def test_direct_trainer_on_two_ranks_equals_one_process_over_the_same_batches():
+def test_direct_trainer_on_two_ranks_equals_one_process_over_the_same_batches(launched_direct):
     from api_workers import direct_trainer_run, rank_average_reference
 
     ref = direct_trainer_run("weighted", None)
-    two = D.launch(direct_trainer_run, ("weighted", 2), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
-    mean = D.launch(direct_trainer_run, ("mean", 2), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
+    two, mean, _ = launched_direct
     assert _rel(two[0]["weights"], two[1]["weights"]) == 0.0  # replicas identical
     assert _rel(two[0]["weights"], ref["weights"]) < 1e-5
     assert two[0]["stats"]["steps"] == ref["stats"]["steps"] == 5  # the last batch has 1 row for 2 ranks
@@ -312,14 +322,14 @@ def test_direct_trainer_on_two_ranks_equals_one_process_over_the_same_batches():
 
 
 @pytest.mark.integration
-def test_direct_trainer_skips_a_batch_with_a_nan_loss_on_one_rank_on_every_rank():
+def test_direct_trainer_skips_a_batch_with_a_nan_loss_on_one_rank_on_every_rank(launched_direct):
     """Rank 1's loss is NaN on the second batch: no rank updates, the replicas stay identical (the consistency
     check after every step passes), and the weights equal one process that never saw that batch. Before, every
     rank stepped on NaN gradients and the run ended in a ConsistencyError blaming drifted replicas."""
     from api_workers import direct_trainer_run
 
     skipped = direct_trainer_run("weighted", None, 1)
-    two = D.launch(direct_trainer_run, ("weighted", 2, 1), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
+    two = launched_direct[2]
     assert _rel(two[0]["weights"], two[1]["weights"]) == 0.0
     assert all(torch.isfinite(w).all() for w in two[0]["weights"].values())
     assert two[0]["stats"]["skipped_steps"] == 1 and two[0]["stats"]["steps"] == skipped["stats"]["steps"] == 4
