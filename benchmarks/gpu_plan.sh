@@ -42,7 +42,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
+STAGE=${1:?usage: gpu_plan.sh s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -405,6 +405,20 @@ clocks_throttle_reasons.active --format=csv,noheader -lms 100 > "$OUT/smi.csv" 2
     rm -rf "$OUT/eval"
     timeout -k 10 "${T:-300}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
+  s15)
+    # session 15 (1-GPU kind): workers and the launcher freeze the garbage collector before they exit. On CUDA: a
+    # short run still exits 0, and the seconds from its summary.json to the process's end; then the 1B at 1 GPU
+    # against s13's 71,538 tokens/s (sessions 14-15 changed the loop's metrics and the exit)
+    s=$(date +%s.%N)
+    python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 training.max_steps=20 \
+      training.warmup_steps=1 logging.progress=false output.save_steps=0 output.dir="$OUT/q" > "$OUT/q.txt" 2>&1
+    rc=$?; e=$(date +%s.%N)
+    python3 -c "import os,sys; s,e,f=float(sys.argv[1]),float(sys.argv[2]),sys.argv[3]; m=os.stat(f).st_mtime; \
+      print(f'quickstart: exit={sys.argv[4]} run {e-s:.1f} s, summary.json to exit {e-m:.2f} s')" \
+      "$s" "$e" "$OUT/q/summary.json" "$rc"
+    grep -E "^start-up|^throughput" "$OUT/q.txt"; rm -rf "$OUT/q"
+    timeout 200 "${BENCH[@]}" --out "$OUT/a" --only ours --gpus 1 --budget-s 190 | tail -3
+    cd "$OUT" && tar czf rest.tgz a; rm -rf a; exit 0 ;;
   outputs)
     # session 12's output safety on CUDA (1 GPU): --overwrite over an earlier run, the export's marker, modes that
     # other users can read, and an export refused over a folder it did not write

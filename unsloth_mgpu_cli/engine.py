@@ -1216,8 +1216,10 @@ class Trainer:
         import torch
 
         from . import distributed as D
+        from .faults import maybe_inject
 
         data, info = self.eval_data, self.info
+        maybe_inject("evaluate", self)
         mine = list(range(info.rank, len(data), info.world_size))
         mb_size = int(self.recipe.training.micro_batch_size)
         sums = torch.zeros(2, dtype=torch.float64, device=info.device)

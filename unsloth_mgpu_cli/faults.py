@@ -15,6 +15,7 @@ at step S (through step T when `until` is given):
               samples (default 1), as CUDA does when activations do not fit
   slow      - wait `us` microseconds (default 100) per token of each micro-batch (padding included) at its
               forward: a device that runs slower than the others (a GPU held back by its power cap)
+  slow_eval - the evaluation after step S takes `seconds` (default 1) longer: a long evaluation
 An `attempt=A` option limits a fault to one attempt of an elastic run (0: before any restart), so that
 `exit:rank=1:step=4:attempt=0` crashes once and lets the restarted workers finish.
 Unset in normal runs: then `maybe_inject` is a dictionary lookup and nothing else.
@@ -49,9 +50,9 @@ def maybe_inject(point: str, trainer: Any, **kw: Any) -> None:
     faults = _faults()
     if not faults:
         return
-    # at "step_end" the step counter has already advanced; elsewhere the step in progress is the one being queued
-    # (the loop queues a step before it settles the previous one: `Trainer.launching`)
-    current = trainer.step if point == "step_end" else getattr(trainer, "launching", trainer.step + 1)
+    # at "step_end" and "evaluate" the step counter has already advanced; elsewhere the step in progress is the one
+    # being queued (the loop queues a step before it settles the previous one: `Trainer.launching`)
+    current = trainer.step if point in ("step_end", "evaluate") else getattr(trainer, "launching", trainer.step + 1)
     for f in faults:
         if f["rank"] != trainer.info.rank or not f["step"] <= current <= f.get("until", f["step"]):
             continue
@@ -78,6 +79,8 @@ def maybe_inject(point: str, trainer: Any, **kw: Any) -> None:
             time.sleep(float(f.get("seconds", 3600)))
         elif kind == "stop" and point == "forward" and trainer.stop is not None:
             trainer.stop.count = max(trainer.stop.count, 1)  # what StopSignal's handler records
+        elif kind == "slow_eval" and point == "evaluate":
+            time.sleep(float(f.get("seconds", 1)))
         elif kind == "slow" and point == "forward":
             time.sleep(kw["tokens"] * float(f.get("us", 100)) * 1e-6)
         elif kind == "oom" and point == "forward" and kw["samples"] > int(f.get("above", 1)):
