@@ -32,6 +32,8 @@
 # rendezvous Ctrl-C was sent too early and lost), `s14b` (Ctrl-C at the rendezvous: exit 130 after 2 s; the tier's
 # 1-GPU tests: 2 passed, 3 skipped, 209 s), `s14c` (the final code: steady 18,753 against 628 tokens/s over a
 # 40-step run whose first step took 23 s; the tier's 1-GPU tests: 2 passed, 3 skipped, 202 s).
+# In session 15 (only the 1-GPU kind lent): `s15` (the 1B at 1 GPU 71,085 tokens/s; the quick start's exit), then
+# `T=330 gputest` (2 passed, 3 skipped, 188 s).
 # Next, in this order:
 #   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
