@@ -12,8 +12,9 @@ TEST_JOBS ?= 2
 
 .PHONY: venv test test-quick test-gpu test-compat lint format schemas demo bench clean
 
-# $(call install,VENV,PACKAGES): with uv when it installs (73 s for the whole stack on the CI machine, pip 131 s), told
-# where pip's configuration finds packages (tools/uv_flags.py: uv reads no pip.conf); with pip when uv fails.
+# $(call install,VENV,PACKAGES): with uv when it installs (62 s for the whole stack in a fresh venv on the 2-core dev
+# machine, pip 131 s), told where pip's configuration finds packages (tools/uv_flags.py: uv reads no pip.conf); with
+# pip when uv fails.
 # --compile-bytecode as pip does: where PYTHONDONTWRITEBYTECODE is set, nothing else would ever write the .pyc files.
 define install
 	@$(1)/bin/python -m pip install -q --disable-pip-version-check uv 2>&1 | grep -v '^WARNING: Location' || true

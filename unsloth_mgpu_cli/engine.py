@@ -568,9 +568,6 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
         return trainer.fit()
     finally:
         D.teardown()
-        # The process ends next. Python's exit would scan the millions of objects Unsloth, transformers and torch
-        # made for cycles: 1.5 s of one core per worker (measured on CPU). Frozen objects are left to the OS.
-        gc.freeze()
         if os.getppid() != parent:
             # Orphaned: the launcher's multiprocessing wrapper would wait forever for the dead parent to read our
             # result. The checkpoint is written; leave now.

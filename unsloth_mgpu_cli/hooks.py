@@ -29,7 +29,6 @@ and only while enabled.
 from __future__ import annotations
 
 import functools
-import gc
 import logging
 import os
 import runpy
@@ -372,7 +371,6 @@ def _run_script(script: str, argv: list[str], timeout_seconds: int = 1800) -> in
     finally:
         disable_multi_gpu()
         D.teardown()
-        gc.freeze()  # the worker ends next: its exit need not scan every object the script's libraries made
     return 0
 
 
