@@ -1,7 +1,7 @@
 """Bad input to the tools around training (`report`, `suggest`, `doctor`, `init`): exit 2, no traceback, the flag or
 file named, nothing written. Each test runs the real `mgpu` in a subprocess (CPU only, no training).
 
-The run folders are synthetic: `metrics.jsonl` and `summary.json` in the format `mgpu train` writes (engine.py).
+The run folders are synthetic: `metrics.jsonl` and `summary.json` in the format `mgpu train` writes (trainer.py).
 """
 
 from __future__ import annotations

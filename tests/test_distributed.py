@@ -285,7 +285,7 @@ def test_a_cpu_workers_peak_memory_is_its_high_water_mark():
     freed; the per-step values then disagreed with the summary."""
     import numpy as np
 
-    from unsloth_mgpu_cli.engine import _peak_memory_gb
+    from unsloth_mgpu_cli.trainer import _peak_memory_gb
 
     info = D.DistInfo(device_type="cpu")
     block = np.ones(300 * 2**20 // 8)  # 300 MB, touched

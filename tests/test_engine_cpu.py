@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import EQUIVALENCE_RUN, ROOT, adapter, max_rel_diff, run_mgpu
 
-from unsloth_mgpu_cli.engine import SpeedBalance
+from unsloth_mgpu_cli.trainer import SpeedBalance
 
 pytestmark = pytest.mark.integration
 
@@ -250,7 +250,7 @@ def test_longest_row_is_the_padded_width_or_the_packed_length():
     import numpy as np
 
     from unsloth_mgpu_cli.data import StepPlanner
-    from unsloth_mgpu_cli.engine import Trainer
+    from unsloth_mgpu_cli.trainer import Trainer
 
     lengths = np.array([5, 9, 3, 17, 2])
     planner = StepPlanner(5, lengths, 1, 1, 1, seed=0, lengths=lengths, pad_to=8)
@@ -264,7 +264,7 @@ def test_longest_row_is_the_padded_width_or_the_packed_length():
 def test_garbage_collection_runs_on_the_loops_schedule_and_is_restored():
     import gc
 
-    from unsloth_mgpu_cli.engine import GarbageCollection
+    from unsloth_mgpu_cli.trainer import GarbageCollection
 
     collector = GarbageCollection(every=3)
     assert gc.isenabled()
@@ -281,7 +281,7 @@ def test_garbage_collection_runs_on_the_loops_schedule_and_is_restored():
 
 
 def test_graphs_compiled_counts_torch_compile_frames():
-    from unsloth_mgpu_cli.engine import _graphs_compiled
+    from unsloth_mgpu_cli.trainer import _graphs_compiled
 
     f = torch.compile(lambda x: x * 3 + 1, backend="eager")
     before = _graphs_compiled()
@@ -304,7 +304,7 @@ def sdp_flags():
 
 
 def test_attention_choice_sets_pytorch_kernels(sdp_flags):
-    from unsloth_mgpu_cli.engine import ATTENTION_KERNELS, select_attention
+    from unsloth_mgpu_cli.trainer import ATTENTION_KERNELS, select_attention
 
     everything = dict.fromkeys(ATTENTION_KERNELS, True)
     assert select_attention("pytorch", "cuda") == everything  # PyTorch's own order: untouched

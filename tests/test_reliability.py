@@ -25,8 +25,8 @@ from typer.testing import CliRunner
 
 from unsloth_mgpu_cli import cli
 from unsloth_mgpu_cli import distributed as D
-from unsloth_mgpu_cli.engine import model_load_kwargs
 from unsloth_mgpu_cli.recipe import load_recipe
+from unsloth_mgpu_cli.trainer import model_load_kwargs
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 BASE = [
@@ -206,7 +206,7 @@ def test_non_finite_steps_are_skipped_together_then_stop_naming_where_it_started
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Steps queued before the previous one is settled (engine `fit`: look-ahead)
+# Steps queued before the previous one is settled (trainer.py `Trainer.fit`: look-ahead)
 # ---------------------------------------------------------------------------------------------------------
 
 

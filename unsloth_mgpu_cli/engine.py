@@ -1,4 +1,4 @@
-"""The training engine: `train` in the parent, `_worker_main` per rank (`Trainer.setup`, then `Trainer.fit`, the loop).
+"""The training engine's parent side: `train`, then `_worker_main` per rank (trainer.py: `Trainer.setup`, `fit`).
 
     mgpu train recipes/quickstart.yaml
 
@@ -11,9 +11,7 @@ with gradients synchronised by `distributed.GradientSynchronizer`. Rank 0 owns e
 from __future__ import annotations
 
 import difflib
-import gc
 import json
-import math
 import os
 import shlex
 import shutil
@@ -233,6 +231,7 @@ def check_free_space(out: Path, recipe: Recipe, model_path: str) -> str | None:
     AdamW moments, for `save_total_limit + 1` checkpoints (one more exists while a new one is written).
     """
     from .memory import architecture_from_config, find_config, lora_params
+    from .render import size_text
 
     config = find_config(model_path)
     if config is None:
@@ -254,14 +253,14 @@ def check_free_space(out: Path, recipe: Recipe, model_path: str) -> str | None:
         raise UserError(
             Problem(
                 "output.dir",
-                f"{parent} has {_size(free)} free; this run writes about {_size(need)} (adapter + {keep} "
+                f"{parent} has {size_text(free)} free; this run writes about {size_text(need)} (adapter + {keep} "
                 "checkpoint(s))",
                 "free some space, choose another output.dir, or lower output.save_total_limit",
             ),
             "not enough disk space",
         )
     if free < 2 * need:
-        return f"output.dir has {_size(free)} free, close to the {_size(need)} this run writes"
+        return f"output.dir has {size_text(free)} free, close to the {size_text(need)} this run writes"
     return None
 
 
@@ -327,41 +326,17 @@ def train(
     happens before anything is written, so a refused run leaves output.dir as it was.
     """
     from . import data as data_mod
-    from .checkpoint import (
-        check_resume_compatible,
-        clean_stale,
-        find_resume_checkpoint,
-        read_state,
-        run_identity,
-        truncate_metrics,
-        verify_safe_to_load,
-    )
-    from .distributed import LaunchSpec, check_rendezvous_port, launch
-    from .errors import Interrupted
+    from .checkpoint import check_resume_compatible, find_resume_checkpoint, run_identity, verify_safe_to_load
+    from .distributed import LaunchSpec, check_rendezvous_port, launch, run_in_place
     from .models import resolve_model_path
     from .render import console
     from .sinks import check_sinks_available
 
     timeline = {"start": time.time()}
-    recipe = loaded.recipe.model_copy(deep=True)
     check_sinks_available(loaded)
+    recipe, nodes, notes = _place_workers(loaded.recipe.model_copy(deep=True), nnodes, node_rank, rdzv_endpoint)
     dist_cfg = recipe.distributed
-    # -- nodes (multinode, #9): flags > recipe > torchrun / SLURM environment; see distributed.resolve_nodes --
-    from .distributed import resolve_nodes, run_in_place
-
-    nodes = resolve_nodes(
-        os.environ, {"nnodes": nnodes, "node_rank": node_rank, "rdzv_endpoint": rdzv_endpoint}, recipe.distributed
-    )
-    dist_cfg.nnodes, dist_cfg.node_rank, dist_cfg.rdzv_endpoint = nodes.nnodes, nodes.node_rank, nodes.rdzv_endpoint
-    device, gpus = detect_device(recipe)
-    num_local = nodes.local_world_size if nodes.under_torchrun else resolve_workers(recipe, device, gpus)
-    # -- end nodes --
-    num_workers = num_local * dist_cfg.nnodes
-    recipe, notes = resolve_auto_values(recipe, device, num_workers)
-    dist_cfg = recipe.distributed
-    dist_cfg.num_gpus = num_local
-    dist_cfg.device = device  # type: ignore[assignment]
-    dist_cfg.balance_speed = balances_speed(recipe, device)
+    num_workers = dist_cfg.num_gpus * dist_cfg.nnodes
     out = Path(recipe.output.dir)
     is_main_node = nodes.rank == 0 if nodes.under_torchrun else dist_cfg.node_rank == 0
     if dist_cfg.nnodes > 1 and is_main_node and dist_cfg.rdzv_endpoint and not nodes.under_torchrun:
@@ -388,55 +363,20 @@ def train(
         if _finished_already(resume_from, recipe, out):
             return {}
     if is_main_node:
-        make_output_dir(out, overwrite, resume is not None)
-        console.print(
-            f"[bold]data[/]: {summary.describe(recipe.model.max_seq_length)}"
-            + (" [dim](cached)[/]" if hit else "")
-            + f"; batching {recipe.dataset.batching}"
-        )
-        for source in summary.mix:
-            console.print(f"  [dim]mix[/] {source.describe()}", soft_wrap=True)
-        if eval_prepared is not None:
-            console.print(f"[bold]eval data[/]: {eval_prepared[1].samples} samples from {recipe.dataset.eval_path}")
-        elif recipe.dataset.eval_ratio:
-            console.print(f"[bold]eval data[/]: {recipe.dataset.eval_ratio:.0%} of the samples held out")
-        for note in notes:
-            console.print(f"[dim]auto: {note}[/]")
-        if disk_note:
-            console.print(f"[yellow]warning:[/] {disk_note}")
-        clean_stale(out)
-        if resume is not None:
-            # rows logged after the checkpoint will be logged again: no duplicate steps in metrics.jsonl
-            start = int(read_state(resume_from)["step"]) if resume_from else 0
-            truncate_metrics(out, start)
-        (out / "recipe.resolved.yaml").write_text(
-            "# Every value of this run, `auto`s filled in (written by mgpu train).\n" + to_yaml(recipe)
-        )
-        if dist_cfg.nnodes > 1 or nodes.under_torchrun:
-            console.print(
-                f"[bold]nodes[/]: {nodes.describe()}"
-                + (" [dim](started by torchrun)[/]" if nodes.under_torchrun else "")
-            )
-        console.print(
-            f"[bold]launching[/] {num_local} worker(s) on {device}"
-            + (f" x {dist_cfg.nnodes} nodes" if dist_cfg.nnodes > 1 else "")
-            + f"; global batch {recipe.global_batch_size(num_workers)} samples/step"
-        )
-        for note in resume_notes:
-            console.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
-        if resume_from is not None:
-            console.print(f"[bold]resuming[/] from {resume_from}")
-        elif resume:
-            console.print("[dim]--resume auto: no checkpoint yet, starting from step 0[/]")
+        _start_output_dir(out, recipe, overwrite, resume, resume_from)
+        _print_data(recipe, summary, hit, eval_prepared, notes, disk_note)
+        _print_launch(recipe, nodes, resume, resume_from, resume_notes)
     elif not nodes.under_torchrun:  # the other nodes' consoles say which node they are and what they start
         console.print(f"[bold]nodes[/]: {nodes.describe()}")
-        console.print(f"[bold]launching[/] {num_local} worker(s) on {device} (node {dist_cfg.node_rank})")
+        console.print(
+            f"[bold]launching[/] {dist_cfg.num_gpus} worker(s) on {dist_cfg.device} (node {dist_cfg.node_rank})"
+        )
     plan = RunPlan(
         recipe=recipe,
         model_path=model_path,
         data_dir=str(data_dir),
         num_workers=num_workers,
-        device_type=device,
+        device_type=dist_cfg.device,
         output_dir=str(out),
         resume_from=str(resume_from) if resume_from else None,
         identity=identity,
@@ -446,8 +386,8 @@ def train(
         timeline=timeline,
     )
     spec = LaunchSpec(
-        nproc_per_node=num_local,
-        device_type=device,
+        nproc_per_node=dist_cfg.num_gpus,
+        device_type=dist_cfg.device,
         nnodes=dist_cfg.nnodes,
         node_rank=dist_cfg.node_rank,
         rdzv_endpoint=dist_cfg.rdzv_endpoint,
@@ -458,7 +398,7 @@ def train(
         stop_file=out / STOP_FILE,
     )
     if nodes.under_torchrun:
-        results = run_in_place(worker_entry, (plan,), nodes, device)
+        results = run_in_place(worker_entry, (plan,), nodes, dist_cfg.device)
     else:
         if dist_cfg.nnodes > 1:
             console.print(
@@ -468,16 +408,9 @@ def train(
         results = launch(worker_entry, (plan,), spec)
     result = results.get(0) or next(iter(results.values()), {}) or {}
     if result.get("interrupted"):
-        # the same command (overrides and node flags included: output.dir may be one of them) with --resume auto
-        again = ["mgpu", "train", str(loaded.path or "RECIPE"), *loaded.overrides]
-        for flag, value in (("--nnodes", nnodes), ("--node-rank", node_rank), ("--rdzv-endpoint", rdzv_endpoint)):
-            again += [flag, str(value)] if value is not None else []
-        where = (
-            f"stopped after step {result.get('steps')}; checkpoint saved in {result.get('checkpoint')}"
-            if result.get("checkpoint")
-            else f"stopped before the first step of this session (at step {result.get('steps')}): nothing new to save"
+        raise _interrupted(
+            result, loaded, {"--nnodes": nnodes, "--node-rank": node_rank, "--rdzv-endpoint": rdzv_endpoint}
         )
-        raise Interrupted(f"{where}. Continue with: {shlex.join([*again, '--resume', 'auto'])}")
     if nodes.under_torchrun and nodes.rank != 0:
         return {}  # torchrun's processes share a terminal: global rank 0 prints the run's summary
     if not nodes.under_torchrun and 0 not in results:
@@ -488,6 +421,108 @@ def train(
         )
         return {}
     return result
+
+
+def _place_workers(
+    recipe: Recipe, nnodes: int | None, node_rank: int | None, rdzv_endpoint: str | None
+) -> tuple[Recipe, Any, list[str]]:
+    """The nodes (flags > recipe > torchrun / SLURM environment; see distributed.resolve_nodes, multinode #9), the
+    device and this node's workers, then every `auto` filled for that many workers. Returns the recipe with
+    `distributed` resolved (num_gpus: this node's workers), the nodes, and the notes on what `auto` chose."""
+    from .distributed import resolve_nodes
+    from .trainer import balances_speed
+
+    nodes = resolve_nodes(
+        os.environ, {"nnodes": nnodes, "node_rank": node_rank, "rdzv_endpoint": rdzv_endpoint}, recipe.distributed
+    )
+    d = recipe.distributed
+    d.nnodes, d.node_rank, d.rdzv_endpoint = nodes.nnodes, nodes.node_rank, nodes.rdzv_endpoint
+    device, gpus = detect_device(recipe)
+    num_local = nodes.local_world_size if nodes.under_torchrun else resolve_workers(recipe, device, gpus)
+    recipe, notes = resolve_auto_values(recipe, device, num_local * d.nnodes)
+    d = recipe.distributed
+    d.num_gpus = num_local
+    d.device = device  # type: ignore[assignment]
+    d.balance_speed = balances_speed(recipe, device)
+    return recipe, nodes, notes
+
+
+def _start_output_dir(out: Path, recipe: Recipe, overwrite: bool, resume: str | None, resume_from: Path | None) -> None:
+    """Rank 0's node, once every check has passed: output.dir made (or emptied), stale files of an interrupted
+    run removed, metrics rows after the resumed checkpoint dropped, and `recipe.resolved.yaml` written."""
+    from .checkpoint import clean_stale, read_state, truncate_metrics
+
+    make_output_dir(out, overwrite, resume is not None)
+    clean_stale(out)
+    if resume is not None:
+        # rows logged after the checkpoint will be logged again: no duplicate steps in metrics.jsonl
+        start = int(read_state(resume_from)["step"]) if resume_from else 0
+        truncate_metrics(out, start)
+    (out / "recipe.resolved.yaml").write_text(
+        "# Every value of this run, `auto`s filled in (written by mgpu train).\n" + to_yaml(recipe)
+    )
+
+
+def _print_data(
+    recipe: Recipe, summary: Any, hit: bool, eval_prepared: tuple[Any, Any] | None, notes: list[str], disk: str | None
+) -> None:
+    """The data line (samples, tokens, cache), the mix's sources, the eval data, what `auto` chose, and a warning
+    when the disk is tight."""
+    from .render import console
+
+    console.print(
+        f"[bold]data[/]: {summary.describe(recipe.model.max_seq_length)}"
+        + (" [dim](cached)[/]" if hit else "")
+        + f"; batching {recipe.dataset.batching}"
+    )
+    for source in summary.mix:
+        console.print(f"  [dim]mix[/] {source.describe()}", soft_wrap=True)
+    if eval_prepared is not None:
+        console.print(f"[bold]eval data[/]: {eval_prepared[1].samples} samples from {recipe.dataset.eval_path}")
+    elif recipe.dataset.eval_ratio:
+        console.print(f"[bold]eval data[/]: {recipe.dataset.eval_ratio:.0%} of the samples held out")
+    for note in notes:
+        console.print(f"[dim]auto: {note}[/]")
+    if disk:
+        console.print(f"[yellow]warning:[/] {disk}")
+
+
+def _print_launch(recipe: Recipe, nodes: Any, resume: str | None, resume_from: Path | None, notes: list[str]) -> None:
+    """What is started where (nodes, workers, device, global batch), and from which checkpoint."""
+    from .render import console
+
+    d = recipe.distributed
+    if d.nnodes > 1 or nodes.under_torchrun:
+        console.print(
+            f"[bold]nodes[/]: {nodes.describe()}" + (" [dim](started by torchrun)[/]" if nodes.under_torchrun else "")
+        )
+    console.print(
+        f"[bold]launching[/] {d.num_gpus} worker(s) on {d.device}"
+        + (f" x {d.nnodes} nodes" if d.nnodes > 1 else "")
+        + f"; global batch {recipe.global_batch_size(d.num_gpus * d.nnodes)} samples/step"
+    )
+    for note in notes:
+        console.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
+    if resume_from is not None:
+        console.print(f"[bold]resuming[/] from {resume_from}")
+    elif resume:
+        console.print("[dim]--resume auto: no checkpoint yet, starting from step 0[/]")
+
+
+def _interrupted(result: dict[str, Any], loaded: LoadedRecipe, node_flags: dict[str, Any]) -> Exception:
+    """The error for a run stopped by a request (Ctrl-C, SIGTERM): where it stopped, and the command that goes on
+    from there (the same one, overrides and node flags included, with --resume auto)."""
+    from .errors import Interrupted
+
+    again = ["mgpu", "train", str(loaded.path or "RECIPE"), *loaded.overrides]
+    for flag, value in node_flags.items():
+        again += [flag, str(value)] if value is not None else []
+    where = (
+        f"stopped after step {result.get('steps')}; checkpoint saved in {result.get('checkpoint')}"
+        if result.get("checkpoint")
+        else f"stopped before the first step of this session (at step {result.get('steps')}): nothing new to save"
+    )
+    return Interrupted(f"{where}. Continue with: {shlex.join([*again, '--resume', 'auto'])}")
 
 
 def _finished_already(ckpt: Path, recipe: Recipe, out: Path) -> bool:
@@ -558,6 +593,8 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
                 "the nodes' recipes",
                 "Run the same recipe with the same overrides on every node (only --node-rank differs).",
             )
+        from .trainer import Trainer
+
         trainer = Trainer(plan, info, stop)
         trainer.setup()
         D.set_collective_timeout(timeout)
@@ -590,1127 +627,3 @@ def _node_independent_settings(plan: RunPlan) -> dict[str, Any]:
             if section.get(key):
                 section[key] = Path(str(section[key])).name
     return {"recipe": r, "data": plan.identity.get("data"), "global_batch": plan.identity.get("global_batch")}
-
-
-class Trainer:
-    """One rank's view of a run: model, optimizer, scheduler, data plan and the loop."""
-
-    def __init__(self, plan: RunPlan, info: Any, stop: Any = None):
-        self.plan = plan
-        self.stop = stop
-        self.recipe = plan.recipe
-        self.info = info
-        self.out = Path(plan.output_dir)
-        self.step = 0
-        self.metrics_file = None
-        self.split = 1  # pieces each micro-batch is cut into after an out-of-memory error (1: uncut)
-        self.sharded = plan.recipe.distributed.strategy == "fsdp"  # FSDP2: parameters are DTensor shards
-
-    # -- setup -----------------------------------------------------------------------------------------
-    def _dtype(self) -> Any:
-        import torch
-
-        d = self.recipe.model.dtype
-        if d == "auto":
-            if self.info.device_type == "cpu":
-                return torch.float32
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return getattr(torch, d)
-
-    def setup(self) -> None:
-        import torch
-
-        from . import distributed as D
-        from .data import StepPlanner, SubsetData, TokenizedData, split_eval_indices
-        from .faults import maybe_inject
-
-        os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
-        # Per-rank compile cache: ranks writing one unsloth_compiled_cache/ race (unsloth #3031).
-        os.environ.setdefault(
-            "UNSLOTH_COMPILE_LOCATION",
-            str(Path(self.plan.output_dir) / ".cache" / f"unsloth_compiled_rank{self.info.rank}"),
-        )
-        r = self.recipe
-        torch.manual_seed(r.training.seed)
-        from .models import hide_hf_bars_off_terminal, quiet_library_noise
-
-        quiet_library_noise()
-        from unsloth import FastLanguageModel  # heavy: 7-30 s
-
-        hide_hf_bars_off_terminal()
-
-        self.attention = select_attention(r.model.attention, self.info.device_type)
-
-        self.plan.timeline["imported"] = time.time()
-        self.dtype = self._dtype()
-        kwargs = model_load_kwargs(r, self.plan.model_path, self.dtype, self.info.device_type, self.sharded)
-        model, tokenizer = FastLanguageModel.from_pretrained(**kwargs)
-        checkpointing = r.memory.gradient_checkpointing
-        if r.lora is not None:
-            model = FastLanguageModel.get_peft_model(
-                model,
-                r=r.lora.r,
-                lora_alpha=r.lora.alpha,
-                lora_dropout=r.lora.dropout,
-                target_modules=list(r.lora.target_modules),
-                bias="none",
-                use_rslora=r.lora.use_rslora,
-                use_gradient_checkpointing=checkpointing,
-                random_state=r.training.seed,
-            )
-        elif checkpointing:
-            model.gradient_checkpointing_enable()
-        # Identical starting weights: rank 0's, broadcast, then checked rather than assumed.
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        D.broadcast_parameters(trainable, self.info)
-        D.check_consistency(trainable, self.info, step=0)
-        # From here on each rank draws its own random numbers (dropout masks): with one seed for all, rank 1 would
-        # repeat rank 0's masks, where one process over the same batch draws new ones for every row (torchtune
-        # seeds seed + rank alike). Rank 0 keeps the recipe's seed, so a one-worker run is unchanged.
-        torch.manual_seed(r.training.seed + self.info.rank)
-        if self.sharded and r.model.load_in_4bit:
-            # QLoRA under fsdp: 16-bit weights loaded on the host become NF4 tensors that FSDP2 shards (torchao;
-            # bitsandbytes' 4-bit state is not shardable per parameter). See quantization.py.
-            self.quantized = self._quantize(model)
-        if self.sharded:
-            # FSDP2 replaces each parameter by a DTensor shard: collect the trainable ones after wrapping.
-            D.shard_model(model, self.info, r.distributed.aggregation)
-            if r.model.load_in_4bit:
-                self._report_4bit_shards(model)
-        self.model, self.tokenizer = model, tokenizer
-        self.plan.timeline["model_ready"] = time.time()
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
-        maybe_inject("after_setup", self)
-
-        self.data = TokenizedData(Path(self.plan.data_dir))
-        self.eval_data = None
-        if self.plan.eval_data_dir:
-            self.eval_data = TokenizedData(Path(self.plan.eval_data_dir))
-        elif r.dataset.eval_ratio:
-            train_idx, eval_idx = split_eval_indices(len(self.data), r.dataset.eval_ratio, r.training.seed)
-            self.data, self.eval_data = SubsetData(self.data, train_idx), SubsetData(self.data, eval_idx)
-        self.lengths = self.data.lengths()
-        self.planner = StepPlanner(
-            len(self.data),
-            self.data.loss_counts,
-            int(r.training.micro_batch_size),
-            int(r.training.gradient_accumulation_steps),
-            self.plan.num_workers,
-            r.training.seed,
-            r.dataset.shuffle,
-            lengths=self.lengths,
-            batching=r.dataset.batching,
-            pad_to=r.dataset.pad_to_multiple_of,
-        )
-        self.packed = r.dataset.batching == "packed"
-        self.pad_to = r.dataset.pad_to_multiple_of
-        self.speed = SpeedBalance(self.plan.num_workers, balances_speed(r, self.info.device_type))
-        # the last counted step: (its number, padded tokens per rank, whether a rank compiled in it), for the
-        # device times that arrive with the next step's collective
-        self.speed_last: tuple[int, list[int], bool] | None = None
-        self.total_steps = self.planner.total_steps(r.training.epochs, r.training.max_steps)
-        from .optim import build_optimizer, build_scheduler
-
-        if self.sharded:
-            self.sync = D.ShardedGradients(self.params, self.info, r.distributed.aggregation)
-        else:
-            # Gradients become views of flat per-bucket buffers (one all-reduce per bucket); with 8-bit AdamW the
-            # weights too, so that it updates a bucket in one kernel instead of one per LoRA tensor.
-            self.sync = D.GradientSynchronizer(
-                self.params,
-                self.info,
-                r.distributed.aggregation,
-                r.distributed.bucket_size_mb,
-                grad_views=True,
-                param_views=r.training.optimizer == "adamw_8bit",
-            )
-        self.optimizer = build_optimizer(self.params, r, self.info.device_type)
-        if hasattr(self.optimizer, "use_flat") and not self.sharded:
-            self.optimizer.use_flat(self.sync.flat_buckets())
-        self.scheduler = build_scheduler(self.optimizer, r, self.total_steps)
-        # Totals over the whole run, carried through checkpoints so a resumed run reports the whole run.
-        self.run_state: dict[str, Any] = {
-            "tokens": 0,
-            "elapsed_s": 0.0,
-            "skipped_steps": 0,
-            "best_eval_loss": None,
-            "last_metrics": None,
-        }
-        # Resume: the checkpoint chosen at launch, or after an elastic restart the newest one (multinode, #9).
-        from .checkpoint import load_checkpoint, resume_point, truncate_metrics
-
-        start = resume_point(self.out, self.plan.resume_from, self.info)
-        if start is not None:
-            state = load_checkpoint(start, self)
-            self.step = int(state["step"])
-            self.run_state.update(state.get("run_state", {}))
-            if self.info.restart_count > 0 and self.info.is_main:
-                truncate_metrics(self.out, self.step)  # rows after the checkpoint are logged again
-
-    def _quantize(self, model: Any) -> Any:
-        from . import quantization as Q
-
-        done = Q.quantize_frozen_linears(model, self.info.device)
-        if done.count == 0:
-            raise RuntimeError("model.load_in_4bit: found no frozen linear weight in the decoder layers to quantise")
-        Q.check_shardable(model, self.info.world_size)
-        Q.use_peft_lora_forward(model)
-        return done
-
-    def _report_4bit_shards(self, model: Any) -> None:
-        """Rank 0 prints the NF4 bytes every rank stores (the evidence that 4-bit storage is sharded)."""
-        from . import distributed as D
-        from . import quantization as Q
-        from .render import console
-
-        local, full = Q.nf4_storage(model)
-        per_rank = [row[0] for row in D.all_gather_floats([float(local)], self.info)]
-        if self.info.is_main:
-            console.print(
-                f"[bold]4-bit[/]: {self.quantized.count} NF4 weights, {_size(full)} "
-                f"(from {_size(self.quantized.bytes_before)}); stored per rank: "
-                + ", ".join(_size(b) for b in per_rank),
-                soft_wrap=True,
-            )
-
-    # -- the loop --------------------------------------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
-        from . import distributed as D
-        from .checkpoint import save_checkpoint
-        from .faults import maybe_inject
-        from .profiling import StepProfiler
-        from .progress import ProgressDisplay
-        from .sinks import MetricSinks
-
-        r, info = self.recipe, self.info
-        profiler = StepProfiler.from_env(info.rank)  # MGPU_PROFILE: off unless set
-        self.model.train()
-        progress = ProgressDisplay(info.is_main and r.logging.progress, self.total_steps, self.step, info.world_size)
-        metrics = (self.out / "metrics.jsonl").open("a", encoding="utf-8") if info.is_main else None
-        sinks = MetricSinks(r, self.out, start_step=self.step) if info.is_main else None
-        rs = self.run_state
-        elapsed_before = float(rs["elapsed_s"])  # time spent before a resume
-        t_start = time.perf_counter()
-        self.plan.timeline["fit_start"] = time.time()
-        t_window = t_start
-        eval_total = 0.0  # seconds spent evaluating this session: not training, left out of tokens/s
-        tokens_window = 0
-        tokens_session = 0
-        first_step_s = None
-        first_step_tokens = 0  # the first step of this session (compilation, warm-up): left out of the steady rate
-        bad_since = 0  # first step of the current run of skipped (non-finite) steps; 0: none
-        last_loss = float("nan")
-        saved_step = self.step if self.plan.resume_from else -1
-        interrupted = False
-        eval_every = r.training.eval_steps
-        phases = StepPhases()
-        session_start = self.step
-        collector = GarbageCollection()
-        collector.start()
-        # Look-ahead: step k+1's micro-batches are queued before the host reads step k's outcome (loss, finite
-        # flags, out of memory, stop requests), so the device never idles between steps while the host reads,
-        # decides and prepares. Step k's optimizer update is queued with a device-side undo for the case the
-        # host learns later (a non-finite value or an out-of-memory error on some rank); step k+1's work is
-        # dropped when step k must be redone or is the last before a stop. Steps that save, evaluate, check the
-        # replicas or end the run are settled at once. See `_looks_ahead` for when it is on.
-        ahead = self._looks_ahead()
-        inflight: Launch | None = None  # a step queued on the device that the host has not settled
-        last_done: tuple[Any, float] | None = None  # the last settled step's end: CUDA event, host clock
-        # The metrics row of a step is written while the next step's micro-batches run: reading the gradient norm
-        # right away would make the host wait for the all-reduce and the optimizer. A queued step's row waits one
-        # step more, for the ranks' device times, which travel with the next step's collective. Rows of steps
-        # that save a checkpoint, evaluate or end the run are written at once (resume and the logs stay in step).
-        # The progress bar shows each step as soon as it is settled.
-        pending: PendingRow | None = None
-
-        def write_row() -> None:
-            nonlocal pending
-            if pending is None:
-                return
-            row = pending.finish()
-            pending = None
-            rs["last_metrics"] = row
-            if metrics is not None:
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-            if sinks is not None:
-                sinks.write(row)
-
-        def settle(step: Launch, dropped: Launch | None) -> str:
-            """The host's side of a queued step: read its outcome; redo it, skip it or count it; then write,
-            evaluate, check and save what its number asks for. Returns "next", "redo" or "stop". `dropped`: the
-            next step, already queued, whose work is dropped if this one is redone or is the last before a stop."""
-            nonlocal pending, t_window, tokens_window, tokens_session, first_step_s, bad_since, last_loss
-            nonlocal saved_step, interrupted, last_done, eval_total, first_step_tokens
-            t_wait = time.perf_counter()
-            rows = step.stats.host().tolist()
-            t_read = time.perf_counter()
-            step.waited = t_read - t_wait
-            tot_loss, bad_ranks, tot_tokens, stop_ranks, oom_ranks = (sum(row[k] for row in rows) for k in range(5))
-            peaks, longest, compiles = (
-                [row[5] for row in rows],
-                [int(row[6]) for row in rows],
-                [int(row[7]) for row in rows],
-            )
-            reserved = [row[8] for row in rows]
-            if self.speed_last is not None and self.speed_last[0] == int(rows[0][9]) and not self.speed_last[2]:
-                self.speed.observe(self.speed_last[1], [row[10] for row in rows])
-            if pending is not None and pending.row["step"] == int(rows[0][9]):  # the previous step's device time
-                pending.row["compute_s"] = [round(row[10], 5) for row in rows]
-            write_row()
-            if oom_ranks > 0:  # every rank saw the sum: all redo this step with smaller pieces together
-                if dropped is not None:
-                    self._drop(dropped)
-                if step.updated:
-                    self.optimizer.undo_step_count()  # the device already undid the update
-                self._after_oom(int(oom_ranks), progress)
-                return "redo"
-            lr = self.scheduler.get_last_lr()[0]
-            if bad_ranks > 0:
-                # A non-finite loss/gradient on any rank: every rank skips this step together.
-                if step.updated:
-                    self.optimizer.undo_step_count()
-                else:
-                    self.sync.zero_grad()
-                rs["skipped_steps"] += 1
-                bad_since = bad_since or self.step + 1
-                if info.is_main:
-                    progress.log(
-                        f"step {self.step + 1}: non-finite loss or gradient on {int(bad_ranks)} "
-                        "rank(s); step skipped on all ranks"
-                    )
-                if self.step + 2 - bad_since >= r.training.max_skipped_steps:
-                    raise NonFiniteLossError(
-                        f"{self.step + 2 - bad_since} optimizer steps in a row had a non-finite loss or "
-                        f"gradient, starting at step {bad_since} (training.max_skipped_steps="
-                        f"{r.training.max_skipped_steps}); stopped with the weights of step {bad_since - 1}. "
-                        "Hint: lower training.learning_rate, set training.max_grad_norm, use model.dtype "
-                        "bfloat16 instead of float16, or inspect the samples of that step"
-                    )
-            else:
-                bad_since = 0
-                if not step.updated:
-                    self._update(step, masked=False)
-                self.scheduler.step()
-            # When the step's work was done. On a GPU: the previous step's end plus the device time from there to
-            # this step's end (CUDA events); a queued step is settled after the next one is queued, so the host
-            # clock would count it late by a varying amount. The session's first step: when the host saw its end.
-            # On CPU, where work runs as it is queued: when its update was queued (or its outcome read).
-            if step.done is None:
-                step.done = _end_event(info.device_type)
-            if step.done is None:
-                done_at = step.updated_at if step.updated else t_read
-            else:
-                step.done.synchronize()
-                done_at = (
-                    time.perf_counter()
-                    if last_done is None
-                    else last_done[1] + last_done[0].elapsed_time(step.done) / 1e3
-                )
-                last_done = (step.done, done_at)
-            self.step += 1
-            own_times = [row[11] for row in rows]  # this step's device times, when it was settled at once
-            if not any(compiles) and not any(math.isnan(t) for t in own_times):
-                self.speed.observe(step.batches.compute_tokens, own_times)
-            self.speed_last = (self.step, step.batches.compute_tokens, any(compiles))
-            step_tokens = int(sum(step.batches.rank_tokens))
-            tokens_window += step_tokens
-            tokens_session += step_tokens
-            rs["tokens"] += step_tokens
-            progress.advance(self.step)  # the bar (and its ETA) moves every step; its numbers every logged one
-            last_loss = tot_loss / max(1.0, tot_tokens) if bad_ranks == 0 else float("nan")
-            if first_step_s is None:
-                first_step_s, first_step_tokens = done_at - t_start, step_tokens
-                self.plan.timeline["first_step"] = time.time() - (time.perf_counter() - done_at)
-            verify = r.distributed.verify_every
-            last = self.step == self.total_steps
-            # Under fsdp each rank holds different shards by design: there is no replica to compare.
-            if verify and not self.sharded and (self.step % verify == 0 or last):
-                D.check_consistency(self.params, info, self.step, names=self.param_names)
-            evaluated, eval_s = None, 0.0
-            if self.eval_data is not None and (last or (eval_every and self.step % eval_every == 0)):
-                t_eval = time.perf_counter()
-                evaluated = self.evaluate()
-                eval_s = time.perf_counter() - t_eval  # after this step's end (done_at): the next window skips it
-                eval_total += eval_s
-                progress.eval(self.step, *evaluated)
-            if self.step % r.logging.steps == 0 or last or evaluated is not None:
-                own = [round(row[11], 5) for row in rows]
-                row = {
-                    "step": self.step,
-                    "epoch": step.batches.epoch,
-                    "loss": last_loss,
-                    "learning_rate": lr,
-                    "grad_norm": step.grad_norm if bad_ranks == 0 else float("nan"),
-                    "tokens": step_tokens,
-                    "run_tokens": rs["tokens"],  # every step's so far (resumes included): rows are every N steps
-                    "loss_tokens": int(tot_tokens),
-                    "compute_tokens": int(sum(step.batches.compute_tokens)),
-                    "tokens_per_second": tokens_window / max(done_at - t_window, 1e-9),
-                    "elapsed_s": elapsed_before + done_at - t_start,
-                    "peak_memory_gb": [round(m, 3) for m in peaks],
-                    "longest_row": longest,
-                    # each rank's device time for its micro-batches; a queued step's arrives with the next step
-                    "compute_s": None if any(math.isnan(c) for c in own) else own,
-                    "compiles": compiles,
-                    "reserved_gb": [round(m, 3) for m in reserved],
-                    "skipped_steps": rs["skipped_steps"],
-                }
-                if self.speed.enabled:  # the ranks' relative speeds this step's split used (null: tokens alone)
-                    row["rank_speeds"] = list(step.batches.speeds) if step.batches.speeds else None
-                    row["rank_compute_tokens"] = step.batches.compute_tokens
-                if evaluated is not None:
-                    row["eval_loss"], row["eval_perplexity"] = evaluated
-                    best = rs["best_eval_loss"]
-                    rs["best_eval_loss"] = evaluated[0] if best is None else min(best, evaluated[0])
-                pending = PendingRow(row)
-                progress.update(self.step, last_loss, lr, row["tokens_per_second"], peaks)
-                t_window, tokens_window = done_at + eval_s, 0  # tokens/s measures training, not evaluation
-            rs["elapsed_s"] = elapsed_before + done_at - t_start
-            interrupted = stop_ranks > 0 and not last
-            if interrupted and dropped is not None:
-                self._drop(dropped)
-            save_every = r.output.save_steps
-            saving = interrupted or (save_every and self.step % save_every == 0) or last
-            if saving or evaluated is not None:
-                write_row()
-            if saving:
-                save_checkpoint(self)
-                saved_step = self.step
-            if interrupted:
-                if info.is_main:
-                    progress.log(f"stop requested: checkpoint of step {self.step} saved; exiting")
-                return "stop"
-            maybe_inject("step_end", self)
-            collector.after_step(self.step)
-            if profiler is not None:
-                profiler.after_step(self.step)
-            return "next"
-
-        try:
-            while self.step < self.total_steps:
-                t_begin = time.perf_counter()
-                index = self.step + (inflight is not None)  # steps done before the one queued now
-                at_once = not ahead or self._settles_at_once(index, session_start)
-                launch = self._launch(index, keep_rng=inflight is not None)
-                t_queued = time.perf_counter()
-                waited = 0.0
-                earlier, inflight = inflight, None
-                if earlier is None:
-                    write_row()  # the previous step's, while this step's micro-batches run on the device
-                else:
-                    outcome = settle(earlier, dropped=launch)
-                    waited = earlier.waited
-                    if outcome == "redo":
-                        continue
-                    if outcome == "stop":
-                        break
-                # The step's one small collective: see `_exchange`. A step settled at once sends its own device
-                # time (the host waits for its micro-batches here anyway); a queued step's (`earlier`, settled
-                # just now) goes with the next.
-                t_exchange = time.perf_counter()
-                self._exchange(launch, earlier, own_time=at_once)
-                if at_once:
-                    waited += time.perf_counter() - t_exchange  # the host waited for this step's micro-batches
-                    outcome = settle(launch, dropped=None)
-                    waited += launch.waited
-                    if outcome == "redo":
-                        continue
-                    if outcome == "stop":
-                        break
-                else:
-                    self._update(launch, masked=True)
-                    inflight = launch
-                if self.step > session_start + 1:  # the first step compiles: left out of the averages
-                    t_end = time.perf_counter()
-                    queued, update = t_queued - t_begin, launch.update_s
-                    phases.add(queued, waited, update, t_end - t_begin - queued - waited - update)
-            write_row()
-            if saved_step != self.step:  # e.g. resumed from the final checkpoint: nothing ran, nothing to save
-                save_checkpoint(self)
-            elapsed = time.perf_counter() - t_start
-            mems = D.all_gather_floats([_peak_memory_gb(info), _peak_reserved_gb(info)], info)
-            if not interrupted:
-                self.save_final()
-            summary = {
-                "steps": self.step,
-                "elapsed_s": elapsed,
-                "tokens": tokens_session,
-                "tokens_per_second": tokens_session / max(elapsed - eval_total, 1e-9),  # training time only
-                # after the first step (its compilation and warm-up weigh heavily on short runs); None: one step
-                "steady_tokens_per_second": (
-                    (tokens_session - first_step_tokens) / max(elapsed - first_step_s - eval_total, 1e-9)
-                    if first_step_s is not None and self.step - session_start > 1
-                    else None
-                ),
-                "eval_s": eval_total,
-                "final_loss": last_loss if math.isfinite(last_loss) else None,  # strict JSON: no NaN
-                "first_step_s": first_step_s,
-                "startup_s": startup_breakdown(self.plan.timeline),
-                "step_phases_s": phases.means(),
-                "attention_kernels": [name for name, on in self.attention.items() if on],
-                "look_ahead": ahead,  # steps queued before the previous one was settled (`_looks_ahead`)
-                "rank_speeds": list(speeds) if (speeds := self.speed.speeds()) else None,  # None: split by tokens
-                # 8-bit AdamW: trainable tensors updated by one kernel per flat run at the last step, of all
-                "optimizer_flat": {
-                    **getattr(self.optimizer, "last_flat", {"tensors": 0, "kernels": 0}),
-                    "of": len(self.params),
-                },
-                "peak_memory_gb": [m[0] for m in mems],
-                # what the caching allocator held at most (nvidia-smi shows this plus the CUDA context); None on CPU
-                "peak_reserved_gb": [round(m[1], 3) for m in mems] if info.device_type == "cuda" else None,
-                "skipped_steps": rs["skipped_steps"],
-                "world_size": info.world_size,
-                "device_type": info.device_type,  # "cuda" or "cpu": what `mgpu report` calls the workers
-                "output_dir": str(self.out),
-                "run_tokens": rs["tokens"],
-                "run_elapsed_s": rs["elapsed_s"],
-                "best_eval_loss": rs["best_eval_loss"],
-                "resumed_from_step": int(self.plan.resume_from.rsplit("-", 1)[-1]) if self.plan.resume_from else None,
-            }
-            if interrupted:
-                summary.update(interrupted=True, checkpoint=str(self.out / "checkpoints" / f"step-{self.step}"))
-            elif info.is_main and not (self.step == session_start and (self.out / "summary.json").exists()):
-                # (a resume with nothing left to train keeps the finished run's summary)
-                (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-            return summary
-        except Exception as exc:
-            if D.is_collective_timeout(exc):
-                raise D.CollectiveTimeout(
-                    D.describe_timeout(info, r.distributed.timeout_seconds, self.step + 1)
-                ) from exc
-            raise
-        finally:
-            collector.stop()
-            progress.close()
-            if metrics is not None:
-                metrics.close()
-            if sinks is not None:
-                sinks.close()
-
-    # -- one step, in the pieces the loop interleaves ---------------------------------------------------
-    def _looks_ahead(self) -> bool:
-        """Queue each step before the host settles the previous one (see `fit`). It needs an optimizer that can
-        undo an update on the device: LoRA with the 8-bit AdamW. The undo copies the weights and optimizer state
-        it updates, about 6 bytes per trainable parameter each step (12 for tensors under bitsandbytes'
-        `min_8bit_size`, whose state is 32-bit): small for LoRA, a copy of the model for full fine-tuning. Torch's
-        AdamW and SGD, full fine-tuning and fsdp settle each step first. `MGPU_LOOKAHEAD=0` turns it off, to
-        compare or to rule it out."""
-        return (
-            not self.sharded
-            and self.recipe.lora is not None
-            and hasattr(self.optimizer, "undo_step_count")
-            and not getattr(self.optimizer, "is_paged", False)
-            and os.environ.get("MGPU_LOOKAHEAD", "1") != "0"
-        )
-
-    def _settles_at_once(self, index: int, session_start: int) -> bool:
-        """Step `index + 1` is settled before the next one is queued: it saves, evaluates, checks the replicas
-        or ends the run (all need its final state and nothing queued behind it), or it is the session's first
-        (it compiles: the time to the first step stays what it says)."""
-        n, r = index + 1, self.recipe
-
-        def every(k: int | None) -> bool:
-            return bool(k) and n % int(k) == 0
-
-        return (
-            index == session_start
-            or n == self.total_steps
-            or every(r.output.save_steps)
-            or (self.eval_data is not None and every(r.training.eval_steps))
-            or (not self.sharded and every(r.distributed.verify_every))
-        )
-
-    def _launch(self, index: int, keep_rng: bool) -> Launch:
-        """Queue step `index + 1`'s micro-batches (forward and backward) on this rank's device. `keep_rng`: note
-        the random-number state first, in case the step is dropped and run again."""
-        batches = self.planner.batches(index, self.speed.speeds())
-        mine = batches.per_rank[self.info.rank]
-        denom = self.sync.local_loss_denominator(batches.loss_tokens[self.info.rank], batches.global_loss_tokens)
-        rng = _rng_states(self.info.device_type) if keep_rng else None
-        self.launching = index + 1  # the step in progress, for fault injection
-        clock = DeviceClock(self.info.device_type)
-        clock.start()
-        compiled_before = _graphs_compiled()
-        loss_sum, oom = self._accumulate(mine, denom)
-        clock.stop()
-        return Launch(index, batches, mine, loss_sum, oom, clock, _graphs_compiled() - compiled_before, rng)
-
-    def _exchange(self, step: Launch, earlier: Launch | None, own_time: bool) -> None:
-        """Queue the step's one small collective, and its copy to the host (read in `settle`).
-
-        Each rank sends: its loss and loss tokens; whether it saw a non-finite value (checked on the device: no
-        per-parameter sync), ran out of memory or was asked to stop (so that every rank redoes, skips or stops
-        at the same step); its peak and reserved memory, longest row and compiles for the metrics line; and
-        device times of its micro-batches: `earlier`'s, and with `own_time` this step's (waits for them). The
-        sum of the flags stays on the device as `step.skip`, for an update queued before the host reads it.
-        Host values travel in one pinned copy (a plain torch.tensor(..., device=cuda) would wait for the GPU).
-        """
-        import torch
-
-        from . import distributed as D
-
-        info = self.info
-        bad = ~torch.isfinite(step.loss_sum) | ~self.sync.grads_finite()
-        stop_flag = 1.0 if self.stop is not None and self.stop.requested(info.is_main) else 0.0
-        host = [
-            float(step.batches.loss_tokens[info.rank]),
-            stop_flag,
-            float(step.oom),
-            _peak_memory_gb(info),
-            float(self._longest_row(step.mine)),
-            float(step.compiled),
-            _reserved_memory_gb(info),
-            float(earlier.index + 1) if earlier is not None else 0.0,
-            earlier.clock.seconds() if earlier is not None else math.nan,
-            step.clock.seconds() if own_time else math.nan,
-        ]
-        loss = torch.where(bad, torch.zeros_like(step.loss_sum), step.loss_sum)
-        stats = torch.cat(
-            [
-                torch.stack([loss, bad.to(torch.float64)]),
-                _to_device(torch.tensor(host, dtype=torch.float64), info.device),
-            ]
-        )
-        gathered = D.all_gather_tensor(stats, info)
-        step.skip = (gathered[:, 1].sum() + gathered[:, 4].sum()) > 0
-        step.stats = HostCopy(gathered)
-
-    def _update(self, step: Launch, masked: bool) -> None:
-        """Queue the gradient all-reduce, clipping and optimizer update. `masked`: the device undoes the update
-        where `step.skip` is set (the host settles the step later); otherwise the host has already seen it is
-        good. The scheduler steps when the host settles the step."""
-        from .faults import maybe_inject
-
-        t0 = time.perf_counter()
-        self.launching = step.index + 1
-        self.sync.synchronize()
-        norm = self.sync.clip_grad_norm(self.recipe.training.max_grad_norm)
-        maybe_inject("before_optimizer_step", self)
-        if masked:
-            self.optimizer.step(skip=step.skip)
-        else:
-            self.optimizer.step()
-        self.sync.zero_grad()
-        step.done = _end_event(self.info.device_type)
-        step.grad_norm = HostCopy(norm)
-        step.updated, step.updated_at = True, time.perf_counter()
-        step.update_s = step.updated_at - t0
-
-    def _drop(self, step: Launch) -> None:
-        """Forget a queued step that is to run again: its gradients and the random numbers it drew."""
-        import torch
-
-        self.sync.zero_grad()
-        cpu, cuda = step.rng
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda)
-
-    def evaluate(self) -> tuple[float, float]:
-        """(eval loss, perplexity): token-weighted mean over the whole eval split, samples sharded over ranks."""
-        import torch
-
-        from . import distributed as D
-        from .faults import maybe_inject
-
-        data, info = self.eval_data, self.info
-        maybe_inject("evaluate", self)
-        mine = list(range(info.rank, len(data), info.world_size))
-        mb_size = int(self.recipe.training.micro_batch_size)
-        sums = torch.zeros(2, dtype=torch.float64, device=info.device)
-        rounds = range(0, len(mine), mb_size)
-        if self.sharded:
-            # Every forward all-gathers the layers: all ranks run the same number of them (ranks out of samples
-            # repeat their first micro-batch, weighted 0).
-            rounds = range(0, -(-len(data) // info.world_size), mb_size)
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                for j in rounds:
-                    mb = mine[j : j + mb_size]
-                    weight = 1.0 if mb else 0.0
-                    mb = mb or mine[:mb_size] or [0]
-                    n_mb = int(sum(int(data.loss_counts[i]) for i in mb))
-                    batch = {k: v.to(info.device) for k, v in data.collate(mb, pad_to=self.pad_to).items()}
-                    if n_mb == 0:
-                        if not self.sharded:
-                            continue  # the model's mean over zero tokens is NaN
-                        batch["labels"], weight = _one_target(batch), 0.0
-                    loss = self.model(**batch, use_cache=False).loss.detach().to(torch.float64)
-                    sums[0] += loss * n_mb * weight
-                    sums[1] += n_mb * weight
-        finally:
-            self.model.train()
-        loss_sum, tokens = D.all_reduce_tensor(sums, info).tolist()
-        loss = loss_sum / max(tokens, 1.0)
-        return loss, math.exp(min(loss, 700.0))
-
-    def _longest_row(self, micro_batches: list[list[int]]) -> int:
-        """Tokens in the longest row this rank ran this step (the padded width, or a packed row's length): a new
-        width is a new shape for the GPU kernels, which the metrics line shows next to the step's time."""
-        rows = self.lengths if self.packed else self.planner.padded_lengths
-        return max((int(rows[mb].sum() if self.packed else rows[mb].max()) for mb in micro_batches if mb), default=0)
-
-    # -- out-of-memory recovery (issue #10) -------------------------------------------------------------
-    def _accumulate(self, micro_batches: list[list[int]], denom: int) -> tuple[Any, bool]:
-        """Forward/backward of this rank's micro-batches, each cut into `self.split` pieces.
-
-        Each piece's token-mean loss is scaled by (its loss tokens / denom), so the accumulated gradient
-        is the same sum of per-token losses however a micro-batch is cut. Returns (loss sum, out of memory).
-        """
-        import torch
-
-        from .faults import maybe_inject
-
-        device = self.info.device
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        try:
-            for mb in micro_batches:
-                for piece in _pieces(mb, self.split):
-                    batch = {
-                        k: _to_device(v, device) for k, v in self.data.collate(piece, self.packed, self.pad_to).items()
-                    }
-                    n = int(sum(int(self.data.loss_counts[i]) for i in piece))
-                    if n == 0 and self.sharded:
-                        # FSDP2 reduce-scatters in backward: every rank must run it, even for a piece without
-                        # loss tokens. One fake target keeps the model's token-mean loss finite; scaled by 0 below.
-                        batch["labels"] = _one_target(batch)
-                    maybe_inject("forward", self, samples=len(piece), tokens=int(batch["input_ids"].numel()))
-                    # no KV cache in training: with one, transformers ignores packed position_ids (leaks)
-                    loss = self.model(**batch, use_cache=False).loss
-                    maybe_inject("loss", self, loss=loss)
-                    if n > 0:
-                        (loss * (n / denom)).backward()
-                        loss_sum += loss.detach().to(torch.float64) * n
-                    elif self.sharded:
-                        (loss * 0.0).backward()
-        except torch.OutOfMemoryError:
-            return loss_sum, True  # the frames holding the activations are gone once we are out of here
-        return loss_sum, False
-
-    def _after_oom(self, oom_ranks: int, progress: Any) -> None:
-        """Drop this step's partial gradients, free the cache, and halve the pieces; stop at 1 sample."""
-        import torch
-
-        self.sync.zero_grad()
-        if self.info.device_type == "cuda":
-            torch.cuda.empty_cache()
-        mb = int(self.recipe.training.micro_batch_size)
-        piece = -(-mb // self.split)
-        ga = int(self.recipe.training.gradient_accumulation_steps)
-        if piece <= 1:
-            from .checkpoint import save_checkpoint
-
-            if self.step > 0:
-                save_checkpoint(self)
-            where = f"; checkpoint saved at step {self.step} (resume with --resume auto)" if self.step > 0 else ""
-            raise OutOfMemoryStop(
-                f"out of memory at step {self.step + 1} on {oom_ranks} rank(s) even with micro-batches of 1 "
-                f"sample{where}. Hint: lower model.max_seq_length, set memory.gradient_checkpointing: unsloth, "
-                f"or use model.load_in_4bit: true (QLoRA)"
-            )
-        self.split *= 2
-        piece = -(-mb // self.split)
-        if self.info.is_main:
-            progress.log(
-                f"step {self.step + 1}: out of memory on {oom_ranks} rank(s) with micro-batches of "
-                f"{-(-mb // (self.split // 2))} samples; retrying the step in pieces of {piece} "
-                f"(same gradients). To avoid it: training.micro_batch_size={piece} "
-                f"training.gradient_accumulation_steps={ga * (-(-mb // piece))}"
-            )
-
-    def save_final(self) -> None:
-        """Rank 0 writes adapter/ (LoRA) or model/ (full); the others wait."""
-        from . import distributed as D
-        from .checkpoint import atomic_dir
-
-        state = None
-        if self.sharded:
-            # Gather the shards into full CPU tensors on every rank (a collective), so rank 0 writes the same
-            # adapter/ or model/ as in ddp mode. LoRA gathers only the adapter weights.
-            state = self.full_state_dict()
-        if self.info.is_main:
-            name = "model" if self.recipe.lora is None else "adapter"
-            with atomic_dir(self.out / name) as tmp:
-                if state is None:
-                    self.model.save_pretrained(str(tmp), safe_serialization=True)
-                else:
-                    self.model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-                self.tokenizer.save_pretrained(str(tmp))
-        D.barrier(self.info)
-
-    def full_state_dict(self) -> dict[str, Any]:
-        """Full (unsharded) CPU tensors: the trainable ones for LoRA, the whole model for full fine-tuning."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        from . import distributed as D
-
-        if self.recipe.lora is not None:
-            return D.gather_full_tensors(list(zip(self.param_names, self.params, strict=True)))
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(self.model, options=options)
-
-
-def _size(nbytes: float) -> str:
-    """Bytes for people: KiB, MiB or GiB, four significant digits."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.4g} {unit}"
-    return f"{nbytes / 2**10:.4g} KiB"
-
-
-def _one_target(batch: dict[str, Any]) -> Any:
-    """Labels with one real target (the second token of the first row) so the token-mean loss is finite."""
-    labels = batch["labels"].clone()
-    labels[0, 1] = batch["input_ids"][0, 1]
-    return labels
-
-
-def _to_device(t: Any, device: Any) -> Any:
-    """Host-to-GPU copy from pinned memory, so it does not block the CPU; a no-op on CPU."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many optimizer steps in a row were skipped for non-finite losses or gradients."""
-
-
-class OutOfMemoryStop(RuntimeError):
-    """Out of memory even after splitting micro-batches down to one sample."""
-
-
-def _pieces(micro_batch: list[int], split: int) -> list[list[int]]:
-    """Cut a micro-batch into at most `split` consecutive pieces of (nearly) equal size."""
-    size = -(-len(micro_batch) // split)
-    return [micro_batch[i : i + size] for i in range(0, len(micro_batch), size)]
-
-
-# model.attention's kernels -> torch.backends.cuda's switch for each (these switches also govern the CPU kernels)
-_SDP_SWITCHES = {
-    "flash": ("enable_flash_sdp", "flash_sdp_enabled"),
-    "efficient": ("enable_mem_efficient_sdp", "mem_efficient_sdp_enabled"),
-    "cudnn": ("enable_cudnn_sdp", "cudnn_sdp_enabled"),
-    "math": ("enable_math_sdp", "math_sdp_enabled"),
-}
-ATTENTION_KERNELS = tuple(_SDP_SWITCHES)
-
-
-def select_attention(choice: str, device_type: str) -> dict[str, bool]:
-    """Enable PyTorch's attention kernels (`model.attention`) for this process; returns which are on.
-
-    `auto` turns cuDNN's off on CUDA: cuDNN plans a kernel graph on the host for each new (rows, width) shape,
-    about 0.1 s, and variable-length batches bring new shapes for many steps (issue #11: a third of the 1B's
-    steps on H200s). Flash attention has no per-shape set-up. Elsewhere `auto` leaves PyTorch's choice alone.
-    """
-    import torch
-
-    b = torch.backends.cuda
-    if choice in _SDP_SWITCHES:
-        for name, (enable, _) in _SDP_SWITCHES.items():
-            getattr(b, enable)(name == choice)
-    elif choice == "auto" and device_type == "cuda":
-        b.enable_cudnn_sdp(False)
-    return {name: bool(getattr(b, enabled)()) for name, (_, enabled) in _SDP_SWITCHES.items()}
-
-
-def model_load_kwargs(
-    recipe: Recipe, model_path: str, dtype: Any, device_type: str, sharded: bool = False
-) -> dict[str, Any]:
-    """Arguments of `FastLanguageModel.from_pretrained`; remote code runs only when the recipe asks for it.
-
-    Sharded (fsdp) on CUDA: loaded into host memory; `fully_shard` then moves each layer's shard to the GPU,
-    so a model larger than one GPU never needs a full replica there. With `load_in_4bit` the weights load in
-    16-bit and are quantised to NF4 afterwards (quantization.py), since bitsandbytes' 4-bit storage is not
-    shardable.
-    """
-    kwargs: dict[str, Any] = dict(
-        model_name=model_path,
-        max_seq_length=recipe.model.max_seq_length,
-        dtype=dtype,
-        # under fsdp 4-bit weights are quantised after loading (quantization.py): load 16-bit
-        load_in_4bit=recipe.model.load_in_4bit and not sharded,
-        full_finetuning=recipe.lora is None,
-        trust_remote_code=recipe.model.trust_remote_code is True,
-    )
-    if recipe.model.revision:
-        kwargs["revision"] = recipe.model.revision
-    if device_type == "cuda":
-        kwargs["device_map"] = {"": "cpu"} if sharded else {"": 0}
-    return kwargs
-
-
-def startup_breakdown(timeline: dict[str, float]) -> dict[str, float]:
-    """Seconds per start-up phase (rank 0's clock marks): where the time to the first optimizer step goes."""
-    phases = [
-        ("prepare", "start", "data_ready"),  # parent: checks, model path, tokenise or read the data cache
-        ("launch", "data_ready", "worker_start"),  # the elastic agent starts the worker processes
-        ("import", "worker_start", "imported"),  # process group + `import unsloth`
-        ("load", "imported", "model_ready"),  # from_pretrained, LoRA, broadcast + check of the weights
-        ("setup", "model_ready", "fit_start"),  # data plan, optimizer, resume
-        ("first_step", "fit_start", "first_step"),  # includes torch.compile of the model's blocks
-    ]
-    out = {name: round(timeline[b] - timeline[a], 2) for name, a, b in phases if a in timeline and b in timeline}
-    if "start" in timeline and "first_step" in timeline:
-        out["total"] = round(timeline["first_step"] - timeline["start"], 2)
-    return out
-
-
-def _graphs_compiled() -> int:
-    """Frames torch.compile has compiled in this process so far (a new input shape or guard failure in a
-    compiled region compiles again: the metrics line counts them per rank and step, next to its time)."""
-    dynamo = sys.modules.get("torch._dynamo.utils")
-    return int(dynamo.counters["frames"]["total"]) if dynamo is not None else 0
-
-
-class GarbageCollection:
-    """Python's garbage collector on the training loop's terms, as torchtitan does it: the objects alive when
-    training starts (model, data, libraries: millions) are frozen out of every later scan, automatic
-    collections are off, and the young generations are collected every `every` steps, at the same step on every
-    rank, so no rank stalls alone in a long collection while the others wait for it at the step's collective.
-    `stop` restores the collector as it was (the Python API may train again in the same process)."""
-
-    def __init__(self, every: int = 50):
-        self.every = every
-        self.was_enabled = True
-
-    def start(self) -> None:
-        self.was_enabled = gc.isenabled()
-        gc.collect()
-        gc.freeze()
-        gc.disable()
-
-    def after_step(self, step: int) -> None:
-        if step % self.every == 0:
-            gc.collect(1)
-
-    def stop(self) -> None:
-        gc.unfreeze()
-        if self.was_enabled:
-            gc.enable()
-
-
-def balances_speed(recipe: Any, device_type: str) -> bool:
-    """`distributed.balance_speed` resolved: auto is on for GPUs under ddp with weighted aggregation and balanced or
-    packed batching (what moving tokens between ranks needs, and where a device can lag the others)."""
-    d = recipe.distributed
-    if d.balance_speed != "auto":
-        return bool(d.balance_speed)
-    return (
-        device_type == "cuda"
-        and d.strategy != "fsdp"
-        and d.aggregation == "weighted"
-        and recipe.dataset.batching != "padded"
-    )
-
-
-class SpeedBalance:
-    """Each rank's speed on its device, for the planner to give a persistently slower device fewer tokens.
-
-    GPUs of one model run at different speeds under their power cap: in docs/BENCHMARKS.md (session 8) one H200
-    of a pair ran the 8B's micro-batches 10-40% slower than the other for a whole run, and the slowest rank sets
-    the step time. The speeds come from the device time of each rank's micro-batches (`DeviceClock`, gathered
-    with every step's collective) divided into its padded tokens: a moving average (`ALPHA`), used after `WARMUP`
-    steps, ignored while no rank is more than `BAND` away from the mean (short swings of a few percent come and
-    go faster than the average could follow, and chasing them costs more than it saves), clamped to `LIMITS`
-    (bounds how much larger a faster rank's micro-batches get) and rounded. Every rank computes the same speeds
-    from the same gathered numbers, so their plans agree. Steps that compiled are left out."""
-
-    ALPHA, WARMUP, BAND, LIMITS, DIGITS = 0.5, 2, 0.05, (0.8, 1.25), 2
-
-    def __init__(self, world: int, enabled: bool):
-        self.enabled = enabled and world > 1
-        self.rate: list[float] | None = None  # seconds per padded token, per rank (moving average)
-        self.seen = 0
-
-    def observe(self, compute_tokens: list[int], seconds: list[float]) -> None:
-        """One step's padded tokens and device seconds per rank."""
-        if not self.enabled or not all(t > 0 for t in compute_tokens) or not all(x > 0 for x in seconds):
-            return  # NaN (no time measured) fails `x > 0` too
-        now = [x / t for x, t in zip(seconds, compute_tokens, strict=True)]
-        a = self.ALPHA
-        self.rate = (
-            now if self.rate is None else [(1 - a) * old + a * new for old, new in zip(self.rate, now, strict=True)]
-        )
-        self.seen += 1
-
-    def speeds(self) -> tuple[float, ...] | None:
-        """Relative speeds (mean about 1) for `StepPlanner.batches`, or None: split by tokens alone."""
-        if not self.enabled or self.rate is None or self.seen < self.WARMUP:
-            return None
-        inverse = [1.0 / r for r in self.rate]
-        mean = sum(inverse) / len(inverse)
-        rel = [v / mean for v in inverse]
-        if max(abs(v - 1.0) for v in rel) < self.BAND:
-            return None
-        lo, hi = self.LIMITS
-        return tuple(round(min(max(v, lo), hi), self.DIGITS) for v in rel)
-
-
-class DeviceClock:
-    """Seconds one rank's micro-batches of a step take on its device: CUDA events around them on a GPU (`stop`
-    waits for the last one, a host sync the step's collective would make anyway), the host clock on CPU. The
-    ranks' values side by side show how evenly a step's work was split (the slowest rank sets the step time)."""
-
-    def __init__(self, device_type: str):
-        self.cuda = device_type == "cuda"
-        self.t0 = self.t1 = 0.0
-        if self.cuda:
-            import torch
-
-            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def start(self) -> None:
-        if self.cuda:
-            self.begin.record()
-        else:
-            self.t0 = time.perf_counter()
-
-    def stop(self) -> None:
-        if self.cuda:
-            self.end.record()
-        else:
-            self.t1 = time.perf_counter()
-
-    def seconds(self) -> float:
-        """The time between `start` and `stop` (on a GPU: waits for the work queued before `stop`)."""
-        if not self.cuda:
-            return self.t1 - self.t0
-        self.end.synchronize()
-        return self.begin.elapsed_time(self.end) / 1e3
-
-
-class HostCopy:
-    """A device scalar copied into host memory without waiting for the device; `value()` waits for the copy only."""
-
-    def __init__(self, value: Any):
-        import torch
-
-        self.event = None
-        if isinstance(value, torch.Tensor) and value.device.type == "cuda":
-            self.buf = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-            self.buf.copy_(value.detach(), non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.buf = value
-
-    def host(self) -> Any:
-        """The value in host memory (waits for the copy only)."""
-        if self.event is not None:
-            self.event.synchronize()
-        return self.buf
-
-    def value(self) -> float:
-        return float(self.host())
-
-
-@dataclass
-class Launch:
-    """One optimizer step whose micro-batches are queued on the device, and what the host knows of it."""
-
-    index: int  # steps done before it: it is step index + 1
-    batches: Any
-    mine: list[list[int]]
-    loss_sum: Any
-    oom: bool
-    clock: DeviceClock
-    compiled: int
-    rng: tuple[Any, Any] | None  # random-number states before its micro-batches (CPU, CUDA), to run it again
-    stats: HostCopy | None = None  # every rank's row of the step's collective, on its way to the host
-    skip: Any = None  # device flag: some rank saw a non-finite value or ran out of memory
-    grad_norm: Any = None
-    updated: bool = False  # its update is queued (masked: undone on the device if `skip`)
-    updated_at: float = 0.0
-    update_s: float = 0.0
-    waited: float = 0.0  # host seconds spent waiting for its outcome
-    done: Any = None  # CUDA event after its last work (update, or the decision to skip it)
-
-
-def _end_event(device_type: str) -> Any:
-    """A timing CUDA event recorded after the work queued so far (None on CPU)."""
-    if device_type != "cuda":
-        return None
-    import torch
-
-    event = torch.cuda.Event(enable_timing=True)
-    event.record()
-    return event
-
-
-def _rng_states(device_type: str) -> tuple[Any, Any]:
-    import torch
-
-    return torch.get_rng_state(), torch.cuda.get_rng_state() if device_type == "cuda" else None
-
-
-class PendingRow:
-    """A step's metrics row whose device values are still on their way to the host."""
-
-    def __init__(self, row: dict[str, Any]):
-        self.row = row
-
-    def finish(self) -> dict[str, Any]:
-        return {k: v.value() if isinstance(v, HostCopy) else v for k, v in self.row.items()}
-
-
-class StepPhases:
-    """Where a step's wall time goes on this rank's host clock (seconds per step, averaged):
-
-    - `forward_backward`: planning, collating and running the micro-batches (on a GPU: queueing their kernels,
-      plus any wait forced inside the model);
-    - `wait`: the per-step collective and its host sync: the GPU finishing the queued work, and the slowest rank;
-    - `update`: gradient all-reduce, clipping, optimizer and scheduler step (queueing);
-    - `other`: consistency check, metrics, evaluation, checkpoints.
-    """
-
-    NAMES = ("forward_backward", "wait", "update", "other")
-
-    def __init__(self) -> None:
-        self.totals = [0.0] * len(self.NAMES)
-        self.steps = 0
-
-    def add(self, *seconds: float) -> None:
-        """One loop iteration's time in each phase, in `NAMES` order."""
-        for i, t in enumerate(seconds):
-            self.totals[i] += t
-        self.steps += 1
-
-    def means(self) -> dict[str, float]:
-        n = max(1, self.steps)
-        return {name: round(t / n, 5) for name, t in zip(self.NAMES, self.totals, strict=True)} | {"steps": self.steps}
-
-
-def _reserved_memory_gb(info: Any) -> float:
-    """Device memory the caching allocator holds (0 on CPU): growth within a step means it asked the driver."""
-    if info.device_type == "cuda":
-        import torch
-
-        return torch.cuda.memory_reserved() / 2**30
-    return 0.0
-
-
-def _peak_reserved_gb(info: Any) -> float:
-    """The most device memory the caching allocator held since start-up (0 on CPU)."""
-    if info.device_type == "cuda":
-        import torch
-
-        return torch.cuda.max_memory_reserved() / 2**30
-    return 0.0
-
-
-def _peak_memory_gb(info: Any) -> float:
-    if info.device_type == "cuda":
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**30
-    # CPU workers: the process's peak resident memory so far (the current one would make the summary's "peak"
-    # disagree with the largest value in metrics.jsonl)
-    import resource
-
-    if sys.platform == "darwin":  # ru_maxrss in bytes there, in KiB on Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

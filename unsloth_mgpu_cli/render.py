@@ -12,6 +12,14 @@ from .recipe import LoadedRecipe, to_yaml
 console = Console(highlight=False)
 
 
+def size_text(nbytes: float) -> str:
+    """Bytes for people: KiB, MiB or GiB, four significant digits."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.4g} {unit}"
+    return f"{nbytes / 2**10:.4g} KiB"
+
+
 def method_name(loaded: LoadedRecipe) -> str:
     """What the recipe trains, in words: full fine-tuning, QLoRA or LoRA."""
     r = loaded.recipe
