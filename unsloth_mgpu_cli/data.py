@@ -1175,66 +1175,37 @@ def prepare(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary, bool
     d = recipe.dataset
     mix: list[SourceCount] = []
     if d.mix is None:
-        try:
-            rows = load_rows(d, recipe.training.seed)
-        except UserError as exc:
-            raise UserError(_template_problems_too(recipe, model_path) + exc.problems, exc.title) from None
-        tokenizer = _load_tokenizer(model_path, recipe.model.trust_remote_code)
-        problems = _check_chat_template(tokenizer, d.sources()[0])
-        if problems:
-            raise UserError(problems + _listed(rows.problems, rows.more), "invalid recipe")
-        samples, bad = _encode_source(rows, recipe, model_path, tokenizer, encoding_of(recipe))
-        _raise_bad_rows(rows.problems + bad, rows.more)
+        samples, num_rows, tokenizer = _single_source_samples(recipe, model_path)
         owner = np.zeros(len(samples), dtype=np.int64)
-        num_rows = rows.total  # before dataset.max_samples: `mgpu prepare` shows "100 (of 512 rows)"
     else:
         samples, owner, mix, tokenizer = _mixed_samples(recipe, model_path)
         num_rows = sum(m.rows for m in mix)
-    max_len = recipe.model.max_seq_length
-    ids_out, labels_out = [], []
-    truncated = dropped = cut = longest_before = 0
-    for (ids, labels), src in zip(samples, owner, strict=True):
-        longest_before = max(longest_before, len(ids))
-        if len(ids) > max_len:
-            cut += len(ids) - (0 if d.too_long == "drop" else max_len)
-            if d.too_long == "drop":
-                dropped += 1
-                if mix:
-                    mix[src].dropped += 1
-                continue
-            truncated += 1
-            if mix:
-                mix[src].truncated += 1
-            ids, labels = ids[:max_len], labels[:max_len]
-        ids_out.append(ids)
-        labels_out.append(labels)
-    if not ids_out:
+    fitted = _fit_to_length(samples, owner, mix, d.too_long, recipe.model.max_seq_length)
+    if not fitted.ids:
         raise UserError(
             Problem(
                 "dataset.path" if d.mix is None else "dataset.mix",
-                f"no samples left after dropping {dropped} longer than model.max_seq_length={max_len}",
+                f"no samples left after dropping {fitted.dropped} longer than "
+                f"model.max_seq_length={recipe.model.max_seq_length}",
                 "raise model.max_seq_length or set dataset.too_long: truncate",
             ),
             "invalid data",
         )
-    lengths = np.asarray([len(x) for x in ids_out], dtype=np.int64)
+    lengths = np.asarray([len(x) for x in fitted.ids], dtype=np.int64)
     # loss tokens after the model's one-token shift: labels[1:] that are not ignored
-    loss_counts = np.asarray([int((lab[1:] != IGNORE_INDEX).sum()) for lab in labels_out], dtype=np.int64)
-    offsets = np.zeros(len(ids_out) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    pct = {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)}
+    loss_counts = np.asarray([int((lab[1:] != IGNORE_INDEX).sum()) for lab in fitted.labels], dtype=np.int64)
     summary = PrepareSummary(
-        samples=len(ids_out),
+        samples=len(fitted.ids),
         tokens=int(lengths.sum()),
         loss_tokens=int(loss_counts.sum()),
-        truncated=truncated,
-        dropped=dropped,
+        truncated=fitted.truncated,
+        dropped=fitted.dropped,
         longest=int(lengths.max()),
         rows=num_rows,
-        longest_before=longest_before,
-        tokens_cut=cut,
+        longest_before=fitted.longest_before,
+        tokens_cut=fitted.cut,
         no_loss=int((loss_counts == 0).sum()),
-        percentiles=pct,
+        percentiles={f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)},
         mix=mix,
     )
     if summary.loss_tokens == 0:
@@ -1246,21 +1217,80 @@ def prepare(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary, bool
             ),
             "invalid data",
         )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{fp}-", dir=dest.parent))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    meta = {
+        "summary": asdict(summary),
+        "pad_token_id": int(pad),
+        "fingerprint": fp,
+        "format": d.format if d.mix is None else "mix",
+        "source": d.path if d.mix is None else [s.path for s in d.mix],
+    }
+    _write_cache(dest, fitted, lengths, loss_counts, meta)
+    return dest, summary, False
+
+
+def _single_source_samples(recipe: Recipe, model_path: str) -> tuple[list[Any], int, Any]:
+    """(encoded samples, rows in the file, tokenizer) of `dataset.path`; every bad row (and a chat template that
+    cannot render the data) reported at once."""
+    d = recipe.dataset
     try:
-        np.save(tmp / "input_ids.npy", np.concatenate(ids_out))
-        np.save(tmp / "labels.npy", np.concatenate(labels_out))
+        rows = load_rows(d, recipe.training.seed)
+    except UserError as exc:
+        raise UserError(_template_problems_too(recipe, model_path) + exc.problems, exc.title) from None
+    tokenizer = _load_tokenizer(model_path, recipe.model.trust_remote_code)
+    problems = _check_chat_template(tokenizer, d.sources()[0])
+    if problems:
+        raise UserError(problems + _listed(rows.problems, rows.more), "invalid recipe")
+    samples, bad = _encode_source(rows, recipe, model_path, tokenizer, encoding_of(recipe))
+    _raise_bad_rows(rows.problems + bad, rows.more)
+    return samples, rows.total, tokenizer  # rows before dataset.max_samples: `mgpu prepare` shows "100 (of 512 rows)"
+
+
+@dataclass
+class _Fitted:
+    """Samples after `dataset.too_long` (truncate or drop), with what that cost."""
+
+    ids: list[Any] = field(default_factory=list)
+    labels: list[Any] = field(default_factory=list)
+    truncated: int = 0
+    dropped: int = 0
+    cut: int = 0  # tokens cut off or dropped
+    longest_before: int = 0
+
+
+def _fit_to_length(samples: list[Any], owner: Any, mix: list[SourceCount], too_long: str, max_len: int) -> _Fitted:
+    """Truncate or drop the samples longer than `max_len`, counted per mix source too (`owner`: each sample's)."""
+    out = _Fitted()
+    for (ids, labels), src in zip(samples, owner, strict=True):
+        out.longest_before = max(out.longest_before, len(ids))
+        if len(ids) > max_len:
+            out.cut += len(ids) - (0 if too_long == "drop" else max_len)
+            if too_long == "drop":
+                out.dropped += 1
+                if mix:
+                    mix[src].dropped += 1
+                continue
+            out.truncated += 1
+            if mix:
+                mix[src].truncated += 1
+            ids, labels = ids[:max_len], labels[:max_len]
+        out.ids.append(ids)
+        out.labels.append(labels)
+    return out
+
+
+def _write_cache(dest: Path, fitted: _Fitted, lengths: Any, loss_counts: Any, meta: dict[str, Any]) -> None:
+    """Write the cache in a temporary folder beside `dest` and rename it into place (meta.json last: its presence
+    marks a complete cache; a concurrent run that wrote the same cache first wins)."""
+    offsets = np.zeros(len(fitted.ids) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        np.save(tmp / "input_ids.npy", np.concatenate(fitted.ids))
+        np.save(tmp / "labels.npy", np.concatenate(fitted.labels))
         np.save(tmp / "offsets.npy", offsets)
         np.save(tmp / "loss_counts.npy", loss_counts)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        meta = {
-            "summary": asdict(summary),
-            "pad_token_id": int(pad),
-            "fingerprint": fp,
-            "format": d.format if d.mix is None else "mix",
-            "source": d.path if d.mix is None else [s.path for s in d.mix],
-        }
         (tmp / "meta.json").write_text(json.dumps(meta))  # written last: its presence marks a complete cache
         try:
             os.replace(tmp, dest)
@@ -1269,7 +1299,6 @@ def prepare(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary, bool
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return dest, summary, False
 
 
 class TokenizedData:
