@@ -120,10 +120,10 @@ def test_under_torchrun_the_process_is_a_worker_already():
 @pytest.mark.parametrize(
     ("env", "flags", "where"),
     [
-        ({}, {"nnodes": 2, "node_rank": 2, "rdzv_endpoint": "h:1"}, "--node-rank"),
-        ({}, {"nnodes": 2, "node_rank": 1}, "--rdzv-endpoint"),
-        ({}, {"nnodes": 2, "rdzv_endpoint": "no-port"}, "--rdzv-endpoint"),
-        ({}, {"nnodes": 2, "rdzv_endpoint": "host:99999"}, "--rdzv-endpoint"),
+        ({}, {"nnodes": 2, "node_rank": 2, "rdzv_endpoint": "h:1"}, "argument --node-rank"),
+        ({}, {"nnodes": 2, "node_rank": 1}, "argument --rdzv-endpoint"),
+        ({}, {"nnodes": 2, "rdzv_endpoint": "no-port"}, "argument --rdzv-endpoint"),
+        ({}, {"nnodes": 2, "rdzv_endpoint": "host:99999"}, "argument --rdzv-endpoint"),
         ({**SLURM, "SLURM_NODEID": "4"}, {}, "SLURM_NODEID"),
         ({**SLURM, "SLURM_NTASKS": "32"}, {}, "SLURM_NTASKS"),
     ],

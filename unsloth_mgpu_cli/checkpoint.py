@@ -38,7 +38,7 @@ STEP_PREFIX = "step-"
 RUN_FILES = frozenset(
     {"recipe.resolved.yaml", "metrics.jsonl", "summary.json", "report.png", "wandb-run-id", ".stop-requested"}
 )
-# ".cache": Unsloth's compiled modules, one folder per rank (engine.Trainer.setup's UNSLOTH_COMPILE_LOCATION).
+# ".cache": Unsloth's compiled modules, one folder per rank (trainer.Trainer.setup's UNSLOTH_COMPILE_LOCATION).
 RUN_FOLDERS = frozenset({"adapter", "model", "checkpoints", "logs", "tensorboard", "wandb", ".cache"})
 # Files every run writes (recipe.resolved.yaml before its workers start): with a complete checkpoint, the signs
 # that a folder holds a run. A `checkpoints/` or `logs/` alone may be another tool's.
@@ -248,7 +248,7 @@ def find_resume_checkpoint(out: Path, resume: str, notes: list[str] | None = Non
     if not (path / "state.json").exists():
         raise UserError(
             Problem(
-                "--resume",
+                "argument --resume",
                 f"not a checkpoint folder (no state.json): {path}",
                 f"use --resume auto, or one of {out}/checkpoints/step-N",
             ),
@@ -284,7 +284,7 @@ def verify_safe_to_load(ckpt: Path, suggest: bool = True) -> None:
         fix = hint or "the checkpoint is incomplete or damaged (a full disk or a copy cut short?)"
         if intact is not None:
             fix += f"; an older one is intact: --resume {intact}"
-        raise UserError(Problem(f"--resume ({ckpt / name})", what, fix), title)
+        raise UserError(Problem(f"argument --resume ({ckpt / name})", what, fix), title)
 
     for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):  # first: an unsafe file is named as such
         if not (ckpt / name).is_file():
@@ -421,7 +421,7 @@ def check_resume_compatible(ckpt: Path, identity: dict[str, Any]) -> None:
         label, keys = _IDENTITY_LABELS.get(key, (key, key))
         problems.append(
             Problem(
-                f"--resume {ckpt.name}",
+                f"argument --resume {ckpt.name}",
                 f"{label} changed: the checkpoint was trained with {saved[key]!r}, the recipe now gives {now!r}",
                 f"set {keys} back",
             )
@@ -446,7 +446,11 @@ def read_state(ckpt: Path) -> dict[str, Any]:
         return json.loads((Path(ckpt) / "state.json").read_text())
     except (OSError, ValueError) as exc:
         raise UserError(
-            Problem("--resume", f"cannot read {Path(ckpt) / 'state.json'}: {exc}", "choose another checkpoint folder"),
+            Problem(
+                "argument --resume",
+                f"cannot read {Path(ckpt) / 'state.json'}: {exc}",
+                "choose another checkpoint folder",
+            ),
             "invalid checkpoint",
         ) from exc
 

@@ -226,106 +226,130 @@ def resolve_nodes(
             problem names the flag, key or variable that set the value.
     """
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    if env.get("TORCHELASTIC_RUN_ID") and "RANK" in env:
+        return _torchrun_placement(env, flags)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    flag_names = {"nnodes": "--nnodes", "node_rank": "--node-rank", "rdzv_endpoint": "--rdzv-endpoint"}
-    for key, flag in flag_names.items():
+    for key, flag in _NODE_FLAGS.items():
         if key in flags:
             values[key], sources[key] = flags[key], flag
     if recipe is not None:
-        for key in flag_names:
+        for key in _NODE_FLAGS:
             if key not in values and key in getattr(recipe, "model_fields_set", set()):
                 values[key], sources[key] = getattr(recipe, key), f"distributed.{key}"
-
-    if env.get("TORCHELASTIC_RUN_ID") and "RANK" in env:
-        # Already a worker of torchrun (or another elastic agent): it did the rendezvous; train in place.
-        given = [flag_names[k] for k in flags]
-        if given:
-            raise UserError(
-                Problem(
-                    ", ".join(given),
-                    "this process was started by torchrun, which already placed it (RANK/WORLD_SIZE are set)",
-                    "drop these flags, or run mgpu train without torchrun",
-                ),
-                "invalid arguments",
-            )
-        local_ws = int(env.get("LOCAL_WORLD_SIZE", 1))
-        world = int(env.get("WORLD_SIZE", 1))
-        master = (
-            f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}" if env.get("MASTER_ADDR") and env.get("MASTER_PORT") else None
-        )
-        return NodeSetup(
-            nnodes=max(1, world // max(1, local_ws)),
-            node_rank=int(env.get("GROUP_RANK", 0)),
-            rdzv_endpoint=master,
-            sources={
-                "nnodes": "WORLD_SIZE/LOCAL_WORLD_SIZE",
-                "node_rank": "GROUP_RANK",
-                "rdzv_endpoint": "MASTER_ADDR/MASTER_PORT",
-            },
-            under_torchrun=True,
-            rank=int(env["RANK"]),
-            local_world_size=local_ws,
-            world_size=world,
-        )
-
-    problems: list[Problem] = []
-    slurm_nodes = env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES")
-    if slurm_nodes and "SLURM_NODEID" in env:
-        if "nnodes" not in values:
-            values["nnodes"], sources["nnodes"] = int(slurm_nodes), "SLURM_NNODES"
-        if "node_rank" not in values:
-            values["node_rank"], sources["node_rank"] = int(env["SLURM_NODEID"]), "SLURM_NODEID"
-        tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
-        if tasks and tasks.isdigit() and int(tasks) > int(slurm_nodes) and sources["nnodes"] == "SLURM_NNODES":
-            problems.append(
-                Problem(
-                    "SLURM_NTASKS",
-                    f"{tasks} tasks on {slurm_nodes} nodes; mgpu starts the workers of a node itself",
-                    "run srun with --ntasks-per-node=1",
-                )
-            )
-        if "rdzv_endpoint" not in values and values["nnodes"] > 1:
-            if env.get("MASTER_ADDR"):
-                values["rdzv_endpoint"] = f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT') or DEFAULT_RDZV_PORT}"
-                sources["rdzv_endpoint"] = "MASTER_ADDR/MASTER_PORT"
-            elif env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST"):
-                nodelist = env.get("SLURM_JOB_NODELIST") or env["SLURM_NODELIST"]
-                host = first_slurm_host(nodelist, scontrol)
-                values["rdzv_endpoint"] = f"{host}:{env.get('MASTER_PORT') or DEFAULT_RDZV_PORT}"
-                sources["rdzv_endpoint"] = "SLURM_JOB_NODELIST"
+    problems = _from_slurm(env, values, sources, scontrol)
     if "rdzv_endpoint" not in values and env.get("MASTER_ADDR") and values.get("nnodes", 1) > 1:
         values["rdzv_endpoint"] = f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT') or DEFAULT_RDZV_PORT}"
         sources["rdzv_endpoint"] = "MASTER_ADDR/MASTER_PORT"
     for key, default in (("nnodes", 1), ("node_rank", 0), ("rdzv_endpoint", None)):
         if key not in values:
             values[key], sources[key] = default, "default"
-
     nnodes, node_rank, endpoint = int(values["nnodes"]), int(values["node_rank"]), values["rdzv_endpoint"]
+    problems += _node_problems(nnodes, node_rank, endpoint, sources)
+    if problems:
+        raise UserError(problems, "invalid multi-node arguments")
+    return NodeSetup(
+        nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=endpoint if nnodes > 1 else None, sources=sources
+    )
+
+
+_NODE_FLAGS = {"nnodes": "--nnodes", "node_rank": "--node-rank", "rdzv_endpoint": "--rdzv-endpoint"}
+
+
+def _torchrun_placement(env: dict[str, str] | os._Environ[str], flags: dict[str, Any]) -> NodeSetup:
+    """Already a worker of torchrun (or another elastic agent): it did the rendezvous; train in place. Node flags
+    would contradict its placement: refused."""
+    given = [_NODE_FLAGS[k] for k in flags]
+    if given:
+        raise UserError(
+            Problem(
+                "argument " + ", ".join(given),
+                "this process was started by torchrun, which already placed it (RANK/WORLD_SIZE are set)",
+                "drop these flags, or run mgpu train without torchrun",
+            ),
+            "invalid arguments",
+        )
+    local_ws = int(env.get("LOCAL_WORLD_SIZE", 1))
+    world = int(env.get("WORLD_SIZE", 1))
+    master = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}" if env.get("MASTER_ADDR") and env.get("MASTER_PORT") else None
+    return NodeSetup(
+        nnodes=max(1, world // max(1, local_ws)),
+        node_rank=int(env.get("GROUP_RANK", 0)),
+        rdzv_endpoint=master,
+        sources={
+            "nnodes": "WORLD_SIZE/LOCAL_WORLD_SIZE",
+            "node_rank": "GROUP_RANK",
+            "rdzv_endpoint": "MASTER_ADDR/MASTER_PORT",
+        },
+        under_torchrun=True,
+        rank=int(env["RANK"]),
+        local_world_size=local_ws,
+        world_size=world,
+    )
+
+
+def _from_slurm(
+    env: dict[str, str] | os._Environ[str], values: dict[str, Any], sources: dict[str, str], scontrol: str | None
+) -> list[Problem]:
+    """Fill what flags and recipe left open from SLURM's variables (`srun mgpu train ...`): the node count and
+    index, and node 0's address as the endpoint (MASTER_ADDR first, else the node list's first host). Returns
+    the problems: several tasks per node, where mgpu starts each node's workers itself."""
+    slurm_nodes = env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES")
+    if not (slurm_nodes and "SLURM_NODEID" in env):
+        return []
+    problems = []
+    if "nnodes" not in values:
+        values["nnodes"], sources["nnodes"] = int(slurm_nodes), "SLURM_NNODES"
+    if "node_rank" not in values:
+        values["node_rank"], sources["node_rank"] = int(env["SLURM_NODEID"]), "SLURM_NODEID"
+    tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
+    if tasks and tasks.isdigit() and int(tasks) > int(slurm_nodes) and sources["nnodes"] == "SLURM_NNODES":
+        problems.append(
+            Problem(
+                "SLURM_NTASKS",
+                f"{tasks} tasks on {slurm_nodes} nodes; mgpu starts the workers of a node itself",
+                "run srun with --ntasks-per-node=1",
+            )
+        )
+    if "rdzv_endpoint" not in values and values["nnodes"] > 1:
+        if env.get("MASTER_ADDR"):
+            values["rdzv_endpoint"] = f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT') or DEFAULT_RDZV_PORT}"
+            sources["rdzv_endpoint"] = "MASTER_ADDR/MASTER_PORT"
+        elif env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST"):
+            nodelist = env.get("SLURM_JOB_NODELIST") or env["SLURM_NODELIST"]
+            host = first_slurm_host(nodelist, scontrol)
+            values["rdzv_endpoint"] = f"{host}:{env.get('MASTER_PORT') or DEFAULT_RDZV_PORT}"
+            sources["rdzv_endpoint"] = "SLURM_JOB_NODELIST"
+    return problems
+
+
+def _node_problems(nnodes: int, node_rank: int, endpoint: str | None, sources: dict[str, str]) -> list[Problem]:
+    """What is wrong with the resolved values, each named by what set it (a flag, recipe key or variable)."""
+
+    def where(key: str) -> str:  # flags are labelled as every command's arguments are ("argument --x")
+        return f"argument {sources[key]}" if sources[key].startswith("--") else sources[key]
+
+    problems = []
     if nnodes < 1:
-        problems.append(Problem(sources["nnodes"], f"expected at least 1 node, found {nnodes}"))
+        problems.append(Problem(where("nnodes"), f"expected at least 1 node, found {nnodes}"))
     elif not 0 <= node_rank < nnodes:
         problems.append(
             Problem(
-                sources["node_rank"],
+                where("node_rank"),
                 f"expected 0..{nnodes - 1} (nnodes={nnodes} from {sources['nnodes']}), found {node_rank}",
             )
         )
     if nnodes > 1 and not endpoint:
         problems.append(
             Problem(
-                "--rdzv-endpoint",
+                "argument --rdzv-endpoint",
                 f"{nnodes} nodes need HOST:PORT of node 0's rendezvous",
                 "pass --rdzv-endpoint HOST:PORT (the same on every node), or set distributed.rdzv_endpoint",
             )
         )
     elif endpoint:
-        problems += check_endpoint(str(endpoint), sources["rdzv_endpoint"])
-    if problems:
-        raise UserError(problems, "invalid multi-node arguments")
-    return NodeSetup(
-        nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=endpoint if nnodes > 1 else None, sources=sources
-    )
+        problems += check_endpoint(str(endpoint), where("rdzv_endpoint"))
+    return problems
 
 
 def run_in_place(entry: Callable[..., Any], args: Sequence[Any], setup: NodeSetup, device_type: str) -> dict[int, Any]:

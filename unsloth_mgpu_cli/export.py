@@ -44,11 +44,11 @@ def check_export_args(output_dir: Path, dtype: str, dest: Path | None = None) ->
     out = Path(output_dir)
     if dtype not in DTYPES:
         raise UserError(
-            Problem("--dtype", f"expected one of {', '.join(DTYPES)}, found {dtype!r}"), "invalid arguments"
+            Problem("argument --dtype", f"expected one of {', '.join(DTYPES)}, found {dtype!r}"), "invalid arguments"
         )
     if not out.is_dir():
         raise UserError(
-            Problem("OUTPUT_DIR", f"not a folder: {out}", "give the output.dir of an `mgpu train` run"),
+            Problem("argument OUTPUT_DIR", f"not a folder: {out}", "give the output.dir of an `mgpu train` run"),
             "invalid arguments",
         )
     adapter = out / "adapter"
@@ -56,7 +56,7 @@ def check_export_args(output_dir: Path, dtype: str, dest: Path | None = None) ->
         if (out / "model" / "config.json").exists():
             raise UserError(
                 Problem(
-                    "OUTPUT_DIR",
+                    "argument OUTPUT_DIR",
                     f"{out} is a full fine-tune: {out / 'model'} already is a complete "
                     "HF model, there is no adapter to merge",
                 ),
@@ -64,7 +64,7 @@ def check_export_args(output_dir: Path, dtype: str, dest: Path | None = None) ->
             )
         raise UserError(
             Problem(
-                "OUTPUT_DIR",
+                "argument OUTPUT_DIR",
                 f"no adapter in {out} (expected adapter/adapter_config.json)",
                 "the adapter is written when training ends; finish the run with `mgpu train RECIPE --resume auto`",
             ),
@@ -93,7 +93,7 @@ def check_export_dest(run: Path, dest: Path | None, base: str) -> None:
     not empty and not an earlier export. An earlier export (or `<run>/merged`) is replaced, atomically.
     """
     run = Path(run).expanduser().resolve()
-    where = "--output" if dest is not None else f"--output (default {run / 'merged'})"
+    where = "argument --output" if dest is not None else f"argument --output (default {run / 'merged'})"
     target = Path(dest if dest is not None else run / "merged").expanduser()
     shown = target
     target = target.resolve()  # a symlink is judged by the folder it points to
@@ -180,7 +180,9 @@ def export_merged(output_dir: Path, dest: Path | None = None, dtype: str = "bflo
     except OSError as exc:
         raise UserError(
             Problem(
-                "--output", f"cannot write {dest}: {exc.strerror or exc}", "choose a writable folder with enough space"
+                "argument --output",
+                f"cannot write {dest}: {exc.strerror or exc}",
+                "choose a writable folder with enough space",
             ),
             "cannot export",
         ) from exc

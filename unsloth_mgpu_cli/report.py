@@ -66,7 +66,7 @@ def read_metrics(out: Path) -> tuple[list[dict[str, Any]], list[Problem]]:
             hint = "report again after its first logged step (every logging.steps steps)"
         else:
             found = f"no metrics.jsonl in {out}"
-        raise UserError(Problem("OUTPUT_DIR", found, hint), "nothing to report")
+        raise UserError(Problem("argument OUTPUT_DIR", found, hint), "nothing to report")
     try:
         raw = path.read_bytes()
     except OSError as exc:
