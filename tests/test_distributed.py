@@ -102,6 +102,17 @@ def test_cuda_workers_get_expandable_segments_unless_the_user_chose_an_allocator
         assert env["PYTORCH_CUDA_ALLOC_CONF"] == chosen
 
 
+def test_each_cuda_worker_sees_only_its_own_gpu_of_those_the_user_made_visible():
+    # the user's choice: GPUs 3 and 5 of the host; rank 1 gets 5 (as cuda:0), and its children keep the list
+    env = {"CUDA_VISIBLE_DEVICES": "3,5"}
+    assert D.show_only_own_gpu(env, 1, 2) == "5"
+    assert env == {"CUDA_VISIBLE_DEVICES": "5", "MGPU_VISIBLE_DEVICES": "3,5"}
+    # a process started from that worker (an elastic restart of its children) still picks from the host's list
+    assert D.show_only_own_gpu(env, 0, 2) == "3" and env["CUDA_VISIBLE_DEVICES"] == "3"
+    env = {}  # nothing chosen: GPU i for local rank i
+    assert D.show_only_own_gpu(env, 3, 4) == "3" and env["MGPU_VISIBLE_DEVICES"] == "0,1,2,3"
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
 def test_real_workers_run_on_disjoint_cores(monkeypatch):
     from dist_workers import worker_affinity

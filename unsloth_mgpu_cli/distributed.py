@@ -934,6 +934,20 @@ def cuda_allocator_defaults(env: dict[str, str] | Any) -> None:
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
 
 
+def show_only_own_gpu(env: dict[str, str] | os._Environ[str], local_rank: int, local_world_size: int) -> str:
+    """Hide every GPU but this worker's, which it then sees as cuda:0; must run before anything touches CUDA.
+
+    The worker's GPU is entry `local_rank` of the host's CUDA_VISIBLE_DEVICES (all GPUs when unset), kept in
+    MGPU_VISIBLE_DEVICES for the worker's own children. Training workers and `mgpu doctor --probe`'s workers both
+    go through here, so the probe measures the set-up training uses. Returns the GPU's id as the host names it.
+    """
+    visible = env.get("MGPU_VISIBLE_DEVICES") or env.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(local_world_size)]
+    env["MGPU_VISIBLE_DEVICES"] = ",".join(devices)
+    env["CUDA_VISIBLE_DEVICES"] = devices[local_rank]
+    return devices[local_rank]
+
+
 def setup_worker(timeout_seconds: int = 1800) -> DistInfo:
     """Pin this worker to its device and join the process group (NCCL on CUDA, gloo on CPU).
 
@@ -946,11 +960,7 @@ def setup_worker(timeout_seconds: int = 1800) -> DistInfo:
     # to the OS.
     atexit.register(gc.freeze)
     if device_type == "cuda":
-        visible = os.environ.get("MGPU_VISIBLE_DEVICES") or os.environ.get("CUDA_VISIBLE_DEVICES")
-        devices = visible.split(",") if visible else [str(i) for i in range(info.local_world_size)]
-        os.environ["MGPU_VISIBLE_DEVICES"] = ",".join(devices)
-        os.environ["CUDA_VISIBLE_DEVICES"] = devices[info.local_rank]
-    if device_type == "cuda":
+        show_only_own_gpu(os.environ, info.local_rank, info.local_world_size)
         cuda_allocator_defaults(os.environ)
     share = int(os.environ.get(USER_THREADS) or 0) or cores_per_worker(info.local_world_size)
     # Opt-in (MGPU_CPU_AFFINITY=1): on 2 x H200 it closed rank 1's gap on the 1B (+5% tokens/s) but the 8B's

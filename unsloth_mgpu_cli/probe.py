@@ -130,12 +130,15 @@ def _worker(device: str, size_mb: float, iters: int, timeout: int) -> dict[str, 
     import torch
     import torch.distributed as dist
 
+    from .distributed import show_only_own_gpu
+
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ["LOCAL_RANK"])
     if device == "cuda":
-        # Pin before any other CUDA call so the NCCL communicator and every tensor live on this rank's GPU.
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        # As a training worker: before any CUDA call, only this rank's GPU is visible (cuda:0), so the NCCL
+        # communicator and every tensor live there and NCCL finds its peers as training's workers do.
+        show_only_own_gpu(os.environ, int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]))
+        torch.cuda.set_device(0)
+        dev = torch.device("cuda", 0)
         dist.init_process_group("nccl", timeout=timedelta(seconds=timeout), device_id=dev)
     else:
         torch.set_num_threads(1)

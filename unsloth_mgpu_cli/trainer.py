@@ -588,7 +588,7 @@ class Trainer:
         return Launch(index, batches, mine, loss_sum, oom, clock, _graphs_compiled() - compiled_before, rng)
 
     def _exchange(self, step: Launch, earlier: Launch | None, own_time: bool) -> None:
-        """Queue the step's one small collective, and its copy to the host (read in `settle`).
+        """Queue the step's one small collective, and its copy to the host (read in `_settle`).
 
         Each rank sends: its loss and loss tokens; whether it saw a non-finite value (checked on the device: no
         per-parameter sync), ran out of memory or was asked to stop (so that every rank redoes, skips or stops
