@@ -44,7 +44,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
+STAGE=${1:?usage: gpu_plan.sh s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -407,6 +407,14 @@ clocks_throttle_reasons.active --format=csv,noheader -lms 100 > "$OUT/smi.csv" 2
     rm -rf "$OUT/eval"
     timeout -k 10 "${T:-300}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
+  s16)
+    # session 16 (1-GPU kind): the loop split into methods (trainer.py) and the probe's workers pinned as training's
+    # are. `mgpu doctor --probe`, then s15's checks (the quick start's exit; the 1B at 1 GPU against 71,085 tokens/s)
+    python3 -m unsloth_mgpu_cli doctor --probe --json > "$OUT/doctor.json" 2> "$OUT/doctor.err"
+    echo "doctor --probe: exit=$?"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+      print(d['summary'], {k: d['probe'].get(k) for k in ('ok', 'backend', 'world_size', 'busbw_gbps')})" \
+      "$OUT/doctor.json" || tail -5 "$OUT/doctor.err"
+    OUT=${OUT%/s16} exec bash "$0" s15 ;;
   s15)
     # session 15 (1-GPU kind): workers and the launcher freeze the garbage collector before they exit. On CUDA: a
     # short run still exits 0, and the seconds from its summary.json to the process's end; then the 1B at 1 GPU
