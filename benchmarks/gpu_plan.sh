@@ -34,6 +34,8 @@
 # 40-step run whose first step took 23 s; the tier's 1-GPU tests: 2 passed, 3 skipped, 202 s).
 # In session 15 (only the 1-GPU kind lent): `s15` (the 1B at 1 GPU 71,085 tokens/s; the quick start's exit), then
 # `T=330 gputest` (2 passed, 3 skipped, 188 s).
+# In session 16 (only the 1-GPU kind lent): `s16` (the loop split into methods: the 1B at 1 GPU 69,261 tokens/s, the GPU
+# busy 99.3% of each step; doctor --probe ok), `T=400 gputest` (2 passed, 3 skipped, 158 s), `stops` (both as before).
 # Next, in this order:
 #   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
