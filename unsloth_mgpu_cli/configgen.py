@@ -317,26 +317,7 @@ def plan(
         setup = replace(base, method=m, sharded=sharded)
         if _plan_method(arch, setup, result, sizes, gradient_checkpointing, micro_batch_size):
             result.fits = True
-            if method is None:
-                result.reasons.insert(
-                    0,
-                    "lora on 16-bit weights: they fit (full fine-tuning only on request)"
-                    if m == "lora"
-                    else "qlora (4-bit weights): 16-bit LoRA does not fit even at micro-batch 1",
-                )
-            else:
-                result.reasons.insert(0, f"{m} as requested")
-            if sharded and strategy == "auto":
-                result.reasons.insert(
-                    1,
-                    f"strategy fsdp: a full replica does not fit one GPU; sharding weights, gradients and "
-                    f"optimizer state over {num_gpus} GPUs does (only when replicas do not fit: sharding "
-                    "adds an all-gather per layer)",
-                )
-            elif sharded:
-                result.reasons.insert(1, f"strategy fsdp as requested: sharded over {num_gpus} GPUs")
-            else:
-                result.reasons.insert(1, "strategy ddp: a full replica fits every GPU (data parallelism)")
+            result.reasons[:0] = _why_method_and_strategy(m, sharded, method is None, strategy, num_gpus)
             break
     if result.fits:
         result.gradient_accumulation_steps = max(1, math.ceil(global_batch / (result.micro_batch_size * num_gpus)))
@@ -353,6 +334,27 @@ def plan(
             arch, replace(base, sharded=result.strategy == "fsdp"), result, names or CLI_NAMES
         )
     return result
+
+
+def _why_method_and_strategy(method: Method, sharded: bool, chosen: bool, strategy: str, num_gpus: int) -> list[str]:
+    """The plan's first two reasons: why this method (`chosen`: by the generator, else as requested), and why
+    replicas or shards."""
+    if not chosen:
+        why_method = f"{method} as requested"
+    elif method == "lora":
+        why_method = "lora on 16-bit weights: they fit (full fine-tuning only on request)"
+    else:
+        why_method = "qlora (4-bit weights): 16-bit LoRA does not fit even at micro-batch 1"
+    if sharded and strategy == "auto":
+        why_strategy = (
+            f"strategy fsdp: a full replica does not fit one GPU; sharding weights, gradients and optimizer state "
+            f"over {num_gpus} GPUs does (only when replicas do not fit: sharding adds an all-gather per layer)"
+        )
+    elif sharded:
+        why_strategy = f"strategy fsdp as requested: sharded over {num_gpus} GPUs"
+    else:
+        why_strategy = "strategy ddp: a full replica fits every GPU (data parallelism)"
+    return [why_method, why_strategy]
 
 
 #: How suggestions name the settings: `mgpu suggest`'s flags, or the Python API's arguments (ConfigManager).

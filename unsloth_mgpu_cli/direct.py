@@ -168,28 +168,10 @@ class MultiGPUTrainer:
         loss_tok_sum = loss_tokens = tokens = 0.0
         last_loss = float("nan")
         for batch in dataloader:
-            if not (isinstance(batch, dict) and "input_ids" in batch):
-                found = type(batch).__name__ + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else "")
-                raise TypeError(
-                    f"train_epoch takes batches as dicts with 'input_ids' (and optionally 'attention_mask', "
-                    f"'labels'), got a {found}: e.g. a DataLoader over a list of such dicts, or a collate_fn "
-                    "that returns one (a TensorDataset yields tuples)"
-                )
-            ids = batch["input_ids"]
-            mask = batch.get("attention_mask")
-            labels = batch.get("labels")
-            if labels is None:
-                labels = ids.masked_fill(mask == 0, IGNORE_INDEX) if mask is not None else ids
-            rows = int(ids.shape[0])  # fewer rows than ranks (a DataLoader's last batch): some ranks get none
-            # Loss tokens after the causal shift: the global count is known to every rank without a collective.
-            global_items = int((labels[:, 1:] != IGNORE_INDEX).sum())
-            part = self._shard(rows)
-            local = {"input_ids": ids[part], "labels": labels[part]}
-            if mask is not None:
-                local["attention_mask"] = mask[part]
-            local = {k: v.to(info.device, non_blocking=True) for k, v in local.items()}
+            ids, rows, global_items, local = self._my_part(batch)
             local_items = int((local["labels"][:, 1:] != IGNORE_INDEX).sum())
-            local_tokens = int(local["attention_mask"].sum()) if mask is not None else int(local["input_ids"].numel())
+            mask = local.get("attention_mask")
+            local_tokens = int(mask.sum()) if mask is not None else int(local["input_ids"].numel())
             loss_value = 0.0
             if local_items > 0:
                 loss = self.model(**local).loss
@@ -245,6 +227,30 @@ class MultiGPUTrainer:
             "world_size": self.world_size,
             "aggregation": self.aggregation,
         }
+
+    def _my_part(self, batch: Any) -> tuple[Any, int, int, dict[str, Any]]:
+        """(the global batch's input ids, its rows, its loss tokens, this rank's rows on its device) of one batch
+        from the data loader; labels default to the input ids with padding masked."""
+        if not (isinstance(batch, dict) and "input_ids" in batch):
+            found = type(batch).__name__ + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else "")
+            raise TypeError(
+                f"train_epoch takes batches as dicts with 'input_ids' (and optionally 'attention_mask', "
+                f"'labels'), got a {found}: e.g. a DataLoader over a list of such dicts, or a collate_fn "
+                "that returns one (a TensorDataset yields tuples)"
+            )
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        labels = batch.get("labels")
+        if labels is None:
+            labels = ids.masked_fill(mask == 0, IGNORE_INDEX) if mask is not None else ids
+        rows = int(ids.shape[0])  # fewer rows than ranks (a DataLoader's last batch): some ranks get none
+        # Loss tokens after the causal shift: the global count is known to every rank without a collective.
+        global_items = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        part = self._shard(rows)
+        local = {"input_ids": ids[part], "labels": labels[part]}
+        if mask is not None:
+            local["attention_mask"] = mask[part]
+        return ids, rows, global_items, {k: v.to(self.info.device, non_blocking=True) for k, v in local.items()}
 
     def _skip_step(self, bad_loss_ranks: int) -> None:
         """No update on any rank for a batch with a non-finite loss or gradient (the engine's rule)."""
