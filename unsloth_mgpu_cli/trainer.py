@@ -298,8 +298,8 @@ class Trainer:
                 s.phases.add(queued, waited, update, t_end - t_begin - queued - waited - update)
 
     def _settle(self, s: FitSession, step: Launch, dropped: Launch | None) -> str:
-        """The host's side of a queued step: read its outcome; redo it, skip it or count it; then write, evaluate,
-        check and save what its number asks for. Returns "next", "redo" or "stop". `dropped`: the next step,
+        """The host's side of a step (queued one step earlier, or settled at once): read its outcome; redo it, skip
+        it or count it; then write, evaluate, check and save what its number asks for. Returns "next", "redo" or "stop". `dropped`: the next step,
         already queued, whose work is dropped if this one is redone or is the last before a stop."""
         from . import distributed as D
 
