@@ -299,8 +299,9 @@ class Trainer:
 
     def _settle(self, s: FitSession, step: Launch, dropped: Launch | None) -> str:
         """The host's side of a step (queued one step earlier, or settled at once): read its outcome; redo it, skip
-        it or count it; then write, evaluate, check and save what its number asks for. Returns "next", "redo" or "stop". `dropped`: the next step,
-        already queued, whose work is dropped if this one is redone or is the last before a stop."""
+        it or count it; then write, evaluate, check and save what its number asks for. Returns "next", "redo" or
+        "stop". `dropped`: the next step, already queued, whose work is dropped if this one is redone or is the last
+        before a stop."""
         from . import distributed as D
 
         r = self.recipe
