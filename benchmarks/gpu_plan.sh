@@ -35,18 +35,18 @@
 # In session 15 (only the 1-GPU kind lent): `s15` (the 1B at 1 GPU 71,085 tokens/s; the quick start's exit), then
 # `T=330 gputest` (2 passed, 3 skipped, 188 s).
 # In session 16 (only the 1-GPU kind lent): `s16` (the loop split into methods: the 1B at 1 GPU 69,261 tokens/s, the GPU
-# busy 99.3% of each step; doctor --probe ok), `T=400 gputest` (2 passed, 3 skipped, 158 s), `stops` (both as before).
+# busy 99.3% of each step; doctor --probe ok), `T=400 gputest` (2 passed, 3 skipped, 158 s), `stops` (both as before),
+# `s16b` (TRL on the 8B at 1 GPU: padding-free 3,828, packed 7,951 tokens/s).
 # Next, in this order:
 #   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
 #   gputest on nvidia-h200-x2: the whole tier (expandable segments and balance_speed never ran there)
 #   CASES=qlora bash benchmarks/gpu_fsdp.sh   # #13: 8B QLoRA, NF4 shards (own call)
-#   TRL on the 8B at 1 GPU: benchmarks/run.py --sizes 8b --micro-batch 16 --only trl-pf,trl-pack --gpus 1
 #   4/8 GPUs (#12), when lent: GPUS=8,4 s7d (ours) and s7e (TRL), then GPUS=2,1 where a pair is missing
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
+STAGE=${1:?usage: gpu_plan.sh s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -409,6 +409,12 @@ clocks_throttle_reasons.active --format=csv,noheader -lms 100 > "$OUT/smi.csv" 2
     rm -rf "$OUT/eval"
     timeout -k 10 "${T:-300}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
+  s16b)
+    # Unsloth's own route on the 8B at 1 GPU (the row missing next to s6c's 2-GPU TRL runs), both modes, 10 steps,
+    # steady after 4: micro-batch 16 x 8 accumulation = the same global batch 128
+    timeout 550 "${BENCH[@]}" --sizes 8b --micro-batch 16 --steps 10 --warmup 4 --timeout 230 --min-run-s 90 \
+      --out "$OUT/t" --only trl-pack,trl-pf --gpus 1 --budget-s 540 | tail -5
+    cd "$OUT" && tar czf rest.tgz t; rm -rf t; exit 0 ;;
   s16)
     # session 16 (1-GPU kind): the loop split into methods (trainer.py) and the probe's workers pinned as training's
     # are. `mgpu doctor --probe`, then s15's checks (the quick start's exit; the 1B at 1 GPU against 71,085 tokens/s)
