@@ -239,7 +239,7 @@ def resolve_nodes(
                 values[key], sources[key] = getattr(recipe, key), f"distributed.{key}"
     problems = _from_slurm(env, values, sources, scontrol)
     if "rdzv_endpoint" not in values and env.get("MASTER_ADDR") and values.get("nnodes", 1) > 1:
-        values["rdzv_endpoint"] = f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT') or DEFAULT_RDZV_PORT}"
+        values["rdzv_endpoint"] = _master_endpoint(env)
         sources["rdzv_endpoint"] = "MASTER_ADDR/MASTER_PORT"
     for key, default in (("nnodes", 1), ("node_rank", 0), ("rdzv_endpoint", None)):
         if key not in values:
@@ -251,6 +251,11 @@ def resolve_nodes(
     return NodeSetup(
         nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=endpoint if nnodes > 1 else None, sources=sources
     )
+
+
+def _master_endpoint(env: dict[str, str] | os._Environ[str]) -> str:
+    """MASTER_ADDR:MASTER_PORT, with torchrun's default port when MASTER_PORT is unset."""
+    return f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT') or DEFAULT_RDZV_PORT}"
 
 
 _NODE_FLAGS = {"nnodes": "--nnodes", "node_rank": "--node-rank", "rdzv_endpoint": "--rdzv-endpoint"}
@@ -313,7 +318,7 @@ def _from_slurm(
         )
     if "rdzv_endpoint" not in values and values["nnodes"] > 1:
         if env.get("MASTER_ADDR"):
-            values["rdzv_endpoint"] = f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT') or DEFAULT_RDZV_PORT}"
+            values["rdzv_endpoint"] = _master_endpoint(env)
             sources["rdzv_endpoint"] = "MASTER_ADDR/MASTER_PORT"
         elif env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST"):
             nodelist = env.get("SLURM_JOB_NODELIST") or env["SLURM_NODELIST"]

@@ -35,7 +35,6 @@ class Trainer:
         self.info = info
         self.out = Path(plan.output_dir)
         self.step = 0
-        self.metrics_file = None
         self.split = 1  # pieces each micro-batch is cut into after an out-of-memory error (1: uncut)
         self.sharded = plan.recipe.distributed.strategy == "fsdp"  # FSDP2: parameters are DTensor shards
 
@@ -243,7 +242,7 @@ class Trainer:
         from . import distributed as D
 
         self.model.train()
-        s = FitSession(self)
+        s = FitSession(self, ahead=self._looks_ahead())
         try:
             self._run_steps(s)
             return self._finish(s)
@@ -1061,7 +1060,7 @@ class FitSession:
     checkpoint, evaluate or end the run are written at once. The progress bar shows each step as soon as it is
     settled."""
 
-    def __init__(self, trainer: Trainer):
+    def __init__(self, trainer: Trainer, ahead: bool):
         from .profiling import StepProfiler
         from .progress import ProgressDisplay
         from .sinks import MetricSinks
@@ -1077,7 +1076,7 @@ class FitSession:
         trainer.plan.timeline["fit_start"] = time.time()
         self.session_start = trainer.step
         self.saved_step = trainer.step if trainer.plan.resume_from else -1
-        self.ahead = trainer._looks_ahead()
+        self.ahead = ahead  # steps are queued before the previous one is settled (`Trainer._looks_ahead`)
         self.eval_total = 0.0  # seconds spent evaluating this session: not training, left out of tokens/s
         self.tokens_window = self.tokens_session = 0
         self.first_step_s: float | None = None
