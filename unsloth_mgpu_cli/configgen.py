@@ -491,6 +491,28 @@ def _refuse_replicas_that_cannot_fit(
     )
 
 
+def _cpu_values(t: Any, mem: Any, mb_auto: bool, ga_auto: bool, ck_auto: bool) -> list[str]:
+    """Fill the `auto` batch and checkpointing keys for CPU workers; the note saying so (none if nothing was auto)."""
+    # CPU training is for demos and tests: small batches keep each step short, and there is no GPU memory
+    # to save, so recomputation would only cost time.
+    if mb_auto:
+        t.micro_batch_size = 2
+    if ga_auto:
+        t.gradient_accumulation_steps = 1
+    if ck_auto:
+        mem.gradient_checkpointing = False
+    filled = [
+        text
+        for auto, text in (
+            (mb_auto, "micro_batch_size 2"),
+            (ga_auto, "gradient_accumulation_steps 1"),
+            (ck_auto, "gradient_checkpointing false"),
+        )
+        if auto
+    ]
+    return [f"no GPU: conservative CPU values ({', '.join(filled)}) where the recipe said auto"] if filled else []
+
+
 def resolve_auto(
     recipe: Any, num_gpus: int, gpu_memory_bytes: int | None, global_batch: int = DEFAULT_GLOBAL_BATCH
 ) -> tuple[Any, list[str]]:
@@ -531,25 +553,7 @@ def resolve_auto(
     if not (mb_auto or ga_auto or ck_auto or st_auto):
         return r, notes
     if gpu_memory_bytes is None:
-        # CPU training is for demos and tests: small batches keep each step short, and there is no GPU memory
-        # to save, so recomputation would only cost time.
-        if mb_auto:
-            t.micro_batch_size = 2
-        if ga_auto:
-            t.gradient_accumulation_steps = 1
-        if ck_auto:
-            mem.gradient_checkpointing = False
-        filled = [
-            text
-            for auto, text in (
-                (mb_auto, "micro_batch_size 2"),
-                (ga_auto, "gradient_accumulation_steps 1"),
-                (ck_auto, "gradient_checkpointing false"),
-            )
-            if auto
-        ]
-        if filled:
-            notes.append(f"no GPU: conservative CPU values ({', '.join(filled)}) where the recipe said auto")
+        notes += _cpu_values(t, mem, mb_auto, ga_auto, ck_auto)
         return r, notes
 
     if arch is None:

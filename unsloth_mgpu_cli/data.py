@@ -396,25 +396,9 @@ def _apply_columns(rows: list[dict[str, Any]], ds: DatasetSection) -> None:
                             m[name] = m.pop(source)
 
 
-def load_rows(ds: DatasetSection, seed: int = 0, key: str = "dataset", columns_key: str | None = None) -> Rows:
-    """Read every row of a local file, a folder of files, or a cached hub dataset.
-
-    Lines that are no rows (malformed JSON, an unparsable CSV row) do not stop the reading: they come back in
-    `Rows.problems`, to be reported with the bad rows. Columns named in `dataset.columns` are renamed first
-    (each must exist); a format's required column missing from the data is reported once, naming the columns
-    that were found.
-
-    Args:
-        ds: a single-path dataset section (one of `DatasetSection.sources()`).
-        seed: seeds the `dataset.max_samples` draw.
-        key: the recipe key of the source, for messages (`dataset`, or `dataset.mix.<i>` in a mix).
-        columns_key: the key that sets the source's columns (default `<key>.columns`).
-
-    Raises:
-        UserError: unreadable files, a path that is neither a file, a folder nor a hub dataset, an empty
-            dataset, a mapped column that is not in the data, a required column missing from every row.
-    """
-    assert ds.path is not None, "load_rows reads one source: see DatasetSection.sources()"
+def _source_files(ds: DatasetSection, key: str) -> list[Path]:
+    """The files to read for `ds.path` (a file, or a folder's data files: those named after `dataset.split` when
+    there are any); none for a hub dataset id. Raises UserError for a path that is none of these."""
     path = Path(ds.path)
     if path.is_dir():
         files = sorted(
@@ -446,6 +430,55 @@ def load_rows(ds: DatasetSection, seed: int = 0, key: str = "dataset", columns_k
                 "check the path; relative paths start from the recipe's folder",
             )
         files = []
+    return files
+
+
+def _column_problems(
+    rows: list[dict[str, Any]], ds: DatasetSection, key: str, columns_key: str | None, first_source: str
+) -> list[Problem]:
+    """Rename the columns `dataset.columns` maps (in place), then the recipe problems: a mapped column that is not in
+    the data, or a column the format needs that no row has (named after `first_source`)."""
+    columns_key = columns_key or f"{key}.columns"
+    # A mapping a mix source inherits from dataset.columns is meant for the sources that need it: one that already
+    # has the format's columns is not an error (the missing-column check below still catches a source with neither).
+    inherited = key != "dataset" and not columns_key.startswith(key)
+    recipe_problems = [] if inherited else _check_columns(rows, ds, columns_key)
+    if not recipe_problems:
+        _apply_columns(rows, ds)
+        found = sorted({k for r in rows[:1000] for k in r})
+        missing = [c for c in _REQUIRED[ds.format] if not any(c in r for r in rows[:1000])]
+        if missing:
+            mapped = ", ".join(f"{c}: <your column>" for c in missing)
+            recipe_problems.append(
+                Problem(
+                    first_source,
+                    f"format {ds.format} needs column(s) {missing}; found {found}",
+                    f"set {key}.format to match the data, or map columns with {key}.columns: {{{mapped}}}",
+                )
+            )
+    return recipe_problems
+
+
+def load_rows(ds: DatasetSection, seed: int = 0, key: str = "dataset", columns_key: str | None = None) -> Rows:
+    """Read every row of a local file, a folder of files, or a cached hub dataset.
+
+    Lines that are no rows (malformed JSON, an unparsable CSV row) do not stop the reading: they come back in
+    `Rows.problems`, to be reported with the bad rows. Columns named in `dataset.columns` are renamed first
+    (each must exist); a format's required column missing from the data is reported once, naming the columns
+    that were found.
+
+    Args:
+        ds: a single-path dataset section (one of `DatasetSection.sources()`).
+        seed: seeds the `dataset.max_samples` draw.
+        key: the recipe key of the source, for messages (`dataset`, or `dataset.mix.<i>` in a mix).
+        columns_key: the key that sets the source's columns (default `<key>.columns`).
+
+    Raises:
+        UserError: unreadable files, a path that is neither a file, a folder nor a hub dataset, an empty
+            dataset, a mapped column that is not in the data, a required column missing from every row.
+    """
+    assert ds.path is not None, "load_rows reads one source: see DatasetSection.sources()"
+    files = _source_files(ds, key)
     rows: list[dict[str, Any]] = []
     sources: list[_Source] = []
     problems: list[tuple[Position, Problem]] = []
@@ -463,25 +496,8 @@ def load_rows(ds: DatasetSection, seed: int = 0, key: str = "dataset", columns_k
         sources.append(src)
     if not rows:
         _raise_bad_rows(problems, more)
-        raise _data_error(f"{key}.path ({path})", "the dataset has no rows")
-    columns_key = columns_key or f"{key}.columns"
-    # A mapping a mix source inherits from dataset.columns is meant for the sources that need it: one that already
-    # has the format's columns is not an error (the missing-column check below still catches a source with neither).
-    inherited = key != "dataset" and not columns_key.startswith(key)
-    recipe_problems = [] if inherited else _check_columns(rows, ds, columns_key)
-    if not recipe_problems:
-        _apply_columns(rows, ds)
-        found = sorted({k for r in rows[:1000] for k in r})
-        missing = [c for c in _REQUIRED[ds.format] if not any(c in r for r in rows[:1000])]
-        if missing:
-            mapped = ", ".join(f"{c}: <your column>" for c in missing)
-            recipe_problems.append(
-                Problem(
-                    sources[0].name,
-                    f"format {ds.format} needs column(s) {missing}; found {found}",
-                    f"set {key}.format to match the data, or map columns with {key}.columns: {{{mapped}}}",
-                )
-            )
+        raise _data_error(f"{key}.path ({Path(ds.path)})", "the dataset has no rows")
+    recipe_problems = _column_problems(rows, ds, key, columns_key, sources[0].name)
     if recipe_problems:
         raise UserError(recipe_problems + _listed(problems, more), "invalid data")
     if ds.max_samples is not None and ds.max_samples < len(rows):

@@ -35,7 +35,7 @@ import runpy
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -166,50 +166,21 @@ def enable_multi_gpu(
         ValueError: a bad argument (unknown aggregation, num_gpus < 1, more GPUs than visible).
         RuntimeError: called from an interactive session (there is no script to re-launch).
     """
-    aggregation = AggregationMethod.parse(gradient_aggregation).value
-    for name, value in (
-        ("num_gpus", num_gpus),
-        ("batch_size_per_gpu", batch_size_per_gpu),
-        ("gradient_accumulation_steps", gradient_accumulation_steps),
-    ):
-        if value is not None and not (is_whole(value) and value >= 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not (is_whole(verify_every) and verify_every >= 0):
-        raise ValueError(f"verify_every must be a whole number of steps, 0 or more, got {verify_every!r}")
-    if not (is_number(timeout_seconds) and timeout_seconds > 0):
-        raise ValueError(f"timeout_seconds must be a positive number of seconds, got {timeout_seconds!r}")
-    device = device.strip().lower() if isinstance(device, str) else device
-    if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
-    for name, value in (("main_process_saves", main_process_saves), ("load_in_4bit", load_in_4bit)):
-        if not (isinstance(value, bool) or (value is None and name == "load_in_4bit")):
-            raise ValueError(f"{name} must be True or False, got {value!r}")
-    if not (
-        gradient_checkpointing is None
-        or isinstance(gradient_checkpointing, bool)
-        or gradient_checkpointing == "unsloth"
-    ):
-        raise ValueError(
-            f"gradient_checkpointing must be True, False or 'unsloth' (Unsloth's use_gradient_checkpointing), "
-            f"got {gradient_checkpointing!r}"
+    config = _checked(
+        MultiGPUConfig(
+            num_gpus=num_gpus,
+            batch_size_per_gpu=batch_size_per_gpu,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            gradient_aggregation=gradient_aggregation,  # type: ignore[arg-type]  # parsed by _checked
+            verify_every=verify_every,
+            device=device,
+            main_process_saves=main_process_saves,
+            load_in_4bit=load_in_4bit,
+            gradient_checkpointing=gradient_checkpointing,
+            max_seq_length=max_seq_length,
+            predicted_peak_gb=predicted_peak_gb,
+            timeout_seconds=timeout_seconds,
         )
-    if max_seq_length is not None and not (is_whole(max_seq_length) and max_seq_length >= 1):
-        raise ValueError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
-    if predicted_peak_gb is not None and not (is_number(predicted_peak_gb) and predicted_peak_gb >= 0):
-        raise ValueError(f"predicted_peak_gb must be a number of GB, got {predicted_peak_gb!r}")
-    config = MultiGPUConfig(
-        num_gpus=num_gpus,
-        batch_size_per_gpu=batch_size_per_gpu,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        gradient_aggregation=aggregation,
-        verify_every=int(verify_every),
-        device=device,
-        main_process_saves=main_process_saves,
-        load_in_4bit=load_in_4bit,
-        gradient_checkpointing=gradient_checkpointing,
-        max_seq_length=max_seq_length,
-        predicted_peak_gb=predicted_peak_gb,
-        timeout_seconds=timeout_seconds,
     )
     if os.environ.get(_WORKER_FLAG) == "1" and _STATE.info is not None:
         # one of our workers: the group exists already (see _run_script)
@@ -230,6 +201,45 @@ def enable_multi_gpu(
         return config
     _relaunch(config)  # does not return
     raise AssertionError("unreachable")
+
+
+def _checked(c: MultiGPUConfig) -> MultiGPUConfig:
+    """`c` (enable_multi_gpu's arguments as given) with the aggregation and device normalised, or a ValueError that
+    names the first bad argument."""
+    aggregation = AggregationMethod.parse(c.gradient_aggregation).value
+    for name, value in (
+        ("num_gpus", c.num_gpus),
+        ("batch_size_per_gpu", c.batch_size_per_gpu),
+        ("gradient_accumulation_steps", c.gradient_accumulation_steps),
+    ):
+        if value is not None and not (is_whole(value) and value >= 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not (is_whole(c.verify_every) and c.verify_every >= 0):
+        raise ValueError(f"verify_every must be a whole number of steps, 0 or more, got {c.verify_every!r}")
+    if not (is_number(c.timeout_seconds) and c.timeout_seconds > 0):
+        raise ValueError(f"timeout_seconds must be a positive number of seconds, got {c.timeout_seconds!r}")
+    device = c.device.strip().lower() if isinstance(c.device, str) else c.device
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be auto, cuda or cpu, got {c.device!r}")
+    for name, value in (("main_process_saves", c.main_process_saves), ("load_in_4bit", c.load_in_4bit)):
+        if not (isinstance(value, bool) or (value is None and name == "load_in_4bit")):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    ckpt = c.gradient_checkpointing
+    if not (ckpt is None or isinstance(ckpt, bool) or ckpt == "unsloth"):
+        raise ValueError(
+            f"gradient_checkpointing must be True, False or 'unsloth' (Unsloth's use_gradient_checkpointing), "
+            f"got {ckpt!r}"
+        )
+    if c.max_seq_length is not None and not (is_whole(c.max_seq_length) and c.max_seq_length >= 1):
+        raise ValueError(f"max_seq_length must be a positive integer, got {c.max_seq_length!r}")
+    if c.predicted_peak_gb is not None and not (is_number(c.predicted_peak_gb) and c.predicted_peak_gb >= 0):
+        raise ValueError(f"predicted_peak_gb must be a number of GB, got {c.predicted_peak_gb!r}")
+    return replace(
+        c,
+        gradient_aggregation=aggregation,
+        verify_every=int(c.verify_every),
+        device=device,
+    )
 
 
 def disable_multi_gpu() -> None:
