@@ -327,7 +327,7 @@ def train(
     """
     from . import data as data_mod
     from .checkpoint import check_resume_compatible, find_resume_checkpoint, run_identity, verify_safe_to_load
-    from .distributed import LaunchSpec, check_rendezvous_port, launch, run_in_place
+    from .distributed import check_rendezvous_port
     from .models import resolve_model_path
     from .render import console
     from .sinks import check_sinks_available
@@ -385,6 +385,30 @@ def train(
         stop_file=str(out / STOP_FILE),
         timeline=timeline,
     )
+    results = _run_workers(plan, nodes)
+    result = results.get(0) or next(iter(results.values()), {}) or {}
+    if result.get("interrupted"):
+        raise _interrupted(
+            result, loaded, {"--nnodes": nnodes, "--node-rank": node_rank, "--rdzv-endpoint": rdzv_endpoint}
+        )
+    if nodes.under_torchrun and nodes.rank != 0:
+        return {}  # torchrun's processes share a terminal: global rank 0 prints the run's summary
+    if not nodes.under_torchrun and 0 not in results:
+        # another node holds global rank 0: its console shows the run's summary (and it writes summary.json)
+        console.print(
+            f"[bold]done[/]: node {dist_cfg.node_rank}'s workers finished; the node of global rank 0 prints the run "
+            f"summary and writes {out / 'summary.json'}"
+        )
+        return {}
+    return result
+
+
+def _run_workers(plan: RunPlan, nodes: Any) -> dict[int, Any]:
+    """Start this node's workers on `plan` (under torchrun: become one) and wait for them; their results by rank."""
+    from .distributed import LaunchSpec, launch, run_in_place
+    from .render import console
+
+    dist_cfg, out = plan.recipe.distributed, Path(plan.output_dir)
     spec = LaunchSpec(
         nproc_per_node=dist_cfg.num_gpus,
         device_type=dist_cfg.device,
@@ -406,21 +430,7 @@ def train(
                 f"(up to {spec.join_timeout_s} s)[/]"
             )
         results = launch(worker_entry, (plan,), spec)
-    result = results.get(0) or next(iter(results.values()), {}) or {}
-    if result.get("interrupted"):
-        raise _interrupted(
-            result, loaded, {"--nnodes": nnodes, "--node-rank": node_rank, "--rdzv-endpoint": rdzv_endpoint}
-        )
-    if nodes.under_torchrun and nodes.rank != 0:
-        return {}  # torchrun's processes share a terminal: global rank 0 prints the run's summary
-    if not nodes.under_torchrun and 0 not in results:
-        # another node holds global rank 0: its console shows the run's summary (and it writes summary.json)
-        console.print(
-            f"[bold]done[/]: node {dist_cfg.node_rank}'s workers finished; the node of global rank 0 prints the run "
-            f"summary and writes {out / 'summary.json'}"
-        )
-        return {}
-    return result
+    return results
 
 
 def _place_workers(
