@@ -39,6 +39,7 @@ from .memory import (
     Method,
     TrainingSetup,
     estimate,
+    gb_text,
     parse_memory,
     resolve_architecture,
 )
@@ -166,10 +167,6 @@ def _largest_fitting(
     return best, best_b, None, None
 
 
-def _gb(nbytes: float) -> str:
-    return f"{nbytes / GiB:.1f} GB"
-
-
 def _plan_method(
     arch: Architecture,
     base: TrainingSetup,
@@ -194,7 +191,7 @@ def _plan_method(
                     "gradient_checkpointing": ckpt,
                     "micro_batch_size": miss,
                     "predicted_peak_gb": round(miss_b.peak_gb, 2),
-                    "why": f"{_gb(miss_b.peak)} > budget {_gb(budget)}",
+                    "why": f"{gb_text(miss_b.peak)} > budget {gb_text(budget)}",
                 }
             )
         if mb is None:
@@ -223,8 +220,8 @@ def _plan_method(
         capped = "the per-GPU share of the global batch" if mb == sizes[-1] and miss is None else "the memory budget"
         plan.reasons.append(
             f"micro-batch {mb}: the largest power of two within {capped} "
-            f"(predicted peak {_gb(b.peak)} of {_gb(budget)} = {plan.memory_fraction:.0%} of "
-            f"{_gb(plan.gpu_memory_bytes)})"
+            f"(predicted peak {gb_text(b.peak)} of {gb_text(budget)} = {plan.memory_fraction:.0%} of "
+            f"{gb_text(plan.gpu_memory_bytes)})"
         )
         return True
     plan.breakdown = estimate(
@@ -371,19 +368,19 @@ def _suggestions(arch: Architecture, base: TrainingSetup, result: Plan, names: M
     smallest = replace(base, method=result.method, micro_batch_size=1, gradient_checkpointing="unsloth")
     need = estimate(arch, smallest).peak
     out.append(
-        f"{result.method} needs about {_gb(need)} per GPU at micro-batch 1 with offloaded checkpointing: "
-        f"a GPU with at least {_gb(need / frac)} (at {names['fraction']} {frac:g}), or raise "
+        f"{result.method} needs about {gb_text(need)} per GPU at micro-batch 1 with offloaded checkpointing: "
+        f"a GPU with at least {gb_text(need / frac)} (at {names['fraction']} {frac:g}), or raise "
         f"{names['memory']}/{names['fraction']} if the GPU really has more free"
     )
     if result.method != "qlora":
         q = estimate(arch, replace(smallest, method="qlora", gpu_memory_bytes=base.gpu_memory_bytes))
         fits = "fits" if q.peak <= budget else "does not fit either"
-        out.append(f"4-bit ({names['qlora']}) needs about {_gb(q.peak)} per GPU: {fits} here")
+        out.append(f"4-bit ({names['qlora']}) needs about {gb_text(q.peak)} per GPU: {fits} here")
     static = estimate(arch, replace(smallest, seq_len=1)).peak
     if static > budget:
         out.append(
             f"weights, adapters and optimizer state alone (with CUDA context and allocator overhead) "
-            f"take {_gb(static)} > budget {_gb(budget)}: shorter sequences cannot help"
+            f"take {gb_text(static)} > budget {gb_text(budget)}: shorter sequences cannot help"
         )
     else:
         seq = base.seq_len // 2

@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .devices import GPUInfo, GPULink, GPUSnapshot
+from .devices import GIB, GPUInfo, GPULink, GPUSnapshot
+from .memory import gb_text
 
 Status = Literal["ok", "warn", "fail"]
-GIB = 1024**3
 GB = GIB  # memory and disk sizes in GB mean 2**30 bytes, as everywhere in mgpu (bandwidths in GB/s: 1e9)
 
 # Libraries whose versions must sit inside the ranges the installed Unsloth declares. `required` ones fail
@@ -89,10 +89,6 @@ class Report:
         }
 
 
-def _gb(n: float) -> str:
-    return f"{n / GB:.1f} GB"
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Checks: pure functions of their inputs.
 
@@ -119,11 +115,11 @@ def check_cpu(cores: int, workers: int) -> Check:
 
 def check_ram(total_bytes: int, available_bytes: int, workers: int) -> Check:
     """Every worker loads its own copy of the model on the CPU first, so RAM scales with the worker count."""
-    value = f"{_gb(available_bytes)} available of {_gb(total_bytes)}"
+    value = f"{gb_text(available_bytes)} available of {gb_text(total_bytes)}"
     per_worker = available_bytes / max(workers, 1)
     if per_worker < 4 * GB:
         hint = "under 4 GB per worker: loading a 7B+ model in every worker may swap or be OOM-killed"
-        return Check("ram", "warn", value + f" ({_gb(per_worker)} per worker)", hint)
+        return Check("ram", "warn", value + f" ({gb_text(per_worker)} per worker)", hint)
     return Check("ram", "ok", value)
 
 
@@ -132,7 +128,7 @@ def check_shm(size_bytes: int | None, free_bytes: int | None = None) -> Check:
     name = "shared memory (/dev/shm)"
     if size_bytes is None:
         return Check(name, "warn", "not found", "no /dev/shm: NCCL falls back to slower transports (Linux only)")
-    value = f"{_gb(size_bytes)}" + (f" ({_gb(free_bytes)} free)" if free_bytes is not None else "")
+    value = f"{gb_text(size_bytes)}" + (f" ({gb_text(free_bytes)} free)" if free_bytes is not None else "")
     hint = "in Docker run with --ipc=host or --shm-size=16g; on Kubernetes mount an emptyDir with medium: Memory"
     if size_bytes < 512 * 1024**2:
         return Check(name, "fail", value, "too small for NCCL (it fails with 'unhandled system error'); " + hint)
@@ -357,9 +353,9 @@ def check_disk(label: str, path: Path, free_bytes: int | None, warn_below: float
     name = f"disk: {label}"
     if free_bytes is None:
         return Check(name, "warn", f"{path}: cannot stat", "check that the folder (or a parent) exists and is readable")
-    value = f"{_gb(free_bytes)} free at {path}"
+    value = f"{gb_text(free_bytes)} free at {path}"
     if free_bytes < fail_below:
-        return Check(name, "fail", value, f"under {_gb(fail_below)}: free space or point it at a larger disk")
+        return Check(name, "fail", value, f"under {gb_text(fail_below)}: free space or point it at a larger disk")
     if free_bytes < warn_below:
         return Check(name, "warn", value, "may not hold a 7B+ model and its checkpoints; free space or move it")
     return Check(name, "ok", value)

@@ -27,6 +27,13 @@ from typing import Any, Literal
 from .errors import Problem, UserError
 
 GiB = 1024**3
+
+
+def gb_text(nbytes: float) -> str:
+    """Bytes as GB for messages (GB means 2**30 bytes everywhere in mgpu), one decimal."""
+    return f"{nbytes / GiB:.1f} GB"
+
+
 MiB = 1024**2
 
 Method = Literal["qlora", "lora", "full"]
