@@ -146,6 +146,18 @@ def _holds_a_run(tmp: Path) -> None:
     (tmp / "out" / "metrics.jsonl").write_text("{}\n")
 
 
+def _finished_without_checkpoints(tmp: Path) -> None:
+    """A run trained with output.save_steps: 0: its results, no checkpoint to resume."""
+    _holds_a_run(tmp)
+    (tmp / "out" / "summary.json").write_text("{}\n")
+    (tmp / "out" / "adapter").mkdir()
+
+
+def _other_files(tmp: Path) -> None:
+    (tmp / "out").mkdir()
+    (tmp / "out" / "notes.txt").write_text("mine\n")
+
+
 def _not_a_checkpoint(tmp: Path) -> None:
     (tmp / "ckpt").mkdir()
 
@@ -270,6 +282,19 @@ CASES = [
         "train",
         with_args("--resume", "{tmp}/ckpt", setup=_not_a_checkpoint),
         ["--resume", "not a checkpoint folder"],
+    ),
+    ("resume-empty", "train", with_args("--resume", "", setup=_holds_a_run), ["argument --resume", "empty value"]),
+    (
+        "resume-auto-over-a-finished-run",
+        "train",
+        with_args("--resume", "auto", setup=_finished_without_checkpoints),
+        ["output.dir", "--resume auto found no checkpoint", "finished run (adapter/, summary.json)", "--overwrite"],
+    ),
+    (
+        "resume-auto-among-other-files",
+        "train",
+        with_args("--resume", "auto", setup=_other_files),
+        ["output.dir", "--resume auto found no checkpoint", "not a run's: notes.txt", "new or empty folder"],
     ),
     ("output-holds-a-run", "train", with_args(setup=_holds_a_run), ["output.dir", "already holds a run", "--resume"]),
     ("output-in-proc", "train", edit(output__dir="/proc/mgpu-out"), ["output.dir", "cannot write to /proc/mgpu-out"]),

@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import typer
 
 from . import __version__
-from .errors import Interrupted, TrainingFailed, UserError
+from .errors import Interrupted, Problem, TrainingFailed, UserError
 
 app = typer.Typer(
     name="mgpu",
@@ -119,6 +119,15 @@ def train(
         loaded = load_recipe(recipe, overrides or [])
         if resume is not None and overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one of them")
+        if resume is not None and not resume.strip():
+            raise UserError(
+                Problem(
+                    "argument --resume",
+                    "expected auto or a checkpoint folder; found an empty value",
+                    "pass --resume auto (the newest checkpoint) or a folder such as OUTPUT_DIR/checkpoints/step-N",
+                ),
+                "invalid arguments",
+            )
         from .engine import train as run_training
 
         summary = run_training(
@@ -256,7 +265,7 @@ def init(
     force: Annotated[bool, _flag("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a commented starter recipe that trains the builtin tiny model on a bundled dataset."""
-    from .errors import Problem
+
     from .templates import write_starter
 
     path = Path(where)  # (kept as text first: a Path drops the trailing slash of `new-folder/`)
@@ -288,7 +297,6 @@ def doctor(
     import math
 
     from .doctor import print_report, run_checks
-    from .errors import Problem
 
     if not (math.isfinite(probe_timeout) and probe_timeout > 0):
         found = f"expected a positive number of seconds, found {probe_timeout:g}"

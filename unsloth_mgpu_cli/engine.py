@@ -130,10 +130,15 @@ def resolve_auto_values(recipe: Recipe, device: str, num_workers: int) -> tuple[
     return recipe, list(notes)
 
 
-def check_output_dir(out: Path, overwrite: bool, resume: bool, inputs: list[Path] | None = None) -> None:
+def check_output_dir(
+    out: Path, overwrite: bool, resume: bool, inputs: list[Path] | None = None, nothing_to_resume: bool = False
+) -> None:
     """Everything about output.dir that can be refused before training, without changing anything on disk.
 
-    A non-empty folder needs --resume or --overwrite, and the refusal says what the folder holds. --overwrite
+    A non-empty folder needs --resume or --overwrite, and the refusal says what the folder holds. `--resume auto`
+    that found no checkpoint (`nothing_to_resume`) starts from step 0: in an empty folder, or over a run that
+    stopped before its first checkpoint (a job requeued with the same command), not over a finished run or files
+    that are not a run's. --overwrite
     deletes only what a run wrote (checkpoint.survey_output_dir), so it is refused for a folder that holds anything
     else, that is or contains the current directory, or that contains one of the run's `inputs` (the recipe, the
     data, a local model). The folder (or, when it does not exist yet, its nearest existing parent) must accept a
@@ -143,6 +148,8 @@ def check_output_dir(out: Path, overwrite: bool, resume: bool, inputs: list[Path
 
     if out.exists() and not out.is_dir():
         raise UserError(Problem("output.dir", f"expected a folder, found a file: {out}"), "invalid recipe")
+    if out.is_dir() and resume and nothing_to_resume:
+        _check_fresh_start(out)
     if out.is_dir() and not resume:
         ours, others = survey_output_dir(out)
         if overwrite:
@@ -184,6 +191,32 @@ def check_output_dir(out: Path, overwrite: bool, resume: bool, inputs: list[Path
             Problem("output.dir", f"cannot write to {out}: {exc.strerror or exc}", "choose a writable folder"),
             "invalid recipe",
         ) from exc
+
+
+def _check_fresh_start(out: Path) -> None:
+    """`--resume auto` found no checkpoint in `out`: starting from step 0 must not replace a finished run or write
+    among files that are not a run's."""
+    from .checkpoint import describe_entries, survey_output_dir
+
+    ours, others = survey_output_dir(out)
+    finished = [p for p in ours if p.name in ("summary.json", "adapter", "model")]
+    if others:
+        found = f"--resume auto found no checkpoint in {out}, which holds files that are not a run's: " + (
+            describe_entries(others)
+        )
+        hint = f"choose a new or empty folder for output.dir, e.g. output.dir={out / 'run'}"
+    elif finished:
+        found = (
+            f"--resume auto found no checkpoint in {out}, which holds a finished run ({describe_entries(finished)}): "
+            "starting again from step 0 would replace it"
+        )
+        hint = (
+            "pass --overwrite to replace it or choose another output.dir; a run resumes from the checkpoints that "
+            "output.save_steps writes"
+        )
+    else:
+        return
+    raise UserError(Problem("output.dir", found, hint), "invalid arguments")
 
 
 def run_inputs(recipe_path: Path | None, recipe: Recipe) -> list[Path]:
@@ -347,7 +380,8 @@ def train(
     if resume_from is not None and resume != "auto":  # auto chose a checkpoint that passed this check
         verify_safe_to_load(resume_from)
     if is_main_node:
-        check_output_dir(out, overwrite, resume is not None, run_inputs(loaded.path, recipe))
+        nothing = resume is not None and resume_from is None
+        check_output_dir(out, overwrite, resume is not None, run_inputs(loaded.path, recipe), nothing_to_resume=nothing)
     data_mod.check_cache_dir()  # before the builtin model is built there
     model_path = resolve_model_path(recipe.model.name)
     check_target_modules(recipe, model_path)
