@@ -276,6 +276,13 @@ CASES = [
         _overrides("training.epochs=many"),
         ["training.epochs (command line)", "'many'"],
     ),
+    (
+        "override-under-a-value",
+        "validate",
+        _overrides("model.name.x=1"),
+        ["model.name.x (command line)", "model.name is a value", "not a section", "model.name=VALUE"],
+    ),
+    ("override-unknown-section", "validate", _overrides("nope.key=1"), ["nope (command line)", "unknown key 'nope'"]),
     ("resume-and-overwrite", "train", with_args("--resume", "auto", "--overwrite"), ["--resume and --overwrite"]),
     (
         "resume-not-a-checkpoint",

@@ -231,6 +231,8 @@ def test_all_problems_are_reported_at_once(workdir):
         ("lr=1e-4", "lr", "did you mean 'training.learning_rate'?"),  # an alias, not difflib's 'lora'
         ("training.lr=1e-4", "training.lr", "did you mean 'learning_rate'?"),  # its own section first
         ("training.zork=1", "training.zork", "valid keys here: epochs"),
+        # the exact name in another section, not a look-alike here ('max_steps')
+        ("training.save_steps=5", "training.save_steps", "did you mean 'output.save_steps'?"),
     ],
 )
 def test_a_key_in_the_wrong_section_is_pointed_to_its_section(override, where, hint, workdir):

@@ -875,10 +875,14 @@ def _problems_from_validation(exc: ValidationError, lines: dict[str, str]) -> li
             valid = _section_fields(loc)
             name = str(loc[-1])
             alias = _ALIASES.get(name)
-            elsewhere = _key_of_another_section(loc, alias) if alias and alias not in valid else None
-            close = [alias] if alias in valid else difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+            close: list[str] = [alias] if alias in valid else []
+            elsewhere = None
+            if not close:  # the same name in another section beats a look-alike in this one
+                elsewhere = _key_of_another_section(loc, name) or (
+                    _key_of_another_section(loc, alias) if alias else None
+                )
             if not close and not elsewhere:
-                elsewhere = _key_of_another_section(loc, name)
+                close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
             hint = (
                 f"did you mean '{elsewhere}'? (a key of the {elsewhere.split('.')[0]} section)"
                 if elsewhere
@@ -915,6 +919,11 @@ def _problems_from_validation(exc: ValidationError, lines: dict[str, str]) -> li
 
 
 def _where(dotted: str, lines: dict[str, str]) -> str:
+    """`dotted (file:line)`: where the key was set; else where a key below it was (its value was built from them:
+    `nope.key=1` on the command line makes a section `nope`); else the nearest section above it."""
+    below = lines.get(dotted) or next((loc for key, loc in lines.items() if key.startswith(dotted + ".")), None)
+    if below:
+        return f"{dotted} ({below})"
     parts = dotted.split(".")
     while parts:
         loc = lines.get(".".join(parts))
@@ -922,6 +931,32 @@ def _where(dotted: str, lines: dict[str, str]) -> str:
             return f"{dotted} ({loc})"
         parts.pop()
     return dotted
+
+
+def _overrides_under_values(data: dict[str, Any], over: dict[str, Any]) -> list[Problem]:
+    """Overrides that set a key under a value (`model.name.x=1` where model.name is a string): the value is no
+    section, and merging would replace it with one, blamed on the file's line."""
+    problems = []
+    for key in _flatten_leaf_keys(over):
+        parts, node = key.split("."), data
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                break  # a key the recipe does not set: validation names unknown ones
+            if node is not None and not isinstance(node, (dict, list)):
+                prefix = ".".join(parts[: i + 1])
+                problems.append(
+                    Problem(
+                        f"{key} (command line)",
+                        f"{prefix} is a value ({_fmt_found(node)}), not a section: it has no key '{parts[i + 1]}'",
+                        f"set the value itself: {prefix}=VALUE",
+                    )
+                )
+                break
+    return problems
 
 
 def _missing_hint(dotted: str) -> str | None:
@@ -1095,6 +1130,9 @@ def load_recipe(
     # Typed in a shell, a relative path means the shell's folder (`output.dir=outputs/run` from the repository
     # root is ./outputs/run), as paths written in a recipe mean the recipe's folder.
     over = _rebase_paths(over, Path.cwd())
+    problems = _overrides_under_values(data, over)
+    if problems:
+        raise UserError(problems, "invalid arguments")
     for key in _flatten_leaf_keys(over):
         # an override replaces the file's value whole: a list's items no longer come from the file either
         lines = {k: v for k, v in lines.items() if not k.startswith(key + ".")}
