@@ -231,6 +231,56 @@ def test_init_refuses_a_folder_without_suggesting_force(tmp_path, force, path):
     assert _files(tmp_path) == before  # no data/quickstart.jsonl beside it
 
 
+@pytest.mark.parametrize(
+    ("setup", "path", "needles"),
+    [
+        ("", "myrun", ["argument PATH", "expected a recipe file ending in .yaml, found 'myrun'", "myrun/recipe.yaml"]),
+        ("data", "r.yaml", ["argument PATH", "the starter's data folder data is a file"]),
+        ("proj", "proj/recipe.yaml", ["argument PATH", "the recipe's folder proj is a file"]),
+        ("r.yaml", "r.yaml", ["argument PATH", "r.yaml exists", "--force"]),
+    ],
+    ids=["no-suffix", "data-is-a-file", "folder-is-a-file", "exists"],
+)
+def test_init_refuses_what_it_cannot_write_before_writing_anything(tmp_path, setup, path, needles):
+    if setup:
+        (tmp_path / setup).write_text("mine\n", encoding="utf-8")
+    before = _files(tmp_path)
+    proc = run_mgpu("init", path, cwd=tmp_path, timeout=60)
+    assert_user_error(proc, *needles)
+    assert _files(tmp_path) == before
+
+
+def test_init_keeps_a_dataset_already_beside_the_recipe_and_says_so(tmp_path):
+    mine = tmp_path / "data" / "quickstart.jsonl"
+    mine.parent.mkdir()
+    mine.write_text('{"instruction": "a", "output": "b"}\n', encoding="utf-8")
+    proc = run_mgpu("init", "r.yaml", cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "kept the existing data/quickstart.jsonl" in proc.stdout
+    assert mine.read_text() == '{"instruction": "a", "output": "b"}\n'
+    proc = run_mgpu("init", "again.yaml", cwd=tmp_path / "data", timeout=60)  # the starter's own data: nothing said
+    assert proc.returncode == 0 and "kept" not in proc.stdout, proc.stdout + proc.stderr
+
+
+# --- mgpu schema ---------------------------------------------------------------------------------------------------
+
+
+def test_schema_output_replaces_a_schema_but_not_another_file_without_force(tmp_path):
+    mine, schema = tmp_path / "mine.json", tmp_path / "recipe.schema.json"
+    mine.write_text("keep\n", encoding="utf-8")
+    proc = run_mgpu("schema", "--output", str(mine), timeout=60)
+    assert_user_error(proc, "argument --output", "exists and is not a recipe schema", "--force")
+    assert mine.read_text() == "keep\n"
+    for _ in range(2):  # written, then regenerated over itself (make schemas)
+        proc = run_mgpu("schema", "--output", str(schema), timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(schema.read_text()) == json.loads((ROOT / "schemas" / "recipe.schema.json").read_text())
+    proc = run_mgpu("schema", "--output", str(mine), "--force", timeout=60)
+    assert proc.returncode == 0 and mine.read_text() == schema.read_text()
+    proc = run_mgpu("schema", "--output", str(tmp_path), timeout=60)
+    assert_user_error(proc, "argument --output", "found the folder")
+
+
 # --- the schema line of written recipes ---------------------------------------------------------------------------
 
 

@@ -242,21 +242,49 @@ def prepare(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
 @app.command()
 def schema(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+    force: Annotated[bool, _flag("--force", help="Overwrite an existing file that is not a recipe schema.")] = False,
 ) -> None:
     """Print (or write) the JSON Schema of a recipe, for editors and CI."""
     import json
 
     from .recipe import recipe_json_schema
 
-    text = json.dumps(recipe_json_schema(), indent=2) + "\n"
+    schema = recipe_json_schema()
+    text = json.dumps(schema, indent=2) + "\n"
     if output is None:
         sys.stdout.write(text)
-    else:
+        return
+    try:
+        if output.is_dir():
+            found = f"expected a file to write, found the folder {output}"
+            hint = f"e.g. --output {output / 'recipe.schema.json'}"
+            raise UserError(Problem("argument --output", found, hint), "invalid arguments")
+        if output.exists() and not force and not _is_recipe_schema(output, schema["title"]):
+            found = f"{output} exists and is not a recipe schema"
+            raise UserError(
+                Problem("argument --output", found, "pass --force to overwrite it, or choose another path"),
+                "invalid arguments",
+            )
         try:
             output.write_text(text, encoding="utf-8")
         except OSError as exc:
-            _fail(UserError(f"cannot write {output}: {exc}"))
-        typer.echo(f"wrote {output}")
+            found = f"cannot write {output}: {exc.strerror or exc}"
+            hint = "choose a path in a folder you can write to"
+            raise UserError(Problem("argument --output", found, hint), "invalid arguments") from exc
+    except UserError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {output}")
+
+
+def _is_recipe_schema(path: Path, title: str) -> bool:
+    """Whether `path` holds a JSON Schema of a recipe (an earlier `mgpu schema --output`): replaced without --force."""
+    import json
+
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(found, dict) and found.get("title") == title and "$schema" in found
 
 
 @app.command()
@@ -274,10 +302,16 @@ def init(
             hint = f"give the recipe file to write, e.g. mgpu init {path / 'recipe.yaml'}"
             found = f"expected a recipe file path, found the folder {path}"
             raise UserError(Problem("argument PATH", found, hint), "invalid arguments")
-        written = write_starter(path, force=force)
+        if path.suffix.lower() not in (".yaml", ".yml"):
+            found = f"expected a recipe file ending in .yaml, found {where!r}"
+            hint = f"e.g. mgpu init {path.with_name(path.name + '.yaml')}, or mgpu init {path / 'recipe.yaml'}"
+            raise UserError(Problem("argument PATH", found, hint), "invalid arguments")
+        written, kept = write_starter(path, force=force)
     except UserError as exc:
         _fail(exc)
-    typer.echo(f"wrote {written}\nnext: mgpu validate {path}  then  mgpu train {path}")
+    typer.echo(
+        f"wrote {written}" + (f"\n{kept}" if kept else "") + f"\nnext: mgpu validate {path}  then  mgpu train {path}"
+    )
 
 
 @app.command()

@@ -11,7 +11,7 @@ import json
 import random
 from pathlib import Path
 
-from .errors import UserError
+from .errors import Problem, UserError
 
 QUICKSTART_DATA_NAME = "quickstart.jsonl"
 
@@ -107,21 +107,51 @@ def quickstart_jsonl() -> str:
     return "".join(json.dumps(r) + "\n" for r in generate_quickstart_rows())
 
 
-def write_starter(path: Path, force: bool = False) -> Path:
-    """Write the starter recipe and its dataset (data/quickstart.jsonl beside it)."""
+def write_starter(path: Path, force: bool = False) -> tuple[Path, str | None]:
+    """Write the starter recipe and its dataset (data/quickstart.jsonl beside it); checks everything first.
+
+    Returns the recipe's path and, when a dataset file of another content was already there (kept: it may be the
+    user's), a line saying so.
+
+    Raises:
+        UserError: the recipe exists (without `force`), its folder or the data folder is a file, or a write fails.
+    """
     path = Path(path)
-    if path.exists() and not force:
-        raise UserError(f"{path} exists; pass --force to overwrite it or choose another path")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise UserError(f"{path.parent} is not a folder")
     data = path.parent / "data" / QUICKSTART_DATA_NAME
+    if path.exists() and not force:
+        raise UserError(
+            Problem("argument PATH", f"{path} exists", "pass --force to overwrite it, or choose another path"),
+            "invalid arguments",
+        )
+    blocked = next((a for a in (data.parent, *data.parent.parents) if a.exists() and not a.is_dir()), None)
+    if blocked is not None:
+        where = "the recipe's folder" if blocked in (path.parent, *path.parent.parents) else "the starter's data folder"
+        raise UserError(
+            Problem(
+                "argument PATH",
+                f"{where} {blocked} is a file",
+                f"choose a path in another folder, e.g. mgpu init {Path('starter') / path.name}",
+            ),
+            "invalid arguments",
+        )
+    content = quickstart_jsonl()
+    kept = None
+    if data.is_file() and data.read_text(encoding="utf-8", errors="replace") != content:
+        kept = f"kept the existing {data} (not the starter's dataset): the recipe trains on it"
     try:
         data.parent.mkdir(parents=True, exist_ok=True)
         if not data.exists():
-            data.write_text(quickstart_jsonl(), encoding="utf-8")
+            data.write_text(content, encoding="utf-8")
         path.write_text(
             STARTER_RECIPE.format(schema=schema_comment(), name=path.name, data=QUICKSTART_DATA_NAME), encoding="utf-8"
         )
     except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc}") from exc
-    return path
+        raise UserError(
+            Problem(
+                "argument PATH",
+                f"cannot write {exc.filename or path}: {exc.strerror or exc}",
+                "choose a writable folder",
+            ),
+            "invalid arguments",
+        ) from exc
+    return path, kept
