@@ -182,7 +182,12 @@ CASES = [
     ("recipe-missing", "validate", lambda t: (t / "nope.yaml", []), ["recipe file not found", "nope.yaml"]),
     ("recipe-empty", "validate", raw(""), ["the recipe is empty"]),
     ("recipe-not-a-mapping", "validate", raw("- a\n- b\n"), ["recipe.yaml:1", "expected a mapping"]),
-    ("yaml-syntax", "validate", raw("model:\n  name: [unclosed\n"), ["recipe.yaml:", "YAML syntax error"]),
+    (
+        "yaml-syntax",
+        "validate",
+        raw("model:\n  name: [unclosed\n"),
+        ["recipe.yaml:2:9: YAML syntax error", "flow sequence that starts at line 2, column 9"],
+    ),
     (
         "yaml-duplicate-key",
         "validate",

@@ -635,16 +635,22 @@ def _read_yaml(path: Path, where: str) -> tuple[dict[str, Any], dict[str, str]]:
     try:
         data = yaml.safe_load(text)  # safe loader: no object construction from tags
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
+        mark, problem = exc.problem_mark or exc.context_mark, str(exc.problem or exc)
+        context = exc.context_mark
+        if context is not None and exc.context and (mark is None or context.line != mark.line):
+            # an unclosed `[` or quote is found only at the end of the file: name where it was opened
+            problem += f" ({exc.context} that starts at line {context.line + 1}, column {context.column + 1})"
+            if "<stream end>" in problem or mark is None or mark.line >= len(text.splitlines()):
+                mark = context
         loc = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        tag = "could not determine a constructor" in str(exc.problem or "")
+        tag = "could not determine a constructor" in problem
         hint = (
             "a recipe holds plain values: YAML tags such as !!python/... are not allowed (recipes are read with a "
             "safe loader, which builds no objects); remove the tag"
             if tag
             else "check indentation, colons and quotes around this line"
         )
-        raise UserError(Problem(loc, f"YAML syntax error: {exc.problem or exc}", hint), "invalid recipe") from exc
+        raise UserError(Problem(loc, f"YAML syntax error: {problem}", hint), "invalid recipe") from exc
     except yaml.YAMLError as exc:
         raise UserError(Problem(str(path), f"YAML error: {exc}"), "invalid recipe") from exc
     if data is None:
