@@ -225,6 +225,23 @@ def test_report_of_a_run_still_going_counts_every_steps_tokens_and_its_workers(t
     assert s["unit"] == "worker"
 
 
+def test_report_of_a_finished_run_shows_the_throughput_train_printed(tmp_path, capsys):
+    """`mgpu train` prints its summary's throughput (after the first step, and over the whole run without
+    evaluation); the report showed tokens over the logged rows' time instead, another number for the same run."""
+    import json
+
+    from unsloth_mgpu_cli.report import print_report, summarize
+
+    rows = [{"step": s, "loss": 2.0, "tokens": 100, "run_tokens": 100 * s, "elapsed_s": s / 10} for s in (1, 2)]
+    summary = {"tokens_per_second": 750.0, "steady_tokens_per_second": 1_500.0, "world_size": 1}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    s = summarize(tmp_path, rows)
+    assert (s["tokens_per_second"], s["steady_tokens_per_second"]) == (750.0, 1_500.0)
+    print_report(tmp_path, s, None)
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "1,500 total after the first step" in flat and "(750" in flat and "over the whole run)" in flat, flat
+
+
 def test_report_and_export_refuse_a_folder_without_a_run(tmp_path):
     from conftest import assert_user_error, run_mgpu
 

@@ -155,12 +155,17 @@ def summarize(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     evals = [(int(r["step"]), float(r["eval_loss"])) for r in rows if r.get("eval_loss") is not None]
     best = min(evals, key=lambda e: e[1]) if evals else None
     tps = tokens / elapsed if elapsed > 0 else math.nan
+    # a finished run: the numbers `mgpu train` printed (its last session's training time, evaluation left out)
+    steady = summary.get("steady_tokens_per_second") if is_number(summary.get("steady_tokens_per_second")) else None
+    if is_number(summary.get("tokens_per_second")) and summary["tokens_per_second"] > 0:
+        tps = float(summary["tokens_per_second"])
     return {
         "steps": int(last["step"]),
         "elapsed_s": elapsed,
         "tokens": tokens,
         "tokens_per_second": tps,
         "tokens_per_second_per_gpu": tps / world,
+        "steady_tokens_per_second": steady,
         "world_size": world,
         "peak_memory_gb": peak,
         "final_loss": float(last["loss"]) if last.get("loss") is not None else math.nan,
@@ -257,8 +262,17 @@ def print_report(out: Path, s: dict[str, Any], png: Path | None) -> None:
     t.add_row("time", f"{s['elapsed_s']:.1f} s")
     unit = s["unit"]
     t.add_row("tokens", f"{s['tokens']:,} (non-padding, all {unit}s)")
-    per = f"{s['tokens_per_second_per_gpu']:,.0f} per {unit} ({s['world_size']} {unit}s)"
-    t.add_row("tokens/s", f"{s['tokens_per_second']:,.0f} total, {per}")
+    steady, world = s.get("steady_tokens_per_second"), s["world_size"]
+    units = f"{world} {unit}" + ("s" if world != 1 else "")
+    if steady:  # as `mgpu train` printed it: the first step's compilation and warm-up dominate short runs
+        per = f"{steady / world:,.0f} per {unit} ({units})"
+        t.add_row(
+            "tokens/s",
+            f"{steady:,.0f} total after the first step, {per} ({s['tokens_per_second']:,.0f} over the whole run)",
+        )
+    else:
+        per = f"{s['tokens_per_second_per_gpu']:,.0f} per {unit} ({units})"
+        t.add_row("tokens/s", f"{s['tokens_per_second']:,.0f} total, {per}")
     t.add_row("peak memory", " / ".join(f"{m:.2f}" for m in s["peak_memory_gb"]) + f" GB per {unit}")
     t.add_row("final loss", f"{s['final_loss']:.4f}")
     if s["final_eval_loss"] is not None:
