@@ -138,3 +138,76 @@ def _direct_trainer_case(aggregation: str, num_gpus: int | None, bad_batch: int 
         "stats": stats,
         "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
     }
+
+
+def hook_settings_checks() -> dict:
+    """Hook mode's check before the first step (`hooks._check_same_settings`) on this rank, for three trainers:
+    the same settings on every rank, rank 1 with twice the batch (a script sizing it from its own GPU), and an
+    iterable dataset. Returns each case's error (type and message), or None."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from unsloth_mgpu_cli import distributed as D
+    from unsloth_mgpu_cli import hooks
+
+    os.environ["MGPU_DEVICE_TYPE"] = "cpu"
+    info = D.setup_worker(timeout_seconds=60)
+    rows = Dataset.from_list([{"text": f"row {i}"} for i in range(16)])
+    config = hooks.MultiGPUConfig(gradient_aggregation="weighted")
+    out = {}
+    try:
+        for case, batch, data in (
+            ("same", 2, rows),
+            ("batch", 2 * (info.rank + 1), rows),
+            ("iterable", 2, rows.to_iterable_dataset()),
+        ):
+            args = TrainingArguments(output_dir="/tmp/unused", per_device_train_batch_size=batch, max_steps=4)
+            try:
+                hooks._check_same_settings(SimpleNamespace(args=args, train_dataset=data), config, info)
+                out[case] = None
+            except (RuntimeError, NotImplementedError) as exc:
+                out[case] = (type(exc).__name__, str(exc))
+    finally:
+        D.teardown()
+    return out
+
+
+def direct_trainer_refusals() -> dict:
+    """The direct trainer on this rank with data the ranks do not agree on, one trainer per case, in one group:
+    rank 1's loader has one batch more ("longer"), rank 1 gets the same rows in another order ("reordered"); and a
+    batch with every label masked ("masked"). Returns each case's RuntimeError message, or its stats and whether
+    the weights changed."""
+    import torch
+
+    from unsloth_mgpu_cli import distributed as D
+    from unsloth_mgpu_cli import hooks
+    from unsloth_mgpu_cli.direct import MultiGPUTrainer
+
+    os.environ["MGPU_DEVICE_TYPE"] = "cpu"
+    hooks._STATE.info = D.setup_worker(timeout_seconds=60)
+    rank, out = hooks._STATE.info.rank, {}
+    batches = variable_length_batches(num_batches=2)
+    masked = {**batches[0], "labels": torch.full_like(batches[0]["input_ids"], -100)}
+    cases = {
+        "longer": batches[: 1 + rank],
+        "reordered": [{k: v[[1, 0, 2, 3, 4]] if rank else v for k, v in batches[0].items()}],
+        "masked": [masked],
+    }
+    try:
+        for case, data in cases.items():
+            model = tiny_causal_lm()
+            trainer = MultiGPUTrainer(model=model, num_gpus=2, optimizer_config={"class": "adamw"})
+            trainer.setup()
+            before = [p.detach().clone() for p in trainer.params]
+            try:
+                stats = trainer.train_epoch(data)
+                changed = any(not torch.equal(a, p) for a, p in zip(before, trainer.params, strict=True))
+                out[case] = {"steps": stats["steps"], "skipped": stats["skipped_steps"], "changed": changed}
+            except RuntimeError as exc:
+                out[case] = str(exc)
+    finally:
+        hooks._STATE.info = None
+        D.teardown()
+    return out

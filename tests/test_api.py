@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import subprocess
 import sys
 import weakref
@@ -141,6 +142,26 @@ def test_a_hook_mode_worker_sizes_for_the_launch_and_keeps_the_launching_calls_t
     assert "CONFIG 0 2 8" in proc.stdout, out[-3000:]  # 2 workers x 8 = the global batch of 16
     assert "REFUSED 0 num_gpus=1 in this worker but enable_multi_gpu launched 2 worker(s)" in proc.stdout, out[-3000:]
     assert proc.returncode == 1 and "Timed out waiting 3000ms" in proc.stderr, out[-3000:]
+
+
+def test_hook_mode_workers_size_for_the_smallest_launched_gpu(monkeypatch):
+    """A worker sees only its own GPU: sized from it, ranks on a 24 GB and a 16 GB GPU chose different batches.
+    The launching call passes the smallest launched GPU's memory on, and get_optimal_config sizes for it."""
+    from types import SimpleNamespace
+
+    from unsloth_mgpu_cli import hooks
+    from unsloth_mgpu_cli.configgen import ConfigManager
+
+    monkeypatch.delenv(hooks.LAUNCH_GPU_MEMORY_ENV, raising=False)
+    hooks._share_launch_gpu_memory(2, nvml=FakeNVML([h200(0, total_gib=24.0), h200(1, total_gib=16.0), h200(2)]))
+    assert int(os.environ[hooks.LAUNCH_GPU_MEMORY_ENV]) == 16 * 2**30  # the smallest of the first two
+    monkeypatch.setattr(hooks._STATE, "info", SimpleNamespace(world_size=2, rank=1))  # in a worker of that launch
+    in_worker = ConfigManager().get_optimal_config("7B", seq_len=1024)
+    assert in_worker == ConfigManager().get_optimal_config("7B", "16GB", seq_len=1024)
+    assert in_worker != ConfigManager().get_optimal_config("7B", "24GB", seq_len=1024)  # the sizes matter
+    monkeypatch.setattr(hooks._STATE, "info", None)  # outside a worker the variable is not read
+    with pytest.raises(UserError, match="available_memory"):  # no GPU here, none given
+        ConfigManager().get_optimal_config("7B", seq_len=1024)
 
 
 class _Base:
@@ -319,6 +340,59 @@ def test_direct_trainer_on_two_ranks_equals_one_process_over_the_same_batches(la
     # all-reduce without the division: tests/test_distributed.py checks the aggregations by hand on 3 ranks.)
     assert _rel(mean[0]["weights"], rank_average_reference("mean", 2)["weights"]) < 1e-5
     assert _rel(mean[0]["weights"], ref["weights"]) > 1e-3
+
+
+def test_hook_mode_refuses_ranks_with_different_settings_or_an_iterable_dataset_on_every_rank():
+    """On GPUs of different sizes a script that sizes its batch from the GPU it sees (each worker sees its own)
+    trained different batches per rank, and the sampler's shards overlapped; an iterable dataset trained the same
+    samples on every rank (transformers asks no sampler for one). Both are refused before the first step, with
+    the same error on every rank (the settings are gathered first, so no rank waits for another)."""
+    from api_workers import hook_settings_checks
+
+    results = D.launch(hook_settings_checks, (), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
+    assert sorted(results) == [0, 1]
+    for by_case in results.values():
+        assert by_case["same"] is None
+        kind, message = by_case["batch"]
+        assert kind == "RuntimeError" and "per_device_train_batch_size: 2 on rank 0, 4 on rank 1" in message
+        assert "available_memory" in message and "max_steps" not in message  # only what differs
+        kind, message = by_case["iterable"]
+        assert kind == "NotImplementedError" and "iterable" in message and "map-style" in message
+
+
+def test_direct_trainer_refuses_ranks_whose_loaders_disagree_and_skips_a_batch_with_nothing_to_learn():
+    """A loader one batch longer on one rank made that rank's last collective meet another kind on the other
+    (gloo aborted, NCCL would hang); the same rows in another order passed the fingerprint (a sum) and trained
+    rows twice; a batch whose labels are all masked counted as a step (Adam's momentum still moved the weights)."""
+    from api_workers import direct_trainer_refusals
+
+    results = D.launch(direct_trainer_refusals, (), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
+    assert sorted(results) == [0, 1]
+    for by_case in results.values():
+        assert "different numbers of batches" in by_case["longer"] and "rank(s) [0] ended after 1" in by_case["longer"]
+        assert "ranks iterate different batches" in by_case["reordered"]
+        assert by_case["masked"] == {"steps": 0, "skipped": 1, "changed": False}
+
+
+@pytest.mark.parametrize(
+    ("batch", "needle"),
+    [
+        ({"input_ids": [[5, 6, 7]]}, "batch['input_ids'] must be a 2-D tensor of [rows, length], got a list"),
+        ({"input_ids": torch.tensor([5, 6, 7])}, "got a tensor of shape [3]"),
+        ({"input_ids": torch.ones(2, 3, dtype=torch.long), "labels": torch.ones(2, 4, dtype=torch.long)}, "labels"),
+    ],
+    ids=["a-list", "1-d", "labels-of-another-shape"],
+)
+def test_direct_trainer_names_a_batch_it_cannot_read(batch, needle):
+    from api_workers import tiny_causal_lm
+
+    from unsloth_mgpu_cli.direct import MultiGPUTrainer
+
+    trainer = MultiGPUTrainer(model=tiny_causal_lm())
+    trainer.setup()
+    with pytest.raises(TypeError, match="collate the rows") as info:
+        trainer.train_epoch([batch])
+    assert needle in str(info.value)
 
 
 @pytest.mark.integration

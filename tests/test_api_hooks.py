@@ -22,17 +22,26 @@ SCRIPT = ROOT / "tests" / "scripts" / "hook_sft.py"
 STEPS, BS = 4, 2
 
 
-def run_script(out: Path, ngpu: int, bs: int, seed: int = 3, torchrun: bool = False) -> None:
+def run_script(
+    out: Path, ngpu: int, bs: int, seed: int = 3, torchrun: bool = False, ok: bool = True, **extra: str
+) -> subprocess.CompletedProcess:
     """The script as users run it: `python script.py` (it re-launches itself), or under torchrun, which starts
     the workers itself (enable_multi_gpu then joins torchrun's group instead of launching)."""
     out.mkdir(parents=True)
     env = mgpu_env(
-        HOOK_NGPU=str(ngpu), HOOK_BS=str(bs), HOOK_SEED=str(seed), HOOK_DUMP=str(out), MGPU_LOG_DIR=str(out / "logs")
+        HOOK_NGPU=str(ngpu),
+        HOOK_BS=str(bs),
+        HOOK_SEED=str(seed),
+        HOOK_DUMP=str(out),
+        MGPU_LOG_DIR=str(out / "logs"),
+        **extra,
     )
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ngpu}"]
     command = [*launcher, str(SCRIPT)] if torchrun else [sys.executable, str(SCRIPT)]
     proc = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def rank(out: Path, r: int):
@@ -81,3 +90,13 @@ def test_under_torchrun_the_same_script_trains_what_the_relaunched_one_does(runs
 
 def test_control_with_another_seed_differs(runs):
     assert max_rel_diff(rank(runs / "control", 0)[0], rank(runs / "one", 0)[0]) > 1e-2
+
+
+def test_an_iterable_dataset_is_refused_before_the_first_step(tmp_path):
+    """transformers asks no sampler for an iterable dataset, so hook mode could not shard it: both ranks trained
+    the same samples and the script exited 0. Now the workers refuse it before the first step."""
+    proc = run_script(tmp_path / "iterable", 2, BS, ok=False, HOOK_ITERABLE="1")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]
+    assert "NotImplementedError" in output and "this trainer's dataset is iterable" in output, output[-3000:]
+    assert not (tmp_path / "iterable" / "rank0.safetensors").exists()  # no step ran, nothing dumped

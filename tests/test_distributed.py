@@ -303,3 +303,14 @@ def test_a_cpu_workers_peak_memory_is_its_high_water_mark():
     during = _peak_memory_gb(info)
     del block
     assert _peak_memory_gb(info) >= during > 0.25
+
+
+def test_weights_that_are_not_finite_are_reported_as_such_not_as_drift():
+    """NaN is not equal to itself: replicas that diverged alike were reported as replicas that drifted apart."""
+    import torch
+
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.tensor([1.0, float("nan")]))]
+    with pytest.raises(D.ConsistencyError, match="not finite") as info:
+        D.check_consistency(params, D.DistInfo(), step=7, names=["a", "b"])
+    assert "at step 7 on ranks [0]: 1 of 2 tensors, b" in str(info.value) and "drifted" not in str(info.value)
+    D.check_consistency(params[:1], D.DistInfo(), step=7)  # finite weights pass

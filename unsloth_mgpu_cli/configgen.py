@@ -23,6 +23,7 @@ With `ddp` more GPUs never make a model fit; with `fsdp` they do, and the answer
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -638,6 +639,11 @@ class ConfigManager:
              "optimizer": "optimizer", "memory_fraction": "memory_fraction"},
             num_gpus, seq_len, method, global_batch, optimizer, memory_fraction,
         )  # fmt: skip
+        from .hooks import LAUNCH_GPU_MEMORY_ENV, launched_world_size
+
+        if available_memory is None and launched_world_size() is not None and os.environ.get(LAUNCH_GPU_MEMORY_ENV):
+            # a hook-mode worker sees only its own GPU: size every rank for the smallest the launch runs on
+            available_memory = int(os.environ[LAUNCH_GPU_MEMORY_ENV])
         detected, detected_mem = detect_gpu_memory() if available_memory is None or num_gpus is None else (0, None)
         mem, more = _memory_per_gpu(available_memory, detected_mem, "available_memory", 'available_memory="80GB"')
         problems += more
@@ -648,8 +654,6 @@ class ConfigManager:
         if problems:
             raise UserError(problems, "invalid arguments")
         assert mem is not None
-        from .hooks import launched_world_size
-
         # in a hook-mode worker the GPU count is 1 (its own GPU): the launch's worker count sizes the batch
         gpus = num_gpus if num_gpus is not None else (launched_world_size() or max(detected, 1))
         p = plan(

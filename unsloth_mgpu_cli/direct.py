@@ -147,8 +147,8 @@ class MultiGPUTrainer:
         Returns:
             loss (token-weighted mean over the epoch's trained steps and all ranks; NaN when there were none),
             last_loss, steps (optimizer steps taken), skipped_steps (batches with a non-finite loss or gradient
-            on some rank: no update on any rank), samples, tokens (non-padding, all ranks), time_s,
-            tokens_per_second, world_size, aggregation.
+            on some rank, or no loss token on any: no update on any rank), samples, tokens (non-padding, all
+            ranks), time_s, tokens_per_second, world_size, aggregation.
 
         Raises:
             TypeError: a batch is not a dict with `input_ids`.
@@ -167,7 +167,14 @@ class MultiGPUTrainer:
         steps = samples = skipped = 0
         loss_tok_sum = loss_tokens = tokens = 0.0
         last_loss = float("nan")
-        for batch in dataloader:
+        batches, end = iter(dataloader), object()
+        while True:
+            batch = next(batches, end)
+            if batch is end:
+                # one more collective: the others must have run out too (else they wait for this rank)
+                gathered = D.all_gather_floats([0.0, 0.0, 0.0, 0.0, 1.0, 0.0], info)
+                self._check_same_batches(gathered, steps + skipped)
+                break
             ids, rows, global_items, local = self._my_part(batch)
             local_items = int((local["labels"][:, 1:] != IGNORE_INDEX).sum())
             mask = local.get("attention_mask")
@@ -179,18 +186,28 @@ class MultiGPUTrainer:
                 (loss * scale).backward()
                 loss_value = float(loss.detach())
             # One small collective per step: losses and counts, plus a fingerprint of the global batch that
-            # catches ranks iterating different data (a shuffled loader seeded differently per rank).
-            fingerprint = float(ids.to(torch.float64).sum()) + rows * 1e-3
+            # catches ranks iterating different data (a shuffled loader seeded differently per rank) and a flag
+            # for a rank whose loader has ended. The rows are weighted by position: the same rows in another
+            # order are other samples for each rank's slice.
+            row_sums = ids.to(torch.float64).sum(dim=1)
+            fingerprint = float((row_sums * torch.arange(1, rows + 1, dtype=torch.float64)).sum()) + rows * 1e-3
             finite = math.isfinite(loss_value)
             gathered = D.all_gather_floats(
-                [loss_value * local_items if finite else 0.0, local_items, local_tokens, fingerprint, float(finite)],
+                [
+                    loss_value * local_items if finite else 0.0,
+                    local_items,
+                    local_tokens,
+                    fingerprint,
+                    float(finite),
+                    1.0,
+                ],
                 info,
             )
-            if len({g[3] for g in gathered}) != 1:
-                raise RuntimeError(
-                    "ranks iterate different batches: give every rank the same data loader order "
-                    "(same seed, or shuffle=False); each rank takes its own slice of every batch"
-                )
+            self._check_same_batches(gathered, steps + skipped)
+            if global_items == 0:  # nothing to learn from on any rank (every label masked): no update, as a skip
+                self.optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
             self.sync.synchronize()
             # After the reduction every rank holds the same gradient, so every rank decides alike.
             if not all(g[4] for g in gathered) or not bool(self.sync.grads_finite()):
@@ -238,7 +255,25 @@ class MultiGPUTrainer:
                 f"'labels'), got a {found}: e.g. a DataLoader over a list of such dicts, or a collate_fn "
                 "that returns one (a TensorDataset yields tuples)"
             )
+        import torch
+
         ids = batch["input_ids"]
+        for key in ("input_ids", "attention_mask", "labels"):
+            value = batch.get(key)
+            if value is None and key != "input_ids":
+                continue
+            if not (isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == ids.shape):
+                found = (
+                    f"a tensor of shape {list(value.shape)}"
+                    if isinstance(value, torch.Tensor)
+                    else f"a {type(value).__name__}"
+                )
+                want = "[rows, length]" if key == "input_ids" else f"input_ids' shape {list(ids.shape)}"
+                raise TypeError(
+                    f"train_epoch: batch[{key!r}] must be a 2-D tensor of {want}, got {found}: collate the rows "
+                    "into padded tensors (e.g. DataLoader(..., collate_fn=transformers.DataCollatorForLanguageModeling("
+                    "tokenizer, mlm=False)), or torch.stack of equal-length rows)"
+                )
         mask = batch.get("attention_mask")
         labels = batch.get("labels")
         if labels is None:
@@ -251,6 +286,24 @@ class MultiGPUTrainer:
         if mask is not None:
             local["attention_mask"] = mask[part]
         return ids, rows, global_items, {k: v.to(self.info.device, non_blocking=True) for k, v in local.items()}
+
+    @staticmethod
+    def _check_same_batches(gathered: list[list[float]], done: int) -> None:
+        """Every rank got a batch, and the same one (or every rank's loader ended): the collective's columns 3
+        (fingerprint) and 5 (1.0: a batch, 0.0: the loader ended)."""
+        have = [g[5] for g in gathered]
+        if len(set(have)) != 1:
+            ended = [r for r, h in enumerate(have) if not h]
+            raise RuntimeError(
+                f"ranks iterate different numbers of batches: the data loader of rank(s) {ended} ended after {done} "
+                f"batch(es), the others' had more. Give every rank the same data loader (each rank takes its own "
+                "slice of every batch): not a DistributedSampler, nor data split per rank"
+            )
+        if have[0] and len({g[3] for g in gathered}) != 1:
+            raise RuntimeError(
+                "ranks iterate different batches: give every rank the same data loader order "
+                "(same seed, or shuffle=False); each rank takes its own slice of every batch"
+            )
 
     def _skip_step(self, bad_loss_ranks: int) -> None:
         """No update on any rank for a batch with a non-finite loss or gradient (the engine's rule)."""

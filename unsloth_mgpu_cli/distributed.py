@@ -1389,6 +1389,24 @@ class ConsistencyError(RuntimeError):
     """Ranks hold different trainable weights: the data-parallel invariant is broken."""
 
 
+def _check_finite_weights(
+    per_param: list[list[float]], params: Sequence[Any], names: Sequence[str] | None, step: int
+) -> None:
+    """Raise on every rank when a weight checksum is NaN or infinite: weights that diverged (NaN is not equal to
+    itself, so the comparison would call it drift between the replicas)."""
+    broken = sorted({i // 2 for sums in per_param for i, v in enumerate(sums) if not math.isfinite(v)})
+    if not broken:
+        return
+    ranks = [r for r, sums in enumerate(per_param) if not all(math.isfinite(v) for v in sums)]
+    label = ", ".join(names[i] if names else f"tensor {i}" for i in broken[:4])
+    more = f" and {len(broken) - 4} more" if len(broken) > 4 else ""
+    raise ConsistencyError(
+        f"trainable weights are not finite (NaN or infinite) at step {step} on ranks {ranks}: {len(broken)} of "
+        f"{len(params)} tensors, {label}{more}. The weights diverged or were loaded so; lower the learning rate, "
+        "set a gradient clip (max_grad_norm), or check the model's weights"
+    )
+
+
 def check_consistency(
     params: Sequence[Any], info: DistInfo, step: int, rtol: float = 1e-6, names: Sequence[str] | None = None
 ) -> None:
@@ -1397,6 +1415,7 @@ def check_consistency(
     # tensors)
     per_param = all_gather_tensor(_param_sums(params, info.device).reshape(-1).to(info.device), info).tolist()
     totals = [[sum(s[0::2]), sum(s[1::2])] for s in per_param]
+    _check_finite_weights(per_param, params, names, step)
     ref = totals[0]
     bad = []
     for r, s in enumerate(totals):

@@ -43,6 +43,8 @@ from typing import Any
 from .errors import is_number, is_whole
 
 _WORKER_FLAG = "MGPU_HOOK_WORKER"
+# Set by the launching call for its workers: the smallest launched GPU's memory in bytes (get_optimal_config).
+LAUNCH_GPU_MEMORY_ENV = "MGPU_LAUNCH_GPU_MEMORY"
 # What torchrun/elastic set and accelerate/transformers/Unsloth read to decide "distributed".
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE")
 
@@ -335,6 +337,8 @@ def _relaunch(config: MultiGPUConfig) -> None:
         raise ValueError(f"num_gpus={n} but only {gpus} GPU(s) are visible")
     log_dir = Path(os.environ.get("MGPU_LOG_DIR") or tempfile.mkdtemp(prefix="mgpu-hook-"))
     spec = LaunchSpec(nproc_per_node=n, device_type=device, log_dir=log_dir)
+    if device == "cuda":
+        _share_launch_gpu_memory(n)
     # Spawned children re-import the parent's __main__ from its file before calling the entry point
     # (multiprocessing's spawn preparation). An ordinary training script has no `if __name__` guard, so
     # that import would run the whole training in every child; hide the file while launching.
@@ -361,6 +365,16 @@ def _script_worker(script: str, argv: list[str], timeout_seconds: int = 1800) ->
     from torch.distributed.elastic.multiprocessing.errors import record
 
     return record(_run_script)(script, argv, timeout_seconds)
+
+
+def _share_launch_gpu_memory(n: int, nvml: Any = None) -> None:
+    """Tell the workers the memory of the smallest of the `n` GPUs they run on (LAUNCH_GPU_MEMORY_ENV, bytes): a
+    worker sees only its own GPU, and `ConfigManager.get_optimal_config` must size every rank for the smallest."""
+    from .devices import GIB, DeviceManager
+
+    readable = [d for d in DeviceManager(nvml=nvml).snapshot(with_links=False).devices[:n] if d.error is None]
+    if readable:
+        os.environ[LAUNCH_GPU_MEMORY_ENV] = str(int(min(d.memory_total_gb for d in readable) * GIB))
 
 
 def _run_script(script: str, argv: list[str], timeout_seconds: int = 1800) -> int:
@@ -532,10 +546,11 @@ class _Run:
         self.window_tokens = 0
         self.synced = False
 
-    def start(self, model: Any) -> None:
+    def start(self, trainer: Any) -> None:
         from . import distributed as D
 
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        _check_same_settings(trainer, self.config, self.info)
+        self.params = [p for p in trainer.model.parameters() if p.requires_grad]
         # Identical starting weights: rank 0's, broadcast, then checked rather than assumed.
         D.broadcast_parameters(self.params, self.info)
         D.check_consistency(self.params, self.info, step=0)
@@ -568,8 +583,46 @@ class _Run:
         _STATE.report["optimizer_steps"] += 1
         if self.config.gradient_aggregation == "weighted" and tot_items > 0:
             return tot_weighted / tot_items
-        world = self.info.world_size
-        return tot_loss / world if self.config.gradient_aggregation in ("mean", "median") else tot_loss
+        # the mean over ranks for mean, median and sum alike: the loss one process over the global batch logs
+        # (sum scales the gradient, not the loss; direct mode reports it the same way)
+        return tot_loss / self.info.world_size
+
+
+def _check_same_settings(trainer: Any, config: MultiGPUConfig, info: Any) -> None:
+    """Before the first step, on every rank: the dataset can be sharded, and every rank trains with the same batch,
+    accumulation, aggregation and dataset size. A script that sizes its batch from its own GPU (which is all a
+    worker sees) would otherwise train different batches per rank, and the sampler's shards would overlap.
+
+    Raises:
+        NotImplementedError: an iterable dataset (no length) with more than one rank.
+        RuntimeError: the ranks differ (the same error on every rank: the values are gathered first).
+    """
+    from . import distributed as D
+
+    dataset = trainer.train_dataset
+    if info.world_size > 1 and dataset is not None and not hasattr(dataset, "__len__"):
+        raise NotImplementedError(
+            f"hook mode shards map-style datasets (with __len__), and this trainer's dataset is iterable "
+            f"({type(dataset).__name__}): every rank would train the same samples. Pass a map-style dataset "
+            "(datasets.Dataset, not .to_iterable_dataset() or streaming=True), or shard it yourself per rank "
+            "(see unsloth_multigpu.dist_info())"
+        )
+    args = trainer.args
+    mine = {
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "gradient_aggregation": config.gradient_aggregation,
+        "max_steps": args.max_steps,
+        "train_dataset_rows": len(dataset) if dataset is not None else None,
+    }
+    D.check_ranks_agree(
+        mine,
+        info,
+        "the training settings",
+        "Every rank must run the same settings: a script that sizes them from the GPU it sees (each worker sees "
+        "only its own) gets different values on GPUs of different sizes; pass fixed values, or "
+        "ConfigManager().get_optimal_config(..., available_memory=<the smallest GPU's memory>)",
+    )
 
 
 def _attach(trainer: Any, config: MultiGPUConfig, info: Any) -> None:
@@ -585,7 +638,7 @@ def _attach(trainer: Any, config: MultiGPUConfig, info: Any) -> None:
 
     def training_step(model: Any, inputs: Any, num_items_in_batch: Any = None, *args: Any, **kwargs: Any) -> Any:
         if run.sync is None:  # the callback normally does this at train begin
-            run.start(trainer.model)
+            run.start(trainer)
         loss = step_fn(model, inputs, num_items_in_batch, *args, **kwargs)
         run.window_loss += float(loss)
         run.window_tokens += _count_input_tokens(inputs)
@@ -617,7 +670,7 @@ def _attach(trainer: Any, config: MultiGPUConfig, info: Any) -> None:
 
     class _SyncCallback(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            run.start(trainer.model)
+            run.start(trainer)
 
         def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if not run.synced:

@@ -52,7 +52,10 @@ rows = [
 trainer = SFTTrainer(
     model=model,
     processing_class=tokenizer,
-    train_dataset=Dataset.from_list(rows),
+    # HOOK_ITERABLE=1: a streaming-style dataset, which hook mode cannot shard (refused before the first step)
+    train_dataset=Dataset.from_list(rows).to_iterable_dataset()
+    if os.environ.get("HOOK_ITERABLE")
+    else Dataset.from_list(rows),
     args=SFTConfig(
         per_device_train_batch_size=2,
         gradient_accumulation_steps=1,
