@@ -164,6 +164,19 @@ def test_a_good_config_json_still_plans(tmp_path):
     assert json.loads(proc.stdout)["fits"] is True
 
 
+@pytest.mark.parametrize(
+    ("model", "needles"),
+    [
+        ("7", ["argument --model", "a number without its unit, '7'", "did you mean '7B'?"]),
+        ("", ["argument --model", "found an empty value", "known sizes: 0.5B, 1B"]),
+        ("./no/such/dir", ["argument --model", "no such file or folder", "no/such/dir"]),
+    ],
+    ids=["no-unit", "empty", "missing-folder"],
+)
+def test_suggest_names_a_model_it_cannot_size(model, needles):
+    assert_user_error(run_mgpu("suggest", "--model", model, "--gpu-memory", "24GB", timeout=60), *needles)
+
+
 def test_suggest_output_refuses_an_existing_file_without_force_like_init(tmp_path):
     out = tmp_path / "r.yaml"
     out.write_text("mine\n", encoding="utf-8")

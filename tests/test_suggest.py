@@ -37,6 +37,11 @@ def test_parameter_counts_match_the_real_models():
     assert SIZE_TABLE["8B"].num_parameters() == pytest.approx(8.03e9, rel=0.01)
     assert SIZE_TABLE["70B"].num_parameters() == pytest.approx(70.55e9, rel=0.01)
     assert SIZE_TABLE["1B"].num_parameters() == pytest.approx(1.236e9, rel=0.01)
+    # Qwen2.5's published counts (its q/k/v biases are left out: 0.1% at most)
+    assert SIZE_TABLE["0.5B"].num_parameters() == pytest.approx(0.49e9, rel=0.01)
+    assert SIZE_TABLE["1.5B"].num_parameters() == pytest.approx(1.54e9, rel=0.01)
+    assert SIZE_TABLE["14B"].num_parameters() == pytest.approx(14.7e9, rel=0.01)
+    assert SIZE_TABLE["32B"].num_parameters() == pytest.approx(32.5e9, rel=0.01)
     assert ARCH_852M.num_parameters() == pytest.approx(852e6, rel=0.01)
     assert ARCH_8B_32K.num_parameters() == pytest.approx(7.24e9, rel=0.01)
 
@@ -343,10 +348,15 @@ def test_suggest_json_has_contract_keys():
     assert doc["fits"] is True and doc["num_gpus"] == 2 and doc["predicted_peak_gb"] <= 72
 
 
-def test_suggest_table_and_not_fitting_exits_2():
+def test_suggest_table_and_not_fitting_exits_2(tmp_path):
     proc = run_mgpu("suggest", "--model", "70B", "--gpu-memory", "24GB", "--method", "lora", timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "does not fit" in proc.stdout and "qlora" in proc.stdout
+    assert "no recipe was written" not in proc.stderr  # none was asked for
+    out = tmp_path / "r.yaml"
+    proc = run_mgpu("suggest", "--model", "70B", "--gpu-memory", "24GB", "--output", str(out), timeout=60)
+    assert proc.returncode == 2 and f"nothing fits, so no recipe was written to {out}" in proc.stderr
+    assert not out.exists()
     ok = run_mgpu("suggest", "--model", "1B", "--gpu-memory", "80GB", timeout=60)
     assert ok.returncode == 0 and "activations kept" in ok.stdout and "micro_batch_size" in ok.stdout
 

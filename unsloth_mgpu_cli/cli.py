@@ -351,7 +351,9 @@ def suggest(
     model: Annotated[
         str,
         typer.Option(
-            "--model", help="Size (1B, 3B, 7B, 8B, 13B, 70B, 405B), hub id or local folder.", show_default=False
+            "--model",
+            help="Size (0.5B, 1B, 1.5B, 3B, 7B, 8B, 13B, 14B, 32B, 70B, 405B), hub id or local folder.",
+            show_default=False,
         ),
     ],
     gpus: Annotated[int | None, typer.Option("--gpus", help="GPUs to train on (default: detected, else 1).")] = None,
@@ -409,6 +411,8 @@ def suggest(
 
         print_plan(p)
     if not p.fits:
+        if output is not None:  # the plan above says why; the exit code alone would not say the file is missing
+            typer.echo(f"error: nothing fits, so no recipe was written to {output}", err=True)
         raise typer.Exit(2)
     if output is not None:
         from .memory import SIZE_HUB_IDS, find_config

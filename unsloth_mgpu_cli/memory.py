@@ -150,32 +150,44 @@ def _arch(h: int, layers: int, heads: int, kv: int, inter: int, vocab: int, tied
     return Architecture(h, layers, heads, kv, inter, vocab, tied, name=name, source=f"typical {name} ({_NAMES[name]})")
 
 
-# Real Llama 3.x / Llama 2 dimensions (from their config.json files) for a size given as a string.
+# Real Llama 3.x / Llama 2 / Qwen2.5 dimensions (from their config.json files) for a size given as a string.
 _NAMES = {
+    "0.5B": "Qwen2.5-0.5B dims",
     "1B": "Llama-3.2-1B dims",
+    "1.5B": "Qwen2.5-1.5B dims",
     "3B": "Llama-3.2-3B dims",
     "7B": "Llama-2-7B dims",
     "8B": "Llama-3.1-8B dims",
     "13B": "Llama-2-13B dims",
+    "14B": "Qwen2.5-14B dims",
+    "32B": "Qwen2.5-32B dims",
     "70B": "Llama-3.1-70B dims",
     "405B": "Llama-3.1-405B dims",
 }
 SIZE_TABLE: dict[str, Architecture] = {
+    "0.5B": _arch(896, 24, 14, 2, 4864, 151936, True, "0.5B"),
     "1B": _arch(2048, 16, 32, 8, 8192, 128256, True, "1B"),
+    "1.5B": _arch(1536, 28, 12, 2, 8960, 151936, True, "1.5B"),
     "3B": _arch(3072, 28, 24, 8, 8192, 128256, True, "3B"),
     "7B": _arch(4096, 32, 32, 32, 11008, 32000, False, "7B"),
     "8B": _arch(4096, 32, 32, 8, 14336, 128256, False, "8B"),
     "13B": _arch(5120, 40, 40, 40, 13824, 32000, False, "13B"),
+    "14B": _arch(5120, 48, 40, 8, 13824, 152064, False, "14B"),
+    "32B": _arch(5120, 64, 40, 8, 27648, 152064, False, "32B"),
     "70B": _arch(8192, 80, 64, 8, 28672, 128256, False, "70B"),
     "405B": _arch(16384, 126, 128, 8, 53248, 128256, False, "405B"),
 }
 #: Hub ids whose architecture each size stands for (used when `mgpu suggest --output` writes a recipe).
 SIZE_HUB_IDS = {
+    "0.5B": "unsloth/Qwen2.5-0.5B",
     "1B": "unsloth/Llama-3.2-1B",
+    "1.5B": "unsloth/Qwen2.5-1.5B",
     "3B": "unsloth/Llama-3.2-3B",
     "7B": "unsloth/llama-2-7b",
     "8B": "unsloth/Meta-Llama-3.1-8B",
     "13B": "unsloth/llama-2-13b",
+    "14B": "unsloth/Qwen2.5-14B",
+    "32B": "unsloth/Qwen2.5-32B",
     "70B": "unsloth/Meta-Llama-3.1-70B",
     "405B": "unsloth/Meta-Llama-3.1-405B",
 }
@@ -329,6 +341,15 @@ def resolve_architecture(model: str, where: str = "argument --model") -> Archite
     """
     if model in BUILTIN_ARCHITECTURES:
         return BUILTIN_ARCHITECTURES[model]
+    if not model.strip() or re.fullmatch(r"\s*\d+(\.\d+)?\s*", model):
+        found = f"a number without its unit, {model!r}" if model.strip() else "an empty value"
+        hint = (
+            f"did you mean '{model.strip()}B'?" if model.strip() else f"e.g. 8B; known sizes: {', '.join(SIZE_TABLE)}"
+        )
+        raise UserError(
+            Problem(where, f"expected a size such as 8B, a local folder or a hub id; found {found}", hint),
+            "invalid arguments",
+        )
     m = _SIZE_RE.match(model)
     if m:
         key = _size_key(m.group(1))
@@ -354,9 +375,9 @@ def resolve_architecture(model: str, where: str = "argument --model") -> Archite
                 Problem(where, f"cannot read the architecture from {config_path}: {exc}", hint), "invalid arguments"
             ) from None
     if path.exists() or model.startswith((".", "/", "~")):
+        found = f"no config.json in {path}" if path.exists() else f"no such file or folder: {path}"
         raise UserError(
-            Problem(where, f"no config.json in {path}", "point at the folder that holds config.json"),
-            "invalid arguments",
+            Problem(where, found, "point at the folder that holds the model's config.json"), "invalid arguments"
         )
     # A hub id not downloaded yet: one whose config we carry (the shipped recipes' models) ...
     known = KNOWN_HUB_CONFIGS.get(model.split("/")[-1].lower()) if "/" in model else None
@@ -379,7 +400,7 @@ def resolve_architecture(model: str, where: str = "argument --model") -> Archite
             where,
             f"cannot tell the architecture of {model!r}",
             f"give a size ({', '.join(SIZE_TABLE)}), a local folder with config.json, or a hub id "
-            "that is in the Hugging Face cache (huggingface-cli download ID config.json)",
+            "that is in the Hugging Face cache (hf download ID config.json)",
         ),
         "invalid arguments",
     )
