@@ -134,6 +134,17 @@ def test_disk_of_a_folder_not_yet_created_is_measured_at_its_parent(tmp_path):
     assert path == tmp_path / "not" / "yet" and free and free > 0
 
 
+def test_a_disk_folder_that_cannot_be_written_fails_whatever_its_free_space(tmp_path):
+    """--output-dir naming a file passed as "ok, 72.8 GB free"; /proc/x failed as "under 2 GB free"."""
+    (tmp_path / "afile").write_text("x")
+    assert doctor.unusable_folder(tmp_path / "new" / "run") is None  # measured at the existing parent
+    assert doctor.unusable_folder(tmp_path / "afile" / "run") == f"{tmp_path / 'afile'} is a file, not a folder"
+    assert "cannot write in /proc" in doctor.unusable_folder(Path("/proc/mgpu-run"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the write probe left nothing
+    check = check_disk("output", tmp_path / "afile", 500 * GB, unusable=doctor.unusable_folder(tmp_path / "afile"))
+    assert check.status == "fail" and "is a file" in check.value and check.hint
+
+
 def test_busy_port_fails_free_port_ok():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -15,6 +15,7 @@ never initialises CUDA; `import torch` happens only to read its version, CUDA bu
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as metadata
 import importlib.util
 import os
@@ -348,9 +349,12 @@ def check_attention(xformers: str | None, flash_attn: str | None) -> Check:
 
 
 def check_disk(label: str, path: Path, free_bytes: int | None, warn_below: float = 20 * GB,
-               fail_below: float = 2 * GB) -> Check:  # fmt: skip
-    """Free space where models are cached and checkpoints written: an 8B model is 16 GB, a checkpoint more."""
+               fail_below: float = 2 * GB, unusable: str | None = None) -> Check:  # fmt: skip
+    """Free space where models are cached and checkpoints written: an 8B model is 16 GB, a checkpoint more.
+    `unusable`: why nothing can be written there (a file in the way, no permission), which matters more."""
     name = f"disk: {label}"
+    if unusable is not None:
+        return Check(name, "fail", unusable, "point it at a folder you can write to")
     if free_bytes is None:
         return Check(name, "warn", f"{path}: cannot stat", "check that the folder (or a parent) exists and is readable")
     value = f"{gb_text(free_bytes)} free at {path}"
@@ -471,6 +475,29 @@ def free_bytes_at(path: Path) -> tuple[Path, int | None]:
         return path.expanduser().absolute(), None
 
 
+def unusable_folder(path: Path) -> str | None:
+    """Why no file can be written at `path` (a folder, existing or to be made), or None: it, or its nearest existing
+    parent, is a file, or refuses a new entry. Checked by making and removing an empty folder there, since
+    permissions lie for root (and /proc takes no files whatever they say)."""
+    import tempfile
+
+    p = path.expanduser().absolute()
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file, not a folder"
+    try:
+        tempfile.mkdtemp(prefix=".mgpu-doctor-", dir=p)
+    except OSError as exc:
+        return f"cannot write in {p}: {exc.strerror or exc}"
+    else:
+        return None
+    finally:
+        for left in p.glob(".mgpu-doctor-*"):
+            with contextlib.suppress(OSError):
+                left.rmdir()
+
+
 def open_files_limit() -> tuple[int | None, int | None]:
     """The (soft, hard) limit on open files; (None, None) where the platform has no such limit."""
     try:
@@ -580,7 +607,7 @@ def run_checks(output_dir: Path | str = "outputs", probe: bool = False, probe_ti
     from .models import cache_dir
 
     for label, path in (("output", Path(output_dir)), ("hf cache", cache), ("mgpu cache", cache_dir(env))):
-        add(check_disk(label, *free_bytes_at(path)))
+        add(check_disk(label, *free_bytes_at(path), unusable=unusable_folder(path)))
     add(check_hf(cache, _truthy(env.get("HF_HUB_OFFLINE")) or _truthy(env.get("TRANSFORMERS_OFFLINE")),
                  hf_token_present(env)))  # fmt: skip
 
