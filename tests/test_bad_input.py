@@ -310,7 +310,12 @@ CASES = [
     ),
     ("output-holds-a-run", "train", with_args(setup=_holds_a_run), ["output.dir", "already holds a run", "--resume"]),
     ("output-in-proc", "train", edit(output__dir="/proc/mgpu-out"), ["output.dir", "cannot write to /proc/mgpu-out"]),
-    ("cuda-without-gpu", "train", edit(distributed__device="cuda"), ["distributed.device", "no GPU is visible"]),
+    (
+        "cuda-without-gpu",
+        "train",
+        edit(distributed__device="cuda"),
+        ["distributed.device (", "recipe.yaml:", "no GPU is visible"],
+    ),
     (
         "node-rank-arg",
         "train",

@@ -724,7 +724,9 @@ def test_a_chat_template_that_does_not_compile_or_refuses_a_row_is_named(tmp_pat
     monkeypatch.delenv("UNSLOTH_MGPU_CACHE")
     broken = "dataset.chat_template={% for m in messages %}{{ m.content }{% endfor %}"
     args = ("prepare", str(ROOT / "recipes" / "quickstart.yaml"), f"dataset.path={f}", "dataset.format=chat", broken)
-    assert_user_error(run_mgpu(*args), "dataset.chat_template: the Jinja template does not compile: line 1")
+    assert_user_error(
+        run_mgpu(*args), "dataset.chat_template (command line): the Jinja template does not compile: line 1"
+    )
 
 
 def test_an_unusable_cache_folder_is_named_without_a_traceback(tmp_path, monkeypatch):

@@ -34,12 +34,13 @@ app = typer.Typer(
 
 _state = {"debug": False}
 
-RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False, metavar="RECIPE")]
 OverridesArg = Annotated[
     list[str] | None,
     typer.Argument(
         help="Dotted KEY=VALUE overrides applied before validation, e.g. training.learning_rate=1e-4.",
         show_default=False,
+        metavar="KEY=VALUE",
     ),
 ]
 
@@ -130,9 +131,17 @@ def train(
             )
         from .engine import train as run_training
 
-        summary = run_training(
-            loaded, overwrite=overwrite, resume=resume, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint
-        )
+        try:
+            summary = run_training(
+                loaded,
+                overwrite=overwrite,
+                resume=resume,
+                nnodes=nnodes,
+                node_rank=node_rank,
+                rdzv_endpoint=rdzv_endpoint,
+            )
+        except UserError as exc:
+            raise loaded.locate(exc) from None
     except (UserError, TrainingFailed, Interrupted) as exc:
         _fail(exc)
     from .render import print_summary
@@ -231,7 +240,10 @@ def prepare(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
         loaded = load_recipe(recipe, overrides or [])
         from .data import report
 
-        rep = report(loaded.recipe)
+        try:
+            rep = report(loaded.recipe)
+        except UserError as exc:
+            raise loaded.locate(exc) from None
     except UserError as exc:
         _fail(exc)
     from .render import print_data_report

@@ -580,6 +580,17 @@ class LoadedRecipe:
         """`dotted` with the file:line that set it (or its closest parent's), as validation errors name keys."""
         return _where(dotted, self.lines)
 
+    def locate(self, exc: UserError) -> UserError:
+        """`exc` with each problem that names a bare recipe key (`distributed.device`) given the file:line that set
+        it, as validation's problems are: checks after validation (the devices, the data) know only the key."""
+        for problem in exc.problems:
+            if _BARE_KEY.fullmatch(problem.where) and problem.where.split(".")[0] in Recipe.model_fields:
+                problem.where = self.where(problem.where)
+        return exc
+
+
+_BARE_KEY = re.compile(r"[a-z_]+(\.[a-z_0-9]+)+")
+
 
 def _line_map(text: str, filename: str) -> tuple[dict[str, str], list[Problem]]:
     """Map dotted keys to 'file:line' using the YAML node tree; also each key that a mapping repeats."""

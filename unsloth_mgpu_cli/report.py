@@ -59,6 +59,9 @@ def read_metrics(out: Path) -> tuple[list[dict[str, Any]], list[Problem]]:
         hint = "give the output.dir of an `mgpu train` run"
         if path.is_dir():
             found = f"{path} is a folder, not a file"
+        elif Path(out).is_file():
+            found = f"{out} is a file, not a run's folder"
+            hint = "give the output.dir of an `mgpu train` run (the folder that holds metrics.jsonl)"
         elif not Path(out).is_dir():
             found = f"no such folder: {out}"
         elif (Path(out) / "recipe.resolved.yaml").is_file():  # written when a run starts
