@@ -368,3 +368,22 @@ def test_every_checkpoint_damaged_gives_the_newest_ones_error(tmp_path):
         C.find_resume_checkpoint(tmp_path, "auto", notes)
     assert "step-3" in exc.value.render() and "rng.pt is missing" in exc.value.render()
     assert len(notes) == 2 and "--resume" not in exc.value.problems[0].hint.split(";")[-1]
+
+
+def test_the_summary_notes_an_export_older_than_the_adapter(tmp_path, capsys):
+    """A run resumed after `mgpu export` leaves merged/ holding the earlier weights: the summary says so."""
+    import os
+
+    from unsloth_mgpu_cli.checkpoint import EXPORT_MARKER
+    from unsloth_mgpu_cli.render import print_summary
+
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / EXPORT_MARKER).write_text("{}")
+    (tmp_path / "adapter").mkdir()
+    summary = {"steps": 4, "tokens": 10, "world_size": 1, "output_dir": str(tmp_path)}
+    print_summary(summary)  # exported after the adapter: current
+    assert "earlier adapter" not in capsys.readouterr().out
+    os.utime(tmp_path / "merged" / EXPORT_MARKER, (1, 1))  # exported before the adapter was last written
+    print_summary(summary)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "merged/ in the output folder export(s) an earlier adapter" in out and "--merged` again" in out

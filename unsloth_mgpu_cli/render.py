@@ -95,6 +95,32 @@ def print_summary(summary: dict) -> None:
     t.add_row("peak memory", " / ".join(f"{m:.2f}" for m in summary.get("peak_memory_gb", [])) + " GB per worker")
     t.add_row("output", str(summary.get("output_dir")))
     console.print(t)
+    stale = _stale_exports(summary.get("output_dir"))
+    if stale:
+        console.print(
+            f"[yellow]note[/]: {', '.join(stale)} in the output folder export(s) an earlier adapter; run "
+            f"`mgpu export {summary.get('output_dir')} --merged` again for this one"
+        )
+
+
+def _stale_exports(out: str | None) -> list[str]:
+    """Exports inside the run's folder (`mgpu export`'s default `merged/`) made before its adapter or model was last
+    written: after a resumed run they hold the earlier weights."""
+    from pathlib import Path
+
+    from .checkpoint import EXPORT_MARKER
+
+    if not out or not Path(out).is_dir():
+        return []
+    weights = [Path(out) / name for name in ("adapter", "model") if (Path(out) / name).is_dir()]
+    newest = max((w.stat().st_mtime for w in weights), default=None)
+    if newest is None:
+        return []
+    return [
+        f"{d.name}/"
+        for d in sorted(Path(out).iterdir())
+        if d.is_dir() and (d / EXPORT_MARKER).is_file() and (d / EXPORT_MARKER).stat().st_mtime < newest
+    ]
 
 
 def print_plan(plan) -> None:
