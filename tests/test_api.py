@@ -85,6 +85,32 @@ def test_direct_trainer_refuses_bad_arguments_when_built():
             unsloth_multigpu.MultiGPUTrainer(model, **bad)
 
 
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [
+        ({"class": "sgd", "kwargs": {"lrate": 1}}, "['lrate'], which SGD does not take (did you mean 'lr'?)"),
+        ({"class": dict}, "must be a torch.optim optimizer class, or a name: adadelta"),
+        ({"class": "lbfgs"}, "not one this trainer can use"),
+        ({"class": torch.optim.LBFGS}, "LBFGS needs a closure"),
+        ({"class": "adamw_9bit"}, "or adamw_8bit"),
+    ],
+    ids=["unknown-kwarg", "not-an-optimizer", "lbfgs-name", "lbfgs-class", "unknown-name"],
+)
+def test_direct_trainer_refuses_an_optimizer_config_it_cannot_use_when_built(config, needle):
+    """These failed later, in setup() or the first step, with torch's own errors."""
+    with pytest.raises(ValueError, match="optimizer_config") as info:
+        unsloth_multigpu.MultiGPUTrainer(torch.nn.Linear(2, 2), optimizer_config=config)
+    assert needle in str(info.value)
+
+
+def test_direct_trainer_takes_the_recipes_8bit_adamw_by_name_and_refuses_a_model_that_is_none():
+    trainer = unsloth_multigpu.MultiGPUTrainer(torch.nn.Linear(2, 2), optimizer_config={"class": "adamw_8bit"})
+    trainer.setup()
+    assert type(trainer.optimizer).__name__ == "AdamW8bit"
+    with pytest.raises(ValueError, match="model must be a torch.nn.Module"):
+        unsloth_multigpu.MultiGPUTrainer(None)
+
+
 def test_direct_trainer_keeps_the_documented_learning_rate_when_kwargs_leave_it_out():
     trainer = unsloth_multigpu.MultiGPUTrainer(
         torch.nn.Linear(2, 2), optimizer_config={"class": torch.optim.AdamW, "kwargs": {"weight_decay": 0.0}}

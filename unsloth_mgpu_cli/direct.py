@@ -61,6 +61,8 @@ class MultiGPUTrainer:
     ):
         from .errors import is_number, is_whole
 
+        if not (callable(model) and hasattr(model, "parameters")):
+            raise ValueError(f"model must be a torch.nn.Module (e.g. Unsloth's PEFT model), got {type(model).__name__}")
         if num_gpus is not None and not (is_whole(num_gpus) and num_gpus >= 1):
             raise ValueError(f"num_gpus must be a positive integer or None (the launched workers), got {num_gpus!r}")
         if max_grad_norm is not None and not (is_number(max_grad_norm) and max_grad_norm > 0):
@@ -347,17 +349,52 @@ def _checked_optimizer_config(config: Any) -> dict[str, Any]:
         hint = " (optimizer arguments go inside 'kwargs')" if unknown & {"lr", "weight_decay", "betas", "eps"} else ""
         raise ValueError(f"optimizer_config takes 'class' and 'kwargs', not {sorted(unknown)}{hint}")
     cls = config.get("class", torch.optim.AdamW)
-    if isinstance(cls, str):
-        names = {n.lower(): n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)}
+    names = {
+        n.lower(): n
+        for n in dir(torch.optim)
+        if isinstance(getattr(torch.optim, n), type)
+        and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
+        and n not in ("Optimizer", "LBFGS")
+    }
+    accepted = f"a torch.optim optimizer class, or a name: {', '.join(sorted(names))} or adamw_8bit"
+    if isinstance(cls, str) and cls.lower() == "adamw_8bit":  # the recipes' 8-bit AdamW (bitsandbytes' state)
+        from .optim import adamw_8bit_class
+
+        cls = adamw_8bit_class()
+    elif isinstance(cls, str):
         if cls.lower() not in names:
-            raise ValueError(f"optimizer_config['class']={cls!r} is not a torch.optim optimizer")
+            raise ValueError(f"optimizer_config['class']={cls!r} is not one this trainer can use; expected {accepted}")
         cls = getattr(torch.optim, names[cls.lower()])
-    elif not callable(cls):
-        raise ValueError(f"optimizer_config['class'] must be an optimizer class or its name, got {cls!r}")
+    elif not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"optimizer_config['class'] must be {accepted}; got {cls!r}")
+    if issubclass(cls, torch.optim.LBFGS):
+        raise ValueError("optimizer_config['class']: LBFGS needs a closure that re-evaluates the loss, which "
+                         f"train_epoch does not give; expected {accepted}")  # fmt: skip
     kwargs = config.get("kwargs") or {}
     if not isinstance(kwargs, dict):
         raise ValueError(f"optimizer_config['kwargs'] must be a dict of the optimizer's arguments, got {kwargs!r}")
+    _check_optimizer_kwargs(cls, kwargs)
     return {"class": cls, "kwargs": dict(kwargs)}
+
+
+def _check_optimizer_kwargs(cls: type, kwargs: dict[str, Any]) -> None:
+    """Refuse keyword arguments the optimizer does not take, now rather than in setup()."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # it takes any keyword: nothing to check
+    known = [n for n in params if n not in ("self", "params")]
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        import difflib
+
+        close = [m for k in unknown for m in difflib.get_close_matches(k, known, n=1, cutoff=0.5)]
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        raise ValueError(
+            f"optimizer_config['kwargs'] has {unknown}, which {cls.__name__} does not take{hint}; it takes "
+            f"{', '.join(known)}"
+        )
 
 
 def _build_optimizer(params: list[Any], config: dict[str, Any]) -> Any:
