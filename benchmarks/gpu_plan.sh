@@ -46,7 +46,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
+STAGE=${1:?usage: gpu_plan.sh s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -409,6 +409,23 @@ clocks_throttle_reasons.active --format=csv,noheader -lms 100 > "$OUT/smi.csv" 2
     rm -rf "$OUT/eval"
     timeout -k 10 "${T:-300}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
+  s17)
+    # session 17 (1-GPU kind): the Python API's fixes on CUDA (hook mode: the launch's GPU memory passed to the
+    # worker's get_optimal_config, the settings check before the first step; direct mode's end-of-data and batch
+    # checks), doctor's disk checks, the run summary and report, then the 1B at 1 GPU (the 8-bit AdamW now in its
+    # own module) against s16's 69,261 tokens/s
+    python3 examples/advanced_config.py > "$OUT/advanced.txt" 2>&1; echo "advanced_config: exit=$?"
+    grep -E "^devices|optimal config|^trained" "$OUT/advanced.txt" | cut -c1-500
+    python3 examples/direct_trainer_usage.py --num-gpus 1 > "$OUT/direct.txt" 2>&1; echo "direct: exit=$?"
+    tail -2 "$OUT/direct.txt" | cut -c1-300
+    python3 -m unsloth_mgpu_cli doctor > "$OUT/doctor.txt" 2>&1; echo "doctor: exit=$?"; grep "disk:" "$OUT/doctor.txt"
+    python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 training.max_steps=20 \
+      training.warmup_steps=1 logging.progress=false output.save_steps=0 output.dir="$OUT/q" > "$OUT/q.txt" 2>&1
+    echo "quickstart: exit=$?"; grep -A1 "^throughput" "$OUT/q.txt"
+    python3 -m unsloth_mgpu_cli report "$OUT/q" > "$OUT/report.txt" 2>&1; echo "report: exit=$?"
+    grep -A1 "tokens/s" "$OUT/report.txt"; rm -rf "$OUT/q"
+    timeout 200 "${BENCH[@]}" --out "$OUT/a" --only ours --gpus 1 --budget-s 190 | tail -3
+    cd "$OUT" && tar czf rest.tgz a; rm -rf a; exit 0 ;;
   s16b)
     # Unsloth's own route on the 8B at 1 GPU (the row missing next to s6c's 2-GPU TRL runs), both modes, 10 steps,
     # steady after 4: micro-batch 16 x 8 accumulation = the same global batch 128
