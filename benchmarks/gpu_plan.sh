@@ -37,6 +37,8 @@
 # In session 16 (only the 1-GPU kind lent): `s16` (the loop split into methods: the 1B at 1 GPU 69,261 tokens/s, the GPU
 # busy 99.3% of each step; doctor --probe ok), `T=400 gputest` (2 passed, 3 skipped, 158 s), `stops` (both as before),
 # `s16b` (TRL on the 8B at 1 GPU: padding-free 3,828, packed 7,951 tokens/s).
+# In session 17 (only the 1-GPU kind lent): `s17` (the Python API's fixes, doctor, summary and report on CUDA: all exit
+# 0; the 1B at 1 GPU 69,540 tokens/s), `T=420 gputest` (2 passed, 3 skipped, 179 s).
 # Next, in this order:
 #   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
