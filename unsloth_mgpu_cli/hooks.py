@@ -215,7 +215,12 @@ def _checked(c: MultiGPUConfig) -> MultiGPUConfig:
         ("gradient_accumulation_steps", c.gradient_accumulation_steps),
     ):
         if value is not None and not (is_whole(value) and value >= 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            hint = ""
+            if isinstance(value, str) and value.strip().isdigit():  # e.g. read from os.environ
+                hint = f": pass a number, {name}=int(...)"
+            elif name == "num_gpus":
+                hint = ": or leave it out for every visible GPU"
+            raise ValueError(f"{name} must be a positive integer, got {value!r}{hint}")
     if not (is_whole(c.verify_every) and c.verify_every >= 0):
         raise ValueError(f"verify_every must be a whole number of steps, 0 or more, got {c.verify_every!r}")
     if not (is_number(c.timeout_seconds) and c.timeout_seconds > 0):
