@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -337,3 +338,33 @@ def test_single_node_rendezvous_stays_on_loopback():
         D.LaunchSpec(nproc_per_node=2, device_type="cpu", nnodes=2, rdzv_endpoint="10.1.2.3:29400")
     )
     assert multi.rdzv_endpoint == "10.1.2.3:29400" and multi.local_addr is None
+
+
+@pytest.mark.integration
+def test_ctrl_c_while_a_process_pool_tokenises_stops_at_once_and_leaves_no_process(tmp_path):
+    """Large data is tokenised by a pool of processes. Ctrl-C reached every process of the group: the pool's
+    processes died in the middle of a queue operation (a second Ctrl-C then left the parent waiting on them
+    forever), or the pool ran all its queued work first (14 s) and the command exited without a word."""
+    rows = "".join(
+        json.dumps({"instruction": f"Add {i} and {i % 97}.", "input": "", "output": str(i + i % 97)}) + "\n"
+        for i in range(120_000)
+    )
+    (tmp_path / "big.jsonl").write_text(rows)
+    cmd = [sys.executable, "-m", "unsloth_mgpu_cli", "prepare", str(QUICKSTART)]
+    cmd += [f"dataset.path={tmp_path / 'big.jsonl'}", "dataset.num_proc=2"]
+    env = mgpu_env(UNSLOTH_MGPU_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(psutil.Process(proc.pid).children()) < 2:  # the pool's processes have started
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    time.sleep(1.0)  # tokenising
+    os.killpg(proc.pid, signal.SIGINT)
+    sent = time.monotonic()
+    out, _ = proc.communicate(timeout=60)
+    took = time.monotonic() - sent
+    assert proc.returncode == 130 and took < 5, (proc.returncode, took, out[-3000:])
+    assert "interrupted: stopped while preparing" in out and "Traceback" not in out, out[-3000:]
+    assert session_processes(proc.pid) == []
+    assert not list((tmp_path / "cache").glob("data/*/meta.json"))  # no cache that looks complete

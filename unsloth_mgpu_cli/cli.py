@@ -142,6 +142,8 @@ def train(
             )
         except UserError as exc:
             raise loaded.locate(exc) from None
+        except KeyboardInterrupt:  # before the launcher's handlers: the checks, tokenising (typer would say nothing)
+            raise Interrupted("stopped before training started (no step ran); run the same command again") from None
     except (UserError, TrainingFailed, Interrupted) as exc:
         _fail(exc)
     from .render import print_summary
@@ -244,7 +246,9 @@ def prepare(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
             rep = report(loaded.recipe)
         except UserError as exc:
             raise loaded.locate(exc) from None
-    except UserError as exc:
+        except KeyboardInterrupt:
+            raise Interrupted("stopped while preparing; the cache keeps only complete data: run it again") from None
+    except (UserError, Interrupted) as exc:
         _fail(exc)
     from .render import print_data_report
 

@@ -703,6 +703,11 @@ def _load_tokenizer(model_path: str, trust_remote_code: bool) -> Any:
 
 def _init_worker(model_path: str, trust_remote_code: bool) -> None:
     global _WORKER_TOKENIZER
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent stops the pool (see _encode_all); a pool process that
+    # took it too would die in the middle of a queue operation and leave the parent waiting on it forever
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER_TOKENIZER = _load_tokenizer(model_path, trust_remote_code)
 
@@ -929,15 +934,33 @@ def _encode_all(rows: Rows, recipe: Recipe, model_path: str, tokenizer: Any, enc
         size = -(-n // (procs * 4))
         # fork: the parent holds no CUDA context or threads of ours, and the rows need not be pickled twice
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(
+        pool = ProcessPoolExecutor(
             procs, mp_context=ctx, initializer=_init_worker, initargs=(model_path, recipe.model.trust_remote_code)
-        ) as pool:
+        )
+        try:
             futures = {
                 pool.submit(_encode_chunk, rows.rows[i : i + size], i, enc): min(size, n - i) for i in range(0, n, size)
             }
             for fut in as_completed(futures):
                 advance(futures[fut])
-            return [item for fut in futures for item in fut.result()]
+            out = [item for fut in futures for item in fut.result()]
+        except BaseException:  # Ctrl-C, or a chunk that failed: stop at once rather than finish the queued chunks
+            _stop_pool(pool)
+            raise
+        pool.shutdown()
+        return out
+
+
+def _stop_pool(pool: Any) -> None:
+    """Drop a process pool's queued work and end its processes now (shutdown(wait=True) would run the queue)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        proc.terminate()
+    for proc in processes:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
 
 
 def _encode_source(

@@ -691,6 +691,7 @@ class StopSignal:
 
         self.stop_file = Path(stop_file) if stop_file else None
         self.count = 0
+        self.parent_died = False  # PARENT_DIED arrived: the launcher is gone (see _worker_main)
         self.installed = threading.current_thread() is threading.main_thread()
         if self.installed:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -752,6 +753,9 @@ class StopSignal:
     def _parent_died(self, signum: int, frame: Any) -> None:
         # The kernel may send it more than once (seen: twice within 0.1 s): a stop request that never escalates.
         self.count = max(self.count, 1)
+        # Remembered: the dying launcher can still be this process's parent for a moment after the signal, so
+        # asking getppid() once the checkpoint is written may not show it (and the worker then waited forever).
+        self.parent_died = True
 
     def requested(self, check_file: bool = False) -> bool:
         """A signal arrived, or (when `check_file`, on one rank only: it is a file-system call) the stop file exists."""

@@ -649,7 +649,7 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
         return trainer.fit()
     finally:
         D.teardown()
-        if os.getppid() != parent:
+        if stop.parent_died or os.getppid() != parent:
             # Orphaned: the launcher's multiprocessing wrapper would wait forever for the dead parent to read our
             # result. The checkpoint is written; leave now.
             sys.stdout.flush()
