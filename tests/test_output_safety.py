@@ -7,13 +7,17 @@ readable by others as the umask says (not mkstemp's 0600). One tiny run (1 CPU w
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_user_error, run_mgpu
+from conftest import ROOT, assert_user_error, mgpu_env, run_mgpu
 
 pytestmark = pytest.mark.integration
 
@@ -270,3 +274,27 @@ def test_export_is_marked_readable_and_replaced_by_the_next_export(run, umask_02
 
     ours, others = survey_output_dir(run)
     assert merged in ours and others == []
+
+
+def test_a_second_run_into_the_folder_of_a_live_run_is_refused(tmp_path):
+    """Nothing stopped two runs writing one output.dir: both trained, and metrics.jsonl held every step twice.
+    The first run holds a lock (in mgpu's cache, not output.dir) until its process ends."""
+    recipe = project(tmp_path, out="out")
+    env = mgpu_env(MGPU_INJECT_FAULT="sleep:rank=0:step=1:seconds=6", OMP_NUM_THREADS="1")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "unsloth_mgpu_cli", "train", str(recipe)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "out" / "recipe.resolved.yaml").exists():  # the first run has passed its checks
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
+        time.sleep(0.2)
+    second = run_mgpu("train", str(recipe), "--overwrite", timeout=300)
+    out, _ = first.communicate(timeout=300)
+    assert_user_error(second, "output.dir", "is in use by another mgpu train on this host (pid", "wait for it to end")
+    assert first.returncode == 0, out[-3000:]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # the first run's, once (the lock goes with its process: every resume test runs again)

@@ -193,6 +193,59 @@ def check_output_dir(
         ) from exc
 
 
+_OUTPUT_LOCK: Any = None  # the open lock file of this process's run (released when the process ends)
+
+
+def _lock_output_dir(out: Path) -> None:
+    """Hold an exclusive lock for `out` until this process ends (even if it is killed), or refuse the run.
+
+    The lock file lives in mgpu's cache (`locks/`, named after the folder's absolute path), not in output.dir: a
+    refused run must leave output.dir as it was. Where locks cannot be taken (no fcntl, an unusable cache folder:
+    refused later with its own message) the run goes on without one.
+
+    Raises:
+        UserError: another `mgpu train` on this host holds the lock (named by its pid).
+    """
+    global _OUTPUT_LOCK
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return
+    if _OUTPUT_LOCK is not None:  # an earlier run of this process (one runs at a time): its lock goes
+        _OUTPUT_LOCK.close()
+        _OUTPUT_LOCK = None
+    import hashlib
+
+    from .models import cache_dir
+
+    key = hashlib.sha1(str(out.expanduser().absolute()).encode()).hexdigest()[:20]
+    path = cache_dir() / "locks" / f"{key}.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+")
+    except OSError:
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(
+            Problem(
+                "output.dir",
+                f"{out} is in use by another mgpu train on this host ({holder})",
+                "wait for it to end, or choose another output.dir",
+            ),
+            "invalid arguments",
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}, started {time.strftime('%H:%M:%S')}")
+    handle.flush()
+    _OUTPUT_LOCK = handle
+
+
 def _check_fresh_start(out: Path) -> None:
     """`--resume auto` found no checkpoint in `out`: starting from step 0 must not replace a finished run or write
     among files that are not a run's."""
@@ -380,6 +433,7 @@ def train(
     if resume_from is not None and resume != "auto":  # auto chose a checkpoint that passed this check
         verify_safe_to_load(resume_from)
     if is_main_node:
+        _lock_output_dir(out)  # before its checks: two runs must not both pass them and then write there
         nothing = resume is not None and resume_from is None
         check_output_dir(out, overwrite, resume is not None, run_inputs(loaded.path, recipe), nothing_to_resume=nothing)
     data_mod.check_cache_dir()  # before the builtin model is built there
