@@ -46,6 +46,25 @@ def train_step(t: SimpleNamespace) -> None:
     t.run_state["tokens"] += 10
 
 
+@pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="needs Linux's /dev/full")
+def test_a_full_disk_under_torch_save_is_a_checkpoint_write_error_too(tmp_path, monkeypatch):
+    """On a full disk torch.save raises a RuntimeError ("[enforce fail at inline_container.cc] unexpected pos"), not
+    an OSError: it ended the run with that text and no word of the checkpoint that is still usable."""
+    t = make_trainer(tmp_path)
+    train_step(t)
+    C.save_checkpoint(t)
+    train_step(t)
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, "/dev/full"))  # a real full disk
+    with pytest.raises(C.CheckpointWriteError) as exc:
+        C.save_checkpoint(t)
+    msg = str(exc.value)
+    assert "could not write checkpoint step-2" in msg and "MB free there" in msg
+    assert "step-1 is intact" in msg and "--resume auto" in msg
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1"]
+    assert C.write_failure(RuntimeError("CUDA error: an illegal memory access"), tmp_path) is None  # a bug stays one
+
+
 def test_disk_full_mid_save_keeps_the_previous_checkpoint_usable(tmp_path, monkeypatch):
     t = make_trainer(tmp_path)
     train_step(t)

@@ -494,6 +494,38 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (disk full, quota, I/O error); the previous one is untouched."""
 
 
+# What torch.save and safetensors raise when the disk fills or a file-size limit is hit, instead of an OSError
+# (torch 2.x: "[enforce fail at inline_container.cc:...] . unexpected pos ..." or "PytorchStreamWriter failed
+# writing file ..." or "basic_ios::clear: iostream error"; safetensors: SafetensorError "... File too large")
+_WRITE_FAILURES = (
+    "inline_container",
+    "PytorchStreamWriter",
+    "unexpected pos",
+    "iostream error",
+    "File too large",
+    "No space left",
+)
+
+
+def write_failure(exc: BaseException, folder: Path) -> str | None:
+    """Why writing under `folder` failed, for a message (with the free space there), or None when `exc` is not a
+    failed write (a real bug keeps its traceback)."""
+    text = str(exc)
+    if not (
+        isinstance(exc, OSError)
+        or type(exc).__name__ == "SafetensorError"
+        or (isinstance(exc, RuntimeError) and any(w in text for w in _WRITE_FAILURES))
+    ):
+        return None
+    reason = getattr(exc, "strerror", None) or text.splitlines()[0][:200]
+    try:
+        free = shutil.disk_usage(next(p for p in (folder, *folder.parents) if p.exists())).free
+        reason += f"; {free / 2**20:,.0f} MB free there"
+    except (OSError, StopIteration):
+        pass
+    return reason
+
+
 def save_checkpoint(trainer: Any) -> Path | None:
     """Save the trainer's state at its current step (rank 0 writes; every rank contributes its RNG).
 
@@ -541,7 +573,10 @@ def save_checkpoint(trainer: Any) -> Path | None:
                 }
                 # state.json last: list_checkpoints only counts folders that have it
                 (tmp / "state.json").write_text(json.dumps(state))
-        except OSError as exc:
+        except Exception as exc:  # disk full: torch and safetensors raise their own types (write_failure)
+            reason = write_failure(exc, dest)
+            if reason is None:
+                raise
             usable = (
                 f"the previous checkpoint {previous[-1]} is intact: resume from it with "
                 "`mgpu train RECIPE --resume auto` once there is room"
@@ -549,8 +584,7 @@ def save_checkpoint(trainer: Any) -> Path | None:
                 else "no earlier checkpoint exists"
             )
             raise CheckpointWriteError(
-                f"could not write checkpoint {dest.name} ({exc.strerror or exc}); "
-                f"nothing half-written was kept; {usable}"
+                f"could not write checkpoint {dest.name} ({reason}); nothing half-written was kept; {usable}"
             ) from exc
         _prune(trainer.out, trainer.recipe.output.save_total_limit)
         path = dest

@@ -774,7 +774,7 @@ class Trainer:
     def save_final(self) -> None:
         """Rank 0 writes adapter/ (LoRA) or model/ (full); the others wait."""
         from . import distributed as D
-        from .checkpoint import atomic_dir
+        from .checkpoint import CheckpointWriteError, atomic_dir, list_checkpoints, write_failure
 
         state = None
         if self.sharded:
@@ -783,12 +783,27 @@ class Trainer:
             state = self.full_state_dict()
         if self.info.is_main:
             name = "model" if self.recipe.lora is None else "adapter"
-            with atomic_dir(self.out / name) as tmp:
-                if state is None:
-                    self.model.save_pretrained(str(tmp), safe_serialization=True)
-                else:
-                    self.model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-                self.tokenizer.save_pretrained(str(tmp))
+            try:
+                with atomic_dir(self.out / name) as tmp:
+                    if state is None:
+                        self.model.save_pretrained(str(tmp), safe_serialization=True)
+                    else:
+                        self.model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+                    self.tokenizer.save_pretrained(str(tmp))
+            except Exception as exc:  # disk full: as for checkpoints
+                reason = write_failure(exc, self.out)
+                if reason is None:
+                    raise
+                kept = list_checkpoints(self.out)
+                usable = (
+                    f"the checkpoint {kept[-1].name} holds the trained weights: once there is room, "
+                    "`mgpu train RECIPE --resume auto` writes the final files"
+                    if kept
+                    else "no checkpoint exists (output.save_steps: 0)"
+                )
+                raise CheckpointWriteError(
+                    f"could not write {name}/ ({reason}); nothing half-written was kept; {usable}"
+                ) from exc
         D.barrier(self.info)
 
     def full_state_dict(self) -> dict[str, Any]:
