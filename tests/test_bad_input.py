@@ -323,7 +323,7 @@ CASES = [
         ["--node-rank", "expected 0..1", "found 2"],
     ),
     ("nnodes-arg-no-endpoint", "train", with_args("--nnodes", "2"), ["--rdzv-endpoint", "HOST:PORT"]),
-    ("rdzv-port-in-use", "train", _busy_port, ["distributed.rdzv_endpoint", "already in use"]),
+    ("rdzv-port-in-use", "train", _busy_port, ["argument --rdzv-endpoint", "already in use"]),
     # --- data files ---
     ("data-empty-file", "train", data_file(""), ["dataset.path", "the dataset file is empty"]),
     (

@@ -782,12 +782,13 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
 
 
-def check_rendezvous_port(endpoint: str, where: str = "distributed.rdzv_endpoint") -> None:
+def check_rendezvous_port(endpoint: str, where: str | None = None) -> None:
     """Node 0 hosts the rendezvous on `endpoint`: fail early, for people, when its port is taken.
 
     Raises:
         UserError: the port is in use on this host. A host that is not this machine's is left alone.
     """
+    where = where or "distributed.rdzv_endpoint"
 
     host, _, port = endpoint.rpartition(":")
     host = host.strip("[]")

@@ -426,7 +426,8 @@ def train(
     out = Path(recipe.output.dir)
     is_main_node = nodes.rank == 0 if nodes.under_torchrun else dist_cfg.node_rank == 0
     if dist_cfg.nnodes > 1 and is_main_node and dist_cfg.rdzv_endpoint and not nodes.under_torchrun:
-        check_rendezvous_port(dist_cfg.rdzv_endpoint)
+        # named as the user gave it: a flag, or the recipe key (whose file:line cli adds)
+        check_rendezvous_port(dist_cfg.rdzv_endpoint, "argument --rdzv-endpoint" if rdzv_endpoint else None)
     # Every node looks (read-only; output.dir is shared): the workers check that they all agree.
     resume_notes: list[str] = []
     resume_from = find_resume_checkpoint(out, resume, resume_notes) if resume else None
