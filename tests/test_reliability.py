@@ -95,6 +95,8 @@ def test_sigkill_of_one_rank_stops_everything_keeps_the_checkpoint_and_resume_fi
     assert "Traceback" not in output
     assert left == [], f"processes left behind: {left}"
     ckpt = out / "checkpoints" / "step-4"
+    flat = " ".join(output.split())  # the way on, as after Ctrl-C: the checkpoint and the exact command
+    assert f"the newest checkpoint is {ckpt}; continue with: mgpu train" in flat and "--resume auto" in flat, output
     # the last checkpoint before step 5 was written just before the kill: everything stopped within 30 s of it
     assert stopped - (ckpt / "state.json").stat().st_mtime < 30
     assert json.loads((ckpt / "state.json").read_text())["step"] == 4

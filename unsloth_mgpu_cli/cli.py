@@ -144,6 +144,13 @@ def train(
             raise loaded.locate(exc) from None
         except KeyboardInterrupt:  # before the launcher's handlers: the checks, tokenising (typer would say nothing)
             raise Interrupted("stopped before training started (no step ran); run the same command again") from None
+        except TrainingFailed as exc:
+            from .engine import resume_hint
+
+            hint = resume_hint(loaded, {"--nnodes": nnodes, "--node-rank": node_rank, "--rdzv-endpoint": rdzv_endpoint})
+            if hint and "continue with:" not in exc.details.lower():
+                exc.details = (exc.details + "\n" if exc.details else "") + hint
+            raise
     except (UserError, TrainingFailed, Interrupted) as exc:
         _fail(exc)
     from .render import print_summary

@@ -613,15 +613,31 @@ def _interrupted(result: dict[str, Any], loaded: LoadedRecipe, node_flags: dict[
     from there (the same one, overrides and node flags included, with --resume auto)."""
     from .errors import Interrupted
 
-    again = ["mgpu", "train", str(loaded.path or "RECIPE"), *loaded.overrides]
-    for flag, value in node_flags.items():
-        again += [flag, str(value)] if value is not None else []
     where = (
         f"stopped after step {result.get('steps')}; checkpoint saved in {result.get('checkpoint')}"
         if result.get("checkpoint")
         else f"stopped before the first step of this session (at step {result.get('steps')}): nothing new to save"
     )
-    return Interrupted(f"{where}. Continue with: {shlex.join([*again, '--resume', 'auto'])}")
+    return Interrupted(f"{where}. Continue with: {continue_command(loaded, node_flags)}")
+
+
+def continue_command(loaded: LoadedRecipe, node_flags: dict[str, Any]) -> str:
+    """The command that goes on from the newest checkpoint: this one (overrides and node flags included) with
+    --resume auto."""
+    again = ["mgpu", "train", str(loaded.path or "RECIPE"), *loaded.overrides]
+    for flag, value in node_flags.items():
+        again += [flag, str(value)] if value is not None else []
+    return shlex.join([*again, "--resume", "auto"])
+
+
+def resume_hint(loaded: LoadedRecipe, node_flags: dict[str, Any]) -> str | None:
+    """For a run that failed: where it can go on from (its newest complete checkpoint) and the command, or None."""
+    from .checkpoint import list_checkpoints
+
+    found = list_checkpoints(Path(loaded.recipe.output.dir))
+    if not found:
+        return None
+    return f"the newest checkpoint is {found[-1]}; continue with: {continue_command(loaded, node_flags)}"
 
 
 def _finished_already(ckpt: Path, recipe: Recipe, out: Path) -> bool:
