@@ -244,7 +244,7 @@ def test_queued_steps_equal_settled_steps_through_a_skip_a_stop_and_an_oom(tmp_p
     for out in (settled, ahead):
         code, output, _, left = runs[out]
         assert code == 0 and left == [], output
-        assert "step 3: non-finite loss or gradient on 1 rank(s)" in output.replace("\n", "")
+        assert "step 3: non-finite loss or gradient on 1 rank(s) (rank 1)" in output.replace("\n", "")
         assert "retrying the step in pieces of 2" in output.replace("\n", "")
     assert [json.loads((out / "summary.json").read_text())["look_ahead"] for out in (settled, ahead)] == [False, True]
     want = adapter(settled)

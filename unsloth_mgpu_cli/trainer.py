@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -313,7 +313,7 @@ class Trainer:
             self._after_oom(int(out.oom_ranks), s.progress)
             return "redo"
         lr = self.scheduler.get_last_lr()[0]
-        self._apply_or_skip(s, step, out.bad_ranks)
+        self._apply_or_skip(s, step, out.bad_ranks, out.bad_which)
         done_at = self._done_at(s, step, out.t_read)
         self.step += 1
         self._count(s, step, out, done_at)
@@ -349,7 +349,7 @@ class Trainer:
         s.write_row()
         return out
 
-    def _apply_or_skip(self, s: FitSession, step: Launch, bad_ranks: float) -> None:
+    def _apply_or_skip(self, s: FitSession, step: Launch, bad_ranks: float, which: list[int] | None = None) -> None:
         """Apply the step's update (already queued when it looked ahead), or skip it on every rank when some rank
         saw a non-finite loss or gradient; too many skips in a row stop the run."""
         if bad_ranks == 0:
@@ -366,15 +366,17 @@ class Trainer:
         s.bad_since = s.bad_since or self.step + 1
         if self.info.is_main:
             s.progress.log(
-                f"step {self.step + 1}: non-finite loss or gradient on {int(bad_ranks)} rank(s); "
-                "step skipped on all ranks"
+                f"step {self.step + 1}: non-finite loss or gradient on {int(bad_ranks)} rank(s)"
+                + (f" ({', '.join(f'rank {r}' for r in which)})" if which else "")
+                + "; step skipped on all ranks"
             )
         limit = self.recipe.training.max_skipped_steps
         if self.step + 2 - s.bad_since >= limit:
             raise NonFiniteLossError(
                 f"{self.step + 2 - s.bad_since} optimizer steps in a row had a non-finite loss or gradient, "
-                f"starting at step {s.bad_since} (training.max_skipped_steps={limit}); stopped with the weights "
-                f"of step {s.bad_since - 1}. Hint: lower training.learning_rate, set training.max_grad_norm, use "
+                f"starting at step {s.bad_since} (training.max_skipped_steps={limit}); stopped, the weights those "
+                f"of step {s.bad_since - 1} (saved only where a checkpoint fell). Hint: lower training.learning_rate, "
+                "set training.max_grad_norm, use "
                 "model.dtype bfloat16 instead of float16, or inspect the samples of that step"
             )
 
@@ -1144,6 +1146,7 @@ class StepOutcome:
     earlier_times: list[float]
     own_times: list[float]  # this step's device times (NaN when they travel with the next step)
     t_read: float  # host clock when the row reached the host
+    bad_which: list[int] = field(default_factory=list)  # the ranks counted in bad_ranks
 
     @classmethod
     def from_rows(cls, rows: list[list[float]], t_read: float) -> StepOutcome:
@@ -1160,6 +1163,7 @@ class StepOutcome:
             earlier_times=col(10),
             own_times=col(11),
             t_read=t_read,
+            bad_which=[r for r, v in enumerate(col(1)) if v],
         )
 
 
