@@ -370,3 +370,29 @@ def test_ctrl_c_while_a_process_pool_tokenises_stops_at_once_and_leaves_no_proce
     assert "interrupted: stopped while preparing" in out and "Traceback" not in out, out[-3000:]
     assert session_processes(proc.pid) == []
     assert not list((tmp_path / "cache").glob("data/*/meta.json"))  # no cache that looks complete
+
+
+@pytest.mark.integration
+def test_a_second_sigterm_to_the_launcher_alone_stops_the_workers_at_once(tmp_path):
+    """`kill PID` twice, or `docker stop` (SIGTERM to the launcher only): after the first, the workers take a
+    SIGTERM as "finish the step"; the agent's SIGTERM after the second was taken so too, and the run ended only when
+    torch SIGKILLed the workers 30 s later."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "unsloth_mgpu_cli", "train", str(QUICKSTART), *BASE, "distributed.num_gpus=1"]
+    cmd += ["training.max_steps=400", f"output.dir={out}"]
+    env = mgpu_env(MGPU_INJECT_FAULT="slow:rank=0:step=1:until=1000:us=2000", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGTERM)
+    sent = time.monotonic()
+    output, _ = proc.communicate(timeout=120)
+    took = time.monotonic() - sent
+    assert proc.returncode == 130 and took < 10, (proc.returncode, took, output[-3000:])
+    assert "stopped at once on a second SIGTERM" in output and "Traceback" not in output, output[-3000:]
+    assert session_processes(proc.pid) == []

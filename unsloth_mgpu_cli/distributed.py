@@ -625,6 +625,8 @@ def _graceful_stop(stop_file: Path | None) -> Any:
                 "(press Ctrl-C again to stop at once, losing the steps since the last checkpoint)\n"
             )
             return
+        with contextlib.suppress(OSError):  # the workers take the agent's SIGTERM that follows as "stop now"
+            stop_file.write_text(STOP_NOW)
         raise SignalException(f"second {signal.Signals(signum).name}", sigval=signal.Signals(signum))
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -655,8 +657,8 @@ def _graceful_stop(stop_file: Path | None) -> Any:
                 "others at the rendezvous, or was starting them): no step ran, nothing to save"
             ) from None
         raise Interrupted(
-            f"stopped at once on a second {exc.sigval.name}; the workers were ended without a new "
-            "checkpoint; --resume auto continues from the newest one"
+            f"stopped at once on a second {exc.sigval.name}: the workers were ended, the step in progress is lost; "
+            "--resume auto continues from the newest checkpoint"
         ) from None
     finally:
         for sig, old in previous.items():
@@ -666,6 +668,9 @@ def _graceful_stop(stop_file: Path | None) -> Any:
 
 
 _BEFORE_WORKERS = "before any worker started:"
+# The stop file's text after a second signal to the launcher alone (`kill PID` twice, `docker stop`): the agent's
+# SIGTERM that follows means "stop now", where after the first it means "finish the step" (StopSignal's watcher)
+STOP_NOW = "now"
 
 
 def _workers_started() -> bool:
@@ -735,6 +740,10 @@ class StopSignal:
                     os._exit(130)
                 if signal.SIGTERM not in got:
                     continue  # Ctrl-C: a person's stop
+                if self._stop_now():  # a second signal reached the launcher alone: no step to finish
+                    sys.stderr.write("stopped at once: a second signal reached the launcher\n")
+                    sys.stderr.flush()
+                    os._exit(130)
                 deadline = time.monotonic() + TEARDOWN_GRACE_S
                 while not self.stop_file.exists():  # the file: a person's stop (finish the step, checkpoint)
                     if time.monotonic() > deadline:
@@ -744,6 +753,12 @@ class StopSignal:
                     time.sleep(0.1)
 
         threading.Thread(target=watch, name="mgpu-teardown", daemon=True).start()
+
+    def _stop_now(self) -> bool:
+        try:
+            return self.stop_file is not None and self.stop_file.read_text().strip() == STOP_NOW
+        except OSError:
+            return False
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.count += 1
