@@ -74,10 +74,16 @@ def train(out: Path, *args: str, fault: str = "", timeout: float = 240, **env: s
             os.killpg(proc.pid, 9)
             proc.wait()
     seconds = time.monotonic() - t0
-    deadline = time.monotonic() + 5  # the agent's children may take a moment to be reaped
-    while (left := session_processes(proc.pid)) and time.monotonic() < deadline:
+    return proc.returncode, output, seconds, left_in_session(proc.pid)
+
+
+def left_in_session(sid: int, wait_s: float = 5.0) -> list[psutil.Process]:
+    """The processes of session `sid` still alive after up to `wait_s` (the agent's children, the resource tracker
+    may take a moment to end after the launcher)."""
+    deadline = time.monotonic() + wait_s
+    while (left := session_processes(sid)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    return proc.returncode, output, seconds, left
+    return left
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -368,7 +374,7 @@ def test_ctrl_c_while_a_process_pool_tokenises_stops_at_once_and_leaves_no_proce
     took = time.monotonic() - sent
     assert proc.returncode == 130 and took < 5, (proc.returncode, took, out[-3000:])
     assert "interrupted: stopped while preparing" in out and "Traceback" not in out, out[-3000:]
-    assert session_processes(proc.pid) == []
+    assert left_in_session(proc.pid) == []
     assert not list((tmp_path / "cache").glob("data/*/meta.json"))  # no cache that looks complete
 
 
@@ -395,4 +401,4 @@ def test_a_second_sigterm_to_the_launcher_alone_stops_the_workers_at_once(tmp_pa
     took = time.monotonic() - sent
     assert proc.returncode == 130 and took < 10, (proc.returncode, took, output[-3000:])
     assert "stopped at once on a second SIGTERM" in output and "Traceback" not in output, output[-3000:]
-    assert session_processes(proc.pid) == []
+    assert left_in_session(proc.pid) == []
