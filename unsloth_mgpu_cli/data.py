@@ -961,6 +961,15 @@ def _stop_pool(pool: Any) -> None:
         proc.join(timeout=5)
         if proc.is_alive():
             proc.kill()
+    # Its manager thread sees the processes gone and ends; then forget it, or the interpreter's exit hook wakes it
+    # through a pipe already closed ("Exception ignored ... Bad file descriptor" after the interrupted message).
+    import concurrent.futures.process as cfp
+
+    manager = getattr(pool, "_executor_manager_thread", None)
+    if manager is not None:
+        manager.join(timeout=5)
+        if not manager.is_alive():
+            getattr(cfp, "_threads_wakeups", {}).pop(manager, None)
 
 
 def _encode_source(
