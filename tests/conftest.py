@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -105,6 +108,35 @@ def run_mgpu(
 @pytest.fixture
 def mgpu():
     return run_mgpu
+
+
+def start_mgpu(*args: str, **extra_env: str) -> subprocess.Popen[str]:
+    """Start `python -m unsloth_mgpu_cli ARGS` in its own session, output and errors in one pipe: the test can signal
+    the whole process tree as a terminal does, and check afterwards that none of it is left."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "unsloth_mgpu_cli", *args],
+        cwd=ROOT,
+        env=mgpu_env(**extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_until(proc: subprocess.Popen[str], ready: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `ready()` while `proc` runs. Fail with the run's last output when it ended first or `timeout` passed;
+    a run still going is killed, whole session, before its output is read."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            running = proc.poll() is None
+            if running:
+                os.killpg(proc.pid, signal.SIGKILL)
+            output = proc.communicate()[0]
+            ended = f"not within {timeout} s" if running else f"the run ended first, exit {proc.returncode}"
+            raise AssertionError(f"{what}: {ended}\n{output[-3000:]}")
+        time.sleep(0.1)
 
 
 def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:

@@ -12,13 +12,12 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, adapter, assert_user_error, mgpu_env, run_mgpu
+from conftest import ROOT, adapter, assert_user_error, run_mgpu, start_mgpu, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -39,26 +38,11 @@ RUN = [
 
 def start(out: Path, *extra: str, **env: str) -> subprocess.Popen[str]:
     """`mgpu train` in its own session, so the test can signal the whole process tree like a terminal does."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "unsloth_mgpu_cli", "train", str(QUICKSTART), *RUN, f"output.dir={out}", *extra],
-        cwd=ROOT,
-        env=mgpu_env(**env),
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    return start_mgpu("train", str(QUICKSTART), *RUN, f"output.dir={out}", *extra, **env)
 
 
 def wait_for_step(proc: subprocess.Popen[str], out: Path, step: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"run ended early:\n{proc.stdout.read()[-3000:]}"
-        if step in steps_logged(out):
-            return
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError(f"step {step} not logged within {timeout} s")
+    wait_until(proc, lambda: step in steps_logged(out), timeout, f"step {step} logged")
 
 
 def steps_logged(out: Path) -> list[int]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ROOT, adapter, assert_user_error, max_rel_diff, mgpu_env
+from conftest import ROOT, adapter, assert_user_error, max_rel_diff, mgpu_env, start_mgpu, wait_until
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -58,15 +58,7 @@ def session_processes(sid: int) -> list[psutil.Process]:
 def train(out: Path, *args: str, fault: str = "", timeout: float = 240, **env: str):
     """Run `mgpu train` in a new session; return (exit code, output, seconds, processes left in the session)."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "unsloth_mgpu_cli", "train", str(QUICKSTART), *BASE, f"output.dir={out}", *args],
-        cwd=ROOT,
-        env=mgpu_env(MGPU_INJECT_FAULT=fault, **env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_mgpu("train", str(QUICKSTART), *BASE, f"output.dir={out}", *args, MGPU_INJECT_FAULT=fault, **env)
     try:
         output, _ = proc.communicate(timeout=timeout)
     finally:
@@ -75,6 +67,17 @@ def train(out: Path, *args: str, fault: str = "", timeout: float = 240, **env: s
             proc.wait()
     seconds = time.monotonic() - t0
     return proc.returncode, output, seconds, left_in_session(proc.pid)
+
+
+def stop_and_time(proc: subprocess.Popen[str], *signals: int, to_group: bool) -> tuple[str, float]:
+    """Send `signals` 0.3 s apart, to the whole session (a terminal's Ctrl-C) or to the launcher alone (`kill PID`);
+    return the run's output and the seconds from the last signal to its exit."""
+    for i, sig in enumerate(signals):
+        time.sleep(0.3 if i else 0)
+        (os.killpg if to_group else os.kill)(proc.pid, sig)
+    sent = time.monotonic()
+    output, _ = proc.communicate(timeout=120)
+    return output, time.monotonic() - sent
 
 
 def left_in_session(sid: int, wait_s: float = 5.0) -> list[psutil.Process]:
@@ -358,20 +361,11 @@ def test_ctrl_c_while_a_process_pool_tokenises_stops_at_once_and_leaves_no_proce
         for i in range(120_000)
     )
     (tmp_path / "big.jsonl").write_text(rows)
-    cmd = [sys.executable, "-m", "unsloth_mgpu_cli", "prepare", str(QUICKSTART)]
-    cmd += [f"dataset.path={tmp_path / 'big.jsonl'}", "dataset.num_proc=2"]
-    env = mgpu_env(UNSLOTH_MGPU_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while len(psutil.Process(proc.pid).children()) < 2:  # the pool's processes have started
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
-        time.sleep(0.2)
+    args = ["prepare", str(QUICKSTART), f"dataset.path={tmp_path / 'big.jsonl'}", "dataset.num_proc=2"]
+    proc = start_mgpu(*args, UNSLOTH_MGPU_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    wait_until(proc, lambda: len(psutil.Process(proc.pid).children()) >= 2, 120, "the tokenising pool's processes")
     time.sleep(1.0)  # tokenising
-    os.killpg(proc.pid, signal.SIGINT)
-    sent = time.monotonic()
-    out, _ = proc.communicate(timeout=60)
-    took = time.monotonic() - sent
+    out, took = stop_and_time(proc, signal.SIGINT, to_group=True)
     assert proc.returncode == 130 and took < 5, (proc.returncode, took, out[-3000:])
     assert "interrupted: stopped while preparing" in out and "Traceback" not in out, out[-3000:]
     assert left_in_session(proc.pid) == []
@@ -384,21 +378,11 @@ def test_a_second_sigterm_to_the_launcher_alone_stops_the_workers_at_once(tmp_pa
     SIGTERM as "finish the step"; the agent's SIGTERM after the second was taken so too, and the run ended only when
     torch SIGKILLed the workers 30 s later."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "unsloth_mgpu_cli", "train", str(QUICKSTART), *BASE, "distributed.num_gpus=1"]
-    cmd += ["training.max_steps=400", f"output.dir={out}"]
-    env = mgpu_env(MGPU_INJECT_FAULT="slow:rank=0:step=1:until=1000:us=2000", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGTERM)
-    time.sleep(0.3)
-    os.kill(proc.pid, signal.SIGTERM)
-    sent = time.monotonic()
-    output, _ = proc.communicate(timeout=120)
-    took = time.monotonic() - sent
+    args = ["train", str(QUICKSTART), *BASE, "distributed.num_gpus=1", "training.max_steps=400", f"output.dir={out}"]
+    proc = start_mgpu(*args, MGPU_INJECT_FAULT="slow:rank=0:step=1:until=1000:us=2000", OMP_NUM_THREADS="1")
+    metrics = out / "metrics.jsonl"
+    wait_until(proc, lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, 240, "3 steps logged")
+    output, took = stop_and_time(proc, signal.SIGTERM, signal.SIGTERM, to_group=False)
     assert proc.returncode == 130 and took < 10, (proc.returncode, took, output[-3000:])
     assert "stopped at once on a second SIGTERM" in output and "Traceback" not in output, output[-3000:]
     assert left_in_session(proc.pid) == []
