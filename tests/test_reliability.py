@@ -386,3 +386,24 @@ def test_a_second_sigterm_to_the_launcher_alone_stops_the_workers_at_once(tmp_pa
     assert proc.returncode == 130 and took < 10, (proc.returncode, took, output[-3000:])
     assert "stopped at once on a second SIGTERM" in output and "Traceback" not in output, output[-3000:]
     assert left_in_session(proc.pid) == []
+
+
+@pytest.mark.integration
+def test_ctrl_c_while_the_workers_import_torch_stops_before_the_model_loads_without_a_traceback(tmp_path):
+    """A worker imports torch before any of our code runs in it (unpickling its entry point): a Ctrl-C then killed it
+    with a KeyboardInterrupt traceback on the console. The launcher now starts the workers with the stop signals
+    held, and each takes a held one as a stop request once its handlers are in place: no step, no model load."""
+    out = tmp_path / "run"
+    proc = start_mgpu("train", str(QUICKSTART), *BASE, f"output.dir={out}", OMP_NUM_THREADS="1")
+
+    def worker_started() -> bool:
+        return any("spawn_main" in " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(recursive=True))
+
+    wait_until(proc, worker_started, 120, "a worker process")
+    time.sleep(0.1)  # importing torch takes seconds on the CI machine
+    output, took = stop_and_time(proc, signal.SIGINT, to_group=True)
+    assert proc.returncode == 130 and took < 30, (proc.returncode, took, output[-3000:])
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+    assert "stopped before the first step of this session: nothing new to save" in output, output[-3000:]
+    assert "LlamaForCausalLM" not in output, output[-3000:]  # Unsloth's line as it loads the model
+    assert not (out / "checkpoints").exists() and left_in_session(proc.pid) == []

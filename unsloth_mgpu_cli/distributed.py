@@ -631,7 +631,8 @@ def _graceful_stop(stop_file: Path | None) -> Any:
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        with _workers_start_with_stops_held():
+            yield
     except TrainingFailed as exc:
         if not received:
             raise
@@ -667,6 +668,37 @@ def _graceful_stop(stop_file: Path | None) -> Any:
             stop_file.unlink()
 
 
+@contextlib.contextmanager
+def _workers_start_with_stops_held() -> Any:
+    """While the launch runs, the workers start with SIGINT and SIGTERM blocked (a thread's signal mask survives fork
+    and exec), and each unblocks them once its StopSignal handlers are in place: a signal in between waits, pending,
+    and then arrives as a stop request. Before, a Ctrl-C while a worker imported torch (unpickling its entry point,
+    before any of our code ran) killed it with a KeyboardInterrupt traceback on the console.
+
+    The elastic agent starts the workers through `torch.multiprocessing.start_processes`, wrapped here; the mask is
+    this thread's for that call only, and a signal to this process meanwhile is delivered when it ends."""
+    import torch.multiprocessing as tmp
+
+    start = getattr(tmp, "start_processes", None)
+    if start is None:  # another torch layout: the workers start as before
+        yield
+        return
+
+    def start_processes(*args: Any, **kwargs: Any) -> Any:
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return start(*args, **kwargs)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    tmp.start_processes = start_processes
+    try:
+        yield
+    finally:
+        tmp.start_processes = start
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _BEFORE_WORKERS = "before any worker started:"
 # The stop file's text after a second signal to the launcher alone (`kill PID` twice, `docker stop`): the agent's
 # SIGTERM that follows means "stop now", where after the first it means "finish the step" (StopSignal's watcher)
@@ -704,6 +736,9 @@ class StopSignal:
             signal.signal(PARENT_DIED, self._parent_died)
             if self.stop_file is not None and os.environ.get(LAUNCHER_PID):
                 self._watch_for_teardown()
+            # held by the launcher while this worker started (_workers_start_with_stops_held): one that came
+            # meanwhile is delivered now, to the handler above
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def _watch_for_teardown(self) -> None:
         """Exit at once when the launcher, not a person, sends SIGTERM (another rank failed), or on a second signal.

@@ -616,7 +616,9 @@ def _interrupted(result: dict[str, Any], loaded: LoadedRecipe, node_flags: dict[
     where = (
         f"stopped after step {result.get('steps')}; checkpoint saved in {result.get('checkpoint')}"
         if result.get("checkpoint")
-        else f"stopped before the first step of this session (at step {result.get('steps')}): nothing new to save"
+        else "stopped before the first step of this session"
+        + ("" if result.get("steps") is None else f" (at step {result['steps']})")
+        + ": nothing new to save"
     )
     return Interrupted(f"{where}. Continue with: {continue_command(loaded, node_flags)}")
 
@@ -710,12 +712,14 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
             )
         from .trainer import Trainer
 
+        # A stop asked for while the worker started or the model loaded: no step of this session to finish or save,
+        # so none is run (one asked for before the slow model load skips it too)
+        if _stop_agreed(stop, info):
+            return {"interrupted": True, "steps": None, "checkpoint": None}
         trainer = Trainer(plan, info, stop)
         trainer.setup()
         D.set_collective_timeout(timeout)
-        # A stop asked for while the model loaded: no step of this session to finish or save, so none is run
-        # (every rank agrees: one small collective)
-        if any(f[0] for f in D.all_gather_floats([float(stop.requested(info.is_main))], info)):
+        if _stop_agreed(stop, info):
             return {"interrupted": True, "steps": trainer.step, "checkpoint": None}
         return trainer.fit()
     finally:
@@ -726,6 +730,13 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1 if sys.exc_info()[0] is not None else 0)
+
+
+def _stop_agreed(stop: Any, info: Any) -> bool:
+    """Whether any rank was asked to stop (every rank gets the same answer: one small collective)."""
+    from . import distributed as D
+
+    return any(f[0] for f in D.all_gather_floats([float(stop.requested(info.is_main))], info))
 
 
 def _node_independent_settings(plan: RunPlan) -> dict[str, Any]:
