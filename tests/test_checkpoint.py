@@ -16,11 +16,11 @@ from unsloth_mgpu_cli.distributed import DistInfo
 from unsloth_mgpu_cli.errors import UserError
 
 
-def make_trainer(out: Path, seed: int = 0, lr: float = 1e-2, total: int = 10) -> SimpleNamespace:
+def make_trainer(out: Path, seed: int = 0, lr: float = 1e-2, total: int = 10, wd: float = 0.01) -> SimpleNamespace:
     torch.manual_seed(seed)
     model = torch.nn.Linear(4, 3)
     params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=lr)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total))  # linear decay
     return SimpleNamespace(
         info=DistInfo(),
@@ -30,7 +30,9 @@ def make_trainer(out: Path, seed: int = 0, lr: float = 1e-2, total: int = 10) ->
         param_names=["weight", "bias"],
         optimizer=opt,
         scheduler=sched,
-        recipe=SimpleNamespace(output=SimpleNamespace(save_total_limit=2), training=SimpleNamespace(learning_rate=lr)),
+        recipe=SimpleNamespace(
+            output=SimpleNamespace(save_total_limit=2), training=SimpleNamespace(learning_rate=lr, weight_decay=wd)
+        ),
         plan=SimpleNamespace(identity={"global_batch": 8}),
         run_state={"tokens": 0},
     )
@@ -127,6 +129,16 @@ def test_a_resume_follows_the_recipes_learning_rate_and_schedule(tmp_path):
     assert c.optimizer.param_groups[0]["lr"] == a.optimizer.param_groups[0]["lr"]
 
 
+def test_a_resume_follows_the_recipes_weight_decay(tmp_path):
+    """The optimizer's state brought back its run's weight decay too, so a new training.weight_decay was ignored."""
+    a = make_trainer(tmp_path, wd=0.1)
+    train_step(a)
+    C.save_checkpoint(a)
+    b = make_trainer(tmp_path, wd=0.0)
+    C.load_checkpoint(tmp_path / "checkpoints" / "step-1", b)
+    assert [g["weight_decay"] for g in b.optimizer.param_groups] == [0.0]
+
+
 def test_keeps_the_newest_k_and_ignores_half_written_folders(tmp_path):
     t = make_trainer(tmp_path)
     for _ in range(3):
@@ -158,6 +170,13 @@ def test_resume_check_names_what_changed(tmp_path):
     text = exc.value.render()
     assert "global batch" in text and "trained with 8" in text and "now gives 16" in text
     assert "training.seed" in text and "model" not in text.split("problems):")[1].split("seed")[0]
+    # the checkpoint's optimizer state and tensor layout belong to its optimizer and strategy
+    saved = {**saved, "optimizer": "adamw_8bit", "strategy": "ddp"}
+    (ckpt / "state.json").write_text(json.dumps({"step": 5, "identity": saved}))
+    with pytest.raises(UserError) as exc:
+        C.check_resume_compatible(ckpt, {**saved, "optimizer": "adamw", "strategy": "fsdp"})
+    text = exc.value.render()
+    assert "set training.optimizer back" in text and "set distributed.strategy back" in text, text
 
 
 def test_eval_split_is_seeded_disjoint_and_complete():

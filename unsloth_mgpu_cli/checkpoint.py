@@ -356,6 +356,9 @@ _IDENTITY_LABELS = {
         "training.micro_batch_size x workers x training.gradient_accumulation_steps",
     ),
     "seed": ("seed", "training.seed"),
+    # the checkpoint's optimizer state and tensor layout are those of its optimizer and strategy
+    "optimizer": ("optimizer", "training.optimizer"),
+    "strategy": ("distributed strategy", "distributed.strategy"),
 }
 
 
@@ -407,6 +410,8 @@ def run_identity(recipe: Any, data_fingerprint: str, global_batch: int) -> dict[
         "eval_ratio": ds.eval_ratio,
         "global_batch": global_batch,
         "seed": recipe.training.seed,
+        "optimizer": recipe.training.optimizer,
+        "strategy": recipe.distributed.strategy,
     }
 
 
@@ -605,10 +610,15 @@ def _prune(out: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _follow_the_recipes_schedule(scheduler: Any, learning_rate: float) -> None:
-    """The checkpoint's scheduler state brings back its run's base learning rate (and the optimizer its last
-    rate): continue with this recipe's, whose `training.learning_rate`, `max_steps` or warm-up may differ, at the
-    step reached. With an unchanged recipe this is the very rate the checkpoint holds."""
+def _follow_the_recipe(scheduler: Any, training: Any) -> None:
+    """The checkpoint's scheduler state brings back its run's base learning rate, and the optimizer's its last rate
+    and weight decay: continue with this recipe's, whose `training.learning_rate`, `max_steps`, warm-up or
+    `weight_decay` may differ, at the step reached. With an unchanged recipe these are the very values the
+    checkpoint holds."""
+    learning_rate = training.learning_rate
+    for group in scheduler.optimizer.param_groups:
+        if "weight_decay" in group:
+            group["weight_decay"] = training.weight_decay
     scheduler.base_lrs = [learning_rate for _ in scheduler.base_lrs]
     for group, fn in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
         group["initial_lr"] = learning_rate
@@ -659,7 +669,7 @@ def load_checkpoint(path: Path, trainer: Any) -> dict[str, Any]:
             )
         trainer.optimizer.load_state_dict(optim)
     trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _follow_the_recipes_schedule(trainer.scheduler, trainer.recipe.training.learning_rate)
+    _follow_the_recipe(trainer.scheduler, trainer.recipe.training)
     rngs = torch.load(path / "rng.pt", weights_only=True)
     mine = rngs.get(f"rank{trainer.info.rank}")
     # RNG streams are per rank: with another world size there is no matching stream to continue.
