@@ -70,6 +70,7 @@ def test_a_full_disk_under_torch_save_is_a_checkpoint_write_error_too(tmp_path, 
 def test_disk_full_mid_save_keeps_the_previous_checkpoint_usable(tmp_path, monkeypatch):
     t = make_trainer(tmp_path)
     train_step(t)
+    C.save_checkpoint(t)  # two earlier checkpoints: the message names the newest
     train_step(t)
     C.save_checkpoint(t)
     saved_weights = [p.detach().clone() for p in t.params]
@@ -88,12 +89,40 @@ def test_disk_full_mid_save_keeps_the_previous_checkpoint_usable(tmp_path, monke
     assert "step-3" in msg and "No space left on device" in msg and "step-2 is intact" in msg
     assert "--resume auto" in msg
     folder = tmp_path / "checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == ["step-2"]  # no half-written step-3, no temp folder
+    assert sorted(p.name for p in folder.iterdir()) == ["step-1", "step-2"]  # no half-written step-3, no temp folder
     assert C.find_resume_checkpoint(tmp_path, "auto") == folder / "step-2"
     fresh = make_trainer(tmp_path, seed=1)
     state = C.load_checkpoint(folder / "step-2", fresh)
     assert state["step"] == 2 and state["run_state"] == {"tokens": 20}
     assert all(torch.equal(a, b) for a, b in zip(fresh.params, saved_weights, strict=True))
+
+
+def test_a_full_disk_while_the_final_adapter_is_written_names_the_checkpoint_that_holds_the_weights(tmp_path):
+    """save_final: the disk fills while adapter/ is written (after the last checkpoint): a CheckpointWriteError that
+    says which checkpoint holds the trained weights, and nothing half-written."""
+    from unsloth_mgpu_cli.trainer import Trainer
+
+    def disk_full(folder: str, **kwargs) -> None:  # the file-write edge: some bytes land, then the disk is full
+        (Path(folder) / "adapter_model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for step in (2, 4):
+        (tmp_path / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step-{step}" / "state.json").write_text(json.dumps({"step": step}))
+    fake = SimpleNamespace(
+        sharded=False,
+        info=DistInfo(),
+        out=tmp_path,
+        recipe=SimpleNamespace(lora=object()),
+        model=SimpleNamespace(save_pretrained=disk_full),
+        tokenizer=SimpleNamespace(save_pretrained=lambda folder, **kw: None),
+    )
+    with pytest.raises(C.CheckpointWriteError) as exc:
+        Trainer.save_final(fake)
+    msg = str(exc.value)
+    assert "could not write adapter/ (No space left on device" in msg, msg
+    assert "the checkpoint step-4 holds the trained weights" in msg and "--resume auto" in msg, msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]  # no adapter/, no temporary folder
 
 
 def test_resumed_state_continues_bit_for_bit(tmp_path):

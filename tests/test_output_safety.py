@@ -10,14 +10,11 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_user_error, mgpu_env, run_mgpu
+from conftest import ROOT, assert_user_error, run_mgpu, start_mgpu, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -144,6 +141,22 @@ def test_refusal_without_overwrite_says_what_the_folder_holds(tmp_path):
     (tmp_path / "out" / "metrics.jsonl").write_text('{"step": 1}\n')
     proc = run_mgpu("train", str(recipe), timeout=300)
     assert_user_error(proc, "already holds a run (metrics.jsonl)", "--resume auto", "--overwrite")
+
+
+def test_resume_auto_without_a_checkpoint_starts_a_stopped_run_again_but_keeps_a_finished_one(tmp_path):
+    """A requeued job stopped before its first checkpoint (save_steps not reached): `--resume auto` starts it again
+    from step 0; a finished run (summary.json, adapter/) is not replaced that way."""
+    from unsloth_mgpu_cli.engine import check_output_dir
+    from unsloth_mgpu_cli.errors import UserError
+
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (out / "recipe.resolved.yaml").write_text("x: 1\n")
+    check_output_dir(out, overwrite=False, resume=True, nothing_to_resume=True)  # stopped early: starts again
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(UserError, match="holds a finished run"):
+        check_output_dir(out, overwrite=False, resume=True, nothing_to_resume=True)
 
 
 def test_only_what_a_run_wrote_counts_as_the_run(tmp_path):
@@ -280,21 +293,15 @@ def test_a_second_run_into_the_folder_of_a_live_run_is_refused(tmp_path):
     """Nothing stopped two runs writing one output.dir: both trained, and metrics.jsonl held every step twice.
     The first run holds a lock (in mgpu's cache, not output.dir) until its process ends."""
     recipe = project(tmp_path, out="out")
-    env = mgpu_env(MGPU_INJECT_FAULT="sleep:rank=0:step=1:seconds=6", OMP_NUM_THREADS="1")
-    first = subprocess.Popen(
-        [sys.executable, "-m", "unsloth_mgpu_cli", "train", str(recipe)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 240
-    while not (tmp_path / "out" / "recipe.resolved.yaml").exists():  # the first run has passed its checks
-        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
-        time.sleep(0.2)
+    first = start_mgpu("train", str(recipe), MGPU_INJECT_FAULT="sleep:rank=0:step=1:seconds=10", OMP_NUM_THREADS="1")
+    resolved = tmp_path / "out" / "recipe.resolved.yaml"
+    wait_until(first, resolved.exists, 240, "the first run past its checks")
     second = run_mgpu("train", str(recipe), "--overwrite", timeout=300)
+    # without --overwrite too: the lock is checked before the folder, whose message would say to resume it
+    plain = run_mgpu("train", str(recipe), timeout=300)
     out, _ = first.communicate(timeout=300)
     assert_user_error(second, "output.dir", "is in use by another mgpu train on this host (pid", "wait for it to end")
+    assert_user_error(plain, "output.dir", "is in use by another mgpu train on this host (pid")
     assert first.returncode == 0, out[-3000:]
     steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]  # the first run's, once (the lock goes with its process: every resume test runs again)
