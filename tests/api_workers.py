@@ -141,9 +141,9 @@ def _direct_trainer_case(aggregation: str, num_gpus: int | None, bad_batch: int 
 
 
 def hook_settings_checks() -> dict:
-    """Hook mode's check before the first step (`hooks._check_same_settings`) on this rank, for three trainers:
-    the same settings on every rank, rank 1 with twice the batch (a script sizing it from its own GPU), and an
-    iterable dataset. Returns each case's error (type and message), or None."""
+    """Hook mode's check before the first step (`hooks._check_same_settings`) on this rank, for four trainers:
+    the same settings on every rank, rank 1 with twice the batch (a script sizing it from its own GPU), or with
+    twice the accumulation, and an iterable dataset. Returns each case's error (type and message), or None."""
     from types import SimpleNamespace
 
     from datasets import Dataset
@@ -158,12 +158,18 @@ def hook_settings_checks() -> dict:
     config = hooks.MultiGPUConfig(gradient_aggregation="weighted")
     out = {}
     try:
-        for case, batch, data in (
-            ("same", 2, rows),
-            ("batch", 2 * (info.rank + 1), rows),
-            ("iterable", 2, rows.to_iterable_dataset()),
+        for case, batch, accumulation, data in (
+            ("same", 2, 1, rows),
+            ("batch", 2 * (info.rank + 1), 1, rows),
+            ("accumulation", 2, 1 + info.rank, rows),
+            ("iterable", 2, 1, rows.to_iterable_dataset()),
         ):
-            args = TrainingArguments(output_dir="/tmp/unused", per_device_train_batch_size=batch, max_steps=4)
+            args = TrainingArguments(
+                output_dir="/tmp/unused",
+                per_device_train_batch_size=batch,
+                gradient_accumulation_steps=accumulation,
+                max_steps=4,
+            )
             try:
                 hooks._check_same_settings(SimpleNamespace(args=args, train_dataset=data), config, info)
                 out[case] = None

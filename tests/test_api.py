@@ -382,8 +382,25 @@ def test_hook_mode_refuses_ranks_with_different_settings_or_an_iterable_dataset_
         kind, message = by_case["batch"]
         assert kind == "RuntimeError" and "per_device_train_batch_size: 2 on rank 0, 4 on rank 1" in message
         assert "available_memory" in message and "max_steps" not in message  # only what differs
+        kind, message = by_case["accumulation"]
+        assert kind == "RuntimeError" and "gradient_accumulation_steps: 1 on rank 0, 2 on rank 1" in message
         kind, message = by_case["iterable"]
         assert kind == "NotImplementedError" and "iterable" in message and "map-style" in message
+
+
+def test_hook_mode_with_one_worker_takes_an_iterable_dataset():
+    """Nothing to shard with one rank (the sampler is left as it is): the settings check measured the dataset's
+    length regardless, and an iterable dataset failed with `TypeError: ... has no len()`."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from unsloth_mgpu_cli import hooks
+
+    rows = Dataset.from_list([{"text": f"row {i}"} for i in range(4)]).to_iterable_dataset()
+    args = TrainingArguments(output_dir="/tmp/unused", per_device_train_batch_size=2, max_steps=2)
+    hooks._check_same_settings(SimpleNamespace(args=args, train_dataset=rows), hooks.MultiGPUConfig(), D.DistInfo())
 
 
 def test_direct_trainer_refuses_ranks_whose_loaders_disagree_and_skips_a_batch_with_nothing_to_learn():

@@ -168,10 +168,11 @@ def test_a_good_config_json_still_plans(tmp_path):
     ("model", "needles"),
     [
         ("7", ["argument --model", "a number without its unit, '7'", "did you mean '7B'?"]),
+        ("1.5", ["argument --model", "a number without its unit, '1.5'", "did you mean '1.5B'?"]),
         ("", ["argument --model", "found an empty value", "known sizes: 0.5B, 1B"]),
         ("./no/such/dir", ["argument --model", "no such file or folder", "no/such/dir"]),
     ],
-    ids=["no-unit", "empty", "missing-folder"],
+    ids=["no-unit", "no-unit-decimal", "empty", "missing-folder"],
 )
 def test_suggest_names_a_model_it_cannot_size(model, needles):
     assert_user_error(run_mgpu("suggest", "--model", model, "--gpu-memory", "24GB", timeout=60), *needles)
@@ -284,6 +285,10 @@ def test_schema_output_replaces_a_schema_but_not_another_file_without_force(tmp_
     proc = run_mgpu("schema", "--output", str(mine), timeout=60)
     assert_user_error(proc, "argument --output", "exists and is not a recipe schema", "--force")
     assert mine.read_text() == "keep\n"
+    other = tmp_path / "tsconfig.schema.json"  # another tool's JSON Schema is not a recipe schema either
+    other.write_text('{"$schema": "http://json-schema.org/draft-07/schema#", "title": "tsconfig"}\n', encoding="utf-8")
+    proc = run_mgpu("schema", "--output", str(other), timeout=60)
+    assert_user_error(proc, "argument --output", "exists and is not a recipe schema")
     for _ in range(2):  # written, then regenerated over itself (make schemas)
         proc = run_mgpu("schema", "--output", str(schema), timeout=60)
         assert proc.returncode == 0, proc.stdout + proc.stderr

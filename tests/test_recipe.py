@@ -350,6 +350,17 @@ def test_a_list_index_beyond_the_list_is_named(workdir):
     )
 
 
+def test_an_override_under_a_list_item_that_is_a_value_is_named_as_the_command_lines(workdir):
+    """`lora.target_modules.0.x=1`: the list's item is a string, no section; merging would replace it with one and
+    the error would point at the recipe file's line."""
+    recipe = write(workdir, GOOD + "lora:\n  target_modules: [q_proj, v_proj]\n")
+    with pytest.raises(UserError) as exc:
+        load_recipe(recipe, ["lora.target_modules.0.x=1"])
+    [problem] = exc.value.problems
+    assert problem.where == "lora.target_modules.0.x (command line)"
+    assert "lora.target_modules.0 is a value ('q_proj'), not a section" in problem.message
+
+
 def test_validate_yaml_prints_a_recipe_file_that_loads_back_to_the_same_recipe(workdir):
     write(workdir, GOOD, "base.yaml")
     child = write(workdir, "base: base.yaml\nlora:\n  r: 4\n")

@@ -618,7 +618,7 @@ def _check_same_settings(trainer: Any, config: MultiGPUConfig, info: Any) -> Non
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "gradient_aggregation": config.gradient_aggregation,
         "max_steps": args.max_steps,
-        "train_dataset_rows": len(dataset) if dataset is not None else None,
+        "train_dataset_rows": len(dataset) if hasattr(dataset, "__len__") else None,  # one rank: iterable is fine
     }
     D.check_ranks_agree(
         mine,
