@@ -39,6 +39,10 @@
 # `s16b` (TRL on the 8B at 1 GPU: padding-free 3,828, packed 7,951 tokens/s).
 # In session 17 (only the 1-GPU kind lent): `s17` (the Python API's fixes, doctor, summary and report on CUDA: all exit
 # 0; the 1B at 1 GPU 69,540 tokens/s), `T=420 gputest` (2 passed, 3 skipped, 179 s).
+# In session 18 (only the 1-GPU kind lent): `stops` and `T=250 gputest` with session 17's code (second Ctrl-C: exit
+# 130 after 3.7 s, 0 leaked-semaphore warnings; one Ctrl-C: step-5 saved; 2 passed, 3 skipped, 149 s); then `s18`
+# (Ctrl-C 0.2 s and 1.5 s after the worker started: exit 130 after 5.7 and 3.5 s, no traceback, no model load),
+# `stops` (3.3 s; step-5 saved; 0 warnings) and `T=240 gputest` (2 passed, 3 skipped, 173 s) with this session's code.
 # Next, in this order:
 #   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
@@ -48,7 +52,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
+STAGE=${1:?usage: gpu_plan.sh s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -411,6 +415,39 @@ clocks_throttle_reasons.active --format=csv,noheader -lms 100 > "$OUT/smi.csv" 2
     rm -rf "$OUT/eval"
     timeout -k 10 "${T:-300}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
+  s18)
+    # session 18 (1-GPU kind): Ctrl-C while the worker imports torch, before its handlers exist (the launcher now
+    # starts the workers with the stop signals held; torch 2.11 here, 2.14 on CPU): exit 130, no traceback, no model
+    # load. Then, in the same call: `stops` and `gputest` (the other worker changes: resume identity, early stop)
+    python3 - "$OUT" <<'PY'
+import os, signal, subprocess, sys, time
+import psutil
+out = sys.argv[1]
+for delay in (0.2, 1.5):
+    cmd = [sys.executable, "-m", "unsloth_mgpu_cli", "train", "recipes/quickstart.yaml", "distributed.num_gpus=1",
+           "logging.progress=false", f"output.dir={out}/early"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    t0 = time.monotonic()
+    def started():
+        try:
+            return any("spawn_main" in " ".join(c.cmdline()) for c in psutil.Process(p.pid).children(recursive=True))
+        except psutil.Error:
+            return False
+    while not started() and p.poll() is None and time.monotonic() - t0 < 120:
+        time.sleep(0.05)
+    time.sleep(delay)
+    os.killpg(p.pid, signal.SIGINT)
+    sent = time.monotonic()
+    text, _ = p.communicate(timeout=120)
+    bad = "Traceback" in text or "KeyboardInterrupt" in text
+    print(f"Ctrl-C {delay} s after the worker started: exit={p.returncode} after {time.monotonic() - sent:.1f} s, "
+          f"traceback={bad}, model loaded={'LlamaForCausalLM' in text}")
+    print("  " + text.strip().splitlines()[-1][:220])
+    if bad:
+        print(text[-3000:])
+    subprocess.run(["rm", "-rf", f"{out}/early"])
+PY
+    ;;
   s17)
     # session 17 (1-GPU kind): the Python API's fixes on CUDA (hook mode: the launch's GPU memory passed to the
     # worker's get_optimal_config, the settings check before the first step; direct mode's end-of-data and batch
