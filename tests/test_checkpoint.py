@@ -306,7 +306,12 @@ def test_report_of_a_finished_run_shows_the_throughput_train_printed(tmp_path, c
     assert (s["tokens_per_second"], s["steady_tokens_per_second"]) == (750.0, 1_500.0)
     print_report(tmp_path, s, None)
     flat = " ".join(capsys.readouterr().out.split())
-    assert "1,500 total after the first step" in flat and "(750" in flat and "over the whole run)" in flat, flat
+    assert "1,500 total after the first step" in flat and "; 750" in flat and "over the whole run" in flat, flat
+    # after a resume the summary's throughput is its last session's, and says so
+    (tmp_path / "summary.json").write_text(json.dumps({**summary, "resumed_from_step": 1}))
+    print_report(tmp_path, summarize(tmp_path, rows), None)
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "over its last session (resumed from step 1)" in flat and "whole run" not in flat, flat
 
 
 def test_report_and_export_refuse_a_folder_without_a_run(tmp_path):
@@ -454,3 +459,34 @@ def test_the_summary_notes_an_export_older_than_the_adapter(tmp_path, capsys):
     print_summary(summary)
     out = " ".join(capsys.readouterr().out.split())
     assert "merged/ in the output folder export(s) an earlier adapter" in out and "--merged` again" in out
+
+
+def test_the_summary_of_a_resumed_run_says_what_this_session_covers_and_shows_the_eval_loss(tmp_path, capsys):
+    """After `--resume auto` the summary printed `steps 30` beside this session's tokens and time, with no word of
+    the resume; and it left out the evaluation loss that summary.json holds."""
+    from unsloth_mgpu_cli.render import people_console, print_summary
+
+    summary = {
+        "steps": 30,
+        "resumed_from_step": 20,
+        "elapsed_s": 0.9,
+        "first_step_s": 0.3,
+        "tokens": 7_444,
+        "run_tokens": 22_359,
+        "tokens_per_second": 8_000.0,
+        "steady_tokens_per_second": 9_000.0,
+        "final_eval_loss": 5.8899,
+        "best_eval_loss": 5.8,
+        "world_size": 2,
+        "output_dir": str(tmp_path),
+    }
+    print_summary(summary)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "30 (resumed from step 20: this session trained steps 21-30)" in out, out
+    assert "7,444 this session" in out and "22,359 over the whole run" in out, out
+    assert "8,000 over the whole session" in out and "5.8899 at the end, best 5.8000" in out, out
+    print_summary({k: v for k, v in summary.items() if k not in ("resumed_from_step", "final_eval_loss")})
+    out = " ".join(capsys.readouterr().out.split())
+    assert "resumed from" not in out and "this session" not in out and "eval loss" not in out, out
+    assert "8,000 over the whole run" in out, out
+    assert not people_console().is_terminal and people_console().soft_wrap  # a log's lines stay whole

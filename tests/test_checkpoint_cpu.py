@@ -299,10 +299,13 @@ def test_merged_export_gives_the_logits_of_base_plus_adapter(runs):
     out = runs["base"] / "ref"
     proc = run_mgpu("export", str(out), "--merged", "--dtype", "float32", "--output", str(out / "merged32"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # into a pipe: the one line that says where it went, no bar frames or library warnings
-    assert (proc.stdout + proc.stderr).strip().splitlines() == [
-        f"wrote {out / 'merged32'} (float32); load it with AutoModelForCausalLM.from_pretrained('{out / 'merged32'}')"
-    ], proc.stdout + proc.stderr
+    # into a pipe: a line as each slow phase starts and one that says where it went, timed; no bar frames or
+    # library warnings
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert [line.split("] ", 1)[1].split(" ")[0] for line in lines] == ["loading", "merging", "writing", "wrote"], lines
+    assert all(line.startswith("[") and " s] " in line for line in lines), lines
+    assert f"wrote {out / 'merged32'} (float32, " in lines[-1] and " MiB); load it with " in lines[-1], lines
+    assert lines[-1].endswith(f"AutoModelForCausalLM.from_pretrained('{out / 'merged32'}')"), lines
     merged = AutoModelForCausalLM.from_pretrained(str(out / "merged32"), dtype=torch.float32)
     assert not any("lora" in n for n, _ in merged.named_parameters())
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())

@@ -70,10 +70,11 @@ def _main(
 
 def _fail(exc: BaseException) -> None:
     """Print an error for people and exit with its code; --debug adds the traceback."""
-    from rich.console import Console
     from rich.markup import escape
 
-    console = Console(stderr=True, highlight=False)
+    from .render import people_console
+
+    console = people_console(stderr=True)
     if _state["debug"]:
         console.print_exception()
     # Messages quote paths and upstream errors (gloo: "[/path/unbound_buffer.cc:129] Timed out"): never markup.
@@ -175,15 +176,26 @@ def export(
     ] = None,
 ) -> None:
     """Merge the trained adapter into its base model and save a plain HF model (loads with transformers alone)."""
+    import time
+
     from .export import export_merged
+
+    t0 = time.monotonic()
+
+    def say(message: str) -> None:
+        typer.echo(f"[{time.monotonic() - t0:5.1f} s] {message}")
 
     try:
         if not merged:
             raise UserError("pass --merged: the export writes the base model with the adapter merged into it")
-        dest = export_merged(output_dir, output, dtype)  # checks the arguments and --output before the slow imports
+        # checks the arguments and --output before the slow imports
+        dest = export_merged(output_dir, output, dtype, say=say)
     except UserError as exc:
         _fail(exc)
-    typer.echo(f"wrote {dest} ({dtype}); load it with AutoModelForCausalLM.from_pretrained('{dest}')")
+    from .render import size_text
+
+    size = size_text(sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()))
+    say(f"wrote {dest} ({dtype}, {size}); load it with AutoModelForCausalLM.from_pretrained('{dest}')")
 
 
 @app.command()

@@ -14,6 +14,7 @@ or folders, an ancestor of the run or of the current directory, or the base mode
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +135,14 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a.is_relative_to(b) or b.is_relative_to(a)
 
 
-def export_merged(output_dir: Path, dest: Path | None = None, dtype: str = "bfloat16") -> Path:
-    """Merge `<output_dir>/adapter` into its base model and save it to `dest` (default `<output_dir>/merged`)."""
+def export_merged(
+    output_dir: Path, dest: Path | None = None, dtype: str = "bfloat16", say: Callable[[str], None] | None = None
+) -> Path:
+    """Merge `<output_dir>/adapter` into its base model and save it to `dest` (default `<output_dir>/merged`).
+
+    `say` gets a line as each slow phase starts (loading the base, merging, writing): minutes each for a large
+    model, with nothing else on the screen where there is no terminal for the libraries' bars."""
+    say = say or (lambda message: None)
     adapter, base = check_export_args(output_dir, dtype, dest)
     run = Path(output_dir).expanduser()
     # `~` as the checks read it, and a symlink's target (a `merged` linked to a larger disk is written there)
@@ -156,6 +163,7 @@ def export_merged(output_dir: Path, dest: Path | None = None, dtype: str = "bflo
     }
     if model_cfg.get("revision"):
         kwargs["revision"] = model_cfg["revision"]
+    say(f"loading the base model {base} in {dtype}")
     try:
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     except OSError as exc:
@@ -167,9 +175,11 @@ def export_merged(output_dir: Path, dest: Path | None = None, dtype: str = "bflo
             ),
             "cannot export",
         ) from exc
+    say(f"merging the adapter {adapter}")
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     tok_source = adapter if (adapter / "tokenizer_config.json").exists() else base
     tokenizer = AutoTokenizer.from_pretrained(str(tok_source), trust_remote_code=kwargs["trust_remote_code"])
+    say(f"writing {dest}")
     try:
         # checked again at the rename: something may have appeared at dest during the merge
         with atomic_dir(dest, may_replace=lambda d: is_export(d, run)) as tmp:

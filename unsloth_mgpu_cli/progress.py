@@ -1,12 +1,15 @@
 """Rank 0's live progress display: step, loss, learning rate, tokens/s (all GPUs), ETA, memory per GPU, eval loss.
 
 Other ranks get a disabled display: its bar and rows draw nothing (the null-logger pattern), but `log` still
-prints, so callers guard messages meant for rank 0 alone with `info.is_main`.
+prints, so callers guard messages meant for rank 0 alone with `info.is_main`. With `logging.progress: false`
+rank 0's display is disabled too, but still prints evaluations and notes (`main`).
 """
 
 from __future__ import annotations
 
 import sys
+import time
+from datetime import timedelta
 from typing import Any
 
 # Characters the bar's text columns take besides the memory (5-digit steps, 7-digit tokens/s): with the learning
@@ -23,13 +26,22 @@ def memory_text(mem_gb: list[float], each: bool = True) -> str:
     return f"max {max(mem_gb):.1f} GB"
 
 
+def clock(seconds: float) -> str:
+    """H:MM:SS, as rich's time columns show it."""
+    return str(timedelta(seconds=max(0, round(seconds))))
+
+
 class ProgressDisplay:
     """Rank 0's bar and one line per logged step (a plain line where there is no terminal); disabled elsewhere."""
 
-    def __init__(self, enabled: bool, total: int, start: int = 0, gpus: int = 1, console: Any = None):
+    def __init__(
+        self, enabled: bool, total: int, start: int = 0, gpus: int = 1, console: Any = None, main: bool = False
+    ):
         self.enabled = enabled
+        self.main = main or enabled  # rank 0: evaluations and notes are printed even without progress
         self._progress: Any = None
         self.total = total
+        self._first: tuple[float, int] | None = None  # (time, step) of the first update: the plain lines' ETA
         if not enabled:
             return
         from rich.console import Console
@@ -62,6 +74,8 @@ class ProgressDisplay:
             TimeRemainingColumn(),
             console=self.console,
             refresh_per_second=4,
+            # rich's default (30 s) holds one sample when steps take longer: no speed, and `ETA -:--:--` all run
+            speed_estimate_period=3600,
             transient=False,
             disable=not self.console.is_terminal,
         )
@@ -79,11 +93,19 @@ class ProgressDisplay:
             tps=f"{tokens_per_s:,.0f}",
             mem=memory_text(mem_gb, self.each_gpu),
         )
+        now = time.monotonic()
+        if self._first is None:
+            self._first = (now, step)
         if not self.console.is_terminal:
-            # Non-interactive output (CI logs, pipes): one plain line per update instead of a live bar.
+            # Non-interactive output (CI logs, pipes): one plain line per update instead of a live bar, with the
+            # time since the first logged step and the ETA at the pace since then
+            t0, step0 = self._first
+            eta = f" ETA {clock((self.total - step) * (now - t0) / (step - step0))}" if step > step0 else ""
             self.console.print(
                 f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
-                f"tokens/s {tokens_per_s:,.0f} mem {'/'.join(f'{m:.2f}' for m in mem_gb)} GB"
+                f"tokens/s {tokens_per_s:,.0f} mem {'/'.join(f'{m:.2f}' for m in mem_gb)} GB "
+                f"elapsed {clock(now - t0)}{eta}",
+                soft_wrap=True,
             )
 
     def advance(self, step: int) -> None:
@@ -97,6 +119,15 @@ class ProgressDisplay:
             self._progress.console.print(
                 f"[bold]eval[/] step {step}: loss [cyan]{loss:.4f}[/], perplexity {perplexity:,.2f}"
             )
+        elif self.main:
+            print(f"eval step {step}: loss {loss:.4f}, perplexity {perplexity:,.2f}", flush=True)
+
+    def note(self, message: str) -> None:
+        """An event worth a line on rank 0 (a checkpoint saved), above the live bar; not a warning."""
+        if self._progress is not None:
+            self._progress.console.print(f"[dim]{message}[/]", soft_wrap=True)
+        elif self.main:
+            print(message, flush=True)
 
     def log(self, message: str) -> None:
         if self._progress is not None:

@@ -9,7 +9,25 @@ from rich.table import Table
 
 from .recipe import LoadedRecipe, to_yaml
 
-console = Console(highlight=False)
+
+def people_console(**kwargs: object) -> Console:
+    """A console for people: on a terminal it wraps at the terminal's width; in a log or a pipe (CI, nohup, SLURM),
+    where rich assumes 80 columns unless COLUMNS says otherwise, text lines stay whole (soft wrap), so grep finds
+    them, and tables get 160 columns."""
+    import os
+
+    made = Console(highlight=False, **kwargs)
+    if not made.is_terminal:
+        made.soft_wrap = True
+        if not os.environ.get("COLUMNS"):
+            made.width = LOG_WIDTH
+    return made
+
+
+LOG_WIDTH = 160
+
+
+console = people_console()
 
 
 def size_text(nbytes: float) -> str:
@@ -66,9 +84,16 @@ def print_summary(summary: dict) -> None:
     if not summary:
         return
     t = Table(title="run summary", show_header=False, box=None, pad_edge=False)
-    t.add_row("steps", str(summary.get("steps")))
+    resumed = summary.get("resumed_from_step")
+    session = "" if resumed is None else " this session"  # the numbers below cover it; the run's are noted
+    steps = str(summary.get("steps"))
+    if resumed is not None:
+        steps += f" (resumed from step {resumed}: this session trained steps {resumed + 1}-{summary.get('steps')})"
+    t.add_row("steps", steps)
     t.add_row(
-        "time", f"{summary.get('elapsed_s', 0):.1f} s (first step after {summary.get('first_step_s') or 0:.1f} s)"
+        "training",
+        f"{summary.get('elapsed_s', 0):.1f} s{session} (the first step, with its compilation: "
+        f"{summary.get('first_step_s') or 0:.1f} s)",
     )
     startup = summary.get("startup_s") or {}
     if "total" in startup:
@@ -78,20 +103,28 @@ def print_summary(summary: dict) -> None:
     if phases.get("steps"):
         parts = ", ".join(f"{k.replace('_', '/')} {v * 1e3:.0f}" for k, v in phases.items() if k != "steps")
         t.add_row("step time", f"{parts} ms per step (rank 0, mean of {phases['steps']} steps after the first)")
-    t.add_row("tokens", f"{summary.get('tokens', 0):,} (non-padding, all workers)")
+    run_tokens = summary.get("run_tokens")
+    whole = f"; {run_tokens:,} over the whole run" if resumed is not None and run_tokens else ""
+    t.add_row("tokens", f"{summary.get('tokens', 0):,}{session} (non-padding, all workers){whole}")
     world = max(1, int(summary.get("world_size", 1)))
     tps = float(summary.get("tokens_per_second", 0.0))
     steady = summary.get("steady_tokens_per_second")
     if steady:  # what the progress bar showed: the first step's compilation and warm-up dominate short runs
         t.add_row(
             "throughput",
-            f"{steady:,.0f} tokens/s total after the first step, {steady / world:,.0f} per worker "
-            f"({tps:,.0f} over the whole run)",
+            f"{steady:,.0f} tokens/s total after the first step, {steady / world:,.0f} per worker; "
+            f"{tps:,.0f} over the whole {'session' if session else 'run'}",
         )
     else:
         t.add_row("throughput", f"{tps:,.0f} tokens/s total, {tps / world:,.0f} per worker")
     loss = summary.get("final_loss")
     t.add_row("final loss", "-" if loss is None else f"{loss:.4f}")  # None: no step ran in this session
+    if summary.get("final_eval_loss") is not None:
+        best = summary.get("best_eval_loss")
+        t.add_row(
+            "eval loss",
+            f"{summary['final_eval_loss']:.4f} at the end" + (f", best {best:.4f}" if best is not None else ""),
+        )
     t.add_row("peak memory", " / ".join(f"{m:.2f}" for m in summary.get("peak_memory_gb", [])) + " GB per worker")
     t.add_row("output", str(summary.get("output_dir")))
     console.print(t)

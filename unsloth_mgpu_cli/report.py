@@ -173,6 +173,8 @@ def summarize(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "peak_memory_gb": peak,
         "final_loss": float(last["loss"]) if last.get("loss") is not None else math.nan,
         "final_eval_loss": evals[-1][1] if evals else None,
+        # the throughput is the last session's (what `mgpu train` printed); None: a run trained in one go
+        "resumed_from_step": summary.get("resumed_from_step") if steady is not None else None,
         "best_eval_loss": best[1] if best else None,
         "best_eval_step": best[0] if best else None,
         "finished": bool(summary),
@@ -269,9 +271,11 @@ def print_report(out: Path, s: dict[str, Any], png: Path | None) -> None:
     units = f"{world} {unit}" + ("s" if world != 1 else "")
     if steady:  # as `mgpu train` printed it: the first step's compilation and warm-up dominate short runs
         per = f"{steady / world:,.0f} per {unit} ({units})"
+        resumed = s.get("resumed_from_step")
+        scope = "the whole run" if resumed is None else f"its last session (resumed from step {resumed})"
         t.add_row(
             "tokens/s",
-            f"{steady:,.0f} total after the first step, {per} ({s['tokens_per_second']:,.0f} over the whole run)",
+            f"{steady:,.0f} total after the first step, {per}; {s['tokens_per_second']:,.0f} over {scope}",
         )
     else:
         per = f"{s['tokens_per_second_per_gpu']:,.0f} per {unit} ({units})"

@@ -328,6 +328,7 @@ class Trainer:
             evaluated = self.evaluate()
             eval_s = time.perf_counter() - t_eval  # after this step's end (done_at): the next window skips it
             s.eval_total += eval_s
+            s.last_eval_loss = evaluated[0]
             s.progress.eval(self.step, *evaluated)
         if self.step % r.logging.steps == 0 or last or evaluated is not None:
             self._log_step(s, step, out, lr, done_at, evaluated)
@@ -472,8 +473,11 @@ class Trainer:
         if saving or evaluated:
             s.write_row()
         if saving:
-            save_checkpoint(self)
+            t_save = time.perf_counter()
+            path = save_checkpoint(self)
             s.saved_step = self.step
+            if path is not None and not interrupted:  # rank 0's; a stop says so below
+                s.progress.note(f"checkpoint {path.name} saved in {time.perf_counter() - t_save:.1f} s")
         if interrupted:
             if self.info.is_main:
                 s.progress.log(f"stop requested: checkpoint of step {self.step} saved; exiting")
@@ -532,6 +536,7 @@ class Trainer:
             "run_tokens": rs["tokens"],
             "run_elapsed_s": rs["elapsed_s"],
             "best_eval_loss": rs["best_eval_loss"],
+            "final_eval_loss": s.last_eval_loss,  # None: no evaluation in this session
             "resumed_from_step": int(self.plan.resume_from.rsplit("-", 1)[-1]) if self.plan.resume_from else None,
         }
         if s.interrupted:
@@ -1084,7 +1089,9 @@ class FitSession:
 
         r, info, main = trainer.recipe, trainer.info, trainer.info.is_main
         self.profiler = StepProfiler.from_env(info.rank)  # MGPU_PROFILE: off unless set
-        self.progress = ProgressDisplay(main and r.logging.progress, trainer.total_steps, trainer.step, info.world_size)
+        self.progress = ProgressDisplay(
+            main and r.logging.progress, trainer.total_steps, trainer.step, info.world_size, main=main
+        )
         self.metrics = (trainer.out / "metrics.jsonl").open("a", encoding="utf-8") if main else None
         self.sinks = MetricSinks(r, trainer.out, start_step=trainer.step) if main else None
         self.run_state = trainer.run_state  # totals over the whole run (resumes included), checkpointed
@@ -1095,6 +1102,7 @@ class FitSession:
         self.saved_step = trainer.step if trainer.plan.resume_from else -1
         self.ahead = ahead  # steps are queued before the previous one is settled (`Trainer._looks_ahead`)
         self.eval_total = 0.0  # seconds spent evaluating this session: not training, left out of tokens/s
+        self.last_eval_loss: float | None = None  # the latest evaluation's loss (the summary's)
         self.tokens_window = self.tokens_session = 0
         self.first_step_s: float | None = None
         self.first_step_tokens = 0  # the first step of this session (compilation, warm-up): left out of the rate
