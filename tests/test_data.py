@@ -233,6 +233,75 @@ def test_prepare_checks_and_describes_the_eval_data_too(tmp_path, model_path):
     )
 
 
+def test_the_eval_file_is_neither_cut_by_max_samples_nor_trained_on_from_the_training_folder(tmp_path, model_path):
+    """max_samples (of the training data) cut the eval file to its size too, silently; an eval file inside the
+    training folder was read for training as well, and then scored as unseen data."""
+    row = {"instruction": "2+2?", "output": "4"}
+    train = write_jsonl(tmp_path / "train.jsonl", [row] * 10)
+    held = write_jsonl(tmp_path / "eval.jsonl", [row] * 51)
+    rep = D.report(recipe(train, eval_path=str(held), max_samples=5))
+    assert rep.summary.samples == 5 and rep.eval_note.startswith("51 samples from"), rep.eval_note
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "all.jsonl", [row] * 10)
+    inside = write_jsonl(folder / "eval.jsonl", [row] * 5)
+    msg = user_error(recipe(folder, eval_path=str(inside)), model_path)
+    assert f"dataset.path ({folder})" in msg and f"dataset.eval_path ({inside}) is among them" in msg, msg
+    assert "move the evaluation data out of the training folder" in msg
+    (folder / "all.jsonl").rename(folder / "train.jsonl")  # named by dataset.split: the folder's train data only
+    assert D.report(recipe(folder, eval_path=str(inside))).summary.samples == 10
+
+
+def test_a_csv_column_named_twice_and_a_json_file_of_one_object_are_refused(tmp_path, model_path):
+    """A CSV header naming a column twice kept the last column silently; a pretty-printed .json holding one object
+    (`{"data": [...]}`) gave a "malformed JSON line" error for each of its lines."""
+    dup = tmp_path / "dup.csv"
+    dup.write_text("instruction,output,output\nq,a1,a2\n")
+    msg = user_error(recipe(dup), model_path)
+    assert f"{dup}: row 1" in msg and "names a column twice: 'output' (fields 2 and 3)" in msg, msg
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"version": 1, "data": [{"instruction": "q", "output": "a"}] * 3}, indent=2))
+    msg = user_error(recipe(wrapped), model_path)
+    assert "expected a JSON array of objects (one per row), found one object with keys ['data', 'version']" in msg
+    assert "jq '.data' wrapped.json" in msg and "malformed" not in msg, msg
+    one_line = write_jsonl(tmp_path / "one.json", [{"instruction": "q", "output": "a"}])  # JSON Lines: one row
+    assert D.report(recipe(one_line)).summary.samples == 1
+
+
+def test_nothing_to_train_on_says_why_and_names_the_file(tmp_path, model_path):
+    """It said `dataset: no sample has a token to train on` whatever the cause, naming no file."""
+    long_prompt = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "word " * 200, "output": "a"}] * 3)
+    msg = user_error(recipe(long_prompt, 64), model_path)
+    assert f"dataset.path ({long_prompt})" in msg and "none of the 3 samples has a token to train on" in msg, msg
+    assert "all were cut to model.max_seq_length=64 before their response" in msg and "too_long: drop" in msg
+    no_reply = write_jsonl(tmp_path / "sys.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}] * 2)
+    msg = user_error(recipe(no_reply, format="chat", chat_template="chatml"), model_path)
+    assert "a conversation without an assistant turn" in msg and "train_on_responses_only: false" in msg, msg
+    short = write_jsonl(tmp_path / "short.jsonl", [{"instruction": "2+2?", "output": "4"}] * 3)
+    with pytest.raises(UserError) as exc:
+        D.report(recipe(short, 64, eval_path=str(long_prompt)))
+    held = exc.value.render()
+    assert f"dataset.eval_path ({long_prompt})" in held, held  # the eval file is named as the user wrote it
+
+
+def test_an_assistant_turn_that_opens_the_conversation_has_its_header_masked(tokenizer):
+    """The first message's span started at character 0: the template's `<|assistant|>` header was trained on."""
+    enc = D.encoding_of(recipe("unused.jsonl", 256, format="chat", chat_template="chatml"))
+    msgs = [
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "x"},
+    ]
+    ids, labels = D.encode_row({"messages": msgs}, tokenizer, enc)
+    trained = tokenizer.decode([i for i, lab in zip(ids, labels, strict=True) if lab != -100])
+    assert "assistant" not in trained and trained.startswith("hi"), trained
+
+
+def test_responses_only_with_the_text_format_is_refused():
+    with pytest.raises(Exception, match="format text has no responses"):
+        recipe("x.jsonl", format="text", train_on_responses_only=True)
+
+
 def test_an_uncached_hub_dataset_is_a_clear_error(model_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -581,7 +650,7 @@ def test_tokenising_large_data_shows_rows_per_second_on_a_terminal(tmp_path, mod
     ref = prepared(recipe(src), model_path)[0]
     shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())  # without colours and cursor moves
     assert "tokenising" in shown and "1200/1200 rows" in shown and "rows/s" in shown, shown[-500:]
-    # below the threshold (and in logs) nothing is drawn; the samples are the same either way
+    # below the threshold nothing is drawn; the samples are the same either way
     monkeypatch.setattr(D, "PROGRESS_ROWS", 5000)
     monkeypatch.setenv("UNSLOTH_MGPU_CACHE", str(tmp_path / "other-cache"))
     screen.seek(0)
@@ -589,6 +658,26 @@ def test_tokenising_large_data_shows_rows_per_second_on_a_terminal(tmp_path, mod
     got = prepared(recipe(src), model_path)[0]
     assert "tokenising" not in screen.getvalue()
     assert np.array_equal(got.input_ids, ref.input_ids) and np.array_equal(got.labels, ref.labels)
+
+
+def test_tokenising_large_data_in_a_log_says_so_and_reports_progress_every_ten_seconds(monkeypatch, capsys):
+    """Without a terminal (CI, nohup, SLURM) tokenising 50,000 rows showed nothing for its whole duration."""
+    now = [100.0]
+    monkeypatch.setattr(D.time, "monotonic", lambda: now[0])
+    with D._row_progress(50_000, "tokenising (2 processes)") as advance:
+        for _ in range(10):  # 5,000 rows every 4 s
+            now[0] += 4.0
+            advance(5_000)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "tokenising (2 processes) 50,000 rows",
+        "tokenising (2 processes): 15,000/50,000 rows, 1,250 rows/s, ETA 28 s",
+        "tokenising (2 processes): 30,000/50,000 rows, 1,250 rows/s, ETA 16 s",
+        "tokenising (2 processes): 45,000/50,000 rows, 1,250 rows/s, ETA 4 s",
+    ], lines
+    with D._row_progress(D.PROGRESS_ROWS - 1, "tokenising") as advance:  # small data: nothing to wait for
+        advance(D.PROGRESS_ROWS - 1)
+    assert capsys.readouterr().out == ""
 
 
 # ---------------------------------------------------------------------------------------------------

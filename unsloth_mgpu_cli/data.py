@@ -17,6 +17,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -176,6 +177,28 @@ def _names(keys: Any, limit: int = 20, keep_order: bool = False) -> str:
     return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
 
 
+def _refuse_one_object(path: Path) -> None:
+    """A .json file over several lines that is one JSON object (pretty-printed, or `{"data": [...]}` as some
+    exports write it) is no dataset: say so, rather than a "malformed JSON line" error for each of its lines."""
+    try:
+        whole = json.loads(read_utf8(path, "invalid data"))
+    except json.JSONDecodeError:
+        return  # JSON Lines with objects over one line each, or broken: the line-by-line reader names the lines
+    if not isinstance(whole, dict):
+        return
+    lists = [key for key, value in whole.items() if isinstance(value, list) and value and isinstance(value[0], dict)]
+    hint = (
+        f"the rows look like the list under '{lists[0]}': extract it, e.g. jq '.{lists[0]}' {path.name} > rows.json"
+        if len(lists) == 1
+        else "write a JSON array of objects ([{...}, {...}]) or JSON Lines (one object per line)"
+    )
+    raise _data_error(
+        str(path),
+        f"expected a JSON array of objects (one per row), found one object with keys {_names(list(whole))}",
+        hint,
+    )
+
+
 def _read_json(path: Path, bad: _Bad) -> tuple[list[Any], list[int], bool]:
     """A JSON array (rows numbered from 1), or JSON Lines (rows named by their line).
 
@@ -196,6 +219,8 @@ def _read_json(path: Path, bad: _Bad) -> tuple[list[Any], list[int], bool]:
                 bad.add(n, Problem(f"{path}: row {n}", f"expected an object with named fields, found {_describe(row)}"))
         numbers = [n for n, row in enumerate(data, 1) if isinstance(row, dict)]
         return [row for row in data if isinstance(row, dict)], numbers, True
+    if path.suffix.lower() == ".json" and raw[bom:].lstrip().startswith(b"{") and raw.strip().count(b"\n"):
+        _refuse_one_object(path)  # JSON Lines otherwise: one object per line
     rows, lines = [], []
     offset = bom
     for lineno, line in enumerate(raw[bom:].split(b"\n"), 1):
@@ -273,6 +298,17 @@ def _read_csv(path: Path, bad: _Bad) -> tuple[list[dict[str, Any]], list[int]]:
         if header is None:
             if any(_NOT_UTF8.search(name) for name in record):
                 raise _data_error(f"{path}: row {start}", "the header (column names) is not UTF-8 text", UTF8_HINT)
+            twice = sorted({name for name in record if record.count(name) > 1})
+            if twice:  # the rows would keep the last of them only
+                fields = ", ".join(
+                    f"'{name}' (fields {' and '.join(str(i + 1) for i, n in enumerate(record) if n == name)})"
+                    for name in twice
+                )
+                raise _data_error(
+                    f"{path}: row {start}",
+                    f"the header names a column twice: {fields}",
+                    "rename one of them (dataset.columns can then map the one to use)",
+                )
             header = record
             continue
         if len(record) != len(header):
@@ -413,6 +449,17 @@ def _source_files(ds: DatasetSection, key: str) -> list[Path]:
         # A folder with split-named files (train.jsonl, test.jsonl) is read by dataset.split.
         split_files = [p for p in files if p.stem == ds.split]
         files = split_files or files
+        held_out = Path(ds.eval_path).resolve() if ds.eval_path else None
+        inside = [
+            f for f in files if held_out is not None and (f.resolve() == held_out or held_out in f.resolve().parents)
+        ]
+        if inside:  # it would be trained on, and then scored as unseen data
+            raise _data_error(
+                f"{key}.path ({path})",
+                f"the folder's files are all read for training, and dataset.eval_path ({ds.eval_path}) is among them",
+                "move the evaluation data out of the training folder, or name the training files by dataset.split "
+                f"(e.g. {path / (ds.split + '.jsonl')} beside the evaluation file)",
+            )
     elif path.exists():
         if path.suffix.lower() not in _SUFFIXES:
             raise _data_error(
@@ -640,6 +687,17 @@ def _render_chat(tokenizer: Any, msgs: list[dict[str, str]], template: str | Non
         ) from None
 
 
+def _first_header(tokenizer: Any, enc: Any, full: str) -> str:
+    """What the template writes before a conversation's first message when that is the assistant's (its header,
+    e.g. `<|im_start|>assistant\n`): masked like every other turn's. Found by rendering a one-message
+    conversation around a marker (transformers renders no empty conversation); "" where the conversation does not
+    start that way."""
+    marker = "\u2063mgpu-first-turn\u2063"
+    rendered = _render_chat(tokenizer, [{"role": "assistant", "content": marker}], enc.chat_template, False)
+    head = rendered[: max(0, rendered.find(marker))]
+    return head if full.startswith(head) else ""
+
+
 def encode_row(row: dict[str, Any], tokenizer: Any, enc: Encoding) -> tuple[list[int], list[int]]:
     """Token ids and labels of one row (IGNORE_INDEX where no loss is taken), before the length policy."""
     eos = tokenizer.eos_token_id
@@ -668,7 +726,7 @@ def encode_row(row: dict[str, Any], tokenizer: Any, enc: Encoding) -> tuple[list
         for j, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            a = _render_chat(tokenizer, msgs[:j], enc.chat_template, True) if j else ""
+            a = _render_chat(tokenizer, msgs[:j], enc.chat_template, True) if j else _first_header(tokenizer, enc, full)
             b = _render_chat(tokenizer, msgs[: j + 1], enc.chat_template, False)
             if not (full.startswith(a) and full.startswith(b)):
                 raise _RowError(
@@ -888,13 +946,34 @@ def _num_proc(recipe: Recipe, rows: int) -> int:
 # 1,900 rows/s in one process on the 2-core dev machine).
 PROGRESS_ROWS = 5_000
 CHUNK_ROWS = 1_000  # rows per progress update, one process
+LOG_EVERY_S = 10.0  # a progress line this often where there is no terminal
 
 
 @contextlib.contextmanager
 def _row_progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
-    """advance(n) for `total` rows: a transient rich bar on a terminal for large data, else nothing."""
-    if total < PROGRESS_ROWS or not sys.stdout.isatty():
+    """advance(n) for `total` rows: for large data a transient rich bar on a terminal, else (a log, a pipe) a line
+    as it starts and one every LOG_EVERY_S seconds."""
+    if total < PROGRESS_ROWS:
         yield lambda n: None
+        return
+    if not sys.stdout.isatty():
+        t0 = last = time.monotonic()
+        done = 0
+        print(f"{label} {total:,} rows", flush=True)
+
+        def log_line(n: int) -> None:
+            nonlocal done, last
+            done += n
+            now = time.monotonic()
+            if now - last >= LOG_EVERY_S and done < total:
+                last = now
+                rate = done / (now - t0)
+                print(
+                    f"{label}: {done:,}/{total:,} rows, {rate:,.0f} rows/s, ETA {(total - done) / rate:.0f} s",
+                    flush=True,
+                )
+
+        yield log_line
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -921,7 +1000,8 @@ def _row_progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
 def _encode_all(rows: Rows, recipe: Recipe, model_path: str, tokenizer: Any, enc: Encoding) -> list[Any]:
     n = len(rows.rows)
     procs = _num_proc(recipe, n)
-    with _row_progress(n, "tokenising") as advance:
+    label = "tokenising" if procs == 1 else f"tokenising ({procs} processes)"
+    with _row_progress(n, label) as advance:
         if procs == 1:
             out: list[Any] = []
             for i in range(0, n, CHUNK_ROWS):
@@ -931,7 +1011,7 @@ def _encode_all(rows: Rows, recipe: Recipe, model_path: str, tokenizer: Any, enc
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        size = -(-n // (procs * 4))
+        size = -(-n // (procs * 16))  # small enough that progress moves steadily, large enough to keep IPC cheap
         # fork: the parent holds no CUDA context or threads of ours, and the rows need not be pickled twice
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         pool = ProcessPoolExecutor(
@@ -1257,14 +1337,7 @@ def prepare(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary, bool
         mix=mix,
     )
     if summary.loss_tokens == 0:
-        raise UserError(
-            Problem(
-                "dataset",
-                "no sample has a token to train on",
-                "check dataset.format and dataset.train_on_responses_only",
-            ),
-            "invalid data",
-        )
+        raise UserError(_nothing_to_train_on(recipe, summary), "invalid data")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     meta = {
         "summary": asdict(summary),
@@ -1415,12 +1488,39 @@ class TokenizedData:
 # ----------------------------------------------------------------------------------------------------
 
 
+def _nothing_to_train_on(recipe: Recipe, summary: PrepareSummary) -> Problem:
+    """Why no sample has a loss token, as far as the counts tell: the prompts filled model.max_seq_length, or the
+    data has no response (an empty output, a conversation without an assistant turn)."""
+    d = recipe.dataset
+    where = f"dataset.path ({d.path})" if d.mix is None else "dataset.mix"
+    found = f"none of the {summary.samples:,} samples has a token to train on"
+    if summary.truncated and summary.truncated == summary.samples:
+        return Problem(
+            where,
+            f"{found}: all were cut to model.max_seq_length={recipe.model.max_seq_length} before their response",
+            "raise model.max_seq_length, or set dataset.too_long: drop to leave such rows out",
+        )
+    what = {
+        "chat": "a conversation without an assistant turn, or with empty assistant messages",
+        "alpaca": "an empty output",
+        "text": "an empty text",
+    }.get(d.format, "no response")
+    hint = (
+        "every sample needs a response to learn from; check dataset.format and dataset.columns"
+        + (", or set dataset.train_on_responses_only: false to train on whole samples"
+           if d.mix is None and d.responses_only() else "")
+    )  # fmt: skip
+    return Problem(where, f"{found} (each has {what}, or its response was masked)", hint)
+
+
 def prepare_eval(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary, bool] | None:
     """Tokenise `dataset.eval_path` into its own cache (same rules as the training file); None without one."""
     if recipe.dataset.eval_path is None:
         return None
     # read with the dataset section's own format, columns and split (a mix's sources do not apply to it)
-    section = recipe.dataset.model_copy(update={"path": recipe.dataset.eval_path, "mix": None, "eval_path": None})
+    # (not max_samples, which limits the training data)
+    update = {"path": recipe.dataset.eval_path, "mix": None, "eval_path": None, "max_samples": None}
+    section = recipe.dataset.model_copy(update=update)
     eval_recipe = recipe.model_copy(update={"dataset": section})
     try:
         return prepare(eval_recipe, model_path)

@@ -168,8 +168,8 @@ class DatasetSection(_Section):
     max_samples: int | None = Field(
         None,
         ge=1,
-        description="Use at most this many samples (after shuffling); with dataset.mix, exactly this many mixed "
-        "samples (sources are up- or downsampled to it).",
+        description="Use at most this many training samples (after shuffling; dataset.eval_path is not limited); "
+        "with dataset.mix, exactly this many mixed samples (sources are up- or downsampled to it).",
     )
     too_long: Literal["truncate", "drop"] = Field(
         "truncate", description="What to do with samples longer than model.max_seq_length; always reported."
@@ -416,7 +416,11 @@ class LoggingSection(_Section):
     """What is logged, and where."""
 
     steps: int = Field(1, ge=1, description="Write a metrics line every N optimizer steps.")
-    progress: bool = Field(True, description="Show a live progress bar on rank 0.")
+    progress: bool = Field(
+        True,
+        description="Show progress on rank 0: a live bar on a terminal, else one line per logged step (with the "
+        "elapsed time and an ETA). false: neither; evaluations and saved checkpoints are still printed.",
+    )
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list,
         description="Extra metric sinks, written by rank 0: tensorboard (<output.dir>/tensorboard) and wandb "
@@ -510,6 +514,14 @@ class Recipe(_Section):
                     )
                 )
         ds = self.dataset
+        if ds.format == "text" and ds.mix is None and ds.train_on_responses_only:
+            problems.append(
+                (
+                    "dataset.train_on_responses_only",
+                    "format text has no responses: every token of a text sample is trained on, so true would do "
+                    "nothing; use format alpaca or chat for prompt/response data, or leave the key out",
+                )
+            )
         if ds.eval_path is not None and ds.eval_ratio is not None:
             problems.append(("dataset.eval_ratio", "give either dataset.eval_path or dataset.eval_ratio, not both"))
         if t.eval_steps and ds.eval_path is None and ds.eval_ratio is None:
