@@ -204,7 +204,7 @@ def test_chat_content_follows_the_rules_of_the_other_formats(tmp_path, model_pat
         tmp_path / "e.jsonl", [{"messages": number}, {"messages": [number[0], {"role": "assistant", "content": " "}]}]
     )
     msg = user_error(recipe(empty, format="chat", chat_template="chatml"), model_path)
-    assert f"{empty}:2" in msg and "messages[1].content is empty (a assistant message)" in msg
+    assert f"{empty}:2" in msg and "messages[1].content is empty (an assistant message)" in msg
 
 
 def test_an_alpaca_answer_keeps_its_leading_indentation(tokenizer):
@@ -692,6 +692,42 @@ def test_a_field_that_is_no_text_is_refused_naming_line_field_and_type(tmp_path,
     assert "quote it in the file" in msg
     assert f"{f}:4: text: expected text (a string or a number), found a list of 1" in msg
     assert f"{f}:1" not in msg and f"{f}:3" not in msg  # a number is text: the answer of a maths dataset
+
+
+def test_nan_infinity_blank_text_a_conversation_in_a_csv_and_cr_line_ends_are_named_as_such(tmp_path, model_path):
+    """Python's json reads NaN and Infinity (JSON has neither): NaN is a missing value, and Infinity is no text to
+    train on (it was trained as "inf"). A conversation stored as a CSV cell, and a file whose lines end in CR alone,
+    get a hint that says what to change."""
+    lines = [
+        '{"instruction": "a", "output": NaN}',
+        '{"instruction": "b", "output": Infinity}',
+        '{"instruction": "c", "output": "  "}',
+        '{"instruction": "d", "output": "fine"}',
+    ]
+    f = tmp_path / "odd.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    msg = user_error(recipe(f), model_path)
+    assert f"{f}:1: output is empty (NaN: a missing value)" in msg
+    assert f"{f}:2: output: expected text (a string or a number), found Infinity" in msg
+    assert f"{f}:3: output is empty (only whitespace)" in msg and f"{f}:4" not in msg
+    chats = [{"role": "user", "content": float("nan")}, {"role": "assistant", "content": float("-inf")}]
+    c = tmp_path / "c.jsonl"
+    c.write_text("".join(json.dumps({"messages": [m, {"role": "assistant", "content": "x"}]}) + "\n" for m in chats))
+    msg = user_error(recipe(c, format="chat", chat_template="chatml"), model_path)
+    assert f"{c}:1: messages[0].content: expected text (a string or a number), found NaN" in msg
+    assert f"{c}:2: messages[0].content: expected text (a string or a number), found -Infinity" in msg
+    cell = json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    csv = tmp_path / "chat.csv"
+    csv.write_text('messages\n"' + cell.replace('"', '""') + '"\n')
+    msg = user_error(recipe(csv, format="chat", chat_template="chatml"), model_path)
+    assert f"{csv}: row 2: messages: expected a non-empty list" in msg and "write the data as JSON Lines" in msg
+    cr = tmp_path / "cr.jsonl"
+    cr.write_text("\r".join(json.dumps({"instruction": x, "output": x}) for x in "ab") + "\r", newline="")
+    msg = user_error(recipe(cr), model_path)
+    assert f"{cr}:1: malformed JSON line" in msg and "end in a carriage return (CR) alone" in msg
+    crlf = tmp_path / "crlf.jsonl"  # Windows line ends are fine
+    crlf.write_text("\r\n".join(json.dumps({"instruction": x, "output": x}) for x in "ab") + "\r\n", newline="")
+    assert prepared(recipe(crlf), model_path)[1].samples == 2
 
 
 def test_numbers_are_trained_as_their_text(tmp_path, model_path):

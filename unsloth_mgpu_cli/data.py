@@ -12,6 +12,7 @@ import codecs
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -159,6 +160,12 @@ def _describe(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return f"the boolean {str(value).lower()}"
+    if isinstance(value, float) and not math.isfinite(value):  # Python's json reads NaN and Infinity, JSON has neither
+        return (
+            "NaN (not a number: what some exporters write for a missing value)"
+            if value != value
+            else (f"{'-' if value < 0 else ''}Infinity")
+        )
     if isinstance(value, (int, float)):
         return f"the number {value}"
     if isinstance(value, str):
@@ -236,14 +243,14 @@ def _read_json(path: Path, bad: _Bad) -> tuple[list[Any], list[int], bool]:
         try:
             row = json.loads(text)
         except json.JSONDecodeError as exc:
-            bad.add(
-                lineno,
-                Problem(
-                    f"{path}:{lineno}",
-                    f"malformed JSON line: {exc.msg} at column {exc.colno}",
-                    "each line of a JSON Lines file must be one JSON object",
-                ),
+            cr_only = "\r" in text.rstrip("\r")  # lines that end in CR alone (classic Mac OS): one "line" here
+            hint = (
+                "the file's lines end in a carriage return (CR) alone; convert them: "
+                f"tr '\\r' '\\n' < {path.name} > fixed.jsonl"
+                if cr_only
+                else "each line of a JSON Lines file must be one JSON object"
             )
+            bad.add(lineno, Problem(f"{path}:{lineno}", f"malformed JSON line: {exc.msg} at column {exc.colno}", hint))
             continue
         if not isinstance(row, dict):
             bad.add(
@@ -614,7 +621,10 @@ def _field(row: dict[str, Any], name: str, fmt: str, required: bool = True) -> s
     value = row[name]
     if value is None or (isinstance(value, float) and value != value):  # null, or NaN (a gap in a Parquet column)
         if required:
-            raise _RowError(f"{name} is empty (null)")
+            raise _RowError(
+                f"{name} is empty ({'null' if value is None else 'NaN: a missing value'})",
+                "fill it in, or drop the row: every row needs it to train on",
+            )
         return ""
     if isinstance(value, bytes):  # a CSV field that is not UTF-8 (see _read_csv), or a binary Parquet column
         try:
@@ -623,7 +633,7 @@ def _field(row: dict[str, Any], name: str, fmt: str, required: bool = True) -> s
             raise _RowError(
                 f"{name}: not UTF-8 text: byte 0x{value[exc.start]:02x} at offset {exc.start} of the field", UTF8_HINT
             ) from None
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         value = str(value)
     if not isinstance(value, str):
         hint = (
@@ -633,7 +643,10 @@ def _field(row: dict[str, Any], name: str, fmt: str, required: bool = True) -> s
         )
         raise _RowError(f"{name}: expected text (a string or a number), found {_describe(value)}", hint)
     if required and not value.strip():
-        raise _RowError(f"{name} is empty", "fill it in, or drop the row: every row needs it to train on")
+        raise _RowError(
+            f"{name} is empty{' (only whitespace)' if value else ''}",
+            "fill it in, or drop the row: every row needs it to train on",
+        )
     return value
 
 
@@ -642,7 +655,13 @@ def _chat_messages(row: dict[str, Any]) -> list[dict[str, str]]:
         raise _missing(row, "messages", "chat")
     msgs = row["messages"]
     if not isinstance(msgs, list) or not msgs:
-        raise _RowError(f"messages: expected a non-empty list of {{role, content}} objects, found {msgs!r:.60}")
+        hint = None
+        if isinstance(msgs, str) and msgs.lstrip().startswith("["):  # a CSV cell, or a JSON string, holding JSON
+            hint = (
+                "the conversation is stored as text (a CSV cell or a quoted JSON string); write the data as JSON Lines "
+                'with the list itself: {"messages": [{"role": "user", "content": "..."}, ...]}'
+            )
+        raise _RowError(f"messages: expected a non-empty list of {{role, content}} objects, found {msgs!r:.60}", hint)
     out = []
     for j, m in enumerate(msgs):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
@@ -657,13 +676,13 @@ def _chat_messages(row: dict[str, Any]) -> list[dict[str, str]]:
                 "ShareGPT's human and gpt are accepted too; rename other roles in the data",
             )
         content = m["content"]
-        if isinstance(content, (int, float)) and not isinstance(content, bool) and content == content:
+        if isinstance(content, (int, float)) and not isinstance(content, bool) and math.isfinite(content):
             content = str(content)  # a number is trained as its text, as in the other formats
         if not isinstance(content, str):
             raise _RowError(f"messages[{j}].content: expected text (a string or a number), found {_describe(content)}")
         if role != "system" and not content.strip():
             raise _RowError(
-                f"messages[{j}].content is empty (a {role} message)",
+                f"messages[{j}].content is empty ({'an' if role[0] in 'aeiou' else 'a'} {role} message)",
                 "every user, assistant and tool message needs text: fill it in or drop the row",
             )
         out.append({"role": role, "content": content})
