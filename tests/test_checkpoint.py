@@ -481,7 +481,9 @@ def test_the_summary_of_a_resumed_run_says_what_this_session_covers_and_shows_th
         "output_dir": str(tmp_path),
     }
     print_summary(summary)
-    out = " ".join(capsys.readouterr().out.split())
+    printed = capsys.readouterr().out
+    assert all(line == line.rstrip() for line in printed.splitlines()), printed  # no padding in a log
+    out = " ".join(printed.split())
     assert "30 (resumed from step 20: this session trained steps 21-30)" in out, out
     assert "7,444 this session" in out and "22,359 over the whole run" in out, out
     assert "8,000 over the whole session" in out and "5.8899 at the end, best 5.8000" in out, out

@@ -77,6 +77,8 @@ def runs(tmp_path_factory):
         *RUN,
         f"output.dir={base / 'ref'}",
         "logging.report_to=[tensorboard]",
+        "logging.progress=true",  # plain lines (no terminal): the order of step, eval and checkpoint lines is checked
+        "logging.steps=1",
         timeout=400,
         MGPU_INJECT_FAULT="slow_eval:rank=0:step=5:seconds=1.5",
     )
@@ -125,6 +127,7 @@ def runs(tmp_path_factory):
     orphans_ckpts = sorted(p.name for p in (base / "orphans" / "checkpoints").iterdir())
     return {
         "base": base,
+        "ref_out": ref.stdout,
         "killed_ckpts": killed_ckpts,
         "killed_steps": killed_steps,
         "resumed": resumed,
@@ -262,6 +265,13 @@ def test_eval_loss_is_logged_every_eval_steps_and_at_the_end(runs):
     speeds = {r["step"]: r["tokens_per_second"] for r in rows if r["step"] > 1}  # step 1 compiles
     typical = statistics.median(v for k, v in speeds.items() if k not in (5, 6, 10))
     assert all(typical / 3 < speeds[k] < typical * 3 for k in (5, 6, 10)), speeds
+    # in the log, a step's own line comes first, then its evaluation, then its checkpoint
+    lines = runs["ref_out"].splitlines()
+    at = {
+        key: next((i for i, line in enumerate(lines) if line.startswith(key)), -1)
+        for key in ("step 5/10 ", "eval step 5:", "checkpoint step-5 saved", "step 6/10 ")
+    }
+    assert -1 not in at.values() and list(at.values()) == sorted(at.values()), (at, runs["ref_out"][-3000:])
     summary = json.loads((runs["base"] / "ref" / "summary.json").read_text())
     assert summary["eval_s"] > 1.5 and summary["tokens_per_second"] == pytest.approx(
         summary["tokens"] / (summary["elapsed_s"] - summary["eval_s"]), rel=1e-6

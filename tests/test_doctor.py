@@ -338,6 +338,8 @@ def test_mgpu_doctor_probe_json_on_cpu():
     probe = by_name([doctor.Check(**c) for c in data["checks"]])["probe all-reduce"]
     assert probe.status == "ok", probe.value
     assert data["probe"]["busbw_gbps"] > 0 and data["probe"]["world_size"] == 2
+    # the probe takes tens of seconds: stderr says what is going on (stdout stays one JSON document)
+    assert "probing: one worker per GPU (2 on CPU) times an all-reduce; up to 120 s ..." in proc.stderr
 
 
 def test_measured_pair_bandwidth_names_the_link_class():

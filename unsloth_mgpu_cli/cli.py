@@ -371,7 +371,22 @@ def doctor(
         found = f"expected a positive number of seconds, found {probe_timeout:g}"
         hint = "e.g. --probe-timeout 300 on a slow machine (default 120)"
         _fail(UserError(Problem("argument --probe-timeout", found, hint), "invalid arguments"))
-    report = run_checks(output_dir=output_dir, probe=probe, probe_timeout=probe_timeout)
+    if probe:  # the checks take a second; the probe starts workers (tens of seconds): say so on stderr
+        import contextlib
+
+        from .render import people_console
+
+        err = people_console(stderr=True)
+        doing = f"probing: one worker per GPU (2 on CPU) times an all-reduce; up to {probe_timeout:g} s"
+        if err.is_terminal:
+            waiting: Any = err.status(doing)
+        else:
+            err.print(doing + " ...")
+            waiting = contextlib.nullcontext()
+        with waiting:
+            report = run_checks(output_dir=output_dir, probe=True, probe_timeout=probe_timeout)
+    else:
+        report = run_checks(output_dir=output_dir)
     if json_output:
         import json
 

@@ -127,7 +127,12 @@ def print_summary(summary: dict) -> None:
         )
     t.add_row("peak memory", " / ".join(f"{m:.2f}" for m in summary.get("peak_memory_gb", [])) + " GB per worker")
     t.add_row("output", str(summary.get("output_dir")))
-    console.print(t)
+    if console.is_terminal:
+        console.print(t)
+    else:  # a log: rows without the padding to the longest one, which grep and copy-paste would carry along
+        with console.capture() as shown:
+            console.print(t)
+        console.print("\n".join(line.rstrip() for line in shown.get().splitlines()), markup=False, soft_wrap=True)
     stale = _stale_exports(summary.get("output_dir"))
     if stale:
         console.print(

@@ -329,10 +329,11 @@ class Trainer:
             eval_s = time.perf_counter() - t_eval  # after this step's end (done_at): the next window skips it
             s.eval_total += eval_s
             s.last_eval_loss = evaluated[0]
-            s.progress.eval(self.step, *evaluated)
         if self.step % r.logging.steps == 0 or last or evaluated is not None:
             self._log_step(s, step, out, lr, done_at, evaluated)
             s.t_window, s.tokens_window = done_at + eval_s, 0  # tokens/s measures training, not evaluation
+        if evaluated is not None:  # after the step's own line, which the log shows first
+            s.progress.eval(self.step, *evaluated)
         s.run_state["elapsed_s"] = s.elapsed_before + done_at - s.t_start
         return self._save_or_stop(s, out.stop_ranks > 0 and not last, last, evaluated is not None, dropped)
 
