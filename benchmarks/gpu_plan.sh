@@ -415,6 +415,24 @@ clocks_throttle_reasons.active --format=csv,noheader -lms 100 > "$OUT/smi.csv" 2
     rm -rf "$OUT/eval"
     timeout -k 10 "${T:-300}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
+  s19)
+    # session 19 (1-GPU kind): the output changes on CUDA, piped as in a log: a run with evaluation and
+    # logging.progress false (eval lines still printed), its resume (the summary's session/whole-run rows), the timed
+    # export phases, the report; then the tier's 1-GPU tests and the 1B at 1 GPU against s17's figure
+    R=(python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 training.warmup_steps=1
+       dataset.eval_ratio=0.1 training.eval_steps=10 logging.progress=false output.save_steps=10 output.dir="$OUT/q")
+    "${R[@]}" training.max_steps=20 > "$OUT/q1.txt" 2>&1; echo "train: exit=$?"
+    grep -cE "eval" "$OUT/q1.txt" | sed 's/^/lines naming eval: /'; grep -E "checkpoint step-|^eval loss|^training" "$OUT/q1.txt"
+    "${R[@]}" training.max_steps=30 --resume auto > "$OUT/q2.txt" 2>&1; echo "resume: exit=$?"
+    grep -E "^steps|^tokens|^training|^throughput|^eval loss" "$OUT/q2.txt" | cut -c1-200
+    python3 -m unsloth_mgpu_cli export "$OUT/q" --merged > "$OUT/export.txt" 2>&1; echo "export: exit=$?"
+    cut -c1-160 "$OUT/export.txt" | tail -6
+    python3 -m unsloth_mgpu_cli report "$OUT/q" > "$OUT/report.txt" 2>&1; echo "report: exit=$?"; head -4 "$OUT/report.txt"
+    rm -rf "$OUT/q/merged" "$OUT/q/checkpoints"
+    timeout -k 10 "${T:-230}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
+    echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt"
+    timeout 200 "${BENCH[@]}" --out "$OUT/a" --only ours --gpus 1 --budget-s 190 | tail -3
+    cd "$OUT" && tar czf rest.tgz a q/logs; rm -rf a; exit 0 ;;
   s18)
     # session 18 (1-GPU kind): Ctrl-C while the worker imports torch, before its handlers exist (the launcher now
     # starts the workers with the stop signals held; torch 2.11 here, 2.14 on CPU): exit 130, no traceback, no model
