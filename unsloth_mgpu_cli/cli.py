@@ -408,7 +408,10 @@ def suggest(
     ],
     gpus: Annotated[int | None, typer.Option("--gpus", help="GPUs to train on (default: detected, else 1).")] = None,
     gpu_memory: Annotated[
-        str | None, typer.Option("--gpu-memory", help="Memory per GPU, e.g. 80GB (default: the smallest detected GPU).")
+        str | None,
+        typer.Option(
+            "--gpu-memory", help="Memory per GPU, e.g. 80GB (GB = GiB, 2^30 bytes; default: the smallest detected GPU)."
+        ),
     ] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sample (model.max_seq_length).")] = 2048,
     method: Annotated[

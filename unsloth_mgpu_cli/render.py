@@ -174,7 +174,7 @@ def print_plan(plan) -> None:
     )
     b = plan.breakdown
     if b is not None:
-        title = "memory forecast per GPU" + ("" if plan.fits else " (smallest setting tried)")
+        title = "memory forecast per GPU (GB = GiB, 2^30 bytes)" + ("" if plan.fits else " (smallest setting tried)")
         t = Table(title=title, title_justify="left")
         t.add_column("component")
         t.add_column("GB", justify="right")
