@@ -397,6 +397,12 @@ CASES = [
     ),
     ("attention-kernel-needs-cuda", "train", edit(model__attention="cudnn"), ["model.attention", "only on CUDA"]),
     ("seed-too-large", "train", edit(training__seed=2**64), ["training.seed", "4294967295"]),
+    (
+        "model-not-cached-offline",
+        "train",
+        edit(model__name="unsloth/not-cached-model"),
+        ["model.name (unsloth/not-cached-model)", "cannot load its tokenizer", "download the model once"],
+    ),
     # --- silently read another way before ---
     ("number-given-a-boolean", "validate", edit(lora__r=True), ["lora.r", "found the boolean true"]),
     ("dataset-folder-missing", "validate", edit(dataset__path="nosuchfolder/"), ["dataset.path", "not found"]),

@@ -773,9 +773,44 @@ _WORKER_TOKENIZER: Any = None
 
 
 def _load_tokenizer(model_path: str, trust_remote_code: bool) -> Any:
+    """The model's tokenizer. A hub id that is neither in the HF cache nor reachable is a UserError naming
+    model.name (it was a 100-line traceback and exit 1 after the hub client's retries)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    local = Path(model_path).is_dir()
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    if not local and not offline and not _in_hf_cache(model_path):
+        print(f"model.name {model_path}: downloading its tokenizer from the Hugging Face hub ...", file=sys.stderr)
+    try:
+        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:  # not in the cache and no network, an unknown id, a folder without one
+        if local:
+            found = f"the folder holds no tokenizer that transformers can load: {_first_line(exc)}"
+            hint = "point model.name at a folder saved with save_pretrained (tokenizer files included)"
+        else:
+            found = f"cannot load its tokenizer: {_first_line(exc)}"
+            hint = (
+                "the hub is offline (HF_HUB_OFFLINE=1): download the model once with network access, or give a "
+                "local folder"
+                if offline
+                else "check the id (and network access to huggingface.co, or HF_ENDPOINT), or give a local folder"
+            )
+        raise UserError(Problem(f"model.name ({model_path})", found, hint), "invalid model") from None
+
+
+def _in_hf_cache(model_id: str) -> bool:
+    """Whether the HF cache holds `model_id`'s tokenizer config (then no download is announced)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model_id, "tokenizer_config.json"), str)
+    except Exception:  # not a valid repo id: from_pretrained names the problem
+        return True
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _init_worker(model_path: str, trust_remote_code: bool) -> None:
@@ -873,8 +908,20 @@ class PrepareSummary:
                 f"{self.longest_before})[/]"
             )
         if self.no_loss:
-            text += f", [yellow]{self.no_loss:,} with nothing to train on[/]"
+            text += f", [yellow]{self.no_loss_text()}[/]"
         return text
+
+    def no_loss_text(self) -> str:
+        """The samples without a loss token: how many, and the likely cause with its fix (they cost a step's
+        compute and teach nothing)."""
+        share = self.no_loss / max(1, self.samples)
+        text = f"{self.no_loss:,} ({share:.0%}) with nothing to train on"
+        if self.truncated:
+            return (
+                text
+                + " (most likely cut before their response): set dataset.too_long: drop or raise model.max_seq_length"
+            )
+        return text + " (no response, or an empty one, in those rows)"
 
 
 def _hash_source(h: Any, path: str) -> None:
