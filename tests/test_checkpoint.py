@@ -206,6 +206,28 @@ def test_resume_check_names_what_changed(tmp_path):
         C.check_resume_compatible(ckpt, {**saved, "optimizer": "adamw", "strategy": "fsdp"})
     text = exc.value.render()
     assert "set training.optimizer back" in text and "set distributed.strategy back" in text, text
+    # a section: only its keys that changed (both whole dicts were printed)
+    lora = {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    saved = {**saved, "lora": lora}
+    (ckpt / "state.json").write_text(json.dumps({"step": 5, "identity": saved}))
+    with pytest.raises(UserError) as exc:
+        C.check_resume_compatible(ckpt, {**saved, "lora": {**lora, "r": 8}})
+    text = exc.value.render()
+    assert "trained with {'r': 16}, the recipe now gives {'r': 8}" in text and "set lora.r back" in text, text
+
+
+def test_resume_from_a_folder_that_is_no_checkpoint_names_the_ones_there(tmp_path):
+    with pytest.raises(UserError) as exc:
+        C.find_resume_checkpoint(tmp_path, str(tmp_path / "checkpoints" / "step-99"))
+    assert f"{tmp_path} holds no checkpoint yet" in exc.value.render()
+    for step in (10, 14):
+        (tmp_path / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step-{step}" / "state.json").write_text(json.dumps({"step": step}))
+    with pytest.raises(UserError) as exc:
+        C.find_resume_checkpoint(tmp_path, str(tmp_path / "checkpoints" / "step-99"))
+    text = exc.value.render()
+    assert "not a checkpoint folder (no state.json)" in text
+    assert f"one of: {tmp_path}/checkpoints/step-10, {tmp_path}/checkpoints/step-14" in text, text
 
 
 def test_eval_split_is_seeded_disjoint_and_complete():
@@ -318,6 +340,9 @@ def test_report_and_export_refuse_a_folder_without_a_run(tmp_path):
     from conftest import assert_user_error, run_mgpu
 
     assert_user_error(run_mgpu("report", str(tmp_path), timeout=120), "no metrics.jsonl")
+    proc = run_mgpu("export", str(tmp_path), "--merged", timeout=120)  # never a run: no "resume it" hint
+    assert_user_error(proc, "no adapter", "not the folder of an mgpu run", "give the output.dir")
+    assert "--resume" not in proc.stderr
     assert_user_error(run_mgpu("report", str(tmp_path / "nope"), timeout=120), "no such folder")
     (tmp_path / "recipe.resolved.yaml").write_text("model: {}\n")  # a run that started and logged nothing yet
     assert_user_error(run_mgpu("report", str(tmp_path), timeout=120), "has not logged a step yet")
@@ -492,3 +517,39 @@ def test_the_summary_of_a_resumed_run_says_what_this_session_covers_and_shows_th
     assert "resumed from" not in out and "this session" not in out and "eval loss" not in out, out
     assert "8,000 over the whole run" in out, out
     assert not people_console().is_terminal and people_console().soft_wrap  # a log's lines stay whole
+
+
+def test_a_resume_with_changed_settings_says_so_and_the_resolved_recipe_keeps_the_record(tmp_path, capsys):
+    """Changing the learning rate or max_steps on --resume is allowed, but it was silent, and recipe.resolved.yaml
+    was replaced: the only record of the values steps 1-10 used was gone."""
+    from unsloth_mgpu_cli.engine import _print_launch, _start_output_dir
+    from unsloth_mgpu_cli.recipe import Recipe
+
+    def recipe(lr: float, steps: int) -> Recipe:
+        training = {"learning_rate": lr, "max_steps": steps, "warmup_steps": 1}
+        return Recipe.model_validate(
+            {"model": {"name": "builtin:tiny-llama"}, "dataset": {"path": "d.jsonl"}, "training": training}
+        )
+
+    out = tmp_path / "run"
+    _start_output_dir(out, recipe(3e-3, 10), False, None, None)
+    ckpt = out / "checkpoints" / "step-10"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text(json.dumps({"step": 10}))
+    assert _start_output_dir(out, recipe(3e-3, 10), False, "auto", ckpt) == []  # the same recipe: nothing to say
+    changed = _start_output_dir(out, recipe(1e-4, 14), False, "auto", ckpt)
+    assert changed == ["training.learning_rate: 0.003 -> 0.0001", "training.max_steps: 10 -> 14"]
+    (ckpt.parent / "step-14").mkdir()
+    (ckpt.parent / "step-14" / "state.json").write_text(json.dumps({"step": 14}))
+    again = _start_output_dir(out, recipe(1e-4, 20), False, "auto", ckpt.parent / "step-14")
+    assert again == ["training.max_steps: 14 -> 20"]
+    text = (out / "recipe.resolved.yaml").read_text()
+    assert "# Resumed at step 10 with: training.learning_rate: 0.003 -> 0.0001; training.max_steps: 10 -> 14\n" in text
+    assert "# Resumed at step 14 with: training.max_steps: 14 -> 20\n" in text and "max_steps: 20" in text
+    nodes = SimpleNamespace(under_torchrun=False, describe=lambda: "")
+    _print_launch(recipe(1e-4, 20), nodes, "auto", ckpt, [], again)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert (
+        "note: settings changed since the checkpoint (recorded in recipe.resolved.yaml): training.max_steps: 14 -> 20"
+        in printed
+    )

@@ -250,11 +250,20 @@ def find_resume_checkpoint(out: Path, resume: str, notes: list[str] | None = Non
             Problem(
                 "argument --resume",
                 f"not a checkpoint folder (no state.json): {path}",
-                f"use --resume auto, or one of {out}/checkpoints/step-N",
+                _checkpoints_hint(out),
             ),
             "invalid arguments",
         )
     return path
+
+
+def _checkpoints_hint(out: Path) -> str:
+    """The checkpoints there are to resume from, by name (the newest last), or that there are none."""
+    found = list_checkpoints(out)
+    if not found:
+        return f"{out} holds no checkpoint yet: start without --resume (or with --resume auto)"
+    names = ", ".join(str(p) for p in found[-3:])
+    return f"use --resume auto (the newest), or one of: {names}" + (" (the newest 3)" if len(found) > 3 else "")
 
 
 def checkpoint_damage(ckpt: Path) -> str | None:
@@ -424,10 +433,15 @@ def check_resume_compatible(ckpt: Path, identity: dict[str, Any]) -> None:
         if key not in saved or saved[key] == now:
             continue  # keys added by newer versions are not a reason to refuse an older checkpoint
         label, keys = _IDENTITY_LABELS.get(key, (key, key))
+        was, given = saved[key], now
+        if isinstance(was, dict) and isinstance(now, dict):  # a section (lora): only the keys that differ
+            differ = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+            was, given = ({k: d.get(k) for k in differ} for d in (saved[key], now))
+            keys = " ".join(f"{key}.{k}" for k in differ)
         problems.append(
             Problem(
                 f"argument --resume {ckpt.name}",
-                f"{label} changed: the checkpoint was trained with {saved[key]!r}, the recipe now gives {now!r}",
+                f"{label} changed: the checkpoint was trained with {was!r}, the recipe now gives {given!r}",
                 f"set {keys} back",
             )
         )

@@ -452,9 +452,9 @@ def train(
         if _finished_already(resume_from, recipe, out):
             return {}
     if is_main_node:
-        _start_output_dir(out, recipe, overwrite, resume, resume_from)
+        changed = _start_output_dir(out, recipe, overwrite, resume, resume_from)
         _print_data(recipe, summary, hit, eval_prepared, notes, disk_note)
-        _print_launch(recipe, nodes, resume, resume_from, resume_notes)
+        _print_launch(recipe, nodes, resume, resume_from, resume_notes, changed)
     elif not nodes.under_torchrun:  # the other nodes' consoles say which node they are and what they start
         console.print(f"[bold]nodes[/]: {nodes.describe()}")
         console.print(
@@ -546,20 +546,50 @@ def _place_workers(
     return recipe, nodes, notes
 
 
-def _start_output_dir(out: Path, recipe: Recipe, overwrite: bool, resume: str | None, resume_from: Path | None) -> None:
+def _start_output_dir(
+    out: Path, recipe: Recipe, overwrite: bool, resume: str | None, resume_from: Path | None
+) -> list[str]:
     """Rank 0's node, once every check has passed: output.dir made (or emptied), stale files of an interrupted
-    run removed, metrics rows after the resumed checkpoint dropped, and `recipe.resolved.yaml` written."""
+    run removed, metrics rows after the resumed checkpoint dropped, and `recipe.resolved.yaml` written.
+
+    Returns the settings a resume changed (`training.learning_rate: 0.003 -> 0.0001`), which the new
+    recipe.resolved.yaml records in its header, with the earlier resumes' records, as it replaces the old one."""
     from .checkpoint import clean_stale, read_state, truncate_metrics
 
     make_output_dir(out, overwrite, resume is not None)
     clean_stale(out)
+    header = ["# Every value of this run, `auto`s filled in (written by mgpu train)."]
+    changed: list[str] = []
+    text = to_yaml(recipe)
     if resume is not None:
         # rows logged after the checkpoint will be logged again: no duplicate steps in metrics.jsonl
         start = int(read_state(resume_from)["step"]) if resume_from else 0
         truncate_metrics(out, start)
-    (out / "recipe.resolved.yaml").write_text(
-        "# Every value of this run, `auto`s filled in (written by mgpu train).\n" + to_yaml(recipe)
-    )
+        if resume_from is not None:
+            old = out / "recipe.resolved.yaml"
+            earlier = old.read_text(errors="replace") if old.is_file() else ""
+            header += [line for line in earlier.splitlines() if line.startswith("# Resumed at step")]
+            changed = _changed_settings(earlier, text)
+            if changed:
+                header.append(f"# Resumed at step {start} with: {'; '.join(changed)}")
+    (out / "recipe.resolved.yaml").write_text("\n".join(header) + "\n" + text)
+    return changed
+
+
+def _changed_settings(before: str, after: str) -> list[str]:
+    """`key: old -> new` for each recipe value that differs between two resolved recipes (YAML text)."""
+    import yaml
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(node, dict):
+            return {k: v for key, sub in node.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): node}
+
+    try:
+        old, new = flat(yaml.safe_load(before) or {}), flat(yaml.safe_load(after) or {})
+    except yaml.YAMLError:  # an earlier file edited by hand: nothing to compare with
+        return []
+    return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
 
 
 def _print_data(
@@ -586,7 +616,14 @@ def _print_data(
         console.print(f"[yellow]warning:[/] {disk}")
 
 
-def _print_launch(recipe: Recipe, nodes: Any, resume: str | None, resume_from: Path | None, notes: list[str]) -> None:
+def _print_launch(
+    recipe: Recipe,
+    nodes: Any,
+    resume: str | None,
+    resume_from: Path | None,
+    notes: list[str],
+    changed: list[str] | None = None,
+) -> None:
     """What is started where (nodes, workers, device, global batch), and from which checkpoint."""
     from .render import console
 
@@ -604,6 +641,13 @@ def _print_launch(recipe: Recipe, nodes: Any, resume: str | None, resume_from: P
         console.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
     if resume_from is not None:
         console.print(f"[bold]resuming[/] from {resume_from}")
+        if changed:  # allowed (see docs/checkpoints.md), but the steps before the checkpoint used the old values
+            console.print(
+                "note: settings changed since the checkpoint (recorded in recipe.resolved.yaml): " + "; ".join(changed),
+                soft_wrap=True,
+                markup=False,
+                style="yellow",
+            )
     elif resume:
         console.print("[dim]--resume auto: no checkpoint yet, starting from step 0[/]")
 

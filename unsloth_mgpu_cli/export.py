@@ -63,11 +63,15 @@ def check_export_args(output_dir: Path, dtype: str, dest: Path | None = None) ->
                 ),
                 "nothing to export",
             )
+        a_run = (out / "recipe.resolved.yaml").is_file()  # what every `mgpu train` writes first
         raise UserError(
             Problem(
                 "argument OUTPUT_DIR",
-                f"no adapter in {out} (expected adapter/adapter_config.json)",
-                "the adapter is written when training ends; finish the run with `mgpu train RECIPE --resume auto`",
+                f"no adapter in {out} (expected adapter/adapter_config.json)"
+                + ("" if a_run else "; it holds no recipe.resolved.yaml either: not the folder of an mgpu run"),
+                "the adapter is written when training ends; finish the run with `mgpu train RECIPE --resume auto`"
+                if a_run
+                else "give the output.dir of an `mgpu train` run",
             ),
             "nothing to export",
         )
