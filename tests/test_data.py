@@ -321,6 +321,16 @@ def test_too_long_samples_are_truncated_or_dropped_and_reported(tmp_path, model_
     data, s = prepared(recipe(f, max_seq_length=64, format="text", too_long="drop"), model_path)
     assert (s.samples, s.truncated, s.dropped) == (1, 0, 2) and "2 dropped as longer than 64" in s.describe(64)
     assert data.lengths().tolist() == [full[0]]
+    # an alpaca prompt longer than the limit leaves its row nothing to train on: said, with the fix
+    long = write_jsonl(
+        tmp_path / "a.jsonl",
+        [{"instruction": "word " * 200, "output": "ok"}, *[{"instruction": "a", "output": "b"}] * 3],
+    )
+    _, s = prepared(recipe(long, max_seq_length=64), model_path)
+    assert (s.truncated, s.no_loss) == (1, 1)
+    assert "1 (25%) with nothing to train on (most likely cut before their response): set dataset.too_long: drop" in (
+        s.describe(64)
+    )
 
 
 def test_second_prepare_hits_the_cache_without_loading_the_tokenizer(tmp_path, model_path, monkeypatch):

@@ -355,3 +355,16 @@ def test_the_mgpu_cache_disk_is_where_unsloth_mgpu_cache_points(tmp_path):
     env = {**os.environ, "UNSLOTH_MGPU_CACHE": str(tmp_path / "cache")}
     checks = by_name(run_checks(output_dir=tmp_path, env=env).checks)
     assert str(tmp_path / "cache") in checks["disk: mgpu cache"].value, checks["disk: mgpu cache"].value
+
+
+def test_hugging_face_downloads_on_without_a_resolvable_hub_is_a_warning():
+    """`online` only meant HF_HUB_OFFLINE unset: on a host without DNS for the hub every download then failed after
+    about 50 s of retries, while doctor said ok."""
+    from unsloth_mgpu_cli.doctor import check_hf, hub_host_resolves
+
+    cache = Path("/nonexistent-cache")
+    bad = check_hf(cache, offline=False, token_present=True, hub_resolves=False)
+    assert bad.status == "warn" and "does not resolve" in bad.value and "HF_HUB_OFFLINE=1" in bad.hint
+    assert check_hf(cache, offline=False, token_present=True, hub_resolves=True).status == "ok"
+    assert check_hf(cache, offline=False, token_present=True, hub_resolves=None).status == "warn"  # no answer in 2 s
+    assert hub_host_resolves({"HF_ENDPOINT": "https://no-such-host.invalid"}) in (False, None)  # never resolves

@@ -196,6 +196,7 @@ def test_a_cross_key_error_names_the_line_that_set_each_key(workdir):
         load_recipe(p, ["training.max_steps=4"])
     line = next(i for i, text in enumerate(p.read_text().splitlines(), 1) if "warmup_steps" in text)
     assert f"training.warmup_steps ({p}:{line}): expected fewer than training.max_steps (4)" in exc.value.render()
+    assert "For a short try run, add training.warmup_steps=0" in exc.value.render()  # the starter recipe's smoke test
 
 
 def test_interpolation_resolves(workdir):
@@ -433,3 +434,16 @@ def test_help_shows_no_value_beside_a_flag():
         ]
         assert flags, (command, proc.stdout)
         assert not any("<bool>" in line for line in flags), (command, flags)
+
+
+def test_a_dataset_format_named_as_other_tools_name_it_gets_ours_as_a_hint(workdir):
+    """axolotl's `type: sharegpt` is our `chat` with a column mapping; the refusal did not say so."""
+    p = write(workdir, GOOD)
+    with pytest.raises(UserError) as exc:
+        load_recipe(p, ["dataset.format=sharegpt"])
+    text = exc.value.render()
+    assert "expected 'alpaca', 'chat' or 'text'; found 'sharegpt'" in text
+    assert "dataset.columns: {messages: conversations, role: from, content: value}" in text, text
+    with pytest.raises(UserError) as exc:
+        load_recipe(p, ["dataset.format=completion"])
+    assert "that is format text here" in exc.value.render()

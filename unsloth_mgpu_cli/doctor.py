@@ -365,9 +365,41 @@ def check_disk(label: str, path: Path, free_bytes: int | None, warn_below: float
     return Check(name, "ok", value)
 
 
-def check_hf(cache: Path, offline: bool, token_present: bool) -> Check:
-    """Where models are cached, whether downloads are allowed, whether gated models can be fetched."""
+def hub_host_resolves(env: Mapping[str, str], timeout: float = 2.0) -> bool | None:
+    """Whether the hub's host name (HF_ENDPOINT's, else huggingface.co) resolves, within `timeout` seconds (None:
+    no answer in time). Without it every hub download fails, after the hub client's retries (about 50 s)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    host = urlparse(env.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    answer: list[bool] = []
+
+    def look_up() -> None:
+        try:
+            socket.getaddrinfo(host, 443)
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    worker = threading.Thread(target=look_up, daemon=True)  # getaddrinfo has no timeout of its own
+    worker.start()
+    worker.join(timeout)
+    return answer[0] if answer else None
+
+
+def check_hf(cache: Path, offline: bool, token_present: bool, hub_resolves: bool | None = True) -> Check:
+    """Where models are cached, whether downloads are allowed (and the hub's name resolves), whether gated models
+    can be fetched."""
     value = f"cache {cache}; {'offline' if offline else 'online'}; token {'set' if token_present else 'not set'}"
+    if not offline and not hub_resolves:
+        return Check(
+            "hugging face",
+            "warn",
+            value.replace("online", "downloads on, but the hub's host name does not resolve"),
+            "hub models and datasets will fail after the hub client's retries: use local folders or the cache, "
+            "and set HF_HUB_OFFLINE=1 to fail at once",
+        )
     if offline and not cache.exists():
         return Check("hugging face", "warn", value, "offline with no cache: only local model folders will load")
     if not token_present:
@@ -608,8 +640,8 @@ def run_checks(output_dir: Path | str = "outputs", probe: bool = False, probe_ti
 
     for label, path in (("output", Path(output_dir)), ("hf cache", cache), ("mgpu cache", cache_dir(env))):
         add(check_disk(label, *free_bytes_at(path), unusable=unusable_folder(path)))
-    add(check_hf(cache, _truthy(env.get("HF_HUB_OFFLINE")) or _truthy(env.get("TRANSFORMERS_OFFLINE")),
-                 hf_token_present(env)))  # fmt: skip
+    offline = _truthy(env.get("HF_HUB_OFFLINE")) or _truthy(env.get("TRANSFORMERS_OFFLINE"))
+    add(check_hf(cache, offline, hf_token_present(env), True if offline else hub_host_resolves(env)))
 
     from .distributed import free_port
 

@@ -471,7 +471,9 @@ class Recipe(_Section):
             problems.append(
                 (
                     "training.warmup_steps",
-                    f"expected fewer than training.max_steps ({t.max_steps}), found {t.warmup_steps}",
+                    f"expected fewer than training.max_steps ({t.max_steps}), found {t.warmup_steps} (the learning "
+                    "rate would never reach training.learning_rate). For a short try run, add "
+                    f"training.warmup_steps={max(0, t.max_steps // 10)}",
                 )
             )
         d = self.distributed
@@ -943,8 +945,44 @@ def _problems_from_validation(exc: ValidationError, lines: dict[str, str]) -> li
                 expected.append(msg)
         found = _fmt_found(errs[0].get("input"))
         text = " or ".join(expected)
-        problems.append(Problem(_where(dotted, lines), text if "found" in text else f"{text}; found {found}"))
+        problems.append(
+            Problem(
+                _where(dotted, lines),
+                text if "found" in text else f"{text}; found {found}",
+                _value_hint(dotted, errs[0].get("input")),
+            )
+        )
     return problems
+
+
+# Names other tools give the dataset formats (axolotl's `type:`, TRL's dataset kinds) -> ours
+_FORMAT_NAMES = {
+    "sharegpt": "chat",
+    "conversation": "chat",
+    "conversations": "chat",
+    "messages": "chat",
+    "openai": "chat",
+    "chat_template": "chat",
+    "instruct": "alpaca",
+    "instruction": "alpaca",
+    "completion": "text",
+    "pretrain": "text",
+    "raw": "text",
+}
+
+
+def _value_hint(dotted: str, value: Any) -> str | None:
+    """A hint for a value another tool would take: `format: sharegpt` is our `chat`."""
+    if dotted.split(".")[-1] == "format" and isinstance(value, str):
+        ours = _FORMAT_NAMES.get(value.strip().lower())
+        if ours == "chat":
+            return (
+                "conversations are format chat; for ShareGPT data add "
+                "dataset.columns: {messages: conversations, role: from, content: value} (human/gpt roles are read)"
+            )
+        if ours:
+            return f"that is format {ours} here (see docs/data.md)"
+    return None
 
 
 def _where(dotted: str, lines: dict[str, str]) -> str:

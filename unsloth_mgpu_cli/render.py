@@ -76,7 +76,8 @@ def print_recipe(loaded: LoadedRecipe) -> None:
     if autos:
         t.add_row("auto", ", ".join(autos) + " (filled at `mgpu train` from the detected hardware)")
     console.print(t)
-    console.print("[green]valid[/]")
+    # what was checked: the recipe and that its paths exist; the rows are read by `mgpu prepare` (and train)
+    console.print("[green]valid[/] (the recipe; the data's rows are checked by `mgpu prepare`)")
 
 
 def print_summary(summary: dict) -> None:
@@ -264,7 +265,7 @@ def print_data_report(rep) -> None:
         policy = f"[yellow]{s.dropped:,} dropped as longer than {rep.max_seq_length} (longest {s.longest_before})[/]"
     t.add_row("too long", policy)
     if s.no_loss:
-        t.add_row("no loss", f"[yellow]{s.no_loss:,} samples with nothing to train on[/]")
+        t.add_row("no loss", f"[yellow]{escape(s.no_loss_text())}[/]")
     t.add_row("cache", f"{rep.cache} " + ("[dim](hit: not re-tokenised)[/]" if rep.cache_hit else "(written)"))
     console.print(Panel(t, title="data", expand=False))
     if s.mix:
