@@ -415,6 +415,21 @@ clocks_throttle_reasons.active --format=csv,noheader -lms 100 > "$OUT/smi.csv" 2
     rm -rf "$OUT/eval"
     timeout -k 10 "${T:-300}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
+  s19b)
+    # session 19, after the newcomer audit: on CUDA, a resume with a changed learning rate (printed, and recorded in
+    # recipe.resolved.yaml's header), a hub model that is not cached (exit 2, no traceback), doctor's hub row
+    R=(python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 training.warmup_steps=1
+       logging.progress=false output.save_steps=5 output.dir="$OUT/r")
+    "${R[@]}" training.max_steps=10 > "$OUT/r1.txt" 2>&1; echo "train: exit=$?"
+    "${R[@]}" training.max_steps=14 training.learning_rate=1e-4 --resume auto > "$OUT/r2.txt" 2>&1
+    echo "resume: exit=$?"; grep -E "^note: settings changed|^resuming" "$OUT/r2.txt" | cut -c1-200
+    grep "^# Resumed" "$OUT/r/recipe.resolved.yaml"; rm -rf "$OUT/r/checkpoints" "$OUT/r/adapter"
+    python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 model.name=unsloth/not-cached-model \
+      output.dir="$OUT/hub" > "$OUT/hub.txt" 2>&1; echo "hub model: exit=$? traceback=$(grep -c Traceback "$OUT/hub.txt")"
+    tail -3 "$OUT/hub.txt" | cut -c1-200
+    HF_HUB_OFFLINE= TRANSFORMERS_OFFLINE= python3 -m unsloth_mgpu_cli doctor --json > "$OUT/doctor.json" 2>/dev/null
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+      print([(c['status'], c['value']) for c in d['checks'] if c['name'] == 'hugging face'])" "$OUT/doctor.json" ;;
   s19)
     # session 19 (1-GPU kind): the output changes on CUDA, piped as in a log: a run with evaluation and
     # logging.progress false (eval lines still printed), its resume (the summary's session/whole-run rows), the timed
