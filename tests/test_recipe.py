@@ -447,3 +447,15 @@ def test_a_dataset_format_named_as_other_tools_name_it_gets_ours_as_a_hint(workd
     with pytest.raises(UserError) as exc:
         load_recipe(p, ["dataset.format=completion"])
     assert "that is format text here" in exc.value.render()
+
+
+def test_a_flag_that_names_a_recipe_key_is_answered_with_the_override_that_sets_it():
+    """`--max-steps 5` got click's bare "No such option"; a flag that is no recipe key still gets click's error."""
+    quickstart = str(ROOT / "recipes" / "quickstart.yaml")
+    proc = run_mgpu("validate", quickstart, "--max-steps", "5")
+    assert_user_error(proc, "option --max-steps", "has no such option", "hint: training.max_steps=5")
+    proc = run_mgpu("train", quickstart, "--lr=1e-4")
+    assert_user_error(proc, "option --lr", "hint: training.learning_rate=1e-4")
+    proc = run_mgpu("validate", quickstart, "--bogus")
+    assert proc.returncode == 2 and "No such option: --bogus" in proc.stderr and "KEY=VALUE after" not in proc.stderr
+    assert run_mgpu("validate", quickstart, "--yaml").returncode == 0  # a real option is left alone

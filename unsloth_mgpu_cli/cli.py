@@ -481,9 +481,50 @@ def suggest(
         (sys.stderr if as_json else sys.stdout).write(f"wrote {output}\n")
 
 
+def _flag_meant_as_override(argv: list[str]) -> UserError | None:
+    """`mgpu train recipe.yaml --max-steps 5`: a flag that is no option of the command but names a recipe key is
+    refused with the KEY=VALUE that sets it (click would only say "No such option")."""
+    if not argv or argv[0] not in ("train", "validate", "prepare"):
+        return None
+    flags = [(i, a) for i, a in enumerate(argv) if a.startswith("--") and len(a) > 2]
+    if not flags:
+        return None
+    import typer.main
+
+    command = typer.main.get_command(app).commands[argv[0]]  # type: ignore[attr-defined]
+    known = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+    for i, arg in flags:
+        name, has_value, value = arg[2:].partition("=")
+        if f"--{name}" in known:
+            continue
+        from .recipe import keys_named
+
+        keys = keys_named(name.replace("-", "_"))
+        if not keys:
+            return None  # click names the unknown option
+        nxt = argv[i + 1] if i + 1 < len(argv) else ""
+        if not has_value:
+            value = nxt if nxt and not nxt.startswith("-") and "=" not in nxt and not nxt.endswith(".yaml") else "..."
+        return UserError(
+            Problem(
+                f"option --{name}",
+                f"`mgpu {argv[0]}` has no such option; recipe keys are set as KEY=VALUE after the recipe",
+                " or ".join(f"{key}={value}" for key in keys),
+            ),
+            "invalid arguments",
+        )
+    return None
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
+        misplaced = _flag_meant_as_override(sys.argv[1:])
+        if misplaced is not None:
+            try:
+                _fail(misplaced)
+            except typer.Exit as exc:
+                sys.exit(exc.exit_code)
         app()
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

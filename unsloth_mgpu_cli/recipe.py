@@ -844,6 +844,13 @@ def _section_fields(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields) if model else []
 
 
+def keys_named(name: str) -> list[str]:
+    """The dotted recipe keys whose last part is `name` or what other trainers call it (`max_steps` ->
+    training.max_steps; `lr` -> training.learning_rate), for a `--max-steps` flag meant as an override."""
+    leaf = _ALIASES.get(name, name)
+    return [f"{s}.{leaf}" for s in Recipe.model_fields if leaf in _section_fields((s, leaf))]
+
+
 def _key_of_another_section(loc: tuple[Any, ...], name: str) -> str | None:
     """`lora.r` for `training.lora_r` (or a top-level `lora_r`): the one section, other than the key's own, that
     has `name`."""
