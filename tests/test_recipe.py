@@ -459,3 +459,5 @@ def test_a_flag_that_names_a_recipe_key_is_answered_with_the_override_that_sets_
     proc = run_mgpu("validate", quickstart, "--bogus")
     assert proc.returncode == 2 and "No such option: --bogus" in proc.stderr and "KEY=VALUE after" not in proc.stderr
     assert run_mgpu("validate", quickstart, "--yaml").returncode == 0  # a real option is left alone
+    proc = run_mgpu("validate", quickstart)  # and says what "valid" covers: the rows are read by prepare
+    assert proc.returncode == 0 and "valid (the recipe; the data's rows are checked by `mgpu prepare`)" in proc.stdout
