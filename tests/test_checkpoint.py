@@ -340,7 +340,7 @@ def test_report_and_export_refuse_a_folder_without_a_run(tmp_path):
     from conftest import assert_user_error, run_mgpu
 
     assert_user_error(run_mgpu("report", str(tmp_path), timeout=120), "no metrics.jsonl")
-    proc = run_mgpu("export", str(tmp_path), "--merged", timeout=120)  # never a run: no "resume it" hint
+    proc = run_mgpu("export", str(tmp_path), timeout=120)  # never a run: no "resume it" hint (--merged: the default)
     assert_user_error(proc, "no adapter", "not the folder of an mgpu run", "give the output.dir")
     assert "--resume" not in proc.stderr
     assert_user_error(run_mgpu("report", str(tmp_path / "nope"), timeout=120), "no such folder")

@@ -163,8 +163,9 @@ def train(
 def export(
     output_dir: Annotated[Path, typer.Argument(help="output.dir of a finished LoRA run.", show_default=False)],
     merged: Annotated[
-        bool, _flag("--merged", help="Merge the adapter into the base weights (the one export there is).")
-    ] = False,
+        bool,
+        _flag("--merged", help="Merge the adapter into the base weights: the one export there is, so the default."),
+    ] = True,
     dtype: Annotated[str, typer.Option("--dtype", help="bfloat16 | float16 | float32.")] = "bfloat16",
     output: Annotated[
         Path | None,
@@ -186,8 +187,6 @@ def export(
         typer.echo(f"[{time.monotonic() - t0:5.1f} s] {message}")
 
     try:
-        if not merged:
-            raise UserError("pass --merged: the export writes the base model with the adapter merged into it")
         # checks the arguments and --output before the slow imports
         dest = export_merged(output_dir, output, dtype, say=say)
     except UserError as exc:
