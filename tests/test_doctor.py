@@ -75,7 +75,9 @@ def test_no_gpu_is_a_warning_that_explains_cpu_mode(report):
     checks = by_name(report.checks)
     assert checks["gpus"].status == "warn" and "CPU" in checks["gpus"].hint
     assert checks["unsloth"].status == "warn" and "CPU, slowly" in checks["unsloth"].hint
-    assert report.facts["device"] == "cpu" and report.facts["workers"] == 2
+    # the workers a run starts: `num_gpus: auto` is one CPU worker without GPUs (the cores check counted 2)
+    assert report.facts["device"] == "cpu" and report.facts["workers"] == 1
+    assert checks["cpu cores"].value.endswith("for 1 worker(s)")
 
 
 def test_versions_are_judged_against_installed_unsloth_metadata(report):

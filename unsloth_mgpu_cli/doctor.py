@@ -608,7 +608,8 @@ def run_checks(output_dir: Path | str = "outputs", probe: bool = False, probe_ti
 
     snap: GPUSnapshot = DeviceManager(nvml=nvml, env=env).snapshot()
     gpus = snap.devices
-    workers = len(gpus) or 2  # without GPUs a run uses CPU worker processes; 2 is what the probe starts
+    # a run's workers: one per GPU; without GPUs `distributed.num_gpus: auto` starts one CPU worker (the probe, 2)
+    workers = len(gpus) or 1
 
     add(check_python(sys.version_info, platform.system(), platform.machine()))
     add(check_cpu(os.cpu_count() or 1, workers))
@@ -661,7 +662,7 @@ def run_checks(output_dir: Path | str = "outputs", probe: bool = False, probe_ti
     if probe:
         from .probe import run_probe
 
-        result = run_probe(workers, "cuda" if gpus else "cpu", timeout=probe_timeout)
+        result = run_probe(len(gpus) or 2, "cuda" if gpus else "cpu", timeout=probe_timeout)
         report.checks += check_probe(result, snap.links)
         report.facts["probe"] = result.to_dict()
     report.seconds = time.perf_counter() - start
