@@ -162,7 +162,7 @@ def train(
 @app.command()
 def export(
     output_dir: Annotated[Path, typer.Argument(help="output.dir of a finished LoRA run.", show_default=False)],
-    merged: Annotated[
+    merged: Annotated[  # accepted for scripts written when it was required; there is no other export
         bool,
         _flag("--merged", help="Merge the adapter into the base weights: the one export there is, so the default."),
     ] = True,

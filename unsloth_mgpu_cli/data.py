@@ -184,12 +184,13 @@ def _names(keys: Any, limit: int = 20, keep_order: bool = False) -> str:
     return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
 
 
-def _refuse_one_object(path: Path) -> None:
+def _refuse_one_object(path: Path, raw: bytes) -> None:
     """A .json file over several lines that is one JSON object (pretty-printed, or `{"data": [...]}` as some
-    exports write it) is no dataset: say so, rather than a "malformed JSON line" error for each of its lines."""
+    exports write it) is no dataset: say so, rather than a "malformed JSON line" error for each of its lines.
+    `raw`: the file's bytes, already read."""
     try:
-        whole = json.loads(read_utf8(path, "invalid data"))
-    except json.JSONDecodeError:
+        whole = json.loads(raw)  # stops at the end of the first object of JSON Lines ("Extra data")
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return  # JSON Lines with objects over one line each, or broken: the line-by-line reader names the lines
     if not isinstance(whole, dict):
         return
@@ -227,7 +228,7 @@ def _read_json(path: Path, bad: _Bad) -> tuple[list[Any], list[int], bool]:
         numbers = [n for n, row in enumerate(data, 1) if isinstance(row, dict)]
         return [row for row in data if isinstance(row, dict)], numbers, True
     if path.suffix.lower() == ".json" and raw[bom:].lstrip().startswith(b"{") and raw.strip().count(b"\n"):
-        _refuse_one_object(path)  # JSON Lines otherwise: one object per line
+        _refuse_one_object(path, raw[bom:])  # JSON Lines otherwise: one object per line
     rows, lines = [], []
     offset = bom
     for lineno, line in enumerate(raw[bom:].split(b"\n"), 1):
