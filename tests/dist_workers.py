@@ -172,7 +172,12 @@ def worker_affinity() -> dict:
     """The cores this worker may run on after setup_worker, and how many threads torch uses."""
     import torch
 
+    from unsloth_mgpu_cli import distributed as D
+
     with cpu_worker(60) as info:
+        # A rank that left at once could close its gloo sockets while the other was still connecting the full mesh
+        # ("connectFullMesh failed ... Connection closed by peer", seen once in CI): both leave after a barrier.
+        D.barrier(info)
         return {"rank": info.rank, "cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}
 
 
