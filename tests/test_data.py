@@ -309,6 +309,23 @@ def test_an_uncached_hub_dataset_is_a_clear_error(model_path, monkeypatch):
     assert "dataset.path (nobody-here/no-such-dataset-xyz)" in msg and "offline" in msg
 
 
+def test_uncached_hub_models_and_datasets_fail_at_once_when_the_hub_cannot_resolve(tmp_path, monkeypatch, model_path):
+    # downloads on, but the hub's name cannot resolve: refused before the hub client's ~50 s of retries
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://no-such-host.invalid")
+    f = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "a", "output": "b"}])
+    msg = user_error(recipe(f), "nobody-here/no-such-model-xyz")
+    assert "model.name (nobody-here/no-such-model-xyz)" in msg and "(no-such-host.invalid) does not resolve" in msg
+    assert "give a local folder" in msg
+    # a hub dataset: the same, naming dataset.path
+    msg = user_error(recipe("nobody-here/no-such-dataset-xyz"), model_path)
+    assert "dataset.path (nobody-here/no-such-dataset-xyz)" in msg and "(no-such-host.invalid) does not resolve" in msg
+    # behind a proxy the name need not resolve on this machine: nothing is refused on that ground
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    D._refuse_unreachable_hub("nobody-here/no-such-model-xyz")
+
+
 def test_too_long_samples_are_truncated_or_dropped_and_reported(tmp_path, model_path, tokenizer):
     rows = [{"text": "word " * n} for n in (5, 200, 300)]
     full = [len(tokenizer(r["text"])["input_ids"]) + 1 for r in rows]  # + eos

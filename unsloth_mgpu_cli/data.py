@@ -360,11 +360,19 @@ def _hub_rows(ds: DatasetSection, key: str = "dataset") -> tuple[list[dict[str, 
 
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    if not offline and not _hub_dataset_cached(ds.path) and (host := _unreachable_hub()) is not None:
+        raise _data_error(
+            f"{key}.path ({ds.path})",
+            f"no local file or folder of that name exists (relative paths start from the recipe's folder), it is "
+            f"not in the Hugging Face cache, and the hub's host name ({host}) does not resolve",
+            "give a local .json/.jsonl/.csv/.parquet file (or fix the path), or download the dataset once where "
+            "the hub is reachable; check DNS and HF_ENDPOINT",
+        )
     try:
         table = datasets.load_dataset(ds.path, split=ds.split)
     except Exception as exc:  # offline misses, unknown ids and bad splits arrive as many exception types
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
         hint = (
             "the hub is offline (HF_HUB_OFFLINE=1): download it once with network access, or give a local file"
             if offline
@@ -377,6 +385,19 @@ def _hub_rows(ds: DatasetSection, key: str = "dataset") -> tuple[list[dict[str, 
             hint,
         ) from exc
     return table.to_list(), _Source(f"{ds.path} [{ds.split}]", 0, None, True)
+
+
+def _hub_dataset_cached(repo_id: str) -> bool:
+    """Whether the HF hub cache or the datasets cache may hold `repo_id` (datasets then loads it without network)."""
+    import datasets
+    from huggingface_hub import constants
+
+    owner, _, name = repo_id.rpartition("/")
+    folders = [
+        Path(constants.HF_HUB_CACHE) / ("datasets--" + repo_id.replace("/", "--")),
+        Path(datasets.config.HF_DATASETS_CACHE) / (f"{owner}___{name}" if owner else name),
+    ]
+    return any(folder.exists() for folder in folders)
 
 
 def _column_maps(ds: DatasetSection) -> tuple[dict[str, str], dict[str, str]]:
@@ -781,6 +802,7 @@ def _load_tokenizer(model_path: str, trust_remote_code: bool) -> Any:
     local = Path(model_path).is_dir()
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
     if not local and not offline and not _in_hf_cache(model_path):
+        _refuse_unreachable_hub(model_path)
         print(f"model.name {model_path}: downloading its tokenizer from the Hugging Face hub ...", file=sys.stderr)
     try:
         return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
@@ -797,6 +819,37 @@ def _load_tokenizer(model_path: str, trust_remote_code: bool) -> Any:
                 else "check the id (and network access to huggingface.co, or HF_ENDPOINT), or give a local folder"
             )
         raise UserError(Problem(f"model.name ({model_path})", found, hint), "invalid model") from None
+
+
+def _unreachable_hub() -> str | None:
+    """The hub's host name when it does not resolve here (no network, no DNS), else None. A download
+    from it would fail only after the hub client's retries (about 50 s for a model, 25 s for a dataset). Behind a
+    proxy the name need not resolve here: None then."""
+    from .doctor import hub_host_resolves
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    if hub_host_resolves(os.environ) is False:
+        from urllib.parse import urlparse
+
+        return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    return None
+
+
+def _refuse_unreachable_hub(model_id: str) -> None:
+    """A model download that cannot start fails at once, naming model.name."""
+    host = _unreachable_hub()
+    if host is not None:
+        raise UserError(
+            Problem(
+                f"model.name ({model_id})",
+                f"not in the Hugging Face cache, and the hub's host name ({host}) does not resolve: no download "
+                "is possible from this machine",
+                "give a local folder (model.name: /path/to/model, saved with save_pretrained), or download the "
+                "model once where the hub is reachable and copy the cache (HF_HUB_CACHE); check DNS and HF_ENDPOINT",
+            ),
+            "invalid model",
+        )
 
 
 def _in_hf_cache(model_id: str) -> bool:

@@ -397,8 +397,8 @@ def check_hf(cache: Path, offline: bool, token_present: bool, hub_resolves: bool
             "hugging face",
             "warn",
             value.replace("online", "downloads on, but the hub's host name does not resolve"),
-            "hub models and datasets will fail after the hub client's retries: use local folders or the cache, "
-            "and set HF_HUB_OFFLINE=1 to fail at once",
+            "hub models and datasets not in the cache cannot download (mgpu refuses them at once): use local "
+            "folders or the cache, or fix DNS / HF_ENDPOINT",
         )
     if offline and not cache.exists():
         return Check("hugging face", "warn", value, "offline with no cache: only local model folders will load")
