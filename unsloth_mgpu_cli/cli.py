@@ -68,6 +68,15 @@ def _main(
         os.environ["MGPU_DEBUG"] = "1"  # workers and the launcher show everything too
 
 
+def _offline_if_hub_unreachable(recipe: Any) -> None:
+    """Before anything imports huggingface_hub: hub ids in a recipe on a machine that cannot resolve the hub's name
+    load from the cache only, at once, instead of after the hub client's retries (hub.py)."""
+    from .hub import work_offline_if_unreachable
+
+    names = [recipe.model.name, recipe.dataset.eval_path, *(src.section.path for src in recipe.dataset.sources())]
+    work_offline_if_unreachable(names)
+
+
 def _fail(exc: BaseException) -> None:
     """Print an error for people and exit with its code; --debug adds the traceback."""
     from rich.markup import escape
@@ -130,6 +139,7 @@ def train(
                 ),
                 "invalid arguments",
             )
+        _offline_if_hub_unreachable(loaded.recipe)
         from .engine import train as run_training
 
         try:
@@ -258,6 +268,7 @@ def prepare(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
 
     try:
         loaded = load_recipe(recipe, overrides or [])
+        _offline_if_hub_unreachable(loaded.recipe)
         from .data import report
 
         try:

@@ -360,8 +360,10 @@ def _hub_rows(ds: DatasetSection, key: str = "dataset") -> tuple[list[dict[str, 
 
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
+    from .hub import unreachable_because
+
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-    if not offline and not _hub_dataset_cached(ds.path) and (host := _unreachable_hub()) is not None:
+    if not _hub_dataset_cached(ds.path) and (host := unreachable_because(os.environ)) is not None:
         raise _data_error(
             f"{key}.path ({ds.path})",
             f"no local file or folder of that name exists (relative paths start from the recipe's folder), it is "
@@ -796,14 +798,16 @@ _WORKER_TOKENIZER: Any = None
 
 def _load_tokenizer(model_path: str, trust_remote_code: bool) -> Any:
     """The model's tokenizer. A hub id that is neither in the HF cache nor reachable is a UserError naming
-    model.name (it was a 100-line traceback and exit 1 after the hub client's retries)."""
+    model.name (it was a 100-line traceback and exit 1 after the hub client's retries); at once when the hub's name
+    does not resolve (hub.py)."""
     from transformers import AutoTokenizer
 
     local = Path(model_path).is_dir()
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-    if not local and not offline and not _in_hf_cache(model_path):
+    if not local and not _in_hf_cache(model_path):
         _refuse_unreachable_hub(model_path)
-        print(f"model.name {model_path}: downloading its tokenizer from the Hugging Face hub ...", file=sys.stderr)
+        if not offline:
+            print(f"model.name {model_path}: downloading its tokenizer from the Hugging Face hub ...", file=sys.stderr)
     try:
         return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:  # not in the cache and no network, an unknown id, a folder without one
@@ -821,24 +825,11 @@ def _load_tokenizer(model_path: str, trust_remote_code: bool) -> Any:
         raise UserError(Problem(f"model.name ({model_path})", found, hint), "invalid model") from None
 
 
-def _unreachable_hub() -> str | None:
-    """The hub's host name when it does not resolve here (no network, no DNS), else None. A download
-    from it would fail only after the hub client's retries (about 50 s for a model, 25 s for a dataset). Behind a
-    proxy the name need not resolve here: None then."""
-    from .doctor import hub_host_resolves
-
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
-    if hub_host_resolves(os.environ) is False:
-        from urllib.parse import urlparse
-
-        return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
-    return None
-
-
 def _refuse_unreachable_hub(model_id: str) -> None:
     """A model download that cannot start fails at once, naming model.name."""
-    host = _unreachable_hub()
+    from .hub import unreachable_because
+
+    host = unreachable_because(os.environ)
     if host is not None:
         raise UserError(
             Problem(

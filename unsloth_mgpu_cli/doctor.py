@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .devices import GIB, GPUInfo, GPULink, GPUSnapshot
+from .hub import hub_host_resolves
 from .memory import gb_text
 
 Status = Literal["ok", "warn", "fail"]
@@ -365,29 +366,6 @@ def check_disk(label: str, path: Path, free_bytes: int | None, warn_below: float
     return Check(name, "ok", value)
 
 
-def hub_host_resolves(env: Mapping[str, str], timeout: float = 2.0) -> bool | None:
-    """Whether the hub's host name (HF_ENDPOINT's, else huggingface.co) resolves, within `timeout` seconds (None:
-    no answer in time). Without it every hub download fails, after the hub client's retries (about 50 s)."""
-    import socket
-    import threading
-    from urllib.parse import urlparse
-
-    host = urlparse(env.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
-    answer: list[bool] = []
-
-    def look_up() -> None:
-        try:
-            socket.getaddrinfo(host, 443)
-            answer.append(True)
-        except OSError:
-            answer.append(False)
-
-    worker = threading.Thread(target=look_up, daemon=True)  # getaddrinfo has no timeout of its own
-    worker.start()
-    worker.join(timeout)
-    return answer[0] if answer else None
-
-
 def check_hf(cache: Path, offline: bool, token_present: bool, hub_resolves: bool | None = True) -> Check:
     """Where models are cached, whether downloads are allowed (and the hub's name resolves), whether gated models
     can be fetched."""
@@ -397,8 +375,8 @@ def check_hf(cache: Path, offline: bool, token_present: bool, hub_resolves: bool
             "hugging face",
             "warn",
             value.replace("online", "downloads on, but the hub's host name does not resolve"),
-            "hub models and datasets not in the cache cannot download (mgpu refuses them at once): use local "
-            "folders or the cache, or fix DNS / HF_ENDPOINT",
+            "no download can work: mgpu train loads hub ids from the cache only (it sets HF_HUB_OFFLINE=1) and "
+            "refuses what the cache lacks; use local folders or the cache, or fix DNS / HF_ENDPOINT",
         )
     if offline and not cache.exists():
         return Check("hugging face", "warn", value, "offline with no cache: only local model folders will load")

@@ -152,6 +152,9 @@ def export_merged(
     # `~` as the checks read it, and a symlink's target (a `merged` linked to a larger disk is written there)
     dest = (Path(dest).expanduser() if dest is not None else run / "merged").resolve()
     model_cfg = _resolved_recipe(run).get("model") or {}
+    from .hub import work_offline_if_unreachable
+
+    work_offline_if_unreachable([base])  # before huggingface_hub is imported: it reads the switch then
     from .models import hide_hf_bars_off_terminal, quiet_library_noise
 
     quiet_library_noise()

@@ -791,12 +791,18 @@ class Trainer:
             state = self.full_state_dict()
         if self.info.is_main:
             name = "model" if self.recipe.lora is None else "adapter"
+            kwargs: dict[str, Any] = {"safe_serialization": True}
+            lora = self.recipe.lora
+            if lora is not None and not {"embed_tokens", "lm_head"} & set(lora.target_modules):
+                # peft's "auto" asks the hub for the base model's config.json to see whether the vocabulary grew
+                # (offline: a warning; without DNS, the hub client's retries). Nothing here resizes embeddings.
+                kwargs["save_embedding_layers"] = False
             try:
                 with atomic_dir(self.out / name) as tmp:
                     if state is None:
-                        self.model.save_pretrained(str(tmp), safe_serialization=True)
+                        self.model.save_pretrained(str(tmp), **kwargs)
                     else:
-                        self.model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+                        self.model.save_pretrained(str(tmp), state_dict=state, **kwargs)
                     self.tokenizer.save_pretrained(str(tmp))
             except Exception as exc:  # disk full: as for checkpoints
                 reason = write_failure(exc, self.out)
