@@ -111,6 +111,14 @@ def test_direct_trainer_takes_the_recipes_8bit_adamw_by_name_and_refuses_a_model
         unsloth_multigpu.MultiGPUTrainer(None)
 
 
+def test_what_the_api_raises_can_be_caught_by_name_from_the_package():
+    with pytest.raises(unsloth_multigpu.UserError, match="available_memory"):
+        unsloth_multigpu.ConfigManager().get_optimal_config(model_size="7B", available_memory="abc")
+    assert issubclass(unsloth_multigpu.OutOfMemoryRisk, unsloth_multigpu.UserError)
+    assert issubclass(unsloth_multigpu.ConsistencyError, RuntimeError)
+    assert unsloth_multigpu.GPUInfo.__name__ == "GPUInfo"
+
+
 def test_direct_trainer_keeps_the_documented_learning_rate_when_kwargs_leave_it_out():
     trainer = unsloth_multigpu.MultiGPUTrainer(
         torch.nn.Linear(2, 2), optimizer_config={"class": torch.optim.AdamW, "kwargs": {"weight_decay": 0.0}}
@@ -436,6 +444,60 @@ def test_direct_trainer_names_a_batch_it_cannot_read(batch, needle):
     with pytest.raises(TypeError, match="collate the rows") as info:
         trainer.train_epoch([batch])
     assert needle in str(info.value)
+
+
+def test_direct_trainer_takes_a_batch_encoding_as_it_takes_a_dict():
+    """A tokenizer's or a transformers collator's batch is a BatchEncoding (a UserDict, not a dict): it was refused,
+    by the very error that suggested DataCollatorForLanguageModeling."""
+    from api_workers import tiny_causal_lm
+    from transformers import BatchEncoding
+
+    from unsloth_mgpu_cli.direct import MultiGPUTrainer
+
+    ids = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    weights = []
+    for given in (BatchEncoding(batch), batch):  # the plain dict: the control
+        trainer = MultiGPUTrainer(model=tiny_causal_lm())
+        trainer.setup()
+        assert trainer.train_epoch([given])["steps"] == 1
+        weights.append([p.detach().clone() for p in trainer.params])
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
+
+
+def test_direct_trainer_names_misuse_that_torch_reported_from_deep_inside():
+    """One batch instead of a loader (its keys were iterated as 'str batches'); float ids; -100 in input_ids (an
+    IndexError inside torch's embedding, a device assert on CUDA); a model that returns no loss."""
+    from api_workers import tiny_causal_lm
+
+    from unsloth_mgpu_cli.direct import MultiGPUTrainer
+
+    trainer = MultiGPUTrainer(model=tiny_causal_lm())
+    trainer.setup()
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match=r"got one batch \(a dict with keys \['input_ids'\]\): pass train_epoch"):
+        trainer.train_epoch({"input_ids": ids})
+    with pytest.raises(TypeError, match=r"batch\['input_ids'\] must hold token ids .*got torch.float32"):
+        trainer.train_epoch([{"input_ids": ids.float()}])
+    for bad, shown in ((ids.masked_fill(ids > 30, -100), -100), (ids + 64, int(ids.max()) + 64)):
+        with pytest.raises(ValueError, match=rf"token id {shown}, outside the model's embedding \(ids 0 to 63\)"):
+            trainer.train_epoch([{"input_ids": bad}])
+    with pytest.warns(UserWarning, match="none of the epoch's 1 batch\\(es\\) trained"):  # every label masked
+        stats = trainer.train_epoch([{"input_ids": ids, "labels": torch.full_like(ids, -100)}])
+    assert (stats["steps"], stats["skipped_steps"]) == (0, 1)
+
+    class NoLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, input_ids, labels=None, attention_mask=None):
+            return input_ids.float() * self.w
+
+    trainer = MultiGPUTrainer(model=NoLoss())
+    trainer.setup()
+    with pytest.raises(TypeError, match="returned a Tensor without a loss"):
+        trainer.train_epoch([{"input_ids": ids}])
 
 
 @pytest.mark.integration

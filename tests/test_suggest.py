@@ -265,6 +265,16 @@ def test_memory_given_as_a_number_of_bytes_is_read_as_bytes():
     assert gb == as_float == ConfigManager().get_optimal_config("7B", available_memory="32GB", num_gpus=2)
 
 
+def test_a_gpu_memory_no_gpu_has_is_refused_with_the_unit_it_probably_meant():
+    """16000 meant as MB was planned as 16,000 GB per GPU: micro-batch 32, out of memory at once."""
+    with pytest.raises(UserError, match=r"at most 4,096 GB\), found 16000 = 16,000 GB") as info:
+        ConfigManager().get_optimal_config("7B", available_memory=16000)
+    assert "for megabytes write 16000MB" in str(info.value)
+    with pytest.raises(UserError, match="give one GPU's memory"):
+        parse_memory("5TB")
+    assert parse_memory("16000MB") == 16000 * 2**20 and parse_memory("4TB") == 4096 * GiB  # the controls
+
+
 def test_the_builtin_model_is_planned_like_any_other():
     """What a recipe accepts as model.name, the Python API and `mgpu suggest` accept too."""
     cfg = ConfigManager().get_optimal_config("builtin:tiny-llama", available_memory="24GB", num_gpus=2)

@@ -25,6 +25,11 @@ _API = {
     "MemoryManager": "memory_manager",
     "ConfigManager": "configgen",
     "DeviceManager": "devices",
+    "GPUInfo": "devices",
+    # what the API raises, to catch by name
+    "UserError": "errors",
+    "OutOfMemoryRisk": "memory_manager",
+    "ConsistencyError": "distributed",
 }
 
 __all__ = ["__version__", *_API]

@@ -703,7 +703,7 @@ def _does_not_fit_in_hook_mode(
     )
     return Problem(
         "model_size",
-        f"{model_size} does not fit in {mem / GiB:.0f} GB per GPU with a whole replica on every GPU (hook mode "
+        f"{model_size} does not fit in {mem / GiB:.3g} GB per GPU with a whole replica on every GPU (hook mode "
         "and MultiGPUTrainer keep one per GPU; more GPUs do not lower it)",
         first + shard,
     )

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .hooks import AggregationMethod
@@ -143,8 +143,8 @@ class MultiGPUTrainer:
     def train_epoch(self, dataloader: Iterable[dict[str, Any]]) -> dict[str, Any]:
         """One pass over `dataloader`; every batch it yields is one global batch (one optimizer step).
 
-        Batches are dicts with `input_ids` and optionally `attention_mask` and `labels` (default: the
-        input ids, padding masked with -100).
+        Batches are mappings (a dict, or a tokenizer's or collator's BatchEncoding) with integer `input_ids` and
+        optionally `attention_mask` and `labels` (default: the input ids, padding masked with -100).
 
         Returns:
             loss (token-weighted mean over the epoch's trained steps and all ranks; NaN when there were none),
@@ -153,7 +153,9 @@ class MultiGPUTrainer:
             ranks), time_s, tokens_per_second, world_size, aggregation.
 
         Raises:
-            TypeError: a batch is not a dict with `input_ids`.
+            TypeError: `dataloader` is one batch, a batch is not a mapping with `input_ids`, its ids are not
+                integers, or the model returns no `.loss`.
+            ValueError: a token id lies outside the model's embedding (e.g. -100 in `input_ids`).
             RuntimeError: `setup()` was not called, the ranks iterate different batches, or
                 `max_skipped_steps` steps in a row had a non-finite loss or gradient.
         """
@@ -163,6 +165,11 @@ class MultiGPUTrainer:
 
         if self.optimizer is None:
             raise RuntimeError("call setup() before train_epoch()")
+        if isinstance(dataloader, Mapping):  # iterating it would yield its keys, each "a str batch"
+            raise TypeError(
+                f"train_epoch takes an iterable of batches (a DataLoader, or a list of batch dicts), got one batch "
+                f"(a {type(dataloader).__name__} with keys {sorted(dataloader)}): pass train_epoch([batch])"
+            )
         info = self.info
         self.model.train()
         t0 = time.perf_counter()
@@ -183,7 +190,7 @@ class MultiGPUTrainer:
             local_tokens = int(mask.sum()) if mask is not None else int(local["input_ids"].numel())
             loss_value = 0.0
             if local_items > 0:
-                loss = self.model(**local).loss
+                loss = self._loss(self.model(**local))
                 scale = local_items / max(1, global_items) if self.aggregation == "weighted" else 1.0
                 (loss * scale).backward()
                 loss_value = float(loss.detach())
@@ -233,6 +240,13 @@ class MultiGPUTrainer:
             if self.verify_every and self.global_step % self.verify_every == 0:
                 D.check_consistency(self.params, info, self.global_step)
         D.check_consistency(self.params, info, self.global_step)
+        if steps == 0 and skipped and info.is_main:
+            warnings.warn(
+                f"train_epoch: none of the epoch's {skipped} batch(es) trained (each had no loss token on any rank, "
+                "or a non-finite loss or gradient): the weights did not change. Check the labels: -100 marks "
+                "positions to ignore",
+                stacklevel=2,
+            )
         elapsed = time.perf_counter() - t0
         return {
             "loss": loss_tok_sum / loss_tokens if loss_tokens else float("nan"),
@@ -250,8 +264,9 @@ class MultiGPUTrainer:
     def _my_part(self, batch: Any) -> tuple[Any, int, int, dict[str, Any]]:
         """(the global batch's input ids, its rows, its loss tokens, this rank's rows on its device) of one batch
         from the data loader; labels default to the input ids with padding masked."""
-        if not (isinstance(batch, dict) and "input_ids" in batch):
-            found = type(batch).__name__ + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else "")
+        # any mapping: a tokenizer's or a transformers collator's BatchEncoding is a UserDict, not a dict
+        if not (isinstance(batch, Mapping) and "input_ids" in batch):
+            found = type(batch).__name__ + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else "")
             raise TypeError(
                 f"train_epoch takes batches as dicts with 'input_ids' (and optionally 'attention_mask', "
                 f"'labels'), got a {found}: e.g. a DataLoader over a list of such dicts, or a collate_fn "
@@ -276,6 +291,14 @@ class MultiGPUTrainer:
                     "into padded tensors (e.g. DataLoader(..., collate_fn=transformers.DataCollatorForLanguageModeling("
                     "tokenizer, mlm=False)), or torch.stack of equal-length rows)"
                 )
+        for key in ("input_ids", "labels"):
+            value = batch.get(key)
+            if value is not None and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+                raise TypeError(
+                    f"train_epoch: batch[{key!r}] must hold token ids (an integer tensor), got {value.dtype}: "
+                    "tokenise the text and keep the ids as integers (torch.long)"
+                )
+        self._check_token_ids(ids)
         mask = batch.get("attention_mask")
         labels = batch.get("labels")
         if labels is None:
@@ -288,6 +311,33 @@ class MultiGPUTrainer:
         if mask is not None:
             local["attention_mask"] = mask[part]
         return ids, rows, global_items, {k: v.to(self.info.device, non_blocking=True) for k, v in local.items()}
+
+    def _check_token_ids(self, ids: Any) -> None:
+        """Token ids inside the model's embedding (else an IndexError deep inside torch, or a CUDA assert)."""
+        embeddings = getattr(self.model, "get_input_embeddings", lambda: None)()
+        rows = getattr(embeddings, "num_embeddings", None)
+        if ids.numel() == 0:
+            return
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (rows is not None and high >= rows):
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"train_epoch: batch['input_ids'] holds the token id {bad}, outside the model's embedding "
+                f"(ids 0 to {rows - 1 if rows is not None else 'vocab size - 1'}): tokenise with this model's "
+                "tokenizer, and put -100 (ignored positions) in labels, never in input_ids"
+            )
+
+    @staticmethod
+    def _loss(output: Any) -> Any:
+        """The loss the model computed from the labels (`output.loss`)."""
+        loss = getattr(output, "loss", None)
+        if loss is None:
+            raise TypeError(
+                f"the model's forward returned a {type(output).__name__} without a loss: MultiGPUTrainer needs a "
+                "model that computes its loss from `labels` and returns it as `.loss` (a transformers "
+                "...ForCausalLM, or a PeftModel around one)"
+            )
+        return loss
 
     @staticmethod
     def _check_same_batches(gathered: list[list[float]], done: int) -> None:

@@ -212,6 +212,9 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[bB]\s*$")
 _SIZE_IN_NAME_RE = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)[bB](?![A-Za-z0-9])")
 
 
+MAX_GPU_MEMORY = 4096 * GiB  # 2026's largest accelerators hold 288 GB; more is a unit mistake
+
+
 def parse_memory(text: str | int | float, where: str = "argument --gpu-memory") -> int:
     """Parse a memory size such as `80GB`, `24 GiB`, `16000MB` or a plain number of GB into bytes.
 
@@ -234,9 +237,22 @@ def parse_memory(text: str | int | float, where: str = "argument --gpu-memory") 
             raise bad
         value, unit = float(m.group(1)), (m.group(2) or "").upper()
     # A plain number is GB, unless it is above 2**20: no GPU has a million GB, so that is a count of bytes.
+    plain = not unit
     unit = unit or ("B" if value > 2**20 else "GB")
     scale = {"B": 1, "K": 1024, "M": MiB, "G": GiB, "T": 1024 * GiB}[unit[0]]
     nbytes = int(value * scale)
+    if nbytes > MAX_GPU_MEMORY:  # 16000 meant as MB is 16,000 GB: a plan for that would run out of memory at once
+        raise UserError(
+            Problem(
+                where,
+                f"expected one GPU's memory (at most {MAX_GPU_MEMORY // GiB:,} GB), found {text!r} = "
+                f"{nbytes / GiB:,.0f} GB",
+                f"a plain number means GB: for megabytes write {value:.10g}MB"
+                if plain
+                else "give one GPU's memory, e.g. 80GB or 141GB",
+            ),
+            "invalid arguments",
+        )
     if nbytes < 256 * MiB:
         raise UserError(
             Problem(
