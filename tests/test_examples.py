@@ -39,6 +39,10 @@ def test_quick_start_trains_on_two_workers_and_rank0_saves_the_adapter(tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "done: 2 steps on 2 worker(s)" in out and "tokens/s" in out
+    from unsloth_mgpu_cli.devices import count_gpus
+
+    if count_gpus() == 0:  # device auto without a GPU: said, since a broken driver would land here too
+        assert "no GPU is visible (NVML): 2 CPU worker process(es) over gloo" in out, out[-2000:]
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
 
 

@@ -340,6 +340,13 @@ def _relaunch(config: MultiGPUConfig) -> None:
     n = config.num_gpus or (gpus if device == "cuda" else 1)
     if device == "cuda" and n > gpus:
         raise ValueError(f"num_gpus={n} but only {gpus} GPU(s) are visible")
+    if device == "cpu" and config.device == "auto":  # a GPU node whose driver is broken would train here, slowly
+        print(
+            f"[unsloth-mgpu] no GPU is visible (NVML): {n} CPU worker process(es) over gloo, slowly; pass "
+            "device='cuda' to refuse instead, and run `mgpu doctor` to see why",
+            file=sys.stderr,
+            flush=True,
+        )
     log_dir = Path(os.environ.get("MGPU_LOG_DIR") or tempfile.mkdtemp(prefix="mgpu-hook-"))
     spec = LaunchSpec(nproc_per_node=n, device_type=device, log_dir=log_dir)
     if device == "cuda":
