@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -113,7 +114,7 @@ def test_a_full_disk_while_the_final_adapter_is_written_names_the_checkpoint_tha
         sharded=False,
         info=DistInfo(),
         out=tmp_path,
-        recipe=SimpleNamespace(lora=object()),
+        recipe=SimpleNamespace(lora=SimpleNamespace(target_modules=["q_proj"])),
         model=SimpleNamespace(save_pretrained=disk_full),
         tokenizer=SimpleNamespace(save_pretrained=lambda folder, **kw: None),
     )
@@ -226,8 +227,36 @@ def test_resume_from_a_folder_that_is_no_checkpoint_names_the_ones_there(tmp_pat
     with pytest.raises(UserError) as exc:
         C.find_resume_checkpoint(tmp_path, str(tmp_path / "checkpoints" / "step-99"))
     text = exc.value.render()
-    assert "not a checkpoint folder (no state.json)" in text
+    assert f"no such folder: {tmp_path}/checkpoints/step-99" in text
     assert f"one of: {tmp_path}/checkpoints/step-10, {tmp_path}/checkpoints/step-14" in text, text
+    (tmp_path / "checkpoints" / "step-99").mkdir()  # there, but without state.json
+    with pytest.raises(UserError, match="not a checkpoint folder \\(no state.json\\)"):
+        C.find_resume_checkpoint(tmp_path, str(tmp_path / "checkpoints" / "step-99"))
+    # --resume auto passes over it (newer than the newest checkpoint) and says so (it was skipped silently); these
+    # state.json-only checkpoints are damaged as well, so it ends with the newest one's error
+    notes: list[str] = []
+    with pytest.raises(UserError, match="step-14"):
+        C.find_resume_checkpoint(tmp_path, "auto", notes)
+    assert notes[0] == "--resume auto: passed over step-99, which is damaged (state.json is missing)", notes
+    assert [n for n in notes if "step-99" in n] == notes[:1]
+
+
+def test_another_runs_checkpoint_is_refused_into_a_folder_with_checkpoints_of_its_own(tmp_path):
+    """It went through: the run's own step-150 and step-166 were deleted by retention at the next saves, and
+    metrics.jsonl joined this run's first 20 steps to the other run's."""
+    for run, step in (("other", 20), ("mine", 150), ("mine", 166)):
+        (tmp_path / run / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (tmp_path / run / "checkpoints" / f"step-{step}" / "state.json").write_text(json.dumps({"step": step}))
+    theirs = tmp_path / "other" / "checkpoints" / "step-20"
+    with pytest.raises(UserError) as exc:
+        C.find_resume_checkpoint(tmp_path / "mine", str(theirs))
+    text = exc.value.render()
+    assert f"{theirs} is a checkpoint of another run" in text and "(step-150, step-166)" in text
+    assert "output.dir=NEW_DIR" in text and "--resume auto" in text
+    # the controls: into a new folder, and the run's own checkpoint
+    assert C.find_resume_checkpoint(tmp_path / "new", str(theirs)) == theirs
+    own = tmp_path / "mine" / "checkpoints" / "step-150"
+    assert C.find_resume_checkpoint(tmp_path / "mine", str(own)) == own
 
 
 def test_eval_split_is_seeded_disjoint_and_complete():
@@ -517,6 +546,48 @@ def test_the_summary_of_a_resumed_run_says_what_this_session_covers_and_shows_th
     assert "resumed from" not in out and "this session" not in out and "eval loss" not in out, out
     assert "8,000 over the whole run" in out, out
     assert not people_console().is_terminal and people_console().soft_wrap  # a log's lines stay whole
+
+
+def test_a_run_continued_into_a_new_folder_is_compared_with_the_recipe_its_checkpoint_was_trained_with(tmp_path):
+    """It was compared with the new folder's recipe, which did not exist: every key was reported as changed
+    ("dataset.batching: None -> balanced; ...", 60 of them), on screen and in the recipe's header."""
+    from unsloth_mgpu_cli.checkpoint import check_resume_compatible
+    from unsloth_mgpu_cli.engine import _start_output_dir
+    from unsloth_mgpu_cli.recipe import Recipe, to_yaml
+
+    def recipe(out: Path, steps: int, seq: int = 128) -> Recipe:
+        return Recipe.model_validate(
+            {
+                "model": {"name": "builtin:tiny-llama", "max_seq_length": seq},
+                "dataset": {"path": "d.jsonl"},
+                "training": {"max_steps": steps, "warmup_steps": 1},
+                "output": {"dir": str(out)},
+            }
+        )
+
+    first, new = tmp_path / "first", tmp_path / "new"
+    _start_output_dir(first, recipe(first, 30), False, None, None)
+    ckpt = first / "checkpoints" / "step-20"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text(json.dumps({"step": 20, "identity": {"data": "5ace7dbf"}}))
+    changed = _start_output_dir(new, recipe(new, 40), False, str(ckpt), ckpt)
+    assert changed == [f"output.dir: {first} -> {new}", "training.max_steps: 30 -> 40"]
+    assert (
+        f"# Resumed at step 20 with: output.dir: {first} -> {new}; training.max_steps: 30 -> 40\n"
+        in (new / "recipe.resolved.yaml").read_text()
+    )
+    # a checkpoint copied without its run's recipe: nothing to compare with, nothing claimed
+    alone = tmp_path / "copied" / "step-20"
+    shutil.copytree(ckpt, alone)
+    assert _start_output_dir(tmp_path / "third", recipe(tmp_path / "third", 40), False, str(alone), alone) == []
+    # the tokenised data changed: named by the keys that changed it, not only by two fingerprints
+    with pytest.raises(UserError) as exc:
+        check_resume_compatible(ckpt, {"data": "1c66acf3"}, to_yaml(recipe(first, 30, seq=256)))
+    text = exc.value.render()
+    assert "tokenised data changed (model.max_seq_length: 128 -> 256)" in text
+    assert "set model.max_seq_length back" in text
+    with pytest.raises(UserError, match="trained with '5ace7dbf', the recipe now gives '1c66acf3'"):  # no recipe given
+        check_resume_compatible(ckpt, {"data": "1c66acf3"})
 
 
 def test_a_resume_with_changed_settings_says_so_and_the_resolved_recipe_keeps_the_record(tmp_path, capsys):

@@ -235,6 +235,12 @@ def find_resume_checkpoint(out: Path, resume: str, notes: list[str] | None = Non
     `verify_safe_to_load`)."""
     if resume == "auto":
         found = list_checkpoints(out)
+        if notes is not None:  # a step folder without state.json (a copy cut short) is no checkpoint: say so
+            newest = _step_of(found[-1]) if found else -1
+            folder = Path(out) / "checkpoints"
+            bare = [p for p in folder.glob(f"{STEP_PREFIX}*") if p.is_dir() and not (p / "state.json").exists()]
+            for ckpt in sorted((p for p in bare if _step_of(p) > newest), key=_step_of):
+                notes.append(f"--resume auto: passed over {ckpt.name}, which is damaged (state.json is missing)")
         for ckpt in reversed(found):
             damage = checkpoint_damage(ckpt)
             if damage is None:
@@ -246,11 +252,20 @@ def find_resume_checkpoint(out: Path, resume: str, notes: list[str] | None = Non
         return None
     path = Path(resume).expanduser().resolve()
     if not (path / "state.json").exists():
+        found = f"no such folder: {path}" if not path.exists() else f"not a checkpoint folder (no state.json): {path}"
+        raise UserError(Problem("argument --resume", found, _checkpoints_hint(out)), "invalid arguments")
+    own = list_checkpoints(out)
+    if own and path.parent.parent != Path(out).expanduser().resolve():
+        # Its saves would go among this run's checkpoints, whose retention (output.save_total_limit) then deletes
+        # them, and metrics.jsonl would join this run's first steps to the other run's later ones.
         raise UserError(
             Problem(
                 "argument --resume",
-                f"not a checkpoint folder (no state.json): {path}",
-                _checkpoints_hint(out),
+                f"{path} is a checkpoint of another run, and output.dir ({out}) holds this run's own checkpoints "
+                f"({', '.join(p.name for p in own[-3:])}): resuming it there would delete them and mix the two "
+                "runs' metrics",
+                "continue that run into a new folder (output.dir=NEW_DIR), or this run from its own checkpoints "
+                "(--resume auto)",
             ),
             "invalid arguments",
         )
@@ -354,6 +369,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 # What must not change between a run and its resumption, with the recipe keys a person would edit.
+# Recipe keys that change the tokenised data (its fingerprint): named when a resume finds it changed.
+_DATA_KEYS = ("dataset.", "model.max_seq_length", "model.name")
 _IDENTITY_LABELS = {
     "model": ("model", "model.name"),
     "lora": ("LoRA settings", "lora"),
@@ -424,8 +441,28 @@ def run_identity(recipe: Any, data_fingerprint: str, global_batch: int) -> dict[
     }
 
 
-def check_resume_compatible(ckpt: Path, identity: dict[str, Any]) -> None:
-    """Raise a UserError naming every setting that differs from the checkpoint's run (exit 2)."""
+def changed_settings(before: str, after: str) -> list[str]:
+    """`key: old -> new` for each recipe value that differs between two resolved recipes (YAML text)."""
+    import yaml
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(node, dict):
+            return {k: v for key, sub in node.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): node}
+
+    try:
+        old, new = flat(yaml.safe_load(before) or {}), flat(yaml.safe_load(after) or {})
+    except yaml.YAMLError:  # an earlier file edited by hand: nothing to compare with
+        return []
+    if not old:  # no recipe to compare with (a checkpoint copied without its run): every key would be "None -> x"
+        return []
+    return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+
+
+def check_resume_compatible(ckpt: Path, identity: dict[str, Any], recipe_yaml: str = "") -> None:
+    """Raise a UserError naming every setting that differs from the checkpoint's run (exit 2). `recipe_yaml`
+    (the resolved recipe now) names which keys changed the tokenised data, when the checkpoint's run folder still
+    has the recipe it was trained with."""
     state = read_state(ckpt)
     saved = state.get("identity", {})
     problems = []
@@ -437,14 +474,16 @@ def check_resume_compatible(ckpt: Path, identity: dict[str, Any]) -> None:
         if isinstance(was, dict) and isinstance(now, dict):  # a section (lora): only the keys that differ
             differ = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
             was, given = ({k: d.get(k) for k in differ} for d in (saved[key], now))
-            keys = " ".join(f"{key}.{k}" for k in differ)
-        problems.append(
-            Problem(
-                f"argument --resume {ckpt.name}",
-                f"{label} changed: the checkpoint was trained with {was!r}, the recipe now gives {given!r}",
-                f"set {keys} back",
-            )
-        )
+            keys = ", ".join(f"{key}.{k}" for k in differ)
+        found = f"{label} changed: the checkpoint was trained with {was!r}, the recipe now gives {given!r}"
+        if key == "data" and recipe_yaml:  # fingerprints say nothing: the keys that made them differ, if known
+            source = Path(ckpt).parent.parent / "recipe.resolved.yaml"
+            before = source.read_text(errors="replace") if source.is_file() else ""
+            data_keys = [c for c in changed_settings(before, recipe_yaml) if c.startswith(_DATA_KEYS)]
+            if data_keys:
+                found = f"{label} changed ({'; '.join(data_keys)})"
+                keys = ", ".join(c.split(":")[0] for c in data_keys)
+        problems.append(Problem(f"argument --resume {ckpt.name}", found, f"set {keys} back"))
     if problems:
         raise UserError(
             problems

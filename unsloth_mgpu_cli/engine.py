@@ -448,7 +448,7 @@ def train(
     identity = run_identity(recipe, Path(data_dir).name, recipe.global_batch_size(num_workers))
     if resume_from is not None:
         # before anything in output.dir changes: a refused resume leaves the run as it was
-        check_resume_compatible(resume_from, identity)
+        check_resume_compatible(resume_from, identity, to_yaml(recipe))
         if _finished_already(resume_from, recipe, out):
             return {}
     if is_main_node:
@@ -554,7 +554,7 @@ def _start_output_dir(
 
     Returns the settings a resume changed (`training.learning_rate: 0.003 -> 0.0001`), which the new
     recipe.resolved.yaml records in its header, with the earlier resumes' records, as it replaces the old one."""
-    from .checkpoint import clean_stale, read_state, truncate_metrics
+    from .checkpoint import changed_settings, clean_stale, read_state, truncate_metrics
 
     make_output_dir(out, overwrite, resume is not None)
     clean_stale(out)
@@ -569,27 +569,15 @@ def _start_output_dir(
             old = out / "recipe.resolved.yaml"
             earlier = old.read_text(errors="replace") if old.is_file() else ""
             header += [line for line in earlier.splitlines() if line.startswith("# Resumed at step")]
-            changed = _changed_settings(earlier, text)
+            # compared with the recipe the checkpoint was trained with: its own run's (another folder's, when a run
+            # is continued into a new one); nothing to compare with when that is gone
+            source = resume_from.parent.parent / "recipe.resolved.yaml"
+            trained_with = source.read_text(errors="replace") if source.is_file() else ""
+            changed = changed_settings(trained_with, text)
             if changed:
                 header.append(f"# Resumed at step {start} with: {'; '.join(changed)}")
     (out / "recipe.resolved.yaml").write_text("\n".join(header) + "\n" + text)
     return changed
-
-
-def _changed_settings(before: str, after: str) -> list[str]:
-    """`key: old -> new` for each recipe value that differs between two resolved recipes (YAML text)."""
-    import yaml
-
-    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(node, dict):
-            return {k: v for key, sub in node.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
-        return {prefix.rstrip("."): node}
-
-    try:
-        old, new = flat(yaml.safe_load(before) or {}), flat(yaml.safe_load(after) or {})
-    except yaml.YAMLError:  # an earlier file edited by hand: nothing to compare with
-        return []
-    return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
 
 
 def _print_data(
