@@ -244,6 +244,37 @@ def test_export_refuses_a_folder_it_did_not_write(run, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["precious"]
 
 
+def test_export_names_a_damaged_adapter_a_checkpoint_folder_and_a_run_still_training(run, tmp_path):
+    """A cut-short or missing adapter file was a traceback and exit 1 (peft then looked for the file on the hub);
+    a checkpoint folder was 'not the folder of an mgpu run'; a live run was told to finish with --resume auto."""
+    import shutil
+
+    from unsloth_mgpu_cli import engine
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("merged*"))
+    weights = copy / "adapter" / "adapter_model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 4096)
+    proc = run_mgpu("export", str(copy), timeout=300)
+    assert_user_error(proc, f"{weights}: adapter_model.safetensors cut short", "a copy cut short?")
+    weights.unlink()
+    assert_user_error(run_mgpu("export", str(copy), timeout=300), "adapter_model.safetensors is missing")
+    ckpt = copy / "checkpoints" / "step-2"
+    proc = run_mgpu("export", str(ckpt), timeout=300)
+    assert_user_error(proc, f"{ckpt} is a checkpoint, not a run folder", f"then `mgpu export {copy}`")
+    shutil.rmtree(copy / "adapter")
+    engine._lock_output_dir(copy)  # a `mgpu train` into it, as far as any other process can tell
+    try:
+        proc = run_mgpu("export", str(copy), timeout=300)
+    finally:
+        engine._OUTPUT_LOCK.close()
+        engine._OUTPUT_LOCK = None
+    assert_user_error(proc, f"the run is still training (pid {os.getpid()}", "export once it has")
+    assert "--resume" not in proc.stderr
+    proc = run_mgpu("export", str(copy), timeout=300)  # the control: ended, so finish it
+    assert_user_error(proc, "no adapter", f"mgpu train {copy / 'recipe.resolved.yaml'} --resume auto")
+
+
 @pytest.mark.parametrize(
     "where, needle",
     [

@@ -331,7 +331,7 @@ def verify_safe_to_load(ckpt: Path, suggest: bool = True) -> None:
         json.loads((ckpt / "state.json").read_text())
     except (ValueError, OSError) as exc:
         refuse("state.json", f"cannot be read: {_first_line(exc)}", "damaged checkpoint")
-    problem = _safetensors_damage(ckpt / "trainable.safetensors")
+    problem = safetensors_damage(ckpt / "trainable.safetensors")
     if problem:
         refuse("trainable.safetensors", problem, "damaged checkpoint")
 
@@ -341,7 +341,7 @@ def _step_of(ckpt: Path) -> int:
     return int(tail) if ckpt.name.startswith(STEP_PREFIX) and tail.isdigit() else -1
 
 
-def _safetensors_damage(path: Path) -> str | None:
+def safetensors_damage(path: Path) -> str | None:
     """Why a .safetensors file is unusable, from its header alone: unreadable, or shorter than its tensors."""
     try:
         with open(path, "rb") as f:

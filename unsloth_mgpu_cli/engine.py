@@ -214,12 +214,7 @@ def _lock_output_dir(out: Path) -> None:
     if _OUTPUT_LOCK is not None:  # an earlier run of this process (one runs at a time): its lock goes
         _OUTPUT_LOCK.close()
         _OUTPUT_LOCK = None
-    import hashlib
-
-    from .models import cache_dir
-
-    key = hashlib.sha1(str(out.expanduser().absolute()).encode()).hexdigest()[:20]
-    path = cache_dir() / "locks" / f"{key}.lock"
+    path = _lock_path(out)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = path.open("a+")
@@ -244,6 +239,33 @@ def _lock_output_dir(out: Path) -> None:
     handle.write(f"pid {os.getpid()}, started {time.strftime('%H:%M:%S')}")
     handle.flush()
     _OUTPUT_LOCK = handle
+
+
+def _lock_path(out: Path) -> Path:
+    """The lock file of `out` in mgpu's cache (see _lock_output_dir)."""
+    import hashlib
+
+    from .models import cache_dir
+
+    key = hashlib.sha1(str(out.expanduser().absolute()).encode()).hexdigest()[:20]
+    return cache_dir() / "locks" / f"{key}.lock"
+
+
+def live_run(out: Path) -> str | None:
+    """Who trains into `out` on this host right now (`pid N, started HH:MM:SS`), or None."""
+    try:
+        import fcntl
+
+        handle = _lock_path(Path(out)).open("r")
+    except (ImportError, OSError):  # no fcntl, or no lock file: no run here ever took one
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return handle.read().strip() or "another process"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
 
 
 def _check_fresh_start(out: Path) -> None:

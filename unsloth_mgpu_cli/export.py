@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .checkpoint import EXPORT_MARKER, atomic_dir, describe_entries, is_export, is_run_entry
+from .checkpoint import (
+    EXPORT_MARKER,
+    STEP_PREFIX,
+    atomic_dir,
+    describe_entries,
+    is_export,
+    is_run_entry,
+    safetensors_damage,
+)
 from .errors import Problem, UserError
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -63,24 +71,46 @@ def check_export_args(output_dir: Path, dtype: str, dest: Path | None = None) ->
                 ),
                 "nothing to export",
             )
+        from .engine import live_run
+
         a_run = (out / "recipe.resolved.yaml").is_file()  # what every `mgpu train` writes first
-        raise UserError(
-            Problem(
-                "argument OUTPUT_DIR",
-                f"no adapter in {out} (expected adapter/adapter_config.json)"
-                + ("" if a_run else "; it holds no recipe.resolved.yaml either: not the folder of an mgpu run"),
-                "the adapter is written when training ends; finish the run with `mgpu train RECIPE --resume auto`"
-                if a_run
-                else "give the output.dir of an `mgpu train` run",
-            ),
-            "nothing to export",
-        )
+        training = live_run(out) if a_run else None
+        found = f"no adapter in {out} (expected adapter/adapter_config.json)"
+        if training:
+            found += f": the run is still training ({training})"
+            hint = "the adapter is written when training ends: export once it has"
+        elif a_run:
+            hint = (
+                f"the adapter is written when training ends; finish the run with `mgpu train "
+                f"{out / 'recipe.resolved.yaml'} --resume auto`"
+            )
+        elif out.name.startswith(STEP_PREFIX) and (out / "state.json").is_file():
+            found = f"{out} is a checkpoint, not a run folder: export takes the run's output.dir"
+            hint = (
+                f"finish the run ({out.parent.parent}) with `mgpu train RECIPE --resume auto`, then "
+                f"`mgpu export {out.parent.parent}`"
+            )
+        else:
+            found += "; it holds no recipe.resolved.yaml either: not the folder of an mgpu run"
+            hint = "give the output.dir of an `mgpu train` run"
+        raise UserError(Problem("argument OUTPUT_DIR", found, hint), "nothing to export")
     try:
         base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(
             Problem(str(adapter / "adapter_config.json"), f"unreadable adapter config: {exc}"), "invalid adapter"
         ) from exc
+    weights = adapter / "adapter_model.safetensors"
+    damage = safetensors_damage(weights) if weights.is_file() else f"{weights.name} is missing"
+    if damage and not (adapter / "adapter_model.bin").is_file():
+        raise UserError(
+            Problem(
+                str(weights),
+                damage if damage.endswith("missing") else f"{weights.name} {damage}",
+                "the adapter is incomplete or damaged (a copy cut short?): copy the run folder again, or train again",
+            ),
+            "invalid adapter",
+        )
     name = (_resolved_recipe(out).get("model") or {}).get("name", "")
     if isinstance(name, str) and name.startswith("builtin:"):
         from .models import resolve_model_path
