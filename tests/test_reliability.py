@@ -373,18 +373,20 @@ def test_ctrl_c_while_a_process_pool_tokenises_stops_at_once_and_leaves_no_proce
 
 
 @pytest.mark.integration
-def test_a_second_sigterm_to_the_launcher_alone_stops_the_workers_at_once(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_second_signal_to_the_launcher_alone_stops_the_workers_at_once(tmp_path, sig):
     """`kill PID` twice, or `docker stop` (SIGTERM to the launcher only): after the first, the workers take a
     SIGTERM as "finish the step"; the agent's SIGTERM after the second was taken so too, and the run ended only when
-    torch SIGKILLed the workers 30 s later."""
+    torch SIGKILLed the workers 30 s later. `kill -INT PID` twice: the agent passes on the signal it got, and a
+    SIGINT was taken as a person's first Ctrl-C, with the same 30 s."""
     out = tmp_path / "run"
     args = ["train", str(QUICKSTART), *BASE, "distributed.num_gpus=1", "training.max_steps=400", f"output.dir={out}"]
     proc = start_mgpu(*args, MGPU_INJECT_FAULT="slow:rank=0:step=1:until=1000:us=2000", OMP_NUM_THREADS="1")
     metrics = out / "metrics.jsonl"
     wait_until(proc, lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, 240, "3 steps logged")
-    output, took = stop_and_time(proc, signal.SIGTERM, signal.SIGTERM, to_group=False)
+    output, took = stop_and_time(proc, sig, sig, to_group=False)
     assert proc.returncode == 130 and took < 10, (proc.returncode, took, output[-3000:])
-    assert "stopped at once on a second SIGTERM" in output and "Traceback" not in output, output[-3000:]
+    assert f"stopped at once on a second {sig.name}" in output and "Traceback" not in output, output[-3000:]
     assert left_in_session(proc.pid) == []
 
 

@@ -658,8 +658,8 @@ def _graceful_stop(stop_file: Path | None) -> Any:
                 "others at the rendezvous, or was starting them): no step ran, nothing to save"
             ) from None
         raise Interrupted(
-            f"stopped at once on a second {exc.sigval.name}: the workers were ended, the step in progress is lost; "
-            "--resume auto continues from the newest checkpoint"
+            f"stopped at once on a second {exc.sigval.name}: the workers were ended, and any steps after the newest "
+            "checkpoint are lost; --resume auto continues from that checkpoint"
         ) from None
     finally:
         for sig, old in previous.items():
@@ -729,6 +729,7 @@ class StopSignal:
         self.stop_file = Path(stop_file) if stop_file else None
         self.count = 0
         self.parent_died = False  # PARENT_DIED arrived: the launcher is gone (see _worker_main)
+        self.done = False  # the worker's work is over (set by _worker_main): a second signal just ends it
         self.installed = threading.current_thread() is threading.main_thread()
         if self.installed:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -773,12 +774,15 @@ class StopSignal:
                     # cannot take it (stuck in a collective). The launcher says so; rank 0's stderr is the console.
                     time.sleep(TEARDOWN_GRACE_S)
                     os._exit(130)
-                if signal.SIGTERM not in got:
-                    continue  # Ctrl-C: a person's stop
-                if self._stop_now():  # a second signal reached the launcher alone: no step to finish
+                if self._stop_now():
+                    # A second signal reached the launcher alone (`kill -INT PID` twice): its agent then sends the
+                    # workers the signal it got, SIGINT or SIGTERM. A SIGINT was taken for a person's first Ctrl-C,
+                    # and a worker done with its last checkpoint waited 30 s for the agent's SIGKILL.
                     sys.stderr.write("stopped at once: a second signal reached the launcher\n")
                     sys.stderr.flush()
                     os._exit(130)
+                if signal.SIGTERM not in got:
+                    continue  # Ctrl-C: a person's stop
                 deadline = time.monotonic() + TEARDOWN_GRACE_S
                 while not self.stop_file.exists():  # the file: a person's stop (finish the step, checkpoint)
                     if time.monotonic() > deadline:
@@ -798,6 +802,8 @@ class StopSignal:
     def _handle(self, signum: int, frame: Any) -> None:
         self.count += 1
         if self.count > 1:
+            if self.done:  # raised in an exit handler (torch's own), it would print "Exception ignored in atexit"
+                os._exit(130)
             raise KeyboardInterrupt
 
     def _parent_died(self, signum: int, frame: Any) -> None:

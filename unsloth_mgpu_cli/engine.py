@@ -777,6 +777,7 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
             return {"interrupted": True, "steps": trainer.step, "checkpoint": None}
         return trainer.fit()
     finally:
+        stop.done = True
         D.teardown()
         if stop.parent_died or os.getppid() != parent:
             # Orphaned: the launcher's multiprocessing wrapper would wait forever for the dead parent to read our
