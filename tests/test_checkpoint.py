@@ -479,10 +479,19 @@ def test_a_checkpoint_that_needs_code_to_load_is_refused_as_unsafe(tmp_path):
     torch.save({"x": SimpleNamespace(a=1)}, folder / "step-1" / "rng.pt")  # an object weights_only refuses
     with pytest.raises(UserError) as exc:
         C.verify_safe_to_load(folder / "step-1")
-    assert "unsafe checkpoint" in exc.value.render() and "rng.pt" in exc.value.render()
+    text = exc.value.render()
+    assert "unsafe checkpoint" in text and "rng.pt" in text and "Unsupported global" in text, text
+    assert "weights_only` set to `False`" not in text  # torch's advice, the unsafe way out, is not repeated
     notes: list[str] = []
     with pytest.raises(UserError):  # the only one: --resume auto gives its error rather than start from 0
         C.find_resume_checkpoint(tmp_path, "auto", notes)
+    # random bytes are damage, not danger (they were called "unsafe", with torch's weights_only=False advice)
+    (folder / "step-1" / "rng.pt").write_bytes(bytes(range(256)) * 2)
+    with pytest.raises(UserError) as exc:
+        C.verify_safe_to_load(folder / "step-1")
+    text = exc.value.render()
+    assert "damaged checkpoint" in text and "cannot be read: not a whole torch.save file" in text, text
+    assert "weights_only` set to `False`" not in text
 
 
 def test_every_checkpoint_damaged_gives_the_newest_ones_error(tmp_path):

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -315,13 +316,18 @@ def verify_safe_to_load(ckpt: Path, suggest: bool = True) -> None:
             continue
         try:
             torch.load(ckpt / name, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:  # weights_only refused an object: not a file this tool wrote
-            refuse(
-                name,
-                f"refused to load: not a plain tensor file ({_first_line(exc)})",
-                "unsafe checkpoint",
-                "checkpoints are loaded with weights_only=True; only resume from checkpoints this tool wrote",
-            )
+        except pickle.UnpicklingError as exc:
+            # torch's text advises weights_only=False, the unsafe way out: only its own diagnosis is repeated
+            match = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+            why = match.group(1).strip() if match else _first_line(exc)
+            if "Unsupported global" in why:  # weights_only refused an object: not a file this tool wrote
+                refuse(
+                    name,
+                    f"refused to load: not a plain tensor file ({why.split('. ')[0]})",
+                    "unsafe checkpoint",
+                    "checkpoints are loaded with weights_only=True; only resume from checkpoints this tool wrote",
+                )
+            refuse(name, f"cannot be read: not a whole torch.save file ({why})", "damaged checkpoint")
         except (RuntimeError, EOFError, ValueError, OSError) as exc:  # cut short, zeroed, unreadable
             refuse(name, f"cannot be read: {_first_line(exc)}", "damaged checkpoint")
     for name in CHECKPOINT_FILES:
