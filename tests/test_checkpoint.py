@@ -49,6 +49,39 @@ def train_step(t: SimpleNamespace) -> None:
     t.run_state["tokens"] += 10
 
 
+def test_save_total_limit_null_keeps_every_checkpoint_and_the_disk_check_counts_them(tmp_path):
+    """`output.save_total_limit: null` (transformers' "keep all") was refused: 'expected a valid integer'."""
+    from unsloth_mgpu_cli.engine import check_free_space
+    from unsloth_mgpu_cli.models import resolve_model_path
+    from unsloth_mgpu_cli.recipe import Recipe
+
+    t = make_trainer(tmp_path)
+    for limit, kept in ((2, ["step-3", "step-4"]), (None, ["step-1", "step-2", "step-3", "step-4"])):
+        t.recipe.output.save_total_limit = limit
+        for _ in range(4):
+            train_step(t)
+            C.save_checkpoint(t)
+        assert [p.name for p in C.list_checkpoints(tmp_path)][-len(kept) :] == kept
+        assert len(C.list_checkpoints(tmp_path)) == len(kept), (limit, C.list_checkpoints(tmp_path))
+        shutil.rmtree(tmp_path / "checkpoints")
+        t.step = 0
+
+    def recipe(limit: int | None) -> Recipe:
+        output = {"save_steps": 10, "save_total_limit": limit}
+        return Recipe.model_validate(
+            {"model": {"name": "builtin:tiny-llama"}, "dataset": {"path": "d"}, "output": output}
+        )
+
+    def need(limit: int | None, steps: int) -> str:  # the bytes check_free_space asks for, read from its refusal
+        with pytest.raises(UserError) as exc, pytest.MonkeyPatch.context() as m:
+            m.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 1))
+            check_free_space(tmp_path / "out", recipe(limit), resolve_model_path("builtin:tiny-llama"), steps)
+        return exc.value.render()
+
+    assert "(adapter + 3 checkpoint(s))" in need(2, 100)  # the limit, and one more while a new one is written
+    assert "(adapter + 11 checkpoint(s))" in need(None, 100)  # every 10 steps of 100, and one more
+
+
 @pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="needs Linux's /dev/full")
 def test_a_full_disk_under_torch_save_is_a_checkpoint_write_error_too(tmp_path, monkeypatch):
     """On a full disk torch.save raises a RuntimeError ("[enforce fail at inline_container.cc] unexpected pos"), not

@@ -664,7 +664,9 @@ def _full_optimizer_state(trainer: Any) -> dict[str, Any]:
     return get_optimizer_state_dict(trainer.model, trainer.optimizer, options=options)
 
 
-def _prune(out: Path, keep: int) -> None:
+def _prune(out: Path, keep: int | None) -> None:
+    if keep is None:  # output.save_total_limit: null keeps every checkpoint
+        return
     for old in list_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -332,11 +332,12 @@ def _overwrite_problems(out: Path, others: list[Path], inputs: list[Path]) -> li
     return problems
 
 
-def check_free_space(out: Path, recipe: Recipe, model_path: str) -> str | None:
+def check_free_space(out: Path, recipe: Recipe, model_path: str, total_steps: int | None = None) -> str | None:
     """Refuse a disk that cannot hold the adapter and the kept checkpoints; returns a warning when it is tight.
 
     The estimate counts the trainable weights (fp32) for the adapter and, per checkpoint, the weights and two
-    AdamW moments, for `save_total_limit + 1` checkpoints (one more exists while a new one is written).
+    AdamW moments, for `save_total_limit + 1` checkpoints (one more exists while a new one is written); with no
+    limit, for every checkpoint of the run's `total_steps`.
     """
     from .memory import architecture_from_config, find_config, lora_params
     from .render import size_text
@@ -353,7 +354,13 @@ def check_free_space(out: Path, recipe: Recipe, model_path: str) -> str | None:
         if recipe.lora is not None
         else arch.num_parameters()
     )
-    keep = recipe.output.save_total_limit + 1 if recipe.output.save_steps else 1
+    o = recipe.output
+    if not o.save_steps:
+        keep = 1
+    elif o.save_total_limit is not None:
+        keep = o.save_total_limit + 1
+    else:  # every checkpoint stays
+        keep = -(-(total_steps or o.save_steps) // o.save_steps) + 1
     need = trainable * 4 + keep * trainable * 12
     parent = next((a for a in (out, *out.parents) if a.exists()), Path("/"))
     free = shutil.disk_usage(parent).free
@@ -464,7 +471,10 @@ def train(
     check_target_modules(recipe, model_path)
     data_dir, summary, hit = data_mod.prepare(recipe, model_path)
     check_batch_fits(recipe, summary.samples, num_workers, data_mod.eval_hold_out(recipe, summary.samples))
-    disk_note = check_free_space(out, recipe, model_path) if is_main_node else None
+    steps = recipe.training.max_steps or recipe.training.epochs * -(
+        -summary.samples // recipe.global_batch_size(num_workers)
+    )
+    disk_note = check_free_space(out, recipe, model_path, steps) if is_main_node else None
     eval_prepared = data_mod.prepare_eval(recipe, model_path)
     timeline["data_ready"] = time.time()
     identity = run_identity(recipe, Path(data_dir).name, recipe.global_batch_size(num_workers))

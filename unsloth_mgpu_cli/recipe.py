@@ -409,7 +409,9 @@ class OutputSection(_Section):
 
     dir: str = Field("outputs/run", min_length=1, description="Output folder (relative to the recipe file).")
     save_steps: int = Field(100, ge=0, description="Checkpoint every N optimizer steps; 0: only at the end.")
-    save_total_limit: int = Field(2, ge=1, description="Keep the newest K checkpoints.")
+    save_total_limit: int | None = Field(
+        2, ge=1, description="Keep the newest K checkpoints; null: keep every one (as in transformers)."
+    )
 
 
 class LoggingSection(_Section):
