@@ -52,7 +52,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
+STAGE=${1:?usage: gpu_plan.sh s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -448,6 +448,44 @@ clocks_throttle_reasons.active --format=csv,noheader -lms 100 > "$OUT/smi.csv" 2
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt"
     timeout 200 "${BENCH[@]}" --out "$OUT/a" --only ours --gpus 1 --budget-s 190 | tail -3
     cd "$OUT" && tar czf rest.tgz a q/logs; rm -rf a; exit 0 ;;
+  s20)
+    # session 20 (1-GPU kind): `kill -INT PID` twice to the launcher alone (the agent passes SIGINT on; it ended on
+    # torch's SIGKILL 30 s later), and a double Ctrl-C to the whole group (no atexit traceback); a hub id from the HF
+    # cache with downloads left on where the hub's name cannot resolve (hub.py), trained and exported on CUDA (the
+    # adapter's save no longer asks the hub); then the tier's 1-GPU tests
+    Q=(python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 training.max_steps=3000
+       training.warmup_steps=1 output.save_steps=50)
+    for where in alone group; do
+      setsid "${Q[@]}" output.dir="$OUT/int_$where" > "$OUT/int_$where.txt" 2>&1 & P=$!
+      for i in $(seq 1 1800); do grep -q "^step 25/" "$OUT/int_$where.txt" 2>/dev/null && break; sleep 0.1; done
+      s=$(date +%s.%N)
+      if [ $where = alone ]; then kill -INT $P; sleep 0.05; kill -INT $P; else kill -INT -- -$P; sleep 0.05; kill -INT -- -$P; fi
+      wait $P; rc=$?; echo "double SIGINT to the $where: exit=$rc after $(python3 -c "print(round($(date +%s.%N)-$s,2))") s"
+      grep -cE "Traceback|Exception ignored" "$OUT/int_$where.txt" | sed 's/^/  traceback lines: /'
+      grep -E "^stop requested|^interrupted|stopped at once" "$OUT/int_$where.txt" | cut -c1-160 | sed 's/^/  /'
+      ls "$OUT/int_$where/checkpoints" | tr '\n' ' ' | sed 's/^/  checkpoints: /'; echo
+      rm -rf "$OUT/int_$where/checkpoints"
+    done
+    python3 - "$OUT/hub" <<'PY'
+import shutil, sys
+from pathlib import Path
+from unsloth_mgpu_cli.models import resolve_model_path
+repo = Path(sys.argv[1]) / "models--someone--tiny"
+shutil.copytree(resolve_model_path("builtin:tiny-llama"), repo / "snapshots" / "0123abcd")
+(repo / "refs").mkdir(); (repo / "refs" / "main").write_text("0123abcd")
+PY
+    s=$(date +%s)
+    env -u HF_HUB_OFFLINE -u TRANSFORMERS_OFFLINE -u HF_DATASETS_OFFLINE HF_HUB_CACHE="$OUT/hub" \
+      python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 model.name=someone/tiny \
+      training.max_steps=5 training.warmup_steps=1 logging.progress=false output.dir="$OUT/hubrun" > "$OUT/hub.txt" 2>&1
+    echo "hub id from the cache, downloads on: exit=$? in $(( $(date +%s)-s )) s"
+    grep -E "^hub:|Retrying|Could not find a config" "$OUT/hub.txt" | sort | uniq -c | cut -c1-160
+    env -u HF_HUB_OFFLINE -u TRANSFORMERS_OFFLINE -u HF_DATASETS_OFFLINE HF_HUB_CACHE="$OUT/hub" \
+      python3 -m unsloth_mgpu_cli export "$OUT/hubrun" > "$OUT/hubexport.txt" 2>&1
+    echo "its export: exit=$?; retries: $(grep -c Retrying "$OUT/hubexport.txt")"; tail -1 "$OUT/hubexport.txt" | cut -c1-160
+    rm -rf "$OUT/hub" "$OUT/hubrun"
+    timeout -k 10 "${T:-230}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
+    echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
   s18)
     # session 18 (1-GPU kind): Ctrl-C while the worker imports torch, before its handlers exist (the launcher now
     # starts the workers with the stop signals held; torch 2.11 here, 2.14 on CPU): exit 130, no traceback, no model
