@@ -265,6 +265,19 @@ def test_memory_given_as_a_number_of_bytes_is_read_as_bytes():
     assert gb == as_float == ConfigManager().get_optimal_config("7B", available_memory="32GB", num_gpus=2)
 
 
+def test_a_global_batch_that_cannot_be_kept_is_rounded_up_with_a_warning():
+    """32 on 3 GPUs became 48 (8 x 2 x 3) with no word outside `last_plan.reasons`."""
+    with pytest.warns(UserWarning, match=r"global batch 48 samples per step .*not global_batch=32"):
+        cfg = ConfigManager().get_optimal_config("1B", "24GB", num_gpus=3, global_batch=32)
+    assert cfg["batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * 3 == 48
+    import warnings
+
+    with warnings.catch_warnings():  # the control: 32 on 2 GPUs is kept, silently
+        warnings.simplefilter("error")
+        cfg = ConfigManager().get_optimal_config("1B", "24GB", num_gpus=2, global_batch=32)
+    assert cfg["batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * 2 == 32
+
+
 def test_a_gpu_memory_no_gpu_has_is_refused_with_the_unit_it_probably_meant():
     """16000 meant as MB was planned as 16,000 GB per GPU: micro-batch 32, out of memory at once."""
     with pytest.raises(UserError, match=r"at most 4,096 GB\), found 16000 = 16,000 GB") as info:

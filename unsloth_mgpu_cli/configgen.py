@@ -673,6 +673,16 @@ class ConfigManager:
                 _does_not_fit_in_hook_mode(arch, str(model_size), mem, gpus, p, seq_len, memory_fraction),
                 "does not fit",
             )
+        planned = p.micro_batch_size * p.gradient_accumulation_steps * gpus
+        if planned != global_batch:  # the returned dict alone would not show it
+            import warnings
+
+            warnings.warn(
+                f"get_optimal_config: global batch {planned} samples per step ({p.micro_batch_size} per GPU x "
+                f"{p.gradient_accumulation_steps} accumulation x {gpus} GPUs), not global_batch={global_batch}, "
+                f"which does not split evenly into micro-batches on {gpus} GPUs: rounded up",
+                stacklevel=2,
+            )
         return {
             "num_gpus": gpus,
             "batch_size_per_gpu": p.micro_batch_size,
