@@ -43,6 +43,9 @@
 # 130 after 3.7 s, 0 leaked-semaphore warnings; one Ctrl-C: step-5 saved; 2 passed, 3 skipped, 149 s); then `s18`
 # (Ctrl-C 0.2 s and 1.5 s after the worker started: exit 130 after 5.7 and 3.5 s, no traceback, no model load),
 # `stops` (3.3 s; step-5 saved; 0 warnings) and `T=240 gputest` (2 passed, 3 skipped, 173 s) with this session's code.
+# In session 20 (only the 1-GPU kind lent): `s20` (double SIGINT to the launcher alone: exit 130 after 0.5 s, to the
+# group 0.81 s, no traceback; a cached hub id with downloads on where the hub's name cannot resolve: trained and
+# exported with no retry; the tier's 1-GPU tests: 2 passed, 3 skipped, 148 s).
 # Next, in this order:
 #   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
