@@ -119,6 +119,28 @@ def test_what_the_api_raises_can_be_caught_by_name_from_the_package():
     assert unsloth_multigpu.GPUInfo.__name__ == "GPUInfo"
 
 
+def test_direct_trainer_names_optimizer_kwargs_by_their_torch_names_and_refuses_text_numbers():
+    """`{"lr": "1e-4"}` passed and failed in setup() with torch's TypeError ("'<=' not supported"); `learning_rate`
+    got no hint; a second setup() silently dropped the optimizer's state."""
+    for kwargs, needle in (
+        ({"learning_rate": 1e-4}, "(did you mean 'lr'?)"),
+        ({"epsilon": 1e-8}, "(did you mean 'eps'?)"),
+        ({"lr": "1e-4"}, "['lr'] must be a number, got '1e-4': write lr=0.0001"),
+        ({"weight_decay": True}, "['weight_decay'] must be a number, got True"),
+    ):
+        with pytest.raises(ValueError) as info:
+            unsloth_multigpu.MultiGPUTrainer(
+                torch.nn.Linear(2, 2), optimizer_config={"class": "adamw", "kwargs": kwargs}
+            )
+        assert needle in str(info.value), str(info.value)
+    trainer = unsloth_multigpu.MultiGPUTrainer(
+        torch.nn.Linear(2, 2), optimizer_config={"class": "adamw", "kwargs": {"lr": torch.tensor(1e-3)}}
+    )  # the control: a tensor learning rate, which torch takes
+    trainer.setup()
+    with pytest.warns(UserWarning, match=r"setup\(\) called again: the optimizer is built anew"):
+        trainer.setup()
+
+
 def test_direct_trainer_keeps_the_documented_learning_rate_when_kwargs_leave_it_out():
     trainer = unsloth_multigpu.MultiGPUTrainer(
         torch.nn.Linear(2, 2), optimizer_config={"class": torch.optim.AdamW, "kwargs": {"weight_decay": 0.0}}

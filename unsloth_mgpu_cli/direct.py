@@ -23,6 +23,7 @@ the update of one process over the whole batch.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -109,6 +110,12 @@ class MultiGPUTrainer:
         from . import distributed as D
         from .hooks import dist_info
 
+        if self.optimizer is not None:
+            warnings.warn(
+                "MultiGPUTrainer.setup() called again: the optimizer is built anew, and its state (AdamW's moments) "
+                "is lost; call setup() once, before the first train_epoch()",
+                stacklevel=2,
+            )
         info = dist_info()
         if info is None:
             if self.num_gpus not in (None, 1):
@@ -439,12 +446,31 @@ def _check_optimizer_kwargs(cls: type, kwargs: dict[str, Any]) -> None:
     if unknown:
         import difflib
 
-        close = [m for k in unknown for m in difflib.get_close_matches(k, known, n=1, cutoff=0.5)]
+        aliases = {"learning_rate": "lr", "epsilon": "eps", "adam_epsilon": "eps", "beta1": "betas", "beta2": "betas"}
+        close = [aliases[k] if aliases.get(k) in known else next(iter(difflib.get_close_matches(k, known, n=1,
+                 cutoff=0.5)), None) for k in unknown]  # fmt: skip
+        close = list(dict.fromkeys(c for c in close if c))
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
         raise ValueError(
             f"optimizer_config['kwargs'] has {unknown}, which {cls.__name__} does not take{hint}; it takes "
             f"{', '.join(known)}"
         )
+    for name in ("lr", "weight_decay", "eps", "momentum"):  # else a TypeError inside torch at setup()
+        value = kwargs.get(name)
+        number = isinstance(value, numbers.Real) or type(value).__name__ == "Tensor"  # torch takes a tensor lr
+        if value is not None and (isinstance(value, bool) or not number):
+            raise ValueError(
+                f"optimizer_config['kwargs']['{name}'] must be a number, got {value!r}"
+                + (f": write {name}={float(value)!r}" if isinstance(value, str) and _is_float(value) else "")
+            )
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _build_optimizer(params: list[Any], config: dict[str, Any]) -> Any:
