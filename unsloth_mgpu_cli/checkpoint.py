@@ -26,6 +26,7 @@ import secrets
 import shutil
 import stat
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -315,12 +316,16 @@ def verify_safe_to_load(ckpt: Path, suggest: bool = True) -> None:
         if not (ckpt / name).is_file():
             continue
         try:
-            torch.load(ckpt / name, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # "Detected pickle protocol 4": torch's own note on a foreign file
+                warnings.simplefilter("ignore")
+                torch.load(ckpt / name, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             # torch's text advises weights_only=False, the unsafe way out: only its own diagnosis is repeated
             match = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
             why = match.group(1).strip() if match else _first_line(exc)
-            if "Unsupported global" in why:  # weights_only refused an object: not a file this tool wrote
+            if "Unsupported global" in why or _is_raw_pickle(ckpt / name):
+                # weights_only refused an object, or a bare pickle stream (not torch.save's zip): not a file this
+                # tool wrote, and one whose loading could run code
                 refuse(
                     name,
                     f"refused to load: not a plain tensor file ({why.split('. ')[0]})",
@@ -340,6 +345,17 @@ def verify_safe_to_load(ckpt: Path, suggest: bool = True) -> None:
     problem = safetensors_damage(ckpt / "trainable.safetensors")
     if problem:
         refuse("trainable.safetensors", problem, "damaged checkpoint")
+
+
+def _is_raw_pickle(path: Path) -> bool:
+    """Whether `path` starts as a pickle stream does (PROTO 2-5), rather than as torch.save's zip archive or bytes
+    that are neither (damage)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def _step_of(ckpt: Path) -> int:
