@@ -243,13 +243,25 @@ def find_resume_checkpoint(out: Path, resume: str, notes: list[str] | None = Non
             bare = [p for p in folder.glob(f"{STEP_PREFIX}*") if p.is_dir() and not (p / "state.json").exists()]
             for ckpt in sorted((p for p in bare if _step_of(p) > newest), key=_step_of):
                 notes.append(f"--resume auto: passed over {ckpt.name}, which is damaged (state.json is missing)")
+        damaged: list[str] = []
         for ckpt in reversed(found):
             damage = checkpoint_damage(ckpt)
             if damage is None:
                 return ckpt
+            damaged.append(f"{ckpt.name} ({damage})")
             if notes is not None:
                 notes.append(f"--resume auto: passed over {ckpt.name}, which is damaged ({damage})")
-        if found:  # every one damaged: the newest one's error
+        if len(found) > 1:  # every one damaged: rather than a silent start from step 0, each one named
+            raise UserError(
+                Problem(
+                    f"argument --resume auto ({Path(out) / 'checkpoints'})",
+                    f"every checkpoint is damaged: {'; '.join(damaged)}",
+                    "no intact one is left (a full disk, or copies cut short?): restore one, or start anew with "
+                    "--overwrite",
+                ),
+                "damaged checkpoint",
+            )
+        if found:  # the only one: its own error
             verify_safe_to_load(found[-1])
         return None
     path = Path(resume).expanduser().resolve()
