@@ -372,6 +372,25 @@ def test_ctrl_c_while_a_process_pool_tokenises_stops_at_once_and_leaves_no_proce
     assert not list((tmp_path / "cache").glob("data/*/meta.json"))  # no cache that looks complete
 
 
+def test_a_stopped_tokenising_pool_leaves_nothing_for_the_exit_hook_to_wake():
+    """concurrent.futures' exit hook wakes each pool's manager thread through a pipe, unlocked; a manager that closed
+    it meanwhile gave "Exception ignored ... Bad file descriptor" after the interrupted message (once in CI). The
+    manager was meant to be forgotten, but was looked up after shutdown(), which drops the pool's reference."""
+    import concurrent.futures.process as cfp
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from unsloth_mgpu_cli.data import _stop_pool
+
+    pool = ProcessPoolExecutor(2, mp_context=mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None))
+    [pool.submit(time.sleep, 2) for _ in range(8)]  # queued work, as when Ctrl-C comes mid-way
+    time.sleep(0.3)
+    manager = pool._executor_manager_thread
+    assert manager in cfp._threads_wakeups  # the control: the hook knows of it while the pool runs
+    _stop_pool(pool)
+    assert manager not in cfp._threads_wakeups and not manager.is_alive()
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
 def test_a_second_signal_to_the_launcher_alone_stops_the_workers_at_once(tmp_path, sig):

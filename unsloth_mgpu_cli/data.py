@@ -1145,6 +1145,7 @@ def _encode_all(rows: Rows, recipe: Recipe, model_path: str, tokenizer: Any, enc
 def _stop_pool(pool: Any) -> None:
     """Drop a process pool's queued work and end its processes now (shutdown(wait=True) would run the queue)."""
     processes = list((getattr(pool, "_processes", None) or {}).values())
+    manager = getattr(pool, "_executor_manager_thread", None)  # shutdown() drops the pool's reference to it
     pool.shutdown(wait=False, cancel_futures=True)
     for proc in processes:
         proc.terminate()
@@ -1152,15 +1153,17 @@ def _stop_pool(pool: Any) -> None:
         proc.join(timeout=5)
         if proc.is_alive():
             proc.kill()
-    # Its manager thread sees the processes gone and ends; then forget it, or the interpreter's exit hook wakes it
-    # through a pipe already closed ("Exception ignored ... Bad file descriptor" after the interrupted message).
+    # Its manager thread sees the processes gone and ends, closing its wake-up pipe. The interpreter's exit hook
+    # wakes every manager it knows of through that pipe, unlocked: one that closes it meanwhile (still ending after
+    # the join below on a loaded machine; seen in CI) gave "Exception ignored ... Bad file descriptor" after the
+    # interrupted message. It was woken by shutdown() already: forget it whether or not it has ended (the
+    # interpreter still joins it, a non-daemon thread, at exit). (Until this session it was looked up after
+    # shutdown(), which had already set the pool's reference to None: never forgotten.)
     import concurrent.futures.process as cfp
 
-    manager = getattr(pool, "_executor_manager_thread", None)
     if manager is not None:
         manager.join(timeout=5)
-        if not manager.is_alive():
-            getattr(cfp, "_threads_wakeups", {}).pop(manager, None)
+        getattr(cfp, "_threads_wakeups", {}).pop(manager, None)
 
 
 def _encode_source(
