@@ -5,6 +5,8 @@ out the hub client's retries: 75 s for the tokenizer of a cached model, 50 s to 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,8 @@ def test_downloads_switch_off_only_for_hub_ids_and_only_when_the_hub_does_not_re
     assert {k: env[k] for k in hub.OFFLINE_VARIABLES} == dict.fromkeys(hub.OFFLINE_VARIABLES, "1")
     assert env[hub.UNRESOLVED] == "no-such-host.invalid"
     assert "hub: no-such-host.invalid does not resolve" in capsys.readouterr().err
+    unknown = {"HF_ENDPOINT": NO_HUB}  # names not known (a hook-mode script): any load may go to the hub
+    assert hub.work_offline_if_unreachable(None, unknown) == "no-such-host.invalid" and unknown["HF_HUB_OFFLINE"] == "1"
     # the controls: a hub whose name resolves; the user's own offline setting (either way); a proxy, where the
     # name need not resolve on this machine
     for extra in ({"HF_ENDPOINT": "http://localhost:8080"}, {"HF_HUB_OFFLINE": "0"}, {"HTTPS_PROXY": "http://p:3128"}):
@@ -73,3 +77,26 @@ def test_a_cached_hub_model_trains_at_once_and_an_uncached_one_is_refused_at_onc
     assert (
         "not in the Hugging Face cache, and the hub's host name (no-such-host.invalid) does not resolve" in proc.stderr
     )
+
+
+def test_hook_mode_workers_load_from_the_cache_when_the_hub_does_not_resolve(tmp_path):
+    """A hook-mode script runs again in each worker, its model and data loads included: the launching call switches
+    downloads off for them (the names it will load are not known; nothing could download anyway)."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import os, unsloth_multigpu\n"
+        "info = unsloth_multigpu.dist_info()\n"
+        "if info is None:\n"
+        "    unsloth_multigpu.enable_multi_gpu(num_gpus=2, device='cpu')  # never returns\n"
+        "env = os.environ\n"
+        "print('WORKER', info.rank, env.get('HF_HUB_OFFLINE'), env.get('MGPU_HUB_UNRESOLVED'), flush=True)\n"
+    )
+    env = mgpu_env(HF_ENDPOINT=NO_HUB, MGPU_LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1")
+    for name in hub.OFFLINE_VARIABLES:
+        env.pop(name)
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "WORKER 0 1 no-such-host.invalid" in proc.stdout, proc.stdout[-2000:]
+    assert "hub: no-such-host.invalid does not resolve from this machine" in proc.stderr

@@ -347,6 +347,11 @@ def _relaunch(config: MultiGPUConfig) -> None:
             file=sys.stderr,
             flush=True,
         )
+    from .hub import work_offline_if_unreachable
+
+    # The workers run the script again, its model and data loads included: where the hub's name does not resolve
+    # they load from the HF cache at once rather than after the hub client's retries (75 s per tokenizer).
+    work_offline_if_unreachable(None)
     log_dir = Path(os.environ.get("MGPU_LOG_DIR") or tempfile.mkdtemp(prefix="mgpu-hook-"))
     spec = LaunchSpec(nproc_per_node=n, device_type=device, log_dir=log_dir)
     if device == "cuda":

@@ -75,12 +75,16 @@ def names_a_hub_id(names: Iterable[str | None]) -> bool:
     return any(n and not n.startswith("builtin:") and not Path(n).expanduser().exists() for n in names)
 
 
-def work_offline_if_unreachable(names: Iterable[str | None], env: MutableMapping[str, str] | None = None) -> str | None:
-    """When one of `names` (model names, dataset paths) is a hub id, downloads are on and the hub's name does not
-    resolve: switch downloads off for this process and the workers it starts (they inherit the environment), and
-    say so on stderr. Returns the host name, or None."""
+def work_offline_if_unreachable(
+    names: Iterable[str | None] | None, env: MutableMapping[str, str] | None = None
+) -> str | None:
+    """When one of `names` (model names, dataset paths; None: not known, as for a hook-mode script) is a hub id,
+    downloads are on and the hub's name does not resolve: switch downloads off for this process and the workers it
+    starts (they inherit the environment), and say so on stderr. Returns the host name, or None."""
     env = os.environ if env is None else env
-    if any(env.get(name) for name in OFFLINE_VARIABLES) or not names_a_hub_id(names):  # the user's own choice
+    if any(env.get(name) for name in OFFLINE_VARIABLES):  # the user's own choice, either way
+        return None
+    if names is not None and not names_a_hub_id(names):
         return None
     host = unreachable_hub(env)
     if host is None:
