@@ -118,3 +118,37 @@ def test_unsloth_packed_rows_do_not_attend_across_samples():
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert abs(r["packed"] - r["one_by_one"]) < 1e-5 * r["one_by_one"], r
     assert abs(r["naive"] - r["one_by_one"]) > 1e-4 * r["one_by_one"], r  # control
+
+
+def test_the_chat_template_trained_with_is_the_one_saved_with_the_adapter_and_the_export(tmp_path):
+    """dataset.chat_template rendered the training conversations, but adapter/ and merged/ kept the tokenizer's own
+    template: apply_chat_template at inference gave a format the model never saw."""
+    from unsloth_mgpu_cli.data import NAMED_CHAT_TEMPLATES
+
+    def saved_template(folder: Path) -> str:
+        jinja = folder / "chat_template.jinja"
+        if jinja.is_file():
+            return jinja.read_text()
+        return json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template", "")
+
+    out = tmp_path / "run"
+    proc = run_mgpu(
+        "train",
+        str(QUICKSTART),
+        *BASE,
+        "distributed.num_gpus=1",
+        f"dataset.path={make_data(tmp_path, 'chat')}",
+        "dataset.format=chat",
+        "dataset.chat_template=chatml",
+        f"output.dir={out}",
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert saved_template(out / "adapter") == NAMED_CHAT_TEMPLATES["chatml"]
+    proc = run_mgpu("export", str(out), timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert saved_template(out / "merged") == NAMED_CHAT_TEMPLATES["chatml"]
+    # the control: a run that chose no template keeps the tokenizer's own
+    own = tmp_path / "own"
+    proc = run_mgpu("train", str(QUICKSTART), *BASE, "distributed.num_gpus=1", f"output.dir={own}", timeout=400)
+    assert proc.returncode == 0 and saved_template(own / "adapter") != NAMED_CHAT_TEMPLATES["chatml"]

@@ -797,6 +797,9 @@ class Trainer:
                 # peft's "auto" asks the hub for the base model's config.json to see whether the vocabulary grew
                 # (offline: a warning; without DNS, the hub client's retries). Nothing here resizes embeddings.
                 kwargs["save_embedding_layers"] = False
+            trained_with = _training_chat_template(self.recipe)
+            if trained_with is not None:  # inference must render conversations as training did
+                self.tokenizer.chat_template = trained_with
             try:
                 with atomic_dir(self.out / name) as tmp:
                     if state is None:
@@ -1288,3 +1291,16 @@ def _peak_memory_gb(info: Any) -> float:
     if sys.platform == "darwin":  # ru_maxrss in bytes there, in KiB on Linux
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _training_chat_template(recipe: Any) -> str | None:
+    """The chat template the conversations were rendered with, when the recipe chose one (`dataset.chat_template`,
+    named or Jinja): saved with the adapter, so that `apply_chat_template` at inference renders as training did
+    (the tokenizer's own template was saved before). The first chat source's, in a mix."""
+    from .data import NAMED_CHAT_TEMPLATES
+
+    for source in recipe.dataset.sources():
+        ds = source.section
+        if ds.format == "chat" and ds.chat_template:
+            return NAMED_CHAT_TEMPLATES.get(ds.chat_template, ds.chat_template)
+    return None
