@@ -461,3 +461,26 @@ def test_a_flag_that_names_a_recipe_key_is_answered_with_the_override_that_sets_
     assert run_mgpu("validate", quickstart, "--yaml").returncode == 0  # a real option is left alone
     proc = run_mgpu("validate", quickstart)  # and says what "valid" covers: the rows are read by prepare
     assert proc.returncode == 0 and "valid (the recipe; the data's rows are checked by `mgpu prepare`)" in proc.stdout
+
+
+def test_an_empty_lora_section_is_refused_rather_than_read_as_full_fine_tuning(tmp_path):
+    """`lora:` with its keys commented out is null in YAML: a full fine-tune of every weight, silently (and the
+    starter recipe's comment said that removing the section meant full fine-tuning; it means the default LoRA)."""
+    base = "model:\n  name: builtin:tiny-llama\ndataset:\n  path: d.jsonl\n"
+    (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(base + "lora:\n  # r: 16\n  # alpha: 16\n")
+    with pytest.raises(UserError) as exc:
+        load_recipe(empty, [])
+    text = exc.value.render()
+    assert f"{empty}:5: lora is empty" in text and "write `lora: null` to fine-tune every weight" in text
+    # the controls: `lora: null` is full fine-tuning as asked, and no section at all is the default LoRA
+    explicit = tmp_path / "null.yaml"
+    explicit.write_text(base + "lora: null\n")
+    assert load_recipe(explicit, []).recipe.lora is None
+    without = tmp_path / "without.yaml"
+    without.write_text(base)
+    assert load_recipe(without, []).recipe.lora.r == 16
+    from unsloth_mgpu_cli.templates import STARTER_RECIPE
+
+    assert "`lora: null` for full fine-tuning (without this section: default LoRA)" in STARTER_RECIPE

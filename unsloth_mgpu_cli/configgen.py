@@ -737,7 +737,7 @@ def recipe_yaml(p: Plan, model_name: str, command: str, filename: str = "recipe.
     a = p.architecture
     ckpt = p.gradient_checkpointing
     lora = (
-        "lora:                           # remove this section (or `lora: null`) for full fine-tuning\n"
+        "lora:                           # `lora: null` for full fine-tuning (without this section: default LoRA)\n"
         "  r: 16\n  alpha: 16\n  dropout: 0.0\n"
         "  target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]\n"
         if p.method != "full"

@@ -83,7 +83,7 @@ class ModelSection(_Section):
 
 
 class LoraSection(_Section):
-    """LoRA adapter settings; omit the section (or `lora: null`) for full fine-tuning."""
+    """LoRA adapter settings; `lora: null` for full fine-tuning (without the section, the default LoRA)."""
 
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     alpha: int = Field(16, ge=1, le=4096, description="LoRA scaling numerator (scale = alpha / r).")
@@ -633,6 +633,17 @@ def _line_map(text: str, filename: str) -> tuple[dict[str, str], list[Problem]]:
                     continue
                 seen.add(key)
                 out[key] = f"{filename}:{k.start_mark.line + 1}"
+                if key == "lora" and isinstance(v, yaml.ScalarNode) and v.value == "" and v.style is None:
+                    # `lora:` with every key under it commented out reads as null, which means full fine-tuning
+                    repeated.append(
+                        Problem(
+                            out[key],
+                            "lora is empty (nothing under `lora:`: its keys commented out?), which YAML reads as "
+                            "null: full fine-tuning of every weight, not LoRA",
+                            "give LoRA's keys under it (r: 16, ...), delete the line for the default LoRA, or "
+                            "write `lora: null` to fine-tune every weight",
+                        )
+                    )
                 walk(v, key)
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):

@@ -41,7 +41,7 @@ model:
   dtype: auto                   # auto | bfloat16 | float16 | float32
   load_in_4bit: false           # true = QLoRA (CUDA only)
 
-lora:                           # remove this section (or `lora: null`) for full fine-tuning
+lora:                           # `lora: null` for full fine-tuning (without this section: default LoRA)
   r: 16
   alpha: 16
   dropout: 0.0
