@@ -297,6 +297,22 @@ def test_an_assistant_turn_that_opens_the_conversation_has_its_header_masked(tok
     assert "assistant" not in trained and trained.startswith("hi"), trained
 
 
+def test_a_chat_template_for_a_format_without_messages_and_the_training_file_as_eval_data_are_refused(
+    tmp_path, model_path
+):
+    """Both were accepted silently: the template did nothing (alpaca renders its own prompt), and the evaluation
+    scored samples the run had trained on (the folder case was refused already)."""
+    for fmt in ("alpaca", "text"):
+        with pytest.raises(Exception, match=f"format {fmt} does not use a chat template"):
+            recipe("x.jsonl", format=fmt, chat_template="chatml")
+    assert recipe("x.jsonl", format="chat", chat_template="chatml").dataset.chat_template == "chatml"  # the control
+    f = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "a", "output": "b"}] * 4)
+    msg = user_error(recipe(f, eval_path=str(f)), model_path)
+    assert "dataset.eval_path is the training file itself" in msg and "dataset.eval_ratio" in msg
+    other = write_jsonl(tmp_path / "held.jsonl", [{"instruction": "c", "output": "d"}] * 2)
+    assert prepared(recipe(f, eval_path=str(other)), model_path)[1].samples == 4  # the control: another file
+
+
 def test_responses_only_with_the_text_format_is_refused():
     with pytest.raises(Exception, match="format text has no responses"):
         recipe("x.jsonl", format="text", train_on_responses_only=True)

@@ -492,6 +492,13 @@ def _source_files(ds: DatasetSection, key: str) -> list[Path]:
                 f"(e.g. {path / (ds.split + '.jsonl')} beside the evaluation file)",
             )
     elif path.exists():
+        if ds.eval_path and Path(ds.eval_path).resolve() == path.resolve():  # scored as unseen, after training on it
+            raise _data_error(
+                f"{key}.path ({path})",
+                "dataset.eval_path is the training file itself: the evaluation would score samples the run trained on",
+                "give held-out samples in another file, or hold some out of this one with dataset.eval_ratio (e.g. "
+                "0.05)",
+            )
         if path.suffix.lower() not in _SUFFIXES:
             raise _data_error(
                 f"{key}.path ({path})",

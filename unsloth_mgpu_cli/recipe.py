@@ -526,6 +526,14 @@ class Recipe(_Section):
                     "nothing; use format alpaca or chat for prompt/response data, or leave the key out",
                 )
             )
+        if ds.chat_template is not None and ds.mix is None and ds.format != "chat":
+            problems.append(
+                (
+                    "dataset.chat_template",
+                    f"format {ds.format} does not use a chat template (only format chat renders messages with one), so "
+                    "it would do nothing; set dataset.format: chat for conversations, or leave the key out",
+                )
+            )
         if ds.eval_path is not None and ds.eval_ratio is not None:
             problems.append(("dataset.eval_ratio", "give either dataset.eval_path or dataset.eval_ratio, not both"))
         if t.eval_steps and ds.eval_path is None and ds.eval_ratio is None:
