@@ -484,3 +484,34 @@ def test_an_empty_lora_section_is_refused_rather_than_read_as_full_fine_tuning(t
     from unsloth_mgpu_cli.templates import STARTER_RECIPE
 
     assert "`lora: null` for full fine-tuning (without this section: default LoRA)" in STARTER_RECIPE
+
+
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [
+        ("train_on_inputs=false", "use dataset.train_on_responses_only, the opposite"),
+        ("training.logging_steps=5", "use logging.steps"),
+        ("sample_packing=true", "use dataset.batching: packed"),
+        ("val_set_size=0.05", "use dataset.eval_ratio"),
+        ("dataset.type=alpaca", "use dataset.format: alpaca, chat or text"),
+        ("lora.use_dora=true", "DoRA is not supported"),
+        ("training.per_device_eval_batch_size=8", "evaluation uses training.micro_batch_size"),
+        ("logging.wandb_entity=me", "set WANDB_ENTITY in the environment"),
+        ("model.load_in_8bit=true", "8-bit loading is not supported"),
+    ],
+)
+def test_keys_of_other_trainers_get_their_counterpart_not_a_look_alike(override, hint):
+    """A did-you-mean pointed `train_on_inputs` at `training`, `logging_steps` at `eval_steps`, `use_dora` at
+    `use_rslora` and an eval batch size at the training one."""
+    with pytest.raises(UserError) as exc:
+        load_recipe(ROOT / "recipes" / "quickstart.yaml", [override])
+    text = exc.value.render()
+    assert f"unknown key '{override.split('=')[0].split('.')[-1]}'" in text and hint in text, text
+    assert "did you mean" not in text
+
+
+def test_a_list_of_datasets_is_pointed_at_dataset_mix(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  name: builtin:tiny-llama\ndataset:\n  - path: a.jsonl\n    type: alpaca\n")
+    with pytest.raises(UserError, match="several datasets go under dataset.mix"):
+        load_recipe(recipe, [])

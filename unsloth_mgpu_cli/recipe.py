@@ -919,6 +919,46 @@ _ALIASES = {
 }
 
 
+# Keys of other trainers (axolotl, TRL) whose counterpart here is not a look-alike, or which have none: the hint
+# for each (a plain did-you-mean pointed `train_on_inputs` at `training`, `use_dora` at `use_rslora`).
+_NO_DORA = "DoRA is not supported (lora.use_rslora is)"
+_NO_BEST = (
+    "not supported: checkpoints are kept by output.save_steps and output.save_total_limit, and the summary names "
+    "the best eval loss"
+)
+_FOREIGN = {
+    "train_on_inputs": "use dataset.train_on_responses_only, the opposite (train_on_inputs: false is "
+    "train_on_responses_only: true, the default for alpaca and chat)",
+    "sample_packing": "use dataset.batching: packed",
+    "pad_to_sequence_len": "use dataset.batching: padded",
+    "val_set_size": "use dataset.eval_ratio (a fraction, e.g. 0.05) or dataset.eval_path",
+    "test_size": "use dataset.eval_ratio (a fraction, e.g. 0.05) or dataset.eval_path",
+    "logging_steps": "use logging.steps",
+    "warmup_ratio": "use training.warmup_steps, a number of steps (warmup_ratio x max_steps)",
+    "eval_batch_size": "no such key: evaluation uses training.micro_batch_size",
+    "per_device_eval_batch_size": "no such key: evaluation uses training.micro_batch_size",
+    "micro_batch_size_eval": "no such key: evaluation uses training.micro_batch_size",
+    "save_best": _NO_BEST,
+    "load_best_model_at_end": _NO_BEST,
+    "early_stopping_patience": _NO_BEST,
+    "use_dora": _NO_DORA,
+    "peft_use_dora": _NO_DORA,
+    "load_in_8bit": "8-bit loading is not supported: model.load_in_4bit: true (QLoRA), or 16-bit",
+    "lora_target_linear": "use lora.target_modules (left out: all seven projections)",
+    "lora_target_modules": "use lora.target_modules (left out: all seven projections)",
+    "adapter": "use the lora section (lora: null for full fine-tuning)",
+    "type": "use dataset.format: alpaca, chat or text",
+    "field_messages": "use dataset.columns, e.g. {messages: conversations, role: from, content: value}",
+    "message_property_mappings": "use dataset.columns, e.g. {role: from, content: value}",
+    "neftune_noise_alpha": "NEFTune is not supported",
+    "wandb_entity": "set WANDB_ENTITY in the environment (wandb reads it); the recipe has logging.wandb_project",
+    "wandb_name": "set WANDB_NAME in the environment (wandb reads it); the recipe has logging.wandb_project",
+    "wandb_run_id": "set WANDB_RUN_ID in the environment (wandb reads it); the recipe has logging.wandb_project",
+    "push_to_hub": "not supported: upload adapter/ or `mgpu export`'s folder with `hf upload`",
+    "hub_model_id": "not supported: upload adapter/ or `mgpu export`'s folder with `hf upload`",
+}
+
+
 def _problems_from_validation(exc: ValidationError, lines: dict[str, str]) -> list[Problem]:
     """Turn pydantic errors into problems: one per key, with did-you-mean for unknown keys."""
     by_key: dict[str, list[dict[str, Any]]] = {}
@@ -949,18 +989,21 @@ def _problems_from_validation(exc: ValidationError, lines: dict[str, str]) -> li
                 if close
                 else (f"valid keys here: {', '.join(valid)}" if valid else None)
             )
+            if name in _FOREIGN and not (name == "type" and loc[0] != "dataset"):
+                hint = _FOREIGN[name]
             problems.append(Problem(_where(dotted, lines), f"unknown key '{loc[-1]}'", hint))
         elif err["type"] == "missing":
             problems.append(Problem(_where(dotted, lines), "required key is missing", _missing_hint(dotted)))
         elif err["type"] == "model_type" and loc:  # a value where a section of keys belongs (`model: some-name`)
             example = "name: " + str(err["input"]) if dotted == "model" else "KEY: VALUE"
+            hint = (
+                f"indent its keys under it, e.g. `{dotted}:` then `  {example}` (on the command line "
+                f"`{dotted}.{example.replace(': ', '=')}`)"
+            )
+            if dotted == "dataset" and isinstance(err["input"], list):  # axolotl's `datasets:` list
+                hint = "several datasets go under dataset.mix, a list of {path, weight, format, columns} sources"
             problems.append(
-                Problem(
-                    _where(dotted, lines),
-                    f"expected a section of keys, found {_fmt_found(err['input'])}",
-                    f"indent its keys under it, e.g. `{dotted}:` then `  {example}` (on the command line "
-                    f"`{dotted}.{example.replace(': ', '=')}`)",
-                )
+                Problem(_where(dotted, lines), f"expected a section of keys, found {_fmt_found(err['input'])}", hint)
             )
         else:
             by_key.setdefault(dotted, []).append(err)
