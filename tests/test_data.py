@@ -135,8 +135,8 @@ def test_named_chat_template_and_a_missing_one(tmp_path, model_path, tokenizer):
     ids, labels = data.sample(0)
     trained = tokenizer.decode([int(i) for i, lab in zip(ids, labels, strict=True) if lab != -100])
     assert trained == "5<|im_end|>\neight<|im_end|>\n"
-    with pytest.raises(UserError) as exc:
-        D.prepare(recipe(f, format="chat", chat_template="vicuna"), model_path)
+    with pytest.raises(ValueError) as exc:  # an unknown name: refused when the recipe is validated
+        recipe(f, format="chat", chat_template="vicuna")
     assert "dataset.chat_template" in str(exc.value) and "chatml" in str(exc.value)
 
 

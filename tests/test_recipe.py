@@ -515,3 +515,20 @@ def test_a_list_of_datasets_is_pointed_at_dataset_mix(tmp_path):
     recipe.write_text("model:\n  name: builtin:tiny-llama\ndataset:\n  - path: a.jsonl\n    type: alpaca\n")
     with pytest.raises(UserError, match="several datasets go under dataset.mix"):
         load_recipe(recipe, [])
+
+
+def test_chat_template_names_and_all_linear_are_settled_when_the_recipe_is_validated():
+    """`mgpu validate` said valid, and `mgpu prepare` refused the name ('gemma', 'chatm1') or `train` the modules
+    ('all-linear': no layer of that name)."""
+    quick = ROOT / "recipes" / "quickstart.yaml"
+    chat = ["dataset.format=chat"]
+    assert load_recipe(quick, [*chat, "dataset.chat_template=ChatML"]).recipe.dataset.chat_template == "chatml"
+    with pytest.raises(UserError, match=r"unknown template name 'chatm1'.*did you mean 'chatml'\?"):
+        load_recipe(quick, [*chat, "dataset.chat_template=chatm1"])
+    with pytest.raises(UserError, match=r"unknown template name 'gemma': expected chatml, llama3, zephyr"):
+        load_recipe(quick, [*chat, "dataset.chat_template=gemma"])
+    jinja = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # the control: a Jinja template as given
+    assert load_recipe(quick, [*chat, f"dataset.chat_template={jinja}"]).recipe.dataset.chat_template == jinja
+    seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for given in ("lora.target_modules=all-linear", "lora.target_modules=[all-linear]"):
+        assert load_recipe(quick, [given]).recipe.lora.target_modules == seven

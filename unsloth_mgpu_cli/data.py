@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UTF8_HINT, Problem, UserError, read_utf8
-from .recipe import DatasetSection, DataSource, Recipe, why_not_a_hub_id
+from .recipe import CHAT_TEMPLATE_NAMES, DatasetSection, DataSource, Recipe, why_not_a_hub_id
 
 IGNORE_INDEX = -100
 _CACHE_VERSION = "3"  # 3: a token across a turn's start is trained on (session 13)
@@ -614,6 +614,9 @@ class Encoding:
     max_seq_length: int
     too_long: str
     chat_template: str | None = None
+
+
+assert tuple(NAMED_CHAT_TEMPLATES) == CHAT_TEMPLATE_NAMES  # the recipe validates names against its own list
 
 
 def encoding_of(recipe: Recipe, ds: DatasetSection | None = None) -> Encoding:

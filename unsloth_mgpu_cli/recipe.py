@@ -28,6 +28,21 @@ FORMAT_COLUMNS = {
     "text": ("text",),
 }
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CHAT_TEMPLATE_NAMES = ("chatml", "llama3", "zephyr")  # data.NAMED_CHAT_TEMPLATES' keys
+
+
+def _chat_template_name(value: Any) -> Any:
+    """A named chat template must be one there is (a Jinja template holds `{`): refused at validation, not at the
+    first `mgpu prepare`; the case of a name is forgiven (`ChatML`)."""
+    if not isinstance(value, str) or "{" in value:
+        return value
+    if value.lower() in CHAT_TEMPLATE_NAMES:
+        return value.lower()
+    close = difflib.get_close_matches(value.lower(), CHAT_TEMPLATE_NAMES, n=1, cutoff=0.5)
+    raise ValueError(
+        f"unknown template name {value!r}: expected {', '.join(CHAT_TEMPLATE_NAMES)}, or a Jinja template"
+        + (f" (did you mean {close[0]!r}?)" if close else "; leave it out to use the tokenizer's own template")
+    )
 
 
 class _Section(BaseModel):
@@ -95,6 +110,14 @@ class LoraSection(_Section):
     )
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
 
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _all_linear(cls, value: Any) -> Any:
+        # peft's "all-linear": every linear layer but the output head, the seven projections of these families
+        if value == "all-linear" or value == ["all-linear"]:
+            return list(DEFAULT_TARGET_MODULES)
+        return value
+
 
 DatasetFormat = Literal["alpaca", "chat", "text"]
 
@@ -124,6 +147,11 @@ class MixSource(_Section):
     chat_template: str | None = Field(
         None, description="Chat template for a chat source (as dataset.chat_template); default: dataset.chat_template."
     )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _named_template(cls, v: str | None) -> str | None:
+        return _chat_template_name(v)
 
 
 @dataclass(frozen=True)
@@ -215,6 +243,11 @@ class DatasetSection(_Section):
     num_proc: int | Literal["auto"] = Field(
         "auto", description="Tokenizer processes in the parent; auto: one for small data, up to 8 for large."
     )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _named_template(cls, v: str | None) -> str | None:
+        return _chat_template_name(v)
 
     @field_validator("num_proc")
     @classmethod
