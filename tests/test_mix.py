@@ -113,6 +113,7 @@ def test_each_source_gives_its_weighted_share_with_its_own_format(files, model_p
     fields = [(m.key, m.format, m.rows, m.taken, m.share, m.upsampled) for m in summary.mix]
     assert fields == [("dataset.mix.0", "alpaca", 40, 25, 0.5, False), ("dataset.mix.1", "chat", 10, 25, 0.5, True)]
     assert m0.source == str(a) and m1.source == str(c) and "upsampled x2.50" in m1.describe()
+    assert "15 rows not drawn" in m0.describe()  # equal weights: 25 of its 40 rows, said (it looked like all)
 
 
 def test_max_samples_sets_the_mix_size_and_weights_split_it(files, model_path, tokenizer):
@@ -303,7 +304,7 @@ def test_mgpu_prepare_prints_per_source_counts_and_bad_data_exits_2(files, tmp_p
     assert "50 (of 50 rows)" in out and "mix: samples drawn from each source" in out
     rows = {line.split("│")[1].strip(): [x.strip() for x in line.split("│")[2:-1]] for line in out.splitlines()
             if line.startswith("│ 0 ") or line.startswith("│ 1 ")}  # fmt: skip
-    assert rows["0"] == ["alpaca.jsonl", "alpaca", "1", "40", "25", "50.0%", "no"]
+    assert rows["0"] == ["alpaca.jsonl", "alpaca", "1", "40", "25", "50.0%", "x0.62"]
     assert rows["1"] == ["chat.jsonl", "chat", "1", "10", "25", "50.0%", "x2.50"]
     bad = [*CHATS[:5], {"messages": [{"role": "user", "content": [3]}]}, *CHATS[6:]]
     write_jsonl(c, bad)

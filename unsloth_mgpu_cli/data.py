@@ -918,6 +918,8 @@ class SourceCount:
         )
         if self.upsampled:
             text += f", [yellow]upsampled x{self.taken / self.rows:.2f}[/]"
+        elif self.taken < self.rows:  # its weight's share leaves rows out (equal weights are equal shares)
+            text += f", [yellow]{self.rows - self.taken} rows not drawn[/]"
         if self.dropped:
             text += f", [yellow]{self.dropped} dropped as too long[/]"
         return text

@@ -272,10 +272,11 @@ def print_data_report(rep) -> None:
         mt = Table(title="mix: samples drawn from each source (dataset.mix.<i>)", title_justify="left")
         mt.add_column("i", justify="right", no_wrap=True)
         mt.add_column("source", overflow="fold")
-        for col in ("format", "weight", "rows", "samples", "share", "upsampled"):
+        for col in ("format", "weight", "rows", "samples", "share", "resampled"):
             mt.add_column(col, justify="left" if col == "format" else "right", no_wrap=True)
         for i, m in enumerate(s.mix):
-            up = f"[yellow]x{m.taken / m.rows:.2f}[/]" if m.upsampled else "no"
+            # repeats (upsampled), or rows its share leaves out (equal weights are equal shares, not all rows)
+            up = f"[yellow]x{m.taken / m.rows:.2f}[/]" if m.taken != m.rows else "no"
             mt.add_row(
                 str(i),
                 _short_path(m.source),
