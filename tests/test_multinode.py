@@ -19,7 +19,7 @@ import yaml
 from conftest import EQUIVALENCE_RUN, ROOT, adapter, assert_user_error, mgpu_env, run_mgpu
 
 from unsloth_mgpu_cli import distributed as D
-from unsloth_mgpu_cli.errors import UserError
+from unsloth_mgpu_cli.errors import TrainingFailed, UserError
 from unsloth_mgpu_cli.recipe import DistributedSection
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -141,6 +141,9 @@ def test_bad_node_arguments_name_their_source(env, flags, where):
         (["--nnodes", "2", "--node-rank", "1"], "--rdzv-endpoint"),
         (["--nnodes", "2", "--rdzv-endpoint", "127.0.0.1"], "--rdzv-endpoint"),
         (["distributed.nnodes=2", "distributed.node_rank=0"], "distributed.rdzv_endpoint"),
+        # a host name that does not resolve, on node 0 and on the others (both gave up after two minutes)
+        (["--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", "nosuchhost.invalid:29419"], "does not resolve"),
+        (["--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "nosuchhost.invalid:29419"], "does not resolve"),
     ],
 )
 def test_cli_rejects_bad_node_arguments_with_exit_2(tmp_path, args, needle):
@@ -334,3 +337,60 @@ def test_sigterm_to_every_node_saves_one_checkpoint_and_both_exit_130(tmp_path):
     saved = sorted((out / "checkpoints").iterdir()) if (out / "checkpoints").is_dir() else []
     assert saved and "checkpoint saved" in outputs[0], outputs[0][-2000:]
     assert not any("Traceback" in o for o in outputs), outputs[1][-2000:]  # node 1's agent raised SignalException
+
+
+def test_a_node_that_starts_first_waits_for_node_0_and_names_it_when_it_never_comes():
+    """torch's client gave up after two 60 s connection timeouts with a C++ stack dump and a traceback (exit 1),
+    while the docs promise the join timeout; here node 0's port is polled in Python until it listens."""
+    import socket
+    import threading
+    import time
+
+    port = D.free_port()
+    started = time.monotonic()
+    with pytest.raises(TrainingFailed) as exc:
+        D.wait_for_rendezvous_host(f"127.0.0.1:{port}", timeout_s=1.5, node_rank=1, poll_s=0.2)
+    assert time.monotonic() - started < 10  # its own timeout, not torch's two minutes
+    assert f"node 1: node 0's rendezvous at 127.0.0.1:{port} did not answer within 2 s" in str(exc.value)
+    assert "--node-rank 0" in exc.value.details
+    # the control: node 0 comes up a moment later, and the wait ends then
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+    def node_0_comes_up() -> None:
+        time.sleep(0.5)
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+
+    threading.Thread(target=node_0_comes_up).start()
+    try:
+        D.wait_for_rendezvous_host(f"127.0.0.1:{port}", timeout_s=30, node_rank=1, poll_s=0.2)
+    finally:
+        listener.close()
+
+
+@pytest.mark.integration
+def test_ctrl_c_on_a_node_waiting_for_node_0_stops_it_at_once(tmp_path):
+    """It took 110 s and exit 1, with two tracebacks ending in SignalException; the docs promise exit 130 at once."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = _train_cmd(out, "distributed.num_gpus=1", "--nnodes", "2", "--node-rank", "1")
+    cmd += ["--rdzv-endpoint", f"127.0.0.1:{D.free_port()}"]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=mgpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        time.sleep(12)  # the recipe checked, the data tokenised: waiting for node 0
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        sent = time.monotonic()
+        output = proc.communicate(timeout=60)[0]
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and took < 10, (proc.returncode, took, output[-3000:])
+    assert "Traceback" not in output and "waiting for all 2 nodes" in output, output[-3000:]

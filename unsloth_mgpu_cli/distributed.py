@@ -385,6 +385,34 @@ class LaunchSpec:
     join_timeout_s: int = 600  # several nodes: how long the first waits for the others at the rendezvous (torch's)
 
 
+def wait_for_rendezvous_host(endpoint: str, timeout_s: float, node_rank: int, poll_s: float = 1.0) -> None:
+    """A node other than node 0 waits here, in Python, until node 0's rendezvous accepts connections.
+
+    torch's client gave up after two 60 s connection timeouts (a C++ stack dump and a traceback, exit 1), though a
+    node may start first and wait up to the join timeout; and a Ctrl-C then took as long. Here a Ctrl-C is a
+    KeyboardInterrupt at once (nothing ran: exit 130), and the timeout is the recipe's.
+
+    Raises:
+        TrainingFailed: node 0 did not answer within `timeout_s`.
+    """
+    host, _, port = endpoint.rpartition(":")
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(poll_s * 2, 5.0)):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise TrainingFailed(
+                    f"node {node_rank}: node 0's rendezvous at {endpoint} did not answer within {timeout_s:.0f} s "
+                    f"({exc.strerror or exc})",
+                    f"start node 0 (--node-rank 0) with the same command and --rdzv-endpoint {endpoint}; check that "
+                    "this host reaches it (firewall, host name)",
+                ) from None
+        time.sleep(poll_s)
+
+
 def build_launch_config(spec: LaunchSpec) -> Any:
     """The elastic agent's `LaunchConfig` for `spec`: single-node runs rendezvous on loopback only."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
@@ -527,6 +555,8 @@ def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> 
         config.signals_to_handle = "SIGHUP,SIGQUIT"
     from torch.distributed.elastic.rendezvous.api import RendezvousError
 
+    if spec.nnodes > 1 and spec.node_rank > 0 and spec.rdzv_endpoint:
+        wait_for_rendezvous_host(spec.rdzv_endpoint, spec.join_timeout_s, spec.node_rank)
     with _graceful_stop(spec.stop_file):
         try:
             return elastic_launch(config, entry)(*args)
@@ -838,6 +868,28 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
 
 
+def check_rendezvous_host(endpoint: str, where: str | None = None) -> None:
+    """Every node: the endpoint's host name must resolve. Else node 0 listened on every interface for a name
+    nobody could reach, and both nodes gave up after two minutes of C++ warnings and stack dumps.
+
+    Raises:
+        UserError: the host name does not resolve here.
+    """
+    host = endpoint.rpartition(":")[0].strip("[]")
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError) as exc:
+        raise UserError(
+            Problem(
+                where or "distributed.rdzv_endpoint",
+                f"the host name {host!r} does not resolve on this machine ({getattr(exc, 'strerror', None) or exc})",
+                "give node 0's host name or IP address as the other nodes reach it (e.g. --rdzv-endpoint "
+                "10.0.0.1:29400; under SLURM, the first host of the job's node list)",
+            ),
+            "invalid arguments",
+        ) from None
+
+
 def check_rendezvous_port(endpoint: str, where: str | None = None) -> None:
     """Node 0 hosts the rendezvous on `endpoint`: fail early, for people, when its port is taken.
 
@@ -848,6 +900,7 @@ def check_rendezvous_port(endpoint: str, where: str | None = None) -> None:
 
     host, _, port = endpoint.rpartition(":")
     host = host.strip("[]")
+    check_rendezvous_host(endpoint, where)
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((host, int(port)))

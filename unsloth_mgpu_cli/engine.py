@@ -442,7 +442,7 @@ def train(
     """
     from . import data as data_mod
     from .checkpoint import check_resume_compatible, find_resume_checkpoint, run_identity, verify_safe_to_load
-    from .distributed import check_rendezvous_port
+    from .distributed import check_rendezvous_host, check_rendezvous_port
     from .models import resolve_model_path
     from .render import console
     from .sinks import check_sinks_available
@@ -454,9 +454,13 @@ def train(
     num_workers = dist_cfg.num_gpus * dist_cfg.nnodes
     out = Path(recipe.output.dir)
     is_main_node = nodes.rank == 0 if nodes.under_torchrun else dist_cfg.node_rank == 0
-    if dist_cfg.nnodes > 1 and is_main_node and dist_cfg.rdzv_endpoint and not nodes.under_torchrun:
+    if dist_cfg.nnodes > 1 and dist_cfg.rdzv_endpoint and not nodes.under_torchrun:
         # named as the user gave it: a flag, or the recipe key (whose file:line cli adds)
-        check_rendezvous_port(dist_cfg.rdzv_endpoint, "argument --rdzv-endpoint" if rdzv_endpoint else None)
+        where = "argument --rdzv-endpoint" if rdzv_endpoint else None
+        if is_main_node:
+            check_rendezvous_port(dist_cfg.rdzv_endpoint, where)  # its host name too
+        else:
+            check_rendezvous_host(dist_cfg.rdzv_endpoint, where)
     # Every node looks (read-only; output.dir is shared): the workers check that they all agree.
     resume_notes: list[str] = []
     resume_from = find_resume_checkpoint(out, resume, resume_notes) if resume else None
