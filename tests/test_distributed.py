@@ -227,12 +227,13 @@ def test_nodes_with_different_recipes_are_stopped_naming_the_keys():
     (or gloo aborted on a collective mismatch): each worker now compares its node's resolved recipe at start."""
     from dist_workers import ranks_compare
 
-    same = {"recipe": {"training": {"max_steps": 10, "learning_rate": 1e-4}}, "data": "abc"}
-    other = {"recipe": {"training": {"max_steps": 14, "learning_rate": 1e-4}}, "data": "abc"}
+    # the shape engine._node_independent_settings gives: the recipe's sections at the top, named as in a recipe
+    same = {"training": {"max_steps": 10, "learning_rate": 1e-4}, "tokenised data": "abc"}
+    other = {"training": {"max_steps": 14, "learning_rate": 1e-4}, "tokenised data": "abc"}
     # (the same recipe on every node passes: tests/test_multinode.py's two-node run)
     spec = D.LaunchSpec(nproc_per_node=2, device_type="cpu")
     errors = [r["error"] for r in D.launch(ranks_compare, ([same, other],), spec).values()]
-    assert errors[0] == errors[1] and "training.max_steps: 10 on rank 0, 14 on rank 1" in errors[0], errors
+    assert errors[0] == errors[1] and "ranks: training.max_steps: 10 on rank 0, 14 on rank 1" in errors[0], errors
     assert "learning_rate" not in errors[0] and "Run the same recipe" in errors[0]
 
 
@@ -314,3 +315,17 @@ def test_weights_that_are_not_finite_are_reported_as_such_not_as_drift():
         D.check_consistency(params, D.DistInfo(), step=7, names=["a", "b"])
     assert "at step 7 on ranks [0]: 1 of 2 tensors, b" in str(info.value) and "drifted" not in str(info.value)
     D.check_consistency(params[:1], D.DistInfo(), step=7)  # finite weights pass
+
+
+def test_the_settings_nodes_compare_are_keyed_as_the_recipe_names_them():
+    """A node started with training.max_steps=14 was told `recipe.training.max_steps` differed."""
+    from types import SimpleNamespace
+
+    from unsloth_mgpu_cli.engine import _node_independent_settings
+    from unsloth_mgpu_cli.recipe import Recipe
+
+    recipe = Recipe.model_validate({"model": {"name": "builtin:tiny-llama"}, "dataset": {"path": "/data/d.jsonl"}})
+    settings = _node_independent_settings(SimpleNamespace(recipe=recipe, identity={"data": "abc", "global_batch": 8}))
+    assert settings["training"]["max_steps"] == recipe.training.max_steps and "recipe" not in settings
+    assert settings["tokenised data"] == "abc" and settings["global batch"] == 8
+    assert settings["dataset"]["path"] == "d.jsonl"  # host paths: the file's name only

@@ -219,7 +219,8 @@ def runs(tmp_path_factory):
     nodes x 1 worker; one node x 2 workers whose rank 1 crashes at step 4 of the first attempt, with
     max_restarts=1. (That 2 workers equal 1 worker is tests/test_engine_cpu.py's.)"""
     base = tmp_path_factory.mktemp("multinode")
-    env = mgpu_env()
+    (base / "tmp").mkdir()
+    env = mgpu_env(TMPDIR=str(base / "tmp"))  # where node 1 keeps its worker logs while the run lasts
     logs = {}
     # two nodes, started concurrently, sharing one output folder (only global rank 0 writes); each on its own
     # cores: with all the cores a worker would reduce in another order (1.9e-6 from the one-node run)
@@ -295,6 +296,8 @@ def test_only_node_0_prepares_the_output_folder(runs):
     assert "the node of global rank 0 prints the run summary" in logs["node1"]
     # each elastic agent makes one log folder under its log_dir: node 1 keeps its own out of output.dir
     assert len([p for p in (base / "nodes" / "logs").iterdir() if p.name.startswith("mgpu")]) == 1
+    # and, the run done, removes them (a folder was left in /tmp by every run of a node other than node 0)
+    assert not [p.name for p in (base / "tmp").iterdir() if p.name.startswith("mgpu-node")]
 
 
 @pytest.mark.integration

@@ -460,6 +460,7 @@ def build_launch_config(spec: LaunchSpec) -> Any:
         logs_specs=logs,
         local_addr=local_addr,
     )
+    config.node_logs = log_dir if log_dir is not spec.log_dir else None  # the temporary folder made above
     return config
 
 
@@ -559,7 +560,11 @@ def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> 
         wait_for_rendezvous_host(spec.rdzv_endpoint, spec.join_timeout_s, spec.node_rank)
     with _graceful_stop(spec.stop_file):
         try:
-            return elastic_launch(config, entry)(*args)
+            results = elastic_launch(config, entry)(*args)
+            # a node's local worker logs are of no use once its workers finished well (a folder per run was left)
+            if getattr(config, "node_logs", None) is not None:
+                shutil.rmtree(config.node_logs, ignore_errors=True)
+            return results
         except ChildFailedError as exc:
             raise TrainingFailed(*_describe_failure(exc, spec.log_dir, spec.nproc_per_node, spec.node_rank)) from None
         except RendezvousError as exc:  # the nodes never met: no worker started

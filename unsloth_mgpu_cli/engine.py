@@ -821,4 +821,5 @@ def _node_independent_settings(plan: RunPlan) -> dict[str, Any]:
         for key in ("path", "eval_path"):
             if section.get(key):
                 section[key] = Path(str(section[key])).name
-    return {"recipe": r, "data": plan.identity.get("data"), "global_batch": plan.identity.get("global_batch")}
+    # the recipe's keys at the top, so that a difference is named as the recipe names it (training.max_steps)
+    return {**r, "tokenised data": plan.identity.get("data"), "global batch": plan.identity.get("global_batch")}
