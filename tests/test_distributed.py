@@ -325,7 +325,12 @@ def test_the_settings_nodes_compare_are_keyed_as_the_recipe_names_them():
     from unsloth_mgpu_cli.recipe import Recipe
 
     recipe = Recipe.model_validate({"model": {"name": "builtin:tiny-llama"}, "dataset": {"path": "/data/d.jsonl"}})
-    settings = _node_independent_settings(SimpleNamespace(recipe=recipe, identity={"data": "abc", "global_batch": 8}))
+    plan = SimpleNamespace(recipe=recipe, identity={"data": "abc", "global_batch": 8}, resume_from=None)
+    settings = _node_independent_settings(plan)
     assert settings["training"]["max_steps"] == recipe.training.max_steps and "recipe" not in settings
     assert settings["tokenised data"] == "abc" and settings["global batch"] == 8
+    # --resume auto given on one node only: a difference the nodes see (it ended in a shared-filesystem hint)
+    assert settings["--resume (checkpoint)"] is None
+    plan.resume_from = "/mnt/a/out/checkpoints/step-197"
+    assert _node_independent_settings(plan)["--resume (checkpoint)"] == "step-197"
     assert settings["dataset"]["path"] == "d.jsonl"  # host paths: the file's name only

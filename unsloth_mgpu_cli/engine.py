@@ -776,7 +776,7 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
                 _node_independent_settings(plan),
                 info,
                 "the nodes' recipes",
-                "Run the same recipe with the same overrides on every node (only --node-rank differs).",
+                "Run the same recipe with the same overrides and --resume on every node (only --node-rank differs).",
             )
         from .trainer import Trainer
 
@@ -822,4 +822,11 @@ def _node_independent_settings(plan: RunPlan) -> dict[str, Any]:
             if section.get(key):
                 section[key] = Path(str(section[key])).name
     # the recipe's keys at the top, so that a difference is named as the recipe names it (training.max_steps)
-    return {**r, "tokenised data": plan.identity.get("data"), "global batch": plan.identity.get("global_batch")}
+    return {
+        **r,
+        "tokenised data": plan.identity.get("data"),
+        "global batch": plan.identity.get("global_batch"),
+        # --resume on one node only: it would start from a checkpoint, the others from step 0 (the checkpoint's
+        # name: output.dir may be mounted at another path on each host)
+        "--resume (checkpoint)": Path(plan.resume_from).name if plan.resume_from else None,
+    }
