@@ -26,6 +26,7 @@ def test_downloads_switch_off_only_for_hub_ids_and_only_when_the_hub_does_not_re
     assert {k: env[k] for k in hub.OFFLINE_VARIABLES} == dict.fromkeys(hub.OFFLINE_VARIABLES, "1")
     assert env[hub.UNRESOLVED] == "no-such-host.invalid"
     assert "hub: no-such-host.invalid does not resolve" in capsys.readouterr().err
+    assert hub.offline({"HF_HUB_OFFLINE": "true"}) and not hub.offline({"HF_HUB_OFFLINE": "0"})  # as HF reads it
     unknown = {"HF_ENDPOINT": NO_HUB}  # names not known (a hook-mode script): any load may go to the hub
     assert hub.work_offline_if_unreachable(None, unknown) == "no-such-host.invalid" and unknown["HF_HUB_OFFLINE"] == "1"
     # the controls: a hub whose name resolves; the user's own offline setting (either way); a proxy, where the

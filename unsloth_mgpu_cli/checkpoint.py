@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import Problem, UserError
+from .errors import Problem, UserError, first_line
 
 STEP_PREFIX = "step-"
 
@@ -334,7 +334,7 @@ def verify_safe_to_load(ckpt: Path, suggest: bool = True) -> None:
         except pickle.UnpicklingError as exc:
             # torch's text advises weights_only=False, the unsafe way out: only its own diagnosis is repeated
             match = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-            why = match.group(1).strip() if match else _first_line(exc)
+            why = match.group(1).strip() if match else first_line(exc)
             if "Unsupported global" in why or _is_raw_pickle(ckpt / name):
                 # weights_only refused an object, or a bare pickle stream (not torch.save's zip): not a file this
                 # tool wrote, and one whose loading could run code
@@ -346,14 +346,14 @@ def verify_safe_to_load(ckpt: Path, suggest: bool = True) -> None:
                 )
             refuse(name, f"cannot be read: not a whole torch.save file ({why})", "damaged checkpoint")
         except (RuntimeError, EOFError, ValueError, OSError) as exc:  # cut short, zeroed, unreadable
-            refuse(name, f"cannot be read: {_first_line(exc)}", "damaged checkpoint")
+            refuse(name, f"cannot be read: {first_line(exc)}", "damaged checkpoint")
     for name in CHECKPOINT_FILES:
         if not (ckpt / name).is_file():
             refuse(name, f"{name} is missing", "damaged checkpoint")
     try:
         json.loads((ckpt / "state.json").read_text())
     except (ValueError, OSError) as exc:
-        refuse("state.json", f"cannot be read: {_first_line(exc)}", "damaged checkpoint")
+        refuse("state.json", f"cannot be read: {first_line(exc)}", "damaged checkpoint")
     problem = safetensors_damage(ckpt / "trainable.safetensors")
     if problem:
         refuse("trainable.safetensors", problem, "damaged checkpoint")
@@ -386,7 +386,7 @@ def safetensors_damage(path: Path) -> str | None:
                 return f"cannot be read: its header length ({n}) does not fit a file of {size} bytes"
             header = json.loads(f.read(n))
     except (OSError, ValueError) as exc:
-        return f"cannot be read: {_first_line(exc)}"
+        return f"cannot be read: {first_line(exc)}"
     try:
         ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
     except (KeyError, TypeError, IndexError, ValueError, AttributeError):
@@ -395,11 +395,6 @@ def safetensors_damage(path: Path) -> str | None:
     if size < expected:
         return f"cut short: {size} of {expected} bytes"
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # What must not change between a run and its resumption, with the recipe keys a person would edit.

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UTF8_HINT, Problem, UserError, read_utf8
+from .errors import UTF8_HINT, Problem, UserError, first_line, read_utf8
 from .recipe import CHAT_TEMPLATE_NAMES, DatasetSection, DataSource, Recipe, why_not_a_hub_id
 
 IGNORE_INDEX = -100
@@ -350,7 +350,7 @@ def _read_file(path: Path, key: str = "dataset") -> tuple[list[dict[str, Any]], 
 
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types; all mean "cannot parse this file"
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = first_line(exc)
         raise _data_error(str(path), f"cannot read the {suffix[1:]} file: {msg}") from exc
     return table.to_pylist(), _Source(str(path), 0, None, True), bad
 
@@ -360,9 +360,10 @@ def _hub_rows(ds: DatasetSection, key: str = "dataset") -> tuple[list[dict[str, 
 
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
+    from .hub import offline as hub_offline
     from .hub import unreachable_because
 
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    offline = hub_offline(os.environ, datasets=True)
     if not _hub_dataset_cached(ds.path) and (host := unreachable_because(os.environ)) is not None:
         raise _data_error(
             f"{key}.path ({ds.path})",
@@ -374,7 +375,7 @@ def _hub_rows(ds: DatasetSection, key: str = "dataset") -> tuple[list[dict[str, 
     try:
         table = datasets.load_dataset(ds.path, split=ds.split)
     except Exception as exc:  # offline misses, unknown ids and bad splits arrive as many exception types
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = first_line(exc)
         hint = (
             "the hub is offline (HF_HUB_OFFLINE=1): download it once with network access, or give a local file"
             if offline
@@ -812,8 +813,10 @@ def _load_tokenizer(model_path: str, trust_remote_code: bool) -> Any:
     does not resolve (hub.py)."""
     from transformers import AutoTokenizer
 
+    from .hub import offline as hub_offline
+
     local = Path(model_path).is_dir()
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    offline = hub_offline(os.environ)
     if not local and not _in_hf_cache(model_path):
         _refuse_unreachable_hub(model_path)
         if not offline:
@@ -822,10 +825,10 @@ def _load_tokenizer(model_path: str, trust_remote_code: bool) -> Any:
         return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:  # not in the cache and no network, an unknown id, a folder without one
         if local:
-            found = f"the folder holds no tokenizer that transformers can load: {_first_line(exc)}"
+            found = f"the folder holds no tokenizer that transformers can load: {first_line(exc)}"
             hint = "point model.name at a folder saved with save_pretrained (tokenizer files included)"
         else:
-            found = f"cannot load its tokenizer: {_first_line(exc)}"
+            found = f"cannot load its tokenizer: {first_line(exc)}"
             hint = (
                 "the hub is offline (HF_HUB_OFFLINE=1): download the model once with network access, or give a "
                 "local folder"
@@ -861,11 +864,6 @@ def _in_hf_cache(model_id: str) -> bool:
         return isinstance(try_to_load_from_cache(model_id, "tokenizer_config.json"), str)
     except Exception:  # not a valid repo id: from_pretrained names the problem
         return True
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _init_worker(model_path: str, trust_remote_code: bool) -> None:

@@ -385,6 +385,11 @@ class LaunchSpec:
     join_timeout_s: int = 600  # several nodes: how long the first waits for the others at the rendezvous (torch's)
 
 
+def endpoint_host(endpoint: str) -> str:
+    """The host of a checked HOST:PORT endpoint, without an IPv6 address's brackets."""
+    return endpoint.rpartition(":")[0].strip("[]")
+
+
 def wait_for_rendezvous_host(endpoint: str, timeout_s: float, node_rank: int, poll_s: float = 1.0) -> None:
     """A node other than node 0 waits here, in Python, until node 0's rendezvous accepts connections.
 
@@ -395,12 +400,11 @@ def wait_for_rendezvous_host(endpoint: str, timeout_s: float, node_rank: int, po
     Raises:
         TrainingFailed: node 0 did not answer within `timeout_s`.
     """
-    host, _, port = endpoint.rpartition(":")
-    host = host.strip("[]")
+    address = (endpoint_host(endpoint), int(endpoint.rpartition(":")[2]))
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with socket.create_connection((host, int(port)), timeout=min(poll_s * 2, 5.0)):
+            with socket.create_connection(address, timeout=min(poll_s * 2, 5.0)):
                 return
         except OSError as exc:
             if time.monotonic() >= deadline:
@@ -426,7 +430,7 @@ def build_launch_config(spec: LaunchSpec) -> Any:
         # numbers the nodes itself (sorted by host name), so global rank 0 may sit on any node: output.dir
         # must be a folder every node reaches. A loopback endpoint means "all nodes on this host" (tests).
         endpoint = spec.rdzv_endpoint or ""
-        host = endpoint.rpartition(":")[0].strip("[]")
+        host = endpoint_host(endpoint)
         local_addr = "127.0.0.1" if host in ("localhost", "::1") or host.startswith("127.") else None
     # On one host (a loopback endpoint), torch's c10d stores would still listen on every interface: ours bind
     # to loopback (LOOPBACK_RDZV below). Several hosts need the real interfaces: torch's own backend.
@@ -562,7 +566,7 @@ def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> 
         try:
             results = elastic_launch(config, entry)(*args)
             # a node's local worker logs are of no use once its workers finished well (a folder per run was left)
-            if getattr(config, "node_logs", None) is not None:
+            if config.node_logs is not None:
                 shutil.rmtree(config.node_logs, ignore_errors=True)
             return results
         except ChildFailedError as exc:
@@ -880,7 +884,7 @@ def check_rendezvous_host(endpoint: str, where: str | None = None) -> None:
     Raises:
         UserError: the host name does not resolve here.
     """
-    host = endpoint.rpartition(":")[0].strip("[]")
+    host = endpoint_host(endpoint)
     try:
         socket.getaddrinfo(host, None)
     except (OSError, UnicodeError) as exc:
@@ -903,9 +907,8 @@ def check_rendezvous_port(endpoint: str, where: str | None = None) -> None:
     """
     where = where or "distributed.rdzv_endpoint"
 
-    host, _, port = endpoint.rpartition(":")
-    host = host.strip("[]")
     check_rendezvous_host(endpoint, where)
+    host, port = endpoint_host(endpoint), endpoint.rpartition(":")[2]
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((host, int(port)))

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from .devices import GIB, GPUInfo, GPULink, GPUSnapshot
 from .hub import hub_host_resolves
+from .hub import offline as hub_offline
 from .memory import gb_text
 
 Status = Literal["ok", "warn", "fail"]
@@ -533,10 +534,6 @@ def hf_home(env: Mapping[str, str]) -> Path:
     return Path(xdg).expanduser() / "huggingface"
 
 
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def hf_token_present(env: Mapping[str, str]) -> bool:
     """Whether a token is configured (env or token file). The token itself is never read into the report."""
     if env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN"):
@@ -619,7 +616,7 @@ def run_checks(output_dir: Path | str = "outputs", probe: bool = False, probe_ti
 
     for label, path in (("output", Path(output_dir)), ("hf cache", cache), ("mgpu cache", cache_dir(env))):
         add(check_disk(label, *free_bytes_at(path), unusable=unusable_folder(path)))
-    offline = _truthy(env.get("HF_HUB_OFFLINE")) or _truthy(env.get("TRANSFORMERS_OFFLINE"))
+    offline = hub_offline(env)
     add(check_hf(cache, offline, hf_token_present(env), True if offline else hub_host_resolves(env)))
 
     from .distributed import free_port

@@ -33,6 +33,12 @@ class Problem:
         return text
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message for one line of ours: its first line, or its type when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class UserError(Exception):
     """Bad input from the user; the CLI prints every problem and exits with code 2."""
 

@@ -51,9 +51,16 @@ def hub_host_resolves(env: Mapping[str, str], timeout: float = 2.0) -> bool | No
     return answer[0] if answer else None
 
 
-def offline(env: Mapping[str, str]) -> bool:
-    """Whether hub downloads are switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is 1)."""
-    return env.get("HF_HUB_OFFLINE") == "1" or env.get("TRANSFORMERS_OFFLINE") == "1"
+def _truthy(value: str | None) -> bool:
+    """An environment switch as huggingface_hub reads it (1, ON, YES, TRUE)."""
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def offline(env: Mapping[str, str], datasets: bool = False) -> bool:
+    """Whether hub downloads are switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE; for `datasets`, also
+    HF_DATASETS_OFFLINE)."""
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *(("HF_DATASETS_OFFLINE",) if datasets else ()))
+    return any(_truthy(env.get(name)) for name in names)
 
 
 def unreachable_hub(env: Mapping[str, str]) -> str | None:

@@ -12,10 +12,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import Problem, UserError, read_utf8
 
@@ -43,6 +43,9 @@ def _chat_template_name(value: Any) -> Any:
         f"unknown template name {value!r}: expected {', '.join(CHAT_TEMPLATE_NAMES)}, or a Jinja template"
         + (f" (did you mean {close[0]!r}?)" if close else "; leave it out to use the tokenizer's own template")
     )
+
+
+ChatTemplate = Annotated[str | None, AfterValidator(_chat_template_name)]
 
 
 class _Section(BaseModel):
@@ -144,14 +147,9 @@ class MixSource(_Section):
         description="Column renames for this source (as dataset.columns); default: dataset.columns; {} for none.",
     )
     split: str | None = Field(None, description="Split of a hub dataset or dataset folder; default: dataset.split.")
-    chat_template: str | None = Field(
+    chat_template: ChatTemplate = Field(
         None, description="Chat template for a chat source (as dataset.chat_template); default: dataset.chat_template."
     )
-
-    @field_validator("chat_template")
-    @classmethod
-    def _named_template(cls, v: str | None) -> str | None:
-        return _chat_template_name(v)
 
 
 @dataclass(frozen=True)
@@ -220,7 +218,7 @@ class DatasetSection(_Section):
         description="Rename source columns to the format's names, e.g. {instruction: question, output: answer}; "
         "alpaca: instruction/input/output, chat: messages/role/content, text: text.",
     )
-    chat_template: str | None = Field(
+    chat_template: ChatTemplate = Field(
         None,
         description="chat format: a named template (chatml, llama3, zephyr) or a Jinja template; default: the "
         "tokenizer's own.",
@@ -243,11 +241,6 @@ class DatasetSection(_Section):
     num_proc: int | Literal["auto"] = Field(
         "auto", description="Tokenizer processes in the parent; auto: one for small data, up to 8 for large."
     )
-
-    @field_validator("chat_template")
-    @classmethod
-    def _named_template(cls, v: str | None) -> str | None:
-        return _chat_template_name(v)
 
     @field_validator("num_proc")
     @classmethod

@@ -1297,10 +1297,9 @@ def _training_chat_template(recipe: Any) -> str | None:
     """The chat template the conversations were rendered with, when the recipe chose one (`dataset.chat_template`,
     named or Jinja): saved with the adapter, so that `apply_chat_template` at inference renders as training did
     (the tokenizer's own template was saved before). The first chat source's, in a mix."""
-    from .data import NAMED_CHAT_TEMPLATES
+    from .data import encoding_of
 
     for source in recipe.dataset.sources():
-        ds = source.section
-        if ds.format == "chat" and ds.chat_template:
-            return NAMED_CHAT_TEMPLATES.get(ds.chat_template, ds.chat_template)
+        if source.section.format == "chat" and source.section.chat_template:
+            return encoding_of(recipe, source.section).chat_template  # a name resolved to its Jinja
     return None
