@@ -45,7 +45,8 @@
 # `stops` (3.3 s; step-5 saved; 0 warnings) and `T=240 gputest` (2 passed, 3 skipped, 173 s) with this session's code.
 # In session 20 (only the 1-GPU kind lent): `s20` (double SIGINT to the launcher alone: exit 130 after 0.5 s, to the
 # group 0.81 s, no traceback; a cached hub id with downloads on where the hub's name cannot resolve: trained and
-# exported with no retry; the tier's 1-GPU tests: 2 passed, 3 skipped, 148 s).
+# exported with no retry; the tier's 1-GPU tests: 2 passed, 3 skipped, 148 s), `s20b` (the review's code: a chat
+# run's adapter and export carry the ChatML template it trained with).
 # Next, in this order:
 #   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
@@ -55,7 +56,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
+STAGE=${1:?usage: gpu_plan.sh s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -489,6 +490,27 @@ PY
     rm -rf "$OUT/hub" "$OUT/hubrun"
     timeout -k 10 "${T:-230}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
+  s20b)
+    # session 20's review (1-GPU kind): the adapter's save on CUDA with the final code: a chat run with
+    # dataset.chat_template: chatml saves that template with the adapter and the export
+    python3 - "$OUT/chat.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open("recipes/data/quickstart.jsonl")][:128]
+with open(sys.argv[1], "w") as f:
+    for r in rows:
+        msgs = [{"role": "user", "content": f"{r['instruction']} {r['input']}"}, {"role": "assistant", "content": r["output"]}]
+        f.write(json.dumps({"messages": msgs}) + "\n")
+PY
+    python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 training.max_steps=10 \
+      training.warmup_steps=1 logging.progress=false dataset.path="$OUT/chat.jsonl" dataset.format=chat \
+      dataset.chat_template=chatml output.dir="$OUT/chat" > "$OUT/chat.txt" 2>&1
+    echo "chat run: exit=$?"; grep -E "^final loss|^peak memory|^throughput" "$OUT/chat.txt"
+    python3 -m unsloth_mgpu_cli export "$OUT/chat" > "$OUT/export.txt" 2>&1; echo "export: exit=$?"
+    for d in adapter merged; do
+      python3 -c "import sys; from transformers import AutoTokenizer; from unsloth_mgpu_cli.data import NAMED_CHAT_TEMPLATES as T; \
+print(sys.argv[1], 'template is chatml:', AutoTokenizer.from_pretrained(sys.argv[2]).chat_template == T['chatml'])" $d "$OUT/chat/$d"
+    done
+    rm -rf "$OUT/chat/merged" "$OUT/chat/checkpoints" ;;
   s18)
     # session 18 (1-GPU kind): Ctrl-C while the worker imports torch, before its handlers exist (the launcher now
     # starts the workers with the stop signals held; torch 2.11 here, 2.14 on CPU): exit 130, no traceback, no model
