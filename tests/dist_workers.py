@@ -200,10 +200,19 @@ def listening_addresses() -> dict:
 def ranks_compare(per_rank: list) -> dict:
     """`check_ranks_agree` with `per_rank[rank]` as this rank's values: the error it raises, if any."""
     from unsloth_mgpu_cli import distributed as D
+    from unsloth_mgpu_cli.errors import RanksDisagree
 
     with cpu_worker(60) as info:
         try:
             D.check_ranks_agree(per_rank[info.rank], info, "the nodes' recipes", "Run the same recipe.")
-        except RuntimeError as exc:
+        except RanksDisagree as exc:
             return {"error": str(exc)}
         return {"error": None}
+
+
+def ranks_disagree(per_rank: list) -> None:
+    """`check_ranks_agree`, its error left to the launcher (as engine's worker leaves it)."""
+    from unsloth_mgpu_cli import distributed as D
+
+    with cpu_worker(60) as info:
+        D.check_ranks_agree(per_rank[info.rank], info, "the nodes' recipes", "Run the same recipe.")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unsloth_mgpu_cli import distributed as D
-from unsloth_mgpu_cli.errors import TrainingFailed
+from unsloth_mgpu_cli.errors import Problem, RanksDisagree, TrainingFailed, UserError, reported_user_error
 
 pytestmark = pytest.mark.integration
 
@@ -233,8 +233,44 @@ def test_nodes_with_different_recipes_are_stopped_naming_the_keys():
     # (the same recipe on every node passes: tests/test_multinode.py's two-node run)
     spec = D.LaunchSpec(nproc_per_node=2, device_type="cpu")
     errors = [r["error"] for r in D.launch(ranks_compare, ([same, other],), spec).values()]
-    assert errors[0] == errors[1] and "ranks: training.max_steps: 10 on rank 0, 14 on rank 1" in errors[0], errors
+    assert errors[0] == errors[1] and "differ: training.max_steps: 10 on rank 0, 14 on rank 1" in errors[0], errors
     assert "learning_rate" not in errors[0] and "Run the same recipe" in errors[0]
+
+
+def test_a_user_error_raised_in_the_workers_ends_the_launch_as_one_exit_2():
+    """Nodes with different recipes exited 1 ("training failed: rank 0 failed: RuntimeError: ...") with the resume
+    hint of a crash: it is bad input, found where only the workers can see it."""
+    from dist_workers import ranks_disagree
+
+    same = {"training": {"max_steps": 10}, "dataset": {"max_samples": 8}}
+    other = {"training": {"max_steps": 14}, "dataset": {"max_samples": 8}}
+    with pytest.raises(UserError) as exc:
+        D.launch(ranks_disagree, ([same, other],), D.LaunchSpec(nproc_per_node=2, device_type="cpu"))
+    assert exc.value.exit_code == 2 and exc.value.title == "invalid arguments"
+    (problem,) = exc.value.problems
+    assert problem.where == "the nodes' recipes"
+    assert problem.message == "differ: training.max_steps: 10 on rank 0, 14 on rank 1"
+    assert problem.hint == "Run the same recipe."
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        UserError([Problem("training.max_steps", "expected 1..9; found 10", "lower it"), Problem("", "two\nlines")]),
+        UserError("one line: with a colon", "invalid data"),
+        RanksDisagree("the nodes' recipes", ["a.b: 1 on node 0, 2 on node 1"] * 8, "Run the same recipe."),
+    ],
+)
+def test_a_workers_user_error_is_rebuilt_from_its_error_report_as_it_rendered(error):
+    rebuilt = reported_user_error(f"{type(error).__name__}: {error}")
+    assert rebuilt is not None and rebuilt.render() == error.render() and rebuilt.title == error.title
+    # (a problem without `where` whose message holds ": " renders as one with it: the same text either way)
+    assert rebuilt.problems[0].where == error.problems[0].where or not error.problems[0].where
+
+
+@pytest.mark.parametrize("report", ["RuntimeError: x: y", "ValueError: invalid input (1 problem):", "UserError: ", ""])
+def test_other_worker_errors_are_not_taken_for_user_errors(report):
+    assert reported_user_error(report) is None
 
 
 def test_nccl_bootstraps_on_loopback_on_one_host_unless_the_user_chose():
@@ -265,6 +301,32 @@ def test_a_node_left_alone_at_the_rendezvous_ends_with_a_message_not_a_traceback
         D.launch(replaced_views, (), spec)
     assert "node 0: the rendezvous at 127.0.0.1:" in str(exc.value) and "no worker started" in str(exc.value)
     assert "start the same command on all 2 nodes" in exc.value.details and "within 3 s" in exc.value.details
+
+
+def test_a_second_node_0_on_the_same_host_is_refused_naming_node_rank_not_with_a_traceback():
+    """Two nodes both started with --node-rank 0 (a copied command): the second one's rendezvous store could not bind
+    the port the first one took after both passed the check before tokenising, and OSError's traceback came out."""
+    import socket
+
+    from dist_workers import replaced_views
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        endpoint = f"127.0.0.1:{taken.getsockname()[1]}"
+        spec = D.LaunchSpec(nproc_per_node=1, device_type="cpu", nnodes=2, node_rank=0, rdzv_endpoint=endpoint)
+        with pytest.raises(UserError) as exc:
+            D.launch(replaced_views, (), spec)
+    (problem,) = exc.value.problems
+    assert problem.where == f"rendezvous endpoint {endpoint}" and "already in use" in problem.message
+    assert "its own --node-rank (0..1)" in problem.hint
+
+
+def test_node_0_is_warned_when_the_endpoint_is_not_an_address_of_its_host():
+    """Node 0 hosts the rendezvous: started on the wrong host it waited alone for 10 minutes while the others met."""
+    warning = D.check_rendezvous_port("192.0.2.7:29400", "argument --rdzv-endpoint")  # TEST-NET-1: no host's
+    assert warning and "192.0.2.7 (from argument --rdzv-endpoint) is not an address of this machine" in warning
+    assert D.check_rendezvous_port(f"127.0.0.1:{D.free_port()}") is None
 
 
 def test_ctrl_c_while_node_0_waits_for_the_others_stops_at_once(tmp_path):

@@ -397,3 +397,30 @@ def test_ctrl_c_on_a_node_waiting_for_node_0_stops_it_at_once(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130 and took < 10, (proc.returncode, took, output[-3000:])
     assert "Traceback" not in output and "waiting for all 2 nodes" in output, output[-3000:]
+
+
+@pytest.mark.integration
+def test_nodes_started_with_different_overrides_both_refuse_with_exit_2_naming_the_key(tmp_path):
+    """Each node's workers compare the recipes at start. The difference is bad input: it ended with exit 1,
+    "training failed: rank 0 failed: RuntimeError: ..." and the resume hint of a crash."""
+    out = tmp_path / "run"
+    rendezvous = ("--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{D.free_port()}")
+    nodes = [
+        subprocess.Popen(
+            _train_cmd(out, "distributed.num_gpus=1", f"training.max_steps={steps}", *rendezvous, f"--node-rank={r}"),
+            cwd=ROOT,
+            env=mgpu_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for r, steps in ((0, 3), (1, 4))
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [2, 2], "\n---\n".join(o[-3000:] for o in outputs)
+    for text in outputs:
+        assert "the nodes' recipes: differ: training.max_steps: 3 on node 0, 4 on node 1" in text, text[-3000:]
+        assert "only --node-rank differs" in text and "Traceback" not in text and "continue with" not in text, text
+    # refused before any step: node 0 takes back what it wrote (recipe.resolved.yaml, its worker logs), so the
+    # corrected command needs no --overwrite; an earlier run's folder keeps its files
+    assert not out.exists(), sorted(map(str, out.rglob("*")))

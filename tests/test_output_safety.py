@@ -336,3 +336,29 @@ def test_a_second_run_into_the_folder_of_a_live_run_is_refused(tmp_path):
     assert first.returncode == 0, out[-3000:]
     steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]  # the first run's, once (the lock goes with its process: every resume test runs again)
+
+
+def test_a_run_refused_by_its_workers_leaves_output_dir_as_it_was(tmp_path):
+    """Nodes whose recipes differ are found only once the workers meet, after node 0 wrote recipe.resolved.yaml and
+    its log folder: they are taken back (a folder it made is removed), an earlier run's files stay as they were."""
+    from unsloth_mgpu_cli.engine import _OutputSnapshot
+
+    fresh = tmp_path / "fresh"
+    snap = _OutputSnapshot.take(fresh)
+    (fresh / "logs" / "mgpu_new").mkdir(parents=True)
+    (fresh / "recipe.resolved.yaml").write_text("new")
+    snap.restore()
+    assert not fresh.exists()
+
+    run = tmp_path / "run"
+    (run / "logs" / "mgpu_old").mkdir(parents=True)
+    (run / "checkpoints" / "step-2").mkdir(parents=True)
+    (run / "recipe.resolved.yaml").write_text("old")
+    (run / "metrics.jsonl").write_text("{}\n")
+    before = sorted(map(str, run.rglob("*")))
+    snap = _OutputSnapshot.take(run)
+    (run / "recipe.resolved.yaml").write_text("# Resumed at step 2 with: ...\nnew")
+    (run / "logs" / "mgpu_new").mkdir()
+    (run / "STOP").write_text("")
+    snap.restore()
+    assert sorted(map(str, run.rglob("*"))) == before and (run / "recipe.resolved.yaml").read_text() == "old"

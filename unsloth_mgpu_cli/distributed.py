@@ -32,7 +32,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .errors import Problem, TrainingFailed, UserError
+from .errors import Problem, RanksDisagree, TrainingFailed, UserError, reported_user_error
 
 
 @dataclass(frozen=True)
@@ -570,12 +570,39 @@ def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> 
                 shutil.rmtree(config.node_logs, ignore_errors=True)
             return results
         except ChildFailedError as exc:
+            user_error = _reported_user_error(exc)
+            if user_error is not None:  # bad input that only the workers could see (nodes' recipes that differ)
+                raise user_error from None
             raise TrainingFailed(*_describe_failure(exc, spec.log_dir, spec.nproc_per_node, spec.node_rank)) from None
         except RendezvousError as exc:  # the nodes never met: no worker started
             raise TrainingFailed(*_describe_rendezvous_failure(exc, spec)) from None
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or spec.nnodes == 1:
+                raise
+            # a second node 0 on the host of the first (or another program) took the rendezvous port since the
+            # check before tokenising (check_rendezvous_port)
+            raise UserError(
+                Problem(
+                    f"rendezvous endpoint {spec.rdzv_endpoint}",
+                    f"its port is already in use on this host ({exc.strerror}); node 0 hosts the rendezvous there",
+                    "if another node 0 of this run holds it, start each node with its own --node-rank (0.."
+                    f"{spec.nnodes - 1}); otherwise choose a free port (`ss -ltnp` names the program holding it)",
+                ),
+                "invalid arguments",
+            ) from None
         except json.JSONDecodeError as exc:
             # torch reads each failed worker's error.json; a full disk leaves it empty and torch's parser raises
             raise TrainingFailed(*_describe_unreadable_failure(exc, spec)) from None
+
+
+def _reported_user_error(exc: Any) -> UserError | None:
+    """The UserError that the first failed worker raised, if that is what it raised."""
+    failures = sorted(exc.failures.items(), key=lambda kv: kv[1].timestamp)
+    if not failures:
+        return None
+    first = failures[0][1]
+    raw = first.message if isinstance(first.message, dict) else (first.error_file_data or {}).get("message")
+    return reported_user_error(str(raw.get("message", ""))) if isinstance(raw, dict) else None
 
 
 def _describe_unreadable_failure(exc: BaseException, spec: LaunchSpec) -> tuple[str, str]:
@@ -899,11 +926,15 @@ def check_rendezvous_host(endpoint: str, where: str | None = None) -> None:
         ) from None
 
 
-def check_rendezvous_port(endpoint: str, where: str | None = None) -> None:
+def check_rendezvous_port(endpoint: str, where: str | None = None) -> str | None:
     """Node 0 hosts the rendezvous on `endpoint`: fail early, for people, when its port is taken.
 
+    Returns a warning when the endpoint's host is not an address of this machine: this node hosts a rendezvous
+    that the others, connecting to that host, never reach (two nodes started as node 0), unless the address is
+    translated on the way (NAT, a floating IP), which is why it is not refused.
+
     Raises:
-        UserError: the port is in use on this host. A host that is not this machine's is left alone.
+        UserError: the port is in use on this host.
     """
     where = where or "distributed.rdzv_endpoint"
 
@@ -922,7 +953,14 @@ def check_rendezvous_port(endpoint: str, where: str | None = None) -> None:
                 ),
                 "invalid arguments",
             ) from None
-        # EADDRNOTAVAIL / name errors: not an address of this machine; the rendezvous reports its own problems
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return (
+                f"node 0 hosts the rendezvous, and {host} (from {where}) is not an address of this machine: unless "
+                "it reaches this one through address translation, the other nodes meet elsewhere. On any node but "
+                "node 0, pass its own --node-rank (1..nnodes-1)"
+            )
+        # other errors: the rendezvous reports its own problems
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -1182,8 +1220,9 @@ def all_gather_tensor(t: Any, info: DistInfo) -> Any:
     return torch.stack(out)
 
 
-def check_ranks_agree(values: dict[str, Any], info: DistInfo, what: str, hint: str) -> None:
-    """Raise a RuntimeError naming each key whose value differs from rank 0's (`values`: JSON-able, nested)."""
+def check_ranks_agree(values: dict[str, Any], info: DistInfo, what: str, hint: str, by_node: bool = False) -> None:
+    """Raise RanksDisagree (a UserError) naming each key whose value differs from rank 0's (`values`: JSON-able,
+    nested). `by_node`: the values are a node's (its workers share them), named by node rather than by rank."""
     import torch
     import torch.distributed as dist
 
@@ -1205,16 +1244,18 @@ def check_ranks_agree(values: dict[str, Any], info: DistInfo, what: str, hint: s
         return {k: v for key, sub in d.items() for k, v in flat(sub, f"{prefix}.{key}" if prefix else key).items()}
 
     ref = flat(json.loads(texts[0]))
+    step = info.local_world_size if by_node else 1  # the elastic agent numbers a node's workers consecutively
+    unit = "node" if by_node else "rank"
     diffs = []
-    for rank, other in enumerate(texts[1:], start=1):
-        theirs = flat(json.loads(other))
+    for rank in range(step, info.world_size, step):
+        theirs = flat(json.loads(texts[rank]))
         diffs += [
-            f"{key}: {ref.get(key)!r} on rank 0, {theirs.get(key)!r} on rank {rank}"
+            f"{key}: {ref.get(key)!r} on {unit} 0, {theirs.get(key)!r} on {unit} {rank // step}"
             for key in sorted(set(ref) | set(theirs))
             if ref.get(key) != theirs.get(key)
         ]
-    shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-    raise RuntimeError(f"{what} differ between ranks: {shown}. {hint}")
+    if diffs:  # (by_node: workers of one node that differ among themselves are not this check's to name)
+        raise RanksDisagree(what, diffs, hint)
 
 
 def all_gather_floats(values: Sequence[float], info: DistInfo) -> list[list[float]]:

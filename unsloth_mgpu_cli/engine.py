@@ -10,6 +10,7 @@ with gradients synchronised by `distributed.GradientSynchronizer`. Rank 0 owns e
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -440,6 +441,8 @@ def train(
     Every check that can refuse the run (recipe, devices, ports, output folder, disk space, checkpoint, data)
     happens before anything is written, so a refused run leaves output.dir as it was.
     """
+    from rich.markup import escape
+
     from . import data as data_mod
     from .checkpoint import check_resume_compatible, find_resume_checkpoint, run_identity, verify_safe_to_load
     from .distributed import check_rendezvous_host, check_rendezvous_port
@@ -458,7 +461,9 @@ def train(
         # named as the user gave it: a flag, or the recipe key (whose file:line cli adds)
         where = "argument --rdzv-endpoint" if rdzv_endpoint else None
         if is_main_node:
-            check_rendezvous_port(dist_cfg.rdzv_endpoint, where)  # its host name too
+            elsewhere = check_rendezvous_port(dist_cfg.rdzv_endpoint, where)  # its host name too
+            if elsewhere:
+                console.print(f"[yellow]warning:[/] {escape(elsewhere)}", soft_wrap=True)
         else:
             check_rendezvous_host(dist_cfg.rdzv_endpoint, where)
     # Every node looks (read-only; output.dir is shared): the workers check that they all agree.
@@ -489,6 +494,7 @@ def train(
         if _finished_already(resume_from, recipe, out):
             return {}
     if is_main_node:
+        before = _OutputSnapshot.take(out)
         changed = _start_output_dir(out, recipe, overwrite, resume, resume_from)
         _print_data(recipe, summary, hit, eval_prepared, notes, disk_note)
         _print_launch(recipe, nodes, resume, resume_from, resume_notes, changed)
@@ -511,7 +517,14 @@ def train(
         stop_file=str(out / STOP_FILE),
         timeline=timeline,
     )
-    results = _run_workers(plan, nodes)
+    try:
+        results = _run_workers(plan, nodes)
+    except UserError:
+        # bad input that only the workers could see (the nodes' recipes differ): refused before any step, so the
+        # folder goes back to what it was and the corrected command runs without --overwrite
+        if is_main_node:
+            before.restore()
+        raise
     result = results.get(0) or next(iter(results.values()), {}) or {}
     if result.get("interrupted"):
         raise _interrupted(
@@ -581,6 +594,40 @@ def _place_workers(
     d.device = device  # type: ignore[assignment]
     d.balance_speed = balances_speed(recipe, device)
     return recipe, nodes, notes
+
+
+@dataclass
+class _OutputSnapshot:
+    """What output.dir held before this run started writing there, to go back to when it is refused at start."""
+
+    out: Path
+    existed: bool
+    entries: set[Path]
+    resolved: str | None
+
+    @classmethod
+    def take(cls, out: Path) -> _OutputSnapshot:
+        resolved = out / "recipe.resolved.yaml"
+        return cls(
+            out,
+            out.is_dir(),
+            set(out.iterdir()) | set((out / "logs").glob("*")) if out.is_dir() else set(),
+            resolved.read_text(errors="replace") if resolved.is_file() else None,
+        )
+
+    def restore(self) -> None:
+        """Remove what the run added at the top of output.dir and in logs/; put recipe.resolved.yaml back."""
+        if not self.out.is_dir():
+            return
+        logs = self.out / "logs"
+        for path in [*(logs.glob("*") if logs.is_dir() else []), *self.out.iterdir()]:
+            if path not in self.entries and path.exists():
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if self.resolved is not None:
+            (self.out / "recipe.resolved.yaml").write_text(self.resolved)
+        if not self.existed:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()
 
 
 def _start_output_dir(
@@ -778,6 +825,7 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
                 info,
                 "the nodes' recipes",
                 "Run the same recipe with the same overrides and --resume on every node (only --node-rank differs).",
+                by_node=True,
             )
         from .trainer import Trainer
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,32 @@ class UserError(Exception):
         lines = [f"{self.title} ({len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}):"]
         lines += ["  - " + p.render().replace("\n", "\n  ") for p in self.problems]
         return "\n".join(lines)
+
+
+class RanksDisagree(UserError):
+    """Settings that every rank must share differ between them: nodes started with different recipes, overrides or
+    --resume (`mgpu train`), or a script that sizes its batch from the GPU it sees (hook mode). Bad input, exit 2."""
+
+    def __init__(self, what: str, differences: list[str], hint: str):
+        shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
+        super().__init__(Problem(what, f"differ: {shown}", hint), "invalid arguments")
+
+
+def reported_user_error(report: str) -> UserError | None:
+    """The UserError a worker raised, from the line torch's error file keeps of it (`<type>: <render()>`); None
+    for any other error. A worker's bad input then ends the run as one in the launcher would: exit 2, its text."""
+    kind, _, text = report.strip().partition(": ")
+    if kind not in {"UserError", RanksDisagree.__name__} or not text:
+        return None
+    head, _, body = text.partition("\n")
+    title = re.sub(r" \(\d+ problems?\):$", "", head)
+    problems = []
+    for item in re.split(r"^  - ", body, flags=re.M)[1:]:
+        item = re.sub(r"\n  ", "\n", item.rstrip("\n"))  # render() indents each problem's lines by two spaces
+        item, _, hint = item.partition("\n    hint: ")
+        where, sep, message = item.partition(": ")
+        problems.append(Problem(where, message, hint or None) if sep else Problem("", where, hint or None))
+    return UserError(problems or text, title if problems else "invalid input")
 
 
 class TrainingFailed(Exception):

@@ -324,7 +324,7 @@ def worker_report() -> dict[str, Any]:
 def _relaunch(config: MultiGPUConfig) -> None:
     from .devices import count_gpus
     from .distributed import LaunchSpec, launch
-    from .errors import TrainingFailed
+    from .errors import TrainingFailed, UserError
 
     main = sys.modules.get("__main__")
     script = getattr(main, "__file__", None)
@@ -369,6 +369,9 @@ def _relaunch(config: MultiGPUConfig) -> None:
         if exc.details:
             print(exc.details, file=sys.stderr)
         code = 1
+    except UserError as exc:  # the workers found settings that differ between them (RanksDisagree)
+        print(f"[unsloth-mgpu] error: {exc}", file=sys.stderr)
+        code = exc.exit_code
     except KeyboardInterrupt:
         code = 130
     finally:
