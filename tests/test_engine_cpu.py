@@ -155,6 +155,27 @@ def test_two_workers_equal_one_worker_with_the_8bit_optimizer(tmp_path, runs):
         assert 0 < flat["tensors"] < flat["of"] and flat["kernels"] >= 1, flat
 
 
+def test_two_workers_equal_one_worker_with_dora_and_the_merged_export_loads(tmp_path, runs):
+    """lora.use_dora: PEFT's magnitude vectors are trained parameters too, synchronised like LoRA's matrices."""
+    dora = ("lora.use_dora=true", "training.micro_batch_size=2")
+    train(tmp_path / "two", "distributed.num_gpus=2", *dora)
+    train(tmp_path / "one", "distributed.num_gpus=1", "training.gradient_accumulation_steps=2", *dora)
+    two, one = adapter(tmp_path / "two"), adapter(tmp_path / "one")
+    magnitudes = [k for k in one if k.endswith("lora_magnitude_vector")]
+    assert len(magnitudes) == len([k for k in one if "lora_A" in k]) > 0
+    assert max_rel_diff(two, one) < 1e-4
+    # DoRA trains otherwise than LoRA on the same batches (the recipe key is not ignored)
+    plain = adapter(runs / "one")
+    lora = {k: v for k, v in one.items() if k in plain}
+    assert lora.keys() == plain.keys() and max_rel_diff(lora, plain) > 1e-3
+    proc = run_mgpu("export", str(tmp_path / "one"), "--merged", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "one" / "merged"))
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
 def test_speed_balance_follows_persistent_differences_only():
     sb = SpeedBalance(world=2, enabled=True)
     assert sb.speeds() is None  # nothing measured yet

@@ -280,6 +280,18 @@ BAD = {
         GOOD.replace("max_steps: 10", "max_steps: 10\n  warmup_steps: 10"),
         ["training.warmup_steps", "fewer than training.max_steps"],
     ),
+    "warmup given twice": (
+        GOOD.replace("max_steps: 10", "max_steps: 10\n  warmup_steps: 2\n  warmup_ratio: 0.1"),
+        ["training.warmup_ratio", "found both"],
+    ),
+    "warmup ratio of one": (
+        GOOD.replace("max_steps: 10", "max_steps: 10\n  warmup_ratio: 1.0"),
+        ["training.warmup_ratio", "less than 1"],
+    ),
+    "min lr without cosine": (
+        GOOD.replace("max_steps: 10", "max_steps: 10\n  lr_scheduler: linear\n  min_lr_ratio: 0.1"),
+        ["training.min_lr_ratio", "lr_scheduler: cosine"],
+    ),
     "node rank outside nnodes": (
         GOOD + "distributed:\n  nnodes: 2\n  node_rank: 2\n  rdzv_endpoint: h:1\n",
         ["distributed.node_rank"],
@@ -494,7 +506,7 @@ def test_an_empty_lora_section_is_refused_rather_than_read_as_full_fine_tuning(t
         ("sample_packing=true", "use dataset.batching: packed"),
         ("val_set_size=0.05", "use dataset.eval_ratio"),
         ("dataset.type=alpaca", "use dataset.format: alpaca, chat or text"),
-        ("lora.use_dora=true", "DoRA is not supported"),
+        ("neftune_noise_alpha=5", "NEFTune is not supported"),
         ("training.per_device_eval_batch_size=8", "evaluation uses training.micro_batch_size"),
         ("logging.wandb_entity=me", "set WANDB_ENTITY in the environment"),
         ("model.load_in_8bit=true", "8-bit loading is not supported"),
@@ -502,7 +514,7 @@ def test_an_empty_lora_section_is_refused_rather_than_read_as_full_fine_tuning(t
 )
 def test_keys_of_other_trainers_get_their_counterpart_not_a_look_alike(override, hint):
     """A did-you-mean pointed `train_on_inputs` at `training`, `logging_steps` at `eval_steps`, `use_dora` at
-    `use_rslora` and an eval batch size at the training one."""
+    `use_rslora` (lora.use_dora is a key now) and an eval batch size at the training one."""
     with pytest.raises(UserError) as exc:
         load_recipe(ROOT / "recipes" / "quickstart.yaml", [override])
     text = exc.value.render()
@@ -532,3 +544,31 @@ def test_chat_template_names_and_all_linear_are_settled_when_the_recipe_is_valid
     seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     for given in ("lora.target_modules=all-linear", "lora.target_modules=[all-linear]"):
         assert load_recipe(quick, [given]).recipe.lora.target_modules == seven
+
+
+@pytest.mark.parametrize(
+    ("settings", "total", "expected"),
+    [
+        # warmup_ratio 0.1 of 25 steps: ceil(2.5) = 3 warmup steps, then cosine to 0
+        ({"warmup_ratio": 0.1}, 25, {0: 0.0, 1: 1 / 3, 3: 1.0, 25: 0.0}),
+        ({"warmup_steps": 3}, 25, {0: 0.0, 1: 1 / 3, 3: 1.0, 25: 0.0}),
+        # cosine down to 10% of the peak: halfway 0.1 + 0.9 * 0.5
+        ({"min_lr_ratio": 0.1}, 20, {0: 1.0, 10: 0.55, 20: 0.1}),
+        ({"lr_scheduler": "linear", "warmup_ratio": 0.5}, 4, {0: 0.0, 1: 0.5, 2: 1.0, 3: 0.5, 4: 0.0}),
+    ],
+)
+def test_the_schedule_follows_warmup_ratio_and_min_lr_ratio(workdir, settings, total, expected):
+    import torch
+
+    from unsloth_mgpu_cli.optim import build_scheduler
+
+    overrides = [f"training.{k}={v}" for k, v in settings.items()] + ["training.max_steps=null"]
+    recipe = load_recipe(write(workdir, GOOD), overrides).recipe
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.training.learning_rate)
+    sched = build_scheduler(opt, recipe, total)
+    seen = {}
+    for step in range(total + 1):
+        seen[step] = opt.param_groups[0]["lr"] / recipe.training.learning_rate
+        opt.step()
+        sched.step()
+    assert {k: round(seen[k], 6) for k in expected} == {k: round(v, 6) for k, v in expected.items()}, seen

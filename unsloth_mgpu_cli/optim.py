@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 from .recipe import Recipe
@@ -20,13 +21,28 @@ def build_optimizer(params: list[Any], recipe: Recipe, device_type: str) -> Any:
     return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=device_type == "cuda")
 
 
+def warmup_steps(recipe: Recipe, total_steps: int) -> int:
+    """`training.warmup_steps`, or `warmup_ratio` of the run's steps rounded up (transformers' get_warmup_steps)."""
+    t = recipe.training
+    return t.warmup_steps if t.warmup_ratio is None else math.ceil(t.warmup_ratio * total_steps)
+
+
 def build_scheduler(optimizer: Any, recipe: Recipe, total_steps: int) -> Any:
-    """transformers' schedule for `training.lr_scheduler` with `warmup_steps`, over `total_steps` optimizer steps."""
+    """transformers' schedule for `training.lr_scheduler` with its warmup, over `total_steps` optimizer steps."""
     from transformers import get_scheduler
 
     t = recipe.training
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[t.lr_scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=max(1, total_steps))
+    extra = {}
+    if t.lr_scheduler == "cosine" and t.min_lr_ratio:
+        name, extra = "cosine_with_min_lr", {"min_lr_rate": t.min_lr_ratio}
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=warmup_steps(recipe, total_steps),
+        num_training_steps=max(1, total_steps),
+        scheduler_specific_kwargs=extra or None,
+    )
 
 
 @functools.cache

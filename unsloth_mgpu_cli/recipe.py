@@ -112,6 +112,11 @@ class LoraSection(_Section):
         description="Names of the linear layers that get adapters.",
     )
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    use_dora: bool = Field(
+        False,
+        description="DoRA (weight-decomposed LoRA): a trained magnitude per output feature on top of LoRA's "
+        "direction; slower than LoRA (no fused LoRA kernels).",
+    )
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -332,7 +337,21 @@ class TrainingSection(_Section):
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (or training.warmup_ratio).")
+    warmup_ratio: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="Linear warmup over this fraction of the run's optimizer steps, rounded up as transformers "
+        "rounds it; instead of training.warmup_steps.",
+    )
+    min_lr_ratio: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="cosine only: decay to this fraction of training.learning_rate instead of to 0 "
+        "(axolotl's cosine_min_lr_ratio).",
+    )
     max_grad_norm: float | None = Field(
         1.0, gt=0.0, description="Clip the synchronised global gradient norm to this; null disables."
     )
@@ -502,6 +521,22 @@ class Recipe(_Section):
                     f"expected fewer than training.max_steps ({t.max_steps}), found {t.warmup_steps} (the learning "
                     "rate would never reach training.learning_rate). For a short try run, add "
                     f"training.warmup_steps={max(0, t.max_steps // 10)}",
+                )
+            )
+        if t.warmup_ratio is not None and t.warmup_steps:
+            problems.append(
+                (
+                    "training.warmup_ratio",
+                    f"expected one of training.warmup_steps ({t.warmup_steps}) and training.warmup_ratio "
+                    f"({t.warmup_ratio}), found both. Keep one, e.g. training.warmup_steps=0",
+                )
+            )
+        if t.min_lr_ratio and t.lr_scheduler != "cosine":
+            problems.append(
+                (
+                    "training.min_lr_ratio",
+                    f"applies to training.lr_scheduler: cosine, found lr_scheduler {t.lr_scheduler}. Set "
+                    "training.lr_scheduler=cosine or remove training.min_lr_ratio",
                 )
             )
         d = self.distributed
@@ -929,11 +964,14 @@ _ALIASES = {
     "warmup": "warmup_steps",
     "scheduler": "lr_scheduler",
     "lr_scheduler_type": "lr_scheduler",
+    "cosine_min_lr_ratio": "min_lr_ratio",
+    "min_lr_rate": "min_lr_ratio",
     "optim": "optimizer",
     "rank": "r",
     "lora_r": "r",
     "lora_alpha": "alpha",
     "lora_dropout": "dropout",
+    "peft_use_dora": "use_dora",
     "seq_len": "max_seq_length",
     "sequence_len": "max_seq_length",
     "max_length": "max_seq_length",
@@ -946,8 +984,7 @@ _ALIASES = {
 
 
 # Keys of other trainers (axolotl, TRL) whose counterpart here is not a look-alike, or which have none: the hint
-# for each (a plain did-you-mean pointed `train_on_inputs` at `training`, `use_dora` at `use_rslora`).
-_NO_DORA = "DoRA is not supported (lora.use_rslora is)"
+# for each (a plain did-you-mean pointed `train_on_inputs` at `training`, `load_in_8bit` at `load_in_4bit`).
 _NO_BEST = (
     "not supported: checkpoints are kept by output.save_steps and output.save_total_limit, and the summary names "
     "the best eval loss"
@@ -960,15 +997,12 @@ _FOREIGN = {
     "val_set_size": "use dataset.eval_ratio (a fraction, e.g. 0.05) or dataset.eval_path",
     "test_size": "use dataset.eval_ratio (a fraction, e.g. 0.05) or dataset.eval_path",
     "logging_steps": "use logging.steps",
-    "warmup_ratio": "use training.warmup_steps, a number of steps (warmup_ratio x max_steps)",
     "eval_batch_size": "no such key: evaluation uses training.micro_batch_size",
     "per_device_eval_batch_size": "no such key: evaluation uses training.micro_batch_size",
     "micro_batch_size_eval": "no such key: evaluation uses training.micro_batch_size",
     "save_best": _NO_BEST,
     "load_best_model_at_end": _NO_BEST,
     "early_stopping_patience": _NO_BEST,
-    "use_dora": _NO_DORA,
-    "peft_use_dora": _NO_DORA,
     "load_in_8bit": "8-bit loading is not supported: model.load_in_4bit: true (QLoRA), or 16-bit",
     "lora_target_linear": "use lora.target_modules (left out: all seven projections)",
     "lora_target_modules": "use lora.target_modules (left out: all seven projections)",

@@ -59,7 +59,7 @@ training:
   learning_rate: 3.0e-3
   optimizer: adamw              # adamw | adamw_8bit | sgd
   lr_scheduler: cosine          # constant | linear | cosine
-  warmup_steps: 5
+  warmup_steps: 5                # or warmup_ratio: 0.1 (a fraction of the steps)
   seed: 42
 
 distributed:

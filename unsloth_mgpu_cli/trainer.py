@@ -97,6 +97,7 @@ class Trainer:
                 target_modules=list(r.lora.target_modules),
                 bias="none",
                 use_rslora=r.lora.use_rslora,
+                use_dora=r.lora.use_dora,
                 use_gradient_checkpointing=checkpointing,
                 random_state=r.training.seed,
             )
