@@ -47,6 +47,8 @@
 # group 0.81 s, no traceback; a cached hub id with downloads on where the hub's name cannot resolve: trained and
 # exported with no retry; the tier's 1-GPU tests: 2 passed, 3 skipped, 148 s), `s20b` (the review's code: a chat
 # run's adapter and export carry the ChatML template it trained with).
+# In session 21 (only the 1-GPU kind lent): `s21` (the 1B with DoRA: 25,566 against LoRA's 68,406 tokens/s, peak 73.38
+# against 16.55 GiB; warmup_ratio and min_lr_ratio as planned; DoRA's merged export and 16-bit quick start: exit 0).
 # Next, in this order:
 #   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
@@ -56,7 +58,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
+STAGE=${1:?usage: gpu_plan.sh s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -490,6 +492,31 @@ PY
     rm -rf "$OUT/hub" "$OUT/hubrun"
     timeout -k 10 "${T:-230}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
+  s21)
+    # session 21 (1-GPU kind): lora.use_dora, training.warmup_ratio and training.min_lr_ratio on CUDA: the 1B (QLoRA,
+    # GSM8K, global batch 128 as 2 x 64) for 30 steps with LoRA and with DoRA (tokens/s, loss, the learning rate's
+    # warmup and floor), the DoRA adapter's merged export; then the quick start with DoRA in 16-bit
+    python3 benchmarks/make_model.py --size 1b --out /tmp/models/llama-1b --corpus gpu-data/gsm8k_train_alpaca.json \
+      > "$OUT/build.txt" 2>&1 || { echo "build failed"; tail -5 "$OUT/build.txt"; exit 1; }
+    B=(python3 -m unsloth_mgpu_cli train benchmarks/recipes/gsm8k_qlora.yaml model.name=/tmp/models/llama-1b
+       dataset.path="$PWD/gpu-data/gsm8k_train_alpaca.json" distributed.num_gpus=1 training.micro_batch_size=64
+       training.gradient_accumulation_steps=2 training.max_steps=30 training.warmup_steps=0 training.warmup_ratio=0.1
+       training.min_lr_ratio=0.1 logging.progress=false logging.steps=1)
+    for m in lora dora; do
+      s=$(date +%s)
+      "${B[@]}" lora.use_dora=$([ $m = dora ] && echo true || echo false) output.dir="$OUT/$m" > "$OUT/$m.txt" 2>&1
+      echo "$m: exit=$? in $(( $(date +%s)-s )) s"; grep -E "^throughput|^final loss|^peak memory|^step time" "$OUT/$m.txt"
+      python3 -c "import json, sys; r = [json.loads(l) for l in open(sys.argv[1])]; \
+print('  learning rate logged at steps 1, 3, 4, 30:', [r[i - 1]['learning_rate'] for i in (1, 3, 4, 30)])" "$OUT/$m/metrics.jsonl"
+    done
+    s=$(date +%s); python3 -m unsloth_mgpu_cli export "$OUT/dora" --merged > "$OUT/export.txt" 2>&1
+    echo "DoRA export --merged: exit=$? in $(( $(date +%s)-s )) s"; tail -1 "$OUT/export.txt" | cut -c1-200
+    rm -rf "$OUT/dora/merged" "$OUT/lora/checkpoints" "$OUT/dora/checkpoints"
+    python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 training.max_steps=20 \
+      lora.use_dora=true training.warmup_steps=0 training.warmup_ratio=0.1 logging.progress=false \
+      output.dir="$OUT/q" > "$OUT/q.txt" 2>&1
+    echo "quick start with DoRA, 16-bit: exit=$?"; grep -E "^final loss|^peak memory|^throughput" "$OUT/q.txt"
+    rm -rf "$OUT/q/checkpoints" ;;
   s20b)
     # session 20's review (1-GPU kind): the adapter's save on CUDA with the final code: a chat run with
     # dataset.chat_template: chatml saves that template with the adapter and the export

@@ -410,10 +410,10 @@ def test_hook_mode_refuses_ranks_with_different_settings_or_an_iterable_dataset_
     for by_case in results.values():
         assert by_case["same"] is None
         kind, message = by_case["batch"]
-        assert kind == "RuntimeError" and "per_device_train_batch_size: 2 on rank 0, 4 on rank 1" in message
+        assert kind == "RanksDisagree" and "per_device_train_batch_size: 2 on rank 0, 4 on rank 1" in message
         assert "available_memory" in message and "max_steps" not in message  # only what differs
         kind, message = by_case["accumulation"]
-        assert kind == "RuntimeError" and "gradient_accumulation_steps: 1 on rank 0, 2 on rank 1" in message
+        assert kind == "RanksDisagree" and "gradient_accumulation_steps: 1 on rank 0, 2 on rank 1" in message
         kind, message = by_case["iterable"]
         assert kind == "NotImplementedError" and "iterable" in message and "map-style" in message
 

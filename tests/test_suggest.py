@@ -85,6 +85,37 @@ def test_calibration_8b_padding_free_matches_findings():
     assert b.allocated / GiB == pytest.approx(4.8, rel=0.15)
 
 
+ARCH_1B_32K = Architecture(2048, 16, 32, 8, 8192, 32000, False, name="1B-32k")
+
+
+@pytest.mark.parametrize(("dora", "measured_gb"), [(False, 16.55), (True, 73.38)])
+def test_calibration_dora_matches_the_h200_measurement(dora, measured_gb):
+    """gpu_plan.sh s21 (1 x H200): the 1B QLoRA on GSM8K, micro-batch 64 of 16,488 tokens at the peak step, no
+    checkpointing, adamw_8bit: max_memory_allocated 16.55 GiB with LoRA, 73.38 GiB with DoRA."""
+    setup = TrainingSetup(
+        method="qlora",
+        seq_len=512,
+        micro_batch_size=64,
+        tokens_per_sample=16488 / 64,
+        gradient_checkpointing=False,
+        optimizer="adamw_8bit",
+        gpu_memory_bytes=H200,
+        dora=dora,
+    )
+    assert estimate(ARCH_1B_32K, setup).allocated / GiB == pytest.approx(measured_gb, rel=0.05)
+
+
+def test_a_dora_recipe_gets_a_micro_batch_that_fits_dora():
+    """The planner sized lora.use_dora runs as LoRA ones: on the H200 a DoRA step takes 4.4 x LoRA's memory."""
+    lora, dora = _auto_recipe(load_in_4bit=True), _auto_recipe(load_in_4bit=True)
+    dora.lora.use_dora = True
+    (with_lora, _), (with_dora, notes) = (resolve_auto(r, num_gpus=1, gpu_memory_bytes=24 * GiB) for r in (lora, dora))
+    # the 8B at 2,048 tokens per sample on 24 GB: LoRA fits one sample without checkpointing, DoRA does not
+    assert (with_lora.training.micro_batch_size, with_lora.memory.gradient_checkpointing) == (1, False)
+    assert with_dora.memory.gradient_checkpointing == "unsloth"
+    assert "no checkpointing does not fit even at micro-batch 1" in notes
+
+
 def test_components_order_checkpointing_and_methods():
     kw = dict(seq_len=2048, micro_batch_size=4, gpu_memory_bytes=80 * GiB)
     off, on, offl = (
@@ -429,6 +460,21 @@ def test_output_recipes_validate(tmp_path, method):
     assert text.startswith("# yaml-language-server: $schema=")
     check = run_mgpu("validate", str(out), timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_suggest_dora_sizes_dora_and_writes_a_recipe_that_asks_for_it(tmp_path):
+    args = ("suggest", "--model", "8B", "--gpu-memory", "24GB", "--gpus", "1", "--method", "qlora", "--json")
+    lora, dora = (json.loads(run_mgpu(*args, *extra, timeout=60).stdout) for extra in ((), ("--dora",)))
+    assert (lora["dora"], dora["dora"]) == (False, True)
+    assert (lora["gradient_checkpointing"], dora["gradient_checkpointing"]) == (False, "unsloth")
+    assert any(r.startswith("DoRA (lora.use_dora)") for r in dora["reasons"])
+    out = tmp_path / "dora.yaml"
+    assert run_mgpu(*args[:-1], "--dora", "--output", str(out), timeout=60).returncode == 0
+    assert "  use_dora: true" in out.read_text()
+    check = run_mgpu("validate", str(out), timeout=120)
+    assert check.returncode == 0 and "use_dora: true" in check.stdout, check.stdout + check.stderr
+    proc = run_mgpu("suggest", "--model", "1B", "--gpu-memory", "80GB", "--method", "full", "--dora", timeout=60)
+    assert_user_error(proc, "argument --dora", "--method full")
 
 
 def test_output_recipe_from_local_folder_validates(tmp_path):

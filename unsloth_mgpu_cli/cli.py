@@ -436,6 +436,9 @@ def suggest(
             "--strategy", help="ddp (replicas) | fsdp (sharded) | auto (fsdp only when a replica does not fit)."
         ),
     ] = "auto",
+    dora: Annotated[
+        bool, _flag("--dora", help="DoRA adapters (lora.use_dora): sized with their larger activations.")
+    ] = False,
     as_json: Annotated[bool, _flag("--json", help="One JSON document on stdout.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write a ready recipe here.")] = None,
     force: Annotated[bool, _flag("--force", help="Overwrite an existing --output file.")] = False,
@@ -455,6 +458,9 @@ def suggest(
         )
     except UserError as exc:
         problems = exc.problems + problems
+    if dora and method == "full":
+        problems.append(Problem("argument --dora", "DoRA adapts LoRA; found --method full (no adapters)",
+                                "leave out --dora, or choose --method lora or qlora"))  # fmt: skip
     if problems:
         _fail(UserError(problems, "invalid arguments"))
     p = make_plan(
@@ -466,6 +472,7 @@ def suggest(
         global_batch=global_batch,
         optimizer=optimizer,
         strategy=strategy,
+        dora=dora,
     )
     if as_json:
         sys.stdout.write(json.dumps(p.to_dict(), indent=2) + "\n")

@@ -60,9 +60,10 @@ class UserError(Exception):
         return "\n".join(lines)
 
 
-class RanksDisagree(UserError):
+class RanksDisagree(UserError, RuntimeError):
     """Settings that every rank must share differ between them: nodes started with different recipes, overrides or
-    --resume (`mgpu train`), or a script that sizes its batch from the GPU it sees (hook mode). Bad input, exit 2."""
+    --resume (`mgpu train`), or a script that sizes its batch from the GPU it sees (hook mode). Bad input, exit 2
+    (a RuntimeError too, as hook mode's scripts caught it before)."""
 
     def __init__(self, what: str, differences: list[str], hint: str):
         shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")

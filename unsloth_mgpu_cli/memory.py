@@ -67,6 +67,11 @@ CE_BYTES_PER_LOGIT = 4
 #: in the H200 measurement.
 BACKWARD_FP32_HIDDEN_COPIES = 5
 CE_TARGET_CAP_BYTES = 4 * GiB
+#: DoRA (lora.use_dora) runs PEFT's layer instead of Unsloth's fused LoRA kernels and keeps, per token, about ten
+#: more bytes for every output feature of each adapted projection (fp32 LoRA output, the magnitude-scaled copy).
+#: Measured on an H200 (session 21, gpu_plan.sh s21): the 1B QLoRA at 16,488 tokens per micro-batch without
+#: checkpointing peaked at 73.38 GiB against 16.55 GiB with LoRA: 9.8 bytes per token x output feature x layer.
+DORA_BYTES_PER_OUTPUT = 10
 #: unsloth_zoo.gradient_checkpointing keeps two GPU staging buffers (double buffering) for offloaded states.
 OFFLOAD_GPU_BUFFERS = 2
 
@@ -452,6 +457,7 @@ class TrainingSetup:
         bucket_mb: all-reduce bucket size for full fine-tuning (distributed.bucket_size_mb).
         sharded: FSDP2 (distributed.strategy fsdp): weights, trainable parameters, gradients and optimizer
             state are split over num_gpus; the layers being computed are gathered in full (see `estimate`).
+        dora: DoRA adapters (a magnitude per output feature, and PEFT's unfused layer's activations).
     """
 
     method: Method = "lora"
@@ -467,6 +473,7 @@ class TrainingSetup:
     sgd_momentum: bool = False
     bucket_mb: float = 25.0
     sharded: bool = False
+    dora: bool = False
 
     @property
     def tokens(self) -> int:
@@ -628,6 +635,17 @@ def lora_params(arch: Architecture, r: int, target_modules: tuple[str, ...] | li
     return per_layer * arch.num_layers
 
 
+def dora_outputs(arch: Architecture, target_modules: tuple[str, ...] | list[str], per_token: bool = True) -> int:
+    """Output features of the adapted projections of one layer: DoRA's magnitudes (every expert's copy), or what
+    one token runs through (`per_token`: the experts it is routed to)."""
+    shapes = arch.module_shapes()
+    return sum(
+        out * (min(n, arch.experts_per_token) if per_token else n)
+        for m, (_, out, n) in shapes.items()
+        if m in target_modules
+    )
+
+
 def _optimizer_bytes_per_param(optimizer: str, param_bytes: int, sgd_momentum: bool) -> float:
     if optimizer == "adamw":
         return 2 * param_bytes  # torch AdamW: exp_avg and exp_avg_sq in the parameter's dtype
@@ -685,12 +703,16 @@ def estimate(arch: Architecture, setup: TrainingSetup) -> MemoryBreakdown:
     else:
         # PEFT creates adapters in fp32 (autocast_adapter_dtype=True, which Unsloth keeps).
         n_train = lora_params(arch, setup.lora_r, setup.target_modules)
+        if setup.dora:
+            n_train += dora_outputs(arch, setup.target_modules, per_token=False) * arch.num_layers
         trainable, grads = 4 * n_train, 4 * n_train
         optim = int(n_train * _optimizer_bytes_per_param(setup.optimizer, 4, setup.sgd_momentum))
         reduce_buf = 0  # fp32 gradients are views into the all-reduce buckets (GradientSynchronizer)
 
     tokens = setup.tokens
     per_layer = tokens * activation_bytes_per_token_layer(arch, setup.method)
+    if setup.dora and setup.method != "full":
+        per_layer += tokens * DORA_BYTES_PER_OUTPUT * dora_outputs(arch, setup.target_modules)
     hidden_state = tokens * arch.hidden_size * 2
     inter = arch.intermediate_size * arch.experts_per_token
     # Backward of one layer: the gradients of its widest tensors (gate/up outputs) and of its input/output.
