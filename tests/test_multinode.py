@@ -424,3 +424,28 @@ def test_nodes_started_with_different_overrides_both_refuse_with_exit_2_naming_t
     # refused before any step: node 0 takes back what it wrote (recipe.resolved.yaml, its worker logs), so the
     # corrected command needs no --overwrite; an earlier run's folder keeps its files
     assert not out.exists(), sorted(map(str, out.rglob("*")))
+
+
+@pytest.mark.integration
+def test_nodes_whose_output_dirs_are_not_one_folder_both_refuse_with_exit_2(tmp_path):
+    """Each node may name output.dir by its own mount point, so the recipes' comparison leaves it out; a node given
+    another folder (or a folder on its local disk) went unnoticed, and global rank 0's checkpoints were where the
+    other node's restart could not find them."""
+    rendezvous = ("--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{D.free_port()}")
+    nodes = [
+        subprocess.Popen(
+            [*_train_cmd(tmp_path / f"node{r}", "distributed.num_gpus=1", *rendezvous), f"--node-rank={r}"],
+            cwd=ROOT,
+            env=mgpu_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for r in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [2, 2], "\n---\n".join(o[-3000:] for o in outputs)
+    for text in outputs:
+        assert "output.dir (command line): expected one folder that every node reaches; node 0 prepared" in text, text
+        assert f"node 1 does not see it at {tmp_path / 'node1'}" in text and "Traceback" not in text, text[-3000:]
+    assert not (tmp_path / "node0").exists() and not (tmp_path / "node1").exists()

@@ -44,6 +44,7 @@ class RunPlan:
     stop_file: str | None = None  # the parent creates it on Ctrl-C/SIGTERM: stop at the next step boundary
     # wall-clock marks (time.time()) of the parent's start-up, for the time-to-first-step breakdown
     timeline: dict[str, float] = field(default_factory=dict)
+    prepared_output_dir: bool = False  # this node's parent made output.dir ready (node 0; global rank 0 under torchrun)
 
 
 # Written by the parent when it is asked to stop; rank 0 looks for it at every step boundary.
@@ -516,6 +517,7 @@ def train(
         eval_data_dir=str(eval_prepared[0]) if eval_prepared is not None else None,
         stop_file=str(out / STOP_FILE),
         timeline=timeline,
+        prepared_output_dir=is_main_node,
     )
     try:
         results = _run_workers(plan, nodes)
@@ -827,6 +829,7 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
                 "Run the same recipe with the same overrides and --resume on every node (only --node-rank differs).",
                 by_node=True,
             )
+            _check_output_dir_shared(plan, info)
         from .trainer import Trainer
 
         # A stop asked for while the worker started or the model loaded: no step of this session to finish or save,
@@ -855,6 +858,49 @@ def _stop_agreed(stop: Any, info: Any) -> bool:
     from . import distributed as D
 
     return any(f[0] for f in D.all_gather_floats([float(stop.requested(info.is_main))], info))
+
+
+def _check_output_dir_shared(plan: RunPlan, info: Any, wait_s: float = 10.0) -> None:
+    """Several nodes: output.dir must be one folder that every node reaches (checkpoints, resume, the summary are
+    written by global rank 0, which may sit on any node). The node that prepared it leaves a marker there; every
+    node looks for it in its own output.dir, for up to `wait_s` (a network filesystem may show it late).
+
+    Raises:
+        UserError: a node does not see the marker (a local folder, or another output.dir), on every rank."""
+    import uuid
+
+    from . import distributed as D
+
+    out = Path(plan.output_dir)
+    token = D.broadcast_object(uuid.uuid4().hex[:16] if info.rank == 0 else None, info)
+    marker = out / f".mgpu-shared-{token}"
+    ranks = D.all_gather_object((plan.prepared_output_dir, plan.recipe.distributed.node_rank, str(out)), info)
+    writer = next((r for r, (prepared, _, _) in enumerate(ranks) if prepared), 0)
+    if info.rank == writer:
+        marker.write_text("written by mgpu train to check that every node sees this folder; removed at once\n")
+    D.barrier(info)
+    seen = True
+    if info.local_rank == 0:
+        deadline = time.monotonic() + wait_s
+        while not (seen := marker.exists()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    seen_by = D.all_gather_object(seen, info)
+    D.barrier(info)
+    if info.rank == writer:
+        marker.unlink(missing_ok=True)
+    blind = sorted({ranks[r][1:] for r, ok in enumerate(seen_by) if not ok})
+    if blind:
+        _, node0, path0 = ranks[writer]
+        found = "; ".join(f"node {node} does not see it at {path}" for node, path in blind)
+        raise UserError(
+            Problem(
+                "output.dir",
+                f"expected one folder that every node reaches; node {node0} prepared {path0}, and {found}",
+                "put output.dir on a filesystem shared by all nodes (NFS, Lustre, ...), mounted so that the "
+                "recipe names it on each node (global rank 0, which writes checkpoints, may run on any node)",
+            ),
+            "invalid arguments",
+        )
 
 
 def _node_independent_settings(plan: RunPlan) -> dict[str, Any]:
