@@ -449,3 +449,49 @@ def test_nodes_whose_output_dirs_are_not_one_folder_both_refuse_with_exit_2(tmp_
         assert "output.dir (command line): expected one folder that every node reaches; node 0 prepared" in text, text
         assert f"node 1 does not see it at {tmp_path / 'node1'}" in text and "Traceback" not in text, text[-3000:]
     assert not (tmp_path / "node0").exists() and not (tmp_path / "node1").exists()
+
+
+@pytest.mark.integration
+def test_losing_node_0_mid_run_is_reported_as_such_on_node_1(tmp_path):
+    """Node 0 killed outright (SIGKILL: no stop, no checkpoint) after step-2's checkpoint. Node 1 said "the
+    rendezvous ... failed; no worker started" under 27 lines of C++ frames of c10d warnings."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = mgpu_env(MGPU_INJECT_FAULT="sleep:rank=0:step=4:seconds=60")  # node 0's worker: global rank 0
+    nodes = _start_nodes(out, "training.max_steps=10", "output.save_steps=2", env=env, stderr=subprocess.STDOUT,
+                         start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "step-2").is_dir():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in nodes), "step-2 never saved"
+            time.sleep(0.2)
+        os.killpg(nodes[0].pid, signal.SIGKILL)
+        sent = time.monotonic()
+        output = nodes[1].communicate(timeout=120)[0]
+        took = time.monotonic() - sent
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        nodes[0].communicate()
+    assert nodes[1].returncode == 1 and took < 60, (nodes[1].returncode, took, output[-3000:])
+    assert "no worker started" not in output and "frame #" not in output and "Traceback" not in output, output
+    reported = ("lost node 0's rendezvous", "lost its connection to another rank")
+    assert any(r in output for r in reported), output[-3000:]
+    assert "--resume auto" in output and "step-2" in output, output[-3000:]
+
+
+def test_a_rendezvous_lost_after_the_workers_started_is_not_called_a_failure_to_meet():
+    """Which of the two a node sees first when node 0 dies is a race: its worker's collective, or its agent's
+    rendezvous store (then the message said "no worker started")."""
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+
+    spec = D.LaunchSpec(nproc_per_node=1, device_type="cpu", nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.1:29400")
+    exc = RendezvousConnectionError("The connection to the C10d store has failed.")
+    before, hint = D._describe_rendezvous_failure(exc, spec)
+    assert "no worker started" in before and "within 600 s" in hint
+    during, hint = D._describe_rendezvous_failure(exc, spec, started=True)
+    assert "node 1: lost node 0's rendezvous at 10.0.0.1:29400 during the run" in during
+    assert "no worker started" not in during and "node 0's console" in hint

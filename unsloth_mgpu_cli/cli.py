@@ -126,6 +126,11 @@ def train(
     """Train: validate, fill `auto`s, tokenise once, start one worker per GPU, save the adapter."""
     from .recipe import load_recipe
 
+    if not _state["debug"]:
+        # c10d's C++ warnings (a store connection closed when another node ends: 27 lines of C++ frames per
+        # warning) are read before torch is imported; the failure is reported by us. Set it yourself to see them.
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
     try:
         loaded = load_recipe(recipe, overrides or [])
         if resume is not None and overwrite:

@@ -562,7 +562,8 @@ def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> 
 
     if spec.nnodes > 1 and spec.node_rank > 0 and spec.rdzv_endpoint:
         wait_for_rendezvous_host(spec.rdzv_endpoint, spec.join_timeout_s, spec.node_rank)
-    with _graceful_stop(spec.stop_file):
+    starts = _WORKER_STARTS[0]
+    with _graceful_stop(spec.stop_file), _counting_worker_starts():
         try:
             results = elastic_launch(config, entry)(*args)
             # a node's local worker logs are of no use once its workers finished well (a folder per run was left)
@@ -574,8 +575,8 @@ def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> 
             if user_error is not None:  # bad input that only the workers could see (nodes' recipes that differ)
                 raise user_error from None
             raise TrainingFailed(*_describe_failure(exc, spec.log_dir, spec.nproc_per_node, spec.node_rank)) from None
-        except RendezvousError as exc:  # the nodes never met: no worker started
-            raise TrainingFailed(*_describe_rendezvous_failure(exc, spec)) from None
+        except RendezvousError as exc:  # the nodes never met, or node 0's store went away during the run
+            raise TrainingFailed(*_describe_rendezvous_failure(exc, spec, _WORKER_STARTS[0] > starts)) from None
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE or spec.nnodes == 1:
                 raise
@@ -643,8 +644,21 @@ def nccl_on_loopback(env: Any, spec: LaunchSpec) -> None:
         env.setdefault("NCCL_SOCKET_IFNAME", "lo")
 
 
-def _describe_rendezvous_failure(exc: BaseException, spec: LaunchSpec) -> tuple[str, str]:
+def _describe_rendezvous_failure(exc: BaseException, spec: LaunchSpec, started: bool = False) -> tuple[str, str]:
     what = str(exc).strip() or f"not all {spec.nnodes} nodes joined within {spec.join_timeout_s} s"
+    if started and spec.node_rank > 0:
+        # the nodes had met and trained: node 0, which hosts the rendezvous store, ended or became unreachable
+        return (
+            f"node {spec.node_rank}: lost node 0's rendezvous at {spec.rdzv_endpoint} during the run "
+            f"({type(exc).__name__}: {what}); node 0 stopped or cannot be reached, and this node's workers were "
+            "stopped",
+            "node 0's console (or its log) says why it stopped; once it is fixed, start every node again",
+        )
+    if started:
+        return (
+            f"node 0: the rendezvous at {spec.rdzv_endpoint} failed during the run ({type(exc).__name__}: {what})",
+            "another node stopped or cannot be reached: its console says why; then start every node again",
+        )
     message = (
         f"node {spec.node_rank}: the rendezvous at {spec.rdzv_endpoint} failed ({type(exc).__name__}: {what}); "
         "no worker started"
@@ -764,6 +778,29 @@ def _workers_start_with_stops_held() -> Any:
         tmp.start_processes = start
 
 
+@contextlib.contextmanager
+def _counting_worker_starts() -> Any:
+    """Count in `_WORKER_STARTS` each start of this node's workers by the elastic agent (a rendezvous that fails
+    after one met other nodes and trained, not before)."""
+    import torch.multiprocessing as tmp
+
+    start = getattr(tmp, "start_processes", None)
+    if start is None:
+        yield
+        return
+
+    def start_processes(*args: Any, **kwargs: Any) -> Any:
+        _WORKER_STARTS[0] += 1
+        return start(*args, **kwargs)
+
+    tmp.start_processes = start_processes
+    try:
+        yield
+    finally:
+        tmp.start_processes = start
+
+
+_WORKER_STARTS = [0]
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _BEFORE_WORKERS = "before any worker started:"
 # The stop file's text after a second signal to the launcher alone (`kill PID` twice, `docker stop`): the agent's
@@ -1034,6 +1071,12 @@ def _describe_failure(exc: Any, log_dir: Path | None, nproc: int = 0, node_rank:
         hung = [r for r in local if r not in exc.failures]
         if hung:
             reason += f"; rank(s) {', '.join(map(str, hung))} did not reach the collective (hung)"
+    if any(lost in reason for lost in _PEER_LOST):
+        details.append(
+            "a collective lost its connection to another rank: that rank's process ended (or its node became "
+            "unreachable) first, and its own console or log says why"
+            + (f" (node 0's, if it ended: this is node {node_rank})" if node_rank > 0 else "")
+        )
     others = [
         f"rank {r}: {'exit code ' + str(f.exitcode) if f.exitcode >= 0 else f.signal_name()}" for r, f in failures[1:]
     ]
@@ -1049,6 +1092,15 @@ def _describe_failure(exc: Any, log_dir: Path | None, nproc: int = 0, node_rank:
     if log_dir:
         details.append(f"worker logs: {log_dir}")
     return f"rank {rank} failed: {reason}", "\n".join(details)
+
+
+# How gloo and NCCL report a peer that went away mid-collective
+_PEER_LOST = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "remote process exited or there was a network error",
+)
 
 
 def _last_error_line(text: str) -> str:
