@@ -58,7 +58,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
+STAGE=${1:?usage: gpu_plan.sh s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -517,6 +517,18 @@ print('  learning rate logged at steps 1, 3, 4, 30:', [r[i - 1]['learning_rate']
       output.dir="$OUT/q" > "$OUT/q.txt" 2>&1
     echo "quick start with DoRA, 16-bit: exit=$?"; grep -E "^final loss|^peak memory|^throughput" "$OUT/q.txt"
     rm -rf "$OUT/q/checkpoints" ;;
+  s21b)
+    # session 21's final code (1-GPU kind): early stopping on CUDA (a threshold no evaluation beats: patience 2 ends
+    # the run at its third evaluation, step 6), its resume with nothing to do; then the tier's 1-GPU tests
+    E=(python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 training.max_steps=40
+       training.warmup_steps=1 dataset.eval_ratio=0.1 training.eval_steps=2 training.early_stopping_patience=2
+       training.early_stopping_threshold=100 logging.progress=false output.dir="$OUT/early")
+    "${E[@]}" > "$OUT/early.txt" 2>&1; echo "early stopping: exit=$?"
+    grep -E "^early stop|^steps|^eval loss" "$OUT/early.txt" | cut -c1-200
+    "${E[@]}" --resume auto > "$OUT/early2.txt" 2>&1; echo "its resume: exit=$?"; grep -E "^nothing to do" "$OUT/early2.txt" | cut -c1-160
+    rm -rf "$OUT/early/checkpoints"
+    timeout -k 10 "${T:-300}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
+    echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
   s20b)
     # session 20's review (1-GPU kind): the adapter's save on CUDA with the final code: a chat run with
     # dataset.chat_template: chatml saves that template with the adapter and the export

@@ -350,3 +350,28 @@ def test_ctrl_c_while_the_workers_load_the_model_stops_before_the_first_step(tmp
     assert "stopped before the first step of this session" in out and "--resume auto" in out, out[-3000:]
     assert not list((tmp_path / "run").glob("checkpoints/step-*")) and steps_logged(tmp_path / "run") == []
     assert group_is_gone(proc.pid), "processes of the stopped run were left behind"
+
+
+def test_early_stopping_ends_every_rank_at_once_and_a_resume_has_nothing_left(tmp_path):
+    """training.early_stopping_patience: with a threshold no evaluation can beat, the run ends at its third
+    evaluation (patience 2), on both workers together, with a checkpoint, the adapter and the summary of a finished
+    run; --resume auto then has nothing to do, and without the patience it trains on to max_steps."""
+    out = tmp_path / "run"
+    args = ("train", str(QUICKSTART), *RUN, f"output.dir={out}", "training.max_steps=20", "training.eval_steps=2")
+    stop = ("training.early_stopping_patience=2", "training.early_stopping_threshold=100")
+    proc = run_mgpu(*args, *stop, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    assert "early stop at step 6: the eval loss has not improved on" in text, text[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["stopped_early"] is True and summary["best_eval_step"] in (2, 4, 6)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 6 and [r["step"] for r in rows if "eval_loss" in r] == [2, 4, 6]
+    assert summary["best_eval_loss"] == min(r["eval_loss"] for r in rows if "eval_loss" in r)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "checkpoints" / "step-6").is_dir()
+    assert "stopped early" in text  # the summary table's eval row
+    again = run_mgpu(*args, *stop, "--resume", "auto", timeout=400)
+    assert again.returncode == 0 and "nothing to do" in again.stdout and "stopped early at step 6" in again.stdout
+    go_on = run_mgpu(*args, "--resume", "auto", timeout=400)
+    assert go_on.returncode == 0, go_on.stdout[-3000:] + go_on.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 20

@@ -292,6 +292,10 @@ BAD = {
         GOOD.replace("max_steps: 10", "max_steps: 10\n  lr_scheduler: linear\n  min_lr_ratio: 0.1"),
         ["training.min_lr_ratio", "lr_scheduler: cosine"],
     ),
+    "early stopping without evaluations": (
+        GOOD.replace("max_steps: 10", "max_steps: 10\n  early_stopping_patience: 3"),
+        ["training.early_stopping_patience", "training.eval_steps"],
+    ),
     "node rank outside nnodes": (
         GOOD + "distributed:\n  nnodes: 2\n  node_rank: 2\n  rdzv_endpoint: h:1\n",
         ["distributed.node_rank"],

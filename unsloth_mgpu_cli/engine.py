@@ -766,7 +766,19 @@ def _finished_already(ckpt: Path, recipe: Recipe, out: Path) -> bool:
     from .checkpoint import read_state
     from .render import console
 
-    step, max_steps = int(read_state(ckpt)["step"]), recipe.training.max_steps
+    state = read_state(ckpt)
+    step, max_steps = int(state["step"]), recipe.training.max_steps
+    run = state.get("run_state") or {}
+    patience = recipe.training.early_stopping_patience
+    if run.get("stopped_early") and patience is not None and run.get("evals_without_improvement", 0) >= patience:
+        if not ((out / "summary.json").is_file() and any((out / name).is_dir() for name in ("adapter", "model"))):
+            return False  # stopped between the last checkpoint and the final save: the workers save it
+        console.print(
+            f"[bold]nothing to do[/]: the run in {out} stopped early at step {step} (its eval loss had not improved "
+            f"for {run['evals_without_improvement']} evaluations); raise training.early_stopping_patience or remove "
+            "it to train further"
+        )
+        return True
     if max_steps is None or step < max_steps:
         return False
     if step > max_steps:

@@ -368,6 +368,17 @@ class TrainingSection(_Section):
         description="Evaluate every N optimizer steps and at the end (needs an eval split); 0: only at the end.",
     )
 
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description="Stop when the eval loss has not improved (by more than training.early_stopping_threshold) "
+        "for this many evaluations in a row; needs training.eval_steps and an eval split. The adapter is the last "
+        "step's; the summary names the best evaluation's step.",
+    )
+    early_stopping_threshold: float = Field(
+        0.0, ge=0.0, description="The least decrease of the eval loss that counts as an improvement."
+    )
+
     @field_validator("micro_batch_size", "gradient_accumulation_steps")
     @classmethod
     def _positive(cls, v: int | str) -> int | str:
@@ -603,6 +614,14 @@ class Recipe(_Section):
                     "training.eval_steps",
                     f"evaluation every {t.eval_steps} steps needs an eval split; "
                     "set dataset.eval_path or dataset.eval_ratio (or training.eval_steps: 0)",
+                )
+            )
+        if t.early_stopping_patience is not None and not t.eval_steps:
+            problems.append(
+                (
+                    "training.early_stopping_patience",
+                    "needs evaluations during the run, found training.eval_steps: 0 (only the final one); set "
+                    "training.eval_steps, e.g. training.eval_steps=50, with dataset.eval_ratio or dataset.eval_path",
                 )
             )
         if problems:
@@ -987,7 +1006,7 @@ _ALIASES = {
 # for each (a plain did-you-mean pointed `train_on_inputs` at `training`, `load_in_8bit` at `load_in_4bit`).
 _NO_BEST = (
     "not supported: checkpoints are kept by output.save_steps and output.save_total_limit, and the summary names "
-    "the best eval loss"
+    "the best eval loss and its step (training.early_stopping_patience stops a run that no longer improves)"
 )
 _FOREIGN = {
     "train_on_inputs": "use dataset.train_on_responses_only, the opposite (train_on_inputs: false is "
@@ -1002,7 +1021,6 @@ _FOREIGN = {
     "micro_batch_size_eval": "no such key: evaluation uses training.micro_batch_size",
     "save_best": _NO_BEST,
     "load_best_model_at_end": _NO_BEST,
-    "early_stopping_patience": _NO_BEST,
     "load_in_8bit": "8-bit loading is not supported: model.load_in_4bit: true (QLoRA), or 16-bit",
     "lora_target_linear": "use lora.target_modules (left out: all seven projections)",
     "lora_target_modules": "use lora.target_modules (left out: all seven projections)",

@@ -121,10 +121,13 @@ def print_summary(summary: dict) -> None:
     loss = summary.get("final_loss")
     t.add_row("final loss", "-" if loss is None else f"{loss:.4f}")  # None: no step ran in this session
     if summary.get("final_eval_loss") is not None:
-        best = summary.get("best_eval_loss")
+        best, at = summary.get("best_eval_loss"), summary.get("best_eval_step")
         t.add_row(
             "eval loss",
-            f"{summary['final_eval_loss']:.4f} at the end" + (f", best {best:.4f}" if best is not None else ""),
+            f"{summary['final_eval_loss']:.4f} at the end"
+            + (f", best {best:.4f}" if best is not None else "")
+            + (f" at step {at}" if best is not None and at is not None else "")
+            + ("; stopped early (training.early_stopping_patience)" if summary.get("stopped_early") else ""),
         )
     t.add_row("peak memory", " / ".join(f"{m:.2f}" for m in summary.get("peak_memory_gb", [])) + " GB per worker")
     t.add_row("output", str(summary.get("output_dir")))

@@ -193,6 +193,9 @@ class Trainer:
             "elapsed_s": 0.0,
             "skipped_steps": 0,
             "best_eval_loss": None,
+            "best_eval_step": None,
+            "evals_without_improvement": 0,  # since the best (early stopping's count)
+            "stopped_early": False,
             "last_metrics": None,
         }
         start = resume_point(self.out, self.plan.resume_from, self.info)
@@ -200,6 +203,7 @@ class Trainer:
             state = load_checkpoint(start, self)
             self.step = int(state["step"])
             self.run_state.update(state.get("run_state", {}))
+            self.run_state["stopped_early"] = False  # trained on (the patience was raised or removed)
             if self.info.restart_count > 0 and self.info.is_main:
                 truncate_metrics(self.out, self.step)  # rows after the checkpoint are logged again
 
@@ -330,6 +334,17 @@ class Trainer:
             eval_s = time.perf_counter() - t_eval  # after this step's end (done_at): the next window skips it
             s.eval_total += eval_s
             s.last_eval_loss = evaluated[0]
+        if evaluated is not None and self._no_longer_improving(s, evaluated[0]) and not last:
+            # every rank has the same eval loss (all-reduced), so all end here together, as at the last step
+            self.total_steps, last = self.step, True
+            s.run_state["stopped_early"] = True
+            if self.info.is_main:
+                rs = s.run_state
+                s.progress.log(
+                    f"early stop at step {self.step}: the eval loss has not improved on {rs['best_eval_loss']:.4f} "
+                    f"(step {rs['best_eval_step']}) for {rs['evals_without_improvement']} evaluations "
+                    f"(training.early_stopping_patience={r.training.early_stopping_patience})"
+                )
         if self.step % r.logging.steps == 0 or last or evaluated is not None:
             self._log_step(s, step, out, lr, done_at, evaluated)
             s.t_window, s.tokens_window = done_at + eval_s, 0  # tokens/s measures training, not evaluation
@@ -453,10 +468,23 @@ class Trainer:
             row["rank_compute_tokens"] = step.batches.compute_tokens
         if evaluated is not None:
             row["eval_loss"], row["eval_perplexity"] = evaluated
-            best = rs["best_eval_loss"]
-            rs["best_eval_loss"] = evaluated[0] if best is None else min(best, evaluated[0])
         s.pending = PendingRow(row)
         s.progress.update(self.step, s.last_loss, lr, row["tokens_per_second"], out.peaks)
+
+    def _no_longer_improving(self, s: FitSession, eval_loss: float) -> bool:
+        """Track the best evaluation (its loss and step, in the run's totals that checkpoints carry); True when
+        `training.early_stopping_patience` evaluations in a row have not improved on it by more than the
+        threshold."""
+        rs, t = s.run_state, self.recipe.training
+        best = rs["best_eval_loss"]
+        if best is None or eval_loss < best - t.early_stopping_threshold:
+            rs["evals_without_improvement"] = 0
+        else:
+            rs["evals_without_improvement"] += 1
+        if best is None or eval_loss < best:
+            rs["best_eval_loss"], rs["best_eval_step"] = eval_loss, self.step
+        patience = t.early_stopping_patience
+        return patience is not None and rs["evals_without_improvement"] >= patience
 
     def _save_or_stop(
         self, s: FitSession, interrupted: bool, last: bool, evaluated: bool, dropped: Launch | None
@@ -538,6 +566,8 @@ class Trainer:
             "run_tokens": rs["tokens"],
             "run_elapsed_s": rs["elapsed_s"],
             "best_eval_loss": rs["best_eval_loss"],
+            "best_eval_step": rs["best_eval_step"],
+            "stopped_early": rs["stopped_early"],  # training.early_stopping_patience ended the run before its last step
             "final_eval_loss": s.last_eval_loss,  # None: no evaluation in this session
             "resumed_from_step": int(self.plan.resume_from.rsplit("-", 1)[-1]) if self.plan.resume_from else None,
         }
