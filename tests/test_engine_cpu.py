@@ -335,3 +335,15 @@ def test_attention_choice_sets_pytorch_kernels(sdp_flags):
     assert not sdp_flags.cudnn_sdp_enabled() and sdp_flags.flash_sdp_enabled()
     for name in ATTENTION_KERNELS:  # a named kernel: that one alone
         assert select_attention(name, "cuda") == {k: k == name for k in ATTENTION_KERNELS}
+
+
+def test_a_fractional_epoch_count_ends_within_a_pass(tmp_path):
+    """training.epochs: 1.5 (axolotl and transformers take fractions): 40 samples at a global batch of 4 are 10
+    steps an epoch, so 15 steps, the last 5 of them the first half of the second pass (its own shuffle)."""
+    out = tmp_path / "run"
+    train(out, "training.max_steps=null", "training.epochs=1.5", "dataset.max_samples=40", "distributed.num_gpus=1",
+          "training.micro_batch_size=4", "logging.steps=1")  # fmt: skip
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 16))
+    assert [r["epoch"] for r in rows] == [0] * 10 + [1] * 5
+    assert json.loads((out / "summary.json").read_text())["steps"] == 15

@@ -1818,6 +1818,12 @@ def _rebalance(
         load[r] = sum(cost(x) for x in per_rank[r])
 
 
+def epoch_steps(epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps of `epochs` passes of `steps_per_epoch`, rounded up (1.5 epochs of 10 steps: 15; 0.01: 1);
+    rounded first to nine decimals, so that 0.3 x 10 is 3 steps, not 4."""
+    return math.ceil(round(epochs * steps_per_epoch, 9))
+
+
 class StepPlanner:
     """Deterministic step -> samples plan. Samples of a step depend on seed and global batch only.
 
@@ -1881,8 +1887,9 @@ class StepPlanner:
                 self._perm_cache = {epoch: np.arange(self.n)}
         return self._perm_cache[epoch]
 
-    def total_steps(self, epochs: int, max_steps: int | None) -> int:
-        return max_steps if max_steps is not None else epochs * self.steps_per_epoch
+    def total_steps(self, epochs: float, max_steps: int | None) -> int:
+        """`max_steps`, else `epochs` passes (a fraction ends within a pass; rounded up as transformers does)."""
+        return max_steps if max_steps is not None else epoch_steps(epochs, self.steps_per_epoch)
 
     def step_samples(self, step: int) -> np.ndarray:
         """The samples of optimizer step `step` (independent of the number of workers)."""

@@ -482,8 +482,8 @@ def train(
     data_dir, summary, hit = data_mod.prepare(recipe, model_path)
     check_batch_fits(recipe, summary.samples, num_workers, data_mod.eval_hold_out(recipe, summary.samples))
     # as data.StepPlanner.total_steps counts them (a last partial global batch is not a step)
-    steps = recipe.training.max_steps or recipe.training.epochs * (
-        summary.samples // recipe.global_batch_size(num_workers)
+    steps = recipe.training.max_steps or data_mod.epoch_steps(
+        recipe.training.epochs, summary.samples // recipe.global_batch_size(num_workers)
     )
     disk_note = check_free_space(out, recipe, model_path, steps) if is_main_node else None
     eval_prepared = data_mod.prepare_eval(recipe, model_path)

@@ -321,7 +321,13 @@ def _unknown_columns(key: str, columns: dict[str, str], fmt: str) -> list[tuple[
 class TrainingSection(_Section):
     """The optimisation loop."""
 
-    epochs: int = Field(1, ge=1, le=1000, description="Passes over the data; training.max_steps overrides it.")
+    epochs: int | float = Field(
+        1,
+        gt=0,
+        le=1000,
+        description="Passes over the data; a fraction ends within a pass (1.5: one and a half, the steps rounded "
+        "up as transformers rounds them); training.max_steps overrides it.",
+    )
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     micro_batch_size: int | Literal["auto"] = Field(
         2, description="Samples per GPU per forward pass; auto lets the config generator choose."
