@@ -396,3 +396,25 @@ def test_the_settings_nodes_compare_are_keyed_as_the_recipe_names_them():
     plan.resume_from = "/mnt/a/out/checkpoints/step-197"
     assert _node_independent_settings(plan)["--resume (checkpoint)"] == "step-197"
     assert settings["dataset"]["path"] == "d.jsonl"  # host paths: the file's name only
+
+
+def test_a_rank_killed_by_a_signal_is_named_before_the_rank_whose_collective_it_broke(tmp_path):
+    """CI once named rank 0 ("Connection reset by peer") for a SIGKILL of rank 1: the agent's timestamps are whole
+    seconds, the two failures shared one, and rank order decided."""
+    import json
+    import time
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    error = tmp_path / "error.json"
+    lost = "RuntimeError: [../gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:1234: Connection reset by peer"
+    now = int(time.time())
+    error.write_text(json.dumps({"message": {"message": lost, "extraInfo": {"py_callstack": "", "timestamp": now}}}))
+    symptom = ProcessFailure(local_rank=0, pid=100, exitcode=1, error_file=str(error))
+    killed = ProcessFailure(local_rank=1, pid=101, exitcode=-9, error_file=str(tmp_path / "none.json"))
+    symptom.timestamp = killed.timestamp = now
+    message, details = D._describe_failure(ChildFailedError("w", {0: symptom, 1: killed}), None)
+    assert message == "rank 1 failed: killed by signal SIGKILL" and "also stopped: rank 0: exit code 1" in details
+    # the symptom alone is still named, with what it means
+    message, details = D._describe_failure(ChildFailedError("w", {0: symptom}), None)
+    assert message.startswith("rank 0 failed: RuntimeError:") and "lost its connection to another rank" in details

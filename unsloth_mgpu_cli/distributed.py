@@ -1045,25 +1045,16 @@ def describe_timeout(info: DistInfo, seconds: int, step: int) -> str:
 
 
 def _describe_failure(exc: Any, log_dir: Path | None, nproc: int = 0, node_rank: int = 0) -> tuple[str, str]:
-    """Turn the elastic agent's failure report into 'rank N failed: <its error>' plus details."""
-    failures = sorted(exc.failures.items(), key=lambda kv: kv[1].timestamp)
+    """Turn the elastic agent's failure report into 'rank N failed: <its error>' plus details.
+
+    The rank named is the first to fail, except that a rank whose collective lost its peer is only a symptom of
+    another's end: a rank that failed otherwise is named before it. (Timestamps are whole seconds: a rank killed by
+    a signal and the rank whose collective it broke often share one, and rank order then named the wrong one.)"""
+    failures = [(rank, f, *_failure_reason(f)) for rank, f in exc.failures.items()]
     if not failures:
         return "a worker failed", str(exc)
-    rank, first = failures[0]
-    raw = first.message
-    if not isinstance(raw, dict) and isinstance(first.error_file_data, dict):
-        raw = first.error_file_data.get("message", raw)
-    if isinstance(raw, dict):  # the error file written by @record: {"message", "extraInfo": {"py_callstack"}}
-        message, trace = str(raw.get("message", "")), str(raw.get("extraInfo", {}).get("py_callstack", ""))
-    else:
-        message, trace = str(raw or ""), ""
-    message = message.strip()
-    if first.exitcode < 0:
-        reason = f"killed by signal {first.signal_name()}"
-    elif message and message != "<NONE>" and "To enable traceback" not in message:
-        reason = _last_error_line(message)
-    else:
-        reason = f"exited with code {first.exitcode} without a Python error (crashed or os._exit)"
+    failures.sort(key=lambda x: (any(lost in x[2] for lost in _PEER_LOST), x[1].timestamp, x[0]))
+    rank, first, reason, trace = failures[0]
     details = []
     if "hang watchdog" in reason and nproc:
         # Ranks that reported the timeout were waiting; those of this node that did not were the hung ones.
@@ -1078,7 +1069,8 @@ def _describe_failure(exc: Any, log_dir: Path | None, nproc: int = 0, node_rank:
             + (f" (node 0's, if it ended: this is node {node_rank})" if node_rank > 0 else "")
         )
     others = [
-        f"rank {r}: {'exit code ' + str(f.exitcode) if f.exitcode >= 0 else f.signal_name()}" for r, f in failures[1:]
+        f"rank {r}: {'exit code ' + str(f.exitcode) if f.exitcode >= 0 else f.signal_name()}"
+        for r, f, *_ in failures[1:]
     ]
     if others:
         details.append("also stopped: " + ", ".join(others))
@@ -1092,6 +1084,23 @@ def _describe_failure(exc: Any, log_dir: Path | None, nproc: int = 0, node_rank:
     if log_dir:
         details.append(f"worker logs: {log_dir}")
     return f"rank {rank} failed: {reason}", "\n".join(details)
+
+
+def _failure_reason(failure: Any) -> tuple[str, str]:
+    """One failed worker's reason (its error's last line, or how it ended) and its Python traceback, if any."""
+    raw = failure.message
+    if not isinstance(raw, dict) and isinstance(failure.error_file_data, dict):
+        raw = failure.error_file_data.get("message", raw)
+    if isinstance(raw, dict):  # the error file written by @record: {"message", "extraInfo": {"py_callstack"}}
+        message, trace = str(raw.get("message", "")), str(raw.get("extraInfo", {}).get("py_callstack", ""))
+    else:
+        message, trace = str(raw or ""), ""
+    message = message.strip()
+    if failure.exitcode < 0:
+        return f"killed by signal {failure.signal_name()}", trace
+    if message and message != "<NONE>" and "To enable traceback" not in message:
+        return _last_error_line(message), trace
+    return f"exited with code {failure.exitcode} without a Python error (crashed or os._exit)", trace
 
 
 # How gloo and NCCL report a peer that went away mid-collective
