@@ -48,7 +48,8 @@
 # exported with no retry; the tier's 1-GPU tests: 2 passed, 3 skipped, 148 s), `s20b` (the review's code: a chat
 # run's adapter and export carry the ChatML template it trained with).
 # In session 21 (only the 1-GPU kind lent): `s21` (the 1B with DoRA: 25,566 against LoRA's 68,406 tokens/s, peak 73.38
-# against 16.55 GiB; warmup_ratio and min_lr_ratio as planned; DoRA's merged export and 16-bit quick start: exit 0).
+# against 16.55 GiB; warmup_ratio and min_lr_ratio as planned; DoRA's merged export and 16-bit quick start: exit 0),
+# `T=330 s21b` (early stopping on CUDA: ended at step 6, its resume had nothing to do; 2 passed, 3 skipped, 209 s).
 # Next, in this order:
 #   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL

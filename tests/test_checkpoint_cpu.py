@@ -362,7 +362,7 @@ def test_early_stopping_ends_every_rank_at_once_and_a_resume_has_nothing_left(tm
     proc = run_mgpu(*args, *stop, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout + proc.stderr
-    assert "early stop at step 6: the eval loss has not improved on" in text, text[-3000:]
+    assert "early stop at step 6: 2 evaluations in a row did not lower the eval loss by more than" in text, text
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["stopped_early"] is True and summary["best_eval_step"] in (2, 4, 6)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -774,9 +774,9 @@ def _finished_already(ckpt: Path, recipe: Recipe, out: Path) -> bool:
         if not ((out / "summary.json").is_file() and any((out / name).is_dir() for name in ("adapter", "model"))):
             return False  # stopped between the last checkpoint and the final save: the workers save it
         console.print(
-            f"[bold]nothing to do[/]: the run in {out} stopped early at step {step} (its eval loss had not improved "
-            f"for {run['evals_without_improvement']} evaluations); raise training.early_stopping_patience or remove "
-            "it to train further"
+            f"[bold]nothing to do[/]: the run in {out} stopped early at step {step} "
+            f"({run['evals_without_improvement']} evaluations in a row without a lower eval loss); raise "
+            "training.early_stopping_patience or remove it to train further"
         )
         return True
     if max_steps is None or step < max_steps:

@@ -339,11 +339,17 @@ class Trainer:
             self.total_steps, last = self.step, True
             s.run_state["stopped_early"] = True
             if self.info.is_main:
-                rs = s.run_state
+                rs, t = s.run_state, r.training
+                n = rs["evals_without_improvement"]
+                why = (
+                    f"by more than training.early_stopping_threshold ({t.early_stopping_threshold:g})"
+                    if t.early_stopping_threshold
+                    else "on the best one"
+                )
                 s.progress.log(
-                    f"early stop at step {self.step}: the eval loss has not improved on {rs['best_eval_loss']:.4f} "
-                    f"(step {rs['best_eval_step']}) for {rs['evals_without_improvement']} evaluations "
-                    f"(training.early_stopping_patience={r.training.early_stopping_patience})"
+                    f"early stop at step {self.step}: {n} evaluations in a row did not lower the eval loss {why} "
+                    f"(training.early_stopping_patience={t.early_stopping_patience}); best {rs['best_eval_loss']:.4f} "
+                    f"at step {rs['best_eval_step']}"
                 )
         if self.step % r.logging.steps == 0 or last or evaluated is not None:
             self._log_step(s, step, out, lr, done_at, evaluated)
