@@ -597,13 +597,13 @@ def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> 
 
 
 def _reported_user_error(exc: Any) -> UserError | None:
-    """The UserError that the first failed worker raised, if that is what it raised."""
-    failures = sorted(exc.failures.items(), key=lambda kv: kv[1].timestamp)
-    if not failures:
-        return None
-    first = failures[0][1]
-    raw = first.message if isinstance(first.message, dict) else (first.error_file_data or {}).get("message")
-    return reported_user_error(str(raw.get("message", ""))) if isinstance(raw, dict) else None
+    """The UserError a failed worker raised (the earliest such), if any did: bad input is the cause whenever it is
+    there, the other ranks' errors its consequences."""
+    for _, failure in sorted(exc.failures.items(), key=lambda kv: kv[1].timestamp):
+        found = reported_user_error(_failure_message(failure)[0])
+        if found is not None:
+            return found
+    return None
 
 
 def _describe_unreadable_failure(exc: BaseException, spec: LaunchSpec) -> tuple[str, str]:
@@ -1054,7 +1054,7 @@ def _describe_failure(exc: Any, log_dir: Path | None, nproc: int = 0, node_rank:
     if not failures:
         return "a worker failed", str(exc)
     failures.sort(key=lambda x: (any(lost in x[2] for lost in _PEER_LOST), x[1].timestamp, x[0]))
-    rank, first, reason, trace = failures[0]
+    rank, _, reason, trace = failures[0]
     details = []
     if "hang watchdog" in reason and nproc:
         # Ranks that reported the timeout were waiting; those of this node that did not were the hung ones.
@@ -1086,16 +1086,19 @@ def _describe_failure(exc: Any, log_dir: Path | None, nproc: int = 0, node_rank:
     return f"rank {rank} failed: {reason}", "\n".join(details)
 
 
-def _failure_reason(failure: Any) -> tuple[str, str]:
-    """One failed worker's reason (its error's last line, or how it ended) and its Python traceback, if any."""
+def _failure_message(failure: Any) -> tuple[str, str]:
+    """One failed worker's error (`<type>: <message>`, as @record's error file keeps it) and Python traceback."""
     raw = failure.message
     if not isinstance(raw, dict) and isinstance(failure.error_file_data, dict):
         raw = failure.error_file_data.get("message", raw)
     if isinstance(raw, dict):  # the error file written by @record: {"message", "extraInfo": {"py_callstack"}}
-        message, trace = str(raw.get("message", "")), str(raw.get("extraInfo", {}).get("py_callstack", ""))
-    else:
-        message, trace = str(raw or ""), ""
-    message = message.strip()
+        return str(raw.get("message", "")).strip(), str(raw.get("extraInfo", {}).get("py_callstack", ""))
+    return str(raw or "").strip(), ""
+
+
+def _failure_reason(failure: Any) -> tuple[str, str]:
+    """One failed worker's reason (its error's last line, or how it ended) and its Python traceback, if any."""
+    message, trace = _failure_message(failure)
     if failure.exitcode < 0:
         return f"killed by signal {failure.signal_name()}", trace
     if message and message != "<NONE>" and "To enable traceback" not in message:

@@ -625,7 +625,8 @@ class _OutputSnapshot:
         for path in [*(logs.glob("*") if logs.is_dir() else []), *self.out.iterdir()]:
             if path not in self.entries and path.exists():
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        if self.resolved is not None:
+        # (after --overwrite the earlier run is gone: its recipe would describe nothing)
+        if self.resolved is not None and any(p.exists() for p in self.entries if p.name != "recipe.resolved.yaml"):
             (self.out / "recipe.resolved.yaml").write_text(self.resolved)
         if not self.existed:
             with contextlib.suppress(OSError):
