@@ -375,3 +375,43 @@ def test_early_stopping_ends_every_rank_at_once_and_a_resume_has_nothing_left(tm
     go_on = run_mgpu(*args, "--resume", "auto", timeout=400)
     assert go_on.returncode == 0, go_on.stdout[-3000:] + go_on.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["steps"] == 20
+
+
+def test_keep_best_leaves_the_best_evaluations_weights_as_the_adapter(tmp_path):
+    """output.keep_best (transformers' load_best_model_at_end): eval on rows unlike the training data, whose loss
+    is lowest at step 4 of 8 here, and the adapter is step 4's weights (those of its checkpoint), not step 8's."""
+    import random
+
+    from safetensors.torch import load_file
+
+    rng = random.Random(0)
+    words = lambda n: " ".join("".join(rng.choice("qxzjkvw") for _ in range(rng.randint(2, 7))) for _ in range(n))  # noqa: E731
+    noise = tmp_path / "noise.jsonl"
+    noise.write_text(
+        "".join(json.dumps({"instruction": words(8), "input": "", "output": words(12)}) + "\n" for _ in range(16))
+    )
+    out = tmp_path / "run"
+    proc = run_mgpu(
+        "train", str(QUICKSTART), f"output.dir={out}", "training.max_steps=8", "training.warmup_steps=0",
+        "training.lr_scheduler=constant", "training.learning_rate=0.01", f"dataset.eval_path={noise}",
+        "training.eval_steps=2", "output.keep_best=true", "output.save_steps=2", "output.save_total_limit=null",
+        "distributed.num_gpus=2", "logging.progress=false", timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+    best = min(evals, key=evals.get)
+    assert sorted(evals) == [2, 4, 6, 8] and best < 8, evals  # the case this test is about
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["best_eval_step"], summary["final_weights_step"], summary["steps"]) == (best, best, 8)
+    assert f"the final weights are step {best}'s, the best evaluation's" in proc.stdout
+    final = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+             for k, v in adapter(out).items()}  # fmt: skip
+
+    def trainable(step: int) -> dict:
+        return load_file(str(out / "checkpoints" / f"step-{step}" / "trainable.safetensors"))
+
+    assert final.keys() == trainable(best).keys()
+    assert all(torch.equal(final[k], trainable(best)[k]) for k in final)
+    assert not all(torch.equal(final[k], trainable(8)[k]) for k in final)
+    assert not (out / "adapter" / ".mgpu-best.json").exists() and (out / "best" / ".mgpu-best.json").is_file()

@@ -296,6 +296,7 @@ BAD = {
         GOOD.replace("max_steps: 10", "max_steps: 10\n  early_stopping_patience: 3"),
         ["training.early_stopping_patience", "training.eval_steps"],
     ),
+    "keep best without evaluations": (GOOD + "  keep_best: true\n", ["output.keep_best", "training.eval_steps"]),
     "node rank outside nnodes": (
         GOOD + "distributed:\n  nnodes: 2\n  node_rank: 2\n  rdzv_endpoint: h:1\n",
         ["distributed.node_rank"],
@@ -514,6 +515,7 @@ def test_an_empty_lora_section_is_refused_rather_than_read_as_full_fine_tuning(t
         ("training.per_device_eval_batch_size=8", "evaluation uses training.micro_batch_size"),
         ("logging.wandb_entity=me", "set WANDB_ENTITY in the environment"),
         ("model.load_in_8bit=true", "8-bit loading is not supported"),
+        ("training.load_best_model_at_end=true", "use output.keep_best: true"),
     ],
 )
 def test_keys_of_other_trainers_get_their_counterpart_not_a_look_alike(override, hint):

@@ -41,7 +41,7 @@ RUN_FILES = frozenset(
     {"recipe.resolved.yaml", "metrics.jsonl", "summary.json", "report.png", "wandb-run-id", ".stop-requested"}
 )
 # ".cache": Unsloth's compiled modules, one folder per rank (trainer.Trainer.setup's UNSLOTH_COMPILE_LOCATION).
-RUN_FOLDERS = frozenset({"adapter", "model", "checkpoints", "logs", "tensorboard", "wandb", ".cache"})
+RUN_FOLDERS = frozenset({"adapter", "model", "best", "checkpoints", "logs", "tensorboard", "wandb", ".cache"})
 # Files every run writes (recipe.resolved.yaml before its workers start): with a complete checkpoint, the signs
 # that a folder holds a run. A `checkpoints/` or `logs/` alone may be another tool's.
 RUN_SIGNS = ("recipe.resolved.yaml", "metrics.jsonl", "summary.json")

@@ -474,6 +474,12 @@ class OutputSection(_Section):
     save_total_limit: int | None = Field(
         2, ge=1, description="Keep the newest K checkpoints; null: keep every one (as in transformers)."
     )
+    keep_best: bool = Field(
+        False,
+        description="The final adapter/ (model/) holds the weights of the evaluation with the lowest eval loss, "
+        "kept in <output.dir>/best as they are found, rather than the last step's (transformers' "
+        "load_best_model_at_end); needs training.eval_steps. Checkpoints keep the last step's for resuming.",
+    )
 
 
 class LoggingSection(_Section):
@@ -620,6 +626,14 @@ class Recipe(_Section):
                     "training.eval_steps",
                     f"evaluation every {t.eval_steps} steps needs an eval split; "
                     "set dataset.eval_path or dataset.eval_ratio (or training.eval_steps: 0)",
+                )
+            )
+        if self.output.keep_best and not t.eval_steps:
+            problems.append(
+                (
+                    "output.keep_best",
+                    "needs evaluations during the run, found training.eval_steps: 0 (only the final one); set "
+                    "training.eval_steps, e.g. training.eval_steps=50, with dataset.eval_ratio or dataset.eval_path",
                 )
             )
         if t.early_stopping_patience is not None and not t.eval_steps:
@@ -1010,10 +1024,6 @@ _ALIASES = {
 
 # Keys of other trainers (axolotl, TRL) whose counterpart here is not a look-alike, or which have none: the hint
 # for each (a plain did-you-mean pointed `train_on_inputs` at `training`, `load_in_8bit` at `load_in_4bit`).
-_NO_BEST = (
-    "not supported: checkpoints are kept by output.save_steps and output.save_total_limit, and the summary names "
-    "the best eval loss and its step (training.early_stopping_patience stops a run that no longer improves)"
-)
 _FOREIGN = {
     "train_on_inputs": "use dataset.train_on_responses_only, the opposite (train_on_inputs: false is "
     "train_on_responses_only: true, the default for alpaca and chat)",
@@ -1025,8 +1035,8 @@ _FOREIGN = {
     "eval_batch_size": "no such key: evaluation uses training.micro_batch_size",
     "per_device_eval_batch_size": "no such key: evaluation uses training.micro_batch_size",
     "micro_batch_size_eval": "no such key: evaluation uses training.micro_batch_size",
-    "save_best": _NO_BEST,
-    "load_best_model_at_end": _NO_BEST,
+    "save_best": "use output.keep_best: true (the final adapter holds the best evaluation's weights)",
+    "load_best_model_at_end": "use output.keep_best: true (the final adapter holds the best evaluation's weights)",
     "load_in_8bit": "8-bit loading is not supported: model.load_in_4bit: true (QLoRA), or 16-bit",
     "lora_target_linear": "use lora.target_modules (left out: all seven projections)",
     "lora_target_modules": "use lora.target_modules (left out: all seven projections)",

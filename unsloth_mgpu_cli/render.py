@@ -129,6 +129,9 @@ def print_summary(summary: dict) -> None:
             + (f" at step {at}" if best is not None and at is not None else "")
             + ("; stopped early (training.early_stopping_patience)" if summary.get("stopped_early") else ""),
         )
+    kept = summary.get("final_weights_step")
+    if kept is not None and kept != summary.get("steps"):
+        t.add_row("weights", f"the final weights are step {kept}'s, the best evaluation's (output.keep_best)")
     t.add_row("peak memory", " / ".join(f"{m:.2f}" for m in summary.get("peak_memory_gb", [])) + " GB per worker")
     t.add_row("output", str(summary.get("output_dir")))
     if console.is_terminal:

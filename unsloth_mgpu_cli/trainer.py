@@ -13,6 +13,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -489,6 +490,8 @@ class Trainer:
             rs["evals_without_improvement"] += 1
         if best is None or eval_loss < best:
             rs["best_eval_loss"], rs["best_eval_step"] = eval_loss, self.step
+            if self.recipe.output.keep_best:  # every rank: under fsdp the save gathers the shards
+                self.save_final(BEST_DIR, marker={"step": self.step, "eval_loss": eval_loss})
         patience = t.early_stopping_patience
         return patience is not None and rs["evals_without_improvement"] >= patience
 
@@ -574,6 +577,8 @@ class Trainer:
             "best_eval_loss": rs["best_eval_loss"],
             "best_eval_step": rs["best_eval_step"],
             "stopped_early": rs["stopped_early"],  # training.early_stopping_patience ended the run before its last step
+            # the step whose weights adapter/ (model/) holds: the best evaluation's with output.keep_best
+            "final_weights_step": self._final_weights_step(),
             "final_eval_loss": s.last_eval_loss,  # None: no evaluation in this session
             "resumed_from_step": int(self.plan.resume_from.rsplit("-", 1)[-1]) if self.plan.resume_from else None,
         }
@@ -816,18 +821,28 @@ class Trainer:
                 f"training.gradient_accumulation_steps={ga * (-(-mb // piece))}"
             )
 
-    def save_final(self) -> None:
-        """Rank 0 writes adapter/ (LoRA) or model/ (full); the others wait."""
+    def save_final(self, folder: str | None = None, marker: dict[str, Any] | None = None) -> None:
+        """Rank 0 writes adapter/ (LoRA) or model/ (full), or `folder` (the best evaluation's weights, with `marker`
+        as BEST_MARKER); the others wait. With output.keep_best, adapter/ (model/) is a copy of best/."""
         from . import distributed as D
         from .checkpoint import CheckpointWriteError, atomic_dir, list_checkpoints, write_failure
 
+        best = self.out / BEST_DIR
+        if folder is None and self.recipe.output.keep_best and (best / BEST_MARKER).is_file():
+            if self.info.is_main:
+                name = "model" if self.recipe.lora is None else "adapter"
+                with atomic_dir(self.out / name) as tmp:
+                    shutil.copytree(best, tmp, dirs_exist_ok=True)
+                    (tmp / BEST_MARKER).unlink()
+            D.barrier(self.info)
+            return
         state = None
         if self.sharded:
             # Gather the shards into full CPU tensors on every rank (a collective), so rank 0 writes the same
             # adapter/ or model/ as in ddp mode. LoRA gathers only the adapter weights.
             state = self.full_state_dict()
         if self.info.is_main:
-            name = "model" if self.recipe.lora is None else "adapter"
+            name = folder or ("model" if self.recipe.lora is None else "adapter")
             kwargs: dict[str, Any] = {"safe_serialization": True}
             lora = self.recipe.lora
             if lora is not None and not {"embed_tokens", "lm_head"} & set(lora.target_modules):
@@ -844,6 +859,8 @@ class Trainer:
                     else:
                         self.model.save_pretrained(str(tmp), state_dict=state, **kwargs)
                     self.tokenizer.save_pretrained(str(tmp))
+                    if marker is not None:
+                        (tmp / BEST_MARKER).write_text(json.dumps(marker))
             except Exception as exc:  # disk full: as for checkpoints
                 reason = write_failure(exc, self.out)
                 if reason is None:
@@ -860,6 +877,12 @@ class Trainer:
                 ) from exc
         D.barrier(self.info)
 
+    def _final_weights_step(self) -> int:
+        marker = self.out / BEST_DIR / BEST_MARKER
+        if self.recipe.output.keep_best and marker.is_file():
+            return int(json.loads(marker.read_text())["step"])
+        return self.step
+
     def full_state_dict(self) -> dict[str, Any]:
         """Full (unsharded) CPU tensors: the trainable ones for LoRA, the whole model for full fine-tuning."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -870,6 +893,10 @@ class Trainer:
             return D.gather_full_tensors(list(zip(self.param_names, self.params, strict=True)))
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(self.model, options=options)
+
+
+BEST_DIR = "best"  # output.keep_best: the best evaluation's weights, as they are found
+BEST_MARKER = ".mgpu-best.json"  # in BEST_DIR: the step and eval loss of those weights
 
 
 def _one_target(batch: dict[str, Any]) -> Any:
