@@ -49,7 +49,8 @@
 # run's adapter and export carry the ChatML template it trained with).
 # In session 21 (only the 1-GPU kind lent): `s21` (the 1B with DoRA: 25,566 against LoRA's 68,406 tokens/s, peak 73.38
 # against 16.55 GiB; warmup_ratio and min_lr_ratio as planned; DoRA's merged export and 16-bit quick start: exit 0),
-# `T=330 s21b` (early stopping on CUDA: ended at step 6, its resume had nothing to do; 2 passed, 3 skipped, 209 s).
+# `T=330 s21b` (early stopping on CUDA: ended at step 6, its resume had nothing to do; 2 passed, 3 skipped, 209 s),
+# `s21c` (output.keep_best on CUDA: the adapter is step 4's of 20, equal to best/ and to step 4's checkpoint).
 # Next, in this order:
 #   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
@@ -59,7 +60,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
+STAGE=${1:?usage: gpu_plan.sh s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -518,6 +519,33 @@ print('  learning rate logged at steps 1, 3, 4, 30:', [r[i - 1]['learning_rate']
       output.dir="$OUT/q" > "$OUT/q.txt" 2>&1
     echo "quick start with DoRA, 16-bit: exit=$?"; grep -E "^final loss|^peak memory|^throughput" "$OUT/q.txt"
     rm -rf "$OUT/q/checkpoints" ;;
+  s21c)
+    # session 21 (1-GPU kind): output.keep_best on CUDA: eval on rows unlike the training data (lowest at an early
+    # evaluation), the final adapter equal to best/ and to that step's checkpoint
+    python3 - "$OUT/noise.jsonl" <<'PY'
+import json, random, sys
+rng = random.Random(0)
+words = lambda n: " ".join("".join(rng.choice("qxzjkvw") for _ in range(rng.randint(2, 7))) for _ in range(n))
+open(sys.argv[1], "w").write("".join(json.dumps({"instruction": words(8), "input": "", "output": words(12)}) + "\n" for _ in range(16)))
+PY
+    python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 training.max_steps=20 \
+      training.warmup_steps=0 training.lr_scheduler=constant training.learning_rate=0.01 \
+      dataset.eval_path="$OUT/noise.jsonl" training.eval_steps=2 output.keep_best=true output.save_steps=2 \
+      output.save_total_limit=null logging.progress=false output.dir="$OUT/best" > "$OUT/best.txt" 2>&1
+    echo "keep_best: exit=$?"; grep -E "^eval step|^eval loss|^weights" "$OUT/best.txt" | cut -c1-160
+    python3 - "$OUT/best" <<'PY'
+import json, sys, torch
+from pathlib import Path
+from safetensors.torch import load_file
+out = Path(sys.argv[1]); s = json.loads((out / "summary.json").read_text())
+final = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+best = load_file(str(out / "best" / "adapter_model.safetensors"))
+ck = load_file(str(out / "checkpoints" / f"step-{s['final_weights_step']}" / "trainable.safetensors"))
+ck = {k.replace(".default.", "."): v for k, v in ck.items()}
+print("final_weights_step", s["final_weights_step"], "of", s["steps"], "| adapter == best/:",
+      all(torch.equal(final[k], best[k]) for k in final), "| == its checkpoint:", all(torch.equal(final[k], ck[k]) for k in final))
+PY
+    rm -rf "$OUT/best/checkpoints" ;;
   s21b)
     # session 21's final code (1-GPU kind): early stopping on CUDA (a threshold no evaluation beats: patience 2 ends
     # the run at its third evaluation, step 6), its resume with nothing to do; then the tier's 1-GPU tests
