@@ -147,7 +147,11 @@ def test_a_full_disk_while_the_final_adapter_is_written_names_the_checkpoint_tha
         sharded=False,
         info=DistInfo(),
         out=tmp_path,
-        recipe=SimpleNamespace(lora=SimpleNamespace(target_modules=["q_proj"]), dataset=SimpleNamespace(sources=list)),
+        recipe=SimpleNamespace(
+            lora=SimpleNamespace(target_modules=["q_proj"]),
+            dataset=SimpleNamespace(sources=list),
+            output=SimpleNamespace(keep_best=False),
+        ),
         model=SimpleNamespace(save_pretrained=disk_full),
         tokenizer=SimpleNamespace(save_pretrained=lambda folder, **kw: None),
     )

@@ -828,7 +828,12 @@ class Trainer:
         from .checkpoint import CheckpointWriteError, atomic_dir, list_checkpoints, write_failure
 
         best = self.out / BEST_DIR
-        if folder is None and self.recipe.output.keep_best and (best / BEST_MARKER).is_file():
+        # rank 0 decides for all (a node that saw best/ late would gather shards alone, below)
+        if (
+            folder is None
+            and self.recipe.output.keep_best
+            and D.broadcast_object((best / BEST_MARKER).is_file() if self.info.is_main else None, self.info)
+        ):
             if self.info.is_main:
                 name = "model" if self.recipe.lora is None else "adapter"
                 with atomic_dir(self.out / name) as tmp:
