@@ -399,25 +399,32 @@ def test_ctrl_c_on_a_node_waiting_for_node_0_stops_it_at_once(tmp_path):
     assert "Traceback" not in output and "waiting for all 2 nodes" in output, output[-3000:]
 
 
-@pytest.mark.integration
-def test_nodes_started_with_different_overrides_both_refuse_with_exit_2_naming_the_key(tmp_path):
-    """Each node's workers compare the recipes at start. The difference is bad input: it ended with exit 1,
-    "training failed: rank 0 failed: RuntimeError: ..." and the resume hint of a crash."""
-    out = tmp_path / "run"
-    rendezvous = ("--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{D.free_port()}")
+def _two_nodes_refuse(command: Any) -> list[str]:
+    """Nodes 0 and 1 of one run (`command(node)`: its train command) on loopback, both to end with exit 2; their
+    outputs."""
+    rendezvous = ["--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{D.free_port()}"]
     nodes = [
         subprocess.Popen(
-            _train_cmd(out, "distributed.num_gpus=1", f"training.max_steps={steps}", *rendezvous, f"--node-rank={r}"),
+            [*command(r), *rendezvous, f"--node-rank={r}"],
             cwd=ROOT,
             env=mgpu_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
-        for r, steps in ((0, 3), (1, 4))
+        )
+        for r in (0, 1)
     ]
     outputs = [p.communicate(timeout=300)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [2, 2], "\n---\n".join(o[-3000:] for o in outputs)
+    return outputs
+
+
+@pytest.mark.integration
+def test_nodes_started_with_different_overrides_both_refuse_with_exit_2_naming_the_key(tmp_path):
+    """Each node's workers compare the recipes at start. The difference is bad input: it ended with exit 1,
+    "training failed: rank 0 failed: RuntimeError: ..." and the resume hint of a crash."""
+    out = tmp_path / "run"
+    outputs = _two_nodes_refuse(lambda r: _train_cmd(out, "distributed.num_gpus=1", f"training.max_steps={3 + r}"))
     for text in outputs:
         assert "the nodes' recipes: differ: training.max_steps: 3 on node 0, 4 on node 1" in text, text[-3000:]
         assert "only --node-rank differs" in text and "Traceback" not in text and "continue with" not in text, text
@@ -431,20 +438,7 @@ def test_nodes_whose_output_dirs_are_not_one_folder_both_refuse_with_exit_2(tmp_
     """Each node may name output.dir by its own mount point, so the recipes' comparison leaves it out; a node given
     another folder (or a folder on its local disk) went unnoticed, and global rank 0's checkpoints were where the
     other node's restart could not find them."""
-    rendezvous = ("--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{D.free_port()}")
-    nodes = [
-        subprocess.Popen(
-            [*_train_cmd(tmp_path / f"node{r}", "distributed.num_gpus=1", *rendezvous), f"--node-rank={r}"],
-            cwd=ROOT,
-            env=mgpu_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for r in (0, 1)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in nodes]
-    assert [p.returncode for p in nodes] == [2, 2], "\n---\n".join(o[-3000:] for o in outputs)
+    outputs = _two_nodes_refuse(lambda r: _train_cmd(tmp_path / f"node{r}", "distributed.num_gpus=1"))
     for text in outputs:
         assert "output.dir (command line): expected one folder that every node reaches; node 0 prepared" in text, text
         assert f"node 1 does not see it at {tmp_path / 'node1'}" in text and "Traceback" not in text, text[-3000:]

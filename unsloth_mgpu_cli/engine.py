@@ -761,6 +761,11 @@ def resume_hint(loaded: LoadedRecipe, node_flags: dict[str, Any]) -> str | None:
     return f"the newest checkpoint is {found[-1]}; continue with: {continue_command(loaded, node_flags)}"
 
 
+def _final_files_written(out: Path) -> bool:
+    """The run in `out` wrote its summary and final weights (not only its last checkpoint)."""
+    return (out / "summary.json").is_file() and any((out / name).is_dir() for name in ("adapter", "model"))
+
+
 def _finished_already(ckpt: Path, recipe: Recipe, out: Path) -> bool:
     """A resume at or past `training.max_steps`: True (after saying so) when the run is complete and nothing is to
     be done; a UserError when the checkpoint lies beyond max_steps. Nothing in output.dir changes either way."""
@@ -772,7 +777,7 @@ def _finished_already(ckpt: Path, recipe: Recipe, out: Path) -> bool:
     run = state.get("run_state") or {}
     patience = recipe.training.early_stopping_patience
     if run.get("stopped_early") and patience is not None and run.get("evals_without_improvement", 0) >= patience:
-        if not ((out / "summary.json").is_file() and any((out / name).is_dir() for name in ("adapter", "model"))):
+        if not _final_files_written(out):
             return False  # stopped between the last checkpoint and the final save: the workers save it
         console.print(
             f"[bold]nothing to do[/]: the run in {out} stopped early at step {step} "
@@ -791,7 +796,7 @@ def _finished_already(ckpt: Path, recipe: Recipe, out: Path) -> bool:
             ),
             "nothing to resume",
         )
-    if not ((out / "summary.json").is_file() and any((out / name).is_dir() for name in ("adapter", "model"))):
+    if not _final_files_written(out):
         return False  # stopped between the last checkpoint and the final save: the workers save it
     console.print(
         f"[bold]nothing to do[/]: the run in {out} finished at step {step} (training.max_steps={max_steps}); "
