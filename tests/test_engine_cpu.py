@@ -176,6 +176,17 @@ def test_two_workers_equal_one_worker_with_dora_and_the_merged_export_loads(tmp_
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
 
+def test_two_workers_equal_one_worker_with_neftune_noise(tmp_path, runs):
+    """training.neftune_noise_alpha: each sample's noise is seeded by the sample, not the rank or the batch, so two
+    workers on packed rows equal one worker on padded ones; and the noise is there (the weights move otherwise)."""
+    noisy = ("training.neftune_noise_alpha=15", "training.micro_batch_size=2")
+    train(tmp_path / "two", "distributed.num_gpus=2", "dataset.batching=packed", "model.attention=math", *noisy)
+    train(tmp_path / "one", "distributed.num_gpus=1", "training.gradient_accumulation_steps=2", *noisy)
+    two, one = adapter(tmp_path / "two"), adapter(tmp_path / "one")
+    assert max_rel_diff(two, one) < 1e-4
+    assert max_rel_diff(one, adapter(runs / "one")) > 1e-3  # the same run without noise
+
+
 def test_speed_balance_follows_persistent_differences_only():
     sb = SpeedBalance(world=2, enabled=True)
     assert sb.speeds() is None  # nothing measured yet

@@ -231,6 +231,8 @@ def test_all_problems_are_reported_at_once(workdir):
         ("learning_rate=1e-4", "learning_rate", "did you mean 'training.learning_rate'?"),
         ("lr=1e-4", "lr", "did you mean 'training.learning_rate'?"),  # an alias, not difflib's 'lora'
         ("training.lr=1e-4", "training.lr", "did you mean 'learning_rate'?"),  # its own section first
+        ("neftune_noise_alpha=5", "neftune_noise_alpha", "did you mean 'training.neftune_noise_alpha'?"),
+        ("training.noisy_embedding_alpha=5", "training.noisy_embedding_alpha", "did you mean 'neftune_noise_alpha'?"),
         ("training.zork=1", "training.zork", "valid keys here: epochs"),
         # the exact name in another section, not a look-alike here ('max_steps')
         ("training.save_steps=5", "training.save_steps", "did you mean 'output.save_steps'?"),
@@ -511,7 +513,6 @@ def test_an_empty_lora_section_is_refused_rather_than_read_as_full_fine_tuning(t
         ("sample_packing=true", "use dataset.batching: packed"),
         ("val_set_size=0.05", "use dataset.eval_ratio"),
         ("dataset.type=alpaca", "use dataset.format: alpaca, chat or text"),
-        ("neftune_noise_alpha=5", "NEFTune is not supported"),
         ("training.per_device_eval_batch_size=8", "evaluation uses training.micro_batch_size"),
         ("logging.wandb_entity=me", "set WANDB_ENTITY in the environment"),
         ("model.load_in_8bit=true", "8-bit loading is not supported"),

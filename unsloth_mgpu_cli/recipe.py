@@ -361,6 +361,14 @@ class TrainingSection(_Section):
     max_grad_norm: float | None = Field(
         1.0, gt=0.0, description="Clip the synchronised global gradient norm to this; null disables."
     )
+    neftune_noise_alpha: float | None = Field(
+        None,
+        gt=0.0,
+        le=100.0,
+        description="NEFTune: uniform noise on the input embeddings while training, scaled by this alpha over "
+        "sqrt(sample tokens x hidden size) (the paper uses 5 to 15); null: none. Each sample's noise is seeded by "
+        "the seed, step and sample, so N GPUs still equal one.",
+    )
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for initialisation and data order.")
     max_skipped_steps: int = Field(
         10,
@@ -1005,6 +1013,8 @@ _ALIASES = {
     "lr_scheduler_type": "lr_scheduler",
     "cosine_min_lr_ratio": "min_lr_ratio",
     "min_lr_rate": "min_lr_ratio",
+    "neftune_alpha": "neftune_noise_alpha",
+    "noisy_embedding_alpha": "neftune_noise_alpha",
     "optim": "optimizer",
     "rank": "r",
     "lora_r": "r",
@@ -1044,7 +1054,6 @@ _FOREIGN = {
     "type": "use dataset.format: alpaca, chat or text",
     "field_messages": "use dataset.columns, e.g. {messages: conversations, role: from, content: value}",
     "message_property_mappings": "use dataset.columns, e.g. {role: from, content: value}",
-    "neftune_noise_alpha": "NEFTune is not supported",
     "wandb_entity": "set WANDB_ENTITY in the environment (wandb reads it); the recipe has logging.wandb_project",
     "wandb_name": "set WANDB_NAME in the environment (wandb reads it); the recipe has logging.wandb_project",
     "wandb_run_id": "set WANDB_RUN_ID in the environment (wandb reads it); the recipe has logging.wandb_project",

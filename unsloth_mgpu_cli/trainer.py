@@ -9,6 +9,7 @@ logged, evaluated, checked and saved as its number asks.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -38,6 +39,7 @@ class Trainer:
         self.step = 0
         self.split = 1  # pieces each micro-batch is cut into after an out-of-memory error (1: uncut)
         self.sharded = plan.recipe.distributed.strategy == "fsdp"  # FSDP2: parameters are DTensor shards
+        self.neftune: Any = None  # NoisyEmbeddings when training.neftune_noise_alpha is set
 
     # -- setup -----------------------------------------------------------------------------------------
     def _dtype(self) -> Any:
@@ -122,6 +124,10 @@ class Trainer:
             if r.model.load_in_4bit:
                 self._report_4bit_shards(model)
         self.model, self.tokenizer = model, tokenizer
+        if r.training.neftune_noise_alpha is not None:
+            from .neftune import NoisyEmbeddings
+
+            self.neftune = NoisyEmbeddings(r.training.neftune_noise_alpha, r.training.seed).attach(model)
         self.plan.timeline["model_ready"] = time.time()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -633,7 +639,7 @@ class Trainer:
         clock = DeviceClock(self.info.device_type)
         clock.start()
         compiled_before = _graphs_compiled()
-        loss_sum, oom = self._accumulate(mine, denom)
+        loss_sum, oom = self._accumulate(mine, denom, index)
         clock.stop()
         return Launch(index, batches, mine, loss_sum, oom, clock, _graphs_compiled() - compiled_before, rng)
 
@@ -754,8 +760,8 @@ class Trainer:
         return max((int(rows[mb].sum() if self.packed else rows[mb].max()) for mb in micro_batches if mb), default=0)
 
     # -- out-of-memory recovery (issue #10) -------------------------------------------------------------
-    def _accumulate(self, micro_batches: list[list[int]], denom: int) -> tuple[Any, bool]:
-        """Forward/backward of this rank's micro-batches, each cut into `self.split` pieces.
+    def _accumulate(self, micro_batches: list[list[int]], denom: int, index: int) -> tuple[Any, bool]:
+        """Forward/backward of this rank's micro-batches for step `index + 1`, each cut into `self.split` pieces.
 
         Each piece's token-mean loss is scaled by (its loss tokens / denom), so the accumulated gradient
         is the same sum of per-token losses however a micro-batch is cut. Returns (loss sum, out of memory).
@@ -778,8 +784,9 @@ class Trainer:
                         # loss tokens. One fake target keeps the model's token-mean loss finite; scaled by 0 below.
                         batch["labels"] = _one_target(batch)
                     maybe_inject("forward", self, samples=len(piece), tokens=int(batch["input_ids"].numel()))
-                    # no KV cache in training: with one, transformers ignores packed position_ids (leaks)
-                    loss = self.model(**batch, use_cache=False).loss
+                    with self._noise(index, piece):
+                        # no KV cache in training: with one, transformers ignores packed position_ids (leaks)
+                        loss = self.model(**batch, use_cache=False).loss
                     maybe_inject("loss", self, loss=loss)
                     if n > 0:
                         (loss * (n / denom)).backward()
@@ -789,6 +796,15 @@ class Trainer:
         except torch.OutOfMemoryError:
             return loss_sum, True  # the frames holding the activations are gone once we are out of here
         return loss_sum, False
+
+    def _noise(self, index: int, piece: list[int]) -> Any:
+        """NEFTune's noise for the forward of `piece` at step `index + 1` (training.neftune_noise_alpha), or none."""
+        if self.neftune is None:
+            return contextlib.nullcontext()
+        from .neftune import packed_layout, padded_layout
+
+        layout = packed_layout if self.packed else padded_layout
+        return self.neftune.batch(index, layout(piece, self.lengths))
 
     def _after_oom(self, oom_ranks: int, progress: Any) -> None:
         """Drop this step's partial gradients, free the cache, and halve the pieces; stop at 1 sample."""
