@@ -294,6 +294,14 @@ BAD = {
         GOOD.replace("max_steps: 10", "max_steps: 10\n  lr_scheduler: linear\n  min_lr_ratio: 0.1"),
         ["training.min_lr_ratio", "lr_scheduler: cosine"],
     ),
+    "cycles without restarts": (
+        GOOD.replace("max_steps: 10", "max_steps: 10\n  lr_cycles: 3"),
+        ["training.lr_cycles", "lr_scheduler: cosine_with_restarts, found lr_scheduler cosine"],
+    ),
+    "decay ratio without wsd": (
+        GOOD.replace("max_steps: 10", "max_steps: 10\n  lr_scheduler: linear\n  decay_ratio: 0.2"),
+        ["training.decay_ratio", "Set training.lr_scheduler=warmup_stable_decay"],
+    ),
     "early stopping without evaluations": (
         GOOD.replace("max_steps: 10", "max_steps: 10\n  early_stopping_patience: 3"),
         ["training.early_stopping_patience", "training.eval_steps"],
@@ -562,9 +570,25 @@ def test_chat_template_names_and_all_linear_are_settled_when_the_recipe_is_valid
         # cosine down to 10% of the peak: halfway 0.1 + 0.9 * 0.5
         ({"min_lr_ratio": 0.1}, 20, {0: 1.0, 10: 0.55, 20: 0.1}),
         ({"lr_scheduler": "linear", "warmup_ratio": 0.5}, 4, {0: 0.0, 1: 0.5, 2: 1.0, 3: 0.5, 4: 0.0}),
+        # two cosine cycles of 5 steps each after 2 warmup steps: back at the peak at step 7
+        (
+            {"lr_scheduler": "cosine_with_restarts", "lr_cycles": 2, "warmup_steps": 2},
+            12,
+            {2: 1.0, 7: 1.0, 6: 0.095492},
+        ),
+        # 1/sqrt(step / warmup) after the warmup
+        ({"lr_scheduler": "inverse_sqrt", "warmup_steps": 4}, 20, {2: 0.5, 4: 1.0, 16: 0.5}),
+        # warmup from the floor (transformers' WSD), flat at the peak, then a cosine over the last 5 steps (0.25
+        # of 20) down to the floor of 0.1
+        (
+            {"lr_scheduler": "warmup_stable_decay", "decay_ratio": 0.25, "min_lr_ratio": 0.1, "warmup_steps": 2},
+            20,
+            {0: 0.1, 1: 0.55, 2: 1.0, 15: 1.0, 20: 0.1},
+        ),
+        ({"lr_scheduler": "warmup_stable_decay"}, 20, {0: 1.0, 18: 1.0, 20: 0.0}),  # decay_ratio: 0.1 by default
     ],
 )
-def test_the_schedule_follows_warmup_ratio_and_min_lr_ratio(workdir, settings, total, expected):
+def test_the_schedule_follows_the_recipe(workdir, settings, total, expected):
     import torch
 
     from unsloth_mgpu_cli.optim import build_scheduler

@@ -32,16 +32,20 @@ def build_scheduler(optimizer: Any, recipe: Recipe, total_steps: int) -> Any:
     from transformers import get_scheduler
 
     t = recipe.training
-    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[t.lr_scheduler]
-    extra = {}
-    if t.lr_scheduler == "cosine" and t.min_lr_ratio:
+    total, warmup = max(1, total_steps), warmup_steps(recipe, total_steps)
+    name, extra = t.lr_scheduler, {}
+    if name == "constant":
+        name = "constant_with_warmup"
+    elif name == "cosine" and t.min_lr_ratio:
         name, extra = "cosine_with_min_lr", {"min_lr_rate": t.min_lr_ratio}
+    elif name == "cosine_with_restarts":
+        extra = {"num_cycles": t.lr_cycles}
+    elif name == "warmup_stable_decay":
+        # the decay takes the last steps, never the warmup's: what is left between them is flat
+        decay = min(math.ceil((t.decay_ratio or 0.1) * total), max(0, total - warmup))
+        extra = {"num_decay_steps": decay, "min_lr_ratio": t.min_lr_ratio}
     return get_scheduler(
-        name,
-        optimizer,
-        num_warmup_steps=warmup_steps(recipe, total_steps),
-        num_training_steps=max(1, total_steps),
-        scheduler_specific_kwargs=extra or None,
+        name, optimizer, num_warmup_steps=warmup, num_training_steps=total, scheduler_specific_kwargs=extra or None
     )
 
 

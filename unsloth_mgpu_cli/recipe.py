@@ -340,8 +340,13 @@ class TrainingSection(_Section):
         "adamw_8bit", description="adamw (torch), adamw_8bit (bitsandbytes, also on CPU), sgd."
     )
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="Decoupled weight decay.")
-    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
-        "cosine", description="Learning-rate schedule after warmup."
+    lr_scheduler: Literal[
+        "constant", "linear", "cosine", "cosine_with_restarts", "inverse_sqrt", "warmup_stable_decay"
+    ] = Field(
+        "cosine",
+        description="Learning-rate schedule after warmup (transformers' schedules): constant, linear or cosine "
+        "to 0, cosine_with_restarts (training.lr_cycles hard restarts), inverse_sqrt (1/sqrt(step) after warmup), "
+        "warmup_stable_decay (flat, then a cosine decay over training.decay_ratio of the steps).",
     )
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (or training.warmup_ratio).")
     warmup_ratio: float | None = Field(
@@ -355,8 +360,18 @@ class TrainingSection(_Section):
         0.0,
         ge=0.0,
         lt=1.0,
-        description="cosine only: decay to this fraction of training.learning_rate instead of to 0 "
-        "(axolotl's cosine_min_lr_ratio).",
+        description="cosine and warmup_stable_decay: decay to this fraction of training.learning_rate instead of "
+        "to 0 (axolotl's cosine_min_lr_ratio).",
+    )
+    lr_cycles: int = Field(
+        1, ge=1, le=1000, description="cosine_with_restarts: cosine cycles, each restarting at the peak rate."
+    )
+    decay_ratio: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="warmup_stable_decay: the last fraction of the run's steps over which the rate decays "
+        "(rounded up); null: 0.1.",
     )
     max_grad_norm: float | None = Field(
         1.0, gt=0.0, description="Clip the synchronised global gradient norm to this; null disables."
@@ -562,14 +577,19 @@ class Recipe(_Section):
                     f"({t.warmup_ratio}), found both. Keep one, e.g. training.warmup_steps=0",
                 )
             )
-        if t.min_lr_ratio and t.lr_scheduler != "cosine":
-            problems.append(
-                (
-                    "training.min_lr_ratio",
-                    f"applies to training.lr_scheduler: cosine, found lr_scheduler {t.lr_scheduler}. Set "
-                    "training.lr_scheduler=cosine or remove training.min_lr_ratio",
+        for key, given, schedulers in (
+            ("min_lr_ratio", t.min_lr_ratio != 0.0, ("cosine", "warmup_stable_decay")),
+            ("lr_cycles", t.lr_cycles != 1, ("cosine_with_restarts",)),
+            ("decay_ratio", t.decay_ratio is not None, ("warmup_stable_decay",)),
+        ):
+            if given and t.lr_scheduler not in schedulers:
+                problems.append(
+                    (
+                        f"training.{key}",
+                        f"applies to training.lr_scheduler: {' or '.join(schedulers)}, found lr_scheduler "
+                        f"{t.lr_scheduler}. Set training.lr_scheduler={schedulers[0]} or remove training.{key}",
+                    )
                 )
-            )
         d = self.distributed
         if d.node_rank >= d.nnodes:
             problems.append(

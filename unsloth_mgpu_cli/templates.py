@@ -58,7 +58,7 @@ training:
   gradient_accumulation_steps: 1
   learning_rate: 3.0e-3
   optimizer: adamw              # adamw | adamw_8bit | sgd
-  lr_scheduler: cosine          # constant | linear | cosine
+  lr_scheduler: cosine          # constant | linear | cosine | cosine_with_restarts | inverse_sqrt | warmup_stable_decay
   warmup_steps: 5                # or warmup_ratio: 0.1 (a fraction of the steps)
   seed: 42
 
