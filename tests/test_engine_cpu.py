@@ -274,6 +274,12 @@ def test_full_fine_tuning_writes_a_model_that_loads_with_transformers(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(str(ensure_builtin_model("builtin:tiny-llama")), dtype=torch.float32)
     changed = [n for n, p in tuned.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
     assert len(changed) > len(list(base.parameters())) // 2  # every layer trained, not only an adapter
+    # `mgpu generate` prompts the tuned model/ (there is no adapter to put on a base)
+    from unsloth_mgpu_cli.generate import GenerationArgs, load_run
+
+    loaded = load_run(out, GenerationArgs(device="cpu"))
+    assert not hasattr(loaded.model, "peft_config")
+    assert all(torch.equal(p, dict(tuned.named_parameters())[n]) for n, p in loaded.model.named_parameters())
 
 
 def test_longest_row_is_the_padded_width_or_the_packed_length():

@@ -269,7 +269,7 @@ def test_export_names_a_damaged_adapter_a_checkpoint_folder_and_a_run_still_trai
     finally:
         engine._OUTPUT_LOCK.close()
         engine._OUTPUT_LOCK = None
-    assert_user_error(proc, f"the run is still training (pid {os.getpid()}", "export once it has")
+    assert_user_error(proc, f"the run is still training (pid {os.getpid()}", "run `mgpu export` once it has")
     assert "--resume" not in proc.stderr
     proc = run_mgpu("export", str(copy), timeout=300)  # the control: ended, so finish it
     assert_user_error(proc, "no adapter", f"mgpu train {copy / 'recipe.resolved.yaml'} --resume auto")

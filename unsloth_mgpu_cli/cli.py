@@ -3,6 +3,7 @@
     mgpu validate recipes/quickstart.yaml training.learning_rate=1e-4
     mgpu train recipes/quickstart.yaml
     mgpu export outputs/quickstart --merged
+    mgpu generate outputs/quickstart "Add 17 and 25."
     mgpu report outputs/quickstart
     mgpu prepare recipes/quickstart.yaml dataset.batching=packed
 
@@ -176,7 +177,9 @@ def train(
 
 @app.command()
 def export(
-    output_dir: Annotated[Path, typer.Argument(help="output.dir of a finished LoRA run.", show_default=False)],
+    output_dir: Annotated[
+        Path, typer.Argument(help="output.dir of a finished LoRA run.", show_default=False, metavar="OUTPUT_DIR")
+    ],
     merged: Annotated[  # accepted for scripts written when it was required; there is no other export
         bool,
         _flag("--merged", help="Merge the adapter into the base weights: the one export there is, so the default."),
@@ -213,8 +216,48 @@ def export(
 
 
 @app.command()
+def generate(
+    output_dir: Annotated[
+        Path, typer.Argument(help="output.dir of a finished run.", show_default=False, metavar="OUTPUT_DIR")
+    ],
+    prompts: Annotated[
+        list[str],
+        typer.Argument(
+            help="One or more prompts; each is framed as the run's training rows were.",
+            show_default=False,
+            metavar="PROMPT",
+        ),
+    ],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens per reply.")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", help="0: greedy; above 0: sampled.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling (with --temperature > 0).")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto (a GPU when there is one) | cpu | cuda.")] = "auto",
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", help="alpaca | chat | text (default: the run's dataset.format).", show_default=False),
+    ] = None,
+    input_text: Annotated[str, typer.Option("--input", help="alpaca: the row's input (context).")] = "",
+    system: Annotated[
+        str | None, typer.Option("--system", help="chat: a system message before the prompt.", show_default=False)
+    ] = None,
+) -> None:
+    """Try a trained run: prompt its model as it was trained and stream the replies (transformers and peft only)."""
+    from .generate import GenerationArgs
+    from .generate import generate as run_generate
+
+    args = GenerationArgs(max_new_tokens, temperature, top_p, seed, device, fmt, input_text, system)
+    try:
+        run_generate(output_dir, list(prompts), args)
+    except UserError as exc:
+        _fail(exc)
+
+
+@app.command()
 def report(
-    output_dir: Annotated[Path, typer.Argument(help="output.dir of a run (finished or not).", show_default=False)],
+    output_dir: Annotated[
+        Path, typer.Argument(help="output.dir of a run (finished or not).", show_default=False, metavar="OUTPUT_DIR")
+    ],
     png: Annotated[
         Path | None, typer.Option("--png", help="Where to write the plots (default OUTPUT_DIR/report.png).")
     ] = None,

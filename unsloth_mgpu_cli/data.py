@@ -804,6 +804,24 @@ def encode_row(row: dict[str, Any], tokenizer: Any, enc: Encoding) -> tuple[list
     return ids, labels
 
 
+def encode_prompt(
+    tokenizer: Any, fmt: str, chat_template: str | None, text: str, input_text: str = "", system: str | None = None
+) -> list[int]:
+    """The token ids that prompt a model trained on `fmt` rows: what `encode_row` puts before a response.
+
+    alpaca: the instruction (`text`, with `input_text`) in the alpaca frame up to `### Response:`; chat: a user turn
+    (after an optional system one) rendered with the training template and its generation prompt; text: `text`."""
+    if fmt == "alpaca":
+        prompt, _ = render_alpaca({"instruction": text, "input": input_text, "output": ""})
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if fmt == "text":
+        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    full = _render_chat(tokenizer, msgs, chat_template, True)
+    bos = tokenizer.bos_token
+    return list(tokenizer(full, add_special_tokens=not (bos and full.startswith(bos)))["input_ids"])
+
+
 _WORKER_TOKENIZER: Any = None
 
 

@@ -55,6 +55,16 @@ def check_export_args(output_dir: Path, dtype: str, dest: Path | None = None) ->
         raise UserError(
             Problem("argument --dtype", f"expected one of {', '.join(DTYPES)}, found {dtype!r}"), "invalid arguments"
         )
+    adapter, base = find_adapter(out)
+    check_export_dest(out, dest, base)
+    return adapter, base
+
+
+def find_adapter(out: Path, full_model_ok: bool = False, command: str = "export") -> tuple[Path, str]:
+    """(the run's adapter folder, its base model reference), or a UserError saying what is missing.
+
+    `full_model_ok`: a full fine-tune's run gives (its model/ folder, that folder) instead of an error. `command`
+    names the command in the hints (`mgpu export`, `mgpu generate`)."""
     if not out.is_dir():
         raise UserError(
             Problem("argument OUTPUT_DIR", f"not a folder: {out}", "give the output.dir of an `mgpu train` run"),
@@ -62,6 +72,8 @@ def check_export_args(output_dir: Path, dtype: str, dest: Path | None = None) ->
         )
     adapter = out / "adapter"
     if not (adapter / "adapter_config.json").exists():
+        if (out / "model" / "config.json").exists() and full_model_ok:
+            return out / "model", str(out / "model")
         if (out / "model" / "config.json").exists():
             raise UserError(
                 Problem(
@@ -69,7 +81,7 @@ def check_export_args(output_dir: Path, dtype: str, dest: Path | None = None) ->
                     f"{out} is a full fine-tune: {out / 'model'} already is a complete "
                     "HF model, there is no adapter to merge",
                 ),
-                "nothing to export",
+                f"nothing to {command}",
             )
         from .engine import live_run
 
@@ -78,22 +90,22 @@ def check_export_args(output_dir: Path, dtype: str, dest: Path | None = None) ->
         found = f"no adapter in {out} (expected adapter/adapter_config.json)"
         if training:
             found += f": the run is still training ({training})"
-            hint = "the adapter is written when training ends: export once it has"
+            hint = f"the adapter is written when training ends: run `mgpu {command}` once it has"
         elif a_run:
             hint = (
                 f"the adapter is written when training ends; finish the run with `mgpu train "
                 f"{out / 'recipe.resolved.yaml'} --resume auto`"
             )
         elif out.name.startswith(STEP_PREFIX) and (out / "state.json").is_file():
-            found = f"{out} is a checkpoint, not a run folder: export takes the run's output.dir"
+            found = f"{out} is a checkpoint, not a run folder: {command} takes the run's output.dir"
             hint = (
                 f"finish the run ({out.parent.parent}) with `mgpu train RECIPE --resume auto`, then "
-                f"`mgpu export {out.parent.parent}`"
+                f"`mgpu {command} {out.parent.parent}`"
             )
         else:
             found += "; it holds no recipe.resolved.yaml either: not the folder of an mgpu run"
             hint = "give the output.dir of an `mgpu train` run"
-        raise UserError(Problem("argument OUTPUT_DIR", found, hint), "nothing to export")
+        raise UserError(Problem("argument OUTPUT_DIR", found, hint), f"nothing to {command}")
     try:
         base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     except (OSError, ValueError, KeyError) as exc:
@@ -116,7 +128,6 @@ def check_export_args(output_dir: Path, dtype: str, dest: Path | None = None) ->
         from .models import resolve_model_path
 
         base = resolve_model_path(name)  # the builtin's cache folder may have moved since training
-    check_export_dest(out, dest, base)
     return adapter, base
 
 
