@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import EQUIVALENCE_RUN, ROOT, run_mgpu
+from conftest import EQUIVALENCE_RUN, ROOT, mgpu_env, run_mgpu
 
-from unsloth_mgpu_cli.data import NAMED_CHAT_TEMPLATES, IGNORE_INDEX, Encoding, encode_prompt, encode_row
+from unsloth_mgpu_cli.data import IGNORE_INDEX, NAMED_CHAT_TEMPLATES, Encoding, encode_prompt, encode_row
 from unsloth_mgpu_cli.generate import GenerationArgs, generate, load_run, prompt_ids
 from unsloth_mgpu_cli.models import ensure_builtin_model
 
@@ -134,11 +136,6 @@ def test_generate_does_not_import_unsloth(run):
         f"generate(Path({str(run)!r}), ['hi'], GenerationArgs(max_new_tokens=2, device='cpu'), stream=None); "
         "print('unsloth' in sys.modules)"
     )
-    import subprocess
-    import sys
-
-    from conftest import mgpu_env
-
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=mgpu_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "False"
