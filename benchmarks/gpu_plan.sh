@@ -51,6 +51,9 @@
 # against 16.55 GiB; warmup_ratio and min_lr_ratio as planned; DoRA's merged export and 16-bit quick start: exit 0),
 # `T=330 s21b` (early stopping on CUDA: ended at step 6, its resume had nothing to do; 2 passed, 3 skipped, 209 s),
 # `s21c` (output.keep_best on CUDA: the adapter is step 4's of 20, equal to best/ and to step 4's checkpoint).
+# In session 22 (only the 1-GPU kind lent): `s22` (NEFTune on the 1B: 69,210 against 70,240 tokens/s; a sample's noise
+# the same alone and packed on CUDA; the WSD schedule's rates; generate, fractional epochs and DoRA under fsdp: exit 0),
+# `T=400 gputest` (2 passed, 3 skipped, 182 s).
 # Next, in this order:
 #   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
@@ -60,7 +63,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
+STAGE=${1:?usage: gpu_plan.sh s22|s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -494,6 +497,51 @@ PY
     rm -rf "$OUT/hub" "$OUT/hubrun"
     timeout -k 10 "${T:-230}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
+  s22)
+    # session 22 (1-GPU kind): training.neftune_noise_alpha on CUDA: the 1B (QLoRA, GSM8K, global batch 128 as 2 x 64)
+    # for 30 steps without and with NEFTune (tokens/s: the per-sample noise's cost; loss), the second run with the
+    # warmup_stable_decay schedule; the noise of a sample alone and inside a packed row on CUDA; `mgpu generate` on
+    # the 1B run; then the quick start with fractional epochs, and with DoRA under fsdp
+    python3 benchmarks/make_model.py --size 1b --out /tmp/models/llama-1b --corpus gpu-data/gsm8k_train_alpaca.json \
+      > "$OUT/build.txt" 2>&1 || { echo "build failed"; tail -5 "$OUT/build.txt"; exit 1; }
+    B=(python3 -m unsloth_mgpu_cli train benchmarks/recipes/gsm8k_qlora.yaml model.name=/tmp/models/llama-1b
+       dataset.path="$PWD/gpu-data/gsm8k_train_alpaca.json" distributed.num_gpus=1 training.micro_batch_size=64
+       training.gradient_accumulation_steps=2 training.max_steps=30 logging.progress=false logging.steps=1)
+    for m in plain neftune; do
+      X=(); [ $m = neftune ] && X=(training.neftune_noise_alpha=5 training.lr_scheduler=warmup_stable_decay
+        training.decay_ratio=0.2 training.min_lr_ratio=0.1)
+      s=$(date +%s); "${B[@]}" "${X[@]}" output.dir="$OUT/$m" > "$OUT/$m.txt" 2>&1
+      echo "$m: exit=$? in $(( $(date +%s)-s )) s"; grep -E "^throughput|^final loss|^peak memory|^step time" "$OUT/$m.txt"
+      python3 -c "import json, sys; r = [json.loads(l) for l in open(sys.argv[1])]; \
+print('  learning rate at steps 1, 5, 24, 25, 30:', [round(r[i - 1]['learning_rate'], 7) for i in (1, 5, 24, 25, 30)])" "$OUT/$m/metrics.jsonl"
+    done
+    python3 - <<'PY'
+import torch
+from unsloth_mgpu_cli.neftune import NoisyEmbeddings, packed_layout, padded_layout
+n, lengths = NoisyEmbeddings(5.0, 42), [37, 120, 64]
+with n.batch(7, padded_layout([1], lengths)):
+    alone = n.noise((1, 120, 2048), "cuda")[0]
+with n.batch(7, packed_layout([0, 2, 1], lengths)):
+    packed = n.noise((1, 221, 2048), "cuda")[0, 101:221]
+print("NEFTune on CUDA: sample 1 alone == inside a packed row:", torch.equal(alone, packed),
+      "| max", round(float(alone.abs().max()), 5), "<= bound", round(5.0 / (120 * 2048) ** 0.5, 5))
+PY
+    s=$(date +%s); python3 -m unsloth_mgpu_cli generate "$OUT/neftune" "Natalia sold clips to 48 of her friends in April, \
+and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?" \
+      --max-new-tokens 24 > "$OUT/generate.txt" 2> "$OUT/generate.err"
+    echo "generate on the 1B run: exit=$? in $(( $(date +%s)-s )) s; reply: $(head -c 160 "$OUT/generate.txt" | tr '\n' ' ')"
+    tail -2 "$OUT/generate.err" | cut -c1-200
+    rm -rf "$OUT/plain/checkpoints" "$OUT/neftune/checkpoints"
+    Q=(python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 logging.progress=false)
+    "${Q[@]}" training.max_steps=null training.epochs=1.5 output.dir="$OUT/epochs" > "$OUT/epochs.txt" 2>&1
+    echo "quick start, epochs 1.5: exit=$?"; grep -E "^steps|^final loss|^length|epochs" "$OUT/epochs.txt" | head -4 | cut -c1-160
+    python3 -c "import json; s = json.load(open('$OUT/epochs/summary.json')); print('  steps', s['steps'])"
+    "${Q[@]}" training.max_steps=20 lora.use_dora=true distributed.strategy=fsdp output.dir="$OUT/dorafsdp" \
+      > "$OUT/dorafsdp.txt" 2>&1
+    echo "quick start, DoRA under fsdp: exit=$?"; grep -E "^final loss|^peak memory|strategy" "$OUT/dorafsdp.txt" | head -3
+    python3 -m unsloth_mgpu_cli generate "$OUT/dorafsdp" "Write the word in capital letters." --input fox \
+      --max-new-tokens 8 > "$OUT/gen2.txt" 2>&1; echo "generate on the DoRA run: exit=$?"
+    rm -rf "$OUT/epochs/checkpoints" "$OUT/dorafsdp/checkpoints" ;;
   s21)
     # session 21 (1-GPU kind): lora.use_dora, training.warmup_ratio and training.min_lr_ratio on CUDA: the 1B (QLoRA,
     # GSM8K, global batch 128 as 2 x 64) for 30 steps with LoRA and with DoRA (tokens/s, loss, the learning rate's
