@@ -252,6 +252,10 @@ def test_resume_check_names_what_changed(tmp_path):
         C.check_resume_compatible(ckpt, {**saved, "lora": {**lora, "r": 8}})
     text = exc.value.render()
     assert "trained with {'r': 16}, the recipe now gives {'r': 8}" in text and "set lora.r back" in text, text
+    # a key the checkpoint's version did not have is no change (a session-20 checkpoint, before lora.use_dora)
+    C.check_resume_compatible(ckpt, {**saved, "lora": {**lora, "use_dora": False, "loraplus_lr_ratio": None}})
+    with pytest.raises(UserError, match="set lora.r back"):
+        C.check_resume_compatible(ckpt, {**saved, "lora": {**lora, "r": 8, "use_dora": False}})
 
 
 def test_resume_from_a_folder_that_is_no_checkpoint_names_the_ones_there(tmp_path):

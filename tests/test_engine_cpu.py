@@ -187,6 +187,23 @@ def test_two_workers_equal_one_worker_with_neftune_noise(tmp_path, runs):
     assert max_rel_diff(one, adapter(runs / "one")) > 1e-3  # the same run without noise
 
 
+def test_two_workers_equal_one_worker_with_loraplus_and_the_8bit_optimizer(tmp_path, runs):
+    """lora.loraplus_lr_ratio: two parameter groups (B matrices at 16 x the rate), each updated in flat runs."""
+    plus = ("lora.loraplus_lr_ratio=16", "training.optimizer=adamw_8bit", "training.learning_rate=1e-3")
+    train(tmp_path / "two", "distributed.num_gpus=2", "training.micro_batch_size=2", *plus)
+    train(tmp_path / "one", "distributed.num_gpus=1", "training.micro_batch_size=4", *plus)
+    two, one = adapter(tmp_path / "two"), adapter(tmp_path / "one")
+    assert max_rel_diff(two, one) < 1e-3
+    train(tmp_path / "plain", "distributed.num_gpus=1", "training.micro_batch_size=4", *plus[1:])
+    plain = adapter(tmp_path / "plain")
+    # at the same base rate the B matrices moved further
+    for name in (k for k in one if "lora_B" in k):
+        assert float(one[name].norm()) > 4 * float(plain[name].norm()), name
+    # the groups are runs of their own in the flat buckets: as many tensors per kernel as with one group
+    flat = [json.loads((tmp_path / r / "summary.json").read_text())["optimizer_flat"] for r in ("one", "plain")]
+    assert flat[0] == flat[1] and flat[0]["tensors"] > flat[0]["kernels"], flat
+
+
 def test_speed_balance_follows_persistent_differences_only():
     sb = SpeedBalance(world=2, enabled=True)
     assert sb.speeds() is None  # nothing measured yet

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bitsandbytes as bnb  # Unsloth depends on it: a missing one is a broken install, not a skip
+import pytest
 import torch
 
 
@@ -273,3 +274,39 @@ def test_a_masked_step_is_undone_on_the_device_or_kept_to_the_bit():
     assert all(torch.equal(a, b) for a, b in zip(masked, plain, strict=True))
     got, want = state(opt, masked), state(ref, plain)
     assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(got, want, strict=True))
+
+
+def test_loraplus_puts_b_matrices_and_1d_parameters_in_a_faster_group_that_resumes_with_its_rate():
+    """lora.loraplus_lr_ratio: PEFT's create_loraplus_optimizer grouping (lora_B and 1-D parameters at ratio x the
+    rate); the schedule scales both groups, and a resume (`_follow_the_recipe`) keeps the ratio."""
+    from conftest import ROOT
+
+    from unsloth_mgpu_cli.checkpoint import _follow_the_recipe
+    from unsloth_mgpu_cli.optim import build_optimizer, build_scheduler, lr_scales
+    from unsloth_mgpu_cli.recipe import load_recipe
+
+    names = ["q.lora_A.weight", "q.lora_B.weight", "q.lora_magnitude_vector", "v.lora_A.weight", "v.lora_B.weight"]
+    params = [torch.nn.Parameter(torch.zeros((4, 2) if "lora" in n and "magnitude" not in n else (4,))) for n in names]
+    quick = ROOT / "recipes" / "quickstart.yaml"
+    plain = load_recipe(quick, ["training.warmup_steps=2", "training.learning_rate=1e-3"]).recipe
+    plus = load_recipe(quick, ["training.warmup_steps=2", "training.learning_rate=1e-3", "lora.loraplus_lr_ratio=16"])
+    assert lr_scales(names, params, plain) == [1.0] * 5
+    scales = lr_scales(names, params, plus.recipe)
+    assert scales == [1.0, 16.0, 16.0, 1.0, 16.0]
+    for kind in ("adamw", "adamw_8bit", "sgd"):
+        plus.recipe.training.optimizer = kind
+        opt = build_optimizer(params, plus.recipe, "cpu", scales)
+        assert [(g["lr"], len(g["params"])) for g in opt.param_groups] == [(1e-3, 2), (16e-3, 3)], kind
+    assert len(build_optimizer(params, plain, "cpu", lr_scales(names, params, plain)).param_groups) == 1
+    sched = build_scheduler(opt, plus.recipe, total_steps=10)
+    opt.step()
+    sched.step()  # halfway through the warmup
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5e-3, 8e-3])
+    state = (opt.state_dict(), sched.state_dict())
+    fresh = build_optimizer(params, plus.recipe, "cpu", scales)
+    again = build_scheduler(fresh, plus.recipe, total_steps=10)
+    fresh.load_state_dict(state[0])
+    again.load_state_dict(state[1])
+    _follow_the_recipe(again, plus.recipe.training)
+    assert [g["lr"] for g in fresh.param_groups] == pytest.approx([0.5e-3, 8e-3])
+    assert again.base_lrs == pytest.approx([1e-3, 16e-3])

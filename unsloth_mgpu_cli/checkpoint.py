@@ -501,7 +501,10 @@ def check_resume_compatible(ckpt: Path, identity: dict[str, Any], recipe_yaml: s
         label, keys = _IDENTITY_LABELS.get(key, (key, key))
         was, given = saved[key], now
         if isinstance(was, dict) and isinstance(now, dict):  # a section (lora): only the keys that differ
-            differ = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+            # a key one side lacks came with another version (lora.use_dora, lora.loraplus_lr_ratio): not a change
+            differ = sorted(k for k in was.keys() & now.keys() if was[k] != now[k])
+            if not differ:
+                continue
             was, given = ({k: d.get(k) for k in differ} for d in (saved[key], now))
             keys = ", ".join(f"{key}.{k}" for k in differ)
         found = f"{label} changed: the checkpoint was trained with {was!r}, the recipe now gives {given!r}"
@@ -699,14 +702,15 @@ def _follow_the_recipe(scheduler: Any, training: Any) -> None:
     and weight decay: continue with this recipe's, whose `training.learning_rate`, `max_steps`, warm-up or
     `weight_decay` may differ, at the step reached. With an unchanged recipe these are the very values the
     checkpoint holds."""
-    learning_rate = training.learning_rate
-    for group in scheduler.optimizer.param_groups:
+    groups = scheduler.optimizer.param_groups
+    for group in groups:
         if "weight_decay" in group:
             group["weight_decay"] = training.weight_decay
-    scheduler.base_lrs = [learning_rate for _ in scheduler.base_lrs]
-    for group, fn in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
-        group["initial_lr"] = learning_rate
-        group["lr"] = learning_rate * fn(scheduler.last_epoch)
+    # a group's multiple of the rate (LoRA+'s B matrices: lora.loraplus_lr_ratio) is the recipe's, as the rate is
+    scheduler.base_lrs = [training.learning_rate * group.get("lr_scale", 1.0) for group in groups]
+    for group, base, fn in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 

@@ -9,16 +9,35 @@ from typing import Any
 from .recipe import Recipe
 
 
-def build_optimizer(params: list[Any], recipe: Recipe, device_type: str) -> Any:
-    """The recipe's `training.optimizer` over `params`: SGD, AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW."""
+def build_optimizer(params: list[Any], recipe: Recipe, device_type: str, scales: list[float] | None = None) -> Any:
+    """The recipe's `training.optimizer` over `params`: SGD, AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW.
+
+    `scales` (from `lr_scales`): each parameter's multiple of training.learning_rate; one parameter group per
+    value, in order of first appearance, each holding its `lr_scale` (a resume restores the rates from it)."""
     import torch
 
     t = recipe.training
+    groups: Any = params
+    if scales is not None and set(scales) != {1.0}:
+        by_scale: dict[float, list[Any]] = {}
+        for p, scale in zip(params, scales, strict=True):
+            by_scale.setdefault(scale, []).append(p)
+        groups = [{"params": ps, "lr": t.learning_rate * k, "lr_scale": k} for k, ps in by_scale.items()]
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        return torch.optim.SGD(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
     if t.optimizer == "adamw_8bit":  # bitsandbytes' kernels on CUDA, its torch implementation on CPU
-        return adamw_8bit_class()(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=device_type == "cuda")
+        return adamw_8bit_class()(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay, fused=device_type == "cuda")
+
+
+def lr_scales(names: list[str], params: list[Any], recipe: Recipe) -> list[float]:
+    """Each trainable parameter's multiple of training.learning_rate: 1, except under LoRA+
+    (`lora.loraplus_lr_ratio`) for LoRA's B matrices and 1-D parameters (DoRA's magnitudes, biases), which PEFT's
+    `create_loraplus_optimizer` puts in its fast group too."""
+    ratio = recipe.lora.loraplus_lr_ratio if recipe.lora is not None else None
+    if not ratio:
+        return [1.0] * len(params)
+    return [float(ratio) if "lora_B" in n or p.ndim == 1 else 1.0 for n, p in zip(names, params, strict=True)]
 
 
 def warmup_steps(recipe: Recipe, total_steps: int) -> int:

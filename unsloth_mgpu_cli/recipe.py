@@ -117,6 +117,14 @@ class LoraSection(_Section):
         description="DoRA (weight-decomposed LoRA): a trained magnitude per output feature on top of LoRA's "
         "direction; slower than LoRA (no fused LoRA kernels).",
     )
+    loraplus_lr_ratio: float | None = Field(
+        None,
+        gt=0.0,
+        le=1024.0,
+        description="LoRA+: LoRA's B matrices (and 1-D parameters such as DoRA's magnitudes) learn at this multiple "
+        "of training.learning_rate, as PEFT's create_loraplus_optimizer groups them (the paper suggests 16); null: "
+        "one rate for all.",
+    )
 
     @field_validator("target_modules", mode="before")
     @classmethod

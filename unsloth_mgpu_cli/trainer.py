@@ -129,8 +129,16 @@ class Trainer:
 
             self.neftune = NoisyEmbeddings(r.training.neftune_noise_alpha, r.training.seed).attach(model)
         self.plan.timeline["model_ready"] = time.time()
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        from .optim import lr_scales
+
+        scales = lr_scales([n for n, _ in named], [p for _, p in named], r)
+        # LoRA+: the fast group's parameters after the others, so that each group is one run of the flat buckets
+        # (8-bit AdamW updates a run of one group in one kernel; alternating A and B would be a kernel per tensor)
+        order = sorted(range(len(named)), key=lambda i: scales[i] != 1.0)
+        self.param_names = [named[i][0] for i in order]
+        self.params = [named[i][1] for i in order]
+        self.lr_scales = [scales[i] for i in order]
 
     def _plan_data(self) -> None:
         """The tokenised data (and eval split), and the plan of every step's micro-batches per rank."""
@@ -184,7 +192,7 @@ class Trainer:
                 grad_views=True,
                 param_views=r.training.optimizer == "adamw_8bit",
             )
-        self.optimizer = build_optimizer(self.params, r, self.info.device_type)
+        self.optimizer = build_optimizer(self.params, r, self.info.device_type, self.lr_scales)
         if hasattr(self.optimizer, "use_flat") and not self.sharded:
             self.optimizer.use_flat(self.sync.flat_buckets())
         self.scheduler = build_scheduler(self.optimizer, r, self.total_steps)
