@@ -46,6 +46,7 @@ lora:                           # `lora: null` for full fine-tuning (without thi
   alpha: 16
   dropout: 0.0
   target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
+  # use_dora: true              # DoRA; or loraplus_lr_ratio: 16 (LoRA+: B matrices at 16 x the rate)
 
 dataset:
   path: data/{data}             # .json/.jsonl/.csv/.parquet (relative to this file) or a hub dataset id
@@ -59,7 +60,8 @@ training:
   learning_rate: 3.0e-3
   optimizer: adamw              # adamw | adamw_8bit | sgd
   lr_scheduler: cosine          # constant | linear | cosine | cosine_with_restarts | inverse_sqrt | warmup_stable_decay
-  warmup_steps: 5                # or warmup_ratio: 0.1 (a fraction of the steps)
+  warmup_steps: 5               # or warmup_ratio: 0.1 (a fraction of the steps)
+  # neftune_noise_alpha: 5      # NEFTune: noise on the input embeddings while training
   seed: 42
 
 distributed:
