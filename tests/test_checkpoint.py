@@ -32,7 +32,10 @@ def make_trainer(out: Path, seed: int = 0, lr: float = 1e-2, total: int = 10, wd
         optimizer=opt,
         scheduler=sched,
         recipe=SimpleNamespace(
-            output=SimpleNamespace(save_total_limit=2), training=SimpleNamespace(learning_rate=lr, weight_decay=wd)
+            output=SimpleNamespace(save_total_limit=2),
+            training=SimpleNamespace(
+                learning_rate=lr, weight_decay=wd, adam_beta1=None, adam_beta2=None, adam_epsilon=None
+            ),
         ),
         plan=SimpleNamespace(identity={"global_batch": 8}),
         run_state={"tokens": 0},

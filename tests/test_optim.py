@@ -6,6 +6,8 @@ import bitsandbytes as bnb  # Unsloth depends on it: a missing one is a broken i
 import pytest
 import torch
 
+from unsloth_mgpu_cli.errors import UserError
+
 
 def _params(seed: int) -> list[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
@@ -310,3 +312,40 @@ def test_loraplus_puts_b_matrices_and_1d_parameters_in_a_faster_group_that_resum
     _follow_the_recipe(again, plus.recipe.training)
     assert [g["lr"] for g in fresh.param_groups] == pytest.approx([0.5e-3, 8e-3])
     assert again.base_lrs == pytest.approx([1e-3, 16e-3])
+
+
+def test_adam_betas_and_epsilon_reach_both_adamw_kinds_and_a_resume_takes_the_recipes():
+    from conftest import ROOT
+
+    from unsloth_mgpu_cli.checkpoint import _follow_the_recipe
+    from unsloth_mgpu_cli.optim import build_optimizer, build_scheduler
+    from unsloth_mgpu_cli.recipe import load_recipe
+
+    quick = ROOT / "recipes" / "quickstart.yaml"
+    given = ["training.adam_beta1=0.8", "training.adam_beta2=0.95", "training.adam_epsilon=1e-6"]
+    for kind in ("adamw", "adamw_8bit"):
+        recipe = load_recipe(quick, [f"training.optimizer={kind}", *given]).recipe
+        opt = build_optimizer(_params(0), recipe, "cpu")
+        assert opt.param_groups[0]["betas"] == (0.8, 0.95) and opt.param_groups[0]["eps"] == 1e-6, kind
+        default = build_optimizer(_params(0), load_recipe(quick, [f"training.optimizer={kind}"]).recipe, "cpu")
+        assert default.param_groups[0]["betas"] == (0.9, 0.999) and default.param_groups[0]["eps"] == 1e-8
+    # the 8-bit flat path (one kernel per run of parameters) reads them: equal to bitsandbytes' own with them
+    flat, ref = _shaped(0), _shaped(0)
+    sync = _flat(flat, bucket_mb=0.05)
+    opt = build_optimizer(flat, recipe, "cpu")
+    opt.use_flat(sync.flat_buckets())
+    _steps(opt, flat, sync)
+    t = recipe.training
+    _steps(
+        bnb.optim.AdamW8bit(ref, lr=t.learning_rate, weight_decay=t.weight_decay, betas=(0.8, 0.95), eps=1e-6),
+        ref,
+        None,
+    )
+    assert all(torch.equal(a, b) for a, b in zip(flat, ref, strict=True))
+    assert opt.runs and not torch.equal(flat[0], _shaped(0)[0])
+    # a resume continues with the recipe's values, not the checkpoint's
+    sched = build_scheduler(default, recipe, total_steps=10)
+    _follow_the_recipe(sched, recipe.training)
+    assert default.param_groups[0]["betas"] == (0.8, 0.95) and default.param_groups[0]["eps"] == 1e-6
+    with pytest.raises(UserError, match="training.adam_beta2.*found optimizer sgd"):
+        load_recipe(quick, ["training.optimizer=sgd", "training.adam_beta2=0.95"])

@@ -25,9 +25,21 @@ def build_optimizer(params: list[Any], recipe: Recipe, device_type: str, scales:
         groups = [{"params": ps, "lr": t.learning_rate * k, "lr_scale": k} for k, ps in by_scale.items()]
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
+    adam = adam_settings(t)
     if t.optimizer == "adamw_8bit":  # bitsandbytes' kernels on CUDA, its torch implementation on CPU
-        return adamw_8bit_class()(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay, fused=device_type == "cuda")
+        return adamw_8bit_class()(groups, lr=t.learning_rate, weight_decay=t.weight_decay, **adam)
+    return torch.optim.AdamW(
+        groups, lr=t.learning_rate, weight_decay=t.weight_decay, **adam, fused=device_type == "cuda"
+    )
+
+
+def adam_settings(training: Any) -> dict[str, Any]:
+    """AdamW's betas and eps from `training.adam_beta1/adam_beta2/adam_epsilon` (null: torch's 0.9, 0.999, 1e-8)."""
+    t = training
+    return {
+        "betas": (0.9 if t.adam_beta1 is None else t.adam_beta1, 0.999 if t.adam_beta2 is None else t.adam_beta2),
+        "eps": 1e-8 if t.adam_epsilon is None else t.adam_epsilon,
+    }
 
 
 def lr_scales(names: list[str], params: list[Any], recipe: Recipe) -> list[float]:

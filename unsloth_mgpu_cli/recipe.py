@@ -348,6 +348,15 @@ class TrainingSection(_Section):
         "adamw_8bit", description="adamw (torch), adamw_8bit (bitsandbytes, also on CPU), sgd."
     )
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="Decoupled weight decay.")
+    adam_beta1: float | None = Field(
+        None, ge=0.0, lt=1.0, description="adamw / adamw_8bit: the first moment's decay; null: 0.9."
+    )
+    adam_beta2: float | None = Field(
+        None, ge=0.0, lt=1.0, description="adamw / adamw_8bit: the second moment's decay; null: 0.999."
+    )
+    adam_epsilon: float | None = Field(
+        None, gt=0.0, le=1.0, description="adamw / adamw_8bit: added to the denominator; null: 1e-8."
+    )
     lr_scheduler: Literal[
         "constant", "linear", "cosine", "cosine_with_restarts", "inverse_sqrt", "warmup_stable_decay"
     ] = Field(
@@ -585,6 +594,15 @@ class Recipe(_Section):
                     f"({t.warmup_ratio}), found both. Keep one, e.g. training.warmup_steps=0",
                 )
             )
+        for key in ("adam_beta1", "adam_beta2", "adam_epsilon"):
+            if getattr(t, key) is not None and t.optimizer == "sgd":
+                problems.append(
+                    (
+                        f"training.{key}",
+                        f"applies to training.optimizer adamw or adamw_8bit, found optimizer sgd. Set "
+                        f"training.optimizer=adamw or remove training.{key}",
+                    )
+                )
         for key, given, schedulers in (
             ("min_lr_ratio", t.min_lr_ratio != 0.0, ("cosine", "warmup_stable_decay")),
             ("lr_cycles", t.lr_cycles != 1, ("cosine_with_restarts",)),
@@ -1041,6 +1059,10 @@ _ALIASES = {
     "lr_scheduler_type": "lr_scheduler",
     "cosine_min_lr_ratio": "min_lr_ratio",
     "min_lr_rate": "min_lr_ratio",
+    "beta1": "adam_beta1",
+    "beta2": "adam_beta2",
+    "eps": "adam_epsilon",
+    "adam_eps": "adam_epsilon",
     "neftune_alpha": "neftune_noise_alpha",
     "noisy_embedding_alpha": "neftune_noise_alpha",
     "optim": "optimizer",
