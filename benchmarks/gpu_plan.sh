@@ -53,7 +53,8 @@
 # `s21c` (output.keep_best on CUDA: the adapter is step 4's of 20, equal to best/ and to step 4's checkpoint).
 # In session 22 (only the 1-GPU kind lent): `s22` (NEFTune on the 1B: 69,210 against 70,240 tokens/s; a sample's noise
 # the same alone and packed on CUDA; the WSD schedule's rates; generate, fractional epochs and DoRA under fsdp: exit 0),
-# `T=400 gputest` (2 passed, 3 skipped, 182 s).
+# `T=400 gputest` (2 passed, 3 skipped, 182 s), `s22b` (LoRA+ with adamw_8bit: 71,566 tokens/s, 224 tensors in 3
+# kernels; NEFTune on packed rows 29,191 against 30,336 without it).
 # Next, in this order:
 #   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
@@ -63,7 +64,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s22|s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
+STAGE=${1:?usage: gpu_plan.sh s22b|s22|s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -497,6 +498,23 @@ PY
     rm -rf "$OUT/hub" "$OUT/hubrun"
     timeout -k 10 "${T:-230}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
+  s22b)
+    # session 22 (1-GPU kind): lora.loraplus_lr_ratio on the 1B with adamw_8bit (two parameter groups, each its own
+    # runs of the flat buckets: the update's time against s22's 2 ms), with training.adam_beta2; then NEFTune on
+    # packed rows (a row holds many samples: each gets its own noise)
+    python3 benchmarks/make_model.py --size 1b --out /tmp/models/llama-1b --corpus gpu-data/gsm8k_train_alpaca.json \
+      > "$OUT/build.txt" 2>&1 || { echo "build failed"; tail -5 "$OUT/build.txt"; exit 1; }
+    B=(python3 -m unsloth_mgpu_cli train benchmarks/recipes/gsm8k_qlora.yaml model.name=/tmp/models/llama-1b
+       dataset.path="$PWD/gpu-data/gsm8k_train_alpaca.json" distributed.num_gpus=1 training.micro_batch_size=64
+       training.gradient_accumulation_steps=2 training.max_steps=30 logging.progress=false logging.steps=1)
+    for m in loraplus packed; do
+      X=(lora.loraplus_lr_ratio=16 training.adam_beta2=0.95)
+      [ $m = packed ] && X=(dataset.batching=packed training.neftune_noise_alpha=5)
+      s=$(date +%s); "${B[@]}" "${X[@]}" output.dir="$OUT/$m" > "$OUT/$m.txt" 2>&1
+      echo "$m: exit=$? in $(( $(date +%s)-s )) s"; grep -E "^throughput|^final loss|^peak memory|^step time" "$OUT/$m.txt"
+      python3 -c "import json; s = json.load(open('$OUT/$m/summary.json')); print('  optimizer_flat', s.get('optimizer_flat'))"
+    done
+    rm -rf "$OUT/loraplus/checkpoints" "$OUT/packed/checkpoints" ;;
   s22)
     # session 22 (1-GPU kind): training.neftune_noise_alpha on CUDA: the 1B (QLoRA, GSM8K, global batch 128 as 2 x 64)
     # for 30 steps without and with NEFTune (tokens/s: the per-sample noise's cost; loss), the second run with the
