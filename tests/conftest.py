@@ -91,13 +91,19 @@ def mgpu_env(**extra: str) -> dict[str, str]:
 
 
 def run_mgpu(
-    *args: str, cwd: Path | None = None, timeout: float = 600, env: dict[str, str] | None = None, **extra_env: str
+    *args: str,
+    cwd: Path | None = None,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+    input: str | None = None,
+    **extra_env: str,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python -m unsloth_mgpu_cli ARGS` and capture its output."""
+    """Run `python -m unsloth_mgpu_cli ARGS` (with `input` on stdin) and capture its output."""
     return subprocess.run(
         [sys.executable, "-m", "unsloth_mgpu_cli", *args],
         cwd=cwd or ROOT,
         env=env or mgpu_env(**extra_env),
+        input=input,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -32,7 +32,7 @@ from unsloth_mgpu_cli.recipe import load_recipe
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
-SHELL_END = {"|", "||", "&&", ";", ">", ">>", "2>&1"}
+SHELL_END = {"|", "||", "&&", ";", ">", ">>", "<", "2>&1"}
 ENV_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=\S*\s+")
 LAUNCHER = re.compile(r"^(srun|torchrun|python3? -m torch\.distributed\.run)\s.*?\b(mgpu|-m unsloth_mgpu_cli)\s+")
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"

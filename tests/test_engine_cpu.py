@@ -139,20 +139,43 @@ def test_adapter_loads_with_peft_and_changes_the_model(runs):
     assert float((tuned - before).abs().max()) > 1e-4
 
 
-def test_two_workers_equal_one_worker_with_the_8bit_optimizer(tmp_path, runs):
-    """adamw_8bit (bitsandbytes' CPU implementation): weights and gradients as flat views, tensors of 4096 elements
-    and up updated one kernel per flat run, the rest one by one. Session 6: 1e-4 apart on CPU float32."""
-    eight = ("training.optimizer=adamw_8bit", "training.max_steps=8")
-    train(tmp_path / "two", "distributed.num_gpus=2", "training.micro_batch_size=2", *eight)
-    train(tmp_path / "one", "distributed.num_gpus=1", "training.micro_batch_size=4", *eight)
-    two, one = adapter(tmp_path / "two"), adapter(tmp_path / "one")
+EIGHT = ("training.optimizer=adamw_8bit", "training.max_steps=8")
+
+
+@pytest.fixture(scope="module")
+def eight_bit(tmp_path_factory):
+    """Two workers and one with adamw_8bit (bitsandbytes' CPU implementation)."""
+    base = tmp_path_factory.mktemp("eight")
+    train(base / "two", "distributed.num_gpus=2", "training.micro_batch_size=2", *EIGHT)
+    train(base / "one", "distributed.num_gpus=1", "training.micro_batch_size=4", *EIGHT)
+    return base
+
+
+def test_two_workers_equal_one_worker_with_the_8bit_optimizer(eight_bit, runs):
+    """adamw_8bit: weights and gradients as flat views, tensors of 4096 elements and up updated one kernel per flat
+    run, the rest one by one. Session 6: 1e-4 apart on CPU float32."""
+    two, one = adapter(eight_bit / "two"), adapter(eight_bit / "one")
     assert all(float(v.abs().max()) > 1e-4 for k, v in one.items() if "lora_B" in k)
     assert max_rel_diff(two, one) < 1e-3
     # a far smaller gap than the near miss's (`mean` aggregation, the adamw control above), and the flat path ran
     assert max_rel_diff(two, one) < max_rel_diff(adapter(runs / "control"), adapter(runs / "one")) / 10
     for run in ("two", "one"):
-        flat = json.loads((tmp_path / run / "summary.json").read_text())["optimizer_flat"]
+        flat = json.loads((eight_bit / run / "summary.json").read_text())["optimizer_flat"]
         assert 0 < flat["tensors"] < flat["of"] and flat["kernels"] >= 1, flat
+
+
+def test_two_workers_equal_one_worker_with_loraplus_and_the_8bit_optimizer(tmp_path, eight_bit):
+    """lora.loraplus_lr_ratio: two parameter groups (B matrices at 4 x the rate), each updated in flat runs."""
+    train(tmp_path / "two", "distributed.num_gpus=2", "training.micro_batch_size=2", "lora.loraplus_lr_ratio=4", *EIGHT)
+    train(tmp_path / "one", "distributed.num_gpus=1", "training.micro_batch_size=4", "lora.loraplus_lr_ratio=4", *EIGHT)
+    two, one, plain = adapter(tmp_path / "two"), adapter(tmp_path / "one"), adapter(eight_bit / "one")
+    assert max_rel_diff(two, one) < 1e-3
+    # at the same base rate the B matrices moved further
+    for name in (k for k in one if "lora_B" in k):
+        assert float(one[name].norm()) > 2 * float(plain[name].norm()), name
+    # the groups are runs of their own in the flat buckets: as many tensors per kernel as with one group
+    flat = [json.loads((d / "one" / "summary.json").read_text())["optimizer_flat"] for d in (tmp_path, eight_bit)]
+    assert flat[0] == flat[1] and flat[0]["tensors"] > flat[0]["kernels"], flat
 
 
 def test_two_workers_equal_one_worker_with_dora_and_the_merged_export_loads(tmp_path, runs):
@@ -185,23 +208,6 @@ def test_two_workers_equal_one_worker_with_neftune_noise(tmp_path, runs):
     two, one = adapter(tmp_path / "two"), adapter(tmp_path / "one")
     assert max_rel_diff(two, one) < 1e-4
     assert max_rel_diff(one, adapter(runs / "one")) > 1e-3  # the same run without noise
-
-
-def test_two_workers_equal_one_worker_with_loraplus_and_the_8bit_optimizer(tmp_path, runs):
-    """lora.loraplus_lr_ratio: two parameter groups (B matrices at 16 x the rate), each updated in flat runs."""
-    plus = ("lora.loraplus_lr_ratio=16", "training.optimizer=adamw_8bit", "training.learning_rate=1e-3")
-    train(tmp_path / "two", "distributed.num_gpus=2", "training.micro_batch_size=2", *plus)
-    train(tmp_path / "one", "distributed.num_gpus=1", "training.micro_batch_size=4", *plus)
-    two, one = adapter(tmp_path / "two"), adapter(tmp_path / "one")
-    assert max_rel_diff(two, one) < 1e-3
-    train(tmp_path / "plain", "distributed.num_gpus=1", "training.micro_batch_size=4", *plus[1:])
-    plain = adapter(tmp_path / "plain")
-    # at the same base rate the B matrices moved further
-    for name in (k for k in one if "lora_B" in k):
-        assert float(one[name].norm()) > 4 * float(plain[name].norm()), name
-    # the groups are runs of their own in the flat buckets: as many tensors per kernel as with one group
-    flat = [json.loads((tmp_path / r / "summary.json").read_text())["optimizer_flat"] for r in ("one", "plain")]
-    assert flat[0] == flat[1] and flat[0]["tensors"] > flat[0]["kernels"], flat
 
 
 def test_speed_balance_follows_persistent_differences_only():

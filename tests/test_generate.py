@@ -96,6 +96,18 @@ def test_mgpu_generate_streams_the_greedy_replies(run):
     proc = run_mgpu("generate", str(run), "Add the two numbers.", "--max-new-tokens", "6", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == f"{texts[0]}\n"
+    # `-`: one prompt per line from stdin
+    proc = run_mgpu(
+        "generate",
+        str(run),
+        "-",
+        "--max-new-tokens",
+        "6",
+        "--device",
+        "cpu",
+        input="Add the two numbers.\n\nReverse the order of the words.\n",
+    )
+    assert proc.returncode == 0 and proc.stdout == stream.getvalue(), proc.stderr[-2000:]
     # sampling follows --seed
     hot = GenerationArgs(max_new_tokens=6, device="cpu", temperature=5.0, seed=3)
     assert generate(run, ["Add the two numbers."], hot, stream=None) == generate(

@@ -223,7 +223,7 @@ def generate(
     prompts: Annotated[
         list[str],
         typer.Argument(
-            help="One or more prompts; each is framed as the run's training rows were.",
+            help="One or more prompts, each framed as the run's training rows were; - reads one per line from stdin.",
             show_default=False,
             metavar="PROMPT",
         ),
@@ -243,12 +243,12 @@ def generate(
     ] = None,
 ) -> None:
     """Try a trained run: prompt its model as it was trained and stream the replies (transformers and peft only)."""
-    from .generate import GenerationArgs
+    from .generate import GenerationArgs, read_prompts
     from .generate import generate as run_generate
 
     args = GenerationArgs(max_new_tokens, temperature, top_p, seed, device, fmt, input_text, system)
     try:
-        run_generate(output_dir, list(prompts), args)
+        run_generate(output_dir, read_prompts(list(prompts), sys.stdin), args)
     except UserError as exc:
         _fail(exc)
 

@@ -2,6 +2,7 @@
 
     mgpu generate outputs/quickstart "Add 17 and 25."
     mgpu generate outputs/chat "What is NCCL?" --system "Answer in one sentence." --max-new-tokens 64
+    mgpu generate outputs/quickstart - < prompts.txt      # one prompt per line
 
 Each prompt is framed as the run's training rows were (`data.encode_prompt`): an alpaca instruction up to
 `### Response:`, a user turn under the run's chat template with its generation prompt, or plain text. The reply
@@ -50,6 +51,14 @@ class GenerationArgs:
         if self.format is not None and self.format not in FORMATS:
             out.append(Problem("argument --format", f"expected one of {', '.join(FORMATS)}, found {self.format!r}"))
         return out
+
+
+def read_prompts(given: list[str], stdin: TextIO) -> list[str]:
+    """The prompts of the command line; `-` stands for stdin's lines, one prompt each (blank lines skipped)."""
+    prompts: list[str] = []
+    for p in given:
+        prompts += [line.rstrip("\n") for line in stdin if line.strip()] if p == "-" else [p]
+    return prompts
 
 
 @dataclass
