@@ -1087,7 +1087,8 @@ _ALIASES = {
 _FOREIGN = {
     "train_on_inputs": "use dataset.train_on_responses_only, the opposite (train_on_inputs: false is "
     "train_on_responses_only: true, the default for alpaca and chat)",
-    "sample_packing": "use dataset.batching: packed",
+    "sample_packing": "use dataset.batching: packed (without flash-attention slower on GPUs than the default "
+    "balanced, which already cuts most padding: docs/data.md)",
     "pad_to_sequence_len": "use dataset.batching: padded",
     "val_set_size": "use dataset.eval_ratio (a fraction, e.g. 0.05) or dataset.eval_path",
     "test_size": "use dataset.eval_ratio (a fraction, e.g. 0.05) or dataset.eval_path",
