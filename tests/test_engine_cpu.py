@@ -6,6 +6,7 @@ The central claim: N workers with `weighted` aggregation equal one worker over t
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -208,6 +209,32 @@ def test_two_workers_equal_one_worker_with_neftune_noise(tmp_path, runs):
     two, one = adapter(tmp_path / "two"), adapter(tmp_path / "one")
     assert max_rel_diff(two, one) < 1e-4
     assert max_rel_diff(one, adapter(runs / "one")) > 1e-3  # the same run without noise
+
+
+def test_a_second_stage_starts_from_the_first_stages_adapter(tmp_path, runs):
+    """lora.init_from: at a learning rate too small to move anything, two workers end where the first run ended
+    (a fresh start's B matrices are zero); an adapter of another shape is refused with exit 2."""
+    frozen = ("training.learning_rate=1e-12", "training.warmup_steps=0", "training.max_steps=2")
+    train(tmp_path / "stage2", "distributed.num_gpus=2", f"lora.init_from={runs / 'one'}", *frozen)
+    first, second = adapter(runs / "one"), adapter(tmp_path / "stage2")
+    assert max_rel_diff(second, first) < 1e-6
+    assert all(float(v.abs().max()) > 1e-4 for k, v in second.items() if "lora_B" in k)
+    resolved = (tmp_path / "stage2" / "recipe.resolved.yaml").read_text()
+    assert f"init_from: {runs / 'one' / 'adapter'}" in resolved
+    # an adapter whose tensors have other shapes (another model) with the same lora settings
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(runs / "one" / "adapter", other)
+    name = next(k for k in first if "lora_A" in k)
+    save_file(
+        {**first, name: torch.zeros(first[name].shape[0], first[name].shape[1] + 8)},
+        other / "adapter_model.safetensors",
+    )
+    proc = train(tmp_path / "bad", "distributed.num_gpus=2", f"lora.init_from={other}", *frozen, expect=2)
+    err = proc.stdout + proc.stderr
+    assert "lora.init_from" in err and "does not fit this model" in err and "size mismatch" in err, err[-2000:]
+    assert "Traceback" not in err
 
 
 def test_speed_balance_follows_persistent_differences_only():

@@ -603,3 +603,24 @@ def test_the_schedule_follows_the_recipe(workdir, settings, total, expected):
         opt.step()
         sched.step()
     assert {k: round(seen[k], 6) for k in expected} == {k: round(v, 6) for k, v in expected.items()}, seen
+
+
+def test_init_from_takes_an_adapter_or_its_run_folder_with_the_same_lora_settings(tmp_path):
+    adapter_dir = tmp_path / "run" / "adapter"
+    adapter_dir.mkdir(parents=True)
+    config = {"r": 16, "lora_alpha": 16, "target_modules": ["v_proj", "q_proj"], "use_dora": False}
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
+    quick = ROOT / "recipes" / "quickstart.yaml"
+    two = ["lora.target_modules=[q_proj,v_proj]"]
+    with pytest.raises(UserError, match=r"no adapter weights in .*adapter_model.safetensors"):
+        load_recipe(quick, [*two, f"lora.init_from={tmp_path / 'run'}"])
+    (adapter_dir / "adapter_model.safetensors").write_bytes(b"")
+    for given in (tmp_path / "run", adapter_dir):  # the run folder, or its adapter/
+        assert load_recipe(quick, [*two, f"lora.init_from={given}"]).recipe.lora.init_from == str(adapter_dir)
+    with pytest.raises(UserError) as exc:
+        load_recipe(quick, [f"lora.init_from={adapter_dir}", "lora.r=8"])
+    text = exc.value.render()
+    assert "trained with r 16, target_modules ['q_proj', 'v_proj']; this recipe gives lora.r 8" in text, text
+    assert "set lora.r=16 lora.target_modules=[q_proj,v_proj] to continue from it" in text
+    with pytest.raises(UserError, match=r"lora.init_from \(command line\): no adapter in"):
+        load_recipe(quick, [f"lora.init_from={tmp_path / 'nowhere'}"])

@@ -8,6 +8,7 @@ problem found is reported at once, each with the dotted key and, where known, `f
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -116,6 +117,12 @@ class LoraSection(_Section):
         False,
         description="DoRA (weight-decomposed LoRA): a trained magnitude per output feature on top of LoRA's "
         "direction; slower than LoRA (no fused LoRA kernels).",
+    )
+    init_from: str | None = Field(
+        None,
+        description="Start from a trained adapter (its folder, or the output.dir of the run that wrote it) instead of "
+        "LoRA's fresh start: a second stage of fine-tuning, with a fresh optimizer and schedule. Its r, alpha, "
+        "target_modules, use_rslora and use_dora must be this section's.",
     )
     loraplus_lr_ratio: float | None = Field(
         None,
@@ -937,7 +944,8 @@ def _rebase_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
 
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     for section, key, always in (("model", "name", False), ("dataset", "path", False),
-                                 ("dataset", "eval_path", False), ("output", "dir", True)):  # fmt: skip
+                                 ("dataset", "eval_path", False), ("output", "dir", True),
+                                 ("lora", "init_from", True)):  # fmt: skip
         if isinstance(out.get(section), dict) and key in out[section]:
             out[section][key] = rebase(out[section][key], always)
     mix = out.get("dataset", {}).get("mix") if isinstance(out.get("dataset"), dict) else None
@@ -1275,6 +1283,60 @@ def why_not_a_hub_id(path: str) -> str | None:
     return None
 
 
+def _check_init_adapter(lora: LoraSection, base_dir: Path, lines: dict[str, str]) -> list[Problem]:
+    """`lora.init_from`: an adapter folder (or a run's, holding adapter/) whose settings are this section's; the
+    path is made absolute."""
+    where = _where("lora.init_from", lines)
+    folder = (base_dir / str(lora.init_from)).expanduser().resolve()
+    if (folder / "adapter" / "adapter_config.json").is_file():
+        folder = folder / "adapter"  # a run's output.dir
+    hint = "give an adapter folder (adapter_config.json and adapter_model.safetensors), e.g. an earlier run's adapter/"
+    if not (folder / "adapter_config.json").is_file():
+        return [Problem(where, f"no adapter in {folder} (expected adapter_config.json)", hint)]
+    if not (folder / "adapter_model.safetensors").is_file():
+        return [Problem(where, f"no adapter weights in {folder} (expected adapter_model.safetensors)", hint)]
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        return [Problem(where, f"unreadable {folder / 'adapter_config.json'}: {exc}", hint)]
+    ours = {
+        "r": lora.r,
+        "alpha": lora.alpha,
+        "target_modules": sorted(lora.target_modules),
+        "use_rslora": lora.use_rslora,
+        "use_dora": lora.use_dora,
+    }
+    theirs = {
+        "r": config.get("r"),
+        "alpha": config.get("lora_alpha"),
+        "target_modules": sorted(config.get("target_modules") or []),
+        "use_rslora": bool(config.get("use_rslora", False)),
+        "use_dora": bool(config.get("use_dora", False)),
+    }
+    differ = [k for k in ours if ours[k] != theirs[k]]
+    if differ:
+        return [
+            Problem(
+                where,
+                f"the adapter in {folder} was trained with "
+                + ", ".join(f"{k} {theirs[k]}" for k in differ)
+                + "; this recipe gives "
+                + ", ".join(f"lora.{k} {ours[k]}" for k in differ),
+                "set " + " ".join(f"lora.{k}={_cli_value(theirs[k])}" for k in differ) + " to continue from it",
+            )
+        ]
+    lora.init_from = str(folder)
+    return []
+
+
+def _cli_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
+
+
 def _looks_like_local_path(value: str) -> bool:
     return why_not_a_hub_id(value) is not None
 
@@ -1364,6 +1426,9 @@ def _check_paths(recipe: Recipe, base_dir: Path, lines: dict[str, str]) -> list[
                 else "relative paths are resolved against the recipe's folder"
             )
             problems.append(Problem(where, f"{what} not found: {p}", hint))
+    lora = getattr(recipe, "lora", None)  # absent from `_paths_only`'s stand-in
+    if lora is not None and lora.init_from:
+        problems += _check_init_adapter(lora, base_dir, lines)
     if recipe.output.dir is None:
         return problems
     out = (base_dir / recipe.output.dir).expanduser().resolve()

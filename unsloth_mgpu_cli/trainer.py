@@ -104,6 +104,8 @@ class Trainer:
                 use_gradient_checkpointing=checkpointing,
                 random_state=r.training.seed,
             )
+            if r.lora.init_from:
+                load_adapter_weights(model, r.lora.init_from)
         elif checkpointing:
             model.gradient_checkpointing_enable()
         # Identical starting weights: rank 0's, broadcast, then checked rather than assumed.
@@ -926,6 +928,39 @@ class Trainer:
 
 BEST_DIR = "best"  # output.keep_best: the best evaluation's weights, as they are found
 BEST_MARKER = ".mgpu-best.json"  # in BEST_DIR: the step and eval loss of those weights
+
+
+def load_adapter_weights(model: Any, folder: str) -> None:
+    """lora.init_from: a trained adapter's tensors into the model's LoRA parameters (PEFT's own name mapping)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .errors import Problem, UserError
+
+    weights = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    hint = "start from an adapter trained on this model.name's model, with this lora section"
+    try:
+        result = set_peft_model_state_dict(model, weights)
+    except RuntimeError as exc:  # a size mismatch: an adapter of another model
+        found = str(exc).strip().splitlines()
+        detail = next((x.strip() for x in found if "size mismatch" in x), found[0] if found else "")
+        raise UserError(
+            Problem("lora.init_from", f"the adapter in {folder} does not fit this model: {detail}", hint),
+            "invalid recipe",
+        ) from None
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        what = ", ".join((result.unexpected_keys or missing)[:3])
+        raise UserError(
+            Problem(
+                "lora.init_from",
+                f"the adapter in {folder} does not fit this model: "
+                + ("tensors the model lacks: " if result.unexpected_keys else "LoRA tensors it lacks: ")
+                + what,
+                hint,
+            ),
+            "invalid recipe",
+        )
 
 
 def _one_target(batch: dict[str, Any]) -> Any:
