@@ -54,7 +54,8 @@
 # In session 22 (only the 1-GPU kind lent): `s22` (NEFTune on the 1B: 69,210 against 70,240 tokens/s; a sample's noise
 # the same alone and packed on CUDA; the WSD schedule's rates; generate, fractional epochs and DoRA under fsdp: exit 0),
 # `T=400 gputest` (2 passed, 3 skipped, 182 s), `s22b` (LoRA+ with adamw_8bit: 71,566 tokens/s, 224 tensors in 3
-# kernels; NEFTune on packed rows 29,191 against 30,336 without it).
+# kernels; NEFTune on packed rows 29,191 against 30,336 without it), `s22c` (lora.init_from with QLoRA: a frozen second
+# stage gives back the first stage's adapter to 3.6e-12; one that trains on starts at the first stage's loss).
 # Next, in this order:
 #   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
@@ -64,7 +65,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s22b|s22|s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
+STAGE=${1:?usage: gpu_plan.sh s22c|s22b|s22|s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -498,6 +499,34 @@ PY
     rm -rf "$OUT/hub" "$OUT/hubrun"
     timeout -k 10 "${T:-230}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
+  s22c)
+    # session 22 (1-GPU kind): lora.init_from on CUDA with QLoRA: the 1B's first stage (20 steps), a second stage from
+    # its adapter at a frozen rate (the adapter must come back unchanged), and one that trains on (its first loss
+    # near the first stage's last)
+    python3 benchmarks/make_model.py --size 1b --out /tmp/models/llama-1b --corpus gpu-data/gsm8k_train_alpaca.json \
+      > "$OUT/build.txt" 2>&1 || { echo "build failed"; tail -5 "$OUT/build.txt"; exit 1; }
+    B=(python3 -m unsloth_mgpu_cli train benchmarks/recipes/gsm8k_qlora.yaml model.name=/tmp/models/llama-1b
+       dataset.path="$PWD/gpu-data/gsm8k_train_alpaca.json" distributed.num_gpus=1 training.micro_batch_size=64
+       training.gradient_accumulation_steps=2 logging.progress=false logging.steps=1 training.warmup_steps=0)
+    "${B[@]}" training.max_steps=20 training.learning_rate=1e-3 output.dir="$OUT/one" > "$OUT/one.txt" 2>&1
+    echo "stage 1: exit=$?"; grep -E "^final loss" "$OUT/one.txt"
+    "${B[@]}" training.max_steps=3 training.learning_rate=1e-12 lora.init_from="$OUT/one" output.dir="$OUT/frozen" \
+      > "$OUT/frozen.txt" 2>&1; echo "stage 2 at a frozen rate: exit=$?"
+    "${B[@]}" training.max_steps=10 training.learning_rate=1e-3 training.seed=7 lora.init_from="$OUT/one" \
+      output.dir="$OUT/two" > "$OUT/two.txt" 2>&1; echo "stage 2 training on: exit=$?"
+    python3 - "$OUT" <<'PY'
+import json, sys, torch
+from pathlib import Path
+from safetensors.torch import load_file
+out = Path(sys.argv[1])
+a, b = (load_file(str(out / r / "adapter" / "adapter_model.safetensors")) for r in ("one", "frozen"))
+print("frozen stage 2 == stage 1's adapter: largest difference", max(float((a[k].float() - b[k].float()).abs().max()) for k in a),
+      "| largest B value", round(max(float(a[k].abs().max()) for k in a if "lora_B" in k), 4))
+loss = lambda r: [json.loads(l)["loss"] for l in open(out / r / "metrics.jsonl")]
+print("stage 1 losses: first", round(loss("one")[0], 4), "last", round(loss("one")[-1], 4),
+      "| stage 2 (another seed: other samples): first", round(loss("two")[0], 4), "last", round(loss("two")[-1], 4))
+PY
+    rm -rf "$OUT"/*/checkpoints ;;
   s22b)
     # session 22 (1-GPU kind): lora.loraplus_lr_ratio on the 1B with adamw_8bit (two parameter groups, each its own
     # runs of the flat buckets: the update's time against s22's 2 ms), with training.adam_beta2; then NEFTune on
