@@ -140,6 +140,32 @@ def test_named_chat_template_and_a_missing_one(tmp_path, model_path, tokenizer):
     assert "dataset.chat_template" in str(exc.value) and "chatml" in str(exc.value)
 
 
+def test_a_system_prompt_opens_every_conversation_without_one(tmp_path, model_path, tokenizer):
+    """dataset.system_prompt: the row is trained as if it held that system message; a row with its own keeps it."""
+    chatml = D.NAMED_CHAT_TEMPLATES["chatml"]
+    system = {"role": "system", "content": "Answer briefly."}
+    talk = CHAT[1:]  # the conversation without its system message
+    with_prompt = D.Encoding("chat", True, 256, "truncate", chatml, "Answer briefly.")
+    plain = D.Encoding("chat", True, 256, "truncate", chatml)
+    assert D.encode_row({"messages": talk}, tokenizer, with_prompt) == D.encode_row(
+        {"messages": [system, *talk]}, tokenizer, plain
+    )
+    own = CHAT  # opens with its own system message
+    assert D.encode_row({"messages": own}, tokenizer, with_prompt) == D.encode_row({"messages": own}, tokenizer, plain)
+    assert D.encode_row({"messages": talk}, tokenizer, with_prompt) != D.encode_row(
+        {"messages": talk}, tokenizer, plain
+    )
+    # through the recipe: the encoding, a cache of its own, and a refusal where there are no conversations
+    f = write_jsonl(tmp_path / "c.jsonl", [{"messages": talk}])
+    r = recipe(f, 256, format="chat", chat_template="chatml", system_prompt="Answer briefly.")
+    assert D.encoding_of(r) == with_prompt
+    assert D._fingerprint(r, model_path) != D._fingerprint(
+        recipe(f, 256, format="chat", chat_template="chatml"), model_path
+    )
+    with pytest.raises(ValueError, match="dataset.system_prompt"):
+        recipe(QUICKSTART_DATA, system_prompt="Answer briefly.")
+
+
 def test_a_reply_token_that_starts_in_the_generation_prompt_is_trained_on(tokenizer):
     """A template whose generation prompt ends with a space ("[ASSISTANT] "): the reply's first token (" 5")
     starts on that space. It was masked, so the answers themselves ("5", "eight"'s first piece) were never

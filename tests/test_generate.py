@@ -12,7 +12,7 @@ import torch
 from conftest import EQUIVALENCE_RUN, ROOT, mgpu_env, run_mgpu
 
 from unsloth_mgpu_cli.data import IGNORE_INDEX, NAMED_CHAT_TEMPLATES, Encoding, encode_prompt, encode_row
-from unsloth_mgpu_cli.generate import GenerationArgs, generate, load_run, prompt_ids
+from unsloth_mgpu_cli.generate import GenerationArgs, LoadedRun, generate, load_run, prompt_ids
 from unsloth_mgpu_cli.models import ensure_builtin_model
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -48,6 +48,15 @@ def test_a_chat_prompt_is_what_training_put_before_the_assistant_turn(tokenizer)
     prompt = encode_prompt(tokenizer, "chat", chatml, "Name a colour.", system="Be brief.")
     assert prompt == prompt_part(ids, labels)
     assert tokenizer.decode(prompt).endswith("<|im_start|>assistant\n")
+
+
+def test_a_chat_runs_system_prompt_frames_the_prompt_unless_system_is_given(tokenizer):
+    chatml = NAMED_CHAT_TEMPLATES["chatml"]
+    run = LoadedRun(None, tokenizer, "chat", chatml, "cpu", system_prompt="Answer briefly.")
+    framed = prompt_ids(run, "Name a colour.", GenerationArgs())
+    assert framed == encode_prompt(tokenizer, "chat", chatml, "Name a colour.", system="Answer briefly.")
+    given = prompt_ids(run, "Name a colour.", GenerationArgs(system="Be verbose."))
+    assert given == encode_prompt(tokenizer, "chat", chatml, "Name a colour.", system="Be verbose.") != framed
 
 
 @pytest.fixture(scope="module")

@@ -239,7 +239,12 @@ def generate(
     ] = None,
     input_text: Annotated[str, typer.Option("--input", help="alpaca: the row's input (context).")] = "",
     system: Annotated[
-        str | None, typer.Option("--system", help="chat: a system message before the prompt.", show_default=False)
+        str | None,
+        typer.Option(
+            "--system",
+            help="chat: a system message before the prompt (default: the run's dataset.system_prompt).",
+            show_default=False,
+        ),
     ] = None,
 ) -> None:
     """Try a trained run: prompt its model as it was trained and stream the replies (transformers and peft only)."""

@@ -615,6 +615,7 @@ class Encoding:
     max_seq_length: int
     too_long: str
     chat_template: str | None = None
+    system_prompt: str | None = None  # chat: put first in a conversation without a system message
 
 
 assert tuple(NAMED_CHAT_TEMPLATES) == CHAT_TEMPLATE_NAMES  # the recipe validates names against its own list
@@ -630,6 +631,7 @@ def encoding_of(recipe: Recipe, ds: DatasetSection | None = None) -> Encoding:
         recipe.model.max_seq_length,
         ds.too_long,
         NAMED_CHAT_TEMPLATES.get(tpl, tpl) if tpl else None,
+        ds.system_prompt if ds.format == "chat" else None,
     )
 
 
@@ -774,6 +776,8 @@ def encode_row(row: dict[str, Any], tokenizer: Any, enc: Encoding) -> tuple[list
     # conversation up to it; tokens whose characters fall in an assistant turn are trained on. Character
     # offsets (not per-turn tokenisation) keep the ids exactly those of the full text, merges included.
     msgs = _chat_messages(row)
+    if enc.system_prompt and msgs[0]["role"] != "system":
+        msgs = [{"role": "system", "content": enc.system_prompt}, *msgs]
     full = _render_chat(tokenizer, msgs, enc.chat_template, False)
     spans = []
     if enc.responses_only:
@@ -1048,6 +1052,7 @@ def _fingerprint(recipe: Recipe, model_path: str) -> str:
         "split": d.split,
         "columns": d.columns,
         "chat_template": d.chat_template,
+        "system_prompt": d.system_prompt,
         "too_long": d.too_long,
         "max_samples": d.max_samples,
         "seed": recipe.training.seed if d.max_samples else None,

@@ -68,6 +68,7 @@ class LoadedRun:
     format: str
     chat_template: str | None
     device: str
+    system_prompt: str | None = None  # the run's dataset.system_prompt
 
 
 def load_run(output_dir: Path, args: GenerationArgs) -> LoadedRun:
@@ -124,7 +125,7 @@ def load_run(output_dir: Path, args: GenerationArgs) -> LoadedRun:
     tok_source = weights if (weights / "tokenizer_config.json").exists() else Path(base)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_source), trust_remote_code=kwargs["trust_remote_code"])
     model.to(device).eval()
-    return LoadedRun(model, tokenizer, fmt, template, device)
+    return LoadedRun(model, tokenizer, fmt, template, device, ds.get("system_prompt"))
 
 
 def prompt_ids(run: LoadedRun, text: str, args: GenerationArgs) -> list[int]:
@@ -132,7 +133,8 @@ def prompt_ids(run: LoadedRun, text: str, args: GenerationArgs) -> list[int]:
     from .data import _RowError, encode_prompt
 
     try:
-        return encode_prompt(run.tokenizer, run.format, run.chat_template, text, args.input_text, args.system)
+        system = args.system if args.system is not None else run.system_prompt
+        return encode_prompt(run.tokenizer, run.format, run.chat_template, text, args.input_text, system)
     except _RowError as exc:
         raise UserError(Problem("argument PROMPT", str(exc), exc.hint), "cannot generate") from None
 

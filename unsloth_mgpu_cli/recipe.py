@@ -243,6 +243,12 @@ class DatasetSection(_Section):
         description="chat format: a named template (chatml, llama3, zephyr) or a Jinja template; default: the "
         "tokenizer's own.",
     )
+    system_prompt: str | None = Field(
+        None,
+        min_length=1,
+        description="chat format: a system message put before every conversation that starts without one "
+        "(axolotl's default_system_message); `mgpu generate` prompts with it too.",
+    )
     batching: Literal["padded", "balanced", "packed"] = Field(
         "balanced",
         description="How a step's samples go to ranks and micro-batches: padded (in order, padded per micro-batch), "
@@ -679,6 +685,14 @@ class Recipe(_Section):
                     "it would do nothing; set dataset.format: chat for conversations, or leave the key out",
                 )
             )
+        if ds.system_prompt is not None and all(src.section.format != "chat" for src in ds.sources()):
+            problems.append(
+                (
+                    "dataset.system_prompt",
+                    "applies to conversations (format chat), and this dataset has none, so it would do nothing; set "
+                    "dataset.format: chat for conversations, or leave the key out",
+                )
+            )
         if ds.eval_path is not None and ds.eval_ratio is not None:
             problems.append(("dataset.eval_ratio", "give either dataset.eval_path or dataset.eval_ratio, not both"))
         if t.eval_steps and ds.eval_path is None and ds.eval_ratio is None:
@@ -1067,6 +1081,8 @@ _ALIASES = {
     "lr_scheduler_type": "lr_scheduler",
     "cosine_min_lr_ratio": "min_lr_ratio",
     "min_lr_rate": "min_lr_ratio",
+    "default_system_message": "system_prompt",
+    "system_message": "system_prompt",
     "beta1": "adam_beta1",
     "beta2": "adam_beta2",
     "eps": "adam_epsilon",
