@@ -55,7 +55,8 @@
 # the same alone and packed on CUDA; the WSD schedule's rates; generate, fractional epochs and DoRA under fsdp: exit 0),
 # `T=400 gputest` (2 passed, 3 skipped, 182 s), `s22b` (LoRA+ with adamw_8bit: 71,566 tokens/s, 224 tensors in 3
 # kernels; NEFTune on packed rows 29,191 against 30,336 without it), `s22c` (lora.init_from with QLoRA: a frozen second
-# stage gives back the first stage's adapter to 3.6e-12; one that trains on starts at the first stage's loss).
+# stage gives back the first stage's adapter to 3.6e-12; one that trains on starts at the first stage's loss), `s22d`
+# (a chat run with dataset.system_prompt, generate framing with it on CUDA; NEFTune under fsdp with evaluation: exit 0).
 # Next, in this order:
 #   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
@@ -65,7 +66,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s22c|s22b|s22|s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
+STAGE=${1:?usage: gpu_plan.sh s22d|s22c|s22b|s22|s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -499,6 +500,34 @@ PY
     rm -rf "$OUT/hub" "$OUT/hubrun"
     timeout -k 10 "${T:-230}" python3 -m pytest -q -m gpu tests/test_gpu.py > "$OUT/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu exit=$?"; tail -3 "$OUT/pytest-gpu.txt" ;;
+  s22d)
+    # session 22 (1-GPU kind): a chat run with dataset.system_prompt and `mgpu generate` on it (the prompt framed with
+    # the run's template and system message), and NEFTune under fsdp with evaluation, on the quick start
+    python3 - "$OUT/chat.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open("recipes/data/quickstart.jsonl")][:256]
+with open(sys.argv[1], "w") as f:
+    for r in rows:
+        msgs = [{"role": "user", "content": f"{r['instruction']} {r['input']}"}, {"role": "assistant", "content": r["output"]}]
+        f.write(json.dumps({"messages": msgs}) + "\n")
+PY
+    Q=(python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 logging.progress=false)
+    "${Q[@]}" dataset.path="$OUT/chat.jsonl" dataset.format=chat dataset.chat_template=chatml \
+      "dataset.system_prompt=Answer briefly." training.max_steps=40 output.dir="$OUT/chat" > "$OUT/chat.txt" 2>&1
+    echo "chat with a system prompt: exit=$?"; grep -E "^final loss" "$OUT/chat.txt"
+    python3 -m unsloth_mgpu_cli generate "$OUT/chat" "Add the two numbers. 2 + 3" "Write the word in capital letters. fox" \
+      --max-new-tokens 8 > "$OUT/gen.txt" 2> "$OUT/gen.err"; echo "generate: exit=$? replies: $(tr '\n' '|' < "$OUT/gen.txt")"
+    python3 - "$OUT/chat" <<'PY'
+import sys
+from pathlib import Path
+from unsloth_mgpu_cli.generate import GenerationArgs, load_run, prompt_ids
+run = load_run(Path(sys.argv[1]), GenerationArgs())
+print("  device", run.device, "| prompt:", repr(run.tokenizer.decode(prompt_ids(run, "Add the two numbers. 2 + 3", GenerationArgs()))))
+PY
+    "${Q[@]}" training.neftune_noise_alpha=5 distributed.strategy=fsdp dataset.eval_ratio=0.1 training.eval_steps=10 \
+      training.max_steps=20 output.dir="$OUT/nf" > "$OUT/nf.txt" 2>&1
+    echo "NEFTune under fsdp with evaluation: exit=$?"; grep -E "^final loss|^eval loss|strategy" "$OUT/nf.txt" | head -3
+    rm -rf "$OUT"/*/checkpoints ;;
   s22c)
     # session 22 (1-GPU kind): lora.init_from on CUDA with QLoRA: the 1B's first stage (20 steps), a second stage from
     # its adapter at a frozen rate (the adapter must come back unchanged), and one that trains on (its first loss
