@@ -11,10 +11,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 from unsloth_mgpu_cli import checkpoint as C
 from unsloth_mgpu_cli.distributed import DistInfo
 from unsloth_mgpu_cli.errors import UserError
+from unsloth_mgpu_cli.recipe import load_recipe as load_recipe
 
 
 def make_trainer(out: Path, seed: int = 0, lr: float = 1e-2, total: int = 10, wd: float = 0.01) -> SimpleNamespace:
@@ -255,6 +257,10 @@ def test_resume_check_names_what_changed(tmp_path):
         C.check_resume_compatible(ckpt, {**saved, "lora": {**lora, "r": 8}})
     text = exc.value.render()
     assert "trained with {'r': 16}, the recipe now gives {'r': 8}" in text and "set lora.r back" in text, text
+    # where a second stage started (lora.init_from) is not part of the run's identity: the checkpoint holds the weights
+    staged = load_recipe(ROOT / "recipes" / "quickstart.yaml").recipe
+    staged.lora.init_from = "/somewhere/adapter"
+    assert "init_from" not in C.run_identity(staged, "abc", 8)["lora"]
     # a key the checkpoint's version did not have is no change (a session-20 checkpoint, before lora.use_dora)
     C.check_resume_compatible(ckpt, {**saved, "lora": {**lora, "use_dora": False, "loraplus_lr_ratio": None}})
     with pytest.raises(UserError, match="set lora.r back"):

@@ -459,7 +459,8 @@ def run_identity(recipe: Any, data_fingerprint: str, global_batch: int) -> dict[
         dataset = "mix of " + ", ".join(f"{s.section.path} ({s.section.format}) x{s.weight:g}" for s in ds.sources())
     return {
         "model": recipe.model.name,
-        "lora": recipe.lora.model_dump(mode="json") if recipe.lora else None,
+        # lora.init_from only sets where a new run starts: a resume takes its weights from the checkpoint
+        "lora": recipe.lora.model_dump(mode="json", exclude={"init_from"}) if recipe.lora else None,
         "dataset": dataset,
         "data": data_fingerprint,
         "eval_ratio": ds.eval_ratio,
