@@ -70,6 +70,25 @@ STAGE=${1:?usage: gpu_plan.sh s22d|s22c|s22b|s22|s21c|s21b|s21|s20b|s20|s18|s17|
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
+# The 1B built locally (random weights, GSM8K-trained tokenizer), and `mgpu train` on it with 1 GPU at global batch 128
+build_1b() {
+  python3 benchmarks/make_model.py --size 1b --out /tmp/models/llama-1b --corpus gpu-data/gsm8k_train_alpaca.json \
+    > "$OUT/build.txt" 2>&1 || { echo "build failed"; tail -5 "$OUT/build.txt"; exit 1; }
+}
+ONE_B=(python3 -m unsloth_mgpu_cli train benchmarks/recipes/gsm8k_qlora.yaml model.name=/tmp/models/llama-1b
+  dataset.path="$PWD/gpu-data/gsm8k_train_alpaca.json" distributed.num_gpus=1 training.micro_batch_size=64
+  training.gradient_accumulation_steps=2)
+# The quick start's first N rows as conversations (a user turn, then the assistant's), written to FILE
+chat_data() {
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open("recipes/data/quickstart.jsonl")][: int(sys.argv[1])]
+with open(sys.argv[2], "w") as f:
+    for r in rows:
+        msgs = [{"role": "user", "content": f"{r['instruction']} {r['input']}"}, {"role": "assistant", "content": r["output"]}]
+        f.write(json.dumps({"messages": msgs}) + "\n")
+PY
+}
 # A cold run spends ~70-110 s before its first step (import, load, compile); budgets below leave room for that.
 case $STAGE in
   scaling)
@@ -503,14 +522,7 @@ PY
   s22d)
     # session 22 (1-GPU kind): a chat run with dataset.system_prompt and `mgpu generate` on it (the prompt framed with
     # the run's template and system message), and NEFTune under fsdp with evaluation, on the quick start
-    python3 - "$OUT/chat.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open("recipes/data/quickstart.jsonl")][:256]
-with open(sys.argv[1], "w") as f:
-    for r in rows:
-        msgs = [{"role": "user", "content": f"{r['instruction']} {r['input']}"}, {"role": "assistant", "content": r["output"]}]
-        f.write(json.dumps({"messages": msgs}) + "\n")
-PY
+    chat_data 256 "$OUT/chat.jsonl"
     Q=(python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 logging.progress=false)
     "${Q[@]}" dataset.path="$OUT/chat.jsonl" dataset.format=chat dataset.chat_template=chatml \
       "dataset.system_prompt=Answer briefly." training.max_steps=40 output.dir="$OUT/chat" > "$OUT/chat.txt" 2>&1
@@ -532,11 +544,8 @@ PY
     # session 22 (1-GPU kind): lora.init_from on CUDA with QLoRA: the 1B's first stage (20 steps), a second stage from
     # its adapter at a frozen rate (the adapter must come back unchanged), and one that trains on (its first loss
     # near the first stage's last)
-    python3 benchmarks/make_model.py --size 1b --out /tmp/models/llama-1b --corpus gpu-data/gsm8k_train_alpaca.json \
-      > "$OUT/build.txt" 2>&1 || { echo "build failed"; tail -5 "$OUT/build.txt"; exit 1; }
-    B=(python3 -m unsloth_mgpu_cli train benchmarks/recipes/gsm8k_qlora.yaml model.name=/tmp/models/llama-1b
-       dataset.path="$PWD/gpu-data/gsm8k_train_alpaca.json" distributed.num_gpus=1 training.micro_batch_size=64
-       training.gradient_accumulation_steps=2 logging.progress=false logging.steps=1 training.warmup_steps=0)
+    build_1b
+    B=("${ONE_B[@]}" logging.progress=false logging.steps=1 training.warmup_steps=0)
     "${B[@]}" training.max_steps=20 training.learning_rate=1e-3 output.dir="$OUT/one" > "$OUT/one.txt" 2>&1
     echo "stage 1: exit=$?"; grep -E "^final loss" "$OUT/one.txt"
     "${B[@]}" training.max_steps=3 training.learning_rate=1e-12 lora.init_from="$OUT/one" output.dir="$OUT/frozen" \
@@ -560,11 +569,8 @@ PY
     # session 22 (1-GPU kind): lora.loraplus_lr_ratio on the 1B with adamw_8bit (two parameter groups, each its own
     # runs of the flat buckets: the update's time against s22's 2 ms), with training.adam_beta2; then NEFTune on
     # packed rows (a row holds many samples: each gets its own noise)
-    python3 benchmarks/make_model.py --size 1b --out /tmp/models/llama-1b --corpus gpu-data/gsm8k_train_alpaca.json \
-      > "$OUT/build.txt" 2>&1 || { echo "build failed"; tail -5 "$OUT/build.txt"; exit 1; }
-    B=(python3 -m unsloth_mgpu_cli train benchmarks/recipes/gsm8k_qlora.yaml model.name=/tmp/models/llama-1b
-       dataset.path="$PWD/gpu-data/gsm8k_train_alpaca.json" distributed.num_gpus=1 training.micro_batch_size=64
-       training.gradient_accumulation_steps=2 training.max_steps=30 logging.progress=false logging.steps=1)
+    build_1b
+    B=("${ONE_B[@]}" training.max_steps=30 logging.progress=false logging.steps=1)
     for m in loraplus packed; do
       X=(lora.loraplus_lr_ratio=16 training.adam_beta2=0.95)
       [ $m = packed ] && X=(dataset.batching=packed training.neftune_noise_alpha=5)
@@ -578,11 +584,8 @@ PY
     # for 30 steps without and with NEFTune (tokens/s: the per-sample noise's cost; loss), the second run with the
     # warmup_stable_decay schedule; the noise of a sample alone and inside a packed row on CUDA; `mgpu generate` on
     # the 1B run; then the quick start with fractional epochs, and with DoRA under fsdp
-    python3 benchmarks/make_model.py --size 1b --out /tmp/models/llama-1b --corpus gpu-data/gsm8k_train_alpaca.json \
-      > "$OUT/build.txt" 2>&1 || { echo "build failed"; tail -5 "$OUT/build.txt"; exit 1; }
-    B=(python3 -m unsloth_mgpu_cli train benchmarks/recipes/gsm8k_qlora.yaml model.name=/tmp/models/llama-1b
-       dataset.path="$PWD/gpu-data/gsm8k_train_alpaca.json" distributed.num_gpus=1 training.micro_batch_size=64
-       training.gradient_accumulation_steps=2 training.max_steps=30 logging.progress=false logging.steps=1)
+    build_1b
+    B=("${ONE_B[@]}" training.max_steps=30 logging.progress=false logging.steps=1)
     for m in plain neftune; do
       X=(); [ $m = neftune ] && X=(training.neftune_noise_alpha=5 training.lr_scheduler=warmup_stable_decay
         training.decay_ratio=0.2 training.min_lr_ratio=0.1)
@@ -622,11 +625,8 @@ and then she sold half as many clips in May. How many clips did Natalia sell alt
     # session 21 (1-GPU kind): lora.use_dora, training.warmup_ratio and training.min_lr_ratio on CUDA: the 1B (QLoRA,
     # GSM8K, global batch 128 as 2 x 64) for 30 steps with LoRA and with DoRA (tokens/s, loss, the learning rate's
     # warmup and floor), the DoRA adapter's merged export; then the quick start with DoRA in 16-bit
-    python3 benchmarks/make_model.py --size 1b --out /tmp/models/llama-1b --corpus gpu-data/gsm8k_train_alpaca.json \
-      > "$OUT/build.txt" 2>&1 || { echo "build failed"; tail -5 "$OUT/build.txt"; exit 1; }
-    B=(python3 -m unsloth_mgpu_cli train benchmarks/recipes/gsm8k_qlora.yaml model.name=/tmp/models/llama-1b
-       dataset.path="$PWD/gpu-data/gsm8k_train_alpaca.json" distributed.num_gpus=1 training.micro_batch_size=64
-       training.gradient_accumulation_steps=2 training.max_steps=30 training.warmup_steps=0 training.warmup_ratio=0.1
+    build_1b
+    B=("${ONE_B[@]}" training.max_steps=30 training.warmup_steps=0 training.warmup_ratio=0.1
        training.min_lr_ratio=0.1 logging.progress=false logging.steps=1)
     for m in lora dora; do
       s=$(date +%s)
@@ -685,14 +685,7 @@ PY
   s20b)
     # session 20's review (1-GPU kind): the adapter's save on CUDA with the final code: a chat run with
     # dataset.chat_template: chatml saves that template with the adapter and the export
-    python3 - "$OUT/chat.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open("recipes/data/quickstart.jsonl")][:128]
-with open(sys.argv[1], "w") as f:
-    for r in rows:
-        msgs = [{"role": "user", "content": f"{r['instruction']} {r['input']}"}, {"role": "assistant", "content": r["output"]}]
-        f.write(json.dumps({"messages": msgs}) + "\n")
-PY
+    chat_data 128 "$OUT/chat.jsonl"
     python3 -m unsloth_mgpu_cli train recipes/quickstart.yaml distributed.num_gpus=1 training.max_steps=10 \
       training.warmup_steps=1 logging.progress=false dataset.path="$OUT/chat.jsonl" dataset.format=chat \
       dataset.chat_template=chatml output.dir="$OUT/chat" > "$OUT/chat.txt" 2>&1

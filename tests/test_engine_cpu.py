@@ -237,6 +237,52 @@ def test_a_second_stage_starts_from_the_first_stages_adapter(tmp_path, runs):
     assert "Traceback" not in err
 
 
+def test_loading_an_adapter_names_what_does_not_fit(tmp_path):
+    """load_adapter_weights with PEFT on plain transformers: all tensors in; a tensor too many, one missing, or one
+    of another shape is a UserError naming lora.init_from."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from unsloth_mgpu_cli.errors import UserError
+    from unsloth_mgpu_cli.models import ensure_builtin_model
+    from unsloth_mgpu_cli.trainer import load_adapter_weights
+
+    def fresh():
+        base = AutoModelForCausalLM.from_pretrained(str(ensure_builtin_model("builtin:tiny-llama")))
+        return get_peft_model(base, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+
+    trained = fresh()
+    for n, p in trained.named_parameters():
+        if "lora_" in n:
+            torch.nn.init.normal_(p.data)
+    trained.save_pretrained(str(tmp_path / "good"))
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "good" / "adapter_model.safetensors"))
+    model = fresh()
+    load_adapter_weights(model, str(tmp_path / "good"))
+    got = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert got and all(torch.equal(p, dict(trained.named_parameters())[n]) for n, p in got.items())
+    name = next(iter(tensors))
+    cases = {
+        "extra": (
+            {**tensors, name.replace("layers.0.", "layers.99."): tensors[name].clone()},
+            "tensors the model lacks",
+        ),
+        "missing": ({k: v for k, v in tensors.items() if k != name}, "LoRA tensors it lacks"),
+        "shape": ({**tensors, name: torch.zeros(tensors[name].shape[0] + 1, tensors[name].shape[1])}, "size mismatch"),
+    }
+    for case, (state, expected) in cases.items():
+        folder = tmp_path / case
+        folder.mkdir()
+        save_file(state, str(folder / "adapter_model.safetensors"))
+        with pytest.raises(UserError) as exc:
+            load_adapter_weights(fresh(), str(folder))
+        text = exc.value.render()
+        assert "lora.init_from" in text and "does not fit this model" in text and expected in text, (case, text)
+
+
 def test_speed_balance_follows_persistent_differences_only():
     sb = SpeedBalance(world=2, enabled=True)
     assert sb.speeds() is None  # nothing measured yet

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bitsandbytes as bnb  # Unsloth depends on it: a missing one is a broken install, not a skip
 import pytest
 import torch
+from conftest import ROOT
 
 from unsloth_mgpu_cli.errors import UserError
 
@@ -281,8 +282,6 @@ def test_a_masked_step_is_undone_on_the_device_or_kept_to_the_bit():
 def test_loraplus_puts_b_matrices_and_1d_parameters_in_a_faster_group_that_resumes_with_its_rate():
     """lora.loraplus_lr_ratio: PEFT's create_loraplus_optimizer grouping (lora_B and 1-D parameters at ratio x the
     rate); the schedule scales both groups, and a resume (`_follow_the_recipe`) keeps the ratio."""
-    from conftest import ROOT
-
     from unsloth_mgpu_cli.checkpoint import _follow_the_recipe
     from unsloth_mgpu_cli.optim import build_optimizer, build_scheduler, lr_scales
     from unsloth_mgpu_cli.recipe import load_recipe
@@ -315,8 +314,6 @@ def test_loraplus_puts_b_matrices_and_1d_parameters_in_a_faster_group_that_resum
 
 
 def test_adam_betas_and_epsilon_reach_both_adamw_kinds_and_a_resume_takes_the_recipes():
-    from conftest import ROOT
-
     from unsloth_mgpu_cli.checkpoint import _follow_the_recipe
     from unsloth_mgpu_cli.optim import build_optimizer, build_scheduler
     from unsloth_mgpu_cli.recipe import load_recipe

@@ -703,14 +703,13 @@ def _follow_the_recipe(scheduler: Any, training: Any) -> None:
     and weight decay: continue with this recipe's, whose `training.learning_rate`, `max_steps`, warm-up,
     `weight_decay` or Adam settings may differ, at the step reached. With an unchanged recipe these are the very
     values the checkpoint holds."""
-    groups = scheduler.optimizer.param_groups
+    from .optim import adam_settings
+
+    groups, adam = scheduler.optimizer.param_groups, adam_settings(training)
     for group in groups:
         if "weight_decay" in group:
             group["weight_decay"] = training.weight_decay
         if "betas" in group:  # training.adam_beta1/2 and adam_epsilon, as the recipe gives them now
-            from .optim import adam_settings
-
-            adam = adam_settings(training)
             group["betas"], group["eps"] = (*adam["betas"], *group["betas"][2:]), adam["eps"]
     # a group's multiple of the rate (LoRA+'s B matrices: lora.loraplus_lr_ratio) is the recipe's, as the rate is
     scheduler.base_lrs = [training.learning_rate * group.get("lr_scale", 1.0) for group in groups]
