@@ -14,8 +14,8 @@ import pytest
 from conftest import ROOT, mgpu_env, run_mgpu
 
 from unsloth_mgpu_cli import data as D
-from unsloth_mgpu_cli.models import cache_dir
-from unsloth_mgpu_cli.recipe import DatasetSection
+from unsloth_mgpu_cli.models import resolve_model_path
+from unsloth_mgpu_cli.recipe import DatasetSection, load_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -54,23 +54,18 @@ def make_data(folder: Path, fmt: str) -> Path:
 RUNS = {"alpaca": "padded", "chat": "packed", "text": "balanced"}
 
 
+def run_overrides(fmt: str, data: Path, out: Path) -> list[str]:
+    return [f"dataset.path={data}", f"dataset.format={fmt}", f"dataset.batching={RUNS[fmt]}", f"output.dir={out}"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("formats")
     done = {}
-    for fmt, batching in RUNS.items():
+    for fmt in RUNS:
         data = make_data(base, fmt)
         out = base / fmt
-        proc = run_mgpu(
-            "train",
-            str(QUICKSTART),
-            *BASE,
-            f"dataset.path={data}",
-            f"dataset.format={fmt}",
-            f"dataset.batching={batching}",
-            f"output.dir={out}",
-            timeout=400,
-        )
+        proc = run_mgpu("train", str(QUICKSTART), *BASE, *run_overrides(fmt, data, out), timeout=400)
         done[fmt] = (proc, out, data)
     return done
 
@@ -84,13 +79,11 @@ def test_each_format_trains_on_two_workers_with_the_planned_loss_tokens(runs, fm
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in metrics)
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     # The engine saw exactly the loss tokens the data plan gives for those steps (masking reached training).
-    folder = next(
-        p
-        for p in (cache_dir() / "data").iterdir()
-        if (p / "meta.json").exists()
-        and json.loads((p / "meta.json").read_text()).get("source") == str(data)
-        and json.loads((p / "meta.json").read_text())["format"] == fmt
-    )
+    # The run's own cache folder: the same recipe prepared again is a cache hit on it (other tests tokenise the
+    # same file with other settings, so the source path alone does not name it).
+    recipe = load_recipe(QUICKSTART, [*BASE, *run_overrides(fmt, data, out)]).recipe
+    folder, _, hit = D.prepare(recipe, resolve_model_path(recipe.model.name))
+    assert hit, "the run's tokenised data should already be cached"
     tok = D.TokenizedData(folder)
     pad_to = DatasetSection.model_fields["pad_to_multiple_of"].default  # the runs keep the default (8)
     plan = D.StepPlanner(
