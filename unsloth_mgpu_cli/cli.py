@@ -175,6 +175,9 @@ def train(
     print_summary(summary)
 
 
+_DTYPE_QUANTS = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}
+
+
 @app.command()
 def export(
     output_dir: Annotated[
@@ -184,20 +187,31 @@ def export(
         bool,
         _flag("--merged", help="Merge the adapter into the base weights: the one export there is, so the default."),
     ] = True,
-    dtype: Annotated[str, typer.Option("--dtype", help="bfloat16 | float16 | float32.")] = "bfloat16",
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="--format hf: bfloat16 (default) | float16 | float32.")
+    ] = None,
     output: Annotated[
         Path | None,
         typer.Option(
             "--output",
             "-o",
-            help="Where to write (default OUTPUT_DIR/merged): a new or empty folder, or an earlier export to replace.",
+            help="Where to write (default OUTPUT_DIR/merged, or OUTPUT_DIR/gguf): a new or empty folder, or an "
+            "earlier export to replace.",
         ),
     ] = None,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="hf: a merged HF model (transformers, vLLM); gguf: one .gguf file (llama.cpp, Ollama, LM Studio).",
+        ),
+    ] = "hf",
+    quant: Annotated[
+        str | None, typer.Option("--quant", help="--format gguf: q8_0 (default) | f16 | bf16 | f32.")
+    ] = None,
 ) -> None:
-    """Merge the trained adapter into its base model and save a plain HF model (loads with transformers alone)."""
+    """Merge the trained adapter into its base model and save it: a plain HF model, or a GGUF file."""
     import time
-
-    from .export import export_merged
 
     t0 = time.monotonic()
 
@@ -205,14 +219,43 @@ def export(
         typer.echo(f"[{time.monotonic() - t0:5.1f} s] {message}")
 
     try:
-        # checks the arguments and --output before the slow imports
-        dest = export_merged(output_dir, output, dtype, say=say)
+        if fmt not in ("hf", "gguf"):
+            raise UserError(Problem("argument --format", f"expected hf or gguf, found {fmt!r}"), "invalid arguments")
+        if fmt == "gguf" and dtype is not None:
+            raise UserError(
+                Problem(
+                    "argument --dtype",
+                    "--dtype sets the weights of --format hf; a GGUF file's are set by --quant",
+                    f"drop --dtype, or use --quant {_DTYPE_QUANTS.get(dtype, 'f16')}",
+                ),
+                "invalid arguments",
+            )
+        if fmt == "hf" and quant is not None:
+            raise UserError(
+                Problem("argument --quant", "--quant applies to --format gguf", "add --format gguf, or use --dtype"),
+                "invalid arguments",
+            )
+        if fmt == "gguf":
+            from .export import export_gguf
+
+            path = export_gguf(output_dir, output, quant or "q8_0", say=say)
+        else:
+            from .export import export_merged
+
+            # checks the arguments and --output before the slow imports
+            dest = export_merged(output_dir, output, dtype or "bfloat16", say=say)
     except UserError as exc:
         _fail(exc)
     from .render import size_text
 
+    if fmt == "gguf":
+        say(
+            f"wrote {path} ({quant or 'q8_0'}, {size_text(path.stat().st_size)}); run it with "
+            f"`llama-cli -m {path}` or an Ollama Modelfile `FROM {path}`"
+        )
+        return
     size = size_text(sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()))
-    say(f"wrote {dest} ({dtype}, {size}); load it with AutoModelForCausalLM.from_pretrained('{dest}')")
+    say(f"wrote {dest} ({dtype or 'bfloat16'}, {size}); load it with AutoModelForCausalLM.from_pretrained('{dest}')")
 
 
 @app.command()

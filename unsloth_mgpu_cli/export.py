@@ -14,6 +14,7 @@ or folders, an ancestor of the run or of the current directory, or the base mode
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -131,20 +132,21 @@ def find_adapter(out: Path, full_model_ok: bool = False, command: str = "export"
     return adapter, base
 
 
-def check_export_dest(run: Path, dest: Path | None, base: str) -> None:
+def check_export_dest(run: Path, dest: Path | None, base: str, default_name: str = "merged") -> None:
     """Refuse a destination whose replacement would lose something (exit 2), before anything loads.
 
     Refused: the run folder itself, anything of the run that a run writes (adapter/, checkpoints/, ...), a
     folder that contains the run or the current directory, the base model's folder, a file, and a folder that is
     not empty and not an earlier export. An earlier export (or `<run>/merged`) is replaced, atomically.
+    `default_name`: the folder in the run written without --output (merged/, gguf/).
     """
     run = Path(run).expanduser().resolve()
-    where = "argument --output" if dest is not None else f"argument --output (default {run / 'merged'})"
-    target = Path(dest if dest is not None else run / "merged").expanduser()
+    default = run / default_name
+    where = "argument --output" if dest is not None else f"argument --output (default {default})"
+    target = Path(dest if dest is not None else default).expanduser()
     shown = target
     target = target.resolve()  # a symlink is judged by the folder it points to
     cwd = Path.cwd().resolve()
-    default = run / "merged"
     elsewhere = "choose a new or empty folder" + (
         f", e.g. --output {default}" if target != default else " with --output"
     )
@@ -192,41 +194,7 @@ def export_merged(
     run = Path(output_dir).expanduser()
     # `~` as the checks read it, and a symlink's target (a `merged` linked to a larger disk is written there)
     dest = (Path(dest).expanduser() if dest is not None else run / "merged").resolve()
-    model_cfg = _resolved_recipe(run).get("model") or {}
-    from .hub import work_offline_if_unreachable
-
-    work_offline_if_unreachable([base])  # before huggingface_hub is imported: it reads the switch then
-    from .models import hide_hf_bars_off_terminal, quiet_library_noise
-
-    quiet_library_noise()
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    hide_hf_bars_off_terminal()
-
-    kwargs: dict[str, Any] = {
-        "dtype": getattr(torch, dtype),
-        "trust_remote_code": bool(model_cfg.get("trust_remote_code", False)),
-    }
-    if model_cfg.get("revision"):
-        kwargs["revision"] = model_cfg["revision"]
-    say(f"loading the base model {base} in {dtype}")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    except OSError as exc:
-        raise UserError(
-            Problem(
-                str(adapter / "adapter_config.json"),
-                f"cannot load the base model {base!r}: {str(exc).splitlines()[0]}",
-                "the base must be a local folder or in the HF cache",
-            ),
-            "cannot export",
-        ) from exc
-    say(f"merging the adapter {adapter}")
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    tok_source = adapter if (adapter / "tokenizer_config.json").exists() else base
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_source), trust_remote_code=kwargs["trust_remote_code"])
+    merged, tokenizer = _load_merged(run, adapter, base, dtype, say)
     say(f"writing {dest}")
     try:
         # checked again at the rename: something may have appeared at dest during the merge
@@ -245,3 +213,125 @@ def export_merged(
             "cannot export",
         ) from exc
     return dest
+
+
+def _load_merged(run: Path, weights: Path, base: str, dtype: str, say: Callable[[str], None]) -> tuple[Any, Any]:
+    """(the model with the adapter folded in, its tokenizer), loaded in `dtype` with transformers and peft.
+
+    `weights` is the run's adapter folder, or a full fine-tune's model/ folder (then `base` is that folder and
+    nothing is merged). The tokenizer is the one saved with the weights (the run's chat template), else the
+    base's."""
+    model_cfg = _resolved_recipe(run).get("model") or {}
+    from .hub import work_offline_if_unreachable
+
+    work_offline_if_unreachable([base])  # before huggingface_hub is imported: it reads the switch then
+    from .models import hide_hf_bars_off_terminal, quiet_library_noise
+
+    quiet_library_noise()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hide_hf_bars_off_terminal()
+
+    kwargs: dict[str, Any] = {
+        "dtype": getattr(torch, dtype),
+        "trust_remote_code": bool(model_cfg.get("trust_remote_code", False)),
+    }
+    if model_cfg.get("revision") and Path(base) != weights:
+        kwargs["revision"] = model_cfg["revision"]
+    say(f"loading the {'base ' if Path(base) != weights else ''}model {base} in {dtype}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    except OSError as exc:
+        raise UserError(
+            Problem(
+                str(weights / ("adapter_config.json" if Path(base) != weights else "config.json")),
+                f"cannot load the base model {base!r}: {str(exc).splitlines()[0]}",
+                "the base must be a local folder or in the HF cache",
+            ),
+            "cannot export",
+        ) from exc
+    if Path(base) != weights:
+        from peft import PeftModel
+
+        say(f"merging the adapter {weights}")
+        model = PeftModel.from_pretrained(model, str(weights)).merge_and_unload()
+    tok_source = weights if (weights / "tokenizer_config.json").exists() else base
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_source), trust_remote_code=kwargs["trust_remote_code"])
+    return model, tokenizer
+
+
+def export_gguf(
+    output_dir: Path, dest: Path | None = None, quant: str = "q8_0", say: Callable[[str], None] | None = None
+) -> Path:
+    """Write the run's model (adapter merged, or a full fine-tune's model/) as one GGUF file `<run>.<QUANT>.gguf`
+    in `dest` (default `<output_dir>/gguf`); other GGUF files already there stay (q8_0 beside f16). See
+    gguf_export.py for what is covered.
+
+    Everything that can refuse (arguments, destination, architecture, rope, tokenizer) is checked before the
+    weights load; the file appears whole or not at all."""
+    from .gguf_export import QUANTS, check_model, gguf_file_name, plan_conversion, write_gguf
+
+    say = say or (lambda message: None)
+    if quant not in QUANTS:
+        raise UserError(
+            Problem("argument --quant", f"expected one of {', '.join(QUANTS)}, found {quant!r}"), "invalid arguments"
+        )
+    run = Path(output_dir).expanduser()
+    weights, base = find_adapter(run, full_model_ok=True)
+    check_export_dest(run, dest, base, default_name="gguf")
+    dest = (Path(dest).expanduser() if dest is not None else run / "gguf").resolve()
+    trust = bool((_resolved_recipe(run).get("model") or {}).get("trust_remote_code", False))
+    from .hub import work_offline_if_unreachable
+
+    work_offline_if_unreachable([base])
+    from .models import quiet_library_noise
+
+    quiet_library_noise()
+    import tempfile
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    config_source = weights if Path(base) == weights else base
+    where = str(Path(config_source) / "config.json") if Path(config_source).is_dir() else f"{base} config.json"
+    try:
+        config = AutoConfig.from_pretrained(str(config_source), trust_remote_code=trust).to_dict()
+        check_model(config, where)  # before the tokenizer: a model of another kind may have none we could read
+        tok_source = weights if (weights / "tokenizer_config.json").exists() else base
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_source), trust_remote_code=trust)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            Problem(where, f"cannot read the model's config or tokenizer: {str(exc).splitlines()[0]}"), "cannot export"
+        ) from exc
+    name = gguf_file_name(run, quant)
+    with tempfile.TemporaryDirectory(prefix="mgpu-gguf-") as saved:
+        tokenizer_dir = Path(saved)
+        tokenizer.save_pretrained(saved)  # the files llama.cpp's converter reads, as a merged export holds them
+        plan = plan_conversion(config, tokenizer, tokenizer_dir, where)
+        model, _ = _load_merged(run, weights, base, "float32", say)
+        marker = {"tool": "unsloth-mgpu", "version": __version__, "run": str(run.resolve()), "gguf": name}
+        try:
+            if dest.is_dir() and any(dest.iterdir()):  # an earlier export (check_export_dest): the file joins it
+                part = dest / f".{name}.part-{os.getpid()}"
+                try:
+                    write_gguf(model.state_dict(), tokenizer_dir, tokenizer, plan, part, quant, run.resolve().name, say)
+                    os.replace(part, dest / name)
+                finally:
+                    part.unlink(missing_ok=True)
+                (dest / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+            else:
+                with atomic_dir(dest, may_replace=lambda d: is_export(d, run)) as tmp:
+                    write_gguf(
+                        model.state_dict(), tokenizer_dir, tokenizer, plan, tmp / name, quant, run.resolve().name, say
+                    )
+                    (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        except OSError as exc:
+            raise UserError(
+                Problem(
+                    "argument --output",
+                    f"cannot write {dest}: {exc.strerror or exc}",
+                    "choose a writable folder with enough space",
+                ),
+                "cannot export",
+            ) from exc
+    return dest / name

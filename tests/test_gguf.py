@@ -1,0 +1,272 @@
+"""`mgpu export --format gguf`: held to llama.cpp's own converter (every key, every tensor's bytes) and read back
+by an independent reader (transformers' GGUF loader), on a trained run and on Llama/Mistral/Qwen2 variants."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import EQUIVALENCE_RUN, ROOT, assert_user_error, run_mgpu
+
+from unsloth_mgpu_cli.gguf_export import llama3_rope_factors, pre_tokenizer
+from unsloth_mgpu_cli.models import cache_dir, ensure_builtin_model
+
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+# llama.cpp's converter as released in the llama-cpp-python 0.3.36 sdist (it vendors llama.cpp), pinned by hash
+SDIST = "llama_cpp_python-0.3.36.tar.gz"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+INDEX = "https://pypi.org/simple/llama-cpp-python/"
+PROMPT = "### Instruction:\nAdd the two numbers.\n\n### Input:\n49 + 97\n\n### Response:\n"
+
+
+@pytest.fixture(scope="session")
+def converter() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py with its conversion/ and gguf-py/, fetched once into the cache."""
+    dest = cache_dir() / "test-llama.cpp-converter" / SDIST_SHA256[:16]
+    if (dest / "convert_hf_to_gguf.py").is_file():
+        return dest
+    try:
+        page = urllib.request.urlopen(INDEX, timeout=60).read().decode()
+        link = re.search(rf'href="([^"]*{re.escape(SDIST)})#sha256=([0-9a-f]+)"', page)
+        assert link, f"{SDIST} is not on {INDEX}"
+        data = urllib.request.urlopen(urllib.parse.urljoin(INDEX, link.group(1)), timeout=300).read()
+    except OSError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot fetch llama.cpp's converter from {INDEX}: {exc}")
+        pytest.skip(f"cannot fetch llama.cpp's converter from {INDEX}: {exc}")
+    assert hashlib.sha256(data).hexdigest() == SDIST_SHA256
+    prefix = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
+    keep = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/")
+    tmp = dest.with_name(f".{dest.name}-{os.getpid()}")
+    with tarfile.open(fileobj=io.BytesIO(data)) as sdist:
+        members = [
+            m for m in sdist.getmembers() if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(keep)
+        ]
+        for m in members:
+            m.name = m.name[len(prefix) :]
+        sdist.extractall(tmp, members=members, filter="data")
+    os.replace(tmp, dest) if not dest.exists() else None
+    return dest
+
+
+def reference(converter: Path, model_dir: Path, outfile: Path, quant: str, pre: str = "gpt-2") -> Path:
+    """llama.cpp's converter run on an HF folder; `pre`: the tokenizer.ggml.pre of a tokenizer not in its table."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "llama_cpp_convert.py"), str(converter), str(model_dir)]
+        + ["--outtype", quant, "--outfile", str(outfile)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "EXPECTED_PRE": pre},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return outfile
+
+
+def read(path: Path) -> tuple[dict, dict]:
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    kv = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    tensors = {
+        t.name: (t.tensor_type.name, tuple(int(n) for n in t.shape), np.asarray(t.data).tobytes()) for t in r.tensors
+    }
+    return kv, tensors
+
+
+def differences(ours: Path, theirs: Path) -> list[str]:
+    """Every key and tensor that differs; general.name is the folder's name in each and is left out."""
+    (a, at), (b, bt) = read(ours), read(theirs)
+    out = [f"key {k}: {a.get(k)!r:.60} != {b.get(k)!r:.60}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    out = [d for d in out if not d.startswith("key general.name:")]
+    out += [f"tensor {n} only in one" for n in sorted(set(at) ^ set(bt))]
+    out += [f"tensor {n}: {at[n][:2]} != {bt[n][:2]}" for n in sorted(set(at) & set(bt)) if at[n] != bt[n]]
+    return out
+
+
+def logits(model, tokenizer) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([tokenizer(PROMPT).input_ids])).logits[0].float()
+
+
+def gguf_model(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A trained LoRA run, its float32 merged export, and its GGUF exports (f32 and q8_0 in one folder)."""
+    out = tmp_path_factory.mktemp("gguf") / "run"
+    proc = run_mgpu("train", str(QUICKSTART), *EQUIVALENCE_RUN, "distributed.num_gpus=1", f"output.dir={out}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for args in (["--dtype", "float32"], ["--format", "gguf", "--quant", "f32"], ["--format", "gguf"]):
+        proc = run_mgpu("export", str(out), *args, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out
+
+
+@pytest.mark.integration
+def test_the_gguf_holds_the_trained_model_and_its_tokenizer(run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert sorted(p.name for p in (run / "gguf").iterdir()) == [".mgpu-export.json", "run.F32.gguf", "run.Q8_0.gguf"]
+    tok = AutoTokenizer.from_pretrained(str(run / "merged"))
+    merged = logits(AutoModelForCausalLM.from_pretrained(str(run / "merged"), dtype=torch.float32), tok)
+    base = AutoModelForCausalLM.from_pretrained(str(ensure_builtin_model("builtin:tiny-llama")), dtype=torch.float32)
+    scale = float(merged.abs().max())
+    # f32: transformers undoes llama.cpp's q/k row order and gets the merged model's logits back
+    assert float((logits(gguf_model(run / "gguf" / "run.F32.gguf"), tok) - merged).abs().max()) < 1e-5 * scale
+    assert float((logits(base, tok) - merged).abs().max()) > 1e-2 * scale  # the control: the adapter mattered
+    q8 = float((logits(gguf_model(run / "gguf" / "run.Q8_0.gguf"), tok) - merged).abs().max())
+    assert 0 < q8 < 2e-2 * scale
+    # the tokenizer: every token in id order, the merges, the special ids and the run's chat template
+    import json
+
+    kv, _ = read(run / "gguf" / "run.Q8_0.gguf")
+    spec = json.loads((run / "merged" / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    assert kv["tokenizer.ggml.tokens"] == sorted(vocab, key=vocab.get)
+    assert kv["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    assert kv["tokenizer.ggml.pre"] == "gpt-2" and kv["tokenizer.ggml.model"] == "gpt2"
+    assert (kv["tokenizer.ggml.bos_token_id"], kv["tokenizer.ggml.eos_token_id"]) == (
+        tok.bos_token_id,
+        tok.eos_token_id,
+    )
+    assert kv["tokenizer.chat_template"] == tok.chat_template
+    assert kv["general.file_type"] == 7 and kv["general.architecture"] == "llama"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_the_gguf_is_what_llama_cpps_converter_writes_from_the_merged_export(run, converter, tmp_path, quant):
+    ours = run / "gguf" / f"run.{quant.upper()}.gguf"
+    theirs = reference(converter, run / "merged", tmp_path / "ref.gguf", quant)
+    assert differences(ours, theirs) == []
+    # the control: the comparison sees a difference where there is one
+    other = reference(converter, run / "merged", tmp_path / "other.gguf", "f16")
+    assert any(d.startswith("tensor blk.0.attn_q.weight") for d in differences(ours, other))
+
+
+KINDS = ["mistral", "qwen2", "llama3-rope"]
+
+
+def tiny(kind: str, folder: Path) -> Path:
+    """A full fine-tune's run folder (model/ only) holding a small random model of `kind` with the builtin
+    tokenizer: Mistral; Qwen2 (q/k/v biases, tied embeddings); Llama 3.1's rope (a rope_freqs tensor)."""
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    dims = dict(
+        vocab_size=1024,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    torch.manual_seed(0)
+    if kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(**dims, head_dim=32, sliding_window=None))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**dims, tie_word_embeddings=True))
+    else:
+        rope = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+        rope["original_max_position_embeddings"] = 64
+        model = LlamaForCausalLM(LlamaConfig(**dims, max_position_embeddings=512, rope_parameters=rope))
+    # named apart from the kind: transformers' GGUF reader takes a general.name with "mistral" in it for its own
+    # "mistral" architecture, which its gguf mapping then does not know (llama.cpp reads general.architecture)
+    run = folder / f"tiny-{sorted(KINDS).index(kind)}"
+    model.save_pretrained(str(run / "model"))
+    AutoTokenizer.from_pretrained(str(ensure_builtin_model("builtin:tiny-llama"))).save_pretrained(str(run / "model"))
+    return run
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", KINDS)
+def test_other_architectures_match_llama_cpps_converter_and_load_back(converter, tmp_path, kind):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = tiny(kind, tmp_path)
+    proc = run_mgpu("export", str(run), "--format", "gguf", "--quant", "f32", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ours = run / "gguf" / f"{run.name}.F32.gguf"
+    # transformers loads the builtin tokenizer in a Qwen2 model as Qwen2's tokenizer, which splits by Qwen2's regex
+    pre = "qwen2" if kind == "qwen2" else "gpt-2"
+    assert read(ours)[0]["tokenizer.ggml.pre"] == pre
+    assert differences(ours, reference(converter, run / "model", tmp_path / "ref.gguf", "f32", pre)) == []
+    if kind == "llama3-rope":
+        return  # transformers' GGUF reader ignores rope_freqs; test_llama3_rope_factors_... checks the tensor
+    tok = AutoTokenizer.from_pretrained(str(run / "model"))
+    hf = logits(AutoModelForCausalLM.from_pretrained(str(run / "model"), dtype=torch.float32), tok)
+    assert float((logits(gguf_model(ours), tok) - hf).abs().max()) < 1e-5 * float(hf.abs().max())
+
+
+def test_llama3_rope_factors_are_transformers_llama3_scaling():
+    """The rope_freqs tensor divides each default frequency into the one transformers' llama3 rope uses."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+    rope["original_max_position_embeddings"] = 8192
+    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072, rope_parameters=rope)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
+    factors = llama3_rope_factors(rope, 128)
+    assert torch.allclose(plain / factors, scaled, rtol=1e-5)
+    assert float(factors.min()) == 1.0 and float(factors.max()) == 8.0  # both ends and a blend between
+
+
+def test_a_sentencepiece_style_tokenizer_is_refused_with_the_route_that_converts_it(tmp_path):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from unsloth_mgpu_cli.errors import UserError
+
+    builtin = ensure_builtin_model("builtin:tiny-llama")
+    tok = AutoTokenizer.from_pretrained(str(builtin))
+    assert pre_tokenizer(tok, builtin) == "gpt-2"
+    spec = json.loads((builtin / "tokenizer.json").read_text())
+    spec["model"]["byte_fallback"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError) as err:
+        pre_tokenizer(tok, tmp_path)
+    assert "byte fallback" in str(err.value) and "convert_hf_to_gguf.py" in str(err.value)
+
+
+@pytest.mark.integration
+def test_bad_gguf_arguments_and_models_exit_2_before_anything_loads(tmp_path):
+    run = tiny("mistral", tmp_path)
+    assert_user_error(run_mgpu("export", str(run), "--format", "gguf", "--quant", "q4_k_m"), "--quant", "q8_0")
+    assert_user_error(run_mgpu("export", str(run), "--format", "gguf", "--dtype", "float16"), "--dtype", "--quant f16")
+    assert_user_error(run_mgpu("export", str(run), "--quant", "q8_0"), "--quant", "--format gguf")
+    assert_user_error(run_mgpu("export", str(run), "--format", "onnx"), "--format", "hf or gguf")
+    config = run / "model" / "config.json"
+    config.write_text(
+        config.read_text().replace("MistralForCausalLM", "GPT2LMHeadModel").replace('"mistral"', '"gpt2"')
+    )
+    assert_user_error(run_mgpu("export", str(run), "--format", "gguf"), "GPT2LMHeadModel", "convert_hf_to_gguf.py")
+    assert not (run / "gguf").exists()

@@ -1,0 +1,391 @@
+"""`mgpu export OUTPUT_DIR --format gguf`: the run's model as one GGUF file for llama.cpp, Ollama and LM Studio.
+
+    mgpu export outputs/quickstart --format gguf --quant q8_0
+
+The adapter is merged into its base in float32 (a full fine-tune's `model/` is read as it is) and written with
+the `gguf` package, llama.cpp's own Python writer, the way llama.cpp's `convert_hf_to_gguf.py` writes these
+architectures: the same tensor names, q/k rows permuted for its rope (Llama, Mistral), norms kept in float32,
+the same hyperparameter keys, the tokenizer as a GPT-2-style BPE vocabulary with its merges, special tokens and
+chat template, and the pre-tokenizer named as that converter names it (`gguf_pretok.py`). tests/test_gguf.py
+holds the file to that converter's output, tensor by tensor and key by key.
+
+Covered: Llama (1-3.x, SmolLM), Mistral and Qwen2/2.5 models with a byte-level BPE tokenizer (tokenizer.json).
+Others (SentencePiece tokenizers such as Llama 2's and Mistral v0.1-0.3's, other architectures) are refused
+before anything loads, with the route that does cover them: the merged HF export and llama.cpp's converter.
+Quantisation: q8_0, f16, bf16, f32 (what the converter writes itself); smaller k-quants come from llama.cpp's
+`llama-quantize`, which takes this file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import Problem, UserError
+
+QUANTS = ("q8_0", "f16", "bf16", "f32")
+# HF architecture -> (llama.cpp architecture, whether q/k rows are permuted for llama.cpp's rope)
+ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", True),
+    "MistralForCausalLM": ("llama", True),
+    "Qwen2ForCausalLM": ("qwen2", False),
+}
+# rope types llama.cpp's converter writes for these architectures ("default": nothing beyond rope_theta)
+ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+CONVERTER_ROUTE = (
+    "export the merged HF model (`mgpu export OUTPUT_DIR --format hf --dtype float16`) and convert it with "
+    "llama.cpp's convert_hf_to_gguf.py"
+)
+
+
+@dataclass
+class GgufPlan:
+    """What the conversion needs to know before any weight loads (every refusal is made here)."""
+
+    arch: str  # llama.cpp's name: "llama", "qwen2"
+    permute: bool  # q/k rows reordered for llama.cpp's rope
+    hparams: dict[str, Any]  # the model's config, as a dict
+    rope: dict[str, Any]  # rope_parameters, with rope_theta and rope_type filled in as the converter does
+    pre: str  # tokenizer.ggml.pre
+
+
+def gguf_file_name(run: Path, quant: str) -> str:
+    return f"{Path(run).name or 'model'}.{quant.upper()}.gguf"
+
+
+def rope_parameters(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The rope settings of a config dict, as llama.cpp's converter reads them (transformers 5's rope_parameters,
+    or an older config's rope_scaling and rope_theta)."""
+    rope = dict(hparams.get("rope_parameters") or hparams.get("rope_scaling") or {})
+    rope = dict(rope.get("full_attention", rope))
+    if "rope_theta" not in rope and hparams.get("rope_theta") is not None:
+        rope["rope_theta"] = hparams["rope_theta"]
+    if "rope_type" not in rope and rope.get("type") is not None:
+        rope["rope_type"] = rope["type"]
+    if "original_max_position_embeddings" not in rope and hparams.get("original_max_position_embeddings"):
+        rope["original_max_position_embeddings"] = hparams["original_max_position_embeddings"]
+    return rope
+
+
+def head_dim(hparams: dict[str, Any]) -> int:
+    return hparams.get("head_dim") or hparams["hidden_size"] // hparams["num_attention_heads"]
+
+
+def llama3_rope_factors(rope: dict[str, Any], dim: int) -> Any:
+    """Per-frequency divisors of Llama 3.1's rope (written as the `rope_freqs` tensor), computed as llama.cpp's
+    converter computes them (in float32 torch, for the same bits): 1 for short wavelengths, `factor` for long
+    ones, a smooth blend between."""
+    import torch
+
+    base = rope.get("rope_theta", 10000.0)
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_context = rope.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+def check_model(hparams: dict[str, Any], where: str) -> tuple[str, bool, dict[str, Any]]:
+    """(llama.cpp's architecture, whether q/k rows are permuted, the rope settings) of a config dict, or a
+    UserError naming what GGUF export does not write and the route that does. `where` names the config file."""
+    archs = hparams.get("architectures") or []
+    arch_name = archs[0] if archs else hparams.get("model_type", "?")
+    if arch_name not in ARCHITECTURES:
+        raise UserError(
+            Problem(
+                where, f"GGUF export covers {', '.join(ARCHITECTURES)}; this model is {arch_name}", CONVERTER_ROUTE
+            ),
+            "cannot export",
+        )
+    arch, permute = ARCHITECTURES[arch_name]
+    rope = rope_parameters(hparams)
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise UserError(
+            Problem(
+                where,
+                f"rope type {rope_type!r} is not one GGUF export writes ({', '.join(ROPE_TYPES)})",
+                CONVERTER_ROUTE,
+            ),
+            "cannot export",
+        )
+    return arch, permute, rope
+
+
+def plan_conversion(hparams: dict[str, Any], tokenizer: Any, tokenizer_dir: Path, where: str) -> GgufPlan:
+    """Check that the model and its tokenizer (saved in `tokenizer_dir`) convert: a UserError naming what does
+    not, and the route that does."""
+    arch, permute, rope = check_model(hparams, where)
+    return GgufPlan(arch, permute, hparams, rope, pre_tokenizer(tokenizer, tokenizer_dir))
+
+
+def pre_tokenizer(tokenizer: Any, tokenizer_dir: Path) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer: looked up as its converter looks it up (the sha256 of
+    the ids of CHKTXT), else a plain GPT-2 byte-level pre-tokenizer ("gpt-2"); a UserError for anything else."""
+    from .gguf_pretok import CHKTXT, PRE_TOKENIZERS
+
+    source = tokenizer_dir / "tokenizer.json"
+    if (tokenizer_dir / "tokenizer.model").is_file() or not source.is_file():
+        found = (
+            "a SentencePiece tokenizer (tokenizer.model)"
+            if source.is_file() or (tokenizer_dir / "tokenizer.model").is_file()
+            else "no tokenizer.json"
+        )
+        raise UserError(
+            Problem(
+                str(tokenizer_dir), f"GGUF export writes byte-level BPE tokenizers; found {found}", CONVERTER_ROUTE
+            ),
+            "cannot export",
+        )
+    spec = json.loads(source.read_text(encoding="utf-8"))
+    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
+        kind = f"a {model.get('type', '?')} tokenizer" + (" with byte fallback" if model.get("byte_fallback") else "")
+        raise UserError(
+            Problem(str(source), f"GGUF export writes byte-level BPE tokenizers; found {kind}", CONVERTER_ROUTE),
+            "cannot export",
+        )
+    digest = hashlib.sha256(str(tokenizer.encode(CHKTXT, verbose=False)).encode()).hexdigest()
+    if digest in PRE_TOKENIZERS:
+        return PRE_TOKENIZERS[digest]
+    by_regex = _pre_tokenizer_by_regex(spec.get("pre_tokenizer") or {})
+    if by_regex:
+        return by_regex
+    raise UserError(
+        Problem(
+            str(source),
+            f"llama.cpp does not know this tokenizer's pre-tokenizer (check hash {digest[:16]}...)",
+            "a newer llama.cpp may: " + CONVERTER_ROUTE,
+        ),
+        "cannot export",
+    )
+
+
+# The splitting regexes of llama.cpp's pre-tokenizers that a tokenizer.json spells out (llama-vocab.cpp): a
+# tokenizer not in the hash table (one trained or rebuilt here) that splits by one of them is named after it.
+_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_SPLIT_REGEXES = {_WORDS + r"\p{N}{1,3}" + _REST: "llama-bpe", _WORDS + r"\p{N}" + _REST: "qwen2"}
+
+
+def _pre_tokenizer_by_regex(pre: dict[str, Any]) -> str | None:
+    """ "gpt-2" for GPT-2's byte-level pre-tokenizer (its built-in regex), "llama-bpe"/"qwen2" for a Split by Llama
+    3's/Qwen2's regex then byte-level; None for anything else."""
+    if pre.get("type") == "ByteLevel":
+        return "gpt-2" if pre.get("use_regex", True) and not pre.get("add_prefix_space", False) else None
+    steps = pre.get("pretokenizers") or []
+    if pre.get("type") != "Sequence" or len(steps) != 2:
+        return None
+    split, byte_level = steps
+    if split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert"):
+        return None
+    if byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex") or byte_level.get("add_prefix_space"):
+        return None
+    return _SPLIT_REGEXES.get((split.get("pattern") or {}).get("Regex", ""))
+
+
+def permute_qk(weights: Any, n_head: int, n_head_kv: int | None = None) -> Any:
+    """Reorder q/k rows from HF's rotate-half rope layout to llama.cpp's interleaved one (the converter's
+    LlamaModel.permute)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def vocab(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens and token types as the converter's get_vocab_base gives them: added tokens are CONTROL when special
+    (or when they look special, `<|...|>`), else USER_DEFINED; ids with no token are `[PADn]`, UNUSED."""
+    import gguf
+
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        token = reverse[i]
+        if token in added:
+            if not decoder[i].normalized:
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            if decoder[i].special or _looks_special(token):
+                types.append(gguf.TokenType.CONTROL)
+            else:
+                token = token.replace("\u2581", " ")
+                types.append(gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        tokens.append(token)
+    return tokens, types
+
+
+def _looks_special(token: str) -> bool:
+    return (
+        token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+        or (token.startswith("<|") and token.endswith("|>"))
+        or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+        or (token.startswith("<unused") and token.endswith(">"))
+    )
+
+
+def write_gguf(
+    state: dict[str, Any],
+    tokenizer_dir: Path,
+    tokenizer: Any,
+    plan: GgufPlan,
+    path: Path,
+    quant: str,
+    name: str,
+    say: Callable[[str], None] | None = None,
+) -> dict[str, int]:
+    """Write `state` (HF parameter names -> float32 tensors) and the tokenizer saved in `tokenizer_dir` to `path`.
+
+    Returns how many tensors went out in each GGML type (e.g. {"Q8_0": 14, "F32": 5})."""
+    import gguf
+    import numpy as np
+    import torch
+
+    say = say or (lambda message: None)
+    hp = plan.hparams
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[quant]
+    wanted = {
+        "f32": gguf.GGMLQuantizationType.F32,
+        "f16": gguf.GGMLQuantizationType.F16,
+        "bf16": gguf.GGMLQuantizationType.BF16,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    }[quant]
+    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == plan.arch)
+    n_layers = hp["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(arch_enum, n_layers)
+    n_head, n_head_kv = hp["num_attention_heads"], hp.get("num_key_value_heads")
+
+    tensors: list[tuple[str, Any]] = []
+    rope_freqs = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+    if plan.rope.get("rope_type") == "llama3":
+        factors = llama3_rope_factors(plan.rope, head_dim(hp))
+        tensors.append((rope_freqs, factors))
+    for key, value in state.items():
+        if key.endswith((".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")):
+            continue
+        if key == "lm_head.weight" and hp.get("tie_word_embeddings"):
+            continue  # llama.cpp reads a tied output from token_embd
+        new = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise UserError(Problem(key, f"no GGUF name for this {plan.arch} tensor", CONVERTER_ROUTE), "cannot export")
+        data = value.detach().to(torch.float32)
+        if plan.permute and key.endswith(("q_proj.weight", "q_proj.bias")):
+            data = permute_qk(data, n_head, n_head)
+        elif plan.permute and key.endswith(("k_proj.weight", "k_proj.bias")):
+            data = permute_qk(data, n_head, n_head_kv)
+        tensors.append((new, data))
+
+    writer = gguf.GGUFWriter(path=None, arch=plan.arch)
+    counts: dict[str, int] = {}
+    total = 0
+    for new, data in tensors:
+        array = data.numpy()
+        qtype = wanted
+        if array.ndim <= 1 or new.endswith("_norm.weight") or not new.endswith(".weight"):
+            qtype = gguf.GGMLQuantizationType.F32  # norms, biases and rope factors stay float32, as llama.cpp wants
+        try:
+            out = gguf.quants.quantize(array, qtype)
+        except gguf.QuantError:  # a row not a multiple of the block size: float16, as the converter falls back
+            qtype = gguf.GGMLQuantizationType.F16
+            out = gguf.quants.quantize(array, qtype)
+        writer.add_tensor(new, out, raw_dtype=qtype)
+        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+        if new != rope_freqs:
+            total += int(np.prod(array.shape))
+
+    # general.*, as the converter's metadata writes them for a model with no model card
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_size_label(gguf.size_label(total, 0, 0, 0))
+    # the model's hyperparameters (the converter's TextModel.set_gguf_parameters for these architectures)
+    writer.add_block_count(n_layers)
+    if hp.get("max_position_embeddings") is not None:
+        writer.add_context_length(hp["max_position_embeddings"])
+    writer.add_embedding_length(hp["hidden_size"])
+    writer.add_feed_forward_length(hp["intermediate_size"])
+    writer.add_head_count(n_head)
+    if n_head_kv is not None:
+        writer.add_head_count_kv(n_head_kv)
+    rope_type, factor = plan.rope.get("rope_type"), plan.rope.get("factor")
+    if rope_type == "linear" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
+    elif rope_type == "yarn" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(factor)
+        writer.add_rope_scaling_orig_ctx_len(plan.rope["original_max_position_embeddings"])
+        for key, add in (
+            ("extrapolation_factor", writer.add_rope_scaling_yarn_ext_factor),
+            ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+            ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+            ("beta_slow", writer.add_rope_scaling_yarn_beta_slow),
+        ):
+            if plan.rope.get(key) is not None:
+                add(plan.rope[key])
+    if plan.rope.get("rope_theta") is not None:
+        writer.add_rope_freq_base(plan.rope["rope_theta"])
+    if hp.get("rms_norm_eps") is not None:
+        writer.add_layer_norm_rms_eps(hp["rms_norm_eps"])
+    if hp.get("head_dim") is not None:
+        writer.add_key_length(hp["head_dim"])
+        writer.add_value_length(hp["head_dim"])
+    writer.add_file_type(file_type)
+    if plan.arch == "llama":  # LlamaModel.set_gguf_parameters adds these two
+        writer.add_vocab_size(hp["vocab_size"])
+        writer.add_rope_dimension_count(head_dim(hp))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    # the tokenizer (the converter's _set_vocab_gpt2; LlamaModel.set_vocab first reads add_prefix_space)
+    config_file = tokenizer_dir / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    if plan.arch == "llama" and tokenizer_config.get("add_prefix_space") is not None:
+        writer.add_add_space_prefix(tokenizer_config["add_prefix_space"])
+    tokens, types = vocab(tokenizer, hp["vocab_size"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(plan.pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    logging.getLogger("gguf").setLevel(logging.ERROR)  # its notes on the tokenizer's post-processor are not ours
+    gguf.SpecialVocab(tokenizer_dir, load_merges=True).add_to_gguf(writer, quiet=True)
+    if plan.arch == "llama" and hp["vocab_size"] == 49152:  # the converter's rule for SmolLM-sized vocabularies
+        writer.add_add_bos_token(False)
+
+    say(f"writing {path.name}: {len(tensors)} tensors ({', '.join(f'{n} {k}' for k, n in counts.items())})")
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()
+    return counts
