@@ -733,7 +733,7 @@ def test_tokenising_large_data_in_a_log_says_so_and_reports_progress_every_ten_s
     """Without a terminal (CI, nohup, SLURM) tokenising 50,000 rows showed nothing for its whole duration."""
     now = [100.0]
     monkeypatch.setattr(D.time, "monotonic", lambda: now[0])
-    with D._row_progress(50_000, "tokenising (2 processes)") as advance:
+    with D.work_progress(50_000, "tokenising (2 processes)") as advance:
         for _ in range(10):  # 5,000 rows every 4 s
             now[0] += 4.0
             advance(5_000)
@@ -744,7 +744,7 @@ def test_tokenising_large_data_in_a_log_says_so_and_reports_progress_every_ten_s
         "tokenising (2 processes): 30,000/50,000 rows, 1,250 rows/s, ETA 16 s",
         "tokenising (2 processes): 45,000/50,000 rows, 1,250 rows/s, ETA 4 s",
     ], lines
-    with D._row_progress(D.PROGRESS_ROWS - 1, "tokenising") as advance:  # small data: nothing to wait for
+    with D.work_progress(D.PROGRESS_ROWS - 1, "tokenising") as advance:  # small data: nothing to wait for
         advance(D.PROGRESS_ROWS - 1)
     assert capsys.readouterr().out == ""
 

@@ -212,6 +212,8 @@ def test_other_architectures_match_llama_cpps_converter_and_load_back(converter,
     run = tiny(kind, tmp_path)
     proc = run_mgpu("export", str(run), "--format", "gguf", "--quant", "f32", timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    tensors = {"llama3-rope": 22, "qwen2": 26}.get(kind, 21)  # + rope_freqs; + q/k/v biases, no lm_head (tied)
+    assert f"converting {tensors} tensors to f32" in proc.stdout
     ours = run / "gguf" / f"{run.name}.F32.gguf"
     # transformers loads the builtin tokenizer in a Qwen2 model as Qwen2's tokenizer, which splits by Qwen2's regex
     pre = "qwen2" if kind == "qwen2" else "gpt-2"

@@ -1094,16 +1094,18 @@ LOG_EVERY_S = 10.0  # a progress line this often where there is no terminal
 
 
 @contextlib.contextmanager
-def _row_progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
-    """advance(n) for `total` rows: for large data a transient rich bar on a terminal, else (a log, a pipe) a line
-    as it starts and one every LOG_EVERY_S seconds."""
-    if total < PROGRESS_ROWS:
+def work_progress(
+    total: int, label: str, unit: str = "rows", minimum: int | None = None
+) -> Iterator[Callable[[int], None]]:
+    """advance(n) for `total` units of work (rows, tensors): from `minimum` units on (default PROGRESS_ROWS) a
+    transient rich bar on a terminal, else (a log, a pipe) a line as it starts and one every LOG_EVERY_S seconds."""
+    if total < (PROGRESS_ROWS if minimum is None else minimum):
         yield lambda n: None
         return
     if not sys.stdout.isatty():
         t0 = last = time.monotonic()
         done = 0
-        print(f"{label} {total:,} rows", flush=True)
+        print(f"{label} {total:,} {unit}", flush=True)
 
         def log_line(n: int) -> None:
             nonlocal done, last
@@ -1113,7 +1115,7 @@ def _row_progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
                 last = now
                 rate = done / (now - t0)
                 print(
-                    f"{label}: {done:,}/{total:,} rows, {rate:,.0f} rows/s, ETA {(total - done) / rate:.0f} s",
+                    f"{label}: {done:,}/{total:,} {unit}, {_rate(rate)} {unit}/s, ETA {(total - done) / rate:.0f} s",
                     flush=True,
                 )
 
@@ -1125,8 +1127,8 @@ def _row_progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
         TextColumn(f"[bold]{label}[/]"),
         BarColumn(bar_width=24),
         MofNCompleteColumn(),
-        TextColumn("rows"),
-        TextColumn("[green]{task.fields[rate]}[/] rows/s"),
+        TextColumn(unit),
+        TextColumn(f"[green]{{task.fields[rate]}}[/] {unit}/s"),
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
@@ -1136,16 +1138,20 @@ def _row_progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
         def advance(n: int) -> None:
             bar.advance(task, n)
             speed = bar.tasks[0].speed  # the one task
-            bar.update(task, rate=f"{speed:,.0f}" if speed else "-")
+            bar.update(task, rate=_rate(speed) if speed else "-")
 
         yield advance
+
+
+def _rate(per_second: float) -> str:
+    return f"{per_second:,.0f}" if per_second >= 10 else f"{per_second:.1f}"  # 1,250 rows/s; 2.4 tensors/s
 
 
 def _encode_all(rows: Rows, recipe: Recipe, model_path: str, tokenizer: Any, enc: Encoding) -> list[Any]:
     n = len(rows.rows)
     procs = _num_proc(recipe, n)
     label = "tokenising" if procs == 1 else f"tokenising ({procs} processes)"
-    with _row_progress(n, label) as advance:
+    with work_progress(n, label) as advance:
         if procs == 1:
             out: list[Any] = []
             for i in range(0, n, CHUNK_ROWS):

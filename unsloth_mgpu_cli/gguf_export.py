@@ -27,9 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .data import work_progress
 from .errors import Problem, UserError
 
 QUANTS = ("q8_0", "f16", "bf16", "f32")
+PROGRESS_TENSORS = 100  # a progress bar (tensors/s, ETA) from this many tensors on: a 1B Llama has 146, an 8B 291
 # HF architecture -> (llama.cpp architecture, whether q/k rows are permuted for llama.cpp's rope)
 ARCHITECTURES = {
     "LlamaForCausalLM": ("llama", True),
@@ -311,20 +313,23 @@ def write_gguf(
     writer = gguf.GGUFWriter(path=None, arch=plan.arch)
     counts: dict[str, int] = {}
     total = 0
-    for new, data in tensors:
-        array = data.numpy()
-        qtype = wanted
-        if array.ndim <= 1 or new.endswith("_norm.weight") or not new.endswith(".weight"):
-            qtype = gguf.GGMLQuantizationType.F32  # norms, biases and rope factors stay float32, as llama.cpp wants
-        try:
-            out = gguf.quants.quantize(array, qtype)
-        except gguf.QuantError:  # a row not a multiple of the block size: float16, as the converter falls back
-            qtype = gguf.GGMLQuantizationType.F16
-            out = gguf.quants.quantize(array, qtype)
-        writer.add_tensor(new, out, raw_dtype=qtype)
-        counts[qtype.name] = counts.get(qtype.name, 0) + 1
-        if new != rope_freqs:
-            total += int(np.prod(array.shape))
+    say(f"converting {len(tensors)} tensors to {quant}")
+    with work_progress(len(tensors), "converting", unit="tensors", minimum=PROGRESS_TENSORS) as advance:
+        for new, data in tensors:
+            array = data.numpy()
+            qtype = wanted
+            if array.ndim <= 1 or new.endswith("_norm.weight") or not new.endswith(".weight"):
+                qtype = gguf.GGMLQuantizationType.F32  # norms, biases and rope factors stay float32 for llama.cpp
+            try:
+                out = gguf.quants.quantize(array, qtype)
+            except gguf.QuantError:  # a row not a multiple of the block size: float16, the converter's fallback
+                qtype = gguf.GGMLQuantizationType.F16
+                out = gguf.quants.quantize(array, qtype)
+            writer.add_tensor(new, out, raw_dtype=qtype)
+            counts[qtype.name] = counts.get(qtype.name, 0) + 1
+            if new != rope_freqs:
+                total += int(np.prod(array.shape))
+            advance(1)
 
     # general.*, as the converter's metadata writes them for a model with no model card
     writer.add_type(gguf.GGUFType.MODEL)
@@ -383,7 +388,7 @@ def write_gguf(
     if plan.arch == "llama" and hp["vocab_size"] == 49152:  # the converter's rule for SmolLM-sized vocabularies
         writer.add_add_bos_token(False)
 
-    say(f"writing {path.name}: {len(tensors)} tensors ({', '.join(f'{n} {k}' for k, n in counts.items())})")
+    say(f"writing {path.name}: {', '.join(f'{n} {k}' for k, n in counts.items())} tensors")
     writer.write_header_to_file(path=path)
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=False)
