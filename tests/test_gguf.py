@@ -272,3 +272,30 @@ def test_bad_gguf_arguments_and_models_exit_2_before_anything_loads(tmp_path):
     )
     assert_user_error(run_mgpu("export", str(run), "--format", "gguf"), "GPT2LMHeadModel", "convert_hf_to_gguf.py")
     assert not (run / "gguf").exists()
+
+
+@pytest.mark.integration
+def test_a_full_disk_leaves_the_earlier_gguf_files_and_no_part_file(run):
+    """The disk fills while the file is written (RLIMIT_FSIZE: a write past 1 MiB fails with EFBIG, as on a full
+    disk): exit 2 naming the folder, the F32 and Q8_0 files of before untouched, nothing half-written left."""
+    import resource
+
+    from conftest import die_with_parent, mgpu_env
+
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "gguf").iterdir()}
+
+    def small_disk() -> None:
+        die_with_parent()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "unsloth_mgpu_cli", "export", str(run), "--format", "gguf", "--quant", "f16"],
+        cwd=ROOT,
+        env=mgpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=small_disk,
+    )
+    assert_user_error(proc, "argument --output", f"cannot write {run / 'gguf'}", "writing run.F16.gguf")
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "gguf").iterdir()} == before

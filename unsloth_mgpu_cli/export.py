@@ -204,15 +204,19 @@ def export_merged(
             marker = {"tool": "unsloth-mgpu", "version": __version__, "run": str(run.resolve()), "dtype": dtype}
             (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     except OSError as exc:
-        raise UserError(
-            Problem(
-                "argument --output",
-                f"cannot write {dest}: {exc.strerror or exc}",
-                "choose a writable folder with enough space",
-            ),
-            "cannot export",
-        ) from exc
+        raise _cannot_write(dest, exc) from exc
     return dest
+
+
+def _cannot_write(dest: Path, exc: OSError) -> UserError:
+    return UserError(
+        Problem(
+            "argument --output",
+            f"cannot write {dest}: {exc.strerror or exc}",
+            "choose a writable folder with enough space",
+        ),
+        "cannot export",
+    )
 
 
 def _load_merged(run: Path, weights: Path, base: str, dtype: str, say: Callable[[str], None]) -> tuple[Any, Any]:
@@ -256,8 +260,11 @@ def _load_merged(run: Path, weights: Path, base: str, dtype: str, say: Callable[
 
         say(f"merging the adapter {weights}")
         model = PeftModel.from_pretrained(model, str(weights)).merge_and_unload()
-    tok_source = weights if (weights / "tokenizer_config.json").exists() else base
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_source), trust_remote_code=kwargs["trust_remote_code"])
+    if (weights / "tokenizer_config.json").exists():  # saved with the adapter: the run's chat template
+        tokenizer = AutoTokenizer.from_pretrained(str(weights), trust_remote_code=kwargs["trust_remote_code"])
+    else:
+        revision = {"revision": kwargs["revision"]} if "revision" in kwargs else {}
+        tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=kwargs["trust_remote_code"], **revision)
     return model, tokenizer
 
 
@@ -281,7 +288,10 @@ def export_gguf(
     weights, base = find_adapter(run, full_model_ok=True)
     check_export_dest(run, dest, base, default_name="gguf")
     dest = (Path(dest).expanduser() if dest is not None else run / "gguf").resolve()
-    trust = bool((_resolved_recipe(run).get("model") or {}).get("trust_remote_code", False))
+    model_cfg = _resolved_recipe(run).get("model") or {}
+    trust = bool(model_cfg.get("trust_remote_code", False))
+    # the base as training loaded it: its revision, where it is a hub id (never for a local folder)
+    revision = {"revision": model_cfg["revision"]} if model_cfg.get("revision") and Path(base) != weights else {}
     from .hub import work_offline_if_unreachable
 
     work_offline_if_unreachable([base])
@@ -295,10 +305,12 @@ def export_gguf(
     config_source = weights if Path(base) == weights else base
     where = str(Path(config_source) / "config.json") if Path(config_source).is_dir() else f"{base} config.json"
     try:
-        config = AutoConfig.from_pretrained(str(config_source), trust_remote_code=trust).to_dict()
+        config = AutoConfig.from_pretrained(str(config_source), trust_remote_code=trust, **revision).to_dict()
         check_model(config, where)  # before the tokenizer: a model of another kind may have none we could read
-        tok_source = weights if (weights / "tokenizer_config.json").exists() else base
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_source), trust_remote_code=trust)
+        if (weights / "tokenizer_config.json").exists():  # saved with the adapter: the run's chat template
+            tokenizer = AutoTokenizer.from_pretrained(str(weights), trust_remote_code=trust)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(base), trust_remote_code=trust, **revision)
     except (OSError, ValueError) as exc:
         raise UserError(
             Problem(where, f"cannot read the model's config or tokenizer: {str(exc).splitlines()[0]}"), "cannot export"
@@ -314,7 +326,8 @@ def export_gguf(
             if dest.is_dir() and any(dest.iterdir()):  # an earlier export (check_export_dest): the file joins it
                 part = dest / f".{name}.part-{os.getpid()}"
                 try:
-                    write_gguf(model.state_dict(), tokenizer_dir, tokenizer, plan, part, quant, run.resolve().name, say)
+                    state = model.state_dict()
+                    write_gguf(state, tokenizer_dir, tokenizer, plan, part, quant, run.resolve().name, say, shown=name)
                     os.replace(part, dest / name)
                 finally:
                     part.unlink(missing_ok=True)
@@ -326,12 +339,5 @@ def export_gguf(
                     )
                     (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         except OSError as exc:
-            raise UserError(
-                Problem(
-                    "argument --output",
-                    f"cannot write {dest}: {exc.strerror or exc}",
-                    "choose a writable folder with enough space",
-                ),
-                "cannot export",
-            ) from exc
+            raise _cannot_write(dest, exc) from exc
     return dest / name

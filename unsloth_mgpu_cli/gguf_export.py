@@ -263,8 +263,10 @@ def write_gguf(
     quant: str,
     name: str,
     say: Callable[[str], None] | None = None,
+    shown: str | None = None,
 ) -> dict[str, int]:
-    """Write `state` (HF parameter names -> float32 tensors) and the tokenizer saved in `tokenizer_dir` to `path`.
+    """Write `state` (HF parameter names -> float32 tensors) and the tokenizer saved in `tokenizer_dir` to `path`
+    (`shown`: the name to say it is writing, where `path` is a temporary name).
 
     Returns how many tensors went out in each GGML type (e.g. {"Q8_0": 14, "F32": 5})."""
     import gguf
@@ -388,7 +390,7 @@ def write_gguf(
     if plan.arch == "llama" and hp["vocab_size"] == 49152:  # the converter's rule for SmolLM-sized vocabularies
         writer.add_add_bos_token(False)
 
-    say(f"writing {path.name}: {', '.join(f'{n} {k}' for k, n in counts.items())} tensors")
+    say(f"writing {shown or path.name}: {', '.join(f'{n} {k}' for k, n in counts.items())} tensors")
     writer.write_header_to_file(path=path)
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=False)
