@@ -181,11 +181,16 @@ _DTYPE_QUANTS = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}
 @app.command()
 def export(
     output_dir: Annotated[
-        Path, typer.Argument(help="output.dir of a finished LoRA run.", show_default=False, metavar="OUTPUT_DIR")
+        Path,
+        typer.Argument(
+            help="output.dir of a finished run: LoRA, or (--format gguf) a full fine-tune.",
+            show_default=False,
+            metavar="OUTPUT_DIR",
+        ),
     ],
     merged: Annotated[  # accepted for scripts written when it was required; there is no other export
         bool,
-        _flag("--merged", help="Merge the adapter into the base weights: the one export there is, so the default."),
+        _flag("--merged", help="Merge the adapter into the base weights: every export does, so the default."),
     ] = True,
     dtype: Annotated[
         str | None, typer.Option("--dtype", help="--format hf: bfloat16 (default) | float16 | float32.")
