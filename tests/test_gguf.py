@@ -322,3 +322,42 @@ def test_a_full_disk_leaves_the_earlier_gguf_files_and_no_part_file(run):
     )
     assert_user_error(proc, "argument --output", f"cannot write {run / 'gguf'}", "writing run.F16.gguf")
     assert {p.name: p.stat().st_mtime_ns for p in (run / "gguf").iterdir()} == before
+
+
+@pytest.mark.integration
+def test_a_4bit_base_is_dequantized_before_the_merge_in_both_exports(run, tmp_path):
+    """A QLoRA run on a pre-quantized base (as unsloth/...-bnb-4bit models are): both exports merge the adapter
+    into the dequantized weights QLoRA trained on. Before, the HF export crashed in save_pretrained and the GGUF
+    export met 4-bit tensors it could not name."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    builtin = str(ensure_builtin_model("builtin:tiny-llama"))
+    base4 = tmp_path / "tiny-llama-bnb-4bit"
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    AutoModelForCausalLM.from_pretrained(builtin, quantization_config=nf4, device_map="cpu").save_pretrained(base4)
+    AutoTokenizer.from_pretrained(builtin).save_pretrained(base4)
+    qrun = tmp_path / "qlora"
+    shutil.copytree(run / "adapter", qrun / "adapter")
+    config = json.loads((qrun / "adapter" / "adapter_config.json").read_text())
+    (qrun / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base4)}))
+    recipe = (run / "recipe.resolved.yaml").read_text().replace("builtin:tiny-llama", str(base4))
+    (qrun / "recipe.resolved.yaml").write_text(recipe)
+    for args in (["--dtype", "float32"], ["--format", "gguf", "--quant", "f32"]):
+        proc = run_mgpu("export", str(qrun), *args, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "dequantizing the base's bitsandbytes weights" in proc.stdout
+
+    tok = AutoTokenizer.from_pretrained(str(qrun / "merged"))
+    dequantized = AutoModelForCausalLM.from_pretrained(str(base4), dtype=torch.float32, device_map="cpu").dequantize()
+    expected = logits(PeftModel.from_pretrained(dequantized, str(qrun / "adapter")), tok)  # unmerged
+    scale = float(expected.abs().max())
+    merged = AutoModelForCausalLM.from_pretrained(str(qrun / "merged"), dtype=torch.float32)
+    assert getattr(merged.config, "quantization_config", None) is None
+    assert float((logits(merged, tok) - expected).abs().max()) < 1e-4 * scale
+    assert float((logits(gguf_model(qrun / "gguf" / "qlora.F32.gguf"), tok) - expected).abs().max()) < 1e-4 * scale
+    # the control: merged into the unquantized base the logits are not these (the 4-bit rounding shows)
+    plain = AutoModelForCausalLM.from_pretrained(str(run / "merged"), dtype=torch.float32)
+    assert float((logits(plain, tok) - expected).abs().max()) > 1e-3 * scale

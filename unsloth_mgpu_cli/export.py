@@ -219,6 +219,24 @@ def _cannot_write(dest: Path, exc: OSError) -> UserError:
     )
 
 
+def _forget_quantizer_conversions(model: Any) -> None:
+    """After `dequantize()`: drop the load-time weight conversions that cannot be reversed (the quantizer's).
+
+    transformers 5 records how each weight was converted while loading and reverses it in save_pretrained; the
+    4-bit quantizer's step has no reverse (NotImplementedError), and after dequantize() there is nothing to undo."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if not conversions:
+        return
+    kept = []
+    for conversion in conversions:
+        try:
+            conversion.reverse_transform()
+        except NotImplementedError:
+            continue
+        kept.append(conversion)
+    model._weight_conversions = kept
+
+
 def _load_merged(run: Path, weights: Path, base: str, dtype: str, say: Callable[[str], None]) -> tuple[Any, Any]:
     """(the model with the adapter folded in, its tokenizer), loaded in `dtype` with transformers and peft.
 
@@ -245,6 +263,11 @@ def _load_merged(run: Path, weights: Path, base: str, dtype: str, say: Callable[
         kwargs["revision"] = model_cfg["revision"]
     say(f"loading the {'base ' if Path(base) != weights else ''}model {base} in {dtype}")
     try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(base, **{k: v for k, v in kwargs.items() if k != "dtype"})
+        if getattr(config, "quantization_config", None):  # a pre-quantized base (unsloth/...-bnb-4bit), on the CPU
+            kwargs["device_map"] = "cpu"
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     except OSError as exc:
         raise UserError(
@@ -255,6 +278,12 @@ def _load_merged(run: Path, weights: Path, base: str, dtype: str, say: Callable[
             ),
             "cannot export",
         ) from exc
+    if getattr(model, "hf_quantizer", None) is not None:
+        # the weights QLoRA trained on, in `dtype`: merged into 4-bit weights the adapter would be rounded away,
+        # and a 4-bit model is neither saved by transformers nor read by llama.cpp
+        say(f"dequantizing the base's {config.quantization_config.get('quant_method', 'quantized')} weights")
+        model = model.dequantize().to(getattr(torch, dtype))
+        _forget_quantizer_conversions(model)
     if Path(base) != weights:
         from peft import PeftModel
 
