@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import EQUIVALENCE_RUN, ROOT, assert_user_error, run_mgpu
 
-from unsloth_mgpu_cli.gguf_export import llama3_rope_factors, pre_tokenizer
+from unsloth_mgpu_cli.gguf_export import QUANTS, llama3_rope_factors, pre_tokenizer
 from unsloth_mgpu_cli.models import cache_dir, ensure_builtin_model
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -131,11 +131,12 @@ def gguf_model(path: Path):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A trained LoRA run, its float32 merged export, and its GGUF exports (f32 and q8_0 in one folder)."""
+    """A trained LoRA run, its float32 merged export, and its GGUF exports (q8_0, f16, bf16, f32 in one folder)."""
     out = tmp_path_factory.mktemp("gguf") / "run"
     proc = run_mgpu("train", str(QUICKSTART), *EQUIVALENCE_RUN, "distributed.num_gpus=1", f"output.dir={out}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for args in (["--dtype", "float32"], ["--format", "gguf", "--quant", "f32"], ["--format", "gguf"]):
+    exports = [["--dtype", "float32"], ["--format", "gguf"]] + [["--format", "gguf", "--quant", q] for q in QUANTS[1:]]
+    for args in exports:
         proc = run_mgpu("export", str(out), *args, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out
@@ -145,7 +146,8 @@ def run(tmp_path_factory):
 def test_the_gguf_holds_the_trained_model_and_its_tokenizer(run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    assert sorted(p.name for p in (run / "gguf").iterdir()) == [".mgpu-export.json", "run.F32.gguf", "run.Q8_0.gguf"]
+    files = [".mgpu-export.json", "run.BF16.gguf", "run.F16.gguf", "run.F32.gguf", "run.Q8_0.gguf"]
+    assert sorted(p.name for p in (run / "gguf").iterdir()) == files
     tok = AutoTokenizer.from_pretrained(str(run / "merged"))
     merged = logits(AutoModelForCausalLM.from_pretrained(str(run / "merged"), dtype=torch.float32), tok)
     base = AutoModelForCausalLM.from_pretrained(str(ensure_builtin_model("builtin:tiny-llama")), dtype=torch.float32)
@@ -173,13 +175,13 @@ def test_the_gguf_holds_the_trained_model_and_its_tokenizer(run):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+@pytest.mark.parametrize("quant", QUANTS)
 def test_the_gguf_is_what_llama_cpps_converter_writes_from_the_merged_export(run, converter, tmp_path, quant):
     ours = run / "gguf" / f"run.{quant.upper()}.gguf"
     theirs = reference(converter, run / "merged", tmp_path / "ref.gguf", quant)
     assert differences(ours, theirs) == []
-    # the control: the comparison sees a difference where there is one
-    other = reference(converter, run / "merged", tmp_path / "other.gguf", "f16")
+    # the control: the comparison sees a difference where there is one (the same model in another quantisation)
+    other = run / "gguf" / f"run.{'Q8_0' if quant != 'q8_0' else 'F16'}.gguf"
     assert any(d.startswith("tensor blk.0.attn_q.weight") for d in differences(ours, other))
 
 

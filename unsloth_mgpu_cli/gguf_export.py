@@ -11,7 +11,7 @@ holds the file to that converter's output, tensor by tensor and key by key.
 
 Covered: Llama (1-3.x, SmolLM), Mistral and Qwen2/2.5 models with a byte-level BPE tokenizer (tokenizer.json).
 Others (SentencePiece tokenizers such as Llama 2's and Mistral v0.1-0.3's, other architectures) are refused
-before anything loads, with the route that does cover them: the merged HF export and llama.cpp's converter.
+before the weights load, with the route that does cover them: the merged HF export and llama.cpp's converter.
 Quantisation: q8_0, f16, bf16, f32 (what the converter writes itself); smaller k-quants come from llama.cpp's
 `llama-quantize`, which takes this file.
 """
