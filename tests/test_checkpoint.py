@@ -571,9 +571,16 @@ def test_the_summary_notes_an_export_older_than_the_adapter(tmp_path, capsys):
     print_summary(summary)  # exported after the adapter: current
     assert "earlier adapter" not in capsys.readouterr().out
     os.utime(tmp_path / "merged" / EXPORT_MARKER, (1, 1))  # exported before the adapter was last written
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / EXPORT_MARKER).write_text("{}")
+    os.utime(tmp_path / "gguf" / EXPORT_MARKER, (1, 1))
     print_summary(summary)
     out = " ".join(capsys.readouterr().out.split())
-    assert "merged/ in the output folder export(s) an earlier adapter" in out and "--merged` again" in out
+    assert "gguf/, merged/ in the output folder export(s) an earlier adapter" in out
+    assert f"run `mgpu export {tmp_path} --format gguf` and `mgpu export {tmp_path}` again" in out
+    print_summary(summary, frozenset({"gguf/"}))  # output.export rewrites gguf/ next: only merged/ is noted
+    out = " ".join(capsys.readouterr().out.split())
+    assert "note: merged/ in the output folder" in out and "--format gguf" not in out
 
 
 def test_the_summary_of_a_resumed_run_says_what_this_session_covers_and_shows_the_eval_loss(tmp_path, capsys):

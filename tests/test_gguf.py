@@ -363,3 +363,36 @@ def test_a_4bit_base_is_dequantized_before_the_merge_in_both_exports(run, tmp_pa
     # the control: merged into the unquantized base the logits are not these (the 4-bit rounding shows)
     plain = AutoModelForCausalLM.from_pretrained(str(run / "merged"), dtype=torch.float32)
     assert float((logits(plain, tok) - expected).abs().max()) > 1e-3 * scale
+
+
+@pytest.mark.integration
+def test_output_export_writes_both_exports_when_training_ends(tmp_path):
+    out = tmp_path / "run"
+    proc = run_mgpu(
+        "train",
+        str(QUICKSTART),
+        *EQUIVALENCE_RUN,
+        "training.max_steps=2",
+        "distributed.num_gpus=1",
+        f"output.dir={out}",
+        "output.export=[hf,gguf]",
+        "output.gguf_quant=f16",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[export" in proc.stdout and f"wrote {out / 'gguf' / 'run.F16.gguf'}" in proc.stdout
+    assert (out / "merged" / "model.safetensors").is_file() and (out / "gguf" / "run.F16.gguf").is_file()
+    assert "earlier adapter" not in proc.stdout
+
+
+@pytest.mark.integration
+def test_output_export_that_would_fail_is_refused_before_training(tmp_path):
+    out = tmp_path / "run"
+    (out / "merged").mkdir(parents=True)
+    (out / "merged" / "notes.txt").write_text("mine")  # not an export: the hf export may not replace it
+    proc = run_mgpu("train", str(QUICKSTART), "distributed.num_gpus=1", f"output.dir={out}", "output.export=[hf]")
+    assert_user_error(
+        proc, "output.export", "the hf export would fail when training ends", "drop hf from output.export"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["merged"]  # nothing trained, nothing written
+    full = run_mgpu("validate", str(QUICKSTART), "lora=null", "output.export=[hf]")
+    assert_user_error(full, "output.export", "a full fine-tune already writes the HF model")

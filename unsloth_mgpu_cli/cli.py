@@ -146,6 +146,11 @@ def train(
                 "invalid arguments",
             )
         _offline_if_hub_unreachable(loaded.recipe)
+        exports = loaded.recipe.output.export and (node_rank or 0) == 0 and "RANK" not in os.environ
+        if exports:  # hours of training should not end in a refusal
+            from .export import check_recipe_exports
+
+            check_recipe_exports(loaded.recipe)
         from .engine import train as run_training
 
         try:
@@ -172,7 +177,35 @@ def train(
         _fail(exc)
     from .render import print_summary
 
-    print_summary(summary)
+    rewritten = frozenset("merged/" if kind == "hf" else "gguf/" for kind in loaded.recipe.output.export)
+    print_summary(summary, rewritten if exports else frozenset())
+    if exports:
+        _export_after_training(loaded.recipe)
+
+
+def _export_after_training(recipe) -> None:  # type: ignore[no-untyped-def]
+    """output.export's exports, once training has ended; a failure exits 2 with the command that retries it."""
+    import time
+
+    from .export import run_recipe_exports
+
+    t0 = time.monotonic()
+
+    def say(message: str) -> None:
+        typer.echo(f"[export {time.monotonic() - t0:5.1f} s] {message}")
+
+    try:
+        for path in run_recipe_exports(recipe, say):
+            say(f"wrote {path}")
+    except UserError as exc:
+        exc.problems.append(
+            Problem(
+                "output.export",
+                "training finished and its weights are saved; the export after it failed",
+                f"fix the above, then run `mgpu export {recipe.output.dir}` (with --format gguf for gguf)",
+            )
+        )
+        _fail(exc)
 
 
 _DTYPE_QUANTS = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}

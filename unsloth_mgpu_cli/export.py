@@ -370,3 +370,67 @@ def export_gguf(
         except OSError as exc:
             raise _cannot_write(dest, exc) from exc
     return dest / name
+
+
+def check_recipe_exports(recipe: Any) -> None:
+    """Before training: refuse (UserError, exit 2) an `output.export` that would fail when training ends.
+
+    The destinations (<output.dir>/merged, <output.dir>/gguf) must be new, empty or earlier exports, and a gguf
+    export needs a model and tokenizer it covers (gguf_export.check_model, pre_tokenizer): hours of training
+    should not end in a refusal."""
+    exports = list(dict.fromkeys(recipe.output.export))
+    if not exports:
+        return
+    from .models import resolve_model_path
+
+    run = Path(recipe.output.dir).expanduser()
+    base = resolve_model_path(recipe.model.name)
+    for kind in exports:
+        try:
+            check_export_dest(run, None, base, default_name="merged" if kind == "hf" else "gguf")
+        except UserError as exc:
+            raise _as_recipe_problem(exc, kind) from None
+    if "gguf" in exports:
+        import tempfile
+
+        from transformers import AutoConfig, AutoTokenizer
+
+        from .gguf_export import plan_conversion
+
+        m = recipe.model
+        options: dict[str, Any] = {"trust_remote_code": m.trust_remote_code}
+        if m.revision:
+            options["revision"] = m.revision
+        try:
+            config = AutoConfig.from_pretrained(base, **options).to_dict()
+            tokenizer = AutoTokenizer.from_pretrained(base, **options)
+        except (OSError, ValueError):
+            return  # training reports a model it cannot load, better than this check could
+        with tempfile.TemporaryDirectory(prefix="mgpu-gguf-") as saved:
+            tokenizer.save_pretrained(saved)
+            try:
+                plan_conversion(config, tokenizer, Path(saved), f"model.name ({recipe.model.name})")
+            except UserError as exc:
+                raise _as_recipe_problem(exc, "gguf") from None
+
+
+def _as_recipe_problem(exc: UserError, kind: str) -> UserError:
+    """An export's refusal, said of the recipe key that asked for the export."""
+    first = exc.problems[0]
+    found = f"{first.where}: {first.message}" if first.where else first.message
+    hint = (first.hint + "; or " if first.hint else "") + f"drop {kind} from output.export"
+    return UserError(
+        Problem("output.export", f"the {kind} export would fail when training ends: {found}", hint), "invalid recipe"
+    )
+
+
+def run_recipe_exports(recipe: Any, say: Callable[[str], None]) -> list[Path]:
+    """After training (node 0): the exports `output.export` asks for, into their default folders."""
+    run = Path(recipe.output.dir).expanduser()
+    written = []
+    for kind in dict.fromkeys(recipe.output.export):
+        if kind == "hf":
+            written.append(export_merged(run, None, recipe.output.export_dtype, say=say))
+        else:
+            written.append(export_gguf(run, None, recipe.output.gguf_quant, say=say))
+    return written

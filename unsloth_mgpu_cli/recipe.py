@@ -533,6 +533,18 @@ class OutputSection(_Section):
         "kept in <output.dir>/best as they are found, rather than the last step's (transformers' "
         "load_best_model_at_end); needs training.eval_steps. Checkpoints keep the last step's for resuming.",
     )
+    export: list[Literal["hf", "gguf"]] = Field(
+        default_factory=list,
+        description="Exports written on node 0 when training ends, as `mgpu export` writes them: hf (the adapter "
+        "merged into the base: <output.dir>/merged, in output.export_dtype) and gguf (<output.dir>/gguf/"
+        "<name>.<QUANT>.gguf for llama.cpp and Ollama, in output.gguf_quant). Checked before training starts.",
+    )
+    export_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="The dtype of output.export's hf export (mgpu export --dtype)."
+    )
+    gguf_quant: Literal["q8_0", "f16", "bf16", "f32"] = Field(
+        "q8_0", description="The weights of output.export's gguf export (mgpu export --format gguf --quant)."
+    )
 
 
 class LoggingSection(_Section):
@@ -571,6 +583,14 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:
         problems: list[tuple[str, str]] = []
+        if self.lora is None and "hf" in self.output.export:
+            problems.append(
+                (
+                    "output.export",
+                    "a full fine-tune already writes the HF model (<output.dir>/model); there is no adapter to "
+                    "merge: drop hf (gguf is fine)",
+                )
+            )
         if self.lora is None and self.model.load_in_4bit:
             problems.append(
                 (

@@ -80,7 +80,7 @@ def print_recipe(loaded: LoadedRecipe) -> None:
     console.print("[green]valid[/] (the recipe; the data's rows are checked by `mgpu prepare`)")
 
 
-def print_summary(summary: dict) -> None:
+def print_summary(summary: dict, rewritten: frozenset[str] = frozenset()) -> None:
     """The end-of-run table: time, tokens, throughput, memory per GPU, where the results are."""
     if not summary:
         return
@@ -140,11 +140,15 @@ def print_summary(summary: dict) -> None:
         with console.capture() as shown:
             console.print(t)
         console.print("\n".join(line.rstrip() for line in shown.get().splitlines()), markup=False, soft_wrap=True)
-    stale = _stale_exports(summary.get("output_dir"))
+    # `rewritten`: the export folders output.export writes next
+    stale = [d for d in _stale_exports(summary.get("output_dir")) if d not in rewritten]
     if stale:
+        again = " and ".join(
+            f"`mgpu export {summary.get('output_dir')}{' --format gguf' if d == 'gguf/' else ''}`" for d in stale
+        )
         console.print(
             f"[yellow]note[/]: {', '.join(stale)} in the output folder export(s) an earlier adapter; run "
-            f"`mgpu export {summary.get('output_dir')} --merged` again for this one"
+            f"{again} again for this one"
         )
 
 
