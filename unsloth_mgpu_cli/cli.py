@@ -183,7 +183,7 @@ def train(
         _export_after_training(loaded.recipe)
 
 
-def _export_after_training(recipe) -> None:  # type: ignore[no-untyped-def]
+def _export_after_training(recipe: Any) -> None:
     """output.export's exports, once training has ended; a failure exits 2 with the command that retries it."""
     import time
 
