@@ -291,6 +291,8 @@ def test_bad_gguf_arguments_and_models_exit_2_before_anything_loads(tmp_path):
     assert_user_error(run_mgpu("export", str(run), "--format", "gguf", "--dtype", "float16"), "--dtype", "--quant f16")
     assert_user_error(run_mgpu("export", str(run), "--quant", "q8_0"), "--quant", "--format gguf")
     assert_user_error(run_mgpu("export", str(run), "--format", "onnx"), "--format", "hf or gguf")
+    proc = run_mgpu("export", str(run), "--format", "gguf", "--output", str(tmp_path / "model.gguf"))
+    assert_user_error(proc, "--output", "expected a folder, found a file name", f"named {run.name}.Q8_0.gguf")
     config = run / "model" / "config.json"
     config.write_text(
         config.read_text().replace("MistralForCausalLM", "GPT2LMHeadModel").replace('"mistral"', '"gpt2"')

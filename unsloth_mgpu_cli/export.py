@@ -313,6 +313,16 @@ def export_gguf(
         raise UserError(
             Problem("argument --quant", f"expected one of {', '.join(QUANTS)}, found {quant!r}"), "invalid arguments"
         )
+    if dest is not None and Path(dest).suffix.lower() == ".gguf":
+        raise UserError(
+            Problem(
+                "argument --output",
+                f"expected a folder, found a file name: {dest}",
+                f"give the folder (--output {Path(dest).parent / 'gguf'}): the file in it is named "
+                f"{gguf_file_name(Path(output_dir).expanduser().resolve(), quant)}",
+            ),
+            "invalid arguments",
+        )
     run = Path(output_dir).expanduser()
     weights, base = find_adapter(run, full_model_ok=True)
     check_export_dest(run, dest, base, default_name="gguf")
