@@ -398,3 +398,32 @@ def test_output_export_that_would_fail_is_refused_before_training(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["merged"]  # nothing trained, nothing written
     full = run_mgpu("validate", str(QUICKSTART), "lora=null", "output.export=[hf]")
     assert_user_error(full, "output.export", "a full fine-tune already writes the HF model")
+
+
+@pytest.mark.integration
+def test_an_output_export_that_fails_after_training_keeps_the_weights_and_names_the_retry(tmp_path):
+    """The disk fills during the export after training (RLIMIT_FSIZE: no file past 1 MiB; the adapter is far
+    smaller, the f32 GGUF is 2.2 MiB): exit 2 naming the export command, the adapter saved."""
+    import resource
+
+    from conftest import die_with_parent, mgpu_env
+
+    def small_disk() -> None:
+        die_with_parent()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    out = tmp_path / "run"
+    args = [*EQUIVALENCE_RUN, "training.max_steps=2", "distributed.num_gpus=1", f"output.dir={out}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "unsloth_mgpu_cli", "train", str(QUICKSTART), *args]
+        + ["output.export=[gguf]", "output.gguf_quant=f32"],
+        cwd=ROOT,
+        env=mgpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=small_disk,
+    )
+    assert_user_error(proc, "cannot write", "training finished and its weights are saved", f"mgpu export {out}")
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert not [p.name for p in out.iterdir() if "gguf" in p.name]  # no gguf/, no temporary folder
