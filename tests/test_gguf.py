@@ -83,6 +83,28 @@ def fetch_sdist() -> bytes:
             return (Path(folder) / SDIST).read_bytes()
 
 
+def run_mgpu_on_a_small_disk(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`mgpu ARGS` where no file may grow past 1 MiB (RLIMIT_FSIZE: a write past it fails with EFBIG, as on a full
+    disk). The tiny model's adapter fits; its f16 and f32 GGUF files (1.1 and 2.2 MiB) do not."""
+    import resource
+
+    from conftest import die_with_parent, mgpu_env
+
+    def small_disk() -> None:
+        die_with_parent()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    return subprocess.run(
+        [sys.executable, "-m", "unsloth_mgpu_cli", *args],
+        cwd=ROOT,
+        env=mgpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=small_disk,
+    )
+
+
 def reference(converter: Path, model_dir: Path, outfile: Path, quant: str, pre: str = "gpt-2") -> Path:
     """llama.cpp's converter run on an HF folder; `pre`: the tokenizer.ggml.pre of a tokenizer not in its table."""
     proc = subprocess.run(
@@ -305,25 +327,8 @@ def test_bad_gguf_arguments_and_models_exit_2_before_anything_loads(tmp_path):
 def test_a_full_disk_leaves_the_earlier_gguf_files_and_no_part_file(run):
     """The disk fills while the file is written (RLIMIT_FSIZE: a write past 1 MiB fails with EFBIG, as on a full
     disk): exit 2 naming the folder, the F32 and Q8_0 files of before untouched, nothing half-written left."""
-    import resource
-
-    from conftest import die_with_parent, mgpu_env
-
     before = {p.name: p.stat().st_mtime_ns for p in (run / "gguf").iterdir()}
-
-    def small_disk() -> None:
-        die_with_parent()
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "unsloth_mgpu_cli", "export", str(run), "--format", "gguf", "--quant", "f16"],
-        cwd=ROOT,
-        env=mgpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=small_disk,
-    )
+    proc = run_mgpu_on_a_small_disk("export", str(run), "--format", "gguf", "--quant", "f16")
     assert_user_error(proc, "argument --output", f"cannot write {run / 'gguf'}", "writing run.F16.gguf")
     assert {p.name: p.stat().st_mtime_ns for p in (run / "gguf").iterdir()} == before
 
@@ -404,25 +409,10 @@ def test_output_export_that_would_fail_is_refused_before_training(tmp_path):
 def test_an_output_export_that_fails_after_training_keeps_the_weights_and_names_the_retry(tmp_path):
     """The disk fills during the export after training (RLIMIT_FSIZE: no file past 1 MiB; the adapter is far
     smaller, the f32 GGUF is 2.2 MiB): exit 2 naming the export command, the adapter saved."""
-    import resource
-
-    from conftest import die_with_parent, mgpu_env
-
-    def small_disk() -> None:
-        die_with_parent()
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-
     out = tmp_path / "run"
     args = [*EQUIVALENCE_RUN, "training.max_steps=2", "distributed.num_gpus=1", f"output.dir={out}"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "unsloth_mgpu_cli", "train", str(QUICKSTART), *args]
-        + ["output.export=[gguf]", "output.gguf_quant=f32"],
-        cwd=ROOT,
-        env=mgpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        preexec_fn=small_disk,
+    proc = run_mgpu_on_a_small_disk(
+        "train", str(QUICKSTART), *args, "output.export=[gguf]", "output.gguf_quant=f32", timeout=600
     )
     assert_user_error(proc, "cannot write", "training finished and its weights are saved", f"mgpu export {out}")
     assert (out / "adapter" / "adapter_model.safetensors").is_file()

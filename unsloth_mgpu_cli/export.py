@@ -194,7 +194,10 @@ def export_merged(
     run = Path(output_dir).expanduser()
     # `~` as the checks read it, and a symlink's target (a `merged` linked to a larger disk is written there)
     dest = (Path(dest).expanduser() if dest is not None else run / "merged").resolve()
-    merged, tokenizer = _load_merged(run, adapter, base, dtype, say)
+    merged = _load_merged(run, adapter, base, dtype, say)
+    model_cfg = _resolved_recipe(run).get("model") or {}
+    revision = {"revision": model_cfg["revision"]} if model_cfg.get("revision") else {}
+    tokenizer = _run_tokenizer(adapter, base, bool(model_cfg.get("trust_remote_code", False)), revision)
     say(f"writing {dest}")
     try:
         # checked again at the rename: something may have appeared at dest during the merge
@@ -237,12 +240,11 @@ def _forget_quantizer_conversions(model: Any) -> None:
     model._weight_conversions = kept
 
 
-def _load_merged(run: Path, weights: Path, base: str, dtype: str, say: Callable[[str], None]) -> tuple[Any, Any]:
-    """(the model with the adapter folded in, its tokenizer), loaded in `dtype` with transformers and peft.
+def _load_merged(run: Path, weights: Path, base: str, dtype: str, say: Callable[[str], None]) -> Any:
+    """The model with the adapter folded in, loaded in `dtype` with transformers and peft.
 
     `weights` is the run's adapter folder, or a full fine-tune's model/ folder (then `base` is that folder and
-    nothing is merged). The tokenizer is the one saved with the weights (the run's chat template), else the
-    base's."""
+    nothing is merged)."""
     model_cfg = _resolved_recipe(run).get("model") or {}
     from .hub import work_offline_if_unreachable
 
@@ -251,7 +253,7 @@ def _load_merged(run: Path, weights: Path, base: str, dtype: str, say: Callable[
 
     quiet_library_noise()
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     hide_hf_bars_off_terminal()
 
@@ -289,12 +291,16 @@ def _load_merged(run: Path, weights: Path, base: str, dtype: str, say: Callable[
 
         say(f"merging the adapter {weights}")
         model = PeftModel.from_pretrained(model, str(weights)).merge_and_unload()
-    if (weights / "tokenizer_config.json").exists():  # saved with the adapter: the run's chat template
-        tokenizer = AutoTokenizer.from_pretrained(str(weights), trust_remote_code=kwargs["trust_remote_code"])
-    else:
-        revision = {"revision": kwargs["revision"]} if "revision" in kwargs else {}
-        tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=kwargs["trust_remote_code"], **revision)
-    return model, tokenizer
+    return model
+
+
+def _run_tokenizer(weights: Path, base: str, trust: bool, revision: dict[str, str]) -> Any:
+    """The tokenizer saved with the run's weights (its chat template), else the base's (at `revision`)."""
+    from transformers import AutoTokenizer
+
+    if (weights / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(str(weights), trust_remote_code=trust)
+    return AutoTokenizer.from_pretrained(str(base), trust_remote_code=trust, **revision)
 
 
 def export_gguf(
@@ -339,17 +345,14 @@ def export_gguf(
     quiet_library_noise()
     import tempfile
 
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     config_source = weights if Path(base) == weights else base
     where = str(Path(config_source) / "config.json") if Path(config_source).is_dir() else f"{base} config.json"
     try:
         config = AutoConfig.from_pretrained(str(config_source), trust_remote_code=trust, **revision).to_dict()
         check_model(config, where)  # before the tokenizer: a model of another kind may have none we could read
-        if (weights / "tokenizer_config.json").exists():  # saved with the adapter: the run's chat template
-            tokenizer = AutoTokenizer.from_pretrained(str(weights), trust_remote_code=trust)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(str(base), trust_remote_code=trust, **revision)
+        tokenizer = _run_tokenizer(weights, base, trust, revision)
     except (OSError, ValueError) as exc:
         raise UserError(
             Problem(where, f"cannot read the model's config or tokenizer: {str(exc).splitlines()[0]}"), "cannot export"
@@ -359,7 +362,7 @@ def export_gguf(
         tokenizer_dir = Path(saved)
         tokenizer.save_pretrained(saved)  # the files llama.cpp's converter reads, as a merged export holds them
         plan = plan_conversion(config, tokenizer, tokenizer_dir, where)
-        model, _ = _load_merged(run, weights, base, "float32", say)
+        model = _load_merged(run, weights, base, "float32", say)
         marker = {"tool": "unsloth-mgpu", "version": __version__, "run": str(run.resolve()), "gguf": name}
         try:
             if dest.is_dir() and any(dest.iterdir()):  # an earlier export (check_export_dest): the file joins it

@@ -58,7 +58,7 @@ class GgufPlan:
 
 
 def gguf_file_name(run: Path, quant: str) -> str:
-    return f"{Path(run).name or 'model'}.{quant.upper()}.gguf"
+    return f"{Path(run).resolve().name or 'model'}.{quant.upper()}.gguf"
 
 
 def rope_parameters(hparams: dict[str, Any]) -> dict[str, Any]:
@@ -144,12 +144,9 @@ def pre_tokenizer(tokenizer: Any, tokenizer_dir: Path) -> str:
     from .gguf_pretok import CHKTXT, PRE_TOKENIZERS
 
     source = tokenizer_dir / "tokenizer.json"
-    if (tokenizer_dir / "tokenizer.model").is_file() or not source.is_file():
-        found = (
-            "a SentencePiece tokenizer (tokenizer.model)"
-            if source.is_file() or (tokenizer_dir / "tokenizer.model").is_file()
-            else "no tokenizer.json"
-        )
+    spm = (tokenizer_dir / "tokenizer.model").is_file()
+    if spm or not source.is_file():
+        found = "a SentencePiece tokenizer (tokenizer.model)" if spm else "no tokenizer.json"
         raise UserError(
             Problem(
                 str(tokenizer_dir), f"GGUF export writes byte-level BPE tokenizers; found {found}", CONVERTER_ROUTE
