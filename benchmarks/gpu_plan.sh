@@ -66,7 +66,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s22d|s22c|s22b|s22|s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
+STAGE=${1:?usage: gpu_plan.sh s24c|s24b|s24|s22d|s22c|s22b|s22|s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -565,6 +565,53 @@ print("stage 1 losses: first", round(loss("one")[0], 4), "last", round(loss("one
       "| stage 2 (another seed: other samples): first", round(loss("two")[0], 4), "last", round(loss("two")[-1], 4))
 PY
     rm -rf "$OUT"/*/checkpoints ;;
+  s24c)
+    # session 24: dataset.batching auto (varlen.py) on CUDA. Its GPU test, on this image (torch 2.11: no kernel,
+    # Unsloth attends per sample) and with benchmarks/varlen_gqa (torch varlen_attn with enable_gqa); an explicit
+    # packed run here (the warning); then, side by side with the same measurement (30 steps, steady after 10), ours
+    # with auto, ours balanced and TRL padding-free, all with the varlen kernel.
+    SHIM=(MGPU_BENCH_VARLEN_GQA=1 UNSLOTH_LEAN_VARLEN=0 PYTHONPATH="$PWD/benchmarks/varlen_gqa:$PYTHONPATH")
+    for m in plain varlen; do
+      E=(); [ $m = varlen ] && E=("${SHIM[@]}")
+      env "${E[@]}" timeout -k 10 150 python3 -m pytest -q -rP -m gpu tests/test_gpu.py -k batching_auto \
+        > "$OUT/gputest-$m.txt" 2>&1; echo "$m: pytest exit=$?"; grep -h "route" "$OUT/gputest-$m.txt"
+    done
+    build_1b
+    "${ONE_B[@]}" training.max_steps=3 training.warmup_steps=0 logging.progress=false dataset.batching=packed \
+      output.dir="$OUT/warn" \
+      > "$OUT/warn.txt" 2>&1; echo "explicit packed: exit=$?"; grep -E "warning|^auto" "$OUT/warn.txt"
+    env "${SHIM[@]}" "${BENCH[@]}" --out "$OUT/side" --only ours,ours-balanced,trl-pf --gpus 1 --budget-s 330 | tail -6
+    grep -h "auto: dataset.batching" /tmp/mgpu-bench/ours-1b-1gpu/*.log "$OUT"/side/logs/*.log 2>/dev/null | head -2 ;;
+  s24b)
+    # session 24: s24 showed Unsloth attending per sample in a packed row here (no flash-attn; xformers 0.0.35 cannot
+    # load with torch 2.11; torch 2.11's varlen_attn lacks enable_gqa). The same runs with varlen_attn given the keyword
+    # (benchmarks/varlen_gqa, K/V heads repeated): ours packed with and without it, TRL padding-free with it (its
+    # earlier 1-GPU figure, 11,413 tokens/s in session 3, ran per sample too)
+    build_1b
+    B=("${ONE_B[@]}" training.max_steps=16 logging.progress=false logging.steps=1 dataset.batching=packed)
+    SHIM=(MGPU_BENCH_VARLEN_GQA=1 UNSLOTH_LEAN_VARLEN=0 PYTHONPATH="$PWD/benchmarks/varlen_gqa:$PYTHONPATH")
+    for m in packed-varlen packed; do
+      E=(); [ $m = packed-varlen ] && E=("${SHIM[@]}")
+      s=$(date +%s); env "${E[@]}" "${B[@]}" output.dir="$OUT/$m" > "$OUT/$m.txt" 2>&1
+      echo "$m: exit=$? in $(( $(date +%s)-s )) s"; grep -E "^throughput|^final loss|^peak memory|^step time" "$OUT/$m.txt"
+    done
+    env "${SHIM[@]}" "${BENCH[@]}" --out "$OUT/trl" --only trl-pf --gpus 1 --budget-s 200 | tail -3 ;;
+  s24)
+    # session 24 (1-GPU kind): why packed rows run at 0.43 x balanced (s22b). Which attention route Unsloth takes for a
+    # packed row on this image (torch 2.11: no torch varlen with enable_gqa; xformers 0.0.35 from .whl), then the 1B
+    # balanced, packed (profiled over steps 8-9), and packed with UNSLOTH_SDPA_PACKED_SEGMENTS=0 (Unsloth's other route)
+    python3 benchmarks/attention_probe.py > "$OUT/probe.txt" 2>&1; echo "probe exit=$?"; cat "$OUT/probe.txt" | tail -12
+    build_1b
+    B=("${ONE_B[@]}" training.max_steps=16 logging.progress=false logging.steps=1)
+    for m in balanced packed packed-nosegments; do
+      E=(); X=(dataset.batching=packed)
+      [ $m = balanced ] && X=()
+      [ $m = packed ] && E=(MGPU_PROFILE="$OUT/prof:8:9")
+      [ $m = packed-nosegments ] && E=(UNSLOTH_SDPA_PACKED_SEGMENTS=0)
+      s=$(date +%s); env "${E[@]}" "${B[@]}" "${X[@]}" output.dir="$OUT/$m" > "$OUT/$m.txt" 2>&1
+      echo "$m: exit=$? in $(( $(date +%s)-s )) s"; grep -E "^throughput|^final loss|^peak memory|^step time" "$OUT/$m.txt"
+    done
+    ls "$OUT/prof" 2>/dev/null && head -30 "$OUT"/prof/*.txt 2>/dev/null ;;
   s22b)
     # session 22 (1-GPU kind): lora.loraplus_lr_ratio on the 1B with adamw_8bit (two parameter groups, each its own
     # runs of the flat buckets: the update's time against s22's 2 ms), with training.adam_beta2; then NEFTune on

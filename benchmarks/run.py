@@ -7,7 +7,9 @@
 One call builds the model (benchmarks/make_model.py, random weights, bf16), then runs, one after the other and each
 in its own process tree with its own timeout:
 
-  ours      `python3 -m unsloth_mgpu_cli train benchmarks/recipes/gsm8k_qlora.yaml` (num_gpus=N)
+  ours      `python3 -m unsloth_mgpu_cli train benchmarks/recipes/gsm8k_qlora.yaml` (num_gpus=N; dataset.batching
+            auto, the default: the table's batching column says what it chose); ours-balanced, ours-pack,
+            ours-padded: the same with that dataset.batching
   trl-pf    benchmarks/trl_baseline.py --mode pf    (Unsloth's default, padding-free), torchrun for N > 1
   trl-pack  benchmarks/trl_baseline.py --mode pack  (packing=True)
 
@@ -31,6 +33,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -43,15 +46,16 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "benchmarks" / "recipes" / "gsm8k_qlora.yaml"
-SYSTEMS = ("ours", "ours-pack", "ours-padded", "trl-pf", "trl-pack")
+SYSTEMS = ("ours", "ours-balanced", "ours-pack", "ours-padded", "trl-pf", "trl-pack")
 LABELS = {
-    "ours": "mgpu train (dataset.batching: balanced)",
+    "ours": "mgpu train (dataset.batching: auto, the default)",
+    "ours-balanced": "mgpu train (dataset.batching: balanced)",
     "ours-pack": "mgpu train (dataset.batching: packed)",
     "ours-padded": "mgpu train (dataset.batching: padded)",
     "trl-pf": "TRL + Unsloth, padding-free",
     "trl-pack": "TRL + Unsloth, packing=True",
 }
-OURS_BATCHING = {"ours": "balanced", "ours-pack": "packed", "ours-padded": "padded"}
+OURS_BATCHING = {"ours": "auto", "ours-balanced": "balanced", "ours-pack": "packed", "ours-padded": "padded"}
 NOT_MEASURED = "not yet measured"
 
 
@@ -510,6 +514,9 @@ def run_ours(spec: RunSpec, a: argparse.Namespace, model: str, work: Path, log: 
             rec["partial_rows"] = ours_rows(done, a.global_batch)
         return rec
     summary = json.loads(summary_f.read_text())
+    resolved = re.search(r"^  batching: (\w+)$", (out_dir / "run" / "recipe.resolved.yaml").read_text(), re.M)
+    if spec.system == "ours" and resolved:  # what auto chose on this machine
+        rec["batching"] = f"auto: {resolved.group(1)}"
     metrics = [json.loads(ln) for ln in metrics_f.read_text().splitlines() if ln.strip()]
     rows = ours_rows(metrics, a.global_batch)
     # metrics.jsonl was last written at the end of the last step: that fixes fit()'s origin on the wall clock, and

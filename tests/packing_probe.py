@@ -1,5 +1,6 @@
 """Run by tests/test_data_train.py in a subprocess (Unsloth patches transformers process-wide): the loss of a
-packed row through Unsloth's model equals the same samples run one by one; a naive concatenation differs.
+packed row through Unsloth's model equals the same samples run one by one; a naive concatenation differs. Also
+how this Unsloth says it attends packed rows (varlen.unsloth_packed_route, read by the GPU warning).
 
     python tests/packing_probe.py   -> prints one JSON line
 """
@@ -16,6 +17,7 @@ import torch  # noqa: E402
 from unsloth import FastLanguageModel  # noqa: E402
 
 from unsloth_mgpu_cli.models import ensure_builtin_model  # noqa: E402
+from unsloth_mgpu_cli.varlen import unsloth_packed_route  # noqa: E402
 
 
 def main() -> None:
@@ -50,6 +52,7 @@ def main() -> None:
                 "one_by_one": one_by_one,
                 "packed": loss_sum(ids, labels, pos),
                 "naive": loss_sum(ids, labels, torch.arange(ids.shape[1])[None]),
+                "route": unsloth_packed_route(),
             }
         )
     )

@@ -94,6 +94,9 @@ def test_outputs_follow_the_contract(runs):
     assert len(rows[0]["peak_memory_gb"]) == 2
     resolved = (out / "recipe.resolved.yaml").read_text()
     assert "auto" not in resolved.split("distributed:")[1].split("memory:")[0]  # num_gpus/device filled
+    # dataset.batching auto: balanced on CPU (Unsloth attends a packed row one sample at a time there), and why
+    assert "  batching: balanced\n" in resolved
+    assert "auto: dataset.batching balanced: no variable-length attention kernel" in (runs / "two.log").read_text()
     assert (out / "adapter" / "adapter_config.json").exists()
     # where the time to the first step went: every phase measured, adding up to the total
     startup = json.loads((out / "summary.json").read_text())["startup_s"]

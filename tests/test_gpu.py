@@ -6,9 +6,11 @@ python -m pytest -m gpu      (or `make test-gpu`)
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
-from conftest import EQUIVALENCE_RUN, ROOT, max_rel_diff, run_mgpu
+from conftest import EQUIVALENCE_RUN, ROOT, max_rel_diff, mgpu_env, run_mgpu
 from safetensors.torch import load_file
 
 from unsloth_mgpu_cli.devices import count_gpus
@@ -70,6 +72,29 @@ def test_sharded_on_two_gpus_equals_replicated(tmp_path):
     # bf16 on the GPU, and FSDP2 reduce-scatters where ddp all-reduces: looser than the CPU test's 1e-5
     assert max_rel_diff(fsdp, ddp) < 2e-2
     assert "strategy: fsdp" in (tmp_path / "fsdp" / "recipe.resolved.yaml").read_text()
+
+
+@needs_one
+def test_batching_auto_predicts_the_route_unsloth_takes_for_packed_rows():
+    """`dataset.batching: auto` decides from the installed packages (varlen.varlen_kernel) without importing Unsloth;
+    Unsloth, imported on this GPU, must then attend a packed row in one variable-length call exactly where the
+    prediction says so (else `auto` would pack rows that Unsloth attends one sample at a time)."""
+    from unsloth_mgpu_cli.devices import min_compute_capability
+    from unsloth_mgpu_cli.varlen import varlen_kernel
+
+    code = "from unsloth import FastLanguageModel\nfrom unsloth_mgpu_cli.varlen import unsloth_packed_route\n"
+    code += "print(unsloth_packed_route())"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=mgpu_env(), capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    route = proc.stdout.strip().splitlines()[-1]
+    kernel, why = varlen_kernel("cuda", min_compute_capability(), "auto", "auto")
+    print(f"Unsloth's route: {route}; predicted: {kernel} ({why})")
+    if kernel is not None:
+        assert route in ("flash_varlen", "torch varlen"), (route, kernel, why)
+    else:  # xformers' block-diagonal kernel is one call too: a chance auto leaves, not a wrong pick
+        assert route in ("per sample", "dense mask", "xformers"), (route, why)
 
 
 @needs_one

@@ -333,3 +333,13 @@ def detect_gpu_memory(env: Mapping[str, str] | None = None, nvml: Any = None) ->
 def gpu_memory_bytes(env: Mapping[str, str] | None = None, nvml: Any = None) -> int | None:
     """Total memory of the smallest visible GPU in bytes (the generator plans for it); None without GPUs."""
     return detect_gpu_memory(env, nvml)[1]
+
+
+def min_compute_capability(env: Mapping[str, str] | None = None, nvml: Any = None) -> str | None:
+    """The lowest compute capability ("8.0") among the visible GPUs, via NVML; None without GPUs or when one is
+    unreadable (then nothing can be promised about the kernels it runs)."""
+    devices = DeviceManager(nvml=nvml, env=env).snapshot(with_links=False).devices
+    found = [d.compute_capability for d in devices]
+    if not found or None in found:
+        return None
+    return min(found, key=lambda cc: tuple(int(part) for part in cc.split(".")))  # type: ignore[union-attr]

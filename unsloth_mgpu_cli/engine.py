@@ -580,8 +580,10 @@ def _place_workers(
     """The nodes (flags > recipe > torchrun / SLURM environment; see distributed.resolve_nodes, multinode #9), the
     device and this node's workers, then every `auto` filled for that many workers. Returns the recipe with
     `distributed` resolved (num_gpus: this node's workers), the nodes, and the notes on what `auto` chose."""
+    from .devices import min_compute_capability
     from .distributed import resolve_nodes
     from .trainer import balances_speed
+    from .varlen import resolve_batching
 
     nodes = resolve_nodes(
         os.environ, {"nnodes": nnodes, "node_rank": node_rank, "rdzv_endpoint": rdzv_endpoint}, recipe.distributed
@@ -591,6 +593,8 @@ def _place_workers(
     device, gpus = detect_device(recipe)
     num_local = nodes.local_world_size if nodes.under_torchrun else resolve_workers(recipe, device, gpus)
     recipe, notes = resolve_auto_values(recipe, device, num_local * d.nnodes)
+    batching = resolve_batching(recipe, device, min_compute_capability() if device == "cuda" else None)
+    notes += [batching] if batching else []
     d = recipe.distributed
     d.num_gpus = num_local
     d.device = device  # type: ignore[assignment]

@@ -249,11 +249,13 @@ class DatasetSection(_Section):
         description="chat format: a system message put before every conversation that starts without one "
         "(axolotl's default_system_message); `mgpu generate` prompts with it too.",
     )
-    batching: Literal["padded", "balanced", "packed"] = Field(
-        "balanced",
+    batching: Literal["auto", "padded", "balanced", "packed"] = Field(
+        "auto",
         description="How a step's samples go to ranks and micro-batches: padded (in order, padded per micro-batch), "
         "balanced (sorted by length, tokens balanced across ranks), packed (balanced, each micro-batch one "
-        "sequence without padding; attention never crosses samples).",
+        "sequence without padding; attention never crosses samples). auto: packed where a variable-length "
+        "attention kernel attends a packed row in one call (CUDA, compute capability 8.0+, flash-attn or "
+        "torch 2.12+), else balanced.",
     )
     pad_to_multiple_of: int = Field(
         8,
@@ -1131,8 +1133,8 @@ _ALIASES = {
 _FOREIGN = {
     "train_on_inputs": "use dataset.train_on_responses_only, the opposite (train_on_inputs: false is "
     "train_on_responses_only: true, the default for alpaca and chat)",
-    "sample_packing": "use dataset.batching: packed (without flash-attention slower on GPUs than the default "
-    "balanced, which already cuts most padding: docs/data.md)",
+    "sample_packing": "use dataset.batching: packed (the default, auto, already packs on GPUs with a "
+    "variable-length attention kernel: flash-attn or torch 2.12+; docs/data.md)",
     "pad_to_sequence_len": "use dataset.batching: padded",
     "val_set_size": "use dataset.eval_ratio (a fraction, e.g. 0.05) or dataset.eval_path",
     "test_size": "use dataset.eval_ratio (a fraction, e.g. 0.05) or dataset.eval_path",

@@ -85,6 +85,8 @@ class Trainer:
         hide_hf_bars_off_terminal()
 
         self.attention = select_attention(r.model.attention, self.info.device_type)
+        if r.dataset.batching == "packed" and self.info.device_type == "cuda" and self.info.is_main:
+            self._warn_packed_route()
 
         self.plan.timeline["imported"] = time.time()
         self.dtype = self._dtype()
@@ -233,6 +235,23 @@ class Trainer:
         Q.check_shardable(model, self.info.world_size)
         Q.use_peft_lora_forward(model)
         return done
+
+    def _warn_packed_route(self) -> None:
+        """Packed rows on a GPU where Unsloth attends them one sample at a time: say so once (rank 0), with the
+        cost measured on an H200 and the ways out (`dataset.batching: auto` never picks packed there)."""
+        from .render import console
+        from .varlen import unsloth_packed_route
+
+        route = unsloth_packed_route()
+        if route in ("per sample", "dense mask"):
+            how = "one SDPA call per sample" if route == "per sample" else "one SDPA call with a tokens x tokens mask"
+            console.print(
+                f"[yellow]warning[/]: dataset.batching: packed, but Unsloth attends each packed row with {how} here "
+                "(no flash-attn, no loadable xformers, no torch varlen_attn with enable_gqa): on an H200 such steps "
+                "ran 2.5x slower than with a variable-length kernel. Use dataset.batching: auto or balanced, or "
+                "install flash-attn or torch 2.12+ (docs/data.md).",
+                soft_wrap=True,
+            )
 
     def _report_4bit_shards(self, model: Any) -> None:
         """Rank 0 prints the NF4 bytes every rank stores (the evidence that 4-bit storage is sharded)."""
