@@ -59,8 +59,8 @@ def test_every_check_runs_here_with_a_status(report):
     names = {c.name for c in report.checks}
     for needed in ("python", "cpu cores", "ram", "shared memory (/dev/shm)", "open files limit", "torch", "nccl",
                    "CUDA_VISIBLE_DEVICES", "unsloth", "transformers", "trl", "peft", "accelerate", "bitsandbytes",
-                   "triton", "datasets", "attention kernels", "disk: output", "disk: hf cache", "disk: mgpu cache",
-                   "hugging face", "rendezvous port"):  # fmt: skip
+                   "triton", "datasets", "attention kernels", "packed rows", "disk: output", "disk: hf cache",
+                   "disk: mgpu cache", "hugging face", "rendezvous port"):  # fmt: skip
         assert needed in names, needed
     for c in report.checks:
         assert c.status in ("ok", "warn", "fail") and c.value

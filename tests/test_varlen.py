@@ -95,3 +95,21 @@ def test_the_lowest_compute_capability_of_the_visible_gpus():
     assert min_compute_capability(nvml=FakeNVML([h200(0), h200(1, cc=(10, 0))]), env={}) == "9.0"
     assert min_compute_capability(nvml=FakeNVML([h200(0)], fail_init=True), env={}) is None
     assert min_compute_capability(nvml=FakeNVML([]), env={}) is None
+
+
+def test_doctor_says_how_packed_rows_would_run_and_what_auto_picks():
+    from unsloth_mgpu_cli.devices import GPUInfo
+    from unsloth_mgpu_cli.doctor import check_packed_rows
+
+    def gpu(i, cc):
+        return GPUInfo(index=i, physical_index=i, name="NVIDIA H200", compute_capability=cc)
+
+    cpu = check_packed_rows([])
+    assert (cpu.status, cpu.hint) == ("ok", "") and cpu.value.endswith("dataset.batching auto: balanced")
+    # this machine's torch (2.14) has varlen_attn with enable_gqa: on Hopper cards, packed
+    hopper = check_packed_rows([gpu(0, "9.0"), gpu(1, "9.0")])
+    assert hopper.value == "one call of torch's varlen_attn per row; dataset.batching auto: packed", hopper
+    # one older card decides for the run: every rank must attend the same way
+    mixed = check_packed_rows([gpu(0, "9.0"), gpu(1, "7.5")])
+    assert mixed.value.startswith("one SDPA call per sample (compute capability 7.5") and "flash-attn" in mixed.hint
+    assert mixed.value.endswith("dataset.batching auto: balanced")
