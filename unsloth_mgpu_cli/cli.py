@@ -297,6 +297,47 @@ def export(
 
 
 @app.command()
+def push(
+    output_dir: Annotated[
+        Path, typer.Argument(help="output.dir of a finished run.", show_default=False, metavar="OUTPUT_DIR")
+    ],
+    repo_id: Annotated[
+        str,
+        typer.Argument(
+            help="Hub repo to push to, e.g. your-name/llama-gsm8k-lora (made if missing).",
+            show_default=False,
+            metavar="REPO_ID",
+        ),
+    ],
+    what: Annotated[
+        str,
+        typer.Option(
+            "--what",
+            help="adapter (OUTPUT_DIR/adapter) | merged (after mgpu export) | gguf (after mgpu export --format gguf).",
+        ),
+    ] = "adapter",
+    private: Annotated[
+        bool, _flag("--private", help="Make a new repo private (an existing one keeps its setting).")
+    ] = False,
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="Branch to commit to (made if missing); default main.")
+    ] = None,
+    message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.")] = None,
+) -> None:
+    """Upload a run's adapter, merged model or GGUF files, with a model card, to a Hugging Face hub repo."""
+    from .push import PushFailed, push
+
+    try:
+        url = push(output_dir, repo_id, what, private, revision, message, say=typer.echo)
+    except UserError as exc:
+        _fail(exc)
+    except PushFailed as exc:
+        typer.echo(f"error: {exc}; nothing local changed: run the same command again", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    typer.echo(f"pushed: {url}")
+
+
+@app.command()
 def generate(
     output_dir: Annotated[
         Path, typer.Argument(help="output.dir of a finished run.", show_default=False, metavar="OUTPUT_DIR")
