@@ -338,8 +338,13 @@ def gpu_memory_bytes(env: Mapping[str, str] | None = None, nvml: Any = None) -> 
 def min_compute_capability(env: Mapping[str, str] | None = None, nvml: Any = None) -> str | None:
     """The lowest compute capability ("8.0") among the visible GPUs, via NVML; None without GPUs or when one is
     unreadable (then nothing can be promised about the kernels it runs)."""
-    devices = DeviceManager(nvml=nvml, env=env).snapshot(with_links=False).devices
-    found = [d.compute_capability for d in devices]
+    return lowest_capability(DeviceManager(nvml=nvml, env=env).snapshot(with_links=False).devices)
+
+
+def lowest_capability(gpus: list[GPUInfo]) -> str | None:
+    """The lowest of the GPUs' compute capabilities, compared as numbers ("10.0" > "9.0"); None without GPUs or
+    when one is unknown."""
+    found = [g.compute_capability for g in gpus]
     if not found or None in found:
         return None
     return min(found, key=lambda cc: tuple(int(part) for part in cc.split(".")))  # type: ignore[union-attr]

@@ -343,11 +343,10 @@ def _describe(spec: Any) -> str:
 def check_packed_rows(gpus: list[GPUInfo]) -> Check:
     """How a packed row's attention would run here, so what `dataset.batching: auto` picks (varlen.py): one call of a
     variable-length kernel (auto: packed) or one SDPA call per sample (auto: balanced). Unsloth is not imported."""
+    from .devices import lowest_capability
     from .varlen import varlen_kernel
 
-    capabilities = [g.compute_capability for g in gpus]
-    lowest = None if None in capabilities else min(capabilities, key=_version_tuple, default=None)
-    kernel, why = varlen_kernel("cuda" if gpus else "cpu", lowest, "auto", "auto")
+    kernel, why = varlen_kernel("cuda" if gpus else "cpu", lowest_capability(gpus), "auto", "auto")
     if kernel is not None:
         return Check("packed rows", "ok", f"one call of {kernel} per row; dataset.batching auto: packed")
     value = f"one SDPA call per sample ({why}); dataset.batching auto: balanced"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,7 @@ def check_repo_id(repo_id: str) -> None:
         raise _bad("argument REPO_ID", f"{repo_id!r} has more than one '/'", "namespace/name, e.g. your-name/run-1")
 
 
-def hub_token(env: dict[str, str] | os._Environ[str]) -> str:
+def hub_token(env: Mapping[str, str]) -> str:
     """The token to push with; exit 2 when offline or without one (the token itself is never shown)."""
     from .hub import OFFLINE_VARIABLES
 
