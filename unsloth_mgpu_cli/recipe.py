@@ -1154,8 +1154,8 @@ _FOREIGN = {
     "wandb_entity": "set WANDB_ENTITY in the environment (wandb reads it); the recipe has logging.wandb_project",
     "wandb_name": "set WANDB_NAME in the environment (wandb reads it); the recipe has logging.wandb_project",
     "wandb_run_id": "set WANDB_RUN_ID in the environment (wandb reads it); the recipe has logging.wandb_project",
-    "push_to_hub": "not supported: upload adapter/ or `mgpu export`'s folder with `hf upload`",
-    "hub_model_id": "not supported: upload adapter/ or `mgpu export`'s folder with `hf upload`",
+    "push_to_hub": "no recipe key: after training run `mgpu push OUTPUT_DIR REPO_ID` (docs/checkpoints.md)",
+    "hub_model_id": "no recipe key: after training run `mgpu push OUTPUT_DIR REPO_ID` (docs/checkpoints.md)",
 }
 
 
