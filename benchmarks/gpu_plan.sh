@@ -57,7 +57,13 @@
 # kernels; NEFTune on packed rows 29,191 against 30,336 without it), `s22c` (lora.init_from with QLoRA: a frozen second
 # stage gives back the first stage's adapter to 3.6e-12; one that trains on starts at the first stage's loss), `s22d`
 # (a chat run with dataset.system_prompt, generate framing with it on CUDA; NEFTune under fsdp with evaluation: exit 0).
+# In session 24 (only the 1-GPU kind lent): `s24` (packed rows attend per sample on this image: 27.2 ms per layer
+# against 1.74 in torch 2.11's varlen_attn), `s24b` (with benchmarks/varlen_gqa: our packed 1B 69,975 tokens/s against
+# 28,158; TRL padding-free 73,678 against session 3's 11,413), `s24c` (dataset.batching auto: its GPU test both ways;
+# side by side with the kernel: ours auto/packed 81,931, balanced 71,252, TRL padding-free 65,546; an earlier call of
+# the same stage: 67,429 against 64,123).
 # Next, in this order:
+#   s24d on nvidia-h200-x2: #11's TRL comparison at 2 GPUs with the variable-length kernel on both sides
 #   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
 #   gputest on nvidia-h200-x2: the whole tier (expandable segments and balance_speed never ran there)
@@ -66,7 +72,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s24c|s24b|s24|s22d|s22c|s22b|s22|s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
+STAGE=${1:?usage: gpu_plan.sh s24d|s24c|s24b|s24|s22d|s22c|s22b|s22|s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -565,6 +571,11 @@ print("stage 1 losses: first", round(loss("one")[0], 4), "last", round(loss("one
       "| stage 2 (another seed: other samples): first", round(loss("two")[0], 4), "last", round(loss("two")[-1], 4))
 PY
     rm -rf "$OUT"/*/checkpoints ;;
+  s24d)
+    # #11 on 2 GPUs with the variable-length kernel on both sides (benchmarks/varlen_gqa: torch 2.11's varlen_attn
+    # given enable_gqa): ours (auto: packed) and TRL padding-free, 2 then 1 GPU, one call (~8 min)
+    SHIM=(MGPU_BENCH_VARLEN_GQA=1 UNSLOTH_LEAN_VARLEN=0 PYTHONPATH="$PWD/benchmarks/varlen_gqa:$PYTHONPATH")
+    env "${SHIM[@]}" "${BENCH[@]}" --out "$OUT/a" --only ours,trl-pf --gpus 2,1 --budget-s 520 | tail -8 ;;
   s24c)
     # session 24: dataset.batching auto (varlen.py) on CUDA. Its GPU test, on this image (torch 2.11: no kernel,
     # Unsloth attends per sample) and with benchmarks/varlen_gqa (torch varlen_attn with enable_gqa); an explicit
