@@ -113,3 +113,22 @@ def test_a_hub_fault_exits_1_and_leaves_the_repo_without_the_files(run):
         assert "the hub did not take the upload" in proc.stderr and "run the same command again" in proc.stderr
         assert hub.repos["me/x"]["branches"]["main"] == {}  # one commit: all files or none
     assert os.path.isfile(run / "adapter" / "adapter_model.safetensors")
+
+
+def test_a_full_fine_tune_pushes_its_model_folder_as_merged(tmp_path):
+    """A full fine-tune has no adapter and no `mgpu export` (its model/ already is the HF model): --what merged
+    takes model/, and --what adapter says so."""
+    out = tmp_path / "full"
+    proc = run_mgpu(
+        "train", "recipes/quickstart.yaml", "lora=null", "training.max_steps=1", "training.warmup_steps=0",
+        f"output.dir={out}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with FakeHub() as hub:
+        proc = push(hub, str(out), "me/full")
+        assert proc.returncode == 2 and "a full fine-tune's weights (model/) go with --what merged" in proc.stderr
+        proc = push(hub, str(out), "me/full", "--what", "merged")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        pushed = hub.repos["me/full"]["branches"]["main"]
+        expected = {k: v for k, v in files_of(out / "model").items() if k != "README.md"}
+        assert {k: v for k, v in pushed.items() if k != "README.md"} == expected and "config.json" in pushed

@@ -51,20 +51,19 @@ def artifact_files(run: Path, what: str) -> tuple[Path, list[Path]]:
             "give the output.dir of a finished `mgpu train`",
         )
     folder = run / what
-    marker = {"adapter": "adapter_config.json", "merged": "config.json", "gguf": None}[what]
+    if what == "merged" and not folder.is_dir() and (run / "model" / "config.json").is_file():
+        folder = run / "model"  # a full fine-tune: its weights already are an HF model
     files = sorted(
         p.relative_to(folder)
         for p in (folder.rglob("*") if folder.is_dir() else [])
         if p.is_file() and not p.name.endswith(_SKIP) and p.name != "README.md"
     )
-    ready = bool(files) and (marker is None or (folder / marker).is_file())
     if what == "gguf":
-        ready = any(f.suffix == ".gguf" for f in files)
         files = [f for f in files if f.suffix == ".gguf"]
-    if not ready:
+    needed = {"adapter": "adapter_config.json", "merged": "config.json"}.get(what)
+    if not files or (needed and not (folder / needed).is_file()):
         make = {
-            "adapter": "the run saved no adapter: a full fine-tune pushes its merged weights with --what merged "
-            "after `mgpu export`",
+            "adapter": "the run saved no adapter: a full fine-tune's weights (model/) go with --what merged",
             "merged": f"run `mgpu export {run}` first",
             "gguf": f"run `mgpu export {run} --format gguf` first",
         }[what]

@@ -64,15 +64,14 @@ def varlen_kernel(
         return None, "model.dtype: float32 (the variable-length kernels take 16-bit inputs)"
     if has_module("flash_attn"):
         return "flash-attn's flash_attn_varlen_func", "flash-attn is installed"
-    if torch_varlen():
-        import torch
-
-        return "torch's varlen_attn", f"torch {torch.__version__.split('+')[0]} has varlen_attn with enable_gqa"
     import torch
 
-    return None, (
-        f"neither flash-attn nor torch's varlen_attn with enable_gqa (torch 2.12+; this is "
-        f"{torch.__version__.split('+')[0]}) is installed"
+    version = torch.__version__.split("+")[0]
+    if torch_varlen():
+        return "torch's varlen_attn", f"torch {version} has varlen_attn with enable_gqa"
+    return (
+        None,
+        f"neither flash-attn nor torch's varlen_attn with enable_gqa (torch 2.12+; this is {version}) is installed",
     )
 
 
