@@ -72,12 +72,13 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s24d|s24c|s24b|s24|s22d|s22c|s22b|s22|s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
+STAGE=${1:?usage: gpu_plan.sh s25|s25b|s24d|s24c|s24b|s24|s22d|s22c|s22b|s22|s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
 # The 1B built locally (random weights, GSM8K-trained tokenizer), and `mgpu train` on it with 1 GPU at global batch 128
 build_1b() {
+  [ -f /tmp/models/llama-1b/config.json ] && return 0  # an earlier call on this machine built it (seed 0)
   python3 benchmarks/make_model.py --size 1b --out /tmp/models/llama-1b --corpus gpu-data/gsm8k_train_alpaca.json \
     > "$OUT/build.txt" 2>&1 || { echo "build failed"; tail -5 "$OUT/build.txt"; exit 1; }
 }
@@ -571,6 +572,32 @@ print("stage 1 losses: first", round(loss("one")[0], 4), "last", round(loss("one
       "| stage 2 (another seed: other samples): first", round(loss("two")[0], 4), "last", round(loss("two")[-1], 4))
 PY
     rm -rf "$OUT"/*/checkpoints ;;
+  s25)
+    # session 25: packed rows carry their sample lengths on the host (packed_seq_lengths, as TRL's padding-free
+    # collator gives them). Its GPU test without and with the variable-length kernel (benchmarks/varlen_gqa); then the
+    # torch profiler over steps 14-16 of ours (auto: packed) and of TRL padding-free, both with the kernel.
+    SHIM=(MGPU_BENCH_VARLEN_GQA=1 UNSLOTH_LEAN_VARLEN=0 PYTHONPATH="$PWD/benchmarks/varlen_gqa:$PYTHONPATH")
+    for m in plain varlen; do
+      E=(); [ $m = varlen ] && E=("${SHIM[@]}")
+      env "${E[@]}" timeout -k 10 120 python3 -m pytest -q -rP -m gpu tests/test_gpu.py -k "sample_lengths or batching_auto" \
+        > "$OUT/gputest-$m.txt" 2>&1; echo "$m: pytest exit=$?"; grep -hE "^\{|route|passed|failed" "$OUT/gputest-$m.txt" | head -4
+    done
+    build_1b
+    for r in ours trl-pf; do
+      env "${SHIM[@]}" MGPU_PROFILE="$OUT/prof-$r:14:16" "${BENCH[@]}" --steps 16 --warmup 8 --out "$OUT/$r" --only $r \
+        --gpus 1 --budget-s 170 | tail -2
+      head -1 "$OUT/prof-$r"/profile-rank0.txt
+    done ;;
+  s25b)
+    # session 25: side by side, all with the kernel: ours with the host-side lengths, ours as before (session 24's
+    # trainer.py and data.py, from gpu-data/old), TRL padding-free; then ours with one micro-batch of 128 per step
+    SHIM=(MGPU_BENCH_VARLEN_GQA=1 UNSLOTH_LEAN_VARLEN=0 PYTHONPATH="$PWD/benchmarks/varlen_gqa:$PYTHONPATH")
+    build_1b
+    env "${SHIM[@]}" "${BENCH[@]}" --out "$OUT/new" --only ours,trl-pf --gpus 1 --budget-s 240 | tail -4
+    cp unsloth_mgpu_cli/data.py unsloth_mgpu_cli/trainer.py /tmp/ && cp gpu-data/old/*.py unsloth_mgpu_cli/
+    env "${SHIM[@]}" "${BENCH[@]}" --out "$OUT/old" --only ours --gpus 1 --budget-s 120 | tail -3
+    cp /tmp/data.py /tmp/trainer.py unsloth_mgpu_cli/
+    env "${SHIM[@]}" "${BENCH[@]}" --micro-batch 128 --out "$OUT/mb128" --only ours --gpus 1 --budget-s 120 | tail -3 ;;
   s24d)
     # #11 on 2 GPUs with the variable-length kernel on both sides (benchmarks/varlen_gqa: torch 2.11's varlen_attn
     # given enable_gqa): ours (auto: packed) and TRL padding-free, 2 then 1 GPU, one call (~8 min)

@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from unsloth_mgpu_cli.profiling import StepProfiler
+
     cuda = torch.cuda.is_available() and not args.cpu
     if cuda:
         torch.cuda.set_device(local_rank)
@@ -173,9 +175,14 @@ def main(argv: list[str] | None = None) -> None:
 
     trainer.training_step = counted_step
 
+    # MGPU_PROFILE=DIR:FIRST:LAST[:trace]: the same torch profiler report as `mgpu train` writes (profile-rank<R>.txt)
+    profiler = StepProfiler.from_env(rank)
+
     class _Callback(TrainerCallback):
         def on_step_end(self, _args, state, control, **kwargs):
             meter.step_end(state.global_step)
+            if profiler is not None:
+                profiler.after_step(state.global_step)
 
         def on_log(self, _args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:

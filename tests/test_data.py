@@ -604,12 +604,15 @@ def test_padded_collate_is_each_sample_right_padded(tmp_path, model_path):
 
 
 def test_packed_collate_restarts_positions_and_masks_boundaries(tmp_path, model_path):
+    import torch
+
     rows = [json.loads(line) for line in QUICKSTART_DATA.read_text().splitlines()[:4]]
     data, _ = prepared(recipe(write_jsonl(tmp_path / "q.jsonl", rows), train_on_responses_only=False), model_path)
     batch = data.collate([2, 0, 3], packed=True)
     lens = [int(data.lengths()[i]) for i in (2, 0, 3)]
     assert batch["input_ids"].shape == (1, sum(lens)) and "attention_mask" not in batch
     assert batch["position_ids"][0].tolist() == [p for n in lens for p in range(n)]
+    assert batch["packed_seq_lengths"].tolist() == lens and batch["packed_seq_lengths"].dtype == torch.int32
     starts = np.cumsum([0] + lens[:-1])
     assert all(int(batch["labels"][0, s]) == -100 for s in starts)  # no sample predicts the next one's start
     assert int((batch["labels"][0, 1:] != -100).sum()) == int(data.loss_counts[[2, 0, 3]].sum())
@@ -634,7 +637,7 @@ def test_packed_loss_equals_samples_run_one_by_one(tmp_path, model_path):
     padded = loss_sum(data.collate(idx))
     packed_batch = data.collate(idx, packed=True)
     packed = loss_sum(packed_batch)
-    naive = loss_sum({k: v for k, v in packed_batch.items() if k != "position_ids"})
+    naive = loss_sum({k: v for k, v in packed_batch.items() if k not in ("position_ids", "packed_seq_lengths")})
     assert abs(padded - one_by_one) < 1e-5 * one_by_one
     assert abs(packed - one_by_one) < 2e-6 * one_by_one
     assert abs(naive - one_by_one) > 1e-4 * one_by_one  # control: attention across samples changes the loss

@@ -110,6 +110,7 @@ def test_unsloth_packed_rows_do_not_attend_across_samples():
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert abs(r["packed"] - r["one_by_one"]) < 1e-5 * r["one_by_one"], r
+    assert abs(r["packed_lengths"] - r["one_by_one"]) < 1e-5 * r["one_by_one"], r
     assert abs(r["naive"] - r["one_by_one"]) > 1e-4 * r["one_by_one"], r  # control
     # how Unsloth attends a packed row (the GPU warning reads it): its CPU fallback does not load the GPU dispatch
     # module, so it says nothing (None); never a variable-length kernel on CPU. tests/test_gpu.py checks the GPU side.

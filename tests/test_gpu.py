@@ -98,6 +98,28 @@ def test_batching_auto_predicts_the_route_unsloth_takes_for_packed_rows():
 
 
 @needs_one
+def test_packed_rows_sample_lengths_reach_unsloth_on_cuda():
+    """A packed micro-batch carries its sample lengths on the host (`packed_seq_lengths`, as TRL's padding-free
+    collator gives them): on CUDA Unsloth must read them (wrong lengths change the loss), give the loss it gets from
+    the positions, and sync the host less often than when it finds the lengths in the positions on the GPU."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "packing_probe.py"), "--cuda"],
+        env=mgpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(r)
+    assert abs(r["packed_lengths"] - r["packed"]) <= 1e-6 * r["packed"], r  # the same boundaries, the same kernels
+    assert abs(r["packed_lengths"] - r["one_by_one"]) < 2e-2 * r["one_by_one"], r  # bfloat16
+    assert abs(r["wrong_lengths"] - r["packed"]) > 1e-6 * r["packed"], r  # control: the keyword is read
+    assert r["syncs"]["lengths"] < r["syncs"]["positions"], r
+
+
+@needs_one
 def test_queued_steps_equal_settled_steps_on_cuda(tmp_path):
     """The look-ahead loop on CUDA (NCCL with 2 GPUs): the step's flags reach the host through a pinned copy behind
     an event, and the 8-bit update of a skipped step is undone on the device. A non-finite step (3) and an

@@ -30,6 +30,7 @@ from .errors import UTF8_HINT, Problem, UserError, first_line, read_utf8
 from .recipe import CHAT_TEMPLATE_NAMES, DatasetSection, DataSource, Recipe, why_not_a_hub_id
 
 IGNORE_INDEX = -100
+PACKED_LENGTHS_KEY = "packed_seq_lengths"  # a packed row's sample lengths, the keyword Unsloth reads
 _CACHE_VERSION = "3"  # 3: a token across a turn's start is trained on (session 13)
 
 ALPACA_PROMPT = (
@@ -1607,6 +1608,9 @@ class TokenizedData:
         within each sample only (Unsloth: variable-length kernels or one SDPA call per sample; never an L x L
         mask). The first token of each sample takes no loss, so no sample learns to predict the next one's
         start and the loss-token count equals the padded one (`loss_counts` already starts after the shift).
+        `packed_seq_lengths` (int32, kept on the host: `PACKED_LENGTHS_KEY`) gives Unsloth the sample lengths, as
+        its padding-free collator does for TRL; without it Unsloth finds them in `position_ids` on the GPU, with
+        several host-device syncs at the start of every forward.
         """
         import torch
 
@@ -1617,7 +1621,9 @@ class TokenizedData:
             starts = np.cumsum([0] + [len(x) for x, _ in parts[:-1]])
             labels[torch.from_numpy(starts)] = IGNORE_INDEX
             pos = torch.from_numpy(np.concatenate([np.arange(len(x), dtype=np.int64) for x, _ in parts]))
-            return {"input_ids": ids[None], "labels": labels[None], "position_ids": pos[None]}
+            lengths = torch.tensor([len(x) for x, _ in parts], dtype=torch.int32)
+            row = {"input_ids": ids[None], "labels": labels[None], "position_ids": pos[None]}
+            return {**row, PACKED_LENGTHS_KEY: lengths}
         # One gather from the token arrays for the whole micro-batch (a Python loop per row costs ~20 us a sample,
         # on the host of a step that is host-bound on the GPU).
         idx = np.asarray(indices, dtype=np.int64)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .data import PACKED_LENGTHS_KEY
 from .recipe import Recipe
 
 if TYPE_CHECKING:
@@ -805,7 +806,8 @@ class Trainer:
             for mb in micro_batches:
                 for piece in _pieces(mb, self.split):
                     batch = {
-                        k: _to_device(v, device) for k, v in self.data.collate(piece, self.packed, self.pad_to).items()
+                        k: v if k == PACKED_LENGTHS_KEY else _to_device(v, device)  # lengths: read on the host
+                        for k, v in self.data.collate(piece, self.packed, self.pad_to).items()
                     }
                     n = int(sum(int(self.data.loss_counts[i]) for i in piece))
                     if n == 0 and self.sharded:
