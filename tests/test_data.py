@@ -461,6 +461,57 @@ def gsm8k_lengths(model_path, tmp_path_factory):
         return np.asarray(data.lengths())
 
 
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_packed_rows_hold_as_many_samples_as_fit_in_micro_batch_times_max_seq_length(world):
+    """Packed rows are bounded by tokens (micro_batch_size x model.max_seq_length), not samples: short samples share
+    one forward. Every rank runs the same number of rows (FSDP's collectives stay in step), never more than the
+    accumulation steps, and the step's samples are those of the plan without the bound."""
+    lengths = np.random.default_rng(1).integers(20, 300, size=997)
+    mb, ga, cap = 8 // world, 4, (8 // world) * 512
+    bound = D.StepPlanner(
+        len(lengths), lengths // 2, mb, ga, world, 3, lengths=lengths, batching="packed", row_tokens=cap
+    )
+    plain = planners(lengths, mb, ga, world, "packed")
+    fewer = 0
+    for step in range(20):
+        b, ref = bound.batches(step), plain.batches(step)
+        rows = {len(rank) for rank in b.per_rank}
+        assert len(rows) == 1 and 1 <= rows.pop() <= ga
+        assert all(m and int(lengths[m].sum()) <= cap for rank in b.per_rank for m in rank)
+        assert sorted(i for r in b.per_rank for m in r for i in m) == sorted(
+            i for r in ref.per_rank for m in r for i in m
+        )
+        assert all(len(rank) == ga for rank in ref.per_rank)  # control: without the bound, one row per micro-batch
+        fewer += len(b.per_rank[0]) < ga
+    assert fewer == 20  # 32 samples of ~160 tokens per step: about 5,000 tokens, 2 rows of 4,096 instead of 4
+
+
+def test_packed_rows_keep_the_accumulation_steps_when_samples_do_not_fit_fewer():
+    lengths = np.full(64, 512)
+    full = D.StepPlanner(64, lengths // 2, 2, 4, 2, 3, lengths=lengths, batching="packed", row_tokens=2 * 512)
+    assert [len(rank) for rank in full.batches(0).per_rank] == [4, 4]  # 8 samples of 512 per rank: 4 rows of 2
+    assert all(len(m) == 2 for rank in full.batches(0).per_rank for m in rank)
+    tiny = D.StepPlanner(64, lengths // 2, 2, 4, 2, 3, lengths=lengths, batching="packed", row_tokens=100)
+    assert [len(rank) for rank in tiny.batches(0).per_rank] == [4, 4]  # a bound below one sample: as before
+
+
+def test_min_max_cuts_give_the_smallest_largest_run():
+    import itertools
+
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        sizes = [int(x) for x in rng.integers(1, 50, size=int(rng.integers(1, 9)))]
+        parts = int(rng.integers(1, len(sizes) + 1))
+        cuts = D.min_max_cuts(sizes, parts)
+        bounds = [0, *cuts, len(sizes)]
+        assert len(cuts) == parts - 1 and all(a < b for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+        best = min(
+            max(sum(sizes[a:b]) for a, b in zip((0, *c), (*c, len(sizes)), strict=True))
+            for c in itertools.combinations(range(1, len(sizes)), parts - 1)
+        )
+        assert max(sum(sizes[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)) == best, (sizes, parts)
+
+
 def test_packed_shards_balance_tokens_within_ten_percent_on_gsm8k(gsm8k_lengths):
     for world in (2, 4, 8):
         p = planners(gsm8k_lengths, 8, 1, world, "packed")

@@ -48,6 +48,18 @@ def runs(tmp_path_factory):
         "dataset.batching=packed",
         "model.attention=math",
     )
+    # packed rows bounded by tokens: 2 workers x micro-batch 1 x 2 accumulation steps, but a row may hold
+    # micro_batch_size x max_seq_length = 256 tokens, so a rank's two samples (about 95 tokens each, none cut at 128
+    # or 256) share one forward
+    train(
+        base / "merged",
+        "distributed.num_gpus=2",
+        "training.micro_batch_size=1",
+        "training.gradient_accumulation_steps=2",
+        "model.max_seq_length=256",
+        "dataset.batching=packed",
+        "model.attention=math",
+    )
     return base
 
 
@@ -70,6 +82,16 @@ def test_four_workers_with_packed_rows_equal_one_worker_on_the_same_global_batch
     assert json.loads((runs / "four" / "summary.json").read_text())["attention_kernels"] == ["math"]
     assert "math" in json.loads((runs / "two" / "summary.json").read_text())["attention_kernels"]
     assert len(json.loads((runs / "two" / "summary.json").read_text())["attention_kernels"]) > 1
+
+
+def test_packed_rows_that_merge_the_accumulation_steps_equal_one_worker(runs):
+    rows = [json.loads(line) for line in (runs / "merged" / "metrics.jsonl").read_text().splitlines()]
+    ones = [json.loads(line) for line in (runs / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in ones]  # the same samples in every step
+    assert any(r["micro_batches"] == 1 for r in rows), rows  # two samples in one forward: the case under test
+    assert all(r["micro_batches"] in (1, 2) and max(r["longest_row"]) <= 256 for r in rows), rows
+    assert [r["micro_batches"] for r in ones] == [2] * len(ones)  # padded: one forward per micro-batch
+    assert max_rel_diff(adapter(runs / "merged"), adapter(runs / "one")) < 1e-4
 
 
 def test_the_comparison_catches_mean_aggregation_in_place_of_weighted(runs):

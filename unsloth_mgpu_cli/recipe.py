@@ -253,7 +253,8 @@ class DatasetSection(_Section):
         "auto",
         description="How a step's samples go to ranks and micro-batches: padded (in order, padded per micro-batch), "
         "balanced (sorted by length, tokens balanced across ranks), packed (balanced, each micro-batch one "
-        "sequence without padding; attention never crosses samples). auto: packed where a variable-length "
+        "sequence without padding, of up to micro_batch_size x model.max_seq_length tokens, so short samples share "
+        "a forward; attention never crosses samples). auto: packed where a variable-length "
         "attention kernel attends a packed row in one call (CUDA, compute capability 8.0+, flash-attn or "
         "torch 2.12+), else balanced.",
     )
@@ -353,7 +354,9 @@ class TrainingSection(_Section):
     )
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     micro_batch_size: int | Literal["auto"] = Field(
-        2, description="Samples per GPU per forward pass; auto lets the config generator choose."
+        2,
+        description="Samples per GPU per forward pass (packed batching: a forward holds up to this x "
+        "model.max_seq_length tokens); auto lets the config generator choose.",
     )
     gradient_accumulation_steps: int | Literal["auto"] = Field(
         1, description="Micro-batches per GPU accumulated into one optimizer step; auto lets the generator choose."

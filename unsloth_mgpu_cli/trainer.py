@@ -169,6 +169,7 @@ class Trainer:
             lengths=self.lengths,
             batching=r.dataset.batching,
             pad_to=r.dataset.pad_to_multiple_of,
+            row_tokens=int(r.training.micro_batch_size) * r.model.max_seq_length,  # packed rows' bound
         )
         self.packed = r.dataset.batching == "packed"
         self.pad_to = r.dataset.pad_to_multiple_of
@@ -500,6 +501,7 @@ class Trainer:
             "elapsed_s": s.elapsed_before + done_at - s.t_start,
             "peak_memory_gb": [round(m, 3) for m in out.peaks],
             "longest_row": out.longest,
+            "micro_batches": len(step.batches.per_rank[0]),  # forward passes per rank (packed: rows that fit)
             # each rank's device time for its micro-batches; a queued step's arrives with the next step
             "compute_s": None if any(math.isnan(c) for c in own) else own,
             "compiles": out.compiles,
