@@ -62,6 +62,11 @@
 # 28,158; TRL padding-free 73,678 against session 3's 11,413), `s24c` (dataset.batching auto: its GPU test both ways;
 # side by side with the kernel: ours auto/packed 81,931, balanced 71,252, TRL padding-free 65,546; an earlier call of
 # the same stage: 67,429 against 64,123).
+# In session 25 (only the 1-GPU kind lent): `s25` (packed_seq_lengths on the host: its GPU test passed without and with
+# the kernel, host syncs per packed forward 10 -> 2; profiles of ours and TRL padding-free, slowed ~2x by the profiler),
+# `s25b` (ours 70,973 tokens/s against 64,797 with session 24's code and TRL padding-free 61,543; ours at micro-batch
+# 128: 90,594), then two run.py calls written out in docs/BENCHMARKS.md: s25c (both at micro-batch 128: ours 90,335,
+# TRL 81,491) and s25d (packed rows bounded by tokens: ours at 64 x 2, one row per step, 91,398; balanced 69,326).
 # Next, in this order:
 #   s24d on nvidia-h200-x2: #11's TRL comparison at 2 GPUs with the variable-length kernel on both sides
 #   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
