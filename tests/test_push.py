@@ -132,3 +132,86 @@ def test_a_full_fine_tune_pushes_its_model_folder_as_merged(tmp_path):
         pushed = hub.repos["me/full"]["branches"]["main"]
         expected = {k: v for k, v in files_of(out / "model").items() if k != "README.md"}
         assert {k: v for k, v in pushed.items() if k != "README.md"} == expected and "config.json" in pushed
+
+
+# ---------------------------------------------------------------------------------------------------
+# output.push_to_hub: the same push at the end of `mgpu train`
+# ---------------------------------------------------------------------------------------------------
+
+
+def train_and_push(hub: FakeHub, out: Path, *overrides: str, token: str | None = TOKEN, home: Path | None = None):
+    env = mgpu_env(**{"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"})
+    env.pop("HF_TOKEN", None)
+    if token is not None:
+        env["HF_TOKEN"] = token
+    if home is not None:
+        env["HF_HOME"] = str(home)
+    args = ("recipes/quickstart.yaml", "training.max_steps=1", "training.warmup_steps=0", f"output.dir={out}")
+    return run_mgpu("train", *args, *overrides, env=env, timeout=400)
+
+
+def test_a_recipe_pushes_its_adapter_to_a_private_repo_when_training_ends(tmp_path):
+    with FakeHub() as hub:
+        proc = train_and_push(hub, tmp_path / "run", "output.push_to_hub.repo_id=me/at-the-end")
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out
+        assert f"pushed: {hub.url}/me/at-the-end/commit/" in proc.stdout
+        repo = hub.repos["me/at-the-end"]
+        assert repo["private"] is True  # unlike `mgpu push`, a recipe's repo is private unless it says otherwise
+        adapter = {k: v for k, v in files_of(tmp_path / "run" / "adapter").items() if k != "README.md"}
+        assert {k: v for k, v in repo["branches"]["main"].items() if k != "README.md"} == adapter
+        assert TOKEN not in out and TOKEN not in (tmp_path / "run" / "recipe.resolved.yaml").read_text()
+        assert "repo_id: me/at-the-end" in (tmp_path / "run" / "recipe.resolved.yaml").read_text()
+
+
+def test_a_hub_fault_after_training_keeps_the_run_and_prints_the_command_that_retries(tmp_path):
+    with FakeHub(fail_commits=100) as hub:
+        proc = train_and_push(hub, tmp_path / "run", "output.push_to_hub.repo_id=me/later")
+        err = proc.stderr
+        assert proc.returncode == 1, proc.stdout + err
+        assert "push failed" in err and "Traceback" not in err
+        assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+        again = f"mgpu push {tmp_path / 'run'} me/later --what adapter --private"
+        assert again in err, err
+    with FakeHub() as hub:  # the printed command, once the hub answers again
+        proc = push(hub, *again.split()[2:])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert (
+            hub.repos["me/later"]["private"] is True
+            and "adapter_model.safetensors" in hub.repos["me/later"]["branches"]["main"]
+        )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "token", "where", "message"),
+    [
+        (["output.push_to_hub.repo_id=me/x"], None, "hub token", "none found"),
+        (
+            ["output.push_to_hub.repo_id=me/x", "output.push_to_hub.what=gguf"],
+            TOKEN,
+            "output.push_to_hub.what",
+            "add gguf to output.export",
+        ),
+        (
+            [
+                "output.push_to_hub.repo_id=me/x",
+                "output.push_to_hub.what=adapter",
+                "lora=null",
+                "model.load_in_4bit=false",
+            ],
+            TOKEN,
+            "output.push_to_hub.what",
+            "saves no adapter",
+        ),
+        (["output.push_to_hub.repo_id=-bad-"], TOKEN, "output.push_to_hub.repo_id", "repo_id"),
+        (["output.push_to_hub.repo=me/x"], TOKEN, "output.push_to_hub", "repo_id"),
+    ],
+)
+def test_a_push_that_would_be_refused_is_refused_before_training(tmp_path, overrides, token, where, message):
+    with FakeHub() as hub:
+        proc = train_and_push(hub, tmp_path / "run", *overrides, token=token, home=tmp_path / "home")
+        assert hub.requests == [] and not hub.repos  # nothing reached the hub
+    err = proc.stderr
+    assert proc.returncode == 2, proc.stdout + err
+    assert where in err and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -146,11 +146,23 @@ def train(
                 "invalid arguments",
             )
         _offline_if_hub_unreachable(loaded.recipe)
-        exports = loaded.recipe.output.export and (node_rank or 0) == 0 and "RANK" not in os.environ
+        node0 = (node_rank or 0) == 0 and "RANK" not in os.environ
+        exports = loaded.recipe.output.export and node0
         if exports:  # hours of training should not end in a refusal
             from .export import check_recipe_exports
 
             check_recipe_exports(loaded.recipe)
+        pushes = loaded.recipe.output.push_to_hub is not None and node0
+        if pushes:  # nor in a refused repo id or a missing token
+            from .push import check_repo_id, hub_token
+
+            try:
+                check_repo_id(loaded.recipe.output.push_to_hub.repo_id)
+                hub_token(os.environ)
+            except UserError as exc:
+                for problem in exc.problems:
+                    problem.where = problem.where.replace("argument REPO_ID", "output.push_to_hub.repo_id")
+                raise loaded.locate(exc) from None
         from .engine import train as run_training
 
         try:
@@ -181,6 +193,39 @@ def train(
     print_summary(summary, rewritten if exports else frozenset())
     if exports:
         _export_after_training(loaded.recipe)
+    if pushes:
+        _push_after_training(loaded.recipe)
+
+
+def _push_after_training(recipe: Any) -> None:
+    """output.push_to_hub, once training and exports have ended; a refusal exits 2 and a hub fault 1, each with the
+    `mgpu push` command that retries it (the run is saved either way)."""
+    from rich.markup import escape
+
+    from .push import PushFailed, push
+    from .render import people_console
+
+    target = recipe.output.push_to_hub
+    what = recipe.pushed_artifact()
+    again = f"mgpu push {recipe.output.dir} {target.repo_id} --what {what}"
+    again += (" --private" if target.private else "") + (f" --revision {target.revision}" if target.revision else "")
+    try:
+        url = push(Path(recipe.output.dir), target.repo_id, what, target.private, target.revision, None, typer.echo)
+    except UserError as exc:
+        exc.problems.append(
+            Problem(
+                "output.push_to_hub",
+                "training finished and its weights are saved; the push after it was refused",
+                f"fix the above, then run `{again}`",
+            )
+        )
+        _fail(exc)
+    except PushFailed as exc:
+        console = people_console(stderr=True)
+        console.print(f"[bold red]push failed:[/] {escape(str(exc))}", soft_wrap=True)
+        console.print(f"training finished and its weights are saved; push them with: {again}", markup=False)
+        raise typer.Exit(exc.exit_code) from None
+    typer.echo(f"pushed: {url}")
 
 
 def _export_after_training(recipe: Any) -> None:

@@ -524,6 +524,24 @@ class MemorySection(_Section):
     )
 
 
+class PushSection(_Section):
+    """output.push_to_hub: one artifact of the run to a Hugging Face hub repo when training ends (`mgpu push`)."""
+
+    repo_id: str = Field(
+        min_length=1,
+        max_length=96,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$",
+        description="The hub repo, namespace/name (made if missing), e.g. your-name/llama-gsm8k-lora.",
+    )
+    what: Literal["auto", "adapter", "merged", "gguf"] = Field(
+        "auto",
+        description="What to push: adapter, merged (needs hf in output.export; a full fine-tune's model/) or gguf "
+        "(needs gguf in output.export). auto: the adapter, or a full fine-tune's model.",
+    )
+    private: bool = Field(True, description="Make the repo private when it is created (an existing one is kept).")
+    revision: str | None = Field(None, min_length=1, description="Branch to commit to (made if missing); null: main.")
+
+
 class OutputSection(_Section):
     """Where results go."""
 
@@ -549,6 +567,12 @@ class OutputSection(_Section):
     )
     gguf_quant: Literal["q8_0", "f16", "bf16", "f32"] = Field(
         "q8_0", description="The weights of output.export's gguf export (mgpu export --format gguf --quant)."
+    )
+    push_to_hub: PushSection | None = Field(
+        None,
+        description="Push one artifact to a hub repo on node 0 when training and output.export end, as `mgpu push` "
+        "does (token from HF_TOKEN or `hf auth login`, never logged); the repo id and token are checked before "
+        "training starts.",
     )
 
 
@@ -584,6 +608,13 @@ class Recipe(_Section):
     memory: MemorySection = Field(default_factory=MemorySection, description="Memory limits and trade-offs.")
     output: OutputSection = Field(default_factory=OutputSection, description="Where results go.")
     logging: LoggingSection = Field(default_factory=LoggingSection, description="What is logged, and where.")
+
+    def pushed_artifact(self) -> str | None:
+        """What output.push_to_hub pushes (its `auto` resolved: the adapter, or a full fine-tune's model), or None."""
+        push = self.output.push_to_hub
+        if push is None:
+            return None
+        return push.what if push.what != "auto" else ("adapter" if self.lora is not None else "merged")
 
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:
@@ -736,6 +767,24 @@ class Recipe(_Section):
                     "training.eval_steps, e.g. training.eval_steps=50, with dataset.eval_ratio or dataset.eval_path",
                 )
             )
+        what = self.pushed_artifact()
+        if what is not None:
+            needs = {"gguf": "gguf", "merged": "hf" if self.lora is not None else None}.get(what)
+            if what == "adapter" and self.lora is None:
+                problems.append(
+                    (
+                        "output.push_to_hub.what",
+                        "a full fine-tune (lora: null) saves no adapter; its weights (model/) go with what: merged",
+                    )
+                )
+            elif needs and needs not in self.output.export:
+                problems.append(
+                    (
+                        "output.push_to_hub.what",
+                        f"{what} is written by output.export's {needs}, found output.export: "
+                        f"{list(self.output.export)}; add {needs} to output.export",
+                    )
+                )
         if t.early_stopping_patience is not None and not t.eval_steps:
             problems.append(
                 (
@@ -1157,8 +1206,9 @@ _FOREIGN = {
     "wandb_entity": "set WANDB_ENTITY in the environment (wandb reads it); the recipe has logging.wandb_project",
     "wandb_name": "set WANDB_NAME in the environment (wandb reads it); the recipe has logging.wandb_project",
     "wandb_run_id": "set WANDB_RUN_ID in the environment (wandb reads it); the recipe has logging.wandb_project",
-    "push_to_hub": "no recipe key: after training run `mgpu push OUTPUT_DIR REPO_ID` (docs/checkpoints.md)",
-    "hub_model_id": "no recipe key: after training run `mgpu push OUTPUT_DIR REPO_ID` (docs/checkpoints.md)",
+    "push_to_hub": "use output.push_to_hub: {repo_id: your-name/run-1} (or `mgpu push OUTPUT_DIR REPO_ID`)",
+    "hub_model_id": "use output.push_to_hub: {repo_id: your-name/run-1} (or `mgpu push OUTPUT_DIR REPO_ID`)",
+    "hub_private_repo": "use output.push_to_hub.private (true unless set)",
 }
 
 
