@@ -525,7 +525,7 @@ def test_an_empty_lora_section_is_refused_rather_than_read_as_full_fine_tuning(t
         ("logging.wandb_entity=me", "set WANDB_ENTITY in the environment"),
         ("model.load_in_8bit=true", "8-bit loading is not supported"),
         ("training.load_best_model_at_end=true", "use output.keep_best: true"),
-        ("hub_model_id=me/run", "after training run `mgpu push OUTPUT_DIR REPO_ID`"),
+        ("hub_model_id=me/run", "use output.push_to_hub: {repo_id: your-name/run-1}"),
     ],
 )
 def test_keys_of_other_trainers_get_their_counterpart_not_a_look_alike(override, hint):
