@@ -215,3 +215,18 @@ def test_a_push_that_would_be_refused_is_refused_before_training(tmp_path, overr
     assert proc.returncode == 2, proc.stdout + err
     assert where in err and message in err and "Traceback" not in err, err
     assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_hub_that_does_not_resolve_is_named_rather_than_the_offline_switch_it_caused():
+    """`mgpu train` switches downloads off when the hub's name does not resolve (hub.py); a recipe's push must then say
+    that the hub is unreachable, not ask the user to unset a variable they never set."""
+    from unsloth_mgpu_cli.errors import UserError
+    from unsloth_mgpu_cli.hub import UNRESOLVED
+    from unsloth_mgpu_cli.push import hub_token
+
+    with pytest.raises(UserError) as caught:
+        hub_token({"HF_HUB_OFFLINE": "1", UNRESOLVED: "huggingface.co", "HF_TOKEN": TOKEN})
+    assert "huggingface.co does not resolve" in caught.value.render()
+    with pytest.raises(UserError) as caught:  # control: the user's own switch is named as such
+        hub_token({"HF_HUB_OFFLINE": "1", "HF_TOKEN": TOKEN})
+    assert "unset HF_HUB_OFFLINE" in caught.value.render()

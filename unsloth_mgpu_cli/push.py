@@ -86,9 +86,15 @@ def check_repo_id(repo_id: str) -> None:
 
 def hub_token(env: Mapping[str, str]) -> str:
     """The token to push with; exit 2 when offline or without one (the token itself is never shown)."""
-    from .hub import OFFLINE_VARIABLES
+    from .hub import OFFLINE_VARIABLES, UNRESOLVED
 
     on = [name for name in OFFLINE_VARIABLES if env.get(name, "").strip().lower() in ("1", "true", "yes", "on")]
+    if "HF_HUB_OFFLINE" in on and env.get(UNRESOLVED):  # set by us: the hub's name did not resolve (hub.py)
+        raise _bad(
+            "hub",
+            f"{env[UNRESOLVED]} does not resolve from this machine: pushing needs the hub",
+            "push from a machine that reaches the hub (or set HF_ENDPOINT to one that does)",
+        )
     if "HF_HUB_OFFLINE" in on:
         raise _bad("HF_HUB_OFFLINE", "is set: pushing needs the hub", "unset HF_HUB_OFFLINE for this command")
     from huggingface_hub import get_token
