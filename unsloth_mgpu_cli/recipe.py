@@ -524,13 +524,15 @@ class MemorySection(_Section):
     )
 
 
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
 class PushSection(_Section):
     """output.push_to_hub: one artifact of the run to a Hugging Face hub repo when training ends (`mgpu push`)."""
 
     repo_id: str = Field(
         min_length=1,
         max_length=96,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$",
         description="The hub repo, namespace/name (made if missing), e.g. your-name/llama-gsm8k-lora.",
     )
     what: Literal["auto", "adapter", "merged", "gguf"] = Field(
@@ -540,6 +542,16 @@ class PushSection(_Section):
     )
     private: bool = Field(True, description="Make the repo private when it is created (an existing one is kept).")
     revision: str | None = Field(None, min_length=1, description="Branch to commit to (made if missing); null: main.")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, v: str) -> str:
+        if not _REPO_ID.fullmatch(v):
+            raise ValueError(
+                f"expected a hub repo id, namespace/name of letters, digits, '.', '_' or '-' "
+                f"(e.g. your-name/llama-gsm8k-lora); found {v!r}"
+            )
+        return v
 
 
 class OutputSection(_Section):
