@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -168,7 +169,7 @@ def run(tmp_path_factory):
 def test_the_gguf_holds_the_trained_model_and_its_tokenizer(run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    files = [".mgpu-export.json", "run.BF16.gguf", "run.F16.gguf", "run.F32.gguf", "run.Q8_0.gguf"]
+    files = [".mgpu-export.json", "Modelfile", "run.BF16.gguf", "run.F16.gguf", "run.F32.gguf", "run.Q8_0.gguf"]
     assert sorted(p.name for p in (run / "gguf").iterdir()) == files
     tok = AutoTokenizer.from_pretrained(str(run / "merged"))
     merged = logits(AutoModelForCausalLM.from_pretrained(str(run / "merged"), dtype=torch.float32), tok)
@@ -194,6 +195,24 @@ def test_the_gguf_holds_the_trained_model_and_its_tokenizer(run):
     )
     assert kv["tokenizer.chat_template"] == tok.chat_template
     assert kv["general.file_type"] == 7 and kv["general.architecture"] == "llama"
+
+
+@pytest.mark.integration
+def test_the_modelfile_gives_ollama_the_last_file_and_the_prompt_the_run_trained_on(run):
+    """An alpaca run learned our alpaca prompt, which no chat template gives: the Modelfile's TEMPLATE must render
+    an instruction exactly as training did, and stop at the EOS that ends every trained response."""
+    from transformers import AutoTokenizer
+
+    from unsloth_mgpu_cli.data import render_alpaca
+
+    text = (run / "gguf" / "Modelfile").read_text()
+    assert re.search(r"^FROM ./run\.F32\.gguf$", text, re.M), text  # the fixture's last export
+    template = re.search(r'^TEMPLATE """(.*)"""$', text, re.M | re.S).group(1)
+    prompt, _ = render_alpaca({"instruction": "Add the two numbers.", "input": "", "output": "x"})
+    rendered = template.replace("{{ .Prompt }}", "Add the two numbers.").replace("{{ .Response }}", "146")
+    assert rendered == prompt + "146"
+    eos = AutoTokenizer.from_pretrained(str(run / "merged")).eos_token
+    assert f"PARAMETER stop {json.dumps(eos, ensure_ascii=False)}" in text.splitlines()
 
 
 @pytest.mark.integration
@@ -417,3 +436,24 @@ def test_an_output_export_that_fails_after_training_keeps_the_weights_and_names_
     assert_user_error(proc, "cannot write", "training finished and its weights are saved", f"mgpu export {out}")
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert not [p.name for p in out.iterdir() if "gguf" in p.name]  # no gguf/, no temporary folder
+
+
+@pytest.mark.parametrize(
+    ("dataset", "template"),
+    [
+        ({"format": "alpaca"}, True),
+        ({"format": "chat"}, False),  # Ollama takes the chat template the GGUF carries
+        ({"format": "text"}, False),
+        ({"format": "alpaca", "mix": [{"path": "a.jsonl"}, {"path": "b.jsonl", "format": "chat"}]}, False),
+        ({"format": "alpaca", "mix": [{"path": "a.jsonl"}, {"path": "b.jsonl", "format": "alpaca"}]}, True),
+    ],
+)
+def test_the_modelfile_holds_the_alpaca_prompt_only_for_runs_trained_on_it_alone(tmp_path, dataset, template):
+    import yaml
+
+    from unsloth_mgpu_cli.gguf_export import ollama_modelfile
+
+    (tmp_path / "recipe.resolved.yaml").write_text(yaml.safe_dump({"dataset": dataset}))
+    text = ollama_modelfile(tmp_path, "run.Q8_0.gguf", "<|eot_id|>")
+    assert text.splitlines()[1] == "FROM ./run.Q8_0.gguf" and 'PARAMETER stop "<|eot_id|>"' in text
+    assert ("TEMPLATE" in text.replace("# no TEMPLATE", "")) is template, text

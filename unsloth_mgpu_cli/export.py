@@ -312,7 +312,7 @@ def export_gguf(
 
     Everything that can refuse (arguments, destination, architecture, rope, tokenizer) is checked before the
     weights load; the file appears whole or not at all."""
-    from .gguf_export import QUANTS, check_model, gguf_file_name, plan_conversion, write_gguf
+    from .gguf_export import QUANTS, check_model, gguf_file_name, ollama_modelfile, plan_conversion, write_gguf
 
     say = say or (lambda message: None)
     if quant not in QUANTS:
@@ -364,6 +364,7 @@ def export_gguf(
         plan = plan_conversion(config, tokenizer, tokenizer_dir, where)
         model = _load_merged(run, weights, base, "float32", say)
         marker = {"tool": "unsloth-mgpu", "version": __version__, "run": str(run.resolve()), "gguf": name}
+        modelfile = ollama_modelfile(run, name, getattr(tokenizer, "eos_token", None))
         try:
             if dest.is_dir() and any(dest.iterdir()):  # an earlier export (check_export_dest): the file joins it
                 part = dest / f".{name}.part-{os.getpid()}"
@@ -371,6 +372,8 @@ def export_gguf(
                     state = model.state_dict()
                     write_gguf(state, tokenizer_dir, tokenizer, plan, part, quant, run.resolve().name, say, shown=name)
                     os.replace(part, dest / name)
+                    part.write_text(modelfile)
+                    os.replace(part, dest / "Modelfile")
                 finally:
                     part.unlink(missing_ok=True)
                 (dest / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
@@ -379,6 +382,7 @@ def export_gguf(
                     write_gguf(
                         model.state_dict(), tokenizer_dir, tokenizer, plan, tmp / name, quant, run.resolve().name, say
                     )
+                    (tmp / "Modelfile").write_text(modelfile)
                     (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         except OSError as exc:
             raise _cannot_write(dest, exc) from exc

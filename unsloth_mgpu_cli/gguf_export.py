@@ -13,7 +13,8 @@ Covered: Llama (1-3.x, SmolLM), Mistral and Qwen2/2.5 models with a byte-level B
 Others (SentencePiece tokenizers such as Llama 2's and Mistral v0.1-0.3's, other architectures) are refused
 before the weights load, with the route that does cover them: the merged HF export and llama.cpp's converter.
 Quantisation: q8_0, f16, bf16, f32 (what the converter writes itself); smaller k-quants come from llama.cpp's
-`llama-quantize`, which takes this file.
+`llama-quantize`, which takes this file. Beside it goes an Ollama `Modelfile` for the file last written
+(`ollama_modelfile`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,34 @@ class GgufPlan:
 
 def gguf_file_name(run: Path, quant: str) -> str:
     return f"{Path(run).resolve().name or 'model'}.{quant.upper()}.gguf"
+
+
+def ollama_modelfile(run: Path, gguf_name: str, eos_token: str | None) -> str:
+    """An Ollama Modelfile for `gguf_name` (beside it): `ollama create NAME -f Modelfile`.
+
+    An alpaca run was trained on our alpaca prompt, which no chat template of the tokenizer gives: the Modelfile
+    then holds that prompt as its TEMPLATE (Ollama's `.Prompt` is the instruction). Chat runs leave TEMPLATE out, so
+    that Ollama takes the chat template the GGUF carries (the one the run trained with). The stop is the EOS token
+    that ends every trained response."""
+    import yaml
+
+    from .data import ALPACA_PROMPT
+
+    resolved = Path(run) / "recipe.resolved.yaml"
+    dataset = (yaml.safe_load(resolved.read_text()) or {}).get("dataset") or {} if resolved.is_file() else {}
+    formats = {dataset.get("format")} | {m.get("format") or dataset.get("format") for m in dataset.get("mix") or []}
+    lines = [
+        "# Ollama: `ollama create <name> -f Modelfile` in this folder (written by `mgpu export --format gguf`)",
+        f"FROM ./{gguf_name}",
+    ]
+    if formats == {"alpaca"}:
+        prompt = ALPACA_PROMPT.format(input_clause="", instruction="{{ .Prompt }}", input_block="")
+        lines.append(f'TEMPLATE """{prompt}{{{{ .Response }}}}"""')
+    else:
+        lines.append("# no TEMPLATE: Ollama uses the chat template stored in the GGUF")
+    if eos_token:
+        lines.append(f"PARAMETER stop {json.dumps(eos_token, ensure_ascii=False)}")
+    return "\n".join(lines) + "\n"
 
 
 def rope_parameters(hparams: dict[str, Any]) -> dict[str, Any]:
