@@ -68,7 +68,8 @@
 # 128: 90,594), then two run.py calls written out in docs/BENCHMARKS.md: s25c (both at micro-batch 128: ours 90,335,
 # TRL 81,491) and s25d (packed rows bounded by tokens: ours at 64 x 2, one row per step, 91,398; balanced 69,326).
 # Next, in this order:
-#   s24d on nvidia-h200-x2: #11's TRL comparison at 2 GPUs with the variable-length kernel on both sides
+#   s24d on nvidia-h200-x2: #11's TRL comparison at 2 GPUs with the variable-length kernel on both sides, then s24e
+#     (TRL at micro-batch 128 on 1 GPU, its faster setting)
 #   s9b on nvidia-h200-x2, then gputest there: NCCL_SOCKET_IFNAME=lo (session 13) has not run on 2 GPUs
 #   stops on 2 GPUs (~3 min): a failed rank's teardown on NCCL
 #   gputest on nvidia-h200-x2: the whole tier (expandable segments and balance_speed never ran there)
@@ -77,7 +78,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s25|s25b|s24d|s24c|s24b|s24|s22d|s22c|s22b|s22|s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
+STAGE=${1:?usage: gpu_plan.sh s25|s25b|s24e|s24d|s24c|s24b|s24|s22d|s22c|s22b|s22|s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -608,6 +609,11 @@ PY
     # given enable_gqa): ours (auto: packed) and TRL padding-free, 2 then 1 GPU, one call (~8 min)
     SHIM=(MGPU_BENCH_VARLEN_GQA=1 UNSLOTH_LEAN_VARLEN=0 PYTHONPATH="$PWD/benchmarks/varlen_gqa:$PYTHONPATH")
     env "${SHIM[@]}" "${BENCH[@]}" --out "$OUT/a" --only ours,trl-pf --gpus 2,1 --budget-s 520 | tail -8 ;;
+  s24e)
+    # after s24d, the same lease: TRL padding-free on 1 GPU at its faster micro-batch (128 x 1; session 25: 81,491
+    # against 61,543 at 64 x 2), the fair 1-GPU reference for ours, which packs a 64 x 2 step into one row anyway
+    SHIM=(MGPU_BENCH_VARLEN_GQA=1 UNSLOTH_LEAN_VARLEN=0 PYTHONPATH="$PWD/benchmarks/varlen_gqa:$PYTHONPATH")
+    env "${SHIM[@]}" "${BENCH[@]}" --micro-batch 128 --out "$OUT/a" --only trl-pf --gpus 1 --budget-s 200 | tail -4 ;;
   s24c)
     # session 24: dataset.batching auto (varlen.py) on CUDA. Its GPU test, on this image (torch 2.11: no kernel,
     # Unsloth attends per sample) and with benchmarks/varlen_gqa (torch varlen_attn with enable_gqa); an explicit
