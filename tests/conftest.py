@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,6 +90,21 @@ def mgpu_env(**extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+def packing_probe(*args: str) -> dict[str, Any]:
+    """Run tests/packing_probe.py (Unsloth in its own process: it patches transformers process-wide) with `args`;
+    its JSON result."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "packing_probe.py"), *args],
+        env=mgpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run_mgpu(

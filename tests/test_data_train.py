@@ -5,13 +5,11 @@ the same samples run one by one."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, mgpu_env, run_mgpu
+from conftest import ROOT, packing_probe, run_mgpu
 
 from unsloth_mgpu_cli import data as D
 from unsloth_mgpu_cli.models import resolve_model_path
@@ -99,16 +97,7 @@ def test_each_format_trains_on_two_workers_with_the_planned_loss_tokens(runs, fm
 
 
 def test_unsloth_packed_rows_do_not_attend_across_samples():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "packing_probe.py")],
-        env=mgpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = packing_probe()
     assert abs(r["packed"] - r["one_by_one"]) < 1e-5 * r["one_by_one"], r
     assert abs(r["packed_lengths"] - r["one_by_one"]) < 1e-5 * r["one_by_one"], r
     assert abs(r["naive"] - r["one_by_one"]) > 1e-4 * r["one_by_one"], r  # control

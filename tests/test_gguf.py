@@ -448,12 +448,9 @@ def test_an_output_export_that_fails_after_training_keeps_the_weights_and_names_
         ({"format": "alpaca", "mix": [{"path": "a.jsonl"}, {"path": "b.jsonl", "format": "alpaca"}]}, True),
     ],
 )
-def test_the_modelfile_holds_the_alpaca_prompt_only_for_runs_trained_on_it_alone(tmp_path, dataset, template):
-    import yaml
-
+def test_the_modelfile_holds_the_alpaca_prompt_only_for_runs_trained_on_it_alone(dataset, template):
     from unsloth_mgpu_cli.gguf_export import ollama_modelfile
 
-    (tmp_path / "recipe.resolved.yaml").write_text(yaml.safe_dump({"dataset": dataset}))
-    text = ollama_modelfile(tmp_path, "run.Q8_0.gguf", "<|eot_id|>")
+    text = ollama_modelfile("run.Q8_0.gguf", "<|eot_id|>", dataset)
     assert text.splitlines()[1] == "FROM ./run.Q8_0.gguf" and 'PARAMETER stop "<|eot_id|>"' in text
     assert ("TEMPLATE" in text.replace("# no TEMPLATE", "")) is template, text

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import EQUIVALENCE_RUN, ROOT, max_rel_diff, mgpu_env, run_mgpu
+from conftest import EQUIVALENCE_RUN, ROOT, max_rel_diff, mgpu_env, packing_probe, run_mgpu
 from safetensors.torch import load_file
 
 from unsloth_mgpu_cli.devices import count_gpus
@@ -102,16 +102,7 @@ def test_packed_rows_sample_lengths_reach_unsloth_on_cuda():
     """A packed micro-batch carries its sample lengths on the host (`packed_seq_lengths`, as TRL's padding-free
     collator gives them): on CUDA Unsloth must read them (wrong lengths change the loss), give the loss it gets from
     the positions, and sync the host less often than when it finds the lengths in the positions on the GPU."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "packing_probe.py"), "--cuda"],
-        env=mgpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = packing_probe("--cuda")
     print(r)
     assert abs(r["packed_lengths"] - r["packed"]) <= 1e-6 * r["packed"], r  # the same boundaries, the same kernels
     assert abs(r["packed_lengths"] - r["one_by_one"]) < 2e-2 * r["one_by_one"], r  # bfloat16

@@ -157,11 +157,9 @@ def train(
             from .push import check_repo_id, hub_token
 
             try:
-                check_repo_id(loaded.recipe.output.push_to_hub.repo_id)
+                check_repo_id(loaded.recipe.output.push_to_hub.repo_id, "output.push_to_hub.repo_id")
                 hub_token(os.environ)
             except UserError as exc:
-                for problem in exc.problems:
-                    problem.where = problem.where.replace("argument REPO_ID", "output.push_to_hub.repo_id")
                 raise loaded.locate(exc) from None
         from .engine import train as run_training
 
@@ -200,6 +198,8 @@ def train(
 def _push_after_training(recipe: Any) -> None:
     """output.push_to_hub, once training and exports have ended; a refusal exits 2 and a hub fault 1, each with the
     `mgpu push` command that retries it (the run is saved either way)."""
+    import shlex
+
     from rich.markup import escape
 
     from .push import PushFailed, push
@@ -207,8 +207,9 @@ def _push_after_training(recipe: Any) -> None:
 
     target = recipe.output.push_to_hub
     what = recipe.pushed_artifact()
-    again = f"mgpu push {recipe.output.dir} {target.repo_id} --what {what}"
-    again += (" --private" if target.private else "") + (f" --revision {target.revision}" if target.revision else "")
+    words = ["mgpu", "push", str(recipe.output.dir), target.repo_id, "--what", what]
+    words += (["--private"] if target.private else []) + (["--revision", target.revision] if target.revision else [])
+    again = shlex.join(words)
     try:
         url = push(Path(recipe.output.dir), target.repo_id, what, target.private, target.revision, None, typer.echo)
     except UserError as exc:

@@ -364,7 +364,8 @@ def export_gguf(
         plan = plan_conversion(config, tokenizer, tokenizer_dir, where)
         model = _load_merged(run, weights, base, "float32", say)
         marker = {"tool": "unsloth-mgpu", "version": __version__, "run": str(run.resolve()), "gguf": name}
-        modelfile = ollama_modelfile(run, name, getattr(tokenizer, "eos_token", None))
+        dataset = _resolved_recipe(run).get("dataset") or {}
+        modelfile = ollama_modelfile(name, getattr(tokenizer, "eos_token", None), dataset)
         try:
             if dest.is_dir() and any(dest.iterdir()):  # an earlier export (check_export_dest): the file joins it
                 part = dest / f".{name}.part-{os.getpid()}"

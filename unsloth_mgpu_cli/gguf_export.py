@@ -62,19 +62,16 @@ def gguf_file_name(run: Path, quant: str) -> str:
     return f"{Path(run).resolve().name or 'model'}.{quant.upper()}.gguf"
 
 
-def ollama_modelfile(run: Path, gguf_name: str, eos_token: str | None) -> str:
-    """An Ollama Modelfile for `gguf_name` (beside it): `ollama create NAME -f Modelfile`.
+def ollama_modelfile(gguf_name: str, eos_token: str | None, dataset: dict[str, Any]) -> str:
+    """An Ollama Modelfile for `gguf_name` (beside it): `ollama create NAME -f Modelfile`. `dataset`: the run's
+    dataset section, as recipe.resolved.yaml holds it.
 
     An alpaca run was trained on our alpaca prompt, which no chat template of the tokenizer gives: the Modelfile
     then holds that prompt as its TEMPLATE (Ollama's `.Prompt` is the instruction). Chat runs leave TEMPLATE out, so
     that Ollama takes the chat template the GGUF carries (the one the run trained with). The stop is the EOS token
     that ends every trained response."""
-    import yaml
-
     from .data import ALPACA_PROMPT
 
-    resolved = Path(run) / "recipe.resolved.yaml"
-    dataset = (yaml.safe_load(resolved.read_text()) or {}).get("dataset") or {} if resolved.is_file() else {}
     formats = {dataset.get("format")} | {m.get("format") or dataset.get("format") for m in dataset.get("mix") or []}
     lines = [
         "# Ollama: `ollama create <name> -f Modelfile` in this folder (written by `mgpu export --format gguf`)",

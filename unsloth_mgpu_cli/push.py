@@ -71,17 +71,17 @@ def artifact_files(run: Path, what: str) -> tuple[Path, list[Path]]:
     return folder, files
 
 
-def check_repo_id(repo_id: str) -> None:
-    """A repo id the hub accepts ("name" or "namespace/name"), or exit 2 before anything is sent."""
+def check_repo_id(repo_id: str, where: str = "argument REPO_ID") -> None:
+    """A repo id the hub accepts ("name" or "namespace/name"), or exit 2 naming `where` before anything is sent."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
         found = f"{repo_id!r} is no hub repo id: {exc}"
-        raise _bad("argument REPO_ID", found, "e.g. your-name/llama-3-gsm8k-lora") from None
+        raise _bad(where, found, "e.g. your-name/llama-3-gsm8k-lora") from None
     if repo_id.count("/") > 1:
-        raise _bad("argument REPO_ID", f"{repo_id!r} has more than one '/'", "namespace/name, e.g. your-name/run-1")
+        raise _bad(where, f"{repo_id!r} has more than one '/'", "namespace/name, e.g. your-name/run-1")
 
 
 def hub_token(env: Mapping[str, str]) -> str:
