@@ -78,7 +78,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s25|s25b|s24e|s24d|s24c|s24b|s24|s22d|s22c|s22b|s22|s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
+STAGE=${1:?usage: gpu_plan.sh s26b|s26|s25|s25b|s24e|s24d|s24c|s24b|s24|s22d|s22c|s22b|s22|s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -578,6 +578,33 @@ print("stage 1 losses: first", round(loss("one")[0], 4), "last", round(loss("one
       "| stage 2 (another seed: other samples): first", round(loss("two")[0], 4), "last", round(loss("two")[-1], 4))
 PY
     rm -rf "$OUT"/*/checkpoints ;;
+  s26b)
+    # session 26: s26 found no gain on the benchmark's 1B (its head has 24,911 rows: ~5% of the step's matrix work).
+    # The same pair on the 1B with Llama-3.2-1B's real head (128,256 rows): ours, ours with the whole head, ours again
+    SHIM=(MGPU_BENCH_VARLEN_GQA=1 UNSLOTH_LEAN_VARLEN=0 PYTHONPATH="$PWD/benchmarks/varlen_gqa:$PYTHONPATH")
+    B128=("${BENCH[@]}" --sizes 1b-v128k --only ours --gpus 1 --budget-s 130)
+    env "${SHIM[@]}" "${B128[@]}" --out "$OUT/new" | tail -3
+    cp unsloth_mgpu_cli/trainer.py /tmp/ && cp gpu-data/old26/trainer.py unsloth_mgpu_cli/
+    env "${SHIM[@]}" "${B128[@]}" --out "$OUT/old" | tail -3
+    cp /tmp/trainer.py unsloth_mgpu_cli/
+    env "${SHIM[@]}" "${B128[@]}" --out "$OUT/new2" | tail -3
+    for r in new old new2; do rm -rf "$OUT/$r/logs"; done ;;
+  s26)
+    # session 26: lm_head and the loss on the labelled positions only (head.py). Its GPU test without and with the
+    # variable-length kernel; then side by side, all with the kernel: ours, ours with the whole head (HEAD's
+    # trainer.py from gpu-data/old26), ours again (the pair's noise)
+    SHIM=(MGPU_BENCH_VARLEN_GQA=1 UNSLOTH_LEAN_VARLEN=0 PYTHONPATH="$PWD/benchmarks/varlen_gqa:$PYTHONPATH")
+    for m in plain varlen; do
+      E=(); [ $m = varlen ] && E=("${SHIM[@]}")
+      env "${E[@]}" timeout -k 10 120 python3 -m pytest -q -rP -m gpu tests/test_gpu.py -k "labelled_head" \
+        > "$OUT/gputest-$m.txt" 2>&1; echo "$m: pytest exit=$?"; grep -hE "^\{|passed|failed|Error" "$OUT/gputest-$m.txt" | head -4
+    done
+    build_1b
+    env "${SHIM[@]}" "${BENCH[@]}" --out "$OUT/new" --only ours --gpus 1 --budget-s 120 | tail -3
+    cp unsloth_mgpu_cli/trainer.py /tmp/ && cp gpu-data/old26/trainer.py unsloth_mgpu_cli/
+    env "${SHIM[@]}" "${BENCH[@]}" --out "$OUT/old" --only ours --gpus 1 --budget-s 120 | tail -3
+    cp /tmp/trainer.py unsloth_mgpu_cli/
+    env "${SHIM[@]}" "${BENCH[@]}" --out "$OUT/new2" --only ours --gpus 1 --budget-s 120 | tail -3 ;;
   s25)
     # session 25: packed rows carry their sample lengths on the host (packed_seq_lengths, as TRL's padding-free
     # collator gives them). Its GPU test without and with the variable-length kernel (benchmarks/varlen_gqa); then the

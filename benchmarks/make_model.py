@@ -17,7 +17,10 @@ SIZES = {
     "tiny": (128, 2, 256, 4, 2, 1024),
     "1b": (2048, 16, 8192, 32, 8, 32000),  # Llama-3.2-1B shape with a 32k vocabulary: about 1.0B parameters
     "8b": (4096, 32, 14336, 32, 8, 32000),  # Llama-3.1-8B shape with a 32k vocabulary: about 7.2B parameters
+    # Llama-3.2-1B with its real head: 128,256 rows (the tokenizer still learns about 25k tokens from GSM8K)
+    "1b-v128k": (2048, 16, 8192, 32, 8, 128256),
 }
+PADDED = {"1b-v128k"}  # sizes whose embedding and head have the vocabulary's rows, used by the tokenizer or not
 
 
 def corpus_from(path: Path) -> list[str]:
@@ -56,6 +59,7 @@ def main() -> None:
         corpus=corpus_from(args.corpus),
         dtype="bfloat16",
         device=device,
+        vocab_rows=vocab if args.size in PADDED else None,
     )
     print(f"built {args.size} at {args.out} in {time.time() - t:.0f} s (weights drawn on {device})")
 

@@ -77,11 +77,14 @@ def build_tiny_llama(
     corpus: list[str] | None = None,
     dtype: str = "float32",
     device: str = "cpu",
+    vocab_rows: int | None = None,
 ) -> Path:
     """Create a random Llama and a byte-level BPE tokenizer in `dest` (safetensors).
 
     The defaults give the builtin tiny model; the benchmarks use the same function with real sizes, initialising
     the weights on `device` (a GPU draws an 8B model's random weights in seconds, a CPU takes minutes).
+    `vocab_rows`: embedding and head rows when more than the tokenizer learns from the corpus (a real model's
+    vocabulary size, for the cost of its head; the extra rows are never a token).
     """
     quiet_library_noise()
     import torch
@@ -115,7 +118,7 @@ def build_tiny_llama(
     fast.chat_template = CHAT_TEMPLATE
 
     config = LlamaConfig(
-        vocab_size=len(fast),
+        vocab_size=max(len(fast), vocab_rows or 0),
         hidden_size=hidden,
         intermediate_size=intermediate or hidden * 2,
         num_hidden_layers=layers,
