@@ -579,7 +579,7 @@ print("stage 1 losses: first", round(loss("one")[0], 4), "last", round(loss("one
 PY
     rm -rf "$OUT"/*/checkpoints ;;
   s26b)
-    # session 26: s26 found no gain on the benchmark's 1B (its head has 24,911 rows: ~5% of the step's matrix work).
+    # session 26, also at 2dcd439: s26 found no gain on the 1B (its head has 24,911 rows: ~5% of the matrix work).
     # The same pair on the 1B with Llama-3.2-1B's real head (128,256 rows): ours, ours with the whole head, ours again
     SHIM=(MGPU_BENCH_VARLEN_GQA=1 UNSLOTH_LEAN_VARLEN=0 PYTHONPATH="$PWD/benchmarks/varlen_gqa:$PYTHONPATH")
     B128=("${BENCH[@]}" --sizes 1b-v128k --only ours --gpus 1 --budget-s 130)
@@ -590,7 +590,8 @@ PY
     env "${SHIM[@]}" "${B128[@]}" --out "$OUT/new2" | tail -3
     for r in new old new2; do rm -rf "$OUT/$r/logs"; done ;;
   s26)
-    # session 26: lm_head and the loss on the labelled positions only (head.py). Its GPU test without and with the
+    # session 26: lm_head and the loss on the labelled positions only (head.py, commit 2dcd439; not kept: no gain). Run
+    # at 2dcd439 (gpu-data/old26/trainer.py: 49cce68's). Its GPU test without and with the
     # variable-length kernel; then side by side, all with the kernel: ours, ours with the whole head (HEAD's
     # trainer.py from gpu-data/old26), ours again (the pair's noise)
     SHIM=(MGPU_BENCH_VARLEN_GQA=1 UNSLOTH_LEAN_VARLEN=0 PYTHONPATH="$PWD/benchmarks/varlen_gqa:$PYTHONPATH")

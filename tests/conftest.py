@@ -93,15 +93,10 @@ def mgpu_env(**extra: str) -> dict[str, str]:
 
 
 def packing_probe(*args: str) -> dict[str, Any]:
-    """Run tests/packing_probe.py with `args`; its JSON result."""
-    return run_probe(ROOT / "tests" / "packing_probe.py", *args)
-
-
-def run_probe(script: Path, *args: str) -> dict[str, Any]:
-    """Run a probe script of tests/ (Unsloth in its own process: it patches transformers process-wide) with `args`;
-    the JSON of its last line."""
+    """Run tests/packing_probe.py (Unsloth in its own process: it patches transformers process-wide) with `args`;
+    its JSON result."""
     proc = subprocess.run(
-        [sys.executable, str(script), *args],
+        [sys.executable, str(ROOT / "tests" / "packing_probe.py"), *args],
         env=mgpu_env(),
         capture_output=True,
         text=True,

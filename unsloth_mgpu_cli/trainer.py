@@ -41,7 +41,6 @@ class Trainer:
         self.split = 1  # pieces each micro-batch is cut into after an out-of-memory error (1: uncut)
         self.sharded = plan.recipe.distributed.strategy == "fsdp"  # FSDP2: parameters are DTensor shards
         self.neftune: Any = None  # NoisyEmbeddings when training.neftune_noise_alpha is set
-        self.head: Any = None  # LabelledHead: lm_head and the loss on the positions that take loss only
 
     # -- setup -----------------------------------------------------------------------------------------
     def _dtype(self) -> Any:
@@ -134,9 +133,6 @@ class Trainer:
             from .neftune import NoisyEmbeddings
 
             self.neftune = NoisyEmbeddings(r.training.neftune_noise_alpha, r.training.seed).attach(model)
-        from .head import LabelledHead
-
-        self.head = LabelledHead().attach(model)
         self.plan.timeline["model_ready"] = time.time()
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         from .optim import lr_scales
@@ -775,18 +771,16 @@ class Trainer:
                     weight = 1.0 if mb else 0.0
                     mb = mb or mine[:mb_size] or [0]
                     n_mb = int(sum(int(data.loss_counts[i]) for i in mb))
-                    host = data.collate(mb, pad_to=self.pad_to)
+                    batch = {k: v.to(info.device) for k, v in data.collate(mb, pad_to=self.pad_to).items()}
                     if n_mb == 0:
                         if not self.sharded:
                             continue  # the model's mean over zero tokens is NaN
-                        host["labels"], weight = _one_target(host), 0.0
-                    batch = self._on_device(host)
+                        batch["labels"], weight = _one_target(batch), 0.0
                     loss = self.model(**batch, use_cache=False).loss.detach().to(torch.float64)
                     sums[0] += loss * n_mb * weight
                     sums[1] += n_mb * weight
         finally:
             self.model.train()
-            self._head_keeps(None)
         loss_sum, tokens = D.all_reduce_tensor(sums, info).tolist()
         loss = loss_sum / max(tokens, 1.0)
         return loss, math.exp(min(loss, 700.0))
@@ -813,13 +807,15 @@ class Trainer:
         try:
             for mb in micro_batches:
                 for piece in _pieces(mb, self.split):
-                    host = self.data.collate(piece, self.packed, self.pad_to)
+                    batch = {
+                        k: v if k == PACKED_LENGTHS_KEY else _to_device(v, device)  # lengths: read on the host
+                        for k, v in self.data.collate(piece, self.packed, self.pad_to).items()
+                    }
                     n = int(sum(int(self.data.loss_counts[i]) for i in piece))
                     if n == 0 and self.sharded:
                         # FSDP2 reduce-scatters in backward: every rank must run it, even for a piece without
                         # loss tokens. One fake target keeps the model's token-mean loss finite; scaled by 0 below.
-                        host["labels"] = _one_target(host)
-                    batch = self._on_device(host)
+                        batch["labels"] = _one_target(batch)
                     maybe_inject("forward", self, samples=len(piece), tokens=int(batch["input_ids"].numel()))
                     with self._noise(index, piece):
                         # no KV cache in training: with one, transformers ignores packed position_ids (leaks)
@@ -832,27 +828,7 @@ class Trainer:
                         (loss * 0.0).backward()
         except torch.OutOfMemoryError:
             return loss_sum, True  # the frames holding the activations are gone once we are out of here
-        finally:
-            self._head_keeps(None)
         return loss_sum, False
-
-    def _on_device(self, host: dict[str, Any]) -> dict[str, Any]:
-        """A micro-batch's tensors on the device, with the head's positions and shifted targets (head.py) worked
-        out on the host first (no device sync); the positions go to the hook, not the model. Packed lengths stay on
-        the host, where Unsloth reads them."""
-        from .head import INDEX_KEY, head_targets
-
-        if self.head is not None:
-            host = {**host, **head_targets(host["labels"])}
-        device = self.info.device
-        batch = {k: v if k == PACKED_LENGTHS_KEY else _to_device(v, device) for k, v in host.items()}
-        self._head_keeps(batch.pop(INDEX_KEY, None))
-        return batch
-
-    def _head_keeps(self, index: Any) -> None:
-        """The positions the next forward (and the backward's recomputation) hands to the head; None: all."""
-        if self.head is not None:
-            self.head.index = index
 
     def _noise(self, index: int, piece: list[int]) -> Any:
         """NEFTune's noise for the forward of `piece` at step `index + 1` (training.neftune_noise_alpha), or none."""
