@@ -78,7 +78,7 @@
 # Settings of every run: 1B model, GSM8K, global batch 128 (micro-batch 64), 30 steps, steady state after step 10
 # (our steps settle from step 8 on: docs/BENCHMARKS.md). Each run is cold (own compile and data caches).
 set -u
-STAGE=${1:?usage: gpu_plan.sh s26b|s26|s25|s25b|s24e|s24d|s24c|s24b|s24|s22d|s22c|s22b|s22|s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
+STAGE=${1:?usage: gpu_plan.sh s26c|s26b|s26|s25|s25b|s24e|s24d|s24c|s24b|s24|s22d|s22c|s22b|s22|s21c|s21b|s21|s20b|s20|s18|s17|s16b|s16|s15|s9d|s9b|s9a|s8b|s8a|s7a|s7b|s7c|s7d|s7e|s6a|s6b|s6c|s6d|s5a|s5d|s5e|scaling|trl|balance|final|steady|graphs|8b|profile|gputest|stops}
 OUT=${OUT:-outputs/plan}/$STAGE; mkdir -p "$OUT"
 BENCH=(python3 benchmarks/run.py --data "$PWD/gpu-data/gsm8k_train_alpaca.json" --global-batch 128 --micro-batch 64
   --steps 30 --warmup 10 --timeout 200 --min-run-s 100)
@@ -578,6 +578,19 @@ print("stage 1 losses: first", round(loss("one")[0], 4), "last", round(loss("one
       "| stage 2 (another seed: other samples): first", round(loss("two")[0], 4), "last", round(loss("two")[-1], 4))
 PY
     rm -rf "$OUT"/*/checkpoints ;;
+  s26c)
+    # session 26: the data tokenised beside the workers' start (datagate.py) on a cold data cache, as every benchmark
+    # run is: time to first step of ours, ours as before (49cce68's engine, trainer, data, render from
+    # gpu-data/old26c: tokenised first), ours again; the 1B, the kernel, 20 steps
+    SHIM=(MGPU_BENCH_VARLEN_GQA=1 UNSLOTH_LEAN_VARLEN=0 PYTHONPATH="$PWD/benchmarks/varlen_gqa:$PYTHONPATH")
+    build_1b
+    B=("${BENCH[@]}" --steps 20 --only ours --gpus 1 --budget-s 150)
+    env "${SHIM[@]}" "${B[@]}" --out "$OUT/new" | tail -3
+    mkdir -p /tmp/keep && cp unsloth_mgpu_cli/{engine,trainer,data,render}.py /tmp/keep/ && cp gpu-data/old26c/*.py unsloth_mgpu_cli/
+    env "${SHIM[@]}" "${B[@]}" --out "$OUT/old" | tail -3
+    cp /tmp/keep/*.py unsloth_mgpu_cli/
+    env "${SHIM[@]}" "${B[@]}" --out "$OUT/new2" | tail -3
+    for r in new old new2; do rm -rf "$OUT/$r/logs"; done ;;
   s26b)
     # session 26, also at 2dcd439: s26 found no gain on the 1B (its head has 24,911 rows: ~5% of the matrix work).
     # The same pair on the 1B with Llama-3.2-1B's real head (128,256 rows): ours, ours with the whole head, ours again

@@ -122,8 +122,11 @@ def test_outputs_follow_the_contract(runs):
     assert (out / "adapter" / "adapter_config.json").exists()
     # where the time to the first step went: every phase measured, adding up to the total
     startup = json.loads((out / "summary.json").read_text())["startup_s"]
-    phases = ("prepare", "launch", "import", "load", "setup", "first_step")
-    assert set(startup) == {*phases, "total"} and all(startup[k] >= 0 for k in phases), startup
+    # a data cache that an earlier test filled: tokenised (read) first; a cold one: see test_data_tokenised_beside...
+    phases = ("prepare", "launch", "import", *(("data_wait",) if "data_wait" in startup else ()), "load", "setup")
+    phases += ("first_step",)
+    extra = {"data_beside"} if "data_wait" in startup else set()
+    assert set(startup) == {*phases, "total", *extra} and all(startup[k] >= 0 for k in phases), startup
     assert sum(startup[k] for k in phases) == pytest.approx(startup["total"], abs=0.1)
     assert startup["import"] > 1.0  # `import unsloth` in the worker takes seconds: the marks are real
     # where a step's time goes (rank 0's host clock): the 4 steps after the first, each phase measured
@@ -485,3 +488,31 @@ def test_a_fractional_epoch_count_ends_within_a_pass(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 16))
     assert [r["epoch"] for r in rows] == [0] * 10 + [1] * 5
     assert json.loads((out / "summary.json").read_text())["steps"] == 15
+
+
+def test_data_tokenised_beside_the_workers_start_trains_as_data_tokenised_first(tmp_path):
+    """A cold data cache on one node: a child tokenises while the workers import Unsloth, and they wait for it before
+    the model loads (datagate.py). The weights equal those of the same run on the cache it left (read first, no
+    child); control: responses changed by two words give other weights. Nothing of the child is left: no folder."""
+    import tempfile
+
+    rows = (ROOT / "recipes" / "data" / "quickstart.jsonl").read_text().splitlines()
+    data, other = tmp_path / "data.jsonl", tmp_path / "other.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    changed = [{**row, "output": row["output"] + " Changed."} for row in map(json.loads, rows)]
+    other.write_text("".join(json.dumps(row) + "\n" for row in changed))
+    gates_before = set(Path(tempfile.gettempdir()).glob("mgpu-data-*"))
+    run = ("distributed.num_gpus=2", "training.micro_batch_size=2")
+    cache = str(tmp_path / "cache")  # cold: nothing tokenised yet (the tiny model is built there once)
+    proc = train(tmp_path / "beside", f"dataset.path={data}", *run, UNSLOTH_MGPU_CACHE=cache)
+    train(tmp_path / "first", f"dataset.path={data}", *run, UNSLOTH_MGPU_CACHE=cache)
+    train(tmp_path / "control", f"dataset.path={other}", *run, UNSLOTH_MGPU_CACHE=cache)
+    beside = json.loads((tmp_path / "beside" / "summary.json").read_text())["startup_s"]
+    first = json.loads((tmp_path / "first" / "summary.json").read_text())["startup_s"]
+    assert "data_wait" in beside and beside["data_beside"] > 0, beside
+    assert "data_wait" not in first and "data_beside" not in first, first  # the cache was there: read first
+    assert "data: 512 samples" in proc.stdout  # the child printed the data line
+    same = max_rel_diff(adapter(tmp_path / "beside"), adapter(tmp_path / "first"))
+    assert same == 0.0, same
+    assert max_rel_diff(adapter(tmp_path / "control"), adapter(tmp_path / "first")) > 1e-4
+    assert set(Path(tempfile.gettempdir()).glob("mgpu-data-*")) == gates_before

@@ -546,7 +546,54 @@ def _column_problems(
     return recipe_problems
 
 
+# Rows read ahead by `preload_rows`, each taken (once) by the `load_rows` call that asks for the same source
+_PRELOADED: dict[tuple[Any, ...], Rows] = {}
+
+
+def preload_rows(recipe: Recipe) -> bool:
+    """Read every source's rows ahead, for `prepare` in this process or in a fork of it (datagate.py): True when
+    they hold no problem and, for one source, at least a global batch of rows, so that tokenising (which may still
+    refuse: rows longer than model.max_seq_length, a chat template) can run beside the workers' start. False (and
+    nothing kept) when `prepare` will refuse the run at once: it then does so before any worker starts.
+    """
+    kept: dict[tuple[Any, ...], Rows] = {}
+    try:
+        for src in recipe.dataset.sources():
+            # the arguments prepare's own load_rows call will give (_single_source_samples, _mixed_samples)
+            section, key, columns = src.section, src.key, src.key_of("columns")
+            if recipe.dataset.mix is None:
+                section, key, columns = recipe.dataset, "dataset", None
+            rows = read_rows(section, recipe.training.seed, key, columns)
+            if rows.problems:
+                return False
+            kept[_rows_key(section, recipe.training.seed, key, columns)] = rows
+        if recipe.dataset.mix is None:
+            n = len(next(iter(kept.values())).rows)
+            workers = recipe.distributed.num_gpus * recipe.distributed.nnodes
+            if n - eval_hold_out(recipe, n) < recipe.global_batch_size(workers):
+                return False  # too few samples for one step: check_batch_fits refuses it before the workers start
+    except UserError:
+        return False
+    _PRELOADED.update(kept)
+    return True
+
+
+def forget_preloaded_rows() -> None:
+    """Drop rows read ahead (the launcher, once the fork that tokenises them has its own copy)."""
+    _PRELOADED.clear()
+
+
+def _rows_key(ds: DatasetSection, seed: int, key: str, columns_key: str | None) -> tuple[Any, ...]:
+    return (ds.model_dump_json(), seed, key, columns_key)
+
+
 def load_rows(ds: DatasetSection, seed: int = 0, key: str = "dataset", columns_key: str | None = None) -> Rows:
+    """Rows read ahead for this source (`preload_rows`), else `read_rows`."""
+    rows = _PRELOADED.pop(_rows_key(ds, seed, key, columns_key), None)
+    return rows if rows is not None else read_rows(ds, seed, key, columns_key)
+
+
+def read_rows(ds: DatasetSection, seed: int = 0, key: str = "dataset", columns_key: str | None = None) -> Rows:
     """Read every row of a local file, a folder of files, or a cached hub dataset.
 
     Lines that are no rows (malformed JSON, an unparsable CSV row) do not stop the reading: they come back in
@@ -564,7 +611,7 @@ def load_rows(ds: DatasetSection, seed: int = 0, key: str = "dataset", columns_k
         UserError: unreadable files, a path that is neither a file, a folder nor a hub dataset, an empty
             dataset, a mapped column that is not in the data, a required column missing from every row.
     """
-    assert ds.path is not None, "load_rows reads one source: see DatasetSection.sources()"
+    assert ds.path is not None, "read_rows reads one source: see DatasetSection.sources()"
     files = _source_files(ds, key)
     rows: list[dict[str, Any]] = []
     sources: list[_Source] = []
@@ -1431,7 +1478,23 @@ def check_cache_dir() -> Path:
     return root
 
 
-def prepare(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary, bool]:
+def cache_path(recipe: Recipe, model_path: str) -> Path:
+    """Where `prepare` keeps the tokenised data of `recipe` for `model_path`'s tokenizer (its cache key's folder)."""
+    return check_cache_dir() / "data" / _fingerprint(recipe, model_path)
+
+
+def eval_cache_path(recipe: Recipe, model_path: str) -> Path | None:
+    """`cache_path` of `dataset.eval_path`; None without one."""
+    eval_recipe = _eval_recipe(recipe)
+    return None if eval_recipe is None else cache_path(eval_recipe, model_path)
+
+
+def is_cached(folder: Path) -> bool:
+    """Whether a complete cache is there (meta.json is written last)."""
+    return (folder / "meta.json").exists()
+
+
+def prepare(recipe: Recipe, model_path: str, dest: Path | None = None) -> tuple[Path, PrepareSummary, bool]:
     """Tokenise the dataset once and cache it (tokenizer only: no Unsloth, no GPU).
 
     With `dataset.mix` the cache holds the mixed dataset: each source's drawn rows, tokenised with the source's
@@ -1440,6 +1503,7 @@ def prepare(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary, bool
     Args:
         recipe: the validated recipe (dataset and model.max_seq_length are read).
         model_path: the folder or hub id whose tokenizer is used.
+        dest: `cache_path(recipe, model_path)`, when the caller has it (the key hashes the data's bytes).
 
     Returns:
         (cache folder, summary, cache_hit). On a hit nothing is read but the cache's meta.json; the
@@ -1448,10 +1512,9 @@ def prepare(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary, bool
     Raises:
         UserError: unreadable data, bad rows (every bad row named, up to 20), nothing left to train on.
     """
-    root = check_cache_dir()
-    fp = _fingerprint(recipe, model_path)
-    dest = root / "data" / fp
-    if (dest / "meta.json").exists():
+    dest = dest or cache_path(recipe, model_path)
+    fp = dest.name
+    if is_cached(dest):
         meta = json.loads((dest / "meta.json").read_text())
         return dest, PrepareSummary(**meta["summary"]), True
     d = recipe.dataset
@@ -1672,17 +1735,23 @@ def _nothing_to_train_on(recipe: Recipe, summary: PrepareSummary) -> Problem:
     return Problem(where, f"{found} (each has {what}, or its response was masked)", hint)
 
 
-def prepare_eval(recipe: Recipe, model_path: str) -> tuple[Path, PrepareSummary, bool] | None:
-    """Tokenise `dataset.eval_path` into its own cache (same rules as the training file); None without one."""
+def _eval_recipe(recipe: Recipe) -> Recipe | None:
+    """The recipe that reads `dataset.eval_path` as its data (None without one): the dataset section's own format,
+    columns and split (a mix's sources do not apply to it), not max_samples (which limits the training data)."""
     if recipe.dataset.eval_path is None:
         return None
-    # read with the dataset section's own format, columns and split (a mix's sources do not apply to it)
-    # (not max_samples, which limits the training data)
     update = {"path": recipe.dataset.eval_path, "mix": None, "eval_path": None, "max_samples": None}
     section = recipe.dataset.model_copy(update=update)
-    eval_recipe = recipe.model_copy(update={"dataset": section})
+    return recipe.model_copy(update={"dataset": section})
+
+
+def prepare_eval(recipe: Recipe, model_path: str, dest: Path | None = None) -> tuple[Path, PrepareSummary, bool] | None:
+    """Tokenise `dataset.eval_path` into its own cache (same rules as the training file); None without one."""
+    eval_recipe = _eval_recipe(recipe)
+    if eval_recipe is None:
+        return None
     try:
-        return prepare(eval_recipe, model_path)
+        return prepare(eval_recipe, model_path, dest)
     except UserError as exc:
         # the problems name dataset.path; the user wrote dataset.eval_path
         for p in exc.problems:

@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import json
 import os
 import shlex
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import Problem, UserError
+from .errors import Problem, TrainingFailed, UserError
 from .recipe import AUTO, DEFAULT_TARGET_MODULES, LoadedRecipe, Recipe, check_batch_fits, to_yaml
 
 
@@ -45,6 +48,9 @@ class RunPlan:
     # wall-clock marks (time.time()) of the parent's start-up, for the time-to-first-step breakdown
     timeline: dict[str, float] = field(default_factory=dict)
     prepared_output_dir: bool = False  # this node's parent made output.dir ready (node 0; global rank 0 under torchrun)
+    # tokenising beside the workers' start (datagate.py): the folder of the child's result and the child's pid
+    data_gate: str | None = None
+    data_gate_pid: int | None = None
 
 
 # Written by the parent when it is asked to stop; rank 0 looks for it at every step boundary.
@@ -479,16 +485,25 @@ def train(
     data_mod.check_cache_dir()  # before the builtin model is built there
     model_path = resolve_model_path(recipe.model.name)
     check_target_modules(recipe, model_path)
-    data_dir, summary, hit = data_mod.prepare(recipe, model_path)
-    check_batch_fits(recipe, summary.samples, num_workers, data_mod.eval_hold_out(recipe, summary.samples))
-    # as data.StepPlanner.total_steps counts them (a last partial global batch is not a step)
-    steps = recipe.training.max_steps or data_mod.epoch_steps(
-        recipe.training.epochs, summary.samples // recipe.global_batch_size(num_workers)
+    data_dir = data_mod.cache_path(recipe, model_path)
+    eval_dir = data_mod.eval_cache_path(recipe, model_path)
+    # On a cache miss on one node, tokenising runs beside the workers' start (datagate.py) once the rows are read and
+    # look fine; otherwise here, first (so that bad rows are refused before any worker starts, as before).
+    beside = (
+        not nodes.under_torchrun
+        and dist_cfg.nnodes == 1
+        and not all(data_mod.is_cached(d) for d in (data_dir, eval_dir) if d is not None)
+        and threading.active_count() == 1  # the child is forked: only from a process without other threads
+        and data_mod.preload_rows(recipe)
     )
-    disk_note = check_free_space(out, recipe, model_path, steps) if is_main_node else None
-    eval_prepared = data_mod.prepare_eval(recipe, model_path)
-    timeline["data_ready"] = time.time()
-    identity = run_identity(recipe, Path(data_dir).name, recipe.global_batch_size(num_workers))
+    prepare_data = functools.partial(
+        _prepare_data, recipe, model_path, data_dir, eval_dir, num_workers, out if is_main_node else None, notes
+    )
+    show_data = None
+    if not beside:
+        show_data = prepare_data()
+        timeline["data_ready"] = time.time()
+    identity = run_identity(recipe, data_dir.name, recipe.global_batch_size(num_workers))
     if resume_from is not None:
         # before anything in output.dir changes: a refused resume leaves the run as it was
         check_resume_compatible(resume_from, identity, to_yaml(recipe))
@@ -497,7 +512,8 @@ def train(
     if is_main_node:
         before = _OutputSnapshot.take(out)
         changed = _start_output_dir(out, recipe, overwrite, resume, resume_from)
-        _print_data(recipe, summary, hit, eval_prepared, notes, disk_note)
+        if show_data is not None:
+            show_data()
         _print_launch(recipe, nodes, resume, resume_from, resume_notes, changed)
     elif not nodes.under_torchrun:  # the other nodes' consoles say which node they are and what they start
         console.print(f"[bold]nodes[/]: {nodes.describe()}")
@@ -514,19 +530,34 @@ def train(
         resume_from=str(resume_from) if resume_from else None,
         identity=identity,
         notes=notes,
-        eval_data_dir=str(eval_prepared[0]) if eval_prepared is not None else None,
+        eval_data_dir=str(eval_dir) if eval_dir is not None else None,
         stop_file=str(out / STOP_FILE),
         timeline=timeline,
         prepared_output_dir=is_main_node,
     )
+    gate = None
+    if beside:
+        from .datagate import DataGate
+
+        gate = DataGate.start(lambda: prepare_data()())  # prepare, check, print the data lines
+        data_mod.forget_preloaded_rows()  # the child has its own copy
+        plan.data_gate, plan.data_gate_pid = str(gate.folder), gate.pid
+    plan.timeline["launched"] = time.time()
     try:
         results = _run_workers(plan, nodes)
-    except UserError:
-        # bad input that only the workers could see (the nodes' recipes differ): refused before any step, so the
-        # folder goes back to what it was and the corrected command runs without --overwrite
-        if is_main_node:
+    except (UserError, TrainingFailed) as exc:
+        # the data's refusal, made beside the workers' start (they were ended for it): it is the cause
+        found = gate.outcome() if gate is not None else None
+        if found is None and not isinstance(exc, UserError):
+            raise
+        if isinstance(found or exc, UserError) and is_main_node:
+            # bad input: refused before any step, so the folder goes back to what it was and the corrected command
+            # runs without --overwrite (also what only the workers could see: the nodes' recipes differ)
             before.restore()
-        raise
+        raise (found or exc) from None
+    finally:
+        if gate is not None:
+            gate.close()
     result = results.get(0) or next(iter(results.values()), {}) or {}
     if result.get("interrupted"):
         raise _interrupted(
@@ -572,6 +603,34 @@ def _run_workers(plan: RunPlan, nodes: Any) -> dict[int, Any]:
             )
         results = launch(worker_entry, (plan,), spec)
     return results
+
+
+def _prepare_data(
+    recipe: Recipe,
+    model_path: str,
+    data_dir: Path,
+    eval_dir: Path | None,
+    num_workers: int,
+    out: Path | None,
+    notes: list[str],
+) -> Callable[[], None]:
+    """Tokenise the data (or read its cache) and run the checks that need its counts: the global batch against the
+    samples, and (`out`: node 0) the disk space the run's checkpoints need. Returns what prints the data lines.
+
+    Raises:
+        UserError: bad data, no sample left, a global batch larger than the data, a disk too small.
+    """
+    from . import data as data_mod
+
+    _, summary, hit = data_mod.prepare(recipe, model_path, data_dir)
+    check_batch_fits(recipe, summary.samples, num_workers, data_mod.eval_hold_out(recipe, summary.samples))
+    # as data.StepPlanner.total_steps counts them (a last partial global batch is not a step)
+    steps = recipe.training.max_steps or data_mod.epoch_steps(
+        recipe.training.epochs, summary.samples // recipe.global_batch_size(num_workers)
+    )
+    disk_note = check_free_space(out, recipe, model_path, steps) if out is not None else None
+    eval_prepared = data_mod.prepare_eval(recipe, model_path, eval_dir)
+    return functools.partial(_print_data, recipe, summary, hit, eval_prepared, notes, disk_note)
 
 
 def _place_workers(
@@ -836,6 +895,10 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
         D.die_with_parent(D.PARENT_DIED)
         if os.getppid() != parent:  # the launcher died before the line above
             os.kill(os.getpid(), D.PARENT_DIED)
+    if plan.data_gate:  # tokenising beside this start: a refusal made already ends this worker now
+        from .datagate import register
+
+        register(Path(plan.data_gate), int(os.environ.get("RANK", "0")))
     timeout = plan.recipe.distributed.timeout_seconds
     # Loading the model takes minutes on some ranks and seconds on others: setup waits at least
     # SETUP_TIMEOUT_S; the training loop then uses the recipe's (possibly short) hang watchdog.
@@ -859,7 +922,10 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
         if _stop_agreed(stop, info):
             return {"interrupted": True, "steps": None, "checkpoint": None}
         trainer = Trainer(plan, info, stop)
-        trainer.setup()
+        try:
+            trainer.setup()
+        except StoppedBeforeData:
+            return {"interrupted": True, "steps": None, "checkpoint": None}
         D.set_collective_timeout(timeout)
         if _stop_agreed(stop, info):
             return {"interrupted": True, "steps": trainer.step, "checkpoint": None}
@@ -873,6 +939,29 @@ def _worker_main(plan: RunPlan) -> dict[str, Any]:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1 if sys.exc_info()[0] is not None else 0)
+
+
+class StoppedBeforeData(Exception):
+    """A stop was asked for while the workers waited for the data tokenised beside their start: no model loaded."""
+
+
+def wait_for_data(plan: RunPlan, stop: Any, info: Any) -> None:
+    """Wait (after `import unsloth`, before the model loads) for the data tokenised beside this start; record when it
+    was ready and how long this worker waited for it. Every rank leaves together (one small collective).
+
+    Raises:
+        StoppedBeforeData: a stop (Ctrl-C, SIGTERM) came first, on any rank.
+        UserError, TrainingFailed: the data was refused, or its preparation failed (datagate.wait_for_data).
+    """
+    from . import distributed as D
+    from .datagate import wait_for_data as wait
+
+    assert plan.data_gate is not None and plan.data_gate_pid is not None
+    ready = wait(Path(plan.data_gate), plan.data_gate_pid, lambda: stop.requested(info.is_main))
+    if any(f[0] for f in D.all_gather_floats([float(ready is None)], info)):
+        raise StoppedBeforeData
+    plan.timeline["data_ready"] = float(ready)  # type: ignore[arg-type]
+    plan.timeline["data_seen"] = time.time()
 
 
 def _stop_agreed(stop: Any, info: Any) -> bool:

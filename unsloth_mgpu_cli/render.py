@@ -98,7 +98,10 @@ def print_summary(summary: dict, rewritten: frozenset[str] = frozenset()) -> Non
     )
     startup = summary.get("startup_s") or {}
     if "total" in startup:
-        parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in startup.items() if k != "total")
+        phases = {k: v for k, v in startup.items() if k not in ("total", "data_beside")}
+        parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in phases.items())
+        if "data_beside" in startup:  # not a phase of its own: it ran while the workers started
+            parts += f" (data tokenised beside the workers' start in {startup['data_beside']:.1f})"
         t.add_row("start-up", f"{startup['total']:.1f} s to the first step: {parts}")
     phases = summary.get("step_phases_s") or {}
     if phases.get("steps"):

@@ -90,6 +90,10 @@ class Trainer:
             self._warn_packed_route()
 
         self.plan.timeline["imported"] = time.time()
+        if self.plan.data_gate:  # the data is being tokenised beside this start: it must be ready before the model
+            from .engine import wait_for_data
+
+            wait_for_data(self.plan, self.stop, self.info)
         self.dtype = self._dtype()
         kwargs = model_load_kwargs(r, self.plan.model_path, self.dtype, self.info.device_type, self.sharded)
         model, tokenizer = FastLanguageModel.from_pretrained(**kwargs)
@@ -1070,15 +1074,20 @@ def model_load_kwargs(
 
 def startup_breakdown(timeline: dict[str, float]) -> dict[str, float]:
     """Seconds per start-up phase (rank 0's clock marks): where the time to the first optimizer step goes."""
+    # tokenised beside the workers' start (datagate.py): the import covered the data up to `data_wait`
+    beside = "data_seen" in timeline
     phases = [
-        ("prepare", "start", "data_ready"),  # parent: checks, model path, tokenise or read the data cache
-        ("launch", "data_ready", "worker_start"),  # the elastic agent starts the worker processes
+        ("prepare", "start", "launched"),  # parent: checks, model path; tokenise or read the cache unless beside
+        ("launch", "launched", "worker_start"),  # the elastic agent starts the worker processes
         ("import", "worker_start", "imported"),  # process group + `import unsloth`
-        ("load", "imported", "model_ready"),  # from_pretrained, LoRA, broadcast + check of the weights
+        ("data_wait", "imported", "data_seen"),  # beside: waiting for the data after the import
+        ("load", "data_seen" if beside else "imported", "model_ready"),  # from_pretrained, LoRA, broadcast + check
         ("setup", "model_ready", "fit_start"),  # data plan, optimizer, resume
         ("first_step", "fit_start", "first_step"),  # includes torch.compile of the model's blocks
     ]
     out = {name: round(timeline[b] - timeline[a], 2) for name, a, b in phases if a in timeline and b in timeline}
+    if beside and "launched" in timeline and "data_ready" in timeline:
+        out["data_beside"] = round(timeline["data_ready"] - timeline["launched"], 2)  # tokenising, while importing
     if "start" in timeline and "first_step" in timeline:
         out["total"] = round(timeline["first_step"] - timeline["start"], 2)
     return out
