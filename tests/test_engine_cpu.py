@@ -503,10 +503,10 @@ def test_data_tokenised_beside_the_workers_start_trains_as_data_tokenised_first(
     other.write_text("".join(json.dumps(row) + "\n" for row in changed))
     gates_before = set(Path(tempfile.gettempdir()).glob("mgpu-data-*"))
     run = ("distributed.num_gpus=2", "training.micro_batch_size=2")
-    cache = str(tmp_path / "cache")  # cold: nothing tokenised yet (the tiny model is built there once)
-    proc = train(tmp_path / "beside", f"dataset.path={data}", *run, UNSLOTH_MGPU_CACHE=cache)
-    train(tmp_path / "first", f"dataset.path={data}", *run, UNSLOTH_MGPU_CACHE=cache)
-    train(tmp_path / "control", f"dataset.path={other}", *run, UNSLOTH_MGPU_CACHE=cache)
+    # files of this test's own (the cache key hashes their path and bytes): a cold cache for each, at first
+    proc = train(tmp_path / "beside", f"dataset.path={data}", *run)
+    train(tmp_path / "first", f"dataset.path={data}", *run)
+    train(tmp_path / "control", f"dataset.path={other}", *run)
     beside = json.loads((tmp_path / "beside" / "summary.json").read_text())["startup_s"]
     first = json.loads((tmp_path / "first" / "summary.json").read_text())["startup_s"]
     assert "data_wait" in beside and beside["data_beside"] > 0, beside

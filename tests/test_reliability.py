@@ -372,6 +372,56 @@ def test_ctrl_c_while_a_process_pool_tokenises_stops_at_once_and_leaves_no_proce
     assert not list((tmp_path / "cache").glob("data/*/meta.json"))  # no cache that looks complete
 
 
+@pytest.mark.integration
+def test_ctrl_c_while_data_is_tokenised_beside_the_workers_start_stops_and_leaves_no_process(tmp_path):
+    """A cold data cache: a child of the launcher tokenises (here with a pool of 2 processes: 120,000 rows) while the
+    workers import Unsloth (datagate.py). Ctrl-C reaches them all: the child stops its pool and records the
+    interruption, and the workers agree to stop before the model loads. Exit 130 without a traceback, nothing left
+    running, no cache that looks complete."""
+    rows = "".join(
+        json.dumps({"instruction": f"Add {i} and {i % 97}.", "input": "", "output": str(i + i % 97)}) + "\n"
+        for i in range(120_000)  # about 30 s of tokenising in 2 processes on the 2-core CI machine
+    )
+    (tmp_path / "big.jsonl").write_text(rows)
+    args = ["train", str(QUICKSTART), f"dataset.path={tmp_path / 'big.jsonl'}", "dataset.num_proc=2"]
+    args += ["distributed.num_gpus=2", f"output.dir={tmp_path / 'out'}"]
+    tmp = tmp_path / "tmp"  # where the launcher's gate folder goes (tempfile): the workers register there
+    tmp.mkdir()
+    proc = start_mgpu(*args, UNSLOTH_MGPU_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", TMPDIR=str(tmp))
+
+    def both_waiting_and_pool_running() -> bool:  # the workers registered, the child's two pool processes at work
+        registered = len(list(tmp.glob("mgpu-data-*/worker-*.pid"))) == 2
+        return registered and any(len(c.children()) >= 2 for c in psutil.Process(proc.pid).children())
+
+    wait_until(proc, both_waiting_and_pool_running, 120, "the workers registered while the pool tokenises")
+    time.sleep(1.0)  # the pool's processes past their start (they ignore SIGINT from then on)
+    out, took = stop_and_time(proc, signal.SIGINT, to_group=True)
+    assert proc.returncode == 130 and took < 60, (proc.returncode, took, out[-3000:])
+    assert "interrupted" in out and "Traceback" not in out, out[-3000:]
+    assert left_in_session(proc.pid) == []
+    assert not list((tmp_path / "cache").glob("data/*/meta.json"))  # no cache that looks complete
+
+
+def test_a_data_gate_closed_while_its_child_stops_its_pool_leaves_no_process(tmp_path):
+    """Ctrl-C reaches the tokenising child of a DataGate, and the launcher's close() sends SIGTERM while the child
+    stops its pool (the workers stopped first): the second signal must not break off the pool's stop, whose
+    processes ignore SIGINT and would run on (and hold the terminal's output open)."""
+    rows = "".join(
+        json.dumps({"instruction": f"Say {i}.", "input": "", "output": str(i)}) + "\n" for i in range(120_000)
+    )
+    (tmp_path / "big.jsonl").write_text(rows)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "gate_probe.py"), str(tmp_path / "big.jsonl")],
+        env=mgpu_env(UNSLOTH_MGPU_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["pool"] == 2 and result["left"] == [], result
+
+
 def test_a_stopped_tokenising_pool_leaves_nothing_for_the_exit_hook_to_wake():
     """concurrent.futures' exit hook wakes each pool's manager thread through a pipe, unlocked; a manager that closed
     it meanwhile gave "Exception ignored ... Bad file descriptor" after the interrupted message (once in CI). The

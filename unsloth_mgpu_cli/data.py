@@ -943,6 +943,9 @@ def _init_worker(model_path: str, trust_remote_code: bool) -> None:
     # Ctrl-C reaches the whole process group: the parent stops the pool (see _encode_all); a pool process that
     # took it too would die in the middle of a queue operation and leave the parent waiting on it forever
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from .distributed import die_with_parent
+
+    die_with_parent()  # a tokenising process killed before it could stop its pool takes the pool along
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER_TOKENIZER = _load_tokenizer(model_path, trust_remote_code)
 

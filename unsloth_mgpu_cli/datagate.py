@@ -59,19 +59,21 @@ class DataGate:
         return cls(folder, process)
 
     def outcome(self) -> UserError | TrainingFailed | None:
-        """The child's refusal (UserError) or failure (TrainingFailed), if it recorded one; None otherwise."""
+        """The child's refusal (UserError) or failure (TrainingFailed), if it recorded one; None otherwise (also
+        when Ctrl-C interrupted it: the workers stop on their own, and the launcher reports the interruption)."""
         result = read_result(self.folder)
-        if result is None or result.get("ok"):
+        if result is None or result.get("ok") or result.get("interrupted"):
             return None
         return _as_error(result)
 
     def close(self) -> None:
-        """End the child if it still runs (the workers failed first), and remove the folder."""
+        """End the child if it still runs (the workers failed or stopped first: one SIGTERM, which it takes as
+        Ctrl-C, or none when a Ctrl-C reached it already), and remove the folder."""
         if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(timeout=5)
+            self.process.terminate()  # ignored after a first stop: the child is ending its work already
+            self.process.join(timeout=30)
             if self.process.is_alive():
-                self.process.kill()
+                self.process.kill()  # its pool's processes die with it (data._init_worker)
         self.process.join(timeout=5)
         shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -81,8 +83,11 @@ def _child(folder: Path, work: Callable[[], None]) -> None:
 
     die_with_parent()  # a launcher killed outright takes the child along
     # SIGTERM (the launcher's close() after the workers failed) ends the work like Ctrl-C: a pool of tokenising
-    # processes is stopped (data._stop_pool), no half-written cache is left (data._write_cache renames into place)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # processes is stopped (data._stop_pool), no half-written cache is left (data._write_cache renames into place).
+    # Only the first of them: a second (Ctrl-C, then the launcher's close()) would break off the pool's stop and
+    # leave its processes running.
+    signal.signal(signal.SIGINT, _stop_once)
+    signal.signal(signal.SIGTERM, _stop_once)
     result: dict[str, Any]
     try:
         work()
@@ -98,8 +103,14 @@ def _child(folder: Path, work: Callable[[], None]) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
     _write_result(folder, result)
-    if not result["ok"]:
+    if not result["ok"] and not result.get("interrupted"):
         _end_workers(folder)
+
+
+def _stop_once(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def _write_result(folder: Path, result: dict[str, Any]) -> None:
@@ -127,8 +138,6 @@ def _end_workers(folder: Path) -> None:
 def _as_error(result: dict[str, Any]) -> UserError | TrainingFailed:
     if "problems" in result:
         return UserError([Problem(**p) for p in result["problems"]], result["title"])
-    if result.get("interrupted"):
-        return TrainingFailed("preparing the data was interrupted")
     return TrainingFailed("preparing the data failed", result.get("error", ""))
 
 

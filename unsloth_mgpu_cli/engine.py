@@ -446,8 +446,25 @@ def train(
     """Run `mgpu train`: returns rank 0's summary. Raises UserError / TrainingFailed / Interrupted.
 
     Every check that can refuse the run (recipe, devices, ports, output folder, disk space, checkpoint, data)
-    happens before anything is written, so a refused run leaves output.dir as it was.
+    happens before anything is written, so a refused run leaves output.dir as it was (what tokenising beside the
+    workers' start finds: the folder is put back as it was).
     """
+    from . import data as data_mod
+
+    try:
+        return _train(loaded, overwrite, resume, nnodes, node_rank, rdzv_endpoint)
+    finally:
+        data_mod.forget_preloaded_rows()  # read for a fork that has its own copy, or for a run that did not start
+
+
+def _train(
+    loaded: LoadedRecipe,
+    overwrite: bool,
+    resume: str | None,
+    nnodes: int | None,
+    node_rank: int | None,
+    rdzv_endpoint: str | None,
+) -> dict[str, Any]:
     from rich.markup import escape
 
     from . import data as data_mod
