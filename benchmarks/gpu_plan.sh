@@ -67,6 +67,10 @@
 # `s25b` (ours 70,973 tokens/s against 64,797 with session 24's code and TRL padding-free 61,543; ours at micro-batch
 # 128: 90,594), then two run.py calls written out in docs/BENCHMARKS.md: s25c (both at micro-batch 128: ours 90,335,
 # TRL 81,491) and s25d (packed rows bounded by tokens: ours at 64 x 2, one row per step, 91,398; balanced 69,326).
+# In session 26 (only the 1-GPU kind lent): `s26` and `s26b` (lm_head on the labelled positions only, at 2dcd439: its
+# GPU test passed, no gain: 0.234 vs 0.235 s per step; 87,028 vs 86,255 tokens/s with a 128k head; reverted), `s26c`
+# (the data tokenised while the workers start: time to first step 41.3 and 44.2 s against 47.9), `T=330 gputest` at
+# c1dd108 (4 passed, 3 skipped: they need 2 GPUs; 230 s).
 # Next, in this order:
 #   s24d on nvidia-h200-x2: #11's TRL comparison at 2 GPUs with the variable-length kernel on both sides, then s24e
 #     (TRL at micro-batch 128 on 1 GPU, its faster setting)

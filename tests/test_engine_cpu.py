@@ -30,19 +30,36 @@ def train(out: Path, *overrides: str, expect: int = 0, **env: str):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("engine")
-    proc = train(base / "two", "distributed.num_gpus=2", "training.micro_batch_size=2")
+    # the quick start's rows in a file of this module's own (the cache key hashes its path): the first run finds no
+    # tokenised data, so a child tokenises it while the workers start (datagate.py); the others read that cache
+    data = base / "data.jsonl"
+    shutil.copy(ROOT / "recipes" / "data" / "quickstart.jsonl", data)
+    copy = f"dataset.path={data}"
+    (base / "tmp").mkdir()  # where the first run's gate folder goes (tempfile): nothing may be left there
+    proc = train(base / "two", copy, "distributed.num_gpus=2", "training.micro_batch_size=2", TMPDIR=str(base / "tmp"))
     (base / "two.log").write_text(proc.stdout + proc.stderr)
     # one worker accumulates the same global batch over two micro-batches
     train(
-        base / "one", "distributed.num_gpus=1", "training.micro_batch_size=2", "training.gradient_accumulation_steps=2"
+        base / "one",
+        copy,
+        "distributed.num_gpus=1",
+        "training.micro_batch_size=2",
+        "training.gradient_accumulation_steps=2",
     )
     # the control is a near miss: the two workers' run with `mean` aggregation, which weights each rank's token
     # mean alike although their token counts differ (the bug `weighted` exists to avoid)
-    train(base / "control", "distributed.num_gpus=2", "training.micro_batch_size=2", "distributed.aggregation=mean")
+    train(
+        base / "control",
+        copy,
+        "distributed.num_gpus=2",
+        "training.micro_batch_size=2",
+        "distributed.aggregation=mean",
+    )
     # any worker count and batching: four CPU workers (the 4-GPU shape) x micro-batch 1, samples packed into rows
     # (the one-worker run pads them: the same samples per step, other batch shapes); only PyTorch's math attention
     train(
         base / "four",
+        copy,
         "distributed.num_gpus=4",
         "training.micro_batch_size=1",
         "dataset.batching=packed",
@@ -53,6 +70,7 @@ def runs(tmp_path_factory):
     # or 256) share one forward
     train(
         base / "merged",
+        copy,
         "distributed.num_gpus=2",
         "training.micro_batch_size=1",
         "training.gradient_accumulation_steps=2",
@@ -122,12 +140,16 @@ def test_outputs_follow_the_contract(runs):
     assert (out / "adapter" / "adapter_config.json").exists()
     # where the time to the first step went: every phase measured, adding up to the total
     startup = json.loads((out / "summary.json").read_text())["startup_s"]
-    # a data cache that an earlier test filled: tokenised (read) first; a cold one: see test_data_tokenised_beside...
-    phases = ("prepare", "launch", "import", *(("data_wait",) if "data_wait" in startup else ()), "load", "setup")
-    phases += ("first_step",)
-    extra = {"data_beside"} if "data_wait" in startup else set()
-    assert set(startup) == {*phases, "total", *extra} and all(startup[k] >= 0 for k in phases), startup
+    # a cold data cache: tokenised by a child while the workers imported Unsloth (datagate.py); they waited data_wait
+    # for it after the import, and it took data_beside (not a phase: it ran beside launch and import)
+    phases = ("prepare", "launch", "import", "data_wait", "load", "setup", "first_step")
+    assert set(startup) == {*phases, "total", "data_beside"} and all(startup[k] >= 0 for k in phases), startup
     assert sum(startup[k] for k in phases) == pytest.approx(startup["total"], abs=0.1)
+    assert 0 < startup["data_beside"] < startup["launch"] + startup["import"] + startup["data_wait"] + 0.1, startup
+    assert "data: 512 samples" in (runs / "two.log").read_text()  # the child printed the data line
+    assert list((runs / "tmp").glob("mgpu-data-*")) == []  # the gate folder is gone
+    one = json.loads((runs / "one" / "summary.json").read_text())["startup_s"]
+    assert "data_wait" not in one and "data_beside" not in one, one  # the cache was there: read first
     assert startup["import"] > 1.0  # `import unsloth` in the worker takes seconds: the marks are real
     # where a step's time goes (rank 0's host clock): the 4 steps after the first, each phase measured
     summary = json.loads((out / "summary.json").read_text())
@@ -488,31 +510,3 @@ def test_a_fractional_epoch_count_ends_within_a_pass(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 16))
     assert [r["epoch"] for r in rows] == [0] * 10 + [1] * 5
     assert json.loads((out / "summary.json").read_text())["steps"] == 15
-
-
-def test_data_tokenised_beside_the_workers_start_trains_as_data_tokenised_first(tmp_path):
-    """A cold data cache on one node: a child tokenises while the workers import Unsloth, and they wait for it before
-    the model loads (datagate.py). The weights equal those of the same run on the cache it left (read first, no
-    child); control: responses changed by two words give other weights. Nothing of the child is left: no folder."""
-    import tempfile
-
-    rows = (ROOT / "recipes" / "data" / "quickstart.jsonl").read_text().splitlines()
-    data, other = tmp_path / "data.jsonl", tmp_path / "other.jsonl"
-    data.write_text("\n".join(rows) + "\n")
-    changed = [{**row, "output": row["output"] + " Changed."} for row in map(json.loads, rows)]
-    other.write_text("".join(json.dumps(row) + "\n" for row in changed))
-    gates_before = set(Path(tempfile.gettempdir()).glob("mgpu-data-*"))
-    run = ("distributed.num_gpus=2", "training.micro_batch_size=2")
-    # files of this test's own (the cache key hashes their path and bytes): a cold cache for each, at first
-    proc = train(tmp_path / "beside", f"dataset.path={data}", *run)
-    train(tmp_path / "first", f"dataset.path={data}", *run)
-    train(tmp_path / "control", f"dataset.path={other}", *run)
-    beside = json.loads((tmp_path / "beside" / "summary.json").read_text())["startup_s"]
-    first = json.loads((tmp_path / "first" / "summary.json").read_text())["startup_s"]
-    assert "data_wait" in beside and beside["data_beside"] > 0, beside
-    assert "data_wait" not in first and "data_beside" not in first, first  # the cache was there: read first
-    assert "data: 512 samples" in proc.stdout  # the child printed the data line
-    same = max_rel_diff(adapter(tmp_path / "beside"), adapter(tmp_path / "first"))
-    assert same == 0.0, same
-    assert max_rel_diff(adapter(tmp_path / "control"), adapter(tmp_path / "first")) > 1e-4
-    assert set(Path(tempfile.gettempdir()).glob("mgpu-data-*")) == gates_before
