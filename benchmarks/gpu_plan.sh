@@ -92,6 +92,18 @@ build_1b() {
   python3 benchmarks/make_model.py --size 1b --out /tmp/models/llama-1b --corpus gpu-data/gsm8k_train_alpaca.json \
     > "$OUT/build.txt" 2>&1 || { echo "build failed"; tail -5 "$OUT/build.txt"; exit 1; }
 }
+# ours, then ours with gpu-data/$1's copies of unsloth_mgpu_cli files (the code before a change), then ours again (the
+# pair's noise): $2... is the benchmark command; each run's results under $OUT/new, old, new2, without its logs
+new_old_new() {
+  local old=$1; shift
+  "$@" --out "$OUT/new" | tail -3
+  mkdir -p /tmp/keep && for f in gpu-data/"$old"/*.py; do cp "unsloth_mgpu_cli/${f##*/}" /tmp/keep/; done
+  cp gpu-data/"$old"/*.py unsloth_mgpu_cli/
+  "$@" --out "$OUT/old" | tail -3
+  cp /tmp/keep/*.py unsloth_mgpu_cli/ && rm -rf /tmp/keep
+  "$@" --out "$OUT/new2" | tail -3
+  for r in new old new2; do rm -rf "$OUT/$r/logs"; done
+}
 ONE_B=(python3 -m unsloth_mgpu_cli train benchmarks/recipes/gsm8k_qlora.yaml model.name=/tmp/models/llama-1b
   dataset.path="$PWD/gpu-data/gsm8k_train_alpaca.json" distributed.num_gpus=1 training.micro_batch_size=64
   training.gradient_accumulation_steps=2)
@@ -588,24 +600,12 @@ PY
     # gpu-data/old26c: tokenised first), ours again; the 1B, the kernel, 20 steps
     SHIM=(MGPU_BENCH_VARLEN_GQA=1 UNSLOTH_LEAN_VARLEN=0 PYTHONPATH="$PWD/benchmarks/varlen_gqa:$PYTHONPATH")
     build_1b
-    B=("${BENCH[@]}" --steps 20 --only ours --gpus 1 --budget-s 150)
-    env "${SHIM[@]}" "${B[@]}" --out "$OUT/new" | tail -3
-    mkdir -p /tmp/keep && cp unsloth_mgpu_cli/{engine,trainer,data,render}.py /tmp/keep/ && cp gpu-data/old26c/*.py unsloth_mgpu_cli/
-    env "${SHIM[@]}" "${B[@]}" --out "$OUT/old" | tail -3
-    cp /tmp/keep/*.py unsloth_mgpu_cli/
-    env "${SHIM[@]}" "${B[@]}" --out "$OUT/new2" | tail -3
-    for r in new old new2; do rm -rf "$OUT/$r/logs"; done ;;
+    new_old_new old26c env "${SHIM[@]}" "${BENCH[@]}" --steps 20 --only ours --gpus 1 --budget-s 150 ;;
   s26b)
     # session 26, also at 2dcd439: s26 found no gain on the 1B (its head has 24,911 rows: ~5% of the matrix work).
     # The same pair on the 1B with Llama-3.2-1B's real head (128,256 rows): ours, ours with the whole head, ours again
     SHIM=(MGPU_BENCH_VARLEN_GQA=1 UNSLOTH_LEAN_VARLEN=0 PYTHONPATH="$PWD/benchmarks/varlen_gqa:$PYTHONPATH")
-    B128=("${BENCH[@]}" --sizes 1b-v128k --only ours --gpus 1 --budget-s 130)
-    env "${SHIM[@]}" "${B128[@]}" --out "$OUT/new" | tail -3
-    cp unsloth_mgpu_cli/trainer.py /tmp/ && cp gpu-data/old26/trainer.py unsloth_mgpu_cli/
-    env "${SHIM[@]}" "${B128[@]}" --out "$OUT/old" | tail -3
-    cp /tmp/trainer.py unsloth_mgpu_cli/
-    env "${SHIM[@]}" "${B128[@]}" --out "$OUT/new2" | tail -3
-    for r in new old new2; do rm -rf "$OUT/$r/logs"; done ;;
+    new_old_new old26 env "${SHIM[@]}" "${BENCH[@]}" --sizes 1b-v128k --only ours --gpus 1 --budget-s 130 ;;
   s26)
     # session 26: lm_head and the loss on the labelled positions only (head.py, commit 2dcd439; not kept: no gain). Run
     # at 2dcd439 (gpu-data/old26/trainer.py: 49cce68's). Its GPU test without and with the
@@ -618,11 +618,7 @@ PY
         > "$OUT/gputest-$m.txt" 2>&1; echo "$m: pytest exit=$?"; grep -hE "^\{|passed|failed|Error" "$OUT/gputest-$m.txt" | head -4
     done
     build_1b
-    env "${SHIM[@]}" "${BENCH[@]}" --out "$OUT/new" --only ours --gpus 1 --budget-s 120 | tail -3
-    cp unsloth_mgpu_cli/trainer.py /tmp/ && cp gpu-data/old26/trainer.py unsloth_mgpu_cli/
-    env "${SHIM[@]}" "${BENCH[@]}" --out "$OUT/old" --only ours --gpus 1 --budget-s 120 | tail -3
-    cp /tmp/trainer.py unsloth_mgpu_cli/
-    env "${SHIM[@]}" "${BENCH[@]}" --out "$OUT/new2" --only ours --gpus 1 --budget-s 120 | tail -3 ;;
+    new_old_new old26 env "${SHIM[@]}" "${BENCH[@]}" --only ours --gpus 1 --budget-s 120 ;;
   s25)
     # session 25: packed rows carry their sample lengths on the host (packed_seq_lengths, as TRL's padding-free
     # collator gives them). Its GPU test without and with the variable-length kernel (benchmarks/varlen_gqa); then the

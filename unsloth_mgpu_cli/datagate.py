@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem, TrainingFailed, UserError
+from .paths import write_text_atomically
 
 RESULT = "result.json"  # the child's outcome, written once (atomically)
 POLL_S = 0.05
@@ -102,7 +103,7 @@ def _child(folder: Path, work: Callable[[], None]) -> None:
     with contextlib.suppress(Exception):  # what the child printed comes before anything a worker prints after it
         sys.stdout.flush()
         sys.stderr.flush()
-    _write_result(folder, result)
+    write_text_atomically(folder / RESULT, json.dumps(result))
     if not result["ok"] and not result.get("interrupted"):
         _end_workers(folder)
 
@@ -111,12 +112,6 @@ def _stop_once(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
-
-
-def _write_result(folder: Path, result: dict[str, Any]) -> None:
-    tmp = folder / f".{RESULT}.tmp"
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, folder / RESULT)
 
 
 def read_result(folder: Path) -> dict[str, Any] | None:
