@@ -1,5 +1,6 @@
 """`mgpu export --format gguf`: held to llama.cpp's own converter (every key, every tensor's bytes) and read back
-by an independent reader (transformers' GGUF loader), on a trained run and on Llama/Mistral/Qwen2 variants."""
+by an independent reader (transformers' GGUF loader), on a trained run, on Llama/Mistral/Qwen2 variants and on
+SentencePiece models (a Llama 2-style Llama and a Gemma 2, with tokenizers trained here as theirs are built)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import EQUIVALENCE_RUN, ROOT, assert_user_error, run_mgpu
+from conftest import EQUIVALENCE_RUN, GSM8K, ROOT, assert_user_error, run_mgpu
 
 from unsloth_mgpu_cli.gguf_export import QUANTS, llama3_rope_factors, pre_tokenizer
 from unsloth_mgpu_cli.models import cache_dir, ensure_builtin_model
@@ -292,6 +293,199 @@ def test_other_architectures_match_llama_cpps_converter_and_load_back(converter,
     assert float((logits(gguf_model(ours), tok) - hf).abs().max()) < 1e-5 * float(hf.abs().max())
 
 
+# SentencePiece models: a Llama 2-style Llama (<unk> <s> </s>, a space prefix) and a Gemma 2 (<pad> <eos> <bos>
+# <unk>, then <mask> and the turn markers as user-defined pieces, no space prefix), both BPE with byte fallback and
+# digits split, as Llama 2's and Gemma's tokenizers are built
+SPM_KINDS = {
+    "llama2": dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True),
+    "gemma2": dict(
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        add_dummy_prefix=False,
+        user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"],
+    ),
+}
+# tokenizer_config.json as Llama 2's and Gemma's (a BOS first, no EOS)
+SPM_TOKENIZERS = {
+    "llama2": dict(tokenizer_class="LlamaTokenizer", bos_token="<s>", eos_token="</s>", unk_token="<unk>"),
+    "gemma2": dict(
+        tokenizer_class="GemmaTokenizer", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>"
+    ),
+}
+for _config in SPM_TOKENIZERS.values():
+    _config.update(add_bos_token=True, add_eos_token=False)
+SPM_PROMPT = "<start_of_turn>user\n" + PROMPT + "  two  spaces, é and 漢<end_of_turn>"
+
+
+def sentencepiece_model(kind: str) -> bytes:
+    """A 1024-piece SentencePiece BPE model of `kind`, trained on GSM8K's first 1,000 rows (a tenth of a second)."""
+    import sentencepiece
+
+    rows = json.loads(GSM8K.read_text())[:1000]
+    lines = "\n".join(r["instruction"] + "\n" + r["output"] for r in rows).splitlines()
+    out = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=out,
+        vocab_size=1024,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        minloglevel=2,
+        num_threads=1,
+        **SPM_KINDS[kind],
+    )
+    return out.getvalue()
+
+
+def sentencepiece_base(kind: str, folder: Path) -> Path:
+    """A base model folder as the hub holds one: config, weights, tokenizer.model, the tokenizer.json transformers
+    converts from it, and a tokenizer_config.json naming each added token (`added_tokens_decoder`)."""
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    base = folder / f"{kind}-base"
+    base.mkdir(parents=True)
+    (base / "tokenizer.model").write_bytes(sentencepiece_model(kind))
+    (base / "tokenizer_config.json").write_text(json.dumps(SPM_TOKENIZERS[kind]))
+    tok = AutoTokenizer.from_pretrained(str(base))
+    assert len(tok) == 1024  # no token added past the SentencePiece model's (Gemma's <mask> is one of its pieces)
+    tok.save_pretrained(str(base))
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {
+        str(i): dict(content=t.content, lstrip=t.lstrip, normalized=t.normalized, rstrip=t.rstrip)
+        | dict(single_word=t.single_word, special=t.special)
+        for i, t in tok.added_tokens_decoder.items()
+    }
+    (base / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    dims = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2)
+    dims |= dict(num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    if kind == "llama2":
+        model = LlamaForCausalLM(LlamaConfig(**dims, bos_token_id=1, eos_token_id=2))
+    else:  # Gemma 2 9B's attention shape: head_dim = query_pre_attn_scalar = 256, which llama.cpp assumes
+        ids = dict(bos_token_id=2, eos_token_id=1, pad_token_id=0)
+        model = Gemma2ForCausalLM(
+            Gemma2Config(**dims, **ids, head_dim=256, query_pre_attn_scalar=256, sliding_window=64)
+        )
+    model.save_pretrained(str(base))
+    return base
+
+
+def full_fine_tune_of(base: Path, run: Path) -> Path:
+    """A full fine-tune's run folder of `base` as `mgpu train` leaves one: model/ with the tokenizer as transformers
+    5 saves it (tokenizer.json alone: no tokenizer.model, no added_tokens_decoder), the recipe naming the base."""
+    from transformers import AutoTokenizer
+
+    (run / "model").mkdir(parents=True)
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(base / name, run / "model" / name)
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(run / "model"))
+    assert sorted(p.name for p in (run / "model").glob("tokenizer*")) == ["tokenizer.json", "tokenizer_config.json"]
+    (run / "recipe.resolved.yaml").write_text(f"model:\n  name: {base}\n")
+    return run
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", list(SPM_KINDS))
+def test_sentencepiece_models_match_llama_cpps_converter_on_the_base_and_load_back(converter, tmp_path, kind):
+    """A full fine-tune whose model/ holds only tokenizer.json: the export takes the base's tokenizer.model (the
+    piece scores llama.cpp's tokenizer merges by) and gives the file the converter writes from the base's folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = sentencepiece_base(kind, tmp_path)
+    run = full_fine_tune_of(base, tmp_path / f"tiny-{kind}")
+    proc = run_mgpu("export", str(run), "--format", "gguf", "--quant", "f32", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ours = run / "gguf" / f"{run.name}.F32.gguf"
+    assert differences(ours, reference(converter, base, tmp_path / "ref.gguf", "f32")) == []
+    kv, _ = read(ours)
+    assert (kv["tokenizer.ggml.model"], kv["tokenizer.ggml.pre"]) == ("llama", "default")
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(base / "tokenizer.model"))
+    assert kv["tokenizer.ggml.tokens"] == [sp.IdToPiece(i) for i in range(1024)]
+    normal = [i for i in range(1024) if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i))]
+    normal = [i for i in normal if sp.IdToPiece(i) not in ("<mask>", "<start_of_turn>", "<end_of_turn>")]
+    assert [kv["tokenizer.ggml.scores"][i] for i in normal] == [sp.GetScore(i) for i in normal]
+    assert len(set(sp.GetScore(i) for i in normal)) == len(normal)  # merge ranks, not one score for all
+    if kind == "gemma2":
+        turn = kv["tokenizer.ggml.tokens"].index("<start_of_turn>")
+        assert kv["tokenizer.ggml.token_type"][turn] == 4 and kv["tokenizer.ggml.add_space_prefix"] is False
+        assert kv["gemma2.attn_logit_softcapping"] == 50.0 and kv["gemma2.attention.sliding_window"] == 64
+    tok = AutoTokenizer.from_pretrained(str(run / "model"))
+    assert kv["tokenizer.ggml.add_bos_token"] is True and tok(SPM_PROMPT).input_ids[0] == tok.bos_token_id
+    if kind == "llama2":  # transformers rebuilds Gemma's tokenizer from a GGUF as Unigram, so only Llama's here
+        gguf_tok = AutoTokenizer.from_pretrained(str(ours.parent), gguf_file=ours.name)  # it adds no BOS
+        plain = tok(SPM_PROMPT, add_special_tokens=False).input_ids
+        assert gguf_tok(SPM_PROMPT, add_special_tokens=False).input_ids == plain
+    hf = logits(AutoModelForCausalLM.from_pretrained(str(run / "model"), dtype=torch.float32), tok)
+    back = logits(gguf_model(ours), tok)
+    assert float((back - hf).abs().max()) < 1e-5 * float(hf.abs().max())
+
+
+@pytest.mark.integration
+def test_a_lora_run_on_a_sentencepiece_base_exports_its_tokenizer_model_in_both_exports(converter, tmp_path):
+    """The merged HF export carries the base's tokenizer.model and the special tokens, so llama.cpp's converter
+    run on it writes what `--format gguf` writes; transformers still reads the tokenizer as trained."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = sentencepiece_base("llama2", tmp_path)
+    run = tmp_path / "lora"
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)), LoraConfig(r=4, target_modules=["q_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)  # a trained adapter's B is not zero: the merge changes the weights
+    model.save_pretrained(str(run / "adapter"))
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(run / "adapter"))
+    (run / "recipe.resolved.yaml").write_text(f"model:\n  name: {base}\n")
+    for args in (["--dtype", "float32"], ["--format", "gguf", "--quant", "f32"]):
+        proc = run_mgpu("export", str(run), *args, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    merged = run / "merged"
+    assert (merged / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
+    ours = run / "gguf" / "lora.F32.gguf"
+    assert differences(ours, reference(converter, merged, tmp_path / "ref.gguf", "f32")) == []
+    # the control: the base's file differs from the merged model's in the adapted tensors only
+    other = differences(ours, reference(converter, base, tmp_path / "base.gguf", "f32"))
+    assert other and all(d.startswith("tensor blk.") and ".attn_q." in d for d in other), other
+    tok = AutoTokenizer.from_pretrained(str(base))
+    ids = tok(SPM_PROMPT).input_ids
+    assert ids[0] == tok.bos_token_id and AutoTokenizer.from_pretrained(str(merged))(SPM_PROMPT).input_ids == ids
+
+
+@pytest.mark.integration
+def test_a_sentencepiece_tokenizer_without_its_model_or_with_anothers_is_refused_before_the_weights_load(tmp_path):
+    base = sentencepiece_base("gemma2", tmp_path)
+    run = full_fine_tune_of(base, tmp_path / "run")
+    model_file = (base / "tokenizer.model").read_bytes()
+    (base / "tokenizer.model").unlink()
+    proc = run_mgpu("export", str(run), "--format", "gguf")
+    assert_user_error(proc, "a SentencePiece tokenizer without its tokenizer.model", "put the base model's")
+    out = tmp_path / "out"  # a run that asks for the export is refused before it trains
+    args = [f"model.name={base}", f"output.dir={out}", "output.export=[gguf]", "distributed.num_gpus=1"]
+    proc = run_mgpu("train", str(QUICKSTART), *args)
+    assert_user_error(proc, "output.export", f"model.name ({base})", "without its tokenizer.model")
+    assert not out.exists()
+    (run / "model" / "tokenizer.model").write_bytes(sentencepiece_model("llama2"))  # another tokenizer's model
+    proc = run_mgpu("export", str(run), "--format", "gguf")
+    assert_user_error(proc, "this SentencePiece model is not the run's tokenizer", "id 0 is '<unk>'", "'<pad>'")
+    assert not (run / "gguf").exists()
+    (run / "model" / "tokenizer.model").write_bytes(model_file)  # the right one, copied in as the hint says
+    proc = run_mgpu("export", str(run), "--format", "gguf")
+    assert proc.returncode == 0 and (run / "gguf" / "run.Q8_0.gguf").is_file(), proc.stdout[-2000:] + proc.stderr
+
+
 def test_llama3_rope_factors_are_transformers_llama3_scaling():
     """The rope_freqs tensor divides each default frequency into the one transformers' llama3 rope uses."""
     from transformers import LlamaConfig
@@ -307,16 +501,17 @@ def test_llama3_rope_factors_are_transformers_llama3_scaling():
     assert float(factors.min()) == 1.0 and float(factors.max()) == 8.0  # both ends and a blend between
 
 
-def test_a_sentencepiece_style_tokenizer_is_refused_with_the_route_that_converts_it(tmp_path):
-    import json
-
+def test_a_byte_fallback_tokenizer_is_not_taken_for_a_byte_level_one(tmp_path):
+    """A tokenizer.json of BPE with byte fallback is a SentencePiece tokenizer: plan_conversion asks for its
+    tokenizer.model, and pre_tokenizer (the byte-level BPE route) refuses it."""
     from transformers import AutoTokenizer
 
     from unsloth_mgpu_cli.errors import UserError
+    from unsloth_mgpu_cli.gguf_export import is_sentencepiece_json
 
     builtin = ensure_builtin_model("builtin:tiny-llama")
     tok = AutoTokenizer.from_pretrained(str(builtin))
-    assert pre_tokenizer(tok, builtin) == "gpt-2"
+    assert pre_tokenizer(tok, builtin) == "gpt-2" and not is_sentencepiece_json(builtin)
     spec = json.loads((builtin / "tokenizer.json").read_text())
     spec["model"]["byte_fallback"] = True
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))

@@ -39,7 +39,8 @@ def main() -> None:
     llm = Llama(
         model_path=args.gguf, n_ctx=max(128, 2 * len(ids)), logits_all=True, verbose=False, n_threads=args.threads
     )
-    theirs = llm.tokenize(args.prompt.encode(), add_bos=True, special=False)
+    # a BOS where the HF tokenizer adds one (llama.cpp adds one by default, Llama 3's and Llama 2's both ask for it)
+    theirs = llm.tokenize(args.prompt.encode(), add_bos=bool(ids) and ids[0] == tokenizer.bos_token_id, special=False)
     llm.eval(ids)
     got = np.array(llm.scores[: len(ids)])
     diff, scale = float(np.abs(got - ref).max()), float(np.abs(ref).max())

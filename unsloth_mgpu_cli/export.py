@@ -198,12 +198,16 @@ def export_merged(
     model_cfg = _resolved_recipe(run).get("model") or {}
     revision = {"revision": model_cfg["revision"]} if model_cfg.get("revision") else {}
     tokenizer = _run_tokenizer(adapter, base, bool(model_cfg.get("trust_remote_code", False)), revision)
+    from .gguf_export import complete_sentencepiece_files
+
     say(f"writing {dest}")
     try:
         # checked again at the rename: something may have appeared at dest during the merge
         with atomic_dir(dest, may_replace=lambda d: is_export(d, run)) as tmp:
             merged.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
+            # a SentencePiece tokenizer's model and special tokens, which llama.cpp's converter reads
+            complete_sentencepiece_files(tmp, tokenizer, lambda: _run_sentencepiece_source(run, adapter, base))
             marker = {"tool": "unsloth-mgpu", "version": __version__, "run": str(run.resolve()), "dtype": dtype}
             (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     except OSError as exc:
@@ -303,6 +307,36 @@ def _run_tokenizer(weights: Path, base: str, trust: bool, revision: dict[str, st
     return AutoTokenizer.from_pretrained(str(base), trust_remote_code=trust, **revision)
 
 
+def sentencepiece_source(names: list[str], revision: str | None = None) -> Path | None:
+    """The SentencePiece model (`tokenizer.model`) of a tokenizer: in the first of the folders `names` that holds
+    one, else in the HF cache or on the hub for the names that are hub ids (at `revision`); None where there is none
+    (a byte-level BPE tokenizer has none). gguf_export.check_sentencepiece_model checks that it fits."""
+    from .gguf_export import SENTENCEPIECE_MODEL
+
+    for name in names:
+        if (Path(name) / SENTENCEPIECE_MODEL).is_file():
+            return Path(name) / SENTENCEPIECE_MODEL
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    for name in dict.fromkeys(n for n in names if not Path(n).exists()):
+        try:
+            return Path(hf_hub_download(name, SENTENCEPIECE_MODEL, **({"revision": revision} if revision else {})))
+        except (OSError, ValueError, EntryNotFoundError):  # not in the repo, not cached offline, not a repo id
+            continue
+    return None
+
+
+def _run_sentencepiece_source(run: Path, weights: Path, base: str) -> Path | None:
+    """sentencepiece_source of a run: its adapter (or model/) folder, its base, the recipe's model.name (a full
+    fine-tune's base), at the recipe's revision."""
+    from .models import resolve_model_path
+
+    model_cfg = _resolved_recipe(run).get("model") or {}
+    names = [str(weights), base] + ([resolve_model_path(model_cfg["name"])] if model_cfg.get("name") else [])
+    return sentencepiece_source(names, model_cfg.get("revision"))
+
+
 def export_gguf(
     output_dir: Path, dest: Path | None = None, quant: str = "q8_0", say: Callable[[str], None] | None = None
 ) -> Path:
@@ -312,7 +346,15 @@ def export_gguf(
 
     Everything that can refuse (arguments, destination, architecture, rope, tokenizer) is checked before the
     weights load; the file appears whole or not at all."""
-    from .gguf_export import QUANTS, check_model, gguf_file_name, ollama_modelfile, plan_conversion, write_gguf
+    from .gguf_export import (
+        QUANTS,
+        check_model,
+        complete_sentencepiece_files,
+        gguf_file_name,
+        ollama_modelfile,
+        plan_conversion,
+        write_gguf,
+    )
 
     say = say or (lambda message: None)
     if quant not in QUANTS:
@@ -361,6 +403,7 @@ def export_gguf(
     with tempfile.TemporaryDirectory(prefix="mgpu-gguf-") as saved:
         tokenizer_dir = Path(saved)
         tokenizer.save_pretrained(saved)  # the files llama.cpp's converter reads, as a merged export holds them
+        complete_sentencepiece_files(tokenizer_dir, tokenizer, lambda: _run_sentencepiece_source(run, weights, base))
         plan = plan_conversion(config, tokenizer, tokenizer_dir, where)
         model = _load_merged(run, weights, base, "float32", say)
         marker = {"tool": "unsloth-mgpu", "version": __version__, "run": str(run.resolve()), "gguf": name}
@@ -413,7 +456,7 @@ def check_recipe_exports(recipe: Any) -> None:
 
         from transformers import AutoConfig, AutoTokenizer
 
-        from .gguf_export import plan_conversion
+        from .gguf_export import complete_sentencepiece_files, plan_conversion
 
         m = recipe.model
         options: dict[str, Any] = {"trust_remote_code": m.trust_remote_code}
@@ -426,6 +469,7 @@ def check_recipe_exports(recipe: Any) -> None:
             return  # training reports a model it cannot load, better than this check could
         with tempfile.TemporaryDirectory(prefix="mgpu-gguf-") as saved:
             tokenizer.save_pretrained(saved)
+            complete_sentencepiece_files(Path(saved), tokenizer, lambda: sentencepiece_source([base], m.revision))
             try:
                 plan_conversion(config, tokenizer, Path(saved), f"model.name ({recipe.model.name})")
             except UserError as exc:

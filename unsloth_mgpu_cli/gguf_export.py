@@ -9,9 +9,13 @@ the same hyperparameter keys, the tokenizer as a GPT-2-style BPE vocabulary with
 chat template, and the pre-tokenizer named as that converter names it (`gguf_pretok.py`). tests/test_gguf.py
 holds the file to that converter's output, tensor by tensor and key by key.
 
-Covered: Llama (1-3.x, SmolLM), Mistral and Qwen2/2.5 models with a byte-level BPE tokenizer (tokenizer.json).
-Others (SentencePiece tokenizers such as Llama 2's and Mistral v0.1-0.3's, other architectures) are refused
-before the weights load, with the route that does cover them: the merged HF export and llama.cpp's converter.
+Covered: Llama (1-3.x, SmolLM), Mistral, Qwen2/2.5 and Gemma 2 models, with a byte-level BPE tokenizer
+(tokenizer.json: Llama 3, Qwen2) or a SentencePiece one (Llama 2, Mistral v0.1-0.3, Gemma 2). A SentencePiece
+tokenizer goes in as the converter's `_set_vocab_sentencepiece` writes it, from its `tokenizer.model` (the piece
+scores llama.cpp merges by): transformers 5 saves such a tokenizer as tokenizer.json alone, so the exports take
+the model from the run's adapter folder or the base's (export.sentencepiece_source) and put it back beside
+tokenizer.json (`complete_sentencepiece_files`). Other architectures and rope types are refused before the
+weights load, with the route that does cover them: the merged HF export and llama.cpp's converter.
 Quantisation: q8_0, f16, bf16, f32 (what the converter writes itself); smaller k-quants come from llama.cpp's
 `llama-quantize`, which takes this file. Beside it goes an Ollama `Modelfile` for the file last written
 (`ollama_modelfile`).
@@ -38,7 +42,11 @@ ARCHITECTURES = {
     "LlamaForCausalLM": ("llama", True),
     "MistralForCausalLM": ("llama", True),
     "Qwen2ForCausalLM": ("qwen2", False),
+    "Gemma2ForCausalLM": ("gemma2", False),
 }
+SENTENCEPIECE_MODEL = "tokenizer.model"
+# llama.cpp's token types of a SentencePiece vocabulary (the converter's SentencePieceTokenTypes)
+SPM_NORMAL, SPM_UNKNOWN, SPM_CONTROL, SPM_USER_DEFINED, SPM_UNUSED, SPM_BYTE = 1, 2, 3, 4, 5, 6
 # rope types llama.cpp's converter writes for these architectures ("default": nothing beyond rope_theta)
 ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 CONVERTER_ROUTE = (
@@ -56,6 +64,7 @@ class GgufPlan:
     hparams: dict[str, Any]  # the model's config, as a dict
     rope: dict[str, Any]  # rope_parameters, with rope_theta and rope_type filled in as the converter does
     pre: str  # tokenizer.ggml.pre
+    vocab: str = "gpt2"  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
 
 
 def gguf_file_name(run: Path, quant: str) -> str:
@@ -158,10 +167,135 @@ def check_model(hparams: dict[str, Any], where: str) -> tuple[str, bool, dict[st
 
 
 def plan_conversion(hparams: dict[str, Any], tokenizer: Any, tokenizer_dir: Path, where: str) -> GgufPlan:
-    """Check that the model and its tokenizer (saved in `tokenizer_dir`) convert: a UserError naming what does
-    not, and the route that does."""
+    """Check that the model and its tokenizer (saved in `tokenizer_dir`, completed by complete_sentencepiece_files)
+    convert: a UserError naming what does not, and the route that does."""
     arch, permute, rope = check_model(hparams, where)
+    if (tokenizer_dir / SENTENCEPIECE_MODEL).is_file():
+        check_sentencepiece_model(tokenizer_dir / SENTENCEPIECE_MODEL, tokenizer)
+        return GgufPlan(arch, permute, hparams, rope, "default", "llama")
+    if is_sentencepiece_json(tokenizer_dir) or arch == "gemma2":  # Gemma 2: the converter reads tokenizer.model only
+        raise UserError(
+            Problem(
+                where,
+                f"a SentencePiece tokenizer without its {SENTENCEPIECE_MODEL} (the piece scores llama.cpp "
+                "tokenises by): it is in neither the run's folder nor the base model's",
+                f"put the base model's {SENTENCEPIECE_MODEL} in the base's folder, or in the run's adapter folder "
+                "(model/ for a full fine-tune)",
+            ),
+            "cannot export",
+        )
     return GgufPlan(arch, permute, hparams, rope, pre_tokenizer(tokenizer, tokenizer_dir))
+
+
+def is_sentencepiece_json(tokenizer_dir: Path) -> bool:
+    """Whether the tokenizer.json in `tokenizer_dir` is a SentencePiece BPE tokenizer as transformers converts one
+    (BPE with byte fallback, a decoder sequence): what llama.cpp's converter reads as a "llama" vocabulary."""
+    source = tokenizer_dir / "tokenizer.json"
+    if not source.is_file():
+        return False
+    spec = json.loads(source.read_text(encoding="utf-8"))
+    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and decoder.get("type") == "Sequence"
+
+
+def complete_sentencepiece_files(folder: Path, tokenizer: Any, find_source: Callable[[], Path | None]) -> bool:
+    """After `tokenizer.save_pretrained(folder)`: give a SentencePiece tokenizer back the files transformers 5 no
+    longer writes and llama.cpp's converter reads, `tokenizer.model` (copied from what `find_source` finds) and
+    tokenizer_config.json's `added_tokens_decoder` (which of its tokens are special). Returns whether
+    `tokenizer.model` was written.
+
+    Nothing is done (and nothing looked for) for other tokenizers or when `folder` has a `tokenizer.model` already;
+    nothing either when `find_source` finds none."""
+    import shutil
+
+    if (folder / SENTENCEPIECE_MODEL).is_file() or not is_sentencepiece_json(folder):
+        return False
+    source = find_source()
+    if source is None:
+        return False
+    shutil.copyfile(source, folder / SENTENCEPIECE_MODEL)
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    config["added_tokens_decoder"] = {
+        str(i): {
+            "content": t.content,
+            "lstrip": t.lstrip,
+            "normalized": t.normalized,
+            "rstrip": t.rstrip,
+            "single_word": t.single_word,
+            "special": t.special,
+        }
+        for i, t in sorted(tokenizer.added_tokens_decoder.items())
+    }
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return True
+
+
+def check_sentencepiece_model(path: Path, tokenizer: Any) -> None:
+    """A UserError unless the SentencePiece model at `path` has the tokenizer's pieces at the same ids (a base's
+    tokenizer.model next to a run whose tokenizer is another's would give llama.cpp the wrong vocabulary)."""
+    from sentencepiece import SentencePieceProcessor
+
+    try:
+        sp = SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as exc:
+        raise UserError(
+            Problem(str(path), f"cannot read this SentencePiece model: {str(exc).splitlines()[0]}"), "cannot export"
+        ) from exc
+    pieces = tokenizer.convert_ids_to_tokens(list(range(sp.vocab_size())))
+    for i, piece in enumerate(pieces):
+        if sp.IdToPiece(i) != piece:
+            raise UserError(
+                Problem(
+                    str(path),
+                    f"this SentencePiece model is not the run's tokenizer: id {i} is {sp.IdToPiece(i)!r} in it and "
+                    f"{piece!r} in the tokenizer",
+                    f"use the {SENTENCEPIECE_MODEL} of the base model the run trained",
+                ),
+                "cannot export",
+            )
+
+
+def sentencepiece_vocab(tokenizer_dir: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
+    """Tokens, scores and token types as the converter's _create_vocab_sentencepiece gives them: the SentencePiece
+    model's pieces, scores and kinds; then added_tokens.json's tokens (user-defined) and tokenizer_config.json's
+    added_tokens_decoder (control when special or looking special, else user-defined), scored -1000; ids with no
+    token `[PADn]`, unused."""
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(tokenizer_dir / SENTENCEPIECE_MODEL))
+    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [SPM_UNUSED] * vocab_size
+    for i in range(min(sp.vocab_size(), vocab_size)):
+        kind = SPM_NORMAL
+        if sp.IsUnknown(i):
+            kind = SPM_UNKNOWN
+        elif sp.IsControl(i):
+            kind = SPM_CONTROL
+        elif sp.IsUnused(i):
+            kind = SPM_UNUSED
+        elif sp.IsByte(i):
+            kind = SPM_BYTE
+        tokens[i], scores[i], types[i] = sp.IdToPiece(i).encode(), sp.GetScore(i), kind
+    added_file = tokenizer_dir / "added_tokens.json"
+    if added_file.is_file():
+        for token, i in json.loads(added_file.read_text(encoding="utf-8")).items():
+            if i < vocab_size:
+                tokens[i], scores[i], types[i] = token.encode(), -1000.0, SPM_USER_DEFINED
+    config_file = tokenizer_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    for key, data in (config.get("added_tokens_decoder") or {}).items():
+        i, token = int(key), data["content"]
+        if i >= vocab_size:
+            continue
+        if data.get("special") or _looks_special(token):
+            types[i] = SPM_CONTROL
+        else:
+            token = token.replace("\u2581", " ")  # the converter's pre-normalised user-defined spaces
+            types[i] = SPM_USER_DEFINED
+        tokens[i], scores[i] = token.encode(), -1000.0
+    return tokens, scores, types
 
 
 def pre_tokenizer(tokenizer: Any, tokenizer_dir: Path) -> str:
@@ -170,12 +304,12 @@ def pre_tokenizer(tokenizer: Any, tokenizer_dir: Path) -> str:
     from .gguf_pretok import CHKTXT, PRE_TOKENIZERS
 
     source = tokenizer_dir / "tokenizer.json"
-    spm = (tokenizer_dir / "tokenizer.model").is_file()
-    if spm or not source.is_file():
-        found = "a SentencePiece tokenizer (tokenizer.model)" if spm else "no tokenizer.json"
+    if not source.is_file():
         raise UserError(
             Problem(
-                str(tokenizer_dir), f"GGUF export writes byte-level BPE tokenizers; found {found}", CONVERTER_ROUTE
+                str(tokenizer_dir),
+                "GGUF export writes byte-level BPE and SentencePiece tokenizers; found no tokenizer.json",
+                CONVERTER_ROUTE,
             ),
             "cannot export",
         )
@@ -184,7 +318,11 @@ def pre_tokenizer(tokenizer: Any, tokenizer_dir: Path) -> str:
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
         kind = f"a {model.get('type', '?')} tokenizer" + (" with byte fallback" if model.get("byte_fallback") else "")
         raise UserError(
-            Problem(str(source), f"GGUF export writes byte-level BPE tokenizers; found {kind}", CONVERTER_ROUTE),
+            Problem(
+                str(source),
+                f"GGUF export writes byte-level BPE and SentencePiece tokenizers; found {kind}",
+                CONVERTER_ROUTE,
+            ),
             "cannot export",
         )
     digest = hashlib.sha256(str(tokenizer.encode(CHKTXT, verbose=False)).encode()).hexdigest()
@@ -323,12 +461,14 @@ def write_gguf(
     for key, value in state.items():
         if key.endswith((".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")):
             continue
-        if key == "lm_head.weight" and hp.get("tie_word_embeddings"):
-            continue  # llama.cpp reads a tied output from token_embd
+        if key == "lm_head.weight" and (hp.get("tie_word_embeddings") or plan.arch == "gemma2"):
+            continue  # llama.cpp reads a tied output from token_embd (Gemma 2's always: the converter drops lm_head)
         new = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise UserError(Problem(key, f"no GGUF name for this {plan.arch} tensor", CONVERTER_ROUTE), "cannot export")
         data = value.detach().to(torch.float32)
+        if plan.arch == "gemma2" and key.endswith("norm.weight"):
+            data = data + 1  # Gemma's RMSNorm scales by 1 + weight; llama.cpp's by the weight
         if plan.permute and key.endswith(("q_proj.weight", "q_proj.bias")):
             data = permute_qk(data, n_head, n_head)
         elif plan.permute and key.endswith(("k_proj.weight", "k_proj.bias")):
@@ -360,8 +500,30 @@ def write_gguf(
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     writer.add_size_label(gguf.size_label(total, 0, 0, 0))
-    # the model's hyperparameters (the converter's TextModel.set_gguf_parameters for these architectures)
-    writer.add_block_count(n_layers)
+    if plan.arch == "gemma2":
+        _add_gemma2_hyperparameters(writer, hp, file_type)
+    else:
+        _add_hyperparameters(writer, plan, file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    _add_tokenizer(writer, plan, tokenizer, tokenizer_dir)
+
+    say(f"writing {shown or path.name}: {', '.join(f'{n} {k}' for k, n in counts.items())} tensors")
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()
+    return counts
+
+
+def _add_hyperparameters(writer: Any, plan: GgufPlan, file_type: Any) -> None:
+    """The model's hyperparameters as the converter's TextModel.set_gguf_parameters writes them (Llama and
+    Mistral add LlamaModel's two keys)."""
+    import gguf
+
+    hp = plan.hparams
+    n_head, n_head_kv = hp["num_attention_heads"], hp.get("num_key_value_heads")
+    writer.add_block_count(hp["num_hidden_layers"])
     if hp.get("max_position_embeddings") is not None:
         writer.add_context_length(hp["max_position_embeddings"])
     writer.add_embedding_length(hp["hidden_size"])
@@ -396,26 +558,61 @@ def write_gguf(
     if plan.arch == "llama":  # LlamaModel.set_gguf_parameters adds these two
         writer.add_vocab_size(hp["vocab_size"])
         writer.add_rope_dimension_count(head_dim(hp))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    # the tokenizer (the converter's _set_vocab_gpt2; LlamaModel.set_vocab first reads add_prefix_space)
+
+def _add_gemma2_hyperparameters(writer: Any, hp: dict[str, Any], file_type: Any) -> None:
+    """Gemma 2's hyperparameters as the converter's Gemma2Model.set_gguf_parameters writes them (its own list: no
+    rope keys, the two soft-caps and the sliding window)."""
+    writer.add_context_length(hp["max_position_embeddings"])
+    writer.add_embedding_length(hp["hidden_size"])
+    writer.add_block_count(hp["num_hidden_layers"])
+    writer.add_feed_forward_length(hp["intermediate_size"])
+    writer.add_head_count(hp["num_attention_heads"])
+    writer.add_head_count_kv(hp.get("num_key_value_heads", hp["num_attention_heads"]))
+    writer.add_layer_norm_rms_eps(hp["rms_norm_eps"])
+    writer.add_key_length(hp["head_dim"])
+    writer.add_value_length(hp["head_dim"])
+    writer.add_file_type(file_type)
+    writer.add_attn_logit_softcapping(hp["attn_logit_softcapping"])
+    writer.add_final_logit_softcapping(hp["final_logit_softcapping"])
+    writer.add_sliding_window(hp["sliding_window"])
+
+
+def _add_tokenizer(writer: Any, plan: GgufPlan, tokenizer: Any, tokenizer_dir: Path) -> None:
+    """The tokenizer as the converter's set_vocab writes it: _set_vocab_gpt2 for a byte-level BPE tokenizer,
+    _set_vocab_sentencepiece for a SentencePiece one; LlamaModel.set_vocab first reads add_prefix_space and
+    ends with its CodeLlama and SmolLM rules, Gemma2Model's ends with add_space_prefix false."""
+    import gguf
+
+    hp = plan.hparams
     config_file = tokenizer_dir / "tokenizer_config.json"
     tokenizer_config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
     if plan.arch == "llama" and tokenizer_config.get("add_prefix_space") is not None:
         writer.add_add_space_prefix(tokenizer_config["add_prefix_space"])
-    tokens, types = vocab(tokenizer, hp["vocab_size"])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(plan.pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
     logging.getLogger("gguf").setLevel(logging.ERROR)  # its notes on the tokenizer's post-processor are not ours
-    gguf.SpecialVocab(tokenizer_dir, load_merges=True).add_to_gguf(writer, quiet=True)
+    if plan.vocab == "llama":
+        tokens, scores, types = sentencepiece_vocab(tokenizer_dir, hp["vocab_size"])
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        gguf.SpecialVocab(tokenizer_dir, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    else:
+        tokens, types = vocab(tokenizer, hp["vocab_size"])
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(plan.pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        gguf.SpecialVocab(tokenizer_dir, load_merges=True).add_to_gguf(writer, quiet=True)
+    if plan.arch == "llama" and hp["vocab_size"] == 32016:  # the converter's CodeLlama infill tokens
+        infill = gguf.SpecialVocab(
+            tokenizer_dir, load_merges=False, special_token_types=["prefix", "suffix", "middle", "eot"]
+        )
+        for kind, i in (("prefix", 32007), ("suffix", 32008), ("middle", 32009), ("eot", 32010)):
+            infill._set_special_token(kind, i)
+        infill.add_to_gguf(writer, quiet=True)
     if plan.arch == "llama" and hp["vocab_size"] == 49152:  # the converter's rule for SmolLM-sized vocabularies
         writer.add_add_bos_token(False)
-
-    say(f"writing {shown or path.name}: {', '.join(f'{n} {k}' for k, n in counts.items())} tensors")
-    writer.write_header_to_file(path=path)
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=False)
-    writer.close()
-    return counts
+    if plan.arch == "gemma2":
+        writer.add_add_space_prefix(False)
