@@ -56,6 +56,7 @@ HEAVY_FILES_FIRST = (  # by their measured time (2 workers on the 2-core CI mach
     "test_output_safety.py",
     "test_api.py",
     "test_mix.py",
+    "test_families.py",
 )
 
 
