@@ -1,6 +1,7 @@
 """Small models with SentencePiece tokenizers trained here, as Llama 2's and Gemma's are built (the hub is out of
 reach): a Llama 2-style Llama and a Gemma 2, each in a base folder as the hub holds one. Used by test_gguf.py
-(GGUF export) and test_families.py (training)."""
+(GGUF export) and test_families.py (training), and by benchmarks/families_gpu.py on the GPU machine: it needs
+nothing of the test suite."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import json
 from pathlib import Path
 
 import torch
-from conftest import GSM8K
+
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_train_alpaca.json"
 
 # SentencePiece models: a Llama 2-style Llama (<unk> <s> </s>, a space prefix) and a Gemma 2 (<pad> <eos> <bos>
 # <unk>, then <mask> and the turn markers as user-defined pieces, no space prefix), both BPE with byte fallback and
@@ -44,11 +46,12 @@ SPM_PROMPT = (
 )
 
 
-def sentencepiece_model(kind: str) -> bytes:
-    """A 1024-piece SentencePiece BPE model of `kind`, trained on GSM8K's first 1,000 rows (a tenth of a second)."""
+def sentencepiece_model(kind: str, corpus: Path = GSM8K) -> bytes:
+    """A 1024-piece SentencePiece BPE model of `kind`, trained on the first 1,000 rows of an alpaca JSON file (GSM8K:
+    a tenth of a second)."""
     import sentencepiece
 
-    rows = json.loads(GSM8K.read_text())[:1000]
+    rows = json.loads(Path(corpus).read_text())[:1000]
     lines = "\n".join(r["instruction"] + "\n" + r["output"] for r in rows).splitlines()
     out = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
@@ -68,14 +71,15 @@ def sentencepiece_model(kind: str) -> bytes:
     return out.getvalue()
 
 
-def sentencepiece_base(kind: str, folder: Path) -> Path:
+def sentencepiece_base(kind: str, folder: Path, corpus: Path = GSM8K, **shape: int) -> Path:
     """A base model folder as the hub holds one: config, weights, tokenizer.model, the tokenizer.json transformers
-    converts from it, and a tokenizer_config.json naming each added token (`added_tokens_decoder`)."""
+    converts from it, and a tokenizer_config.json naming each added token (`added_tokens_decoder`). `shape`
+    overrides the model's dimensions (hidden_size=..., num_hidden_layers=...; tiny by default)."""
     from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
     base = folder / f"{kind}-base"
     base.mkdir(parents=True)
-    (base / "tokenizer.model").write_bytes(sentencepiece_model(kind))
+    (base / "tokenizer.model").write_bytes(sentencepiece_model(kind, corpus))
     (base / "tokenizer_config.json").write_text(json.dumps(SPM_TOKENIZERS[kind]))
     tok = AutoTokenizer.from_pretrained(str(base))
     assert len(tok) == 1024  # no token added past the SentencePiece model's (Gemma's <mask> is one of its pieces)
@@ -88,7 +92,7 @@ def sentencepiece_base(kind: str, folder: Path) -> Path:
     }
     (base / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     dims = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2)
-    dims |= dict(num_attention_heads=4, num_key_value_heads=2)
+    dims |= dict(num_attention_heads=4, num_key_value_heads=2) | shape
     torch.manual_seed(0)
     if kind == "llama2":
         model = LlamaForCausalLM(LlamaConfig(**dims, bos_token_id=1, eos_token_id=2))

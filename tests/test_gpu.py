@@ -60,6 +60,27 @@ def test_two_gpus_equal_one_gpu_and_a_control_differs(tmp_path):
     assert all(r >= a > 0 for r, a in zip(summary["peak_reserved_gb"], summary["peak_memory_gb"], strict=True))
 
 
+@needs_one
+def test_gemma2_trains_on_cuda_with_unsloths_block_compile_off(tmp_path):
+    """A small Gemma 2, QLoRA on one GPU: Unsloth's block compile fails in Gemma 2's backward (the control, with it
+    forced on); with it off (mgpu's default for Gemma 2 on CUDA) the run trains and its loss falls."""
+    from sentencepiece_models import GSM8K, sentencepiece_base
+
+    corpus = GSM8K if GSM8K.is_file() else ROOT / "gpu-data" / GSM8K.name  # the GPU machine's copy
+    base = sentencepiece_base("gemma2", tmp_path, corpus)
+    args = [f"model.name={base}", "model.load_in_4bit=true", "distributed.num_gpus=1", "training.max_steps=12"]
+    proc = run_mgpu("train", str(QUICKSTART), *BASE, *args, f"output.dir={tmp_path / 'run'}", timeout=500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Unsloth's per-layer torch.compile is off for this gemma2 model" in proc.stdout
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.1
+    forced = run_mgpu(
+        "train", str(QUICKSTART), *BASE, *args, f"output.dir={tmp_path / 'on'}", timeout=500, UNSLOTH_BLOCK_COMPILE="1"
+    )
+    # if this starts to pass, Unsloth compiles Gemma 2's blocks: drop trainer.BLOCK_COMPILE_FAILS's entry
+    assert forced.returncode == 1 and "InductorError" in forced.stdout + forced.stderr, forced.stdout[-2000:]
+
+
 @needs_two
 def test_sharded_on_two_gpus_equals_replicated(tmp_path):
     """fsdp on NCCL: the weights sit in host memory until sharded, and every collective on them must be staged on

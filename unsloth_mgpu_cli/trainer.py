@@ -86,6 +86,11 @@ class Trainer:
         hide_hf_bars_off_terminal()
 
         self.attention = select_attention(r.model.attention, self.info.device_type)
+        note = avoid_broken_block_compile(self.plan.model_path, self.info.device_type)
+        if note and self.info.is_main:
+            from .render import console
+
+            console.print(f"note: {note}", soft_wrap=True)
         if r.dataset.batching == "packed" and self.info.device_type == "cuda" and self.info.is_main:
             self._warn_packed_route()
 
@@ -1026,6 +1031,36 @@ _SDP_SWITCHES = {
     "math": ("enable_math_sdp", "math_sdp_enabled"),
 }
 ATTENTION_KERNELS = tuple(_SDP_SWITCHES)
+
+
+#: Model families whose decoder layers Unsloth's one-region block compile (unsloth/models/_block_compile.py) cannot
+#: train on CUDA: Gemma 2's first backward fails in torch inductor (InductorError: AssertionError in
+#: decompose_triton_kernel_wrapper_functional), with QLoRA or 16-bit LoRA, balanced or padded batches, and in
+#: Unsloth's own route (TRL SFTTrainer) alike (Unsloth 2026.10.9, torch 2.11, 1 x H200, session 27).
+BLOCK_COMPILE_FAILS = ("gemma2",)
+
+
+def avoid_broken_block_compile(model_path: str, device_type: str, env: Any = None) -> str | None:
+    """Turn Unsloth's block compile off (UNSLOTH_BLOCK_COMPILE=0 in `env`, default this process's environment) for
+    a CUDA run of a family in BLOCK_COMPILE_FAILS, unless the user set UNSLOTH_BLOCK_COMPILE or
+    UNSLOTH_COMPILE_DISABLE. Returns the note to show, or None. Read by Unsloth when the model loads."""
+    from .memory import find_config
+
+    env = os.environ if env is None else env
+    if device_type != "cuda" or "UNSLOTH_BLOCK_COMPILE" in env or "UNSLOTH_COMPILE_DISABLE" in env:
+        return None
+    config = find_config(model_path)
+    try:
+        family = json.loads(config.read_text()).get("model_type") if config is not None else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    if family not in BLOCK_COMPILE_FAILS:
+        return None
+    env["UNSLOTH_BLOCK_COMPILE"] = "0"
+    return (
+        f"Unsloth's per-layer torch.compile is off for this {family} model: its backward fails to compile on CUDA "
+        "(Unsloth 2026.10, torch 2.11; Unsloth's own SFTTrainer route too). Set UNSLOTH_BLOCK_COMPILE=1 to try it."
+    )
 
 
 def select_attention(choice: str, device_type: str) -> dict[str, bool]:
