@@ -402,6 +402,25 @@ def test_ctrl_c_while_data_is_tokenised_beside_the_workers_start_stops_and_leave
     assert not list((tmp_path / "cache").glob("data/*/meta.json"))  # no cache that looks complete
 
 
+def test_ctrl_c_while_a_tokenising_pool_starts_neither_kills_it_nor_prints_a_traceback(tmp_path):
+    """The pool's processes ignore SIGINT once their initializer runs; a Ctrl-C before that (here: their start
+    slowed by 2 s) ended each with a KeyboardInterrupt traceback, and the pool broke. Born with SIGINT blocked, they
+    now take none: the tokenising goes on (the parent's own stop is the tests above)."""
+    rows = "".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": str(i)}) + "\n" for i in range(5000))
+    (tmp_path / "rows.jsonl").write_text(rows)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "pool_start_probe.py"), str(tmp_path / "rows.jsonl")],
+        env=mgpu_env(UNSLOTH_MGPU_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and lines[-2] == "done", proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert json.loads(lines[-1]) == {"pool": 2, "left": []}
+    assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_a_data_gate_closed_while_its_child_stops_its_pool_leaves_no_process(tmp_path):
     """Ctrl-C reaches the tokenising child of a DataGate, and the launcher's close() sends SIGTERM while the child
     stops its pool (the workers stopped first): the second signal must not break off the pool's stop, whose

@@ -941,8 +941,11 @@ def _init_worker(model_path: str, trust_remote_code: bool) -> None:
     import signal
 
     # Ctrl-C reaches the whole process group: the parent stops the pool (see _encode_all); a pool process that
-    # took it too would die in the middle of a queue operation and leave the parent waiting on it forever
+    # took it too would die in the middle of a queue operation and leave the parent waiting on it forever. It was
+    # born with SIGINT blocked (_encode_all), so a Ctrl-C since its fork is still pending: ignored, then dropped.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     from .distributed import die_with_parent
 
     die_with_parent()  # a tokenising process killed before it could stop its pool takes the pool along
@@ -1219,9 +1222,15 @@ def _encode_all(rows: Rows, recipe: Recipe, model_path: str, tokenizer: Any, enc
             procs, mp_context=ctx, initializer=_init_worker, initargs=(model_path, recipe.model.trust_remote_code)
         )
         try:
-            futures = {
-                pool.submit(_encode_chunk, rows.rows[i : i + size], i, enc): min(size, n - i) for i in range(0, n, size)
-            }
+            # The pool's processes are forked by the first submit, with this thread's signal mask: born with SIGINT
+            # blocked, they ignore it before they unblock it (_init_worker). Before, a Ctrl-C in the first tenth of
+            # a second of their start ended one with a KeyboardInterrupt traceback. Here it is delivered once the
+            # queue is filled, and stops the pool below.
+            with _sigint_blocked():
+                futures = {
+                    pool.submit(_encode_chunk, rows.rows[i : i + size], i, enc): min(size, n - i)
+                    for i in range(0, n, size)
+                }
             for fut in as_completed(futures):
                 advance(futures[fut])
             out = [item for fut in futures for item in fut.result()]
@@ -1230,6 +1239,21 @@ def _encode_all(rows: Rows, recipe: Recipe, model_path: str, tokenizer: Any, enc
             raise
         pool.shutdown()
         return out
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread (and in the processes it forks) for the block's duration; delivered after."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks (and no fork)
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _stop_pool(pool: Any) -> None:
