@@ -39,7 +39,8 @@ PROMPT = "### Instruction:\nAdd the two numbers.\n\n### Input:\n49 + 97\n\n### R
 def converter() -> Path:
     """llama.cpp's convert_hf_to_gguf.py with its conversion/ and gguf-py/, fetched once into the cache."""
     dest = cache_dir() / "test-llama.cpp-converter" / SDIST_SHA256[:16]
-    if (dest / "convert_hf_to_gguf.py").is_file():
+    scripts = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py")
+    if all((dest / script).is_file() for script in scripts):
         return dest
     try:
         data = fetch_sdist()
@@ -49,7 +50,7 @@ def converter() -> Path:
         pytest.skip(f"cannot fetch llama.cpp's converter ({SDIST}): {exc}")
     assert hashlib.sha256(data).hexdigest() == SDIST_SHA256
     prefix = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
-    keep = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/")
+    keep = (*scripts, "conversion/", "gguf-py/gguf/")
     tmp = dest.with_name(f".{dest.name}-{os.getpid()}")
     with tarfile.open(fileobj=io.BytesIO(data)) as sdist:
         members = [
@@ -58,10 +59,14 @@ def converter() -> Path:
         for m in members:
             m.name = m.name[len(prefix) :]
         sdist.extractall(tmp, members=members, filter="data")
-    if dest.exists():  # another process got there first
+    if all((dest / script).is_file() for script in scripts):  # another process got there first
         shutil.rmtree(tmp)
-    else:
+        return dest
+    shutil.rmtree(dest, ignore_errors=True)  # a copy from before the LoRA converter was kept
+    try:
         os.replace(tmp, dest)
+    except OSError:  # another process's copy took the place meanwhile
+        shutil.rmtree(tmp)
     return dest
 
 
@@ -117,6 +122,19 @@ def reference(converter: Path, model_dir: Path, outfile: Path, quant: str, pre: 
         text=True,
         timeout=300,
         env={**os.environ, "EXPECTED_PRE": pre},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return outfile
+
+
+def reference_lora(converter: Path, adapter: Path, base: Path, outfile: Path, quant: str) -> Path:
+    """llama.cpp's convert_lora_to_gguf.py run on a PEFT adapter folder, with the base model's folder."""
+    proc = subprocess.run(
+        [sys.executable, str(converter / "convert_lora_to_gguf.py"), "--base", str(base), "--outtype", quant]
+        + ["--outfile", str(outfile), str(adapter)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return outfile
@@ -226,6 +244,63 @@ def test_the_gguf_is_what_llama_cpps_converter_writes_from_the_merged_export(run
     # the control: the comparison sees a difference where there is one (the same model in another quantisation)
     other = run / "gguf" / f"run.{'Q8_0' if quant != 'q8_0' else 'F16'}.gguf"
     assert any(d.startswith("tensor blk.0.attn_q.weight") for d in differences(ours, other))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_the_lora_gguf_is_what_llama_cpps_lora_converter_writes_and_adds_up_to_the_merged_model(
+    run, converter, tmp_path, quant
+):
+    """`--format gguf-lora`: the adapter alone, key for key and tensor for tensor as convert_lora_to_gguf.py writes
+    it; and base + alpha / r x B A, per pair as llama.cpp applies it, gives the merged GGUF's weights."""
+    import gguf
+
+    proc = run_mgpu("export", str(run), "--format", "gguf-lora", "--quant", quant, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ours = run / "gguf" / f"run.LoRA.{quant.upper()}.gguf"
+    builtin = ensure_builtin_model("builtin:tiny-llama")
+    assert differences(ours, reference_lora(converter, run / "adapter", builtin, tmp_path / "ref.gguf", quant)) == []
+    kv, tensors = read(ours)
+    assert kv["general.type"] == "adapter" and kv["adapter.type"] == "lora" and kv["adapter.lora.alpha"] == 16.0
+    assert len(tensors) == 2 * 7 * 2  # a pair for each of the seven projections of both layers
+    if quant != "f16":
+        return
+    lora = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    base = {t.name: t for t in gguf.GGUFReader(reference(converter, builtin, tmp_path / "base.gguf", "f32")).tensors}
+    merged = {t.name: t for t in gguf.GGUFReader(run / "gguf" / "run.F32.gguf").tensors}
+
+    def array(t) -> torch.Tensor:  # a tensor as its GGML rows (ne reversed), in float32
+        return torch.from_numpy(np.array(t.data, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)]))
+
+    worst = 0.0
+    for name in (n[: -len(".lora_a")] for n in lora if n.endswith(".lora_a")):
+        a, b = array(lora[name + ".lora_a"]), array(lora[name + ".lora_b"])
+        applied = array(base[name]) + 16.0 / a.shape[0] * (b @ a)
+        worst = max(worst, float((applied - array(merged[name])).abs().max() / array(merged[name]).abs().max()))
+        assert float((array(base[name]) - array(merged[name])).abs().max()) > 0  # the adapter changed this tensor
+    assert worst < 2e-3, worst  # float16 halves against the float32 merge
+
+
+def test_what_a_lora_gguf_cannot_hold_is_refused_and_rslora_gets_its_own_scale(tmp_path):
+    from unsloth_mgpu_cli.errors import UserError
+    from unsloth_mgpu_cli.gguf_export import check_lora_adapter
+
+    config = {"r": 16, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    for extra, needle in (
+        ({"use_dora": True}, "a DoRA adapter"),
+        ({"rank_pattern": {"q_proj": 8}}, "per-module ranks or alphas"),
+        ({"modules_to_save": ["lm_head"]}, "whole trained modules (lm_head)"),
+        ({"target_modules": ["q_proj", "embed_tokens"]}, "LoRA on embed_tokens"),
+    ):
+        (tmp_path / "adapter_config.json").write_text(json.dumps(config | extra))
+        with pytest.raises(UserError) as err:
+            check_lora_adapter(tmp_path)
+        assert needle in str(err.value) and "--format gguf" in str(err.value), str(err.value)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    assert check_lora_adapter(tmp_path)[1] == 16.0
+    # rsLoRA scales by alpha / sqrt(r); llama.cpp by alpha / r: the file holds alpha x sqrt(r)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"use_rslora": True}))
+    assert check_lora_adapter(tmp_path)[1] == 64.0
 
 
 KINDS = ["mistral", "qwen2", "llama3-rope"]
@@ -440,7 +515,9 @@ def test_bad_gguf_arguments_and_models_exit_2_before_anything_loads(tmp_path):
     assert_user_error(run_mgpu("export", str(run), "--format", "gguf", "--quant", "q4_k_m"), "--quant", "q8_0")
     assert_user_error(run_mgpu("export", str(run), "--format", "gguf", "--dtype", "float16"), "--dtype", "--quant f16")
     assert_user_error(run_mgpu("export", str(run), "--quant", "q8_0"), "--quant", "--format gguf")
-    assert_user_error(run_mgpu("export", str(run), "--format", "onnx"), "--format", "hf or gguf")
+    assert_user_error(run_mgpu("export", str(run), "--format", "onnx"), "--format", "hf, gguf or gguf-lora")
+    proc = run_mgpu("export", str(run), "--format", "gguf-lora")
+    assert_user_error(proc, "is a full fine-tune: it has no adapter to write as a LoRA GGUF", "--format gguf")
     proc = run_mgpu("export", str(run), "--format", "gguf", "--output", str(tmp_path / "model.gguf"))
     assert_user_error(proc, "--output", "expected a folder, found a file name", f"named {run.name}.Q8_0.gguf")
     config = run / "model" / "config.json"
@@ -510,12 +587,13 @@ def test_output_export_writes_both_exports_when_training_ends(tmp_path):
         "training.max_steps=2",
         "distributed.num_gpus=1",
         f"output.dir={out}",
-        "output.export=[hf,gguf]",
+        "output.export=[hf,gguf,gguf-lora]",
         "output.gguf_quant=f16",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[export" in proc.stdout and f"wrote {out / 'gguf' / 'run.F16.gguf'}" in proc.stdout
     assert (out / "merged" / "model.safetensors").is_file() and (out / "gguf" / "run.F16.gguf").is_file()
+    assert (out / "gguf" / "run.LoRA.F16.gguf").is_file()  # beside the merged file, in the same folder
     assert "earlier adapter" not in proc.stdout
 
 
@@ -531,6 +609,11 @@ def test_output_export_that_would_fail_is_refused_before_training(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["merged"]  # nothing trained, nothing written
     full = run_mgpu("validate", str(QUICKSTART), "lora=null", "output.export=[hf]")
     assert_user_error(full, "output.export", "a full fine-tune already writes the HF model")
+    full = run_mgpu("validate", str(QUICKSTART), "lora=null", "output.export=[gguf-lora]")
+    assert_user_error(full, "output.export", "a full fine-tune has no adapter to write as a LoRA GGUF")
+    proc = run_mgpu("train", str(QUICKSTART), f"output.dir={out}", "output.export=[gguf-lora]", "lora.use_dora=true")
+    assert_user_error(proc, "output.export", "the gguf-lora export would fail", "a DoRA adapter cannot be a LoRA GGUF")
+    assert sorted(p.name for p in out.iterdir()) == ["merged"]
 
 
 @pytest.mark.integration

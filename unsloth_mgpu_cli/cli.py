@@ -287,11 +287,14 @@ def export(
         str,
         typer.Option(
             "--format",
-            help="hf: a merged HF model (transformers, vLLM); gguf: one .gguf file (llama.cpp, Ollama, LM Studio).",
+            help="hf: a merged HF model (transformers, vLLM); gguf: one .gguf file (llama.cpp, Ollama, LM Studio); "
+            "gguf-lora: the adapter alone as a LoRA GGUF, applied over the base's GGUF (llama.cpp --lora, Ollama "
+            "ADAPTER).",
         ),
     ] = "hf",
     quant: Annotated[
-        str | None, typer.Option("--quant", help="--format gguf: q8_0 (default) | f16 | bf16 | f32.")
+        str | None,
+        typer.Option("--quant", help="--format gguf: q8_0 (default) | f16 | bf16 | f32; gguf-lora: f16 (default)."),
     ] = None,
 ) -> None:
     """Merge the trained adapter into its base model and save it: a plain HF model, or a GGUF file."""
@@ -303,9 +306,11 @@ def export(
         typer.echo(f"[{time.monotonic() - t0:5.1f} s] {message}")
 
     try:
-        if fmt not in ("hf", "gguf"):
-            raise UserError(Problem("argument --format", f"expected hf or gguf, found {fmt!r}"), "invalid arguments")
-        if fmt == "gguf" and dtype is not None:
+        if fmt not in ("hf", "gguf", "gguf-lora"):
+            raise UserError(
+                Problem("argument --format", f"expected hf, gguf or gguf-lora, found {fmt!r}"), "invalid arguments"
+            )
+        if fmt.startswith("gguf") and dtype is not None:
             raise UserError(
                 Problem(
                     "argument --dtype",
@@ -323,6 +328,10 @@ def export(
             from .export import export_gguf
 
             path = export_gguf(output_dir, output, quant or "q8_0", say=say)
+        elif fmt == "gguf-lora":
+            from .export import export_gguf_lora
+
+            path = export_gguf_lora(output_dir, output, quant or "f16", say=say)
         else:
             from .export import export_merged
 
@@ -336,6 +345,12 @@ def export(
         say(
             f"wrote {path} ({quant or 'q8_0'}, {size_text(path.stat().st_size)}); run it with "
             f"`llama-cli -m {path}` or an Ollama Modelfile `FROM {path}`"
+        )
+        return
+    if fmt == "gguf-lora":
+        say(
+            f"wrote {path} ({quant or 'f16'}, {size_text(path.stat().st_size)}); apply it over the base model's GGUF "
+            f"with `llama-cli -m BASE.gguf --lora {path}` or an Ollama Modelfile `FROM BASE.gguf` + `ADAPTER {path}`"
         )
         return
     size = size_text(sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()))

@@ -406,30 +406,100 @@ def export_gguf(
         complete_sentencepiece_files(tokenizer_dir, tokenizer, lambda: _run_sentencepiece_source(run, weights, base))
         plan = plan_conversion(config, tokenizer, tokenizer_dir, where)
         model = _load_merged(run, weights, base, "float32", say)
-        marker = {"tool": "unsloth-mgpu", "version": __version__, "run": str(run.resolve()), "gguf": name}
         dataset = _resolved_recipe(run).get("dataset") or {}
         modelfile = ollama_modelfile(name, getattr(tokenizer, "eos_token", None), dataset)
-        try:
-            if dest.is_dir() and any(dest.iterdir()):  # an earlier export (check_export_dest): the file joins it
-                part = dest / f".{name}.part-{os.getpid()}"
-                try:
-                    state = model.state_dict()
-                    write_gguf(state, tokenizer_dir, tokenizer, plan, part, quant, run.resolve().name, say, shown=name)
-                    os.replace(part, dest / name)
-                    part.write_text(modelfile)
-                    os.replace(part, dest / "Modelfile")
-                finally:
-                    part.unlink(missing_ok=True)
-                (dest / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-            else:
-                with atomic_dir(dest, may_replace=lambda d: is_export(d, run)) as tmp:
-                    write_gguf(
-                        model.state_dict(), tokenizer_dir, tokenizer, plan, tmp / name, quant, run.resolve().name, say
-                    )
-                    (tmp / "Modelfile").write_text(modelfile)
-                    (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        except OSError as exc:
-            raise _cannot_write(dest, exc) from exc
+
+        def write(path: Path, shown: str | None) -> None:
+            state = model.state_dict()
+            write_gguf(state, tokenizer_dir, tokenizer, plan, path, quant, run.resolve().name, say, shown=shown)
+
+        _write_into_gguf_folder(run, dest, name, write, {"Modelfile": modelfile})
+    return dest / name
+
+
+def _write_into_gguf_folder(
+    run: Path, dest: Path, name: str, write: Callable[[Path, str | None], None], beside: dict[str, str]
+) -> None:
+    """`write(path, shown)` the file `name` into `dest`, with the text files `beside` it: into an earlier export
+    (check_export_dest allowed it) the file joins the others, each file replaced whole; else the folder appears
+    whole or not at all."""
+    marker = {"tool": "unsloth-mgpu", "version": __version__, "run": str(run.resolve()), "gguf": name}
+    try:
+        if dest.is_dir() and any(dest.iterdir()):  # an earlier export (check_export_dest): the file joins it
+            part = dest / f".{name}.part-{os.getpid()}"
+            try:
+                write(part, name)
+                os.replace(part, dest / name)
+                for file, text in beside.items():
+                    part.write_text(text)
+                    os.replace(part, dest / file)
+            finally:
+                part.unlink(missing_ok=True)
+            (dest / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        else:
+            with atomic_dir(dest, may_replace=lambda d: is_export(d, run)) as tmp:
+                write(tmp / name, None)
+                for file, text in beside.items():
+                    (tmp / file).write_text(text)
+                (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    except OSError as exc:
+        raise _cannot_write(dest, exc) from exc
+
+
+def export_gguf_lora(
+    output_dir: Path, dest: Path | None = None, quant: str = "f16", say: Callable[[str], None] | None = None
+) -> Path:
+    """Write the run's LoRA adapter as a LoRA GGUF `<run>.LoRA.<QUANT>.gguf` in `dest` (default
+    `<output_dir>/gguf`), for llama.cpp's `--lora` or Ollama's ADAPTER over the base model's own GGUF
+    (gguf_export.write_lora_gguf). Refusals (arguments, destination, architecture, adapter) come before anything
+    is written; the base's weights are never loaded, only its config."""
+    from .gguf_export import QUANTS, GgufPlan, check_lora_adapter, check_model, lora_file_name, write_lora_gguf
+
+    say = say or (lambda message: None)
+    if quant not in QUANTS:
+        raise UserError(
+            Problem("argument --quant", f"expected one of {', '.join(QUANTS)}, found {quant!r}"), "invalid arguments"
+        )
+    run = Path(output_dir).expanduser()
+    if not (run / "adapter" / "adapter_config.json").exists() and (run / "model" / "config.json").exists():
+        raise UserError(
+            Problem(
+                "argument OUTPUT_DIR",
+                f"{run} is a full fine-tune: it has no adapter to write as a LoRA GGUF",
+                f"export the whole model: mgpu export {run} --format gguf",
+            ),
+            "nothing to export",
+        )
+    weights, base = find_adapter(run)
+    check_export_dest(run, dest, base, default_name="gguf")
+    dest = (Path(dest).expanduser() if dest is not None else run / "gguf").resolve()
+    check_lora_adapter(weights)
+    model_cfg = _resolved_recipe(run).get("model") or {}
+    revision = {"revision": model_cfg["revision"]} if model_cfg.get("revision") else {}
+    from .hub import work_offline_if_unreachable
+
+    work_offline_if_unreachable([base])
+    from .models import quiet_library_noise
+
+    quiet_library_noise()
+    from transformers import AutoConfig
+
+    where = str(Path(base) / "config.json") if Path(base).is_dir() else f"{base} config.json"
+    try:
+        trust = bool(model_cfg.get("trust_remote_code", False))
+        config = AutoConfig.from_pretrained(base, trust_remote_code=trust, **revision).to_dict()
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            Problem(where, f"cannot read the base model's config: {str(exc).splitlines()[0]}"), "cannot export"
+        ) from exc
+    arch, permute, rope = check_model(config, where)
+    plan = GgufPlan(arch, permute, config, rope, pre="")
+    name = lora_file_name(run, quant)
+
+    def write(path: Path, shown: str | None) -> None:
+        write_lora_gguf(weights, plan, path, quant, run.resolve().name, say, shown=shown)
+
+    _write_into_gguf_folder(run, dest, name, write, {})
     return dest / name
 
 
@@ -449,6 +519,8 @@ def check_recipe_exports(recipe: Any) -> None:
     for kind in exports:
         try:
             check_export_dest(run, None, base, default_name="merged" if kind == "hf" else "gguf")
+            if kind == "gguf-lora":
+                _check_recipe_lora_gguf(recipe, base)
         except UserError as exc:
             raise _as_recipe_problem(exc, kind) from None
     if "gguf" in exports:
@@ -476,6 +548,33 @@ def check_recipe_exports(recipe: Any) -> None:
                 raise _as_recipe_problem(exc, "gguf") from None
 
 
+def _check_recipe_lora_gguf(recipe: Any, base: str) -> None:
+    """Before training: what gguf_export.check_lora_adapter will refuse in the adapter, and the base's architecture
+    (its config, where it can be read here: else the export names the problem when training ends)."""
+    from .gguf_export import check_model
+
+    lora = recipe.lora
+    heads = [t for t in lora.target_modules if t.rsplit(".", 1)[-1] in ("embed_tokens", "lm_head")]
+    merged = "export the merged model instead (gguf)"
+    if lora.use_dora:
+        raise UserError(Problem("lora.use_dora", "a DoRA adapter cannot be a LoRA GGUF", merged), "cannot export")
+    if heads:
+        raise UserError(
+            Problem("lora.target_modules", f"LoRA on {', '.join(heads)} cannot be in a LoRA GGUF", merged),
+            "cannot export",
+        )
+    from transformers import AutoConfig
+
+    options: dict[str, Any] = {"trust_remote_code": recipe.model.trust_remote_code}
+    if recipe.model.revision:
+        options["revision"] = recipe.model.revision
+    try:
+        config = AutoConfig.from_pretrained(base, **options).to_dict()
+    except (OSError, ValueError):
+        return
+    check_model(config, f"model.name ({recipe.model.name})")
+
+
 def _as_recipe_problem(exc: UserError, kind: str) -> UserError:
     """An export's refusal, said of the recipe key that asked for the export."""
     first = exc.problems[0]
@@ -493,6 +592,8 @@ def run_recipe_exports(recipe: Any, say: Callable[[str], None]) -> list[Path]:
     for kind in dict.fromkeys(recipe.output.export):
         if kind == "hf":
             written.append(export_merged(run, None, recipe.output.export_dtype, say=say))
+        elif kind == "gguf-lora":
+            written.append(export_gguf_lora(run, None, "f16", say=say))
         else:
             written.append(export_gguf(run, None, recipe.output.gguf_quant, say=say))
     return written

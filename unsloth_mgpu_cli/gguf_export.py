@@ -431,7 +431,6 @@ def write_gguf(
 
     Returns how many tensors went out in each GGML type (e.g. {"Q8_0": 14, "F32": 5})."""
     import gguf
-    import numpy as np
     import torch
 
     say = say or (lambda message: None)
@@ -441,12 +440,6 @@ def write_gguf(
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    }[quant]
-    wanted = {
-        "f32": gguf.GGMLQuantizationType.F32,
-        "f16": gguf.GGMLQuantizationType.F16,
-        "bf16": gguf.GGMLQuantizationType.BF16,
-        "q8_0": gguf.GGMLQuantizationType.Q8_0,
     }[quant]
     arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == plan.arch)
     n_layers = hp["num_hidden_layers"]
@@ -476,25 +469,7 @@ def write_gguf(
         tensors.append((new, data))
 
     writer = gguf.GGUFWriter(path=None, arch=plan.arch)
-    counts: dict[str, int] = {}
-    total = 0
-    say(f"converting {len(tensors)} tensors to {quant}")
-    with work_progress(len(tensors), "converting", unit="tensors", minimum=PROGRESS_TENSORS) as advance:
-        for new, data in tensors:
-            array = data.numpy()
-            qtype = wanted
-            if array.ndim <= 1 or new.endswith("_norm.weight") or not new.endswith(".weight"):
-                qtype = gguf.GGMLQuantizationType.F32  # norms, biases and rope factors stay float32 for llama.cpp
-            try:
-                out = gguf.quants.quantize(array, qtype)
-            except gguf.QuantError:  # a row not a multiple of the block size: float16, the converter's fallback
-                qtype = gguf.GGMLQuantizationType.F16
-                out = gguf.quants.quantize(array, qtype)
-            writer.add_tensor(new, out, raw_dtype=qtype)
-            counts[qtype.name] = counts.get(qtype.name, 0) + 1
-            if new != rope_freqs:
-                total += int(np.prod(array.shape))
-            advance(1)
+    counts, total = _add_tensors(writer, tensors, quant, say, skip_count=(rope_freqs,))
 
     # general.*, as the converter's metadata writes them for a model with no model card
     writer.add_type(gguf.GGUFType.MODEL)
@@ -514,6 +489,43 @@ def write_gguf(
     writer.write_tensors_to_file(progress=False)
     writer.close()
     return counts
+
+
+def _add_tensors(
+    writer: Any, tensors: list[tuple[str, Any]], quant: str, say: Callable[[str], None], skip_count: tuple = ()
+) -> tuple[dict[str, int], int]:
+    """Quantise and add `tensors` (GGUF name, float32 tensor) as the converter's prepare_tensors does: norms, 1-D
+    tensors and anything but a weight or a LoRA half stay float32; a row that is not a multiple of the block size
+    falls back to float16. Returns (tensors per GGML type, parameters outside `skip_count`)."""
+    import gguf
+    import numpy as np
+
+    wanted = {
+        "f32": gguf.GGMLQuantizationType.F32,
+        "f16": gguf.GGMLQuantizationType.F16,
+        "bf16": gguf.GGMLQuantizationType.BF16,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    }[quant]
+    counts: dict[str, int] = {}
+    total = 0
+    say(f"converting {len(tensors)} tensors to {quant}")
+    with work_progress(len(tensors), "converting", unit="tensors", minimum=PROGRESS_TENSORS) as advance:
+        for new, data in tensors:
+            array = data.numpy()
+            qtype = wanted
+            if array.ndim <= 1 or new.endswith("_norm.weight") or not new.endswith((".weight", ".lora_a", ".lora_b")):
+                qtype = gguf.GGMLQuantizationType.F32  # norms, biases and rope factors stay float32 for llama.cpp
+            try:
+                out = gguf.quants.quantize(array, qtype)
+            except gguf.QuantError:  # a row not a multiple of the block size: float16, the converter's fallback
+                qtype = gguf.GGMLQuantizationType.F16
+                out = gguf.quants.quantize(array, qtype)
+            writer.add_tensor(new, out, raw_dtype=qtype)
+            counts[qtype.name] = counts.get(qtype.name, 0) + 1
+            if new not in skip_count:
+                total += int(np.prod(array.shape))
+            advance(1)
+    return counts, total
 
 
 def _add_hyperparameters(writer: Any, plan: GgufPlan, file_type: Any) -> None:
@@ -616,3 +628,105 @@ def _add_tokenizer(writer: Any, plan: GgufPlan, tokenizer: Any, tokenizer_dir: P
         writer.add_add_bos_token(False)
     if plan.arch == "gemma2":
         writer.add_add_space_prefix(False)
+
+
+def lora_file_name(run: Path, quant: str) -> str:
+    return f"{Path(run).resolve().name or 'model'}.LoRA.{quant.upper()}.gguf"
+
+
+def check_lora_adapter(adapter_dir: Path) -> tuple[dict[str, Any], float]:
+    """The adapter's config and the alpha llama.cpp must be given, or a UserError for what a LoRA GGUF cannot hold.
+
+    llama.cpp scales every pair by alpha / rank (the rank read from the tensors): an rsLoRA adapter (alpha /
+    sqrt(rank)) gets alpha x sqrt(rank), so that the product is its own scale. DoRA's magnitudes, per-module ranks
+    or alphas, and whole trained modules (modules_to_save, LoRA on the embeddings or the head) have no place in
+    the file: the merged GGUF export (--format gguf) carries them."""
+    config_file = adapter_dir / "adapter_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    merged = "export the merged model instead: `mgpu export OUTPUT_DIR --format gguf`"
+
+    def refuse(message: str) -> None:
+        raise UserError(Problem(str(config_file), message, merged), "cannot export")
+
+    if config.get("use_dora"):
+        refuse("a DoRA adapter: its magnitude vectors have no place in a LoRA GGUF")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        refuse("per-module ranks or alphas (rank_pattern, alpha_pattern): a LoRA GGUF holds one alpha")
+    if config.get("modules_to_save"):
+        refuse(f"whole trained modules ({', '.join(config['modules_to_save'])}): a LoRA GGUF holds LoRA pairs only")
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    heads = [t for t in targets if t.rsplit(".", 1)[-1] in ("embed_tokens", "lm_head")]
+    if heads:
+        refuse(f"LoRA on {', '.join(heads)}: llama.cpp's LoRA GGUF export covers the decoder layers' projections")
+    alpha = float(config["lora_alpha"])
+    if config.get("use_rslora"):
+        alpha *= math.sqrt(float(config["r"]))
+    return config, alpha
+
+
+def write_lora_gguf(
+    adapter_dir: Path,
+    plan: GgufPlan,
+    path: Path,
+    quant: str,
+    name: str,
+    say: Callable[[str], None] | None = None,
+    shown: str | None = None,
+) -> dict[str, int]:
+    """Write the PEFT adapter in `adapter_dir` as a LoRA GGUF for the base `plan` describes (llama.cpp's `--lora`,
+    Ollama's ADAPTER), as llama.cpp's convert_lora_to_gguf.py writes it: each pair as `<tensor>.lora_a` /
+    `.lora_b` under the base's tensor names, B's rows in llama.cpp's q/k order, general.* from the adapter's model
+    card, `adapter.lora.alpha`. `name`: general.name where the model card gives none."""
+    import gguf
+    import torch
+    from safetensors.torch import load_file
+
+    say = say or (lambda message: None)
+    _, alpha = check_lora_adapter(adapter_dir)
+    hp = plan.hparams
+    n_head, n_head_kv = hp["num_attention_heads"], hp.get("num_key_value_heads")
+    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == plan.arch)
+    names = gguf.get_tensor_name_map(arch_enum, hp["num_hidden_layers"])
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, value in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
+        half = "a" if ".lora_A.weight" in key else "b" if ".lora_B.weight" in key else None
+        base = key.replace("base_model.model.", "").replace(f".lora_{(half or '').upper()}.weight", ".weight")
+        if half is None:
+            raise UserError(
+                Problem(key, "not a LoRA tensor (lora_A or lora_B)", "export the merged model: --format gguf"),
+                "cannot export",
+            )
+        pairs.setdefault(base, {})[half] = value.detach().to(torch.float32)
+    tensors: list[tuple[str, Any]] = []
+    for base, halves in pairs.items():
+        new = names.get_name(base, try_suffixes=(".weight", ".bias"))
+        if new is None or set(halves) != {"a", "b"}:
+            what = f"no GGUF name for this {plan.arch} tensor" if new is None else "half a LoRA pair"
+            raise UserError(Problem(base, what, CONVERTER_ROUTE), "cannot export")
+        b = halves["b"]
+        if plan.permute and base.endswith("q_proj.weight"):
+            b = permute_qk(b, n_head, n_head)  # W = B A: its rows reorder with B's
+        elif plan.permute and base.endswith("k_proj.weight"):
+            b = permute_qk(b, n_head, n_head_kv)
+        tensors += [(new + ".lora_a", halves["a"]), (new + ".lora_b", b)]
+
+    writer = gguf.GGUFWriter(path=None, arch=plan.arch)
+    counts, _ = _add_tensors(writer, tensors, quant, say)
+    # general.*, as the converter's prepare_metadata writes them from the adapter's model card (PEFT's README.md)
+    total = writer.get_total_parameter_count()
+    metadata = gguf.Metadata.load(None, adapter_dir, None, total[0])
+    metadata.name = metadata.name or name
+    if metadata.size_label is None and total[0] > 0:
+        metadata.size_label = gguf.size_label(*total)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    metadata.set_gguf_meta_model(writer)
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    say(f"writing {shown or path.name}: {', '.join(f'{n} {k}' for k, n in counts.items())} tensors")
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()
+    return counts

@@ -568,11 +568,12 @@ class OutputSection(_Section):
         "kept in <output.dir>/best as they are found, rather than the last step's (transformers' "
         "load_best_model_at_end); needs training.eval_steps. Checkpoints keep the last step's for resuming.",
     )
-    export: list[Literal["hf", "gguf"]] = Field(
+    export: list[Literal["hf", "gguf", "gguf-lora"]] = Field(
         default_factory=list,
         description="Exports written on node 0 when training ends, as `mgpu export` writes them: hf (the adapter "
-        "merged into the base: <output.dir>/merged, in output.export_dtype) and gguf (<output.dir>/gguf/"
-        "<name>.<QUANT>.gguf for llama.cpp and Ollama, in output.gguf_quant). Checked before training starts.",
+        "merged into the base: <output.dir>/merged, in output.export_dtype), gguf (<output.dir>/gguf/"
+        "<name>.<QUANT>.gguf for llama.cpp and Ollama, in output.gguf_quant) and gguf-lora (the adapter alone: "
+        "<output.dir>/gguf/<name>.LoRA.F16.gguf, over the base's GGUF). Checked before training starts.",
     )
     export_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="The dtype of output.export's hf export (mgpu export --dtype)."
@@ -631,6 +632,13 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:
         problems: list[tuple[str, str]] = []
+        if self.lora is None and "gguf-lora" in self.output.export:
+            problems.append(
+                (
+                    "output.export",
+                    "a full fine-tune has no adapter to write as a LoRA GGUF: drop gguf-lora (gguf writes the model)",
+                )
+            )
         if self.lora is None and "hf" in self.output.export:
             problems.append(
                 (
