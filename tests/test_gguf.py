@@ -253,8 +253,6 @@ def test_the_lora_gguf_is_what_llama_cpps_lora_converter_writes_and_adds_up_to_t
 ):
     """`--format gguf-lora`: the adapter alone, key for key and tensor for tensor as convert_lora_to_gguf.py writes
     it; and base + alpha / r x B A, per pair as llama.cpp applies it, gives the merged GGUF's weights."""
-    import gguf
-
     proc = run_mgpu("export", str(run), "--format", "gguf-lora", "--quant", quant, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     ours = run / "gguf" / f"run.LoRA.{quant.upper()}.gguf"
@@ -263,11 +261,19 @@ def test_the_lora_gguf_is_what_llama_cpps_lora_converter_writes_and_adds_up_to_t
     kv, tensors = read(ours)
     assert kv["general.type"] == "adapter" and kv["adapter.type"] == "lora" and kv["adapter.lora.alpha"] == 16.0
     assert len(tensors) == 2 * 7 * 2  # a pair for each of the seven projections of both layers
-    if quant != "f16":
-        return
-    lora = {t.name: t for t in gguf.GGUFReader(ours).tensors}
-    base = {t.name: t for t in gguf.GGUFReader(reference(converter, builtin, tmp_path / "base.gguf", "f32")).tensors}
-    merged = {t.name: t for t in gguf.GGUFReader(run / "gguf" / "run.F32.gguf").tensors}
+    if quant == "f16":
+        base = reference(converter, builtin, tmp_path / "base.gguf", "f32")
+        assert lora_applied_vs_merged(ours, base, run / "gguf" / "run.F32.gguf") < 2e-3  # f16 halves, f32 merge
+
+
+def lora_applied_vs_merged(lora_file: Path, base_file: Path, merged_file: Path) -> float:
+    """The largest relative difference between base + alpha / r x B A (each pair of the LoRA GGUF applied as
+    llama.cpp applies it, to the base GGUF's tensor) and the merged GGUF's tensor; asserts that every pair changed
+    its tensor."""
+    import gguf
+
+    alpha = float(gguf.GGUFReader(lora_file).fields["adapter.lora.alpha"].contents())
+    lora, base, merged = ({t.name: t for t in gguf.GGUFReader(f).tensors} for f in (lora_file, base_file, merged_file))
 
     def array(t) -> torch.Tensor:  # a tensor as its GGML rows (ne reversed), in float32
         return torch.from_numpy(np.array(t.data, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)]))
@@ -275,10 +281,37 @@ def test_the_lora_gguf_is_what_llama_cpps_lora_converter_writes_and_adds_up_to_t
     worst = 0.0
     for name in (n[: -len(".lora_a")] for n in lora if n.endswith(".lora_a")):
         a, b = array(lora[name + ".lora_a"]), array(lora[name + ".lora_b"])
-        applied = array(base[name]) + 16.0 / a.shape[0] * (b @ a)
-        worst = max(worst, float((applied - array(merged[name])).abs().max() / array(merged[name]).abs().max()))
-        assert float((array(base[name]) - array(merged[name])).abs().max()) > 0  # the adapter changed this tensor
-    assert worst < 2e-3, worst  # float16 halves against the float32 merge
+        applied, want = array(base[name]) + alpha / a.shape[0] * (b @ a), array(merged[name])
+        worst = max(worst, float((applied - want).abs().max() / want.abs().max()))
+        assert float((array(base[name]) - want).abs().max()) > 0  # the adapter changed this tensor
+    return worst
+
+
+@pytest.mark.integration
+def test_an_rslora_adapters_lora_gguf_adds_up_to_its_merged_model(tmp_path):
+    """rsLoRA scales by alpha / sqrt(r), llama.cpp by alpha / r: the file's alpha makes up the difference (the
+    converter's file, with alpha as it is, put llama.cpp 1.46 of the largest logit from the merged model)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    builtin = ensure_builtin_model("builtin:tiny-llama")
+    run, base = tmp_path / "rs", tmp_path / "base"
+    torch.manual_seed(1)
+    config = LoraConfig(r=16, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "down_proj"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(builtin)), config)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+    model.save_pretrained(str(run / "adapter"))
+    AutoTokenizer.from_pretrained(str(builtin)).save_pretrained(str(run / "adapter"))
+    (run / "recipe.resolved.yaml").write_text(f"model:\n  name: {builtin}\n")
+    shutil.copytree(builtin, base / "model")  # the base as a full fine-tune's run, for its own GGUF
+    for folder, args in ((run, ["gguf"]), (run, ["gguf-lora"]), (base, ["gguf"])):
+        proc = run_mgpu("export", str(folder), "--format", *args, "--quant", "f32", timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lora = run / "gguf" / "rs.LoRA.F32.gguf"
+    assert read(lora)[0]["adapter.lora.alpha"] == 64.0  # 16 x sqrt(16)
+    assert lora_applied_vs_merged(lora, base / "gguf" / "base.F32.gguf", run / "gguf" / "rs.F32.gguf") < 1e-5
 
 
 def test_what_a_lora_gguf_cannot_hold_is_refused_and_rslora_gets_its_own_scale(tmp_path):
