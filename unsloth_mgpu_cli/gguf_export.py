@@ -19,6 +19,9 @@ weights load, with the route that does cover them: the merged HF export and llam
 Quantisation: q8_0, f16, bf16, f32 (what the converter writes itself); smaller k-quants come from llama.cpp's
 `llama-quantize`, which takes this file. Beside it goes an Ollama `Modelfile` for the file last written
 (`ollama_modelfile`).
+
+`mgpu export OUTPUT_DIR --format gguf-lora` writes the adapter alone (`write_lora_gguf`), as llama.cpp's
+`convert_lora_to_gguf.py` does, for `llama-cli --lora` or Ollama's ADAPTER over the base's own GGUF.
 """
 
 from __future__ import annotations
