@@ -288,7 +288,7 @@ def lora_applied_vs_merged(lora_file: Path, base_file: Path, merged_file: Path) 
 
 
 @pytest.mark.integration
-def test_an_rslora_adapters_lora_gguf_adds_up_to_its_merged_model(tmp_path):
+def test_an_rslora_adapters_lora_gguf_adds_up_to_its_merged_model(tmp_path):  # in this process: no CLI startups
     """rsLoRA scales by alpha / sqrt(r), llama.cpp by alpha / r: the file's alpha makes up the difference (the
     converter's file, with alpha as it is, put llama.cpp 1.46 of the largest logit from the merged model)."""
     from peft import LoraConfig, get_peft_model
@@ -306,12 +306,15 @@ def test_an_rslora_adapters_lora_gguf_adds_up_to_its_merged_model(tmp_path):
     AutoTokenizer.from_pretrained(str(builtin)).save_pretrained(str(run / "adapter"))
     (run / "recipe.resolved.yaml").write_text(f"model:\n  name: {builtin}\n")
     shutil.copytree(builtin, base / "model")  # the base as a full fine-tune's run, for its own GGUF
-    for folder, args in ((run, ["gguf"]), (run, ["gguf-lora"]), (base, ["gguf"])):
-        proc = run_mgpu("export", str(folder), "--format", *args, "--quant", "f32", timeout=300)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    lora = run / "gguf" / "rs.LoRA.F32.gguf"
-    assert read(lora)[0]["adapter.lora.alpha"] == 64.0  # 16 x sqrt(16)
-    assert lora_applied_vs_merged(lora, base / "gguf" / "base.F32.gguf", run / "gguf" / "rs.F32.gguf") < 1e-5
+    from unsloth_mgpu_cli.export import export_gguf, export_gguf_lora
+
+    merged, lora, base_file = (
+        export_gguf(run, None, "f32"),
+        export_gguf_lora(run, None, "f32"),
+        export_gguf(base, None, "f32"),
+    )
+    assert lora.name == "rs.LoRA.F32.gguf" and read(lora)[0]["adapter.lora.alpha"] == 64.0  # 16 x sqrt(16)
+    assert lora_applied_vs_merged(lora, base_file, merged) < 1e-5
 
 
 def test_what_a_lora_gguf_cannot_hold_is_refused_and_rslora_gets_its_own_scale(tmp_path):
@@ -423,11 +426,12 @@ def test_sentencepiece_models_match_llama_cpps_converter_on_the_base_and_load_ba
     piece scores llama.cpp's tokenizer merges by) and gives the file the converter writes from the base's folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from unsloth_mgpu_cli.export import export_gguf
+
     base = sentencepiece_base(kind, tmp_path)
     run = full_fine_tune_of(base, tmp_path / f"tiny-{kind}")
-    proc = run_mgpu("export", str(run), "--format", "gguf", "--quant", "f32", timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    ours = run / "gguf" / f"{run.name}.F32.gguf"
+    ours = export_gguf(run, None, "f32")  # in this process (the CLI's path is the tests above and below)
+    assert ours == run / "gguf" / f"{run.name}.F32.gguf"
     assert differences(ours, reference(converter, base, tmp_path / "ref.gguf", "f32")) == []
     kv, _ = read(ours)
     assert (kv["tokenizer.ggml.model"], kv["tokenizer.ggml.pre"]) == ("llama", "default")
@@ -471,12 +475,10 @@ def test_a_lora_run_on_a_sentencepiece_base_exports_its_tokenizer_model_in_both_
     model.save_pretrained(str(run / "adapter"))
     AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(run / "adapter"))
     (run / "recipe.resolved.yaml").write_text(f"model:\n  name: {base}\n")
-    for args in (["--dtype", "float32"], ["--format", "gguf", "--quant", "f32"]):
-        proc = run_mgpu("export", str(run), *args, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    merged = run / "merged"
+    from unsloth_mgpu_cli.export import export_gguf, export_merged
+
+    merged, ours = export_merged(run, None, "float32"), export_gguf(run, None, "f32")  # in this process
     assert (merged / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
-    ours = run / "gguf" / "lora.F32.gguf"
     assert differences(ours, reference(converter, merged, tmp_path / "ref.gguf", "f32")) == []
     # the control: the base's file differs from the merged model's in the adapted tensors only
     other = differences(ours, reference(converter, base, tmp_path / "base.gguf", "f32"))
@@ -499,13 +501,15 @@ def test_a_sentencepiece_tokenizer_without_its_model_or_with_anothers_is_refused
     proc = run_mgpu("train", str(QUICKSTART), *args)
     assert_user_error(proc, "output.export", f"model.name ({base})", "without its tokenizer.model")
     assert not out.exists()
+    from unsloth_mgpu_cli.errors import UserError
+    from unsloth_mgpu_cli.export import export_gguf
+
     (run / "model" / "tokenizer.model").write_bytes(sentencepiece_model("llama2"))  # another tokenizer's model
-    proc = run_mgpu("export", str(run), "--format", "gguf")
-    assert_user_error(proc, "this SentencePiece model is not the run's tokenizer", "id 0 is '<unk>'", "'<pad>'")
+    with pytest.raises(UserError, match=r"this SentencePiece model is not the run's tokenizer: id 0 is '<unk>'"):
+        export_gguf(run)  # in this process, as the rest of this test
     assert not (run / "gguf").exists()
     (run / "model" / "tokenizer.model").write_bytes(model_file)  # the right one, copied in as the hint says
-    proc = run_mgpu("export", str(run), "--format", "gguf")
-    assert proc.returncode == 0 and (run / "gguf" / "run.Q8_0.gguf").is_file(), proc.stdout[-2000:] + proc.stderr
+    assert export_gguf(run) == run / "gguf" / "run.Q8_0.gguf"
 
 
 def test_llama3_rope_factors_are_transformers_llama3_scaling():
@@ -644,9 +648,15 @@ def test_output_export_that_would_fail_is_refused_before_training(tmp_path):
     assert_user_error(full, "output.export", "a full fine-tune already writes the HF model")
     full = run_mgpu("validate", str(QUICKSTART), "lora=null", "output.export=[gguf-lora]")
     assert_user_error(full, "output.export", "a full fine-tune has no adapter to write as a LoRA GGUF")
-    proc = run_mgpu("train", str(QUICKSTART), f"output.dir={out}", "output.export=[gguf-lora]", "lora.use_dora=true")
-    assert_user_error(proc, "output.export", "the gguf-lora export would fail", "a DoRA adapter cannot be a LoRA GGUF")
-    assert sorted(p.name for p in out.iterdir()) == ["merged"]
+    from unsloth_mgpu_cli.errors import UserError
+    from unsloth_mgpu_cli.export import check_recipe_exports
+    from unsloth_mgpu_cli.recipe import load_recipe
+
+    dora = load_recipe(
+        QUICKSTART, [f"output.dir={tmp_path / 'dora'}", "output.export=[gguf-lora]", "lora.use_dora=true"]
+    )
+    with pytest.raises(UserError, match="the gguf-lora export would fail .*a DoRA adapter cannot be a LoRA GGUF"):
+        check_recipe_exports(dora.recipe)  # what `mgpu train` runs before training, as above
 
 
 @pytest.mark.integration

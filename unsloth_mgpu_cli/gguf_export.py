@@ -694,12 +694,12 @@ def write_lora_gguf(
     pairs: dict[str, dict[str, Any]] = {}
     for key, value in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
         half = "a" if ".lora_A.weight" in key else "b" if ".lora_B.weight" in key else None
-        base = key.replace("base_model.model.", "").replace(f".lora_{(half or '').upper()}.weight", ".weight")
         if half is None:
             raise UserError(
                 Problem(key, "not a LoRA tensor (lora_A or lora_B)", "export the merged model: --format gguf"),
                 "cannot export",
             )
+        base = key.replace("base_model.model.", "").replace(f".lora_{half.upper()}.weight", ".weight")
         pairs.setdefault(base, {})[half] = value.detach().to(torch.float32)
     tensors: list[tuple[str, Any]] = []
     for base, halves in pairs.items():
