@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import EQUIVALENCE_RUN, ROOT, assert_user_error, run_mgpu
+from conftest import EQUIVALENCE_RUN, ROOT, assert_user_error, mgpu_env, run_mgpu
 from sentencepiece_models import SPM_KINDS, SPM_PROMPT, sentencepiece_base, sentencepiece_model
 
 from unsloth_mgpu_cli.gguf_export import QUANTS, llama3_rope_factors, pre_tokenizer
@@ -510,6 +510,31 @@ def test_a_sentencepiece_tokenizer_without_its_model_or_with_anothers_is_refused
     assert not (run / "gguf").exists()
     (run / "model" / "tokenizer.model").write_bytes(model_file)  # the right one, copied in as the hint says
     assert export_gguf(run) == run / "gguf" / "run.Q8_0.gguf"
+
+
+def test_a_hub_bases_tokenizer_model_is_found_in_the_hf_cache_offline_at_the_recipes_revision(tmp_path):
+    """sentencepiece_source for a hub id: the cached snapshot's tokenizer.model (offline, as an export after training
+    runs), at the revision named; None for a repo or revision whose snapshot has none."""
+    import subprocess
+
+    repo = tmp_path / "hub" / "models--acme--spm-7b"
+    for ref, commit, has_model in (("main", "a" * 40, True), ("v2", "b" * 40, False)):
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+        if has_model:
+            (repo / "snapshots" / commit / "tokenizer.model").write_bytes(b"spm " + ref.encode())
+    code = (
+        "from unsloth_mgpu_cli.export import sentencepiece_source as s; "
+        "print(s(['acme/spm-7b'])); print(s(['acme/spm-7b'], 'v2')); print(s(['acme/other']))"
+    )
+    env = mgpu_env(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    found, other_revision, other_repo = out.stdout.strip().splitlines()
+    assert Path(found).read_bytes() == b"spm main"
+    assert (other_revision, other_repo) == ("None", "None")
 
 
 def test_llama3_rope_factors_are_transformers_llama3_scaling():
