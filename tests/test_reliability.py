@@ -402,19 +402,21 @@ def test_ctrl_c_while_data_is_tokenised_beside_the_workers_start_stops_and_leave
     assert not list((tmp_path / "cache").glob("data/*/meta.json"))  # no cache that looks complete
 
 
+def run_probe(script: str, data: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """tests/SCRIPT DATA in a process of its own (the probes fork: not from pytest's), with a data cache of the test's
+    own beside DATA."""
+    env = mgpu_env(UNSLOTH_MGPU_CACHE=str(data.parent / "cache"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "tests" / script), str(data)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def test_ctrl_c_while_a_tokenising_pool_starts_neither_kills_it_nor_prints_a_traceback(tmp_path):
     """The pool's processes ignore SIGINT once their initializer runs; a Ctrl-C before that (here: their start
     slowed by 2 s) ended each with a KeyboardInterrupt traceback, and the pool broke. Born with SIGINT blocked, they
     now take none: the tokenising goes on (the parent's own stop is the tests above)."""
     rows = "".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": str(i)}) + "\n" for i in range(5000))
     (tmp_path / "rows.jsonl").write_text(rows)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "pool_start_probe.py"), str(tmp_path / "rows.jsonl")],
-        env=mgpu_env(UNSLOTH_MGPU_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_probe("pool_start_probe.py", tmp_path / "rows.jsonl", timeout=120)
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0 and lines[-2] == "done", proc.stdout[-2000:] + proc.stderr[-3000:]
     assert json.loads(lines[-1]) == {"pool": 2, "left": []}
@@ -429,13 +431,7 @@ def test_a_data_gate_closed_while_its_child_stops_its_pool_leaves_no_process(tmp
         json.dumps({"instruction": f"Say {i}.", "input": "", "output": str(i)}) + "\n" for i in range(120_000)
     )
     (tmp_path / "big.jsonl").write_text(rows)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "gate_probe.py"), str(tmp_path / "big.jsonl")],
-        env=mgpu_env(UNSLOTH_MGPU_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_probe("gate_probe.py", tmp_path / "big.jsonl", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["pool"] == 2 and result["left"] == [], result

@@ -409,13 +409,10 @@ def check_target_modules(recipe: Recipe, model_path: str) -> None:
     """Refuse LoRA targets the model does not have, before anything loads: a typo such as `q_prj` would otherwise
     fail in every worker after the model loaded. Checked for the Llama-named families (config.json's
     model_type); PEFT matches a dotted name such as `self_attn.q_proj` by its last part."""
-    from .memory import find_config
+    from .memory import model_family
 
-    config = find_config(model_path) if recipe.lora is not None else None
-    try:
-        family = json.loads(config.read_text()).get("model_type") if config is not None else None
-    except (OSError, ValueError, AttributeError):
-        return  # an unreadable config: loading the model will say what is wrong with it
+    # no readable config: loading the model will say what is wrong with it
+    family = model_family(model_path) if recipe.lora is not None else None
     if family not in _LLAMA_NAMED_FAMILIES:
         return
     problems = []

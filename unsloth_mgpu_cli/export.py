@@ -551,17 +551,13 @@ def check_recipe_exports(recipe: Any) -> None:
 def _check_recipe_lora_gguf(recipe: Any, base: str) -> None:
     """Before training: what gguf_export.check_lora_adapter will refuse in the adapter, and the base's architecture
     (its config, where it can be read here: else the export names the problem when training ends)."""
-    from .gguf_export import check_model
+    from .gguf_export import check_model, lora_gguf_refusal
 
     lora = recipe.lora
-    heads = [t for t in lora.target_modules if t.rsplit(".", 1)[-1] in ("embed_tokens", "lm_head")]
-    merged = "export the merged model instead (gguf)"
-    if lora.use_dora:
-        raise UserError(Problem("lora.use_dora", "a DoRA adapter cannot be a LoRA GGUF", merged), "cannot export")
-    if heads:
+    refusal = lora_gguf_refusal({"use_dora": lora.use_dora, "target_modules": list(lora.target_modules)})
+    if refusal is not None:
         raise UserError(
-            Problem("lora.target_modules", f"LoRA on {', '.join(heads)} cannot be in a LoRA GGUF", merged),
-            "cannot export",
+            Problem(f"lora.{refusal[0]}", refusal[1], "export the merged model instead (gguf)"), "cannot export"
         )
     from transformers import AutoConfig
 

@@ -444,9 +444,7 @@ def write_gguf(
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }[quant]
-    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == plan.arch)
-    n_layers = hp["num_hidden_layers"]
-    names = gguf.get_tensor_name_map(arch_enum, n_layers)
+    names = _tensor_names(plan)
     n_head, n_head_kv = hp["num_attention_heads"], hp.get("num_key_value_heads")
 
     tensors: list[tuple[str, Any]] = []
@@ -486,12 +484,26 @@ def write_gguf(
 
     _add_tokenizer(writer, plan, tokenizer, tokenizer_dir)
 
+    _write_file(writer, path, counts, say, shown)
+    return counts
+
+
+def _tensor_names(plan: GgufPlan) -> Any:
+    """The converter's HF -> GGUF tensor name map for the plan's architecture and depth."""
+    import gguf
+
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == plan.arch)
+    return gguf.get_tensor_name_map(arch, plan.hparams["num_hidden_layers"])
+
+
+def _write_file(writer: Any, path: Path, counts: dict[str, int], say: Callable[[str], None], shown: str | None) -> None:
+    """Write what `writer` holds to `path` (header, key-values, tensors); `shown` names it where `path` is a
+    temporary name."""
     say(f"writing {shown or path.name}: {', '.join(f'{n} {k}' for k, n in counts.items())} tensors")
     writer.write_header_to_file(path=path)
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=False)
     writer.close()
-    return counts
 
 
 def _add_tensors(
@@ -637,31 +649,40 @@ def lora_file_name(run: Path, quant: str) -> str:
     return f"{Path(run).resolve().name or 'model'}.LoRA.{quant.upper()}.gguf"
 
 
-def check_lora_adapter(adapter_dir: Path) -> tuple[dict[str, Any], float]:
-    """The adapter's config and the alpha llama.cpp must be given, or a UserError for what a LoRA GGUF cannot hold.
-
-    llama.cpp scales every pair by alpha / rank (the rank read from the tensors): an rsLoRA adapter (alpha /
-    sqrt(rank)) gets alpha x sqrt(rank), so that the product is its own scale. DoRA's magnitudes, per-module ranks
-    or alphas, and whole trained modules (modules_to_save, LoRA on the embeddings or the head) have no place in
-    the file: the merged GGUF export (--format gguf) carries them."""
-    config_file = adapter_dir / "adapter_config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    merged = "export the merged model instead: `mgpu export OUTPUT_DIR --format gguf`"
-
-    def refuse(message: str) -> None:
-        raise UserError(Problem(str(config_file), message, merged), "cannot export")
-
+def lora_gguf_refusal(config: dict[str, Any]) -> tuple[str, str] | None:
+    """(the adapter_config.json key, why) for what a LoRA GGUF cannot hold, or None: DoRA's magnitudes, per-module
+    ranks or alphas, whole trained modules (modules_to_save), LoRA on the embeddings or the head. The merged GGUF
+    export (--format gguf) carries all of them."""
     if config.get("use_dora"):
-        refuse("a DoRA adapter: its magnitude vectors have no place in a LoRA GGUF")
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        refuse("per-module ranks or alphas (rank_pattern, alpha_pattern): a LoRA GGUF holds one alpha")
+        return "use_dora", "a DoRA adapter: its magnitude vectors have no place in a LoRA GGUF"
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            return key, "per-module ranks or alphas (rank_pattern, alpha_pattern): a LoRA GGUF holds one alpha"
     if config.get("modules_to_save"):
-        refuse(f"whole trained modules ({', '.join(config['modules_to_save'])}): a LoRA GGUF holds LoRA pairs only")
+        modules = ", ".join(config["modules_to_save"])
+        return "modules_to_save", f"whole trained modules ({modules}): a LoRA GGUF holds LoRA pairs only"
     targets = config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else targets
     heads = [t for t in targets if t.rsplit(".", 1)[-1] in ("embed_tokens", "lm_head")]
     if heads:
-        refuse(f"LoRA on {', '.join(heads)}: llama.cpp's LoRA GGUF export covers the decoder layers' projections")
+        why = f"LoRA on {', '.join(heads)}: llama.cpp's LoRA GGUF export covers the decoder layers' projections"
+        return "target_modules", why
+    return None
+
+
+LORA_GGUF_ROUTE = "export the merged model instead: `mgpu export OUTPUT_DIR --format gguf`"
+
+
+def check_lora_adapter(adapter_dir: Path) -> tuple[dict[str, Any], float]:
+    """The adapter's config and the alpha llama.cpp must be given, or a UserError (lora_gguf_refusal).
+
+    llama.cpp scales every pair by alpha / rank (the rank read from the tensors): an rsLoRA adapter (alpha /
+    sqrt(rank)) gets alpha x sqrt(rank), so that the product is its own scale."""
+    config_file = adapter_dir / "adapter_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    refusal = lora_gguf_refusal(config)
+    if refusal is not None:
+        raise UserError(Problem(str(config_file), refusal[1], LORA_GGUF_ROUTE), "cannot export")
     alpha = float(config["lora_alpha"])
     if config.get("use_rslora"):
         alpha *= math.sqrt(float(config["r"]))
@@ -689,8 +710,7 @@ def write_lora_gguf(
     _, alpha = check_lora_adapter(adapter_dir)
     hp = plan.hparams
     n_head, n_head_kv = hp["num_attention_heads"], hp.get("num_key_value_heads")
-    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == plan.arch)
-    names = gguf.get_tensor_name_map(arch_enum, hp["num_hidden_layers"])
+    names = _tensor_names(plan)
     pairs: dict[str, dict[str, Any]] = {}
     for key, value in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
         half = "a" if ".lora_A.weight" in key else "b" if ".lora_B.weight" in key else None
@@ -727,9 +747,5 @@ def write_lora_gguf(
     metadata.set_gguf_meta_model(writer)
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    say(f"writing {shown or path.name}: {', '.join(f'{n} {k}' for k, n in counts.items())} tensors")
-    writer.write_header_to_file(path=path)
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=False)
-    writer.close()
+    _write_file(writer, path, counts, say, shown)
     return counts

@@ -345,6 +345,15 @@ def find_config(model: str) -> Path | None:
     return None
 
 
+def model_family(model: str) -> str | None:
+    """config.json's model_type of `model` (find_config's places), or None where there is no readable one."""
+    config = find_config(model)
+    try:
+        return json.loads(config.read_text()).get("model_type") if config is not None else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 #: Stand-in for builtin:tiny-llama (a small random Llama built by the engine); generous on purpose.
 BUILTIN_ARCHITECTURES = {
     "builtin:tiny-llama": Architecture(

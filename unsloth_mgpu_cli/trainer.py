@@ -1044,16 +1044,12 @@ def avoid_broken_block_compile(model_path: str, device_type: str, env: Any = Non
     """Turn Unsloth's block compile off (UNSLOTH_BLOCK_COMPILE=0 in `env`, default this process's environment) for
     a CUDA run of a family in BLOCK_COMPILE_FAILS, unless the user set UNSLOTH_BLOCK_COMPILE or
     UNSLOTH_COMPILE_DISABLE. Returns the note to show, or None. Read by Unsloth when the model loads."""
-    from .memory import find_config
+    from .memory import model_family
 
     env = os.environ if env is None else env
     if device_type != "cuda" or "UNSLOTH_BLOCK_COMPILE" in env or "UNSLOTH_COMPILE_DISABLE" in env:
         return None
-    config = find_config(model_path)
-    try:
-        family = json.loads(config.read_text()).get("model_type") if config is not None else None
-    except (OSError, ValueError, AttributeError):
-        return None
+    family = model_family(model_path)
     if family not in BLOCK_COMPILE_FAILS:
         return None
     env["UNSLOTH_BLOCK_COMPILE"] = "0"
