@@ -456,6 +456,31 @@ def test_a_stopped_tokenising_pool_leaves_nothing_for_the_exit_hook_to_wake():
     assert manager not in cfp._threads_wakeups and not manager.is_alive()
 
 
+def _twenty_megabytes(_: int) -> bytes:
+    return b"x" * 20_000_000
+
+
+def test_a_pool_process_stopped_while_it_sends_a_result_does_not_leave_the_manager_reading_forever():
+    """A result larger than a pipe's buffer goes in several writes; a pool process terminated between two of them
+    left its pool's manager thread waiting for the rest (the parent itself holds the pipe's write end), and the
+    interpreter, which joins that thread at exit, hung after the interrupted message (once in CI: 120 s)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from unsloth_mgpu_cli.data import _stop_pool
+
+    pool = ProcessPoolExecutor(2, mp_context=mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None))
+    [pool.submit(_twenty_megabytes, i) for i in range(40)]  # the processes spend their time sending results
+    time.sleep(0.3)
+    manager = pool._executor_manager_thread
+    t0 = time.monotonic()
+    _stop_pool(pool)
+    took, stuck = time.monotonic() - t0, manager.is_alive()
+    if stuck:  # let this process exit when the test fails
+        manager.result_queue._writer.close()
+    assert not stuck and took < 4, (stuck, took)
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
 def test_a_second_signal_to_the_launcher_alone_stops_the_workers_at_once(tmp_path, sig):

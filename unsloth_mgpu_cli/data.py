@@ -1260,6 +1260,7 @@ def _stop_pool(pool: Any) -> None:
     """Drop a process pool's queued work and end its processes now (shutdown(wait=True) would run the queue)."""
     processes = list((getattr(pool, "_processes", None) or {}).values())
     manager = getattr(pool, "_executor_manager_thread", None)  # shutdown() drops the pool's reference to it
+    results = getattr(pool, "_result_queue", None)  # and to its result queue
     pool.shutdown(wait=False, cancel_futures=True)
     for proc in processes:
         proc.terminate()
@@ -1275,6 +1276,11 @@ def _stop_pool(pool: Any) -> None:
     # shutdown(), which had already set the pool's reference to None: never forgotten.)
     import concurrent.futures.process as cfp
 
+    # A process terminated in the middle of sending a result (one larger than the pipe's buffer goes in several
+    # writes) left the manager reading the rest forever: the pipe's other write end is this process's own. Closing
+    # it ends that read (EOF), and the manager ends as for a broken pool. (Once in CI: the exit hung for 120 s.)
+    if results is not None:
+        results._writer.close()
     if manager is not None:
         manager.join(timeout=5)
         getattr(cfp, "_threads_wakeups", {}).pop(manager, None)
