@@ -402,6 +402,28 @@ def test_ctrl_c_while_data_is_tokenised_beside_the_workers_start_stops_and_leave
     assert not list((tmp_path / "cache").glob("data/*/meta.json"))  # no cache that looks complete
 
 
+@pytest.mark.integration
+def test_data_refused_while_the_workers_import_ends_them_at_once_and_leaves_no_process(tmp_path):
+    """A refusal found only while tokenising (here every row too long) beside the workers' start: the child kills
+    the registered workers, which would otherwise import Unsloth to the end (its banner; 7 s more here) before
+    they found the refusal. Exit 2 with the cause, no output folder, nothing left running."""
+    rows = "".join(
+        json.dumps({"instruction": f"Say {i} " + "hi " * 20, "input": "", "output": "hi"}) + "\n" for i in range(20_000)
+    )
+    (tmp_path / "long.jsonl").write_text(rows)
+    args = ["train", str(QUICKSTART), f"dataset.path={tmp_path / 'long.jsonl'}", "model.max_seq_length=16"]
+    args += ["dataset.too_long=drop", "dataset.num_proc=1", *BASE, f"output.dir={tmp_path / 'out'}"]
+    tmp = tmp_path / "tmp"  # where the launcher's gate folder goes (tempfile): the workers register there
+    tmp.mkdir()
+    proc = start_mgpu(*args, UNSLOTH_MGPU_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", TMPDIR=str(tmp))
+    registered = lambda: len(list(tmp.glob("mgpu-data-*/worker-*.pid"))) == 2  # noqa: E731
+    wait_until(proc, registered, 120, "both workers registered while the child tokenises")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "no samples left after dropping 20000" in out, out[-3000:]
+    assert "Unsloth 20" not in out and "Traceback" not in out, out[-3000:]  # no worker got through its import
+    assert left_in_session(proc.pid) == [] and not (tmp_path / "out").exists()
+
+
 def run_probe(script: str, data: Path, timeout: float) -> subprocess.CompletedProcess[str]:
     """tests/SCRIPT DATA in a process of its own (the probes fork: not from pytest's), with a data cache of the test's
     own beside DATA."""
