@@ -373,6 +373,24 @@ def test_a_node_that_starts_first_waits_for_node_0_and_names_it_when_it_never_co
 
 
 @pytest.mark.integration
+def test_node_0_left_alone_gives_up_after_the_recipes_join_timeout_and_leaves_no_output_folder(tmp_path):
+    """The wait was fixed at 600 s; it is distributed.join_timeout_seconds now. Node 0 had already written output.dir,
+    so after the nodes failed to meet, the same command was refused ("already holds a run") though nothing trained."""
+    import time
+
+    out = tmp_path / "run"
+    cmd = _train_cmd(out, "distributed.num_gpus=1", "distributed.join_timeout_seconds=10", "--nnodes", "2")
+    cmd += ["--node-rank", "0", "--rdzv-endpoint", f"127.0.0.1:{D.free_port()}"]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=mgpu_env(), capture_output=True, text=True, timeout=180)
+    output = _check(proc, expect=1)
+    assert time.monotonic() - started < 120 and "waiting for all 2 nodes" in output and "(up to 10 s)" in output
+    assert "node 0: the rendezvous at 127.0.0.1:" in output and "no worker started" in output, output[-3000:]
+    assert "distributed.join_timeout_seconds" in output and "Traceback" not in output, output[-3000:]
+    assert not out.exists()  # as before the command: it runs again as it is
+
+
+@pytest.mark.integration
 def test_ctrl_c_on_a_node_waiting_for_node_0_stops_it_at_once(tmp_path):
     """It took 110 s and exit 1, with two tracebacks ending in SignalException; the docs promise exit 130 at once."""
     import signal
@@ -397,6 +415,35 @@ def test_ctrl_c_on_a_node_waiting_for_node_0_stops_it_at_once(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130 and took < 10, (proc.returncode, took, output[-3000:])
     assert "Traceback" not in output and "waiting for all 2 nodes" in output, output[-3000:]
+
+
+@pytest.mark.integration
+def test_ctrl_c_on_node_0_waiting_for_the_others_puts_the_output_folder_back(tmp_path):
+    """No step ran, but the folder node 0 had prepared stayed (recipe.resolved.yaml, logs/): the same command was then
+    refused as "already holds a run"."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = _train_cmd(out, "distributed.num_gpus=1", "--nnodes", "2", "--node-rank", "0")
+    cmd += ["--rdzv-endpoint", f"127.0.0.1:{D.free_port()}"]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=mgpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "recipe.resolved.yaml").is_file():  # node 0 prepared the folder: the launch follows
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.2)
+        time.sleep(3)  # at the rendezvous
+        os.killpg(proc.pid, signal.SIGINT)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "before any worker had started" in output, output[-3000:]
+    assert "Traceback" not in output and not out.exists(), output[-3000:]
 
 
 def _two_nodes_refuse(command: Any) -> list[str]:

@@ -32,7 +32,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .errors import Problem, RanksDisagree, TrainingFailed, UserError, reported_user_error
+from .errors import NodesNeverMet, Problem, RanksDisagree, TrainingFailed, UserError, reported_user_error
 
 
 @dataclass(frozen=True)
@@ -412,7 +412,8 @@ def wait_for_rendezvous_host(endpoint: str, timeout_s: float, node_rank: int, po
                     f"node {node_rank}: node 0's rendezvous at {endpoint} did not answer within {timeout_s:.0f} s "
                     f"({exc.strerror or exc})",
                     f"start node 0 (--node-rank 0) with the same command and --rdzv-endpoint {endpoint}; check that "
-                    "this host reaches it (firewall, host name)",
+                    "this host reaches it (firewall, host name); nodes that start far apart need a longer "
+                    "distributed.join_timeout_seconds",
                 ) from None
         time.sleep(poll_s)
 
@@ -576,7 +577,9 @@ def launch(entry: Callable[..., Any], args: Sequence[Any], spec: LaunchSpec) -> 
                 raise user_error from None
             raise TrainingFailed(*_describe_failure(exc, spec.log_dir, spec.nproc_per_node, spec.node_rank)) from None
         except RendezvousError as exc:  # the nodes never met, or node 0's store went away during the run
-            raise TrainingFailed(*_describe_rendezvous_failure(exc, spec, _WORKER_STARTS[0] > starts)) from None
+            started = _WORKER_STARTS[0] > starts
+            error = TrainingFailed if started else NodesNeverMet
+            raise error(*_describe_rendezvous_failure(exc, spec, started)) from None
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE or spec.nnodes == 1:
                 raise
@@ -665,7 +668,8 @@ def _describe_rendezvous_failure(exc: BaseException, spec: LaunchSpec, started: 
     )
     hint = (
         f"start the same command on all {spec.nnodes} nodes (--node-rank 0 to {spec.nnodes - 1}) within "
-        f"{spec.join_timeout_s} s of each other, with the same --rdzv-endpoint; node 0 must reach its own host:port "
+        f"{spec.join_timeout_s} s of each other (distributed.join_timeout_seconds), with the same --rdzv-endpoint; "
+        "node 0 must reach its own host:port "
         "and the others must reach it through the firewall (docs/multi-node.md, 'Network requirements')"
     )
     return message, hint
@@ -733,7 +737,9 @@ def _graceful_stop(stop_file: Path | None) -> Any:
         from .errors import Interrupted
 
         if str(exc).startswith(_BEFORE_WORKERS):
-            raise Interrupted(
+            from .errors import InterruptedBeforeStart
+
+            raise InterruptedBeforeStart(
                 f"stopped on {exc.sigval.name} before any worker had started (while this node waited for the "
                 "others at the rendezvous, or was starting them): no step ran, nothing to save"
             ) from None

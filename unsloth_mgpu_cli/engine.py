@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import Problem, TrainingFailed, UserError
+from .errors import InterruptedBeforeStart, NodesNeverMet, Problem, TrainingFailed, UserError
 from .recipe import AUTO, DEFAULT_TARGET_MODULES, LoadedRecipe, Recipe, check_batch_fits, to_yaml
 
 
@@ -559,9 +559,15 @@ def _train(
     plan.timeline["launched"] = time.time()
     try:
         results = _run_workers(plan, nodes)
+    except InterruptedBeforeStart:
+        if is_main_node:
+            before.restore()  # no step ran: the same command runs again without --overwrite
+        raise
     except (UserError, TrainingFailed) as exc:
         # the data's refusal, made beside the workers' start (they were ended for it): it is the cause
         found = gate.outcome() if gate is not None else None
+        if isinstance(exc, NodesNeverMet) and is_main_node:
+            before.restore()  # nothing was trained: the same command runs again without --overwrite
         if found is None and not isinstance(exc, UserError):
             raise
         if isinstance(found or exc, UserError) and is_main_node:
@@ -602,6 +608,7 @@ def _run_workers(plan: RunPlan, nodes: Any) -> dict[int, Any]:
         node_rank=dist_cfg.node_rank,
         rdzv_endpoint=dist_cfg.rdzv_endpoint,
         max_restarts=dist_cfg.max_restarts,
+        join_timeout_s=dist_cfg.join_timeout_seconds,
         log_dir=out / "logs",
         # every node: SIGTERM reaches all of them at once (scancel, preemption), and a node whose agent took it
         # would kill its workers, so that the others could not finish the step and checkpoint either

@@ -97,10 +97,18 @@ class TrainingFailed(Exception):
         super().__init__(message)
 
 
+class NodesNeverMet(TrainingFailed):
+    """The nodes did not all reach the rendezvous in time: no worker started, nothing was trained (exit code 1)."""
+
+
 class Interrupted(Exception):
     """Training stopped on Ctrl-C/SIGTERM after saving a checkpoint (exit code 130)."""
 
     exit_code = 130
+
+
+class InterruptedBeforeStart(Interrupted):
+    """Ctrl-C/SIGTERM before any worker started (a node waiting at the rendezvous): no step ran (exit code 130)."""
 
 
 UTF8_HINT = "save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`"

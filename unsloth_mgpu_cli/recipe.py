@@ -492,6 +492,13 @@ class DistributedSection(_Section):
         None, description="HOST:PORT of the rendezvous (node 0) when nnodes > 1; single-node runs use loopback."
     )
     max_restarts: int = Field(0, ge=0, le=100, description="Restart all workers from the last checkpoint on failure.")
+    join_timeout_seconds: int = Field(
+        600,
+        ge=10,
+        le=86_400,
+        description="nnodes > 1: how long the nodes wait at the rendezvous for each other before they give up "
+        "(torchrun's join_timeout).",
+    )
 
     @field_validator("num_gpus")
     @classmethod
