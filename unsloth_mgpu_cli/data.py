@@ -1279,8 +1279,9 @@ def _stop_pool(pool: Any) -> None:
     # A process terminated in the middle of sending a result (one larger than the pipe's buffer goes in several
     # writes) left the manager reading the rest forever: the pipe's other write end is this process's own. Closing
     # it ends that read (EOF), and the manager ends as for a broken pool. (Once in CI: the exit hung for 120 s.)
-    if results is not None:
-        results._writer.close()
+    writer = getattr(results, "_writer", None)  # a SimpleQueue's (3.9-3.13)
+    if writer is not None:
+        writer.close()
     if manager is not None:
         manager.join(timeout=5)
         getattr(cfp, "_threads_wakeups", {}).pop(manager, None)
