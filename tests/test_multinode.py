@@ -390,42 +390,13 @@ def test_node_0_left_alone_gives_up_after_the_recipes_join_timeout_and_leaves_no
     assert not out.exists()  # as before the command: it runs again as it is
 
 
-@pytest.mark.integration
-def test_ctrl_c_on_a_node_waiting_for_node_0_stops_it_at_once(tmp_path):
-    """It took 110 s and exit 1, with two tracebacks ending in SignalException; the docs promise exit 130 at once."""
+def _ctrl_c_a_lone_node(out: Path, node_rank: int, waiting: Any) -> tuple[int, float, str]:
+    """Start node `node_rank` of 2 alone, send its session a Ctrl-C once `waiting()` holds (it waits for the other
+    node by then); return its exit code, the seconds from the signal to its exit, and its output."""
     import signal
     import time
 
-    out = tmp_path / "run"
-    cmd = _train_cmd(out, "distributed.num_gpus=1", "--nnodes", "2", "--node-rank", "1")
-    cmd += ["--rdzv-endpoint", f"127.0.0.1:{D.free_port()}"]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=mgpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        time.sleep(12)  # the recipe checked, the data tokenised: waiting for node 0
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        os.killpg(proc.pid, signal.SIGINT)
-        sent = time.monotonic()
-        output = proc.communicate(timeout=60)[0]
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130 and took < 10, (proc.returncode, took, output[-3000:])
-    assert "Traceback" not in output and "waiting for all 2 nodes" in output, output[-3000:]
-
-
-@pytest.mark.integration
-def test_ctrl_c_on_node_0_waiting_for_the_others_puts_the_output_folder_back(tmp_path):
-    """No step ran, but the folder node 0 had prepared stayed (recipe.resolved.yaml, logs/): the same command was then
-    refused as "already holds a run"."""
-    import signal
-    import time
-
-    out = tmp_path / "run"
-    cmd = _train_cmd(out, "distributed.num_gpus=1", "--nnodes", "2", "--node-rank", "0")
+    cmd = _train_cmd(out, "distributed.num_gpus=1", "--nnodes", "2", "--node-rank", str(node_rank))
     cmd += ["--rdzv-endpoint", f"127.0.0.1:{D.free_port()}"]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=mgpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -433,16 +404,44 @@ def test_ctrl_c_on_node_0_waiting_for_the_others_puts_the_output_folder_back(tmp
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
-        while not (out / "recipe.resolved.yaml").is_file():  # node 0 prepared the folder: the launch follows
+        while not waiting():
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
             time.sleep(0.2)
-        time.sleep(3)  # at the rendezvous
         os.killpg(proc.pid, signal.SIGINT)
+        sent = time.monotonic()
         output = proc.communicate(timeout=60)[0]
+        return proc.returncode, time.monotonic() - sent, output
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130 and "before any worker had started" in output, output[-3000:]
+
+
+@pytest.mark.integration
+def test_ctrl_c_on_a_node_waiting_for_node_0_stops_it_at_once(tmp_path):
+    """It took 110 s and exit 1, with two tracebacks ending in SignalException; the docs promise exit 130 at once."""
+    import time
+
+    started = time.monotonic()  # after 12 s the recipe is checked, the data tokenised: it waits for node 0
+    code, took, output = _ctrl_c_a_lone_node(tmp_path / "run", 1, lambda: time.monotonic() - started > 12)
+    assert code == 130 and took < 10, (code, took, output[-3000:])
+    assert "Traceback" not in output and "waiting for all 2 nodes" in output, output[-3000:]
+
+
+@pytest.mark.integration
+def test_ctrl_c_on_node_0_waiting_for_the_others_puts_the_output_folder_back(tmp_path):
+    """No step ran, but the folder node 0 had prepared stayed (recipe.resolved.yaml, logs/): the same command was then
+    refused as "already holds a run"."""
+    import time
+
+    out, prepared = tmp_path / "run", []
+
+    def at_the_rendezvous() -> bool:  # 3 s after node 0 prepared the folder (the launch follows it)
+        if not prepared and (out / "recipe.resolved.yaml").is_file():
+            prepared.append(time.monotonic())
+        return bool(prepared) and time.monotonic() - prepared[0] > 3
+
+    code, _, output = _ctrl_c_a_lone_node(out, 0, at_the_rendezvous)
+    assert code == 130 and "before any worker had started" in output, output[-3000:]
     assert "Traceback" not in output and not out.exists(), output[-3000:]
 
 
