@@ -451,13 +451,13 @@ def test_init_writes_a_valid_starter_and_refuses_to_overwrite(tmp_path):
 
 def test_help_shows_no_value_beside_a_flag():
     # typer prints `<bool>` beside a flag unless told otherwise, which reads as if `--overwrite true` were meant.
-    for command in ("train", "export", "validate", "doctor", "suggest"):
-        proc = run_mgpu(command, "--help")
+    for command in ("train", "export", "validate", "doctor", "suggest", ""):  # "": mgpu --help
+        proc = run_mgpu(*filter(None, [command]), "--help")
         assert proc.returncode == 0, proc.stderr
         flags = [
             line
             for line in proc.stdout.splitlines()
-            if re.search(r"--(overwrite|merged|yaml|json|probe|force)\b", line)
+            if re.search(r"--(overwrite|merged|yaml|json|probe|force|help)\b", line)
         ]
         assert flags, (command, proc.stdout)
         assert not any("<bool>" in line for line in flags), (command, flags)

@@ -20,9 +20,29 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
 from .errors import Interrupted, Problem, TrainingFailed, UserError
+
+
+class _HelpFlag:
+    """--help is a flag too: typer's own help option showed `<bool>` beside it (see _flag)."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Group(_HelpFlag, TyperGroup):
+    pass
+
+
+class _Command(_HelpFlag, TyperCommand):
+    pass
+
 
 app = typer.Typer(
     name="mgpu",
@@ -31,6 +51,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=_Group,
 )
 
 _state = {"debug": False}
@@ -102,7 +123,7 @@ def _fail(exc: BaseException) -> None:
     raise exc
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
@@ -257,7 +278,7 @@ def _export_after_training(recipe: Any) -> None:
 _DTYPE_QUANTS = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
     output_dir: Annotated[
         Path,
@@ -357,7 +378,7 @@ def export(
     say(f"wrote {dest} ({dtype or 'bfloat16'}, {size}); load it with AutoModelForCausalLM.from_pretrained('{dest}')")
 
 
-@app.command()
+@app.command(cls=_Command)
 def push(
     output_dir: Annotated[
         Path, typer.Argument(help="output.dir of a finished run.", show_default=False, metavar="OUTPUT_DIR")
@@ -398,7 +419,7 @@ def push(
     typer.echo(f"pushed: {url}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def generate(
     output_dir: Annotated[
         Path, typer.Argument(help="output.dir of a finished run.", show_default=False, metavar="OUTPUT_DIR")
@@ -441,7 +462,7 @@ def generate(
         _fail(exc)
 
 
-@app.command()
+@app.command(cls=_Command)
 def report(
     output_dir: Annotated[
         Path, typer.Argument(help="output.dir of a run (finished or not).", show_default=False, metavar="OUTPUT_DIR")
@@ -459,7 +480,7 @@ def report(
         _fail(exc)
 
 
-@app.command()
+@app.command(cls=_Command)
 def validate(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
@@ -497,7 +518,7 @@ def validate(
         typer.echo(f"nodes: {nodes.describe()}" + (" (started by torchrun)" if nodes.under_torchrun else ""))
 
 
-@app.command()
+@app.command(cls=_Command)
 def prepare(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Tokenise the dataset once (cached for `mgpu train`) and print statistics and a rendered example."""
     from .recipe import load_recipe
@@ -520,7 +541,7 @@ def prepare(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     print_data_report(rep)
 
 
-@app.command()
+@app.command(cls=_Command)
 def schema(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
     force: Annotated[bool, _flag("--force", help="Overwrite an existing file that is not a recipe schema.")] = False,
@@ -568,7 +589,7 @@ def _is_recipe_schema(path: Path, title: str) -> bool:
     return isinstance(found, dict) and found.get("title") == title and "$schema" in found
 
 
-@app.command()
+@app.command(cls=_Command)
 def init(
     where: Annotated[str, typer.Argument(help="Where to write the starter recipe.", metavar="PATH")] = "recipe.yaml",
     force: Annotated[bool, _flag("--force", help="Overwrite an existing file.")] = False,
@@ -595,7 +616,7 @@ def init(
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def doctor(
     json_output: Annotated[bool, _flag("--json", help="Print one JSON document instead of a table.")] = False,
     probe: Annotated[
@@ -642,7 +663,7 @@ def doctor(
     raise typer.Exit(report.exit_code)
 
 
-@app.command()
+@app.command(cls=_Command)
 def suggest(
     model: Annotated[
         str,
