@@ -351,16 +351,21 @@ def test_single_node_rendezvous_stays_on_loopback():
     assert multi.rdzv_endpoint == "10.1.2.3:29400" and multi.local_addr is None
 
 
+def big_data(path: Path) -> None:
+    """120,000 short alpaca rows: tokenised by a pool of processes (dataset.num_proc=2) for several seconds."""
+    rows = (
+        json.dumps({"instruction": f"Add {i} and {i % 97}.", "input": "", "output": str(i + i % 97)}) + "\n"
+        for i in range(120_000)
+    )
+    path.write_text("".join(rows))
+
+
 @pytest.mark.integration
 def test_ctrl_c_while_a_process_pool_tokenises_stops_at_once_and_leaves_no_process(tmp_path):
     """Large data is tokenised by a pool of processes. Ctrl-C reached every process of the group: the pool's
     processes died in the middle of a queue operation (a second Ctrl-C then left the parent waiting on them
     forever), or the pool ran all its queued work first (14 s) and the command exited without a word."""
-    rows = "".join(
-        json.dumps({"instruction": f"Add {i} and {i % 97}.", "input": "", "output": str(i + i % 97)}) + "\n"
-        for i in range(120_000)
-    )
-    (tmp_path / "big.jsonl").write_text(rows)
+    big_data(tmp_path / "big.jsonl")
     args = ["prepare", str(QUICKSTART), f"dataset.path={tmp_path / 'big.jsonl'}", "dataset.num_proc=2"]
     proc = start_mgpu(*args, UNSLOTH_MGPU_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     wait_until(proc, lambda: len(psutil.Process(proc.pid).children()) >= 2, 120, "the tokenising pool's processes")
@@ -378,11 +383,7 @@ def test_ctrl_c_while_data_is_tokenised_beside_the_workers_start_stops_and_leave
     workers import Unsloth (datagate.py). Ctrl-C reaches them all: the child stops its pool and records the
     interruption, and the workers agree to stop before the model loads. Exit 130 without a traceback, nothing left
     running, no cache that looks complete."""
-    rows = "".join(
-        json.dumps({"instruction": f"Add {i} and {i % 97}.", "input": "", "output": str(i + i % 97)}) + "\n"
-        for i in range(120_000)  # about 30 s of tokenising in 2 processes on the 2-core CI machine
-    )
-    (tmp_path / "big.jsonl").write_text(rows)
+    big_data(tmp_path / "big.jsonl")  # about 30 s of tokenising in 2 processes on the 2-core CI machine
     args = ["train", str(QUICKSTART), f"dataset.path={tmp_path / 'big.jsonl'}", "dataset.num_proc=2"]
     args += ["distributed.num_gpus=2", f"output.dir={tmp_path / 'out'}"]
     tmp = tmp_path / "tmp"  # where the launcher's gate folder goes (tempfile): the workers register there
@@ -421,6 +422,56 @@ def test_data_refused_while_the_workers_import_ends_them_at_once_and_leaves_no_p
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "no samples left after dropping 20000" in out, out[-3000:]
     assert "Unsloth 20" not in out and "Traceback" not in out, out[-3000:]  # no worker got through its import
+    assert left_in_session(proc.pid) == [] and not (tmp_path / "out").exists()
+
+
+def kill_a_pool_process(proc: subprocess.Popen[str], gate_tmp: Path | None = None) -> str:
+    """SIGKILL (as the out-of-memory killer does) one process of the tokenising pool under `proc` once it works;
+    return `proc`'s output. `gate_tmp`: the run's TMPDIR; the pool is then the tokenising child's (datagate.py), and
+    both workers registered first (in the gate's folder there)."""
+
+    def pool() -> list[psutil.Process]:
+        launcher = psutil.Process(proc.pid)
+        if gate_tmp is None:
+            return launcher.children()
+        return next((c.children() for c in launcher.children() if len(c.children()) >= 2), [])
+
+    def ready() -> bool:
+        registered = gate_tmp is None or len(list(gate_tmp.glob("mgpu-data-*/worker-*.pid"))) == 2
+        return len(pool()) >= 2 and registered
+
+    wait_until(proc, ready, 120, "the tokenising pool's processes")
+    time.sleep(1.0)  # tokenising
+    pool()[0].kill()
+    return proc.communicate(timeout=120)[0]
+
+
+@pytest.mark.integration
+def test_a_tokenising_process_killed_is_a_fault_named_as_such_without_a_traceback(tmp_path):
+    """The pool broke (BrokenProcessPool) and `mgpu prepare` ended in a 40-line traceback (exit 1)."""
+    big_data(tmp_path / "big.jsonl")
+    args = ["prepare", str(QUICKSTART), f"dataset.path={tmp_path / 'big.jsonl'}", "dataset.num_proc=2"]
+    proc = start_mgpu(*args, UNSLOTH_MGPU_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    out = kill_a_pool_process(proc)
+    assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
+    assert "preparing the data failed: one of the 2 tokenising processes ended abruptly (killed by SIGKILL" in out
+    assert "lower dataset.num_proc (now 2" in out, out[-3000:]
+    assert left_in_session(proc.pid) == [] and not list((tmp_path / "cache").glob("data/*/meta.json"))
+
+
+@pytest.mark.integration
+def test_a_tokenising_process_killed_beside_the_workers_start_stops_the_run_and_puts_output_dir_back(tmp_path):
+    """The same under `mgpu train` with a cold cache: the tokenising child reports the fault (not a traceback), the
+    workers are ended, and output.dir goes back as it was (nothing trained: the same command runs again)."""
+    big_data(tmp_path / "big.jsonl")
+    args = ["train", str(QUICKSTART), f"dataset.path={tmp_path / 'big.jsonl'}", "dataset.num_proc=2"]
+    args += ["distributed.num_gpus=2", f"output.dir={tmp_path / 'out'}"]
+    tmp = tmp_path / "tmp"  # where the launcher's gate folder goes (tempfile): the workers register there
+    tmp.mkdir()
+    proc = start_mgpu(*args, UNSLOTH_MGPU_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", TMPDIR=str(tmp))
+    out = kill_a_pool_process(proc, gate_tmp=tmp)
+    assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
+    assert "preparing the data failed: one of the 2 tokenising processes ended abruptly" in out, out[-3000:]
     assert left_in_session(proc.pid) == [] and not (tmp_path / "out").exists()
 
 

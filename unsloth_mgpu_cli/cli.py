@@ -113,7 +113,7 @@ def _fail(exc: BaseException) -> None:
         console.print(f"[bold red]error:[/] {escape(exc.render())}", markup=True, soft_wrap=True)
         raise typer.Exit(exc.exit_code)
     if isinstance(exc, TrainingFailed):
-        console.print(f"[bold red]training failed:[/] {escape(str(exc))}", soft_wrap=True)
+        console.print(f"[bold red]{escape(exc.title)}:[/] {escape(str(exc))}", soft_wrap=True)
         if exc.details:
             console.print(exc.details, markup=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code)
@@ -534,7 +534,7 @@ def prepare(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
             raise loaded.locate(exc) from None
         except KeyboardInterrupt:
             raise Interrupted("stopped while preparing; the cache keeps only complete data: run it again") from None
-    except (UserError, Interrupted) as exc:
+    except (UserError, TrainingFailed, Interrupted) as exc:
         _fail(exc)
     from .render import print_data_report
 

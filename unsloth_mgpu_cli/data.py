@@ -1234,11 +1234,40 @@ def _encode_all(rows: Rows, recipe: Recipe, model_path: str, tokenizer: Any, enc
             for fut in as_completed(futures):
                 advance(futures[fut])
             out = [item for fut in futures for item in fut.result()]
-        except BaseException:  # Ctrl-C, or a chunk that failed: stop at once rather than finish the queued chunks
-            _stop_pool(pool)
+        except BaseException as exc:  # Ctrl-C, or a chunk that failed: stop at once rather than finish the queue
+            from concurrent.futures.process import BrokenProcessPool
+
+            died = _pool_process_died(pool, procs) if isinstance(exc, BrokenProcessPool) else None
+            _stop_pool(pool)  # (after: it ends the other processes)
+            if died is not None:
+                raise died from None
             raise
         pool.shutdown()
         return out
+
+
+def _pool_process_died(pool: Any, procs: int) -> Exception:
+    """The fault of a tokenising process that died (the kernel's out-of-memory killer, `kill -9`), which broke the
+    pool: what ended it, that nothing was cached, what to change."""
+    import signal
+
+    from .errors import TrainingFailed
+
+    # the one that died first; the pool's manager then terminated the others (SIGTERM)
+    codes = [p.exitcode for p in (getattr(pool, "_processes", None) or {}).values() if p.exitcode not in (None, 0)]
+    code = next((c for c in codes if c != -signal.SIGTERM), codes[0] if codes else -signal.SIGKILL)
+    how = f"exit code {code}"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            how = f"killed by {signal.Signals(-code).name}"
+    if code == -signal.SIGKILL:
+        how += ": the out-of-memory killer, or kill -9"
+    return TrainingFailed(
+        f"one of the {procs} tokenising processes ended abruptly ({how}); nothing was cached",
+        f"hint: run it again; if memory ran out, lower dataset.num_proc (now {procs}: each process holds a "
+        "tokenizer and its share of the rows) or free memory",
+        title="preparing the data failed",
+    )
 
 
 @contextlib.contextmanager

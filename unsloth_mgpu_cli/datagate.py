@@ -95,6 +95,8 @@ def _child(folder: Path, work: Callable[[], None]) -> None:
         result = {"ok": True}
     except UserError as exc:
         result = {"ok": False, "title": exc.title, "problems": [asdict(p) for p in exc.problems]}
+    except TrainingFailed as exc:  # a fault it describes (a tokenising process killed): no traceback
+        result = {"ok": False, "title": exc.title, "failed": str(exc), "details": exc.details}
     except KeyboardInterrupt:  # Ctrl-C reached the workers too: they stop and the launcher reports it
         result = {"ok": False, "interrupted": True}
     except BaseException:  # a bug or a fault: its traceback goes to the launcher's report
@@ -133,6 +135,8 @@ def _end_workers(folder: Path) -> None:
 def _as_error(result: dict[str, Any]) -> UserError | TrainingFailed:
     if "problems" in result:
         return UserError([Problem(**p) for p in result["problems"]], result["title"])
+    if "failed" in result:
+        return TrainingFailed(result["failed"], result["details"], result["title"])
     return TrainingFailed("preparing the data failed", result.get("error", ""))
 
 

@@ -570,9 +570,10 @@ def _train(
             before.restore()  # nothing was trained: the same command runs again without --overwrite
         if found is None and not isinstance(exc, UserError):
             raise
-        if isinstance(found or exc, UserError) and is_main_node:
-            # bad input: refused before any step, so the folder goes back to what it was and the corrected command
-            # runs without --overwrite (also what only the workers could see: the nodes' recipes differ)
+        if (found is not None or isinstance(exc, UserError)) and is_main_node:
+            # bad input, or the data's preparation failed (a tokenising process killed): before any step, so the
+            # folder goes back to what it was and the command runs again without --overwrite (also what only the
+            # workers could see: the nodes' recipes differ)
             before.restore()
         raise (found or exc) from None
     finally:

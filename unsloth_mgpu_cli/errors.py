@@ -88,12 +88,13 @@ def reported_user_error(report: str) -> UserError | None:
 
 
 class TrainingFailed(Exception):
-    """A worker failed during training (exit code 1); `details` names the rank and its error."""
+    """A worker failed during training (exit code 1); `details` names the rank and its error. `title` heads the
+    message: what failed (a fault while preparing the data is not one of training)."""
 
     exit_code = 1
 
-    def __init__(self, message: str, details: str = ""):
-        self.details = details
+    def __init__(self, message: str, details: str = "", title: str = "training failed"):
+        self.details, self.title = details, title
         super().__init__(message)
 
 
