@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -425,25 +426,23 @@ def test_data_refused_while_the_workers_import_ends_them_at_once_and_leaves_no_p
     assert left_in_session(proc.pid) == [] and not (tmp_path / "out").exists()
 
 
-def kill_a_pool_process(proc: subprocess.Popen[str], gate_tmp: Path | None = None) -> str:
-    """SIGKILL (as the out-of-memory killer does) one process of the tokenising pool under `proc` once it works;
-    return `proc`'s output. `gate_tmp`: the run's TMPDIR; the pool is then the tokenising child's (datagate.py), and
-    both workers registered first (in the gate's folder there)."""
+def tokenising_pool(proc: subprocess.Popen[str], gate_tmp: Path | None = None) -> tuple[psutil.Process, list[Any]]:
+    """(the pool's parent, its processes) once the tokenising pool under `proc` has worked for a second. `gate_tmp`:
+    the run's TMPDIR; the pool is then the tokenising child's (datagate.py), and both workers registered first (in
+    the gate's folder there)."""
 
-    def pool() -> list[psutil.Process]:
+    def found() -> tuple[psutil.Process, list[Any]] | None:
         launcher = psutil.Process(proc.pid)
-        if gate_tmp is None:
-            return launcher.children()
-        return next((c.children() for c in launcher.children() if len(c.children()) >= 2), [])
+        parents = [launcher] if gate_tmp is None else launcher.children()
+        if gate_tmp is not None and len(list(gate_tmp.glob("mgpu-data-*/worker-*.pid"))) < 2:
+            return None
+        return next(((p, p.children()) for p in parents if len(p.children()) >= 2), None)
 
-    def ready() -> bool:
-        registered = gate_tmp is None or len(list(gate_tmp.glob("mgpu-data-*/worker-*.pid"))) == 2
-        return len(pool()) >= 2 and registered
-
-    wait_until(proc, ready, 120, "the tokenising pool's processes")
+    wait_until(proc, lambda: found() is not None, 120, "the tokenising pool's processes")
     time.sleep(1.0)  # tokenising
-    pool()[0].kill()
-    return proc.communicate(timeout=120)[0]
+    parent_and_pool = found()
+    assert parent_and_pool is not None
+    return parent_and_pool
 
 
 @pytest.mark.integration
@@ -452,7 +451,8 @@ def test_a_tokenising_process_killed_is_a_fault_named_as_such_without_a_tracebac
     big_data(tmp_path / "big.jsonl")
     args = ["prepare", str(QUICKSTART), f"dataset.path={tmp_path / 'big.jsonl'}", "dataset.num_proc=2"]
     proc = start_mgpu(*args, UNSLOTH_MGPU_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    out = kill_a_pool_process(proc)
+    tokenising_pool(proc)[1][0].kill()  # as the out-of-memory killer does
+    out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
     assert "preparing the data failed: one of the 2 tokenising processes ended abruptly (killed by SIGKILL" in out
     assert "lower dataset.num_proc (now 2" in out, out[-3000:]
@@ -469,10 +469,34 @@ def test_a_tokenising_process_killed_beside_the_workers_start_stops_the_run_and_
     tmp = tmp_path / "tmp"  # where the launcher's gate folder goes (tempfile): the workers register there
     tmp.mkdir()
     proc = start_mgpu(*args, UNSLOTH_MGPU_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", TMPDIR=str(tmp))
-    out = kill_a_pool_process(proc, gate_tmp=tmp)
+    tokenising_pool(proc, gate_tmp=tmp)[1][0].kill()
+    out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
     assert "preparing the data failed: one of the 2 tokenising processes ended abruptly" in out, out[-3000:]
     assert left_in_session(proc.pid) == [] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.integration
+def test_the_tokenising_child_killed_stops_the_run_and_leaves_no_process(tmp_path):
+    """The child tokenising beside the workers' start killed outright: its pool's processes took their parent-death
+    SIGTERM as a stop (the child's handler, inherited), then ignored SIGTERM and waited for work forever, orphans
+    holding the run's output open; the run printed "training failed" and kept output.dir."""
+    big_data(tmp_path / "big.jsonl")
+    args = ["train", str(QUICKSTART), f"dataset.path={tmp_path / 'big.jsonl'}", "dataset.num_proc=2"]
+    args += ["distributed.num_gpus=2", f"output.dir={tmp_path / 'out'}"]
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = start_mgpu(*args, UNSLOTH_MGPU_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", TMPDIR=str(tmp))
+    tokenising_pool(proc, gate_tmp=tmp)[0].kill()
+    try:
+        out = proc.communicate(timeout=60)[0]  # orphans holding the output open: a timeout
+    finally:
+        left = left_in_session(proc.pid)
+        for p in left:  # only on a failure: no orphan outlives the test
+            p.kill()
+    assert left == [] and proc.returncode == 1 and "Traceback" not in out, (left, out[-3000:])
+    expected = "preparing the data failed: the process preparing the data ended without a result (killed by SIGKILL"
+    assert expected in out and not (tmp_path / "out").exists(), out[-3000:]
 
 
 def run_probe(script: str, data: Path, timeout: float) -> subprocess.CompletedProcess[str]:

@@ -944,8 +944,12 @@ def _init_worker(model_path: str, trust_remote_code: bool) -> None:
     # took it too would die in the middle of a queue operation and leave the parent waiting on it forever. It was
     # born with SIGINT blocked (_encode_all), so a Ctrl-C since its fork is still pending: ignored, then dropped.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM ends it (the parent's _stop_pool, the parent's death below). It inherited the parent's handler: the
+    # tokenising child's (datagate._stop_once) took its parent-death signal as a stop, then ignored SIGTERM, and
+    # the process waited for work forever, an orphan holding the run's output open (the child killed outright).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     from .distributed import die_with_parent
 
     die_with_parent()  # a tokenising process killed before it could stop its pool takes the pool along
@@ -1223,10 +1227,10 @@ def _encode_all(rows: Rows, recipe: Recipe, model_path: str, tokenizer: Any, enc
         )
         try:
             # The pool's processes are forked by the first submit, with this thread's signal mask: born with SIGINT
-            # blocked, they ignore it before they unblock it (_init_worker). Before, a Ctrl-C in the first tenth of
-            # a second of their start ended one with a KeyboardInterrupt traceback. Here it is delivered once the
-            # queue is filled, and stops the pool below.
-            with _sigint_blocked():
+            # and SIGTERM blocked, they set their handlers before they unblock them (_init_worker). Before, a Ctrl-C
+            # in the first tenth of a second of their start ended one with a KeyboardInterrupt traceback. Here they
+            # are delivered once the queue is filled, and stop the pool below.
+            with _stops_blocked():
                 futures = {
                     pool.submit(_encode_chunk, rows.rows[i : i + size], i, enc): min(size, n - i)
                     for i in range(0, n, size)
@@ -1251,19 +1255,13 @@ def _pool_process_died(pool: Any, procs: int) -> Exception:
     pool: what ended it, that nothing was cached, what to change."""
     import signal
 
-    from .errors import TrainingFailed
+    from .errors import TrainingFailed, how_it_ended
 
     # the one that died first; the pool's manager then terminated the others (SIGTERM)
     codes = [p.exitcode for p in (getattr(pool, "_processes", None) or {}).values() if p.exitcode not in (None, 0)]
     code = next((c for c in codes if c != -signal.SIGTERM), codes[0] if codes else -signal.SIGKILL)
-    how = f"exit code {code}"
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            how = f"killed by {signal.Signals(-code).name}"
-    if code == -signal.SIGKILL:
-        how += ": the out-of-memory killer, or kill -9"
     return TrainingFailed(
-        f"one of the {procs} tokenising processes ended abruptly ({how}); nothing was cached",
+        f"one of the {procs} tokenising processes ended abruptly ({how_it_ended(code)}); nothing was cached",
         f"hint: run it again; if memory ran out, lower dataset.num_proc (now {procs}: each process holds a "
         "tokenizer and its share of the rows) or free memory",
         title="preparing the data failed",
@@ -1271,14 +1269,15 @@ def _pool_process_died(pool: Any, procs: int) -> Exception:
 
 
 @contextlib.contextmanager
-def _sigint_blocked() -> Iterator[None]:
-    """SIGINT blocked in this thread (and in the processes it forks) for the block's duration; delivered after."""
+def _stops_blocked() -> Iterator[None]:
+    """SIGINT and SIGTERM blocked in this thread (and in the processes it forks) for the block's duration;
+    delivered after."""
     import signal
 
     if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks (and no fork)
         yield
         return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
     finally:

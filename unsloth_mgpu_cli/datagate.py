@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .errors import Problem, TrainingFailed, UserError
+from .errors import Problem, TrainingFailed, UserError, how_it_ended
 from .paths import write_text_atomically
 
 RESULT = "result.json"  # the child's outcome, written once (atomically)
@@ -60,10 +60,20 @@ class DataGate:
         return cls(folder, process)
 
     def outcome(self) -> UserError | TrainingFailed | None:
-        """The child's refusal (UserError) or failure (TrainingFailed), if it recorded one; None otherwise (also
-        when Ctrl-C interrupted it: the workers stop on their own, and the launcher reports the interruption)."""
+        """The child's refusal (UserError) or failure (TrainingFailed), if it recorded one, or its death without a
+        result (killed: TrainingFailed); None otherwise (also when Ctrl-C interrupted it: the workers stop on their
+        own, and the launcher reports the interruption)."""
         result = read_result(self.folder)
-        if result is None or result.get("ok") or result.get("interrupted"):
+        if result is None:
+            self.process.join(timeout=1)  # the workers saw it gone: reap it
+            if self.process.exitcode in (None, 0) or read_result(self.folder) is not None:
+                return None
+            return TrainingFailed(
+                f"the process preparing the data ended without a result ({how_it_ended(self.process.exitcode)})",
+                "hint: run it again; if memory ran out, lower dataset.num_proc or free memory",
+                title="preparing the data failed",
+            )
+        if result.get("ok") or result.get("interrupted"):
             return None
         return _as_error(result)
 

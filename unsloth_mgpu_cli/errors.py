@@ -146,3 +146,16 @@ def is_number(value: object, finite: bool = True) -> bool:
     return (
         isinstance(value, numbers.Real) and not isinstance(value, bool) and (not finite or math.isfinite(value))  # type: ignore[arg-type]
     )
+
+
+def how_it_ended(exitcode: int) -> str:
+    """A process's end in words: "exit code 3", "killed by SIGKILL: the out-of-memory killer, or kill -9"."""
+    import signal
+
+    if exitcode >= 0:
+        return f"exit code {exitcode}"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        return f"killed by signal {-exitcode}"
+    return f"killed by {name}" + (": the out-of-memory killer, or kill -9" if exitcode == -signal.SIGKILL else "")
