@@ -714,3 +714,26 @@ def test_the_modelfile_holds_the_alpaca_prompt_only_for_runs_trained_on_it_alone
     text = ollama_modelfile("run.Q8_0.gguf", "<|eot_id|>", dataset)
     assert text.splitlines()[1] == "FROM ./run.Q8_0.gguf" and 'PARAMETER stop "<|eot_id|>"' in text
     assert ("TEMPLATE" in text.replace("# no TEMPLATE", "")) is template, text
+
+
+@pytest.mark.integration
+def test_ctrl_c_during_an_export_says_so_and_leaves_nothing_half_written(run, tmp_path):
+    """typer turned a Ctrl-C in a command into a silent exit 130; train and prepare said theirs, export did not."""
+    import signal
+
+    target = tmp_path / "merged"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "unsloth_mgpu_cli", "export", str(run), "--output", str(target)],
+        cwd=ROOT, env=mgpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        first = proc.stdout.readline()  # "[ 3.0 s] loading the base model ...": the command runs
+        os.killpg(proc.pid, signal.SIGINT)
+        out = first + proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "loading the base model" in first, out[-3000:]
+    assert "interrupted: mgpu export stopped before it finished" in out and "Traceback" not in out, out[-3000:]
+    assert not target.exists() or not any(target.iterdir())

@@ -41,7 +41,13 @@ class _Group(_HelpFlag, TyperGroup):
 
 
 class _Command(_HelpFlag, TyperCommand):
-    pass
+    def invoke(self, ctx: Any) -> Any:
+        """Ctrl-C in a command that does not handle it itself (export, push, generate, ...): typer turned it into
+        a silent exit 130; it is said, as train and prepare say theirs."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            _fail(Interrupted(f"mgpu {self.name} stopped before it finished"))
 
 
 app = typer.Typer(
