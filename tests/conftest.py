@@ -114,9 +114,19 @@ def run_mgpu(
     timeout: float = 600,
     env: dict[str, str] | None = None,
     input: str | None = None,
+    max_file_bytes: int | None = None,
     **extra_env: str,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python -m unsloth_mgpu_cli ARGS` (with `input` on stdin) and capture its output."""
+    """Run `python -m unsloth_mgpu_cli ARGS` (with `input` on stdin) and capture its output. `max_file_bytes`: no
+    file may grow past it (RLIMIT_FSIZE: a write past it fails with EFBIG, as on a full disk)."""
+
+    def start() -> None:
+        die_with_parent()  # a killed pytest takes its runs down with it (they stop at a step boundary)
+        if max_file_bytes is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
     return subprocess.run(
         [sys.executable, "-m", "unsloth_mgpu_cli", *args],
         cwd=cwd or ROOT,
@@ -125,7 +135,7 @@ def run_mgpu(
         capture_output=True,
         text=True,
         timeout=timeout,
-        preexec_fn=die_with_parent,  # a killed pytest takes its runs down with it (they stop at a step boundary)
+        preexec_fn=start,
     )
 
 

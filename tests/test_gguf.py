@@ -35,6 +35,11 @@ INDEX = "https://pypi.org/simple/llama-cpp-python/"
 PROMPT = "### Instruction:\nAdd the two numbers.\n\n### Input:\n49 + 97\n\n### Response:\n"
 
 
+# no file may grow past 1 MiB (run_mgpu's max_file_bytes): the tiny model's adapter fits; its f16 and f32 GGUF files
+# (1.1 and 2.2 MiB) do not
+SMALL_DISK = 1 << 20
+
+
 @pytest.fixture(scope="session")
 def converter() -> Path:
     """llama.cpp's convert_hf_to_gguf.py with its conversion/ and gguf-py/, fetched once into the cache."""
@@ -89,28 +94,6 @@ def fetch_sdist() -> bytes:
                 timeout=900,
             )
             return (Path(folder) / SDIST).read_bytes()
-
-
-def run_mgpu_on_a_small_disk(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """`mgpu ARGS` where no file may grow past 1 MiB (RLIMIT_FSIZE: a write past it fails with EFBIG, as on a full
-    disk). The tiny model's adapter fits; its f16 and f32 GGUF files (1.1 and 2.2 MiB) do not."""
-    import resource
-
-    from conftest import die_with_parent, mgpu_env
-
-    def small_disk() -> None:
-        die_with_parent()
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-
-    return subprocess.run(
-        [sys.executable, "-m", "unsloth_mgpu_cli", *args],
-        cwd=ROOT,
-        env=mgpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        preexec_fn=small_disk,
-    )
 
 
 def reference(converter: Path, model_dir: Path, outfile: Path, quant: str, pre: str = "gpt-2") -> Path:
@@ -595,7 +578,7 @@ def test_a_full_disk_leaves_the_earlier_gguf_files_and_no_part_file(run):
     """The disk fills while the file is written (RLIMIT_FSIZE: a write past 1 MiB fails with EFBIG, as on a full
     disk): exit 2 naming the folder, the F32 and Q8_0 files of before untouched, nothing half-written left."""
     before = {p.name: p.stat().st_mtime_ns for p in (run / "gguf").iterdir()}
-    proc = run_mgpu_on_a_small_disk("export", str(run), "--format", "gguf", "--quant", "f16")
+    proc = run_mgpu("export", str(run), "--format", "gguf", "--quant", "f16", max_file_bytes=SMALL_DISK)
     assert_user_error(proc, "argument --output", f"cannot write {run / 'gguf'}", "writing run.F16.gguf")
     assert {p.name: p.stat().st_mtime_ns for p in (run / "gguf").iterdir()} == before
 
@@ -690,9 +673,10 @@ def test_an_output_export_that_fails_after_training_keeps_the_weights_and_names_
     smaller, the f32 GGUF is 2.2 MiB): exit 2 naming the export command, the adapter saved."""
     out = tmp_path / "run"
     args = [*EQUIVALENCE_RUN, "training.max_steps=2", "distributed.num_gpus=1", f"output.dir={out}"]
-    proc = run_mgpu_on_a_small_disk(
-        "train", str(QUICKSTART), *args, "output.export=[gguf]", "output.gguf_quant=f32", timeout=600
-    )
+    proc = run_mgpu(
+        "train", str(QUICKSTART), *args, "output.export=[gguf]", "output.gguf_quant=f32", timeout=600,
+        max_file_bytes=SMALL_DISK,
+    )  # fmt: skip
     assert_user_error(proc, "cannot write", "training finished and its weights are saved", f"mgpu export {out}")
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert not [p.name for p in out.iterdir() if "gguf" in p.name]  # no gguf/, no temporary folder

@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
-from conftest import ROOT, adapter, assert_user_error, max_rel_diff, mgpu_env, start_mgpu, wait_until
+from conftest import ROOT, adapter, assert_user_error, max_rel_diff, mgpu_env, run_mgpu, start_mgpu, wait_until
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -497,6 +497,26 @@ def test_the_tokenising_child_killed_stops_the_run_and_leaves_no_process(tmp_pat
     assert left == [] and proc.returncode == 1 and "Traceback" not in out, (left, out[-3000:])
     expected = "preparing the data failed: the process preparing the data ended without a result (killed by SIGKILL"
     assert expected in out and not (tmp_path / "out").exists(), out[-3000:]
+
+
+@pytest.mark.integration
+def test_a_full_disk_while_the_cache_is_written_names_the_cache_and_leaves_nothing_half_written(tmp_path):
+    """No file may grow past 64 KiB (RLIMIT_FSIZE: EFBIG, as on a full disk). Writing the builtin model (2.2 MB)
+    into the cache, then the tokenised data (374 KB of ids), ended in a traceback (safetensors', numpy's)."""
+    import shutil
+
+    from unsloth_mgpu_cli.models import ensure_builtin_model
+
+    cache = tmp_path / "cache"
+    proc = run_mgpu("prepare", str(QUICKSTART), UNSLOTH_MGPU_CACHE=str(cache), max_file_bytes=64 << 10)
+    assert_user_error(proc, f"UNSLOTH_MGPU_CACHE ({cache}): cannot write the builtin model", "nothing was left half")
+    assert "set UNSLOTH_MGPU_CACHE to a folder on a disk with room" in proc.stderr, proc.stderr[-3000:]
+    assert list((cache / "models").iterdir()) == []
+    model = ensure_builtin_model("builtin:tiny-llama")
+    shutil.copytree(model, cache / "models" / model.name)  # the model in place: the data's turn
+    proc = run_mgpu("prepare", str(QUICKSTART), UNSLOTH_MGPU_CACHE=str(cache), max_file_bytes=64 << 10)
+    assert_user_error(proc, f"UNSLOTH_MGPU_CACHE ({cache}): cannot write the tokenised data to {cache / 'data'}")
+    assert list((cache / "data").iterdir()) == []
 
 
 def run_probe(script: str, data: Path, timeout: float) -> subprocess.CompletedProcess[str]:

@@ -1687,11 +1687,16 @@ def _write_cache(dest: Path, fitted: _Fitted, lengths: Any, loss_counts: Any, me
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
-        np.save(tmp / "input_ids.npy", np.concatenate(fitted.ids))
-        np.save(tmp / "labels.npy", np.concatenate(fitted.labels))
-        np.save(tmp / "offsets.npy", offsets)
-        np.save(tmp / "loss_counts.npy", loss_counts)
-        (tmp / "meta.json").write_text(json.dumps(meta))  # written last: its presence marks a complete cache
+        try:
+            np.save(tmp / "input_ids.npy", np.concatenate(fitted.ids))
+            np.save(tmp / "labels.npy", np.concatenate(fitted.labels))
+            np.save(tmp / "offsets.npy", offsets)
+            np.save(tmp / "loss_counts.npy", loss_counts)
+            (tmp / "meta.json").write_text(json.dumps(meta))  # written last: its presence marks a complete cache
+        except OSError as exc:  # a full disk, a file size limit
+            from .models import cache_write_failed
+
+            raise cache_write_failed("the tokenised data", dest.parent, exc) from None
         try:
             os.replace(tmp, dest)
         except OSError:

@@ -164,7 +164,12 @@ def ensure_builtin_model(name: str) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=dest.parent))
     try:
-        build_tiny_llama(tmp)
+        try:
+            build_tiny_llama(tmp)
+        except Exception as exc:
+            if not _is_write_error(exc):
+                raise
+            raise cache_write_failed(f"the builtin model {name}", dest.parent, exc) from None
         try:
             tmp.rename(dest)
         except OSError:  # another process won the race; its copy is identical
@@ -173,6 +178,33 @@ def ensure_builtin_model(name: str) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def cache_write_failed(what: str, folder: Path, exc: BaseException) -> Exception:
+    """The UserError for `what` that could not be written into mgpu's cache at `folder` (a full disk, a file size
+    limit): names UNSLOTH_MGPU_CACHE, the error and the room left."""
+    from .errors import Problem, UserError
+
+    root = cache_dir()
+    where = f"UNSLOTH_MGPU_CACHE ({root})" if os.environ.get("UNSLOTH_MGPU_CACHE") else f"cache folder {root}"
+    room = ""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None:
+        room = f" ({shutil.disk_usage(existing).free / 2**20:,.1f} MB free there)"
+    reason = getattr(exc, "strerror", None) or str(exc)
+    return UserError(
+        Problem(
+            where,
+            f"cannot write {what} to {folder}: {reason}{room}; nothing was left half-written",
+            "free disk space there, or set UNSLOTH_MGPU_CACHE to a folder on a disk with room",
+        ),
+        "cannot write the cache",
+    )
+
+
+def _is_write_error(exc: BaseException) -> bool:
+    """An OSError, or safetensors' error for one (`I/O error: File too large (os error 27)`)."""
+    return isinstance(exc, OSError) or (type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc))
 
 
 def resolve_model_path(name: str) -> str:
