@@ -361,6 +361,25 @@ def big_data(path: Path) -> None:
     path.write_text("".join(rows))
 
 
+def tokenising_pool(proc: subprocess.Popen[str], gate_tmp: Path | None = None) -> tuple[psutil.Process, list[Any]]:
+    """(the pool's parent, its processes) once the tokenising pool under `proc` has worked for a second. `gate_tmp`:
+    the run's TMPDIR; the pool is then the tokenising child's (datagate.py), and both workers registered first (in
+    the gate's folder there)."""
+
+    def found() -> tuple[psutil.Process, list[Any]] | None:
+        launcher = psutil.Process(proc.pid)
+        parents = [launcher] if gate_tmp is None else launcher.children()
+        if gate_tmp is not None and len(list(gate_tmp.glob("mgpu-data-*/worker-*.pid"))) < 2:
+            return None
+        return next(((p, p.children()) for p in parents if len(p.children()) >= 2), None)
+
+    wait_until(proc, lambda: found() is not None, 120, "the tokenising pool's processes")
+    time.sleep(1.0)  # tokenising
+    parent_and_pool = found()
+    assert parent_and_pool is not None
+    return parent_and_pool
+
+
 @pytest.mark.integration
 def test_ctrl_c_while_a_process_pool_tokenises_stops_at_once_and_leaves_no_process(tmp_path):
     """Large data is tokenised by a pool of processes. Ctrl-C reached every process of the group: the pool's
@@ -369,8 +388,7 @@ def test_ctrl_c_while_a_process_pool_tokenises_stops_at_once_and_leaves_no_proce
     big_data(tmp_path / "big.jsonl")
     args = ["prepare", str(QUICKSTART), f"dataset.path={tmp_path / 'big.jsonl'}", "dataset.num_proc=2"]
     proc = start_mgpu(*args, UNSLOTH_MGPU_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    wait_until(proc, lambda: len(psutil.Process(proc.pid).children()) >= 2, 120, "the tokenising pool's processes")
-    time.sleep(1.0)  # tokenising
+    tokenising_pool(proc)
     out, took = stop_and_time(proc, signal.SIGINT, to_group=True)
     assert proc.returncode == 130 and took < 5, (proc.returncode, took, out[-3000:])
     assert "interrupted: stopped while preparing" in out and "Traceback" not in out, out[-3000:]
@@ -390,13 +408,7 @@ def test_ctrl_c_while_data_is_tokenised_beside_the_workers_start_stops_and_leave
     tmp = tmp_path / "tmp"  # where the launcher's gate folder goes (tempfile): the workers register there
     tmp.mkdir()
     proc = start_mgpu(*args, UNSLOTH_MGPU_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", TMPDIR=str(tmp))
-
-    def both_waiting_and_pool_running() -> bool:  # the workers registered, the child's two pool processes at work
-        registered = len(list(tmp.glob("mgpu-data-*/worker-*.pid"))) == 2
-        return registered and any(len(c.children()) >= 2 for c in psutil.Process(proc.pid).children())
-
-    wait_until(proc, both_waiting_and_pool_running, 120, "the workers registered while the pool tokenises")
-    time.sleep(1.0)  # the pool's processes past their start (they ignore SIGINT from then on)
+    tokenising_pool(proc, gate_tmp=tmp)  # the workers registered; the pool past its start (it ignores SIGINT)
     out, took = stop_and_time(proc, signal.SIGINT, to_group=True)
     assert proc.returncode == 130 and took < 60, (proc.returncode, took, out[-3000:])
     assert "interrupted" in out and "Traceback" not in out, out[-3000:]
@@ -424,25 +436,6 @@ def test_data_refused_while_the_workers_import_ends_them_at_once_and_leaves_no_p
     assert proc.returncode == 2 and "no samples left after dropping 20000" in out, out[-3000:]
     assert "Unsloth 20" not in out and "Traceback" not in out, out[-3000:]  # no worker got through its import
     assert left_in_session(proc.pid) == [] and not (tmp_path / "out").exists()
-
-
-def tokenising_pool(proc: subprocess.Popen[str], gate_tmp: Path | None = None) -> tuple[psutil.Process, list[Any]]:
-    """(the pool's parent, its processes) once the tokenising pool under `proc` has worked for a second. `gate_tmp`:
-    the run's TMPDIR; the pool is then the tokenising child's (datagate.py), and both workers registered first (in
-    the gate's folder there)."""
-
-    def found() -> tuple[psutil.Process, list[Any]] | None:
-        launcher = psutil.Process(proc.pid)
-        parents = [launcher] if gate_tmp is None else launcher.children()
-        if gate_tmp is not None and len(list(gate_tmp.glob("mgpu-data-*/worker-*.pid"))) < 2:
-            return None
-        return next(((p, p.children()) for p in parents if len(p.children()) >= 2), None)
-
-    wait_until(proc, lambda: found() is not None, 120, "the tokenising pool's processes")
-    time.sleep(1.0)  # tokenising
-    parent_and_pool = found()
-    assert parent_and_pool is not None
-    return parent_and_pool
 
 
 @pytest.mark.integration
