@@ -564,16 +564,12 @@ def _train(
             before.restore()  # no step ran: the same command runs again without --overwrite
         raise
     except (UserError, TrainingFailed) as exc:
-        # the data's refusal, made beside the workers' start (they were ended for it): it is the cause
+        # the data's refusal or failure, beside the workers' start (they were ended for it): it is the cause
         found = gate.outcome() if gate is not None else None
-        if isinstance(exc, NodesNeverMet) and is_main_node:
-            before.restore()  # nothing was trained: the same command runs again without --overwrite
-        if found is None and not isinstance(exc, UserError):
-            raise
-        if (found is not None or isinstance(exc, UserError)) and is_main_node:
-            # bad input, or the data's preparation failed (a tokenising process killed): before any step, so the
-            # folder goes back to what it was and the command runs again without --overwrite (also what only the
-            # workers could see: the nodes' recipes differ)
+        if is_main_node and (found is not None or isinstance(exc, (UserError, NodesNeverMet))):
+            # before any step (bad input, also what only the workers could see: the nodes' recipes differ; the
+            # data's preparation failed; the nodes never met): the folder goes back to what it was and the
+            # command runs again without --overwrite
             before.restore()
         raise (found or exc) from None
     finally:
