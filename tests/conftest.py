@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from unsloth_mgpu_cli.distributed import die_with_parent
@@ -48,6 +49,7 @@ HEAVY_FILES_FIRST = (  # by their measured time (2 workers on the 2-core CI mach
     "test_fsdp_qlora.py",
     "test_data_train.py",
     "test_multinode.py",
+    "test_data_faults.py",
     "test_fsdp.py",
     "test_data.py",
     "test_examples.py",
@@ -137,6 +139,40 @@ def run_mgpu(
         timeout=timeout,
         preexec_fn=start,
     )
+
+
+# -- a run's process session (start_mgpu starts one): signals to it, what is left of it --
+def session_processes(sid: int) -> list[psutil.Process]:
+    """Live processes of session `sid`. Zombies are left out: they are dead and only wait for the container's
+    PID 1 (which does not reap orphans here) to collect them."""
+    found = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getsid(p.pid) == sid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            continue
+    return found
+
+
+def stop_and_time(proc: subprocess.Popen[str], *signals: int, to_group: bool) -> tuple[str, float]:
+    """Send `signals` 0.3 s apart, to the whole session (a terminal's Ctrl-C) or to the launcher alone (`kill PID`);
+    return the run's output and the seconds from the last signal to its exit."""
+    for i, sig in enumerate(signals):
+        time.sleep(0.3 if i else 0)
+        (os.killpg if to_group else os.kill)(proc.pid, sig)
+    sent = time.monotonic()
+    output, _ = proc.communicate(timeout=120)
+    return output, time.monotonic() - sent
+
+
+def left_in_session(sid: int, wait_s: float = 5.0) -> list[psutil.Process]:
+    """The processes of session `sid` still alive after up to `wait_s` (the agent's children, the resource tracker
+    may take a moment to end after the launcher)."""
+    deadline = time.monotonic() + wait_s
+    while (left := session_processes(sid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
 
 
 @pytest.fixture
